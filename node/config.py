@@ -1,0 +1,161 @@
+"""Settings: built-in defaults < ``config.toml`` in the home dir < environment < flags.
+
+Every key of ``Settings`` may appear in config.toml, and as ``P2PFS_<KEY>`` in the
+environment (lists comma-separated). A malformed file or value is a ConfigError
+naming the file (or variable) and the key. The home dir itself comes from
+``--home``, else ``P2PFS_HOME``, else the platform's user data dir.
+
+Imports nothing of the project except errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import platformdirs
+
+from node.errors import ConfigError
+
+CONFIG_FILE_NAME = "config.toml"
+TRANSPORTS = ("tcp", "udp", "quic")
+ENV_PREFIX = "P2PFS_"
+
+
+@dataclass
+class Settings:
+    home: Path
+    name: str = ""
+    # where the node listens; 127.0.0.1 unless the user opens it up on purpose
+    listen_host: str = "127.0.0.1"
+    # address written into the contact record; empty = listen_host
+    advertise_host: str = ""
+    tcp_port: int = 8471
+    udp_port: int = 8472
+    quic_port: int = 8473
+    dht_port: int = 8468
+    transport: str = "tcp"
+    transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
+    bootstrap: list[str] = field(default_factory=list)
+    bootstrap_peers: list[str] = field(default_factory=list)
+    register_interval_s: float = 60.0
+    shared_dirs: list[str] = field(default_factory=list)
+    received_dir: str = ""
+    log_level: str = "INFO"
+    # UDP transport datagram size (bytes); loopback can go far larger
+    udp_datagram_bytes: int = 1452
+
+    @property
+    def control_socket(self) -> Path:
+        return self.home / "control.sock"
+
+    @property
+    def received_path(self) -> Path:
+        return Path(self.received_dir).expanduser() if self.received_dir else self.home / "received"
+
+    @property
+    def advertised_host(self) -> str:
+        return self.advertise_host or self.listen_host
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "node.log"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["home"] = str(self.home)
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "home"}
+
+
+def default_home() -> Path:
+    env = os.environ.get(ENV_PREFIX + "HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("p2pfs", appauthor=False))
+
+
+def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
+    f = _FIELDS[key]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("list"):
+            if from_text and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError("a list of strings")
+            return value
+        if kind == "int":
+            if isinstance(value, bool):
+                raise TypeError("an integer")
+            value = int(value) if from_text else value
+            if not isinstance(value, int):
+                raise TypeError("an integer")
+            if key.endswith("_port") and not 0 <= value <= 65535:
+                raise ValueError("a port number 0-65535")
+            if key == "udp_datagram_bytes" and not 512 <= value <= 65000:
+                raise ValueError("between 512 and 65000")
+            return value
+        if kind == "float":
+            value = float(value) if from_text else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise TypeError("a positive number")
+            return float(value)
+        if not isinstance(value, str):
+            raise TypeError("a string")
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: key {key!r} must be {exc}, got {value!r}") from None
+
+
+def _validate(s: Settings, source: str) -> None:
+    if s.transport not in TRANSPORTS:
+        raise ConfigError(f"{source}: key 'transport' must be one of {', '.join(TRANSPORTS)}")
+    bad = [t for t in s.transports if t not in TRANSPORTS]
+    if bad:
+        raise ConfigError(f"{source}: key 'transports' has unknown transport(s) {bad}")
+
+
+def load_settings(home: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from defaults, the home dir's config.toml, env and flag overrides.
+
+    `overrides` holds flag values; None values mean "flag not given".
+    """
+    env = os.environ if env is None else env
+    home = (home or default_home()).expanduser()
+    settings = Settings(home=home)
+
+    path = home / CONFIG_FILE_NAME
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            setattr(settings, key, _coerce(key, value, str(path), from_text=False))
+        _validate(settings, str(path))
+
+    for key in _FIELDS:
+        var = ENV_PREFIX + key.upper()
+        if var in env:
+            setattr(settings, key, _coerce(key, env[var], f"environment {var}", from_text=True))
+    _validate(settings, "environment")
+
+    for key, value in (overrides or {}).items():
+        if value is None or (isinstance(value, list) and not value):
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        setattr(settings, key, _coerce(key, value, f"option --{key.replace('_', '-')}",
+                                       from_text=False))
+    _validate(settings, "command-line options")
+    return settings
