@@ -1,0 +1,384 @@
+"""The `node` / `p2pfs` command line: thin. Parses, calls the daemon's control API, prints.
+
+Only `init`, `id`, `trust`, `untrust`, `trusted`, `bootstrap` and `start` work
+without a running daemon (they touch files in the home dir or start a
+server). Every expected failure is one line on stderr and a non-zero exit code
+from the error class (node/errors.py); no traceback reaches a user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import logging.handlers
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.config import TRANSPORTS, Settings, default_home, load_settings
+from node.control import ControlClient
+from node.errors import NodeNotRunning, P2PError, UnknownPeer
+from node.identity import Identity, PeerId, load_identity
+from node.trust import TrustStore, resolve_peer
+
+app = typer.Typer(
+    name="node",
+    help="p2pfs: direct, end-to-end encrypted, serverless file sharing between trusted peers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+HomeOpt = Annotated[
+    Optional[Path],
+    typer.Option("--home", envvar="P2PFS_HOME", show_envvar=True,
+                 help="Node home dir (identity, config.toml, databases, logs). "
+                      "Default: the platform's user data dir."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TransportOpt = Annotated[
+    Optional[str],
+    typer.Option("--transport", "-t", help="tcp, udp or quic (default: config `transport`)."),
+]
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except P2PError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _home(home: Path | None) -> Path:
+    return (home or default_home()).expanduser()
+
+
+def _call(home: Path | None, cmd: str, args: dict[str, Any] | None = None, *,
+          on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    client = ControlClient(_home(home))
+    return asyncio.run(client.call(cmd, args, on_event=on_event))
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _ago(ts: float) -> str:
+    if not ts:
+        return "never"
+    delta = max(0.0, time.time() - ts)
+    if delta < 90:
+        return f"{delta:.0f}s ago"
+    if delta < 5400:
+        return f"{delta / 60:.0f}m ago"
+    return f"{delta / 3600:.1f}h ago"
+
+
+def _resolve_offline(home: Path, text: str) -> PeerId:
+    """Resolve a peer name without a daemon: full id, or trusted alias/prefix."""
+    store = TrustStore.in_home(home)
+    try:
+        return resolve_peer(text, [(t.peer_id, [t.alias]) for t in store.all()])
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------- identity
+
+
+@app.command()
+@handle_errors
+def init(
+    home: HomeOpt = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="A name peers will see.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing identity.")] = False,
+) -> None:
+    """Create this node's Ed25519 identity (key file mode 0600) and print its peer id."""
+    h = _home(home)
+    identity = Identity.generate(name)
+    path = identity.save(h, force=force)
+    out.print(f"created identity in {path}")
+    out.print(f"peer id:     {identity.peer_id}")
+    out.print(f"fingerprint: {identity.peer_id.fingerprint}")
+    out.print("give the peer id to the people you share with; they run "
+              f"`node trust {identity.peer_id}`")
+
+
+@app.command("id")
+@handle_errors
+def show_id(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Print this node's peer id, name and fingerprint."""
+    identity = load_identity(_home(home))
+    info = {"peer_id": str(identity.peer_id), "name": identity.name,
+            "fingerprint": identity.peer_id.fingerprint}
+    if as_json:
+        _print_json(info)
+    else:
+        out.print(f"peer id:     {info['peer_id']}\nname:        {info['name'] or '-'}\n"
+                  f"fingerprint: {info['fingerprint']}")
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+def _setup_logging(settings: Settings | None, level: str = "INFO") -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings is not None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            settings.log_file, maxBytes=5 * 1024 * 1024, backupCount=3))
+        level = settings.log_level
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kademlia logs every RPC at DEBUG/INFO; keep it quiet unless asked
+    for noisy in ("kademlia", "rpcudp", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@app.command()
+@handle_errors
+def bootstrap(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8470,
+    db: Annotated[Optional[Path], typer.Option(help="SQLite registry file.")] = None,
+    ttl: Annotated[float, typer.Option(help="Seconds a registration lives unless refreshed.")]
+    = 300.0,
+) -> None:
+    """Run the bootstrap registration server in the foreground (Ctrl-C stops it)."""
+    from bootstrap.server import run
+
+    _setup_logging(None)
+    run(host=host, port=port, db_path=db, ttl_s=ttl)
+
+
+@app.command()
+@handle_errors
+def start(
+    home: HomeOpt = None,
+    bootstrap_url: Annotated[list[str], typer.Option(
+        "--bootstrap", "-b", help="Bootstrap server URL (repeatable).")] = [],
+    bootstrap_peer: Annotated[list[str], typer.Option(
+        "--bootstrap-peer", help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
+    share: Annotated[list[Path], typer.Option(
+        "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
+    port: Annotated[Optional[int], typer.Option(
+        "--port", "-p", help="TCP port (UDP = port+1, QUIC = port+2 unless given).")] = None,
+    tcp_port: Annotated[Optional[int], typer.Option(help="TCP transport port.")] = None,
+    udp_port: Annotated[Optional[int], typer.Option(help="UDP transport port.")] = None,
+    quic_port: Annotated[Optional[int], typer.Option(help="QUIC transport port.")] = None,
+    dht_port: Annotated[Optional[int], typer.Option(help="Kademlia DHT UDP port.")] = None,
+    listen_host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
+    advertise_host: Annotated[Optional[str], typer.Option(
+        help="Address to advertise to peers (default: the listen address).")] = None,
+    received_dir: Annotated[Optional[Path], typer.Option(
+        help="Where received files go (default HOME/received).")] = None,
+    transport: TransportOpt = None,
+    log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING.")] = None,
+) -> None:
+    """Run the node in the foreground: listen, join the DHT, register, serve the CLI."""
+    overrides: dict[str, Any] = {
+        "bootstrap": bootstrap_url, "bootstrap_peers": bootstrap_peer,
+        "shared_dirs": [str(p) for p in share],
+        "tcp_port": tcp_port if tcp_port is not None else port,
+        "udp_port": udp_port if udp_port is not None else (port + 1 if port else None),
+        "quic_port": quic_port if quic_port is not None else (port + 2 if port else None),
+        "dht_port": dht_port, "listen_host": listen_host, "advertise_host": advertise_host,
+        "received_dir": str(received_dir) if received_dir else None,
+        "transport": transport, "log_level": log_level,
+    }
+    settings = load_settings(_home(home), overrides)
+    load_identity(settings.home)  # fail early and clearly without an identity
+    _setup_logging(settings)
+    from node.daemon import run_daemon
+
+    run_daemon(settings)
+
+
+@app.command()
+@handle_errors
+def stop(home: HomeOpt = None) -> None:
+    """Ask the running node to stop."""
+    _call(home, "stop")
+    out.print("node is stopping")
+
+
+@app.command()
+@handle_errors
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the running node: id, ports, uptime, peers known."""
+    info = _call(home, "status")
+    if as_json:
+        _print_json(info)
+        return
+    for key in ("peer_id", "name", "fingerprint", "host", "ports", "uptime_s", "peers_known",
+                "trusted", "dht_contacts", "bootstrap"):
+        value = info.get(key)
+        if key == "uptime_s":
+            value = f"{value:.0f} s"
+        out.print(f"{key:<13} {value}")
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+@app.command()
+@handle_errors
+def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List peers this node knows (bootstrap, DHT, cache, gossip) and whether they are online."""
+    rows = _call(home, "peers")
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no peers known yet")
+        return
+    table = Table("peer", "name", "trusted", "address", "transports", "last seen", "source")
+    for r in rows:
+        table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
+                      "yes" if r["trusted"] else "no", ",".join(r["hosts"]),
+                      " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
+                      ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"])
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def lookup(
+    peer: Annotated[str, typer.Argument(help="Peer id, unique prefix or alias.")],
+    home: HomeOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Find a peer's current contact record through the DHT (not the bootstrap server)."""
+    res = _call(home, "lookup", {"peer": peer})
+    if as_json:
+        _print_json(res)
+        return
+    rec = res["record"]
+    out.print(f"{rec['peer_id']} ({rec['name'] or '-'})")
+    out.print(f"  hosts {', '.join(rec['hosts'])}  ports {rec['ports']}  seq {rec['seq']}")
+    out.print(f"  found in {res['hops']} hop(s), {res['queries']} queries, "
+              f"{res['elapsed_ms']:.1f} ms")
+
+
+@app.command()
+@handle_errors
+def trust(
+    peer: Annotated[str, typer.Argument(help="Full peer id (or a prefix of a known peer).")],
+    home: HomeOpt = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Local alias for the peer.")] = "",
+) -> None:
+    """Trust a peer: it may open channels, send files and sync with this node."""
+    h = _home(home)
+    try:
+        peer_id = PeerId.parse(peer)
+    except P2PError:
+        try:
+            peer_id = PeerId.parse(_call(home, "resolve", {"peer": peer}))
+        except NodeNotRunning:
+            raise UnknownPeer(f"{peer!r} is not a full peer id, and no node is running to "
+                              "resolve a prefix; give the full 56-character id") from None
+    identity = load_identity(h)
+    if peer_id == identity.peer_id:
+        raise UnknownPeer("that is this node's own id")
+    store = TrustStore.in_home(h)
+    try:
+        entry = store.trust(peer_id, name)
+    finally:
+        store.close()
+    label = f" as {entry.alias!r}" if entry.alias else ""
+    out.print(f"trusted {peer_id}{label} (fingerprint {peer_id.fingerprint})")
+
+
+@app.command()
+@handle_errors
+def untrust(
+    peer: Annotated[str, typer.Argument(help="Peer id, unique prefix or alias.")],
+    home: HomeOpt = None,
+) -> None:
+    """Stop trusting a peer; new channels from or to it are refused."""
+    h = _home(home)
+    peer_id = _resolve_offline(h, peer)
+    store = TrustStore.in_home(h)
+    try:
+        removed = store.untrust(peer_id)
+    finally:
+        store.close()
+    if not removed:
+        raise UnknownPeer(f"{peer_id.short} was not trusted")
+    out.print(f"no longer trusting {peer_id}")
+
+
+@app.command()
+@handle_errors
+def trusted(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List trusted peers."""
+    store = TrustStore.in_home(_home(home))
+    try:
+        rows = [t.to_json() for t in store.all()]
+    finally:
+        store.close()
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no trusted peers; add one with `node trust PEER_ID --name NAME`")
+        return
+    table = Table("peer id", "alias", "fingerprint", "since")
+    for r in rows:
+        table.add_row(r["peer_id"], r["alias"] or "-", r["fingerprint"],
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["added_at"])))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def ping(
+    peer: Annotated[str, typer.Argument(help="Peer id, unique prefix or alias.")],
+    home: HomeOpt = None, transport: TransportOpt = None,
+    count: Annotated[int, typer.Option("--count", "-c", min=1, max=1000)] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Open an authenticated channel to a trusted peer and measure round trips."""
+    if transport is not None and transport not in TRANSPORTS:
+        raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if not as_json:
+            out.print(f"reply {ev['seq']}: {ev['rtt_ms']:.2f} ms")
+
+    res = _call(home, "ping", {"peer": peer, "transport": transport, "count": count},
+                on_event=on_event)
+    if as_json:
+        _print_json(res)
+        return
+    rtts = sorted(res["rtt_ms"])
+    out.print(f"{res['transport']} channel to {res['peer_id'][:7]} at "
+              f"{res['remote'][0]}:{res['remote'][1]}: handshake {res['handshake_ms']:.1f} ms, "
+              f"rtt min/median/max {rtts[0]:.2f}/{rtts[len(rtts) // 2]:.2f}/{rtts[-1]:.2f} ms")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

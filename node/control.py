@@ -1,0 +1,170 @@
+"""Local control API: a Unix socket in the home dir that the CLI talks to.
+
+Protocol: length-prefixed msgpack frames (node.wire). The client sends one
+request ``{"cmd": str, "args": {...}}``; the server answers with zero or more
+``{"event": {...}}`` frames (progress, live notifications) and then exactly one
+``{"ok": result}`` or ``{"error": {"type": ErrorClassName, "message": str}}``.
+The socket file is created with mode 0600 inside the home dir, so only the
+node's user can drive it.
+
+Imports wire and errors only; the daemon registers the handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from node.errors import ERROR_CLASSES, NodeNotRunning, P2PError, ProtocolError
+from node.wire import FRAME_HEADER, frame, packb, unpackb
+
+log = logging.getLogger("p2pfs.control")
+
+MAX_CONTROL_FRAME_BYTES = 4 * 1024 * 1024
+# AF_UNIX paths are limited to ~107 bytes; deeper home dirs get a socket in the temp dir
+MAX_SOCKET_PATH_LEN = 100
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
+
+
+def socket_path_for(home: Path) -> Path:
+    path = home.resolve() / "control.sock"
+    if len(str(path)) <= MAX_SOCKET_PATH_LEN:
+        return path
+    digest = hashlib.blake2b(str(path).encode(), digest_size=10).hexdigest()
+    return Path(tempfile.gettempdir()) / f"p2pfs-{digest}.sock"
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    header = await reader.readexactly(FRAME_HEADER.size)
+    (length,) = FRAME_HEADER.unpack(header)
+    if length > MAX_CONTROL_FRAME_BYTES:
+        raise ProtocolError(f"control frame of {length} bytes is too large")
+    return await reader.readexactly(length)
+
+
+class ControlServer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handlers: dict[str, Handler] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    def register(self, cmd: str, handler: Handler) -> None:
+        self._handlers[cmd] = handler
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # stale socket: the daemon lock proved nobody owns it
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):
+                task.cancel()
+            await asyncio.gather(*self._clients, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            await self._serve_one(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the CLI went away (Ctrl-C): the work it started goes on
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send(obj: dict[str, Any]) -> None:
+            writer.write(frame(packb(obj)))
+            await writer.drain()
+
+        try:
+            request = unpackb(await _read_frame(reader), max_bytes=MAX_CONTROL_FRAME_BYTES)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise ProtocolError("control request must be {'cmd': str, 'args': {...}}")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise ProtocolError("control request args must be a map")
+            handler = self._handlers.get(request["cmd"])
+            if handler is None:
+                raise ProtocolError(f"unknown control command {request['cmd']!r}")
+
+            async def emit(event: dict[str, Any]) -> None:
+                await send({"event": event})
+
+            result = await handler(args, emit)
+            await send({"ok": result})
+        except P2PError as exc:
+            await send({"error": {"type": type(exc).__name__, "message": str(exc)}})
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a handler must not kill the daemon
+            log.exception("control command failed")
+            await send({"error": {"type": "P2PError",
+                                  "message": f"internal error: {exc.__class__.__name__}: {exc}"}})
+
+
+class ControlClient:
+    """One request per connection; used by the CLI."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = socket_path_for(home)
+
+    async def call(self, cmd: str, args: dict[str, Any] | None = None, *,
+                   on_event: Callable[[dict[str, Any]], None] | None = None,
+                   timeout_s: float | None = None) -> Any:
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                str(self.path), limit=MAX_CONTROL_FRAME_BYTES
+            )
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NodeNotRunning() from None
+        try:
+            writer.write(frame(packb({"cmd": cmd, "args": args or {}})))
+            await writer.drain()
+            while True:
+                try:
+                    data = await asyncio.wait_for(_read_frame(reader), timeout_s)
+                except asyncio.IncompleteReadError:
+                    raise NodeNotRunning("the node stopped while answering") from None
+                reply = unpackb(data, max_bytes=MAX_CONTROL_FRAME_BYTES)
+                if not isinstance(reply, dict):
+                    raise ProtocolError("malformed control reply")
+                if "event" in reply:
+                    if on_event is not None:
+                        on_event(reply["event"])
+                    continue
+                if "error" in reply:
+                    err = reply["error"]
+                    cls = ERROR_CLASSES.get(err.get("type", ""), P2PError)
+                    raise cls(err.get("message", "unknown error"))
+                return reply.get("ok")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

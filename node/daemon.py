@@ -1,0 +1,357 @@
+"""The node daemon: the composition root, the only module that knows every service.
+
+Start order: lock the home dir -> identity -> trust store, peer cache, peer
+book -> transports (listeners) -> DHT -> contact record -> bootstrap
+registration loops -> transfers, gossip, watchers -> control API. Stop runs in
+reverse, and the whole stop is bounded so SIGINT/SIGTERM end the process
+within 2 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from node.config import Settings
+from node.contact import ContactRecord
+from node.control import ControlServer, Emit, socket_path_for
+from node.errors import NodeAlreadyRunning, P2PError, PeerUnreachable, UnknownPeer
+from node.identity import Identity, PeerId, load_identity
+from node.peerbook import PeerBook
+from node.peering import Peering
+from node.trust import TrustStore, resolve_peer
+
+log = logging.getLogger("p2pfs.daemon")
+
+STOP_BUDGET_S = 1.5
+REGISTER_BACKOFF_MAX_S = 60.0
+RECORD_TTL_S = 3600
+DAEMON_STATE_FILE = "daemon.json"
+LOCK_FILE = "daemon.lock"
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise P2PError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class HomeLock:
+    """An exclusive flock on the home dir: a second daemon refuses to start."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.path.read_text().strip() or "?"
+            raise NodeAlreadyRunning(
+                f"a node is already running on {self.path.parent} (pid {pid}); "
+                "stop it with `node stop` or use another --home"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    def __init__(self, settings: Settings, identity: Identity | None = None) -> None:
+        self.settings = settings
+        self.home = settings.home
+        self.identity = identity or load_identity(self.home)
+        self.started_at = time.time()
+        self._lock = HomeLock(self.home)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._record_seq = 0
+        self.record: ContactRecord | None = None
+        self.trust = TrustStore.in_home(self.home)
+        self.cache: Any = None
+        self.book: PeerBook
+        self.dht: Any = None
+        self.peering: Peering
+        self.control = ControlServer(socket_path_for(self.home))
+        self._bootstrap_clients: list[Any] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            log.info("node %s (%s) is up; control socket %s", self.identity.peer_id,
+                     self.identity.name or "unnamed", self.control.path)
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        log.info("stopping")
+        self._stop.set()
+
+    async def start(self) -> None:
+        self._lock.acquire()
+        s = self.settings
+        from dht.peercache import PeerCache
+
+        self.cache = PeerCache(self.home / "peers.db")
+        self.book = PeerBook(self.identity.peer_id, self.cache)
+        self.peering = Peering(
+            self.identity, self.trust, host=s.listen_host,
+            ports={"tcp": s.tcp_port, "udp": s.udp_port, "quic": s.quic_port},
+            transports=s.transports, locate=self.locate,
+        )
+        ports = await self.peering.start()
+        self._closers.append(self.peering.stop)
+
+        from dht.node import DhtNode
+
+        self.dht = DhtNode(self.identity, host=s.listen_host, port=s.dht_port, cache=self.cache)
+        ports["dht"] = await self.dht.start()
+        self._closers.append(self.dht.stop)
+        self.ports = ports
+
+        self.record = self._new_record()
+        await self._start_services()
+        self._register_control()
+        await self.control.start()
+        self._closers.append(self.control.close)
+        self._spawn(self._dht_join())
+        for url in s.bootstrap:
+            self._spawn(self._register_loop(url))
+        self._write_state()
+
+    async def _start_services(self) -> None:
+        """Transfers, gossip and watchers (hooked in by their modules)."""
+
+    async def stop(self) -> None:
+        deadline = time.monotonic() + STOP_BUDGET_S
+        if self._bootstrap_clients:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._unregister_all(), max(0.1, STOP_BUDGET_S / 3))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for close in reversed(self._closers):
+            remaining = max(0.05, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(close(), remaining)
+            except (asyncio.TimeoutError, Exception) as exc:  # stop must finish regardless
+                log.warning("shutdown step %s did not finish cleanly: %r",
+                            getattr(close, "__qualname__", close), exc)
+        for client in self._bootstrap_clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if self.cache is not None:
+            self.cache.close()
+        self.trust.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / DAEMON_STATE_FILE).unlink()
+        self._lock.release()
+        log.info("stopped")
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "peer_id": str(self.identity.peer_id),
+            "name": self.identity.name,
+            "ports": self.ports,
+            "control_socket": str(self.control.path),
+            "started_at": self.started_at,
+        }
+        tmp = self.home / (DAEMON_STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.home / DAEMON_STATE_FILE)
+
+    # ------------------------------------------------------------------ records
+    def _new_record(self) -> ContactRecord:
+        # milliseconds since the epoch: always higher than any record of an earlier run
+        self._record_seq = max(self._record_seq + 1, int(time.time() * 1000))
+        return ContactRecord.create(self.identity, [self.settings.advertised_host],
+                                    self.ports, self._record_seq, ttl_s=RECORD_TTL_S)
+
+    async def locate(self, peer: PeerId) -> ContactRecord | None:
+        record = self.book.get(peer)
+        if record is not None:
+            return record
+        if self.dht is not None:
+            found = await self.dht.lookup(peer)
+            if found is not None:
+                self.book.add(found.record, "dht")
+                return found.record
+        return None
+
+    # ------------------------------------------------------------------ discovery
+    async def _dht_join(self) -> None:
+        """Join the DHT from manual peers, the cache and bootstrap answers; republish."""
+        manual = []
+        for text in self.settings.bootstrap_peers:
+            try:
+                manual.append(parse_hostport(text))
+            except P2PError as exc:
+                log.warning("ignoring --bootstrap-peer: %s", exc)
+        delay = 0.5
+        while True:
+            addrs = manual + self.cache.dht_addresses() + self._bootstrap_dht_addrs()
+            if addrs:
+                answered = await self.dht.bootstrap(addrs)
+                if answered:
+                    stored = await self.dht.set_record(self.record)
+                    log.info("joined the DHT through %d contact(s); record stored on %d node(s)",
+                             answered, stored)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _bootstrap_dht_addrs(self) -> list[tuple[str, int]]:
+        out = []
+        for entry in self.book.entries().values():
+            ep = entry.record.endpoint("dht")
+            if ep is not None and "bootstrap" in entry.sources:
+                out.append(ep)
+        return out
+
+    async def _register_loop(self, url: str) -> None:
+        from bootstrap.client import BootstrapClient
+
+        client = BootstrapClient(url)
+        self._bootstrap_clients.append(client)
+        backoff = 1.0
+        while True:
+            try:
+                assert self.record is not None
+                records = await client.register(self.record)
+                backoff = 1.0
+                seen = {r.peer_id for r in records}
+                for entry_id in list(self.book.entries()):
+                    self.book.set_online(entry_id, "bootstrap", entry_id in seen)
+                for record in records:
+                    self.book.add(record, "bootstrap")
+                    self.book.set_online(record.peer_id, "bootstrap", True)
+                log.debug("registered with %s; %d peer(s) online", url, len(records))
+                delay = self.settings.register_interval_s
+            except P2PError as exc:
+                log.warning("bootstrap server %s: %s; retrying in %.0f s", url, exc, backoff)
+                self.book.forget_source("bootstrap")
+                delay = backoff
+                backoff = min(backoff * 2, REGISTER_BACKOFF_MAX_S)
+            await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+
+    async def _unregister_all(self) -> None:
+        await asyncio.gather(*(c.unregister(self.identity) for c in self._bootstrap_clients),
+                             return_exceptions=True)
+
+    # ------------------------------------------------------------------ control API
+    def resolve(self, text: str) -> PeerId:
+        known: list[tuple[PeerId, list[str]]] = [
+            (t.peer_id, [t.alias]) for t in self.trust.all()
+        ]
+        known += self.book.names()
+        return resolve_peer(text, known)
+
+    def _register_control(self) -> None:
+        c = self.control
+        c.register("status", self._cmd_status)
+        c.register("peers", self._cmd_peers)
+        c.register("lookup", self._cmd_lookup)
+        c.register("ping", self._cmd_ping)
+        c.register("resolve", self._cmd_resolve)
+        c.register("stop", self._cmd_stop)
+
+    async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return {
+            "peer_id": str(self.identity.peer_id),
+            "name": self.identity.name,
+            "fingerprint": self.identity.peer_id.fingerprint,
+            "pid": os.getpid(),
+            "home": str(self.home),
+            "host": self.settings.advertised_host,
+            "ports": self.ports,
+            "uptime_s": time.time() - self.started_at,
+            "bootstrap": list(self.settings.bootstrap),
+            "peers_known": len(self.book.entries()),
+            "trusted": len(self.trust.all()),
+            "dht_contacts": len(self.dht.contacts()) if self.dht else 0,
+        }
+
+    async def _cmd_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        out = []
+        for pid, entry in sorted(self.book.entries().items(), key=lambda kv: kv[0].key):
+            out.append(entry.to_json(alias=self.trust.alias_of(pid),
+                                     trusted=self.trust.is_trusted(pid)))
+        return out
+
+    async def _cmd_lookup(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        peer = self._peer_arg(args)
+        result = await self.dht.lookup(peer)
+        if result is None:
+            raise PeerUnreachable(f"no valid contact record for {peer.short} in the DHT")
+        self.book.add(result.record, "dht")
+        return {"record": result.record.to_json(), "hops": result.hops,
+                "queries": result.queries, "elapsed_ms": result.elapsed_s * 1000}
+
+    async def _cmd_ping(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        peer = self._peer_arg(args)
+        count = int(args.get("count", 3))
+
+        async def on_reply(seq: int, rtt_ms: float) -> None:
+            await emit({"seq": seq, "rtt_ms": rtt_ms})
+
+        return await self.peering.ping(peer, transport=args.get("transport") or
+                                       self.settings.transport, count=max(1, min(count, 1000)),
+                                       on_reply=on_reply)
+
+    async def _cmd_resolve(self, args: dict[str, Any], emit: Emit) -> str:
+        return str(self._peer_arg(args))
+
+    async def _cmd_stop(self, args: dict[str, Any], emit: Emit) -> bool:
+        asyncio.get_running_loop().call_later(0.05, self.request_stop)
+        return True
+
+    def _peer_arg(self, args: dict[str, Any]) -> PeerId:
+        text = args.get("peer")
+        if not isinstance(text, str):
+            raise UnknownPeer("no peer given")
+        return self.resolve(text)
+
+
+def run_daemon(settings: Settings) -> None:
+    """Run the daemon in the foreground until SIGINT/SIGTERM (uvloop where it installs)."""
+    daemon = Daemon(settings)
+    try:
+        import uvloop
+
+        uvloop.run(daemon.run())
+    except ImportError:
+        asyncio.run(daemon.run())

@@ -1,0 +1,208 @@
+"""Peering: open and accept authenticated channels and route them to services.
+
+Every channel starts with the secure handshake (node/channel.py), both sides
+check the trust list, and then the opener names the service it wants in one
+``ServiceRequest`` message (``ping``, ``transfer``, ``fetch``, ``gossip``).
+The accepting side hands the channel to the handler registered for it.
+
+The peer book (node/peerbook.py) says where a peer is; if it does not know,
+the injected ``locate`` (a DHT lookup) is asked. Transports know nothing of
+this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import field
+from typing import Any
+
+from node.channel import SecureChannel, accept_channel, open_channel
+from node.contact import ContactRecord
+from node.errors import (
+    ChannelClosed,
+    P2PError,
+    PeerNotTrusted,
+    PeerUnreachable,
+    ProtocolError,
+)
+from node.identity import Identity, PeerId
+from node.transports import TRANSPORT_NAMES, get_transport
+from node.transports.base import Listener, Pipe
+from node.trust import TrustStore
+from node.wire import Message, bound, decode_message, message
+
+log = logging.getLogger("p2pfs.peering")
+
+SERVICE_REQUEST_TIMEOUT_S = 10.0
+PING_PAYLOAD_MAX_BYTES = 65536
+
+
+@message("svc")
+class ServiceRequest(Message):
+    service: str = field(metadata=bound(max_len=32))
+
+
+@message("ping")
+class Ping(Message):
+    seq: int
+    payload: bytes = field(metadata=bound(max_len=PING_PAYLOAD_MAX_BYTES))
+
+
+@message("pong")
+class Pong(Message):
+    seq: int
+    payload: bytes = field(metadata=bound(max_len=PING_PAYLOAD_MAX_BYTES))
+
+
+ChannelHandler = Callable[[SecureChannel], Awaitable[None]]
+Locate = Callable[[PeerId], Awaitable[ContactRecord | None]]
+
+
+class Peering:
+    def __init__(self, identity: Identity, trust: TrustStore, *, host: str,
+                 ports: dict[str, int], transports: list[str], locate: Locate,
+                 on_refused: Callable[[PeerId, str], None] | None = None) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.host = host
+        self._wanted_ports = ports
+        self.transports = [t for t in transports if t in TRANSPORT_NAMES]
+        self.ports: dict[str, int] = {}
+        self._listeners: list[Listener] = []
+        self._handlers: dict[str, ChannelHandler] = {}
+        self._locate = locate
+        self._on_refused = on_refused
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.register("ping", self._serve_ping)
+
+    # -- trust -----------------------------------------------------------
+    def authorize(self, peer: PeerId) -> None:
+        if not self.trust.is_trusted(peer):
+            raise PeerNotTrusted(f"peer {peer} is not trusted; run `node trust {peer}`")
+
+    def register(self, service: str, handler: ChannelHandler) -> None:
+        self._handlers[service] = handler
+
+    # -- listening ---------------------------------------------------------
+    async def start(self) -> dict[str, int]:
+        for name in self.transports:
+            transport = get_transport(name)
+            listener = await transport.listen(self.host, self._wanted_ports.get(name, 0),
+                                              self._on_pipe)
+            self._listeners.append(listener)
+            self.ports[name] = listener.port
+            log.info("listening on %s %s:%d", name, self.host, listener.port)
+        return dict(self.ports)
+
+    async def stop(self) -> None:
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                await listener.close()
+        self._listeners.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_pipe(self, pipe: Pipe) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            channel = await accept_channel(pipe, self.identity, authorize=self.authorize)
+        except PeerNotTrusted as exc:
+            log.warning("refused %s channel from %s:%s: %s", pipe.transport, *pipe.remote[:2], exc)
+            await pipe.close()
+            self._discard(task)
+            return
+        except (P2PError, OSError, asyncio.TimeoutError) as exc:
+            log.info("incoming %s handshake from %s failed: %s", pipe.transport,
+                     pipe.remote[0], exc)
+            await pipe.close()
+            self._discard(task)
+            return
+        try:
+            request = decode_message(
+                await asyncio.wait_for(channel.recv(), SERVICE_REQUEST_TIMEOUT_S),
+                expect=(ServiceRequest,),
+            )
+            handler = self._handlers.get(request.service)
+            if handler is None:
+                raise ProtocolError(f"unknown service {request.service!r}")
+            await handler(channel)
+        except (ChannelClosed, asyncio.TimeoutError):
+            pass
+        except P2PError as exc:
+            log.warning("channel from %s ended: %s", channel.peer.short, exc)
+        finally:
+            await channel.close()
+            self._discard(task)
+
+    def _discard(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
+
+    # -- connecting ----------------------------------------------------------
+    async def connect(self, peer: PeerId, service: str, *, transport: str | None = None,
+                      record: ContactRecord | None = None,
+                      timeout_s: float = 5.0) -> SecureChannel:
+        """Open an authenticated channel to `peer` and ask for `service`."""
+        self.authorize(peer)  # refuse before touching the network
+        transport = transport or self.transports[0]
+        if transport not in TRANSPORT_NAMES:
+            raise PeerUnreachable(f"unknown transport {transport!r}")
+        record = record or await self._locate(peer)
+        if record is None:
+            raise PeerUnreachable(f"peer {peer.short} is offline or unknown: no contact record "
+                                  "from the bootstrap server, the DHT or the peer cache")
+        endpoint = record.endpoint(transport)
+        if endpoint is None:
+            offered = ", ".join(t for t in TRANSPORT_NAMES if t in record.ports) or "none"
+            raise PeerUnreachable(f"peer {peer.short} does not offer transport {transport!r} "
+                                  f"(it offers: {offered})")
+        pipe = await get_transport(transport).connect(*endpoint, timeout=timeout_s)
+        try:
+            channel = await open_channel(pipe, self.identity, expected_peer=peer,
+                                         authorize=self.authorize)
+            await channel.send(ServiceRequest(service).encode())
+        except BaseException:
+            await pipe.close()
+            raise
+        return channel
+
+    # -- ping ------------------------------------------------------------------
+    async def _serve_ping(self, channel: SecureChannel) -> None:
+        while True:
+            ping = decode_message(await channel.recv(), expect=(Ping,))
+            await channel.send(Pong(ping.seq, ping.payload).encode())
+
+    async def ping(self, peer: PeerId, *, transport: str | None, count: int,
+                   payload_bytes: int = 32,
+                   on_reply: Callable[[int, float], Awaitable[None]] | None = None
+                   ) -> dict[str, Any]:
+        started = time.perf_counter()
+        channel = await self.connect(peer, "ping", transport=transport)
+        handshake_ms = (time.perf_counter() - started) * 1000
+        rtts: list[float] = []
+        try:
+            payload = bytes(min(payload_bytes, PING_PAYLOAD_MAX_BYTES))
+            for seq in range(1, count + 1):
+                t0 = time.perf_counter()
+                await channel.send(Ping(seq, payload).encode())
+                pong = decode_message(await asyncio.wait_for(channel.recv(), 5.0),
+                                      expect=(Pong,))
+                if pong.seq != seq or pong.payload != payload:
+                    raise ProtocolError("pong does not match ping")
+                rtt_ms = (time.perf_counter() - t0) * 1000
+                rtts.append(rtt_ms)
+                if on_reply is not None:
+                    await on_reply(seq, rtt_ms)
+        except asyncio.TimeoutError:
+            raise PeerUnreachable(f"peer {peer.short} stopped answering pings") from None
+        finally:
+            await channel.close()
+        return {"peer_id": str(peer), "transport": channel.transport,
+                "remote": list(channel.remote), "handshake_ms": handshake_ms, "rtt_ms": rtts}

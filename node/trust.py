@@ -1,0 +1,141 @@
+"""The trusted-peer store and peer-name resolution.
+
+Trust is explicit: only peers in this store may open a channel to us, be
+connected to by us, send us files or have their change events acted on.
+The store is an SQLite file in the home dir; the daemon reads it on every
+check, so `node trust` takes effect in a running node without a restart.
+
+``resolve_peer`` turns what a person typed (a full peer id, any unique prefix
+of one, or an alias) into a PeerId, with clear errors for unknown and
+ambiguous names. Imports identity and errors only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import IdentityError, UnknownPeer
+from node.identity import PeerId, normalize_id_text, validate_name
+
+TRUST_DB_NAME = "trust.db"
+MIN_PREFIX_LEN = 4
+
+
+@dataclass(frozen=True)
+class TrustedPeer:
+    peer_id: PeerId
+    alias: str
+    added_at: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "peer_id": str(self.peer_id),
+            "alias": self.alias,
+            "fingerprint": self.peer_id.fingerprint,
+            "added_at": self.added_at,
+        }
+
+
+class TrustStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                                   timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS trusted ("
+            " peer_key BLOB PRIMARY KEY, alias TEXT NOT NULL DEFAULT '', added_at REAL NOT NULL)"
+        )
+
+    @classmethod
+    def in_home(cls, home: Path) -> TrustStore:
+        return cls(home / TRUST_DB_NAME)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def trust(self, peer_id: PeerId, alias: str = "") -> TrustedPeer:
+        alias = validate_name(alias)
+        if alias:
+            if PeerId.looks_like_prefix(alias) and len(normalize_id_text(alias)) >= 52:
+                raise IdentityError("an alias may not look like a peer id")
+            clash = self._db.execute(
+                "SELECT peer_key FROM trusted WHERE alias = ? AND peer_key != ?",
+                (alias, peer_id.key),
+            ).fetchone()
+            if clash:
+                raise IdentityError(f"alias {alias!r} already names {PeerId(clash[0])}")
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO trusted(peer_key, alias, added_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(peer_key) DO UPDATE SET alias = excluded.alias",
+            (peer_id.key, alias, now),
+        )
+        found = self.get(peer_id)
+        assert found is not None
+        return found
+
+    def untrust(self, peer_id: PeerId) -> bool:
+        cur = self._db.execute("DELETE FROM trusted WHERE peer_key = ?", (peer_id.key,))
+        return cur.rowcount > 0
+
+    def is_trusted(self, peer_id: PeerId) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM trusted WHERE peer_key = ?", (peer_id.key,)
+        ).fetchone()
+        return row is not None
+
+    def get(self, peer_id: PeerId) -> TrustedPeer | None:
+        row = self._db.execute(
+            "SELECT peer_key, alias, added_at FROM trusted WHERE peer_key = ?", (peer_id.key,)
+        ).fetchone()
+        return TrustedPeer(PeerId(row[0]), row[1], row[2]) if row else None
+
+    def all(self) -> list[TrustedPeer]:
+        rows = self._db.execute(
+            "SELECT peer_key, alias, added_at FROM trusted ORDER BY added_at"
+        ).fetchall()
+        return [TrustedPeer(PeerId(k), a, t) for k, a, t in rows]
+
+    def alias_of(self, peer_id: PeerId) -> str:
+        found = self.get(peer_id)
+        return found.alias if found else ""
+
+
+def resolve_peer(text: str, known: Iterable[tuple[PeerId, Iterable[str]]]) -> PeerId:
+    """Resolve a full id, a unique prefix (>= 4 chars) or an alias/name among `known` peers.
+
+    `known` yields (peer id, names) pairs, names being aliases or advertised names.
+    """
+    text = text.strip()
+    if not text:
+        raise UnknownPeer("no peer given")
+    compact = normalize_id_text(text)
+    if len(compact) == 56:
+        try:
+            return PeerId.parse(text)
+        except IdentityError as exc:
+            raise UnknownPeer(str(exc)) from None
+    known_list = list({pid: [n for n in names if n] for pid, names in known}.items())
+    by_alias = {pid for pid, names in known_list if text in names}
+    if len(by_alias) == 1:
+        return by_alias.pop()
+    if len(by_alias) > 1:
+        raise UnknownPeer(f"name {text!r} is ambiguous: {len(by_alias)} peers use it; "
+                          "give a peer id prefix instead")
+    if not PeerId.looks_like_prefix(text):
+        raise UnknownPeer(f"{text!r} is neither a known name nor a peer id (A-Z, 2-7)")
+    if len(compact) < MIN_PREFIX_LEN:
+        raise UnknownPeer(f"peer id prefix {text!r} is too short; give at least "
+                          f"{MIN_PREFIX_LEN} characters")
+    matches = {pid for pid, _ in known_list if pid.compact.startswith(compact)}
+    if not matches:
+        raise UnknownPeer(f"no known peer matches {text!r}; give the full peer id")
+    if len(matches) > 1:
+        shown = ", ".join(sorted(p.short for p in matches))
+        raise UnknownPeer(f"peer id prefix {text!r} is ambiguous ({shown}); type more of it")
+    return matches.pop()
