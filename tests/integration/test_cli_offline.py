@@ -1,0 +1,66 @@
+"""CLI commands that work without a daemon, and the error a user sees without one."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.errors import NodeNotRunning
+from node.identity import Identity
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_init_id_and_refuse_overwrite(tmp_path) -> None:
+    home = str(tmp_path / "h")
+    res = run("init", "--home", home, "--name", "alice")
+    assert res.exit_code == 0, res.output
+    info = json.loads(run("id", "--home", home, "--json").output)
+    assert info["name"] == "alice" and info["peer_id"] in res.output
+    again = run("init", "--home", home)
+    assert again.exit_code != 0 and "already exists" in again.output
+    forced = run("init", "--home", home, "--force")
+    assert forced.exit_code == 0
+    assert json.loads(run("id", "--home", home, "--json").output)["peer_id"] != info["peer_id"]
+
+
+def test_trust_untrust_trusted(tmp_path) -> None:
+    home = str(tmp_path)
+    run("init", "--home", home)
+    other = Identity.generate("bob").peer_id
+    assert run("trust", str(other), "--home", home, "--name", "bob").exit_code == 0
+    rows = json.loads(run("trusted", "--home", home, "--json").output)
+    assert [(r["peer_id"], r["alias"]) for r in rows] == [(str(other), "bob")]
+    bad = run("trust", str(other)[:-1] + "Q", "--home", home)
+    assert bad.exit_code != 0
+    assert run("untrust", "bob", "--home", home).exit_code == 0
+    assert json.loads(run("trusted", "--home", home, "--json").output) == []
+    again = run("untrust", str(other), "--home", home)
+    assert again.exit_code != 0 and "was not trusted" in again.output
+
+
+def test_commands_needing_daemon_say_so(tmp_path) -> None:
+    home = str(tmp_path)
+    run("init", "--home", home)
+    for args in (["peers", "--json"], ["status"], ["lookup", "ABCDEFG"], ["stop"]):
+        res = run(*args, "--home", home)
+        assert res.exit_code == NodeNotRunning.exit_code, (args, res.output)
+        assert "node is not running; start it with `node start`" in res.output
+
+
+def test_start_without_identity_is_clear(tmp_path) -> None:
+    res = run("start", "--home", str(tmp_path / "empty"))
+    assert res.exit_code != 0 and "node init" in res.output
+
+
+def test_malformed_config_is_clear(tmp_path) -> None:
+    run("init", "--home", str(tmp_path))
+    (tmp_path / "config.toml").write_text("tcp_port = 'x'\n")
+    res = run("start", "--home", str(tmp_path))
+    assert res.exit_code != 0 and "config.toml" in res.output and "tcp_port" in res.output
