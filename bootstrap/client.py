@@ -1,0 +1,194 @@
+"""Node-side client of the bootstrap registration server.
+
+``BootstrapClient(url)`` registers this node's signed contact record, lists
+online peers and unregisters with a signed request. Everything the server
+sends is untrusted: response sizes are capped, shapes checked, and every
+contact record is verified (signature, expiry, peer id match) before it is
+returned; invalid entries are dropped, never raised. A network failure or a
+5xx raises ``PeerUnreachable``; a 4xx or a malformed answer raises
+``ProtocolError``; both name the URL.
+
+Uses one aiohttp ClientSession per client (created on first use). Must not
+import the daemon, the DHT or the server module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from bootstrap import MAX_DEVICE_ID_LEN, MAX_PAGE_LIMIT, unregister_message
+from node.contact import ContactRecord
+from node.errors import P2PError, PeerUnreachable, ProtocolError
+from node.identity import Identity
+
+log = logging.getLogger("p2pfs.bootstrap.client")
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+MAX_LIST_PEERS = 100_000
+MAX_PAGES = 1000
+MAX_ERROR_TEXT_LEN = 200
+
+
+class BootstrapClient:
+    """Talks to one bootstrap server. Close it (or use ``async with``)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ProtocolError(f"bootstrap URL {url!r} must look like http://host:port")
+        self.url = url.strip().rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> BootstrapClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _request(self, method: str, path: str, *, body: Any = None,
+                       params: dict[str, str] | None = None) -> Any:
+        url = self.url + path
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        try:
+            async with self._get_session().request(method, url, data=data, params=params,
+                                                   headers=headers) as resp:
+                raw = await _read_bounded(resp, url)
+                status = resp.status
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or exc.__class__.__name__
+            raise PeerUnreachable(f"bootstrap server {self.url} unreachable: {reason}") from None
+        try:
+            payload = json.loads(raw) if raw else None
+        except (ValueError, RecursionError):
+            payload = None
+            if 200 <= status < 300:
+                raise ProtocolError(f"bootstrap server {self.url} sent invalid JSON") from None
+        if not 200 <= status < 300:
+            reason = ""
+            if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+                reason = payload["error"][:MAX_ERROR_TEXT_LEN]
+            text = f"bootstrap server {self.url} answered {status} to {method} {path}"
+            text += f": {reason}" if reason else ""
+            if status >= 500:
+                raise PeerUnreachable(text)
+            raise ProtocolError(text)
+        return payload
+
+    # -- API ------------------------------------------------------------------
+    async def register(self, record: ContactRecord) -> list[ContactRecord]:
+        """Register (or refresh) our record; returns the other peers' verified records."""
+        payload = await self._request(
+            "POST", "/register",
+            body={"device_id": str(record.peer_id), "record": record.to_json()})
+        if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
+            raise ProtocolError(f"bootstrap server {self.url}: register answer has no records")
+        now = time.time()
+        out: list[ContactRecord] = []
+        for raw in payload["records"]:
+            peer = _verified_record(raw, now)
+            if peer is not None and peer.peer_id != record.peer_id:
+                out.append(peer)
+        return out
+
+    async def unregister(self, identity: Identity) -> None:
+        """Remove our registration with a signed request; not being registered is fine."""
+        timestamp = int(time.time())
+        signature = identity.sign(unregister_message(identity.peer_id, timestamp))
+        path = "/register/" + quote(identity.peer_id.compact, safe="")
+        try:
+            await self._request("DELETE", path, body={
+                "timestamp": timestamp,
+                "signature": base64.b64encode(signature).decode("ascii")})
+        except ProtocolError as exc:
+            if " answered 404 " in str(exc):
+                return
+            raise
+
+    async def list_peers(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Online registrations, following cursors, at most ``limit`` entries.
+
+        Each entry is ``{"device_id": str, "record": ContactRecord | None,
+        "last_seen": float}``; a record is verified and matches device_id, else
+        the entry is dropped.
+        """
+        limit = max(0, min(limit, MAX_LIST_PEERS))
+        out: list[dict[str, Any]] = []
+        cursor: str | None = None
+        now = time.time()
+        for _ in range(MAX_PAGES):
+            if len(out) >= limit:
+                break
+            params = {"limit": str(min(MAX_PAGE_LIMIT, limit - len(out)))}
+            if cursor is not None:
+                params["cursor"] = cursor
+            payload = await self._request("GET", "/peers", params=params)
+            if not isinstance(payload, dict) or not isinstance(payload.get("peers"), list):
+                raise ProtocolError(f"bootstrap server {self.url}: /peers answer has no peers")
+            for item in payload["peers"][:MAX_PAGE_LIMIT]:
+                entry = _peer_entry(item, now)
+                if entry is not None:
+                    out.append(entry)
+            nxt = payload.get("next_cursor")
+            if nxt is None or not payload["peers"]:
+                break
+            if not isinstance(nxt, str) or len(nxt) > 512 or nxt == cursor:
+                raise ProtocolError(f"bootstrap server {self.url}: bad next_cursor")
+            cursor = nxt
+        return out[:limit]
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise ProtocolError(f"bootstrap server answer from {url} is over {MAX_RESPONSE_BYTES} bytes")
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > MAX_RESPONSE_BYTES:
+            raise ProtocolError(
+                f"bootstrap server answer from {url} is over {MAX_RESPONSE_BYTES} bytes")
+    return bytes(buf)
+
+
+def _verified_record(raw: Any, now: float) -> ContactRecord | None:
+    try:
+        return ContactRecord.from_json(raw).verify(now)
+    except (P2PError, ValueError, TypeError) as exc:
+        log.debug("dropping invalid contact record from bootstrap server: %s", exc)
+        return None
+
+
+def _peer_entry(item: Any, now: float) -> dict[str, Any] | None:
+    if not isinstance(item, dict):
+        return None
+    device_id, raw_record, last_seen = item.get("device_id"), item.get("record"), item.get(
+        "last_seen")
+    if not isinstance(device_id, str) or not 0 < len(device_id) <= MAX_DEVICE_ID_LEN:
+        return None
+    if isinstance(last_seen, bool) or not isinstance(last_seen, (int, float)):
+        return None
+    record = None
+    if raw_record is not None:
+        record = _verified_record(raw_record, now)
+        if record is None or str(record.peer_id) != device_id:
+            return None
+    return {"device_id": device_id, "record": record, "last_seen": float(last_seen)}

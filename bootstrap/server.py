@@ -1,0 +1,397 @@
+"""The bootstrap registration server: an aiohttp app over the SQLite registry.
+
+HTTP API (JSON bodies, every error is ``{"error": "..."}`` with a 4xx status):
+
+* ``POST /register`` ``{"device_id": ID}`` (legacy, the seed's contract) or
+  ``{"device_id": PEER_ID, "record": CONTACT_RECORD_JSON}`` (p2pfs nodes).
+  A device id that parses as a p2pfs peer id must come with a contact record
+  signed by that peer (403 otherwise); a record older than the stored one is
+  a replay (409). Answers ``{"message", "peers": [ids], "records": [...]}``.
+* ``GET /peers?limit=N&cursor=C``: online registrations, keyset-paged.
+* ``DELETE /register/<id>``: signed ``{"timestamp", "signature"}`` for a peer
+  id, unsigned for a legacy id.
+* ``GET /health``: ``{"status": "ok", "online": N}``.
+
+Database work runs inline on the event loop in short transactions (each well
+under a millisecond, measured by scripts/bench_bootstrap.py); an executor hop
+would cost more than the query. This module must not import the node daemon,
+the DHT or the transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bootstrap import (
+    DEFAULT_PAGE_LIMIT,
+    DEFAULT_PORT,
+    DEFAULT_TTL_S,
+    MAX_BODY_BYTES,
+    MAX_DEVICE_ID_LEN,
+    MAX_PAGE_LIMIT,
+    UNREGISTER_WINDOW_S,
+    unregister_message,
+)
+from bootstrap.store import (
+    RegisterOutcome,
+    RegistryStore,
+    StaleRegistration,
+    UnregisterOutcome,
+)
+from node.contact import ContactRecord
+from node.errors import IdentityError, P2PError, ProtocolError
+from node.identity import PEER_ID_TEXT_LEN, PeerId, normalize_id_text
+
+log = logging.getLogger("p2pfs.bootstrap")
+
+# how many other peers a registration answer lists (most recently seen first);
+# the full list is what GET /peers pages through
+REGISTER_REPLY_PEERS_MAX = 100
+PURGE_INTERVAL_MAX_S = 60.0
+PURGE_INTERVAL_MIN_S = 0.5
+MAX_CURSOR_LEN = 256
+SHUTDOWN_TIMEOUT_S = 2.0
+DB_FILE_NAME = "bootstrap.sqlite3"
+
+MSG_REGISTERED = "Device registered successfully."
+MSG_REFRESHED = "Device already registered."
+
+STORE_KEY: web.AppKey[RegistryStore] = web.AppKey("store", RegistryStore)
+TTL_KEY: web.AppKey[float] = web.AppKey("ttl_s", float)
+
+_B32_RE = re.compile(r"^[A-Z2-7]+$")
+_JSON_TYPE = "application/json"
+
+
+class ApiError(Exception):
+    """An answer to the client: HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type=_JSON_TYPE)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json_response(json.dumps({"error": message}), status)
+
+
+# -- input validation -------------------------------------------------------
+
+
+def parse_device_id(value: Any) -> tuple[str, PeerId | None]:
+    """Validate a device id; a p2pfs peer id comes back canonical with its PeerId."""
+    if not isinstance(value, str):
+        raise ApiError(400, "device_id must be a string")
+    if not 0 < len(value) <= MAX_DEVICE_ID_LEN:
+        raise ApiError(400, f"device_id must have 1-{MAX_DEVICE_ID_LEN} characters")
+    if not value.isprintable() or value != value.strip():
+        raise ApiError(400, "device_id must be printable text without surrounding spaces")
+    compact = normalize_id_text(value)
+    if len(compact) == PEER_ID_TEXT_LEN and _B32_RE.match(compact):
+        try:
+            peer_id = PeerId.parse(compact)
+        except IdentityError as exc:
+            # looks like a peer id but is not one: refuse rather than register it as legacy
+            raise ApiError(400, f"device_id: {exc}") from None
+        return str(peer_id), peer_id
+    return value, None
+
+
+def parse_record(raw: Any, peer_id: PeerId, now: float) -> ContactRecord:
+    """Decode and verify a contact record sent for ``peer_id``; ApiError on any fault."""
+    try:
+        record = ContactRecord.from_json(raw)
+    except (ProtocolError, IdentityError, ValueError, TypeError) as exc:
+        raise ApiError(400, f"bad contact record: {exc}") from None
+    if record.peer_id != peer_id:
+        raise ApiError(403, "the contact record belongs to another peer than device_id")
+    try:
+        signed = record.signed_bytes()
+    except (ValueError, TypeError) as exc:  # e.g. lone surrogates in a name
+        raise ApiError(400, f"bad contact record: {exc}") from None
+    if not peer_id.verify(signed, record.signature):
+        raise ApiError(403, "contact record signature is invalid")
+    try:
+        record.verify(now)
+    except ProtocolError as exc:  # dated in the future, or expired
+        raise ApiError(400, str(exc)) from None
+    return record
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    body = await request.read()  # aiohttp enforces client_max_size while reading
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    if not body:
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "request body is not valid JSON") from None
+
+
+def _encode_cursor(device_id: str) -> str:
+    return base64.urlsafe_b64encode(device_id.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    if len(cursor) > MAX_CURSOR_LEN:
+        raise ApiError(400, "cursor too long")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "cursor is not one this server handed out") from None
+
+
+def _parse_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_PAGE_LIMIT
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise ApiError(400, "limit must be a positive integer")
+    limit = int(text)
+    if limit < 1:
+        raise ApiError(400, "limit must be a positive integer")
+    return min(limit, MAX_PAGE_LIMIT)
+
+
+# -- handlers ---------------------------------------------------------------
+
+
+async def handle_register(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    if "device_id" not in body:
+        raise ApiError(400, "missing field device_id")
+    device_id, peer_id = parse_device_id(body["device_id"])
+    raw_record = body.get("record")
+    store, ttl_s = request.app[STORE_KEY], request.app[TTL_KEY]
+    now = time.time()
+    if peer_id is None:
+        if raw_record is not None:
+            raise ApiError(400, "a contact record needs the peer id it belongs to as device_id")
+        outcome = store.register(device_id, None, now=now, expires_at=now + ttl_s)
+        record_json = None
+    else:
+        if raw_record is None:
+            raise ApiError(403, "a p2pfs peer id must come with its signed contact record")
+        record = parse_record(raw_record, peer_id, now)
+        record_json = json.dumps(record.to_json(), separators=(",", ":"))
+        try:
+            outcome = store.register(device_id, record_json, now=now,
+                                     expires_at=min(now + ttl_s, float(record.expires)),
+                                     seq=record.seq, timestamp=record.timestamp)
+        except StaleRegistration as exc:
+            raise ApiError(409, str(exc)) from None
+    log.debug("register %s: %s", device_id, outcome.value)
+    others = store.others(device_id, REGISTER_REPLY_PEERS_MAX, now=now)
+    message = MSG_REFRESHED if outcome is RegisterOutcome.REFRESHED else MSG_REGISTERED
+    parts = ['{"message":', json.dumps(message), ',"peers":[',
+             ",".join(json.dumps(d) for d, _ in others), "]"]
+    if record_json is not None:
+        # stored records are our own canonical JSON: splice them without re-encoding
+        parts += [',"records":[', ",".join(r for _, r in others if r is not None), "]"]
+    parts.append("}")
+    return _json_response("".join(parts))
+
+
+async def handle_peers(request: web.Request) -> web.Response:
+    limit = _parse_limit(request.query.get("limit"))
+    cursor = request.query.get("cursor")
+    after = _decode_cursor(cursor) if cursor else None
+    rows = request.app[STORE_KEY].page(limit, after, now=time.time())
+    items = [
+        '{"device_id":%s,"record":%s,"last_seen":%s}'
+        % (json.dumps(r.device_id), r.record_json or "null", json.dumps(round(r.last_seen, 3)))
+        for r in rows
+    ]
+    next_cursor = json.dumps(_encode_cursor(rows[-1].device_id)) if len(rows) == limit else "null"
+    return _json_response('{"peers":[%s],"next_cursor":%s}' % (",".join(items), next_cursor))
+
+
+async def handle_unregister(request: web.Request) -> web.Response:
+    device_id, peer_id = parse_device_id(request.match_info["device_id"])
+    store = request.app[STORE_KEY]
+    now = time.time()
+    if peer_id is None:
+        outcome = store.unregister(device_id, now=now)
+    else:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        timestamp, signature = body.get("timestamp"), body.get("signature")
+        if type(timestamp) is not int or not 0 <= timestamp < 2**40:
+            raise ApiError(400, "timestamp must be an integer (unix seconds)")
+        if not isinstance(signature, str) or len(signature) > 128:
+            raise ApiError(400, "signature must be a base64 string")
+        try:
+            sig = base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "signature must be a base64 string") from None
+        if store.get(device_id, now=now) is None:
+            raise ApiError(404, "no such registration")
+        if abs(timestamp - now) > UNREGISTER_WINDOW_S:
+            raise ApiError(403, f"timestamp is more than {UNREGISTER_WINDOW_S} s from server time")
+        if len(sig) != 64 or not peer_id.verify(unregister_message(peer_id, timestamp), sig):
+            raise ApiError(403, "unregister signature is invalid")
+        try:
+            outcome = store.unregister(device_id, now=now, signed_timestamp=timestamp)
+        except StaleRegistration as exc:
+            raise ApiError(409, str(exc)) from None
+    if outcome is UnregisterOutcome.UNKNOWN:
+        raise ApiError(404, "no such registration")
+    log.debug("unregister %s", device_id)
+    return _json_response(json.dumps({"message": "Device unregistered."}))
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    online = request.app[STORE_KEY].count_online(now=time.time())
+    return _json_response(json.dumps({"status": "ok", "online": online}))
+
+
+# -- app wiring ---------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure leaves as a JSON ``{"error"}``; nothing escapes as a 500 page."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, exc.message)
+    except web.HTTPException as exc:  # 404/405 from the router, 413 from client_max_size
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason)
+    except P2PError as exc:
+        return _error(400, str(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error(500, "internal server error")
+
+
+def _purge_interval_s(ttl_s: float) -> float:
+    return max(PURGE_INTERVAL_MIN_S, min(PURGE_INTERVAL_MAX_S, ttl_s / 2))
+
+
+async def _purge_loop(store: RegistryStore, ttl_s: float) -> None:
+    while True:
+        await asyncio.sleep(_purge_interval_s(ttl_s))
+        # small batches so a big purge never stalls requests for long
+        while store.purge_expired(time.time()) > 0:
+            await asyncio.sleep(0)
+
+
+def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S) -> web.Application:
+    """The bootstrap app; opens the registry on startup and closes it on cleanup."""
+    if not ttl_s > 0:
+        raise ValueError("ttl_s must be positive")
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    app[TTL_KEY] = float(ttl_s)
+
+    async def registry(app: web.Application) -> AsyncIterator[None]:
+        store = RegistryStore(db_path)
+        app[STORE_KEY] = store
+        purger = asyncio.create_task(_purge_loop(store, ttl_s))
+        try:
+            yield
+        finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
+            store.close()
+
+    app.cleanup_ctx.append(registry)
+    app.router.add_post("/register", handle_register)
+    app.router.add_delete("/register/{device_id}", handle_unregister)
+    app.router.add_get("/peers", handle_peers)
+    app.router.add_get("/health", handle_health)
+    return app
+
+
+async def start_server(host: str, port: int, db_path: Path,
+                       ttl_s: float = DEFAULT_TTL_S, *,
+                       access_log: bool = False) -> tuple[web.AppRunner, int]:
+    """Start serving on host:port (0 = any free port); returns the runner and bound port."""
+    runner = web.AppRunner(create_app(db_path, ttl_s),
+                           access_log=log if access_log else None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            bound = int(addr[1])
+            break
+    return runner, bound
+
+
+def default_db_path() -> Path:
+    import platformdirs
+
+    return platformdirs.user_data_path("p2pfs") / DB_FILE_NAME
+
+
+def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None = None,
+        ttl_s: float = DEFAULT_TTL_S) -> None:
+    """Serve until SIGINT/SIGTERM (blocking); used by `node bootstrap` and `python -m bootstrap`."""
+    db = db_path if db_path is not None else default_db_path()
+
+    async def main() -> None:
+        runner, bound = await start_server(host, port, db, ttl_s,
+                                           access_log=log.isEnabledFor(logging.DEBUG))
+        url_host = f"[{host}]" if ":" in host else host
+        log.info("bootstrap server listening on http://%s:%d (registry %s, ttl %.0f s)",
+                 url_host, bound, db, ttl_s)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+            log.info("bootstrap server stopping")
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await runner.cleanup()
+        log.info("bootstrap server stopped")
+
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # uvloop is optional (not on Windows)
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
