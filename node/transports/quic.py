@@ -1,0 +1,580 @@
+"""The `quic` transport: one QUIC connection (qh3) with one bidirectional stream per Pipe.
+
+Library: qh3 (the maintained aioquic fork with a Rust packet core), chosen because
+it measured ~3x faster than aioquic for one bare stream on this machine
+(scripts/bench_quic_libs.py; numbers in docs/readme/quic.md).
+
+Stream format (ALPN "p2pfs/1"): a sequence of records, each a big-endian u32.
+* high bit clear: a message of that many bytes follows (<= MAX_MESSAGE_BYTES);
+* high bit set: a *credit* record, no payload: the sender of the record grants
+  its peer (value & 0x7fffffff) more bytes of message records.
+
+Why our own credit: QUIC flow control in qh3/aioquic is extended as soon as the
+library hands data to Python, so it never pushes back on an application that
+does not call recv(). Each side may have at most RECV_WINDOW_BYTES of message
+records (header + payload) unread by the peer's application; recv() grants
+consumed bytes back in batches. A peer exceeding its window is a ProtocolError.
+The receive buffer is therefore bounded by RECV_WINDOW_BYTES.
+
+Send-side backpressure: neither library's StreamWriter.drain() waits for
+anything, so send() awaits (a) enough credit and (b) the connection's queue of
+not-yet-transmitted stream bytes (``get_send_buffer_size``) being at most
+SEND_HIGH_WATER_BYTES; it is woken from ``transmit()`` (which runs after every
+ack, received packet and pacing timer) once the queue falls to
+SEND_LOW_WATER_BYTES, so a bulk writer wakes a few times per MiB, not per packet.
+
+The client does not verify the server's certificate (verify_mode=CERT_NONE):
+peer identity is proven by the p2pfs handshake that node/channel.py runs over
+this pipe, and a fresh self-signed certificate per node (node/transports/certs.py)
+only lets TLS complete.
+
+Imports only errors, wire-level constants, transports.base and transports.certs;
+must not import identity, trust, channel, transfer or gossip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from qh3._hazmat import pull_quic_header as _pull_quic_header
+from qh3.asyncio._transport import create_optimized_datagram_transport
+from qh3.asyncio.protocol import QuicConnectionProtocol
+from qh3.asyncio.server import QuicServer
+from qh3.quic import events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+
+from node.errors import ChannelClosed, PeerUnreachable, ProtocolError
+from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
+from node.transports.certs import load_or_create_cert
+
+log = logging.getLogger(__name__)
+
+name = "quic"
+ALPN_PROTOCOL = "p2pfs/1"
+IDLE_TIMEOUT_S = 30.0
+# measured faster than 1200 (fewer packets per byte); 1452 fits a 1500-byte Ethernet MTU
+MAX_DATAGRAM_BYTES = 1452
+# QUIC-level windows: large enough never to be the bottleneck on a LAN/loopback
+QUIC_MAX_STREAM_DATA_BYTES = 16 * 1024 * 1024
+QUIC_MAX_DATA_BYTES = 32 * 1024 * 1024
+
+RECORD_HEADER = struct.Struct(">I")
+CREDIT_FLAG = 0x8000_0000
+# a whole maximal message plus its header always fits in the window
+RECV_WINDOW_BYTES = 16 * 1024 * 1024
+CREDIT_GRANT_BYTES = RECV_WINDOW_BYTES // 4
+SEND_HIGH_WATER_BYTES = 2 * 1024 * 1024
+SEND_LOW_WATER_BYTES = 512 * 1024
+
+CLOSE_LINGER_S = 2.0  # how long close() waits for sent data to be acknowledged
+CLOSE_WAIT_S = 1.0  # how long close() waits for the connection to terminate
+STREAM_OPEN_TIMEOUT_S = 10.0  # server drops a handshaken connection that opens no stream
+MAX_SERVER_CONNECTIONS = 256
+PIPE_STREAM_ID = 0  # the client's first bidirectional stream
+
+# application close codes (frame_type None -> APPLICATION_CLOSE)
+APP_CLOSE_NORMAL = 0
+APP_CLOSE_PROTOCOL_VIOLATION = 1
+APP_CLOSE_LISTENER_STOPPED = 2
+
+PipeHandler = Callable[[Pipe], Awaitable[None]]
+
+
+def _configuration(*, is_client: bool, home: Path | None = None) -> QuicConfiguration:
+    cfg = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN_PROTOCOL],
+        idle_timeout=IDLE_TIMEOUT_S,
+        max_datagram_size=MAX_DATAGRAM_BYTES,
+        max_stream_data=QUIC_MAX_STREAM_DATA_BYTES,
+        max_data=QUIC_MAX_DATA_BYTES,
+    )
+    if is_client:
+        # Not verifying is deliberate: the certificate is a throwaway self-signed one and
+        # the p2pfs handshake above this pipe authenticates the peer's Ed25519 identity.
+        cfg.verify_mode = ssl.CERT_NONE
+    else:
+        cert_pem, key_pem = load_or_create_cert(home)
+        cfg.load_cert_chain(cert_pem, key_pem)
+    return cfg
+
+
+def _plain_addr(addr: Any) -> tuple[str, int]:
+    host, port = str(addr[0]), int(addr[1])
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return host, port
+
+
+class QuicPipe:
+    """One QUIC connection's stream 0 as a message pipe (see module docstring)."""
+
+    transport = "quic"
+
+    def __init__(self, proto: _PipeProtocol, remote: tuple[str, int], *,
+                 owns_socket: bool) -> None:
+        self.remote = remote
+        self._proto = proto
+        self._quic = proto._quic
+        self._owns_socket = owns_socket
+        self._sid = PIPE_STREAM_ID
+        # receive side
+        self._rbuf = bytearray()
+        self._rneed = -1  # payload length of the record being received; -1: reading a header
+        self._inbox: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._recv_allowed = RECV_WINDOW_BYTES  # total message-record bytes the peer may send
+        self._recv_total = 0
+        self._consumed_ungranted = 0
+        self._peer_finished = False
+        # send side
+        self._send_credit = RECV_WINDOW_BYTES
+        self._writable = asyncio.Event()
+        self._want_space = False
+        self._want_drained = False
+        # lifecycle
+        self._error: ProtocolError | None = None
+        self._error_reported = False
+        self._close_reason = ""
+        self._terminated = False
+        self._closing = False
+        self._closed_event = asyncio.Event()
+
+    # -- public API ----------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._terminated
+
+    async def send(self, data: bytes) -> None:
+        n = len(data)
+        if n > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        need = RECORD_HEADER.size + n
+        quic = self._quic
+        while True:
+            if self._closing or self._terminated or self._error is not None:
+                raise ChannelClosed(self._closed_message())
+            if self._send_credit >= need:
+                if quic.get_send_buffer_size(self._sid) <= SEND_HIGH_WATER_BYTES:
+                    break
+                self._want_space = True
+            self._writable.clear()
+            await self._writable.wait()
+        self._send_credit -= need
+        quic.send_stream_data(self._sid, RECORD_HEADER.pack(n))
+        if n:
+            quic.send_stream_data(self._sid, data)
+        self._proto._transmit_soon()
+
+    async def recv(self) -> bytes:
+        while not self._inbox:
+            if self._error is not None and not self._error_reported:
+                self._error_reported = True
+                raise self._error
+            if self._closing or self._terminated or self._peer_finished:
+                raise ChannelClosed(self._closed_message())
+            self._readable.clear()
+            await self._readable.wait()
+        msg = self._inbox.popleft()
+        self._consumed_ungranted += RECORD_HEADER.size + len(msg)
+        if self._consumed_ungranted >= CREDIT_GRANT_BYTES and not self.closed:
+            grant, self._consumed_ungranted = self._consumed_ungranted, 0
+            self._recv_allowed += grant
+            self._quic.send_stream_data(self._sid, RECORD_HEADER.pack(CREDIT_FLAG | grant))
+            self._proto._transmit_soon()
+        return msg
+
+    async def close(self) -> None:
+        """Finish the stream, let sent data be acknowledged (bounded), close the connection."""
+        if self._closing:
+            await self._closed_event.wait()
+            return
+        self._closing = True
+        self._wake_all()
+        try:
+            if not self._terminated:
+                with contextlib.suppress(Exception):  # the stream may be reset already
+                    self._quic.send_stream_data(self._sid, b"", end_stream=True)
+                    self._proto.transmit()
+                if not self._drained():
+                    self._want_drained = True
+                    self._writable.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wait_drained(), CLOSE_LINGER_S)
+                self._proto.close_connection(APP_CLOSE_NORMAL, "closed")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._proto.wait_closed(), CLOSE_WAIT_S)
+        finally:
+            self._proto.release(self._owns_socket)
+            self._closed_event.set()
+
+    # -- driven by the protocol --------------------------------------------------
+    def _closed_message(self) -> str:
+        return self._close_reason or f"QUIC channel to {self.remote[0]}:{self.remote[1]} closed"
+
+    def _drained(self) -> bool:
+        if self._terminated:
+            return True
+        if self._quic.get_send_buffer_size(self._sid):
+            return False
+        # qh3 exposes no public "all acknowledged" query; its core's counter is exact
+        core = getattr(self._quic, "_core", None)
+        return core is None or getattr(core, "bytes_in_flight", 0) == 0
+
+    async def _wait_drained(self) -> None:
+        while not self._drained():
+            self._writable.clear()
+            self._want_drained = True
+            await self._writable.wait()
+
+    def _wake_all(self) -> None:
+        self._readable.set()
+        self._writable.set()
+
+    def after_transmit(self) -> None:
+        if self._want_space and (
+            self._quic.get_send_buffer_size(self._sid) <= SEND_LOW_WATER_BYTES
+        ):
+            self._want_space = False
+            self._writable.set()
+        if self._want_drained and self._drained():
+            self._want_drained = False
+            self._writable.set()
+
+    def on_stream_data(self, data: bytes, end_stream: bool) -> None:
+        if self._closing or self._error is not None:
+            return
+        try:
+            self._feed(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        if end_stream:
+            if self._rbuf or self._rneed >= 0:
+                self._close_reason = "peer closed the QUIC channel in the middle of a message"
+            else:
+                self._close_reason = "peer closed the QUIC channel"
+            self._peer_finished = True
+            self._readable.set()
+
+    def _feed(self, data: bytes) -> None:
+        buf = self._rbuf
+        buf += data
+        pos = 0
+        end = len(buf)
+        delivered = False
+        while True:
+            need = self._rneed
+            if need < 0:
+                if end - pos < 4:
+                    break
+                (value,) = RECORD_HEADER.unpack_from(buf, pos)
+                pos += 4
+                if value & CREDIT_FLAG:
+                    grant = value & ~CREDIT_FLAG
+                    if self._send_credit + grant > RECV_WINDOW_BYTES:
+                        raise ProtocolError("peer granted more QUIC channel credit than was used")
+                    self._send_credit += grant
+                    if grant:
+                        self._writable.set()
+                    continue
+                if value > MAX_MESSAGE_BYTES:
+                    raise ProtocolError(
+                        f"peer announced a {value}-byte message (limit {MAX_MESSAGE_BYTES})")
+                self._recv_total += 4 + value
+                if self._recv_total > self._recv_allowed:
+                    raise ProtocolError("peer overran the QUIC channel's receive window")
+                self._rneed = need = value
+            if end - pos < need:
+                break
+            with memoryview(buf) as view:
+                self._inbox.append(bytes(view[pos : pos + need]))
+            pos += need
+            self._rneed = -1
+            delivered = True
+        if pos:
+            del buf[:pos]
+        if delivered:
+            self._readable.set()
+
+    def _fail(self, exc: ProtocolError) -> None:
+        log.warning("QUIC channel from %s:%d: %s", self.remote[0], self.remote[1], exc)
+        self._error = exc
+        self._close_reason = f"QUIC channel closed after a protocol violation: {exc}"
+        self._inbox.clear()
+        self._rbuf.clear()
+        self._proto.close_connection(APP_CLOSE_PROTOCOL_VIOLATION, "protocol violation")
+        self._wake_all()
+
+    def on_reset(self) -> None:
+        self._close_reason = self._close_reason or "peer reset the QUIC stream"
+        self._terminated = True
+        self._wake_all()
+
+    def on_terminated(self, event: events.ConnectionTerminated) -> None:
+        if not self._close_reason:
+            if event.error_code == APP_CLOSE_NORMAL and event.frame_type is None:
+                self._close_reason = "peer closed the QUIC channel"
+            elif event.reason_phrase:
+                self._close_reason = f"QUIC connection ended: {event.reason_phrase[:200]}"
+            else:
+                self._close_reason = f"QUIC connection ended (code {event.error_code})"
+        self._terminated = True
+        self._wake_all()
+
+
+class _PipeProtocol(QuicConnectionProtocol):
+    """qh3 connection driver that routes stream-0 events straight into a QuicPipe."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic)
+        self.pipe: QuicPipe | None = None
+        self.remote_addr: tuple[str, int] | None = None
+        self.connect_error: BaseException | None = None
+        self.on_pipe: Callable[[QuicPipe], None] | None = None  # server side
+        self.on_release: Callable[[_PipeProtocol], None] | None = None
+        self._released = False
+
+    # asyncio / qh3 hooks
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.remote_addr is None:
+            self.remote_addr = _plain_addr(addr)
+        super().datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # Linux reports an ICMP port-unreachable as ECONNREFUSED on the next socket call
+        if not self._connected and self.connect_error is None:
+            self.connect_error = exc
+            waiter = self._connected_waiter
+            if waiter is not None and not waiter.done():
+                self._connected_waiter = None
+                waiter.set_exception(exc)
+
+    def transmit(self) -> None:
+        super().transmit()
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.after_transmit()
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            pipe = self.pipe
+            if pipe is None and self.on_pipe is not None and event.stream_id == PIPE_STREAM_ID:
+                pipe = self.pipe = QuicPipe(self, self.remote_addr or ("?", 0), owns_socket=False)
+                self.on_pipe(pipe)
+            if pipe is None or event.stream_id != PIPE_STREAM_ID:
+                log.info("QUIC peer %s opened unexpected stream %d; closing",
+                         self.remote_addr, event.stream_id)
+                self.close_connection(APP_CLOSE_PROTOCOL_VIOLATION, "one stream per connection")
+                return
+            pipe.on_stream_data(event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            if self.pipe is not None and event.stream_id == PIPE_STREAM_ID:
+                self.pipe.on_reset()
+        elif isinstance(event, events.ConnectionTerminated):
+            if self.pipe is not None:
+                self.pipe.on_terminated(event)
+            elif self.on_release is not None:
+                self.release(False)
+        elif isinstance(event, events.HandshakeCompleted) and self.on_pipe is not None:
+            self._loop.call_later(STREAM_OPEN_TIMEOUT_S, self._check_stream_opened)
+
+    # helpers
+    def _check_stream_opened(self) -> None:
+        if self.pipe is None and not self._closed.is_set():
+            self.close_connection(APP_CLOSE_PROTOCOL_VIOLATION, "no stream opened")
+
+    def close_connection(self, code: int, reason: str) -> None:
+        if not self._closed.is_set():
+            self._quic.close(error_code=code, reason_phrase=reason)
+            self.transmit()
+
+    def release(self, owns_socket: bool) -> None:
+        """Forget this connection: close its socket (client) or deregister it (server)."""
+        if self._released:
+            return
+        self._released = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if owns_socket and self._transport is not None:
+            self._transport.close()
+        if self.on_release is not None:
+            self.on_release(self)
+
+
+class QuicListener:
+    """A UDP socket accepting QUIC connections; each connection's stream 0 becomes a Pipe."""
+
+    transport = "quic"
+
+    def __init__(self, handler: PipeHandler) -> None:
+        self._handler = handler
+        self._server: _Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._protocols: set[_PipeProtocol] = set()
+        self._port = 0
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def _make_protocol(self, quic: QuicConnection, stream_handler: Any = None) -> _PipeProtocol:
+        proto = _PipeProtocol(quic)
+        proto.on_pipe = self._on_pipe
+        proto.on_release = self._protocols.discard
+        self._protocols.add(proto)
+        return proto
+
+    def _on_pipe(self, pipe: QuicPipe) -> None:
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._run_handler(pipe))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, pipe: QuicPipe) -> None:
+        try:
+            await self._handler(pipe)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a handler bug must not take the listener down
+            log.exception("QUIC pipe handler for %s:%d failed", *pipe.remote)
+        finally:
+            await pipe.close()
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for proto in list(self._protocols):
+            proto.close_connection(APP_CLOSE_LISTENER_STOPPED, "listener stopped")
+            if proto.pipe is not None:
+                proto.pipe.on_terminated(events.ConnectionTerminated(
+                    APP_CLOSE_LISTENER_STOPPED, None, "listener stopped"))
+            proto.release(False)
+        if self._server is not None and self._server._transport is not None:
+            self._server._transport.close()
+        await asyncio.sleep(0)  # let the transport finish closing its socket
+
+
+class _Server(QuicServer):
+    """qh3's connection demultiplexer, hardened: bounded connections, survives any datagram."""
+
+    def __init__(self, listener: QuicListener, configuration: QuicConfiguration) -> None:
+        super().__init__(configuration=configuration, create_protocol=listener._make_protocol)
+        self._listener = listener
+        self._cid_length = configuration.connection_id_length
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not isinstance(data, bytes):
+            return
+        if len(self._listener._protocols) >= MAX_SERVER_CONNECTIONS:
+            try:
+                dcid = _pull_quic_header(data, 0, self._cid_length)[3]
+            except ValueError:
+                return
+            if dcid not in self._protocols:
+                return
+        try:
+            super().datagram_received(data, addr)
+        except Exception:  # hostile datagrams must never stop the listener
+            log.warning("QUIC listener dropped a bad datagram from %s", addr, exc_info=True)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("QUIC listener socket error: %s", exc)
+
+
+async def listen(host: str, port: int, handler: PipeHandler, *,
+                 home: Path | None = None) -> QuicListener:
+    """Accept QUIC connections on host:port (0 = ephemeral); call `handler(pipe)` for each.
+
+    The pipe is closed when the handler returns. `home` holds the node's certificate
+    (in-memory one per process when None).
+    """
+    listener = QuicListener(handler)
+    config = _configuration(is_client=False, home=home)
+    loop = asyncio.get_running_loop()
+    try:
+        transport, server = await loop.create_datagram_endpoint(
+            lambda: _Server(listener, config), local_addr=(host, port))
+    except OSError as exc:
+        raise PeerUnreachable(f"cannot listen for QUIC on {host}:{port}: {exc}") from None
+    listener._server = server
+    listener._port = int(transport.get_extra_info("sockname")[1])
+    return listener
+
+
+async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -> QuicPipe:
+    """Open a QUIC connection to host:port and return its pipe; PeerUnreachable on failure."""
+    loop = asyncio.get_running_loop()
+    where = f"{host}:{port}"
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise PeerUnreachable(f"cannot resolve {host!r} for QUIC: {exc or 'timed out'}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+        # a connected UDP socket gets ICMP port-unreachable as ECONNREFUSED: fast refusal
+        sock.connect(addr)
+    except OSError:
+        sock.close()
+        raise
+    quic = QuicConnection(configuration=_configuration(is_client=True))
+    transport, proto_any = await create_optimized_datagram_transport(
+        loop, lambda: _PipeProtocol(quic), sock=sock)
+    proto: _PipeProtocol = proto_any  # type: ignore[assignment]
+    pipe = QuicPipe(proto, (host if _is_ip(host) else addr[0], port), owns_socket=True)
+    proto.pipe = pipe
+    try:
+        proto.connect(addr)
+        await asyncio.wait_for(proto.wait_connected(), timeout)
+        # open stream 0 with an empty credit record so the server sees the pipe now
+        quic.send_stream_data(PIPE_STREAM_ID, RECORD_HEADER.pack(CREDIT_FLAG))
+        proto.transmit()
+    except asyncio.TimeoutError:
+        await _abandon(proto)
+        raise PeerUnreachable(f"QUIC connection to {where} timed out after {timeout:g} s") from None
+    except (ConnectionError, OSError) as exc:
+        await _abandon(proto)
+        detail = "refused" if isinstance(exc, ConnectionRefusedError) else (
+            str(exc) or "handshake failed")
+        raise PeerUnreachable(f"QUIC connection to {where} failed: {detail}") from None
+    except BaseException:
+        await _abandon(proto)
+        raise
+    del transport
+    return pipe
+
+
+async def _abandon(proto: _PipeProtocol) -> None:
+    proto._quic.close()
+    proto.transmit()
+    proto.release(True)
+    await asyncio.sleep(0)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
