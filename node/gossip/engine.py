@@ -1,0 +1,355 @@
+"""Gossip dissemination engine: push with fanout, anti-entropy pull, presence. Sans-IO.
+
+Bytes from a peer go in with ``receive(peer, data, now)``; local events with
+``publish(event, now)`` and ``publish_heartbeat(hb, now)``; time with
+``tick(now)``. What to do comes out as a list of actions: ``Send(peer, msg)``,
+``Accept(event, trusted, via)``, ``Reject(...)``, ``PresenceChanged(...)``.
+The engine owns no socket, no clock and no randomness of its own (``rand`` is
+injected), so tests drive N engines in memory with simulated loss, exactly.
+
+It does read and write the event store it is given (``EventLog``, which may
+be an in-memory SQLite): the store is the source of truth for "do I have this
+event" and for anti-entropy digests.
+
+Protocol (all node.wire messages, every field bounded):
+
+* ``Push(events)``: a new event, sent to ``fanout`` random peers by its origin
+  and by every node that accepts it for the first time (excluding the peer it
+  came from and the origin). De-duplicated by event id (bounded seen-set).
+* ``Digest(origins, reply)``: per-origin contiguous highest seq. The receiver
+  answers ``Events(batch, more)`` with what the sender lacks (oldest first,
+  bounded batch); with ``reply`` it also sends its own digest back, so one
+  exchange repairs both sides. ``more`` asks the puller to send another digest,
+  repeated until caught up. A push that reveals a gap (seq n+2 while we hold
+  up to n) triggers an immediate pull from that peer (rate-limited).
+* ``Beat(heartbeat)``: signed presence; relayed like events (newest wall_ms per
+  origin wins); a peer unheard for ``presence_timeout_s`` is reported offline.
+
+Validation: a bad signature, a reused (origin, seq) with a different id and any
+malformed/oversize field produce ``Reject`` and are never stored or relayed.
+Events from untrusted origins are stored relay-only and relayed (anyone may
+relay signed events) but reported with ``trusted=False``, so nobody acts on them.
+
+Imports node.gossip.events, node.gossip.log, node.wire, node.identity and
+node.errors; it must not import asyncio, sockets, the service or transports.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Union
+
+from node.errors import ProtocolError
+from node.gossip.events import MAX_EVENT_BYTES, MAX_HEARTBEAT_BYTES, ChangeEvent, Heartbeat
+from node.gossip.log import MISSING_BATCH_MAX, AddOutcome, EventLog
+from node.identity import PeerId
+from node.wire import Message, bound, decode_message, message
+
+PUSH_BATCH_MAX = 64
+DIGEST_ORIGINS_MAX = 4096
+SEEN_MAX = 100_000
+GAP_PULL_MIN_INTERVAL_S = 0.5
+DEFAULT_ANTI_ENTROPY_S = 2.0
+DEFAULT_PRESENCE_TIMEOUT_S = 15.0
+
+
+@message("gossip.push")
+class Push(Message):
+    events: tuple[bytes, ...] = field(metadata=bound(max_len=PUSH_BATCH_MAX))
+
+    def validate(self) -> None:
+        _check_blobs(self.events, MAX_EVENT_BYTES, "push")
+
+
+@message("gossip.digest")
+class Digest(Message):
+    origins: tuple[tuple[bytes, int], ...] = field(metadata=bound(max_len=DIGEST_ORIGINS_MAX))
+    reply: bool
+
+    def validate(self) -> None:
+        for item in self.origins:
+            if (not isinstance(item, (list, tuple)) or len(item) != 2
+                    or not isinstance(item[0], bytes) or len(item[0]) != 32
+                    or type(item[1]) is not int or not 0 <= item[1] < 2**63):
+                raise ProtocolError("digest: bad (origin, seq) entry")
+
+    def as_dict(self) -> dict[bytes, int]:
+        return {bytes(k): int(v) for k, v in self.origins}
+
+
+@message("gossip.events")
+class Events(Message):
+    events: tuple[bytes, ...] = field(metadata=bound(max_len=MISSING_BATCH_MAX))
+    more: bool
+
+    def validate(self) -> None:
+        _check_blobs(self.events, MAX_EVENT_BYTES, "events")
+
+
+@message("gossip.beat")
+class Beat(Message):
+    heartbeat: bytes = field(metadata=bound(max_len=MAX_HEARTBEAT_BYTES))
+
+
+GOSSIP_MESSAGES = (Push, Digest, Events, Beat)
+
+
+def _check_blobs(items: tuple[bytes, ...], max_len: int, what: str) -> None:
+    for item in items:
+        if not isinstance(item, bytes) or len(item) > max_len:
+            raise ProtocolError(f"{what}: each entry is at most {max_len} bytes")
+
+
+# -- actions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    peer: PeerId
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Accept:
+    """A new event was stored. Act on it only when `trusted`."""
+
+    event: ChangeEvent
+    trusted: bool
+    via: PeerId | None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An event (or heartbeat) was refused; already recorded in the store's audit table."""
+
+    reason: str
+    via: PeerId | None
+    origin: PeerId | None = None
+    seq: int | None = None
+    event_id: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PresenceChanged:
+    peer: PeerId
+    online: bool
+    name: str
+    trusted: bool
+
+
+Action = Union[Send, Accept, Reject, PresenceChanged]
+
+
+@dataclass
+class _Presence:
+    last_seen: float
+    wall_ms: int
+    name: str
+    online: bool = True
+
+
+class GossipEngine:
+    """See the module docstring. One instance per node; not thread-safe."""
+
+    def __init__(self, self_id: PeerId, store: EventLog, *, fanout: int = 3,
+                 rand: random.Random | None = None,
+                 is_trusted: Callable[[PeerId], bool] = lambda _p: True,
+                 anti_entropy_s: float = DEFAULT_ANTI_ENTROPY_S,
+                 presence_timeout_s: float = DEFAULT_PRESENCE_TIMEOUT_S,
+                 seen_max: int = SEEN_MAX) -> None:
+        if fanout < 1:
+            raise ValueError("fanout must be at least 1")
+        self.self_id = self_id
+        self.store = store
+        self.fanout = fanout
+        self.rand = rand or random.Random()
+        self.is_trusted = is_trusted
+        self.anti_entropy_s = anti_entropy_s
+        self.presence_timeout_s = presence_timeout_s
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen_max = seen_max
+        self._peers: list[PeerId] = []
+        self._presence: dict[PeerId, _Presence] = {}
+        self._next_anti_entropy: float | None = None
+        self._last_gap_pull: dict[PeerId, float] = {}
+        self.stats = {"sent": 0, "received": 0, "accepted": 0, "rejected": 0, "duplicates": 0}
+
+    # -- configuration -------------------------------------------------------
+    def set_peers(self, peers: list[PeerId]) -> None:
+        self._peers = [p for p in dict.fromkeys(peers) if p != self.self_id]
+
+    @property
+    def peers(self) -> list[PeerId]:
+        return list(self._peers)
+
+    def presence(self) -> dict[PeerId, tuple[float, bool, str]]:
+        """Peer -> (last seen `now`, online, name)."""
+        return {p: (s.last_seen, s.online, s.name) for p, s in self._presence.items()}
+
+    # -- inputs ----------------------------------------------------------------
+    def publish(self, event: ChangeEvent, now: float) -> list[Action]:
+        """A local event (already stored by the caller): push it to `fanout` peers."""
+        self._mark_seen(event.id)
+        return self._push(Push((event.encode(),)), exclude=())
+
+    def publish_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
+        self._mark_seen(hb.id)
+        return self._push(Beat(hb.encode()), exclude=())
+
+    def receive(self, peer: PeerId, data: bytes, now: float) -> list[Action]:
+        """Bytes from `peer`. Raises ProtocolError if the message itself is malformed."""
+        msg = decode_message(data, expect=GOSSIP_MESSAGES)
+        self.stats["received"] += 1
+        if isinstance(msg, Push):
+            actions: list[Action] = []
+            for blob in msg.events:
+                actions += self._ingest(blob, peer, relay=True)
+            actions += self._maybe_gap_pull(peer, msg.events, now)
+            return actions
+        if isinstance(msg, Events):
+            actions = []
+            for blob in msg.events:
+                actions += self._ingest(blob, peer, relay=False)
+            if msg.more:
+                actions.append(self._send(peer, self._digest(reply=False)))
+            return actions
+        if isinstance(msg, Digest):
+            return self._answer_digest(peer, msg)
+        assert isinstance(msg, Beat)
+        return self._ingest_heartbeat(msg.heartbeat, peer, now)
+
+    def tick(self, now: float) -> list[Action]:
+        """Periodic work: anti-entropy with one random peer, presence timeouts."""
+        actions: list[Action] = []
+        if self._next_anti_entropy is None:
+            # spread first rounds so N nodes started together do not pull in lockstep
+            self._next_anti_entropy = now + self.rand.uniform(0, self.anti_entropy_s)
+        if now >= self._next_anti_entropy:
+            self._next_anti_entropy = now + self.anti_entropy_s
+            if self._peers:
+                target = self.rand.choice(self._peers)
+                actions.append(self._send(target, self._digest(reply=True)))
+        for peer, state in self._presence.items():
+            if state.online and now - state.last_seen > self.presence_timeout_s:
+                state.online = False
+                actions.append(PresenceChanged(peer, False, state.name, self.is_trusted(peer)))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        return self._next_anti_entropy
+
+    # -- internals -------------------------------------------------------------
+    def _send(self, peer: PeerId, msg: Message) -> Send:
+        self.stats["sent"] += 1
+        return Send(peer, msg)
+
+    def _push(self, msg: Message, exclude: tuple[PeerId | None, ...]) -> list[Action]:
+        candidates = [p for p in self._peers if p not in exclude]
+        chosen = self.rand.sample(candidates, min(self.fanout, len(candidates)))
+        return [self._send(p, msg) for p in chosen]
+
+    def _mark_seen(self, key: bytes) -> None:
+        self._seen[key] = None
+        self._seen.move_to_end(key)
+        while len(self._seen) > self._seen_max:
+            self._seen.popitem(last=False)
+
+    def _reject(self, reason: str, via: PeerId | None, event: ChangeEvent | None = None,
+                origin: PeerId | None = None) -> Reject:
+        self.stats["rejected"] += 1
+        if event is not None:
+            origin = event.origin
+            self._mark_seen(event.id)
+        seq = event.seq if event else None
+        eid = event.id if event else None
+        if not reason.startswith("sequence number reused"):  # the store records conflicts
+            self.store.record_rejected(origin, seq, eid, reason)
+        return Reject(reason, via, origin, seq, eid)
+
+    def _ingest(self, blob: bytes, via: PeerId, *, relay: bool) -> list[Action]:
+        try:
+            event = ChangeEvent.decode(blob)
+        except ProtocolError as exc:
+            return [self._reject(str(exc), via)]
+        eid = event.id
+        if eid in self._seen:
+            self.stats["duplicates"] += 1
+            return []
+        if self.store.has(eid):
+            self._mark_seen(eid)
+            self.stats["duplicates"] += 1
+            return []
+        try:
+            event.verify()
+        except ProtocolError as exc:
+            return [self._reject(str(exc), via, event)]
+        trusted = event.origin == self.self_id or self.is_trusted(event.origin)
+        outcome = self.store.add(event, relay_only=not trusted)
+        self._mark_seen(eid)
+        if outcome is AddOutcome.DUPLICATE:
+            self.stats["duplicates"] += 1
+            return []
+        if outcome is AddOutcome.CONFLICT:
+            return [self._reject(
+                f"sequence number reused with different content: "
+                f"{event.origin.short}#{event.seq}", via, event)]
+        self.stats["accepted"] += 1
+        actions: list[Action] = [Accept(event, trusted, via)]
+        if relay:
+            actions += self._push(Push((blob,)), exclude=(via, event.origin))
+        return actions
+
+    def _maybe_gap_pull(self, peer: PeerId, blobs: tuple[bytes, ...],
+                        now: float) -> list[Action]:
+        if now - self._last_gap_pull.get(peer, -1e18) < GAP_PULL_MIN_INTERVAL_S:
+            return []
+        contiguous = self.store.highest_seqs()
+        top = self.store.top_seqs()
+        for blob in blobs:
+            try:
+                key = ChangeEvent.decode(blob).origin.key
+            except ProtocolError:
+                continue
+            if top.get(key, 0) > contiguous.get(key, 0):
+                self._last_gap_pull[peer] = now
+                return [self._send(peer, self._digest(reply=False))]
+        return []
+
+    def _digest(self, *, reply: bool) -> Digest:
+        items = sorted(self.store.highest_seqs().items())[:DIGEST_ORIGINS_MAX]
+        return Digest(tuple((k, v) for k, v in items), reply)
+
+    def _answer_digest(self, peer: PeerId, msg: Digest) -> list[Action]:
+        actions: list[Action] = []
+        missing = self.store.missing_for(msg.as_dict(), MISSING_BATCH_MAX)
+        if missing:
+            more = len(missing) >= MISSING_BATCH_MAX
+            actions.append(self._send(peer, Events(tuple(e.encode() for e in missing), more)))
+        if msg.reply:
+            actions.append(self._send(peer, self._digest(reply=False)))
+        return actions
+
+    def _ingest_heartbeat(self, blob: bytes, via: PeerId, now: float) -> list[Action]:
+        try:
+            hb = Heartbeat.decode(blob)
+        except ProtocolError as exc:
+            return [self._reject(str(exc), via)]
+        if hb.origin == self.self_id:
+            return []
+        state = self._presence.get(hb.origin)
+        if hb.id in self._seen or (state is not None and hb.wall_ms <= state.wall_ms):
+            return []
+        try:
+            hb.verify()
+        except ProtocolError as exc:
+            return [self._reject(str(exc), via, origin=hb.origin)]
+        self._mark_seen(hb.id)
+        actions: list[Action] = []
+        if state is None or not state.online:
+            actions.append(PresenceChanged(hb.origin, True, hb.name, self.is_trusted(hb.origin)))
+        self._presence[hb.origin] = _Presence(now, hb.wall_ms, hb.name, True)
+        actions += self._push(Beat(blob), exclude=(via, hb.origin))
+        return actions

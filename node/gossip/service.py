@@ -1,0 +1,347 @@
+"""The asyncio driver of the gossip engine: channels, timers, notifications, sync hand-off.
+
+``GossipService`` feeds bytes from authenticated channels into ``GossipEngine``
+and carries out its actions:
+
+* ``Send``: each peer has one outbox (bounded queue) drained by its own writer
+  task over one reused channel (opened on demand with ``open_channel``, or the
+  one the peer opened to us via ``handle_channel``). Every connect and send has
+  a timeout, so one dead or slow peer only loses its own messages (anti-entropy
+  repairs them later); it never stalls the others. A failed connect backs off.
+* ``Accept``: trusted origin -> notification (file_shared/updated/deleted/moved)
+  and ``on_event(event)`` on a single worker task (sync applies events in
+  order, never blocking the channel readers). Untrusted origin -> stored
+  relay-only and relayed, but no notification and no ``on_event``: anyone may
+  relay signed events, only trusted origins are acted on (DESIGN.md).
+* ``Reject``: ``event_rejected`` notification (the store keeps the audit row);
+  a message that does not even decode closes that channel.
+* ``PresenceChanged``: ``peer_joined`` / ``peer_left`` for trusted peers.
+
+Channels are duck-typed like node/channel.py's SecureChannel: ``peer``,
+``async send(bytes)``, ``async recv() -> bytes`` (ChannelClosed at the end),
+``async close()``. Imports the gossip package, identity, errors; it must not
+import transports, the daemon or the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from node.errors import ChannelClosed, P2PError, ProtocolError
+from node.gossip.engine import (
+    Accept,
+    Action,
+    GossipEngine,
+    PresenceChanged,
+    Reject,
+    Send,
+)
+from node.gossip.events import ChangeEvent, Heartbeat
+from node.gossip.log import EventLog
+from node.identity import Identity, PeerId
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MAX_MESSAGES = 1024
+APPLY_QUEUE_MAX = 10_000
+CONNECT_TIMEOUT_S = 5.0
+SEND_TIMEOUT_S = 5.0
+RECONNECT_BACKOFF_S = 1.0
+RECONNECT_BACKOFF_MAX_S = 30.0
+TICK_MAX_S = 0.25
+NOTIFY_KIND = {"created": "file_shared", "shared": "file_shared", "modified": "file_updated",
+               "deleted": "file_deleted", "moved": "file_moved"}
+
+
+class Channel(Protocol):
+    peer: PeerId
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class _Link:
+    """Outgoing state for one peer: outbox, current channel, writer task, backoff."""
+
+    def __init__(self, peer: PeerId) -> None:
+        self.peer = peer
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(OUTBOX_MAX_MESSAGES)
+        self.channel: Channel | None = None
+        self.writer: asyncio.Task[None] | None = None
+        self.retry_at = 0.0
+        self.backoff_s = RECONNECT_BACKOFF_S
+        self.dropped = 0
+
+
+class GossipService:
+    """See the module docstring."""
+
+    def __init__(self, identity: Identity, log: EventLog, *,
+                 peers: Callable[[], list[PeerId]],
+                 open_channel: Callable[[PeerId], Awaitable[Channel]],
+                 is_trusted: Callable[[PeerId], bool],
+                 on_event: Callable[[ChangeEvent], Awaitable[Any]],
+                 fanout: int = 3, anti_entropy_s: float = 2.0, heartbeat_s: float = 5.0,
+                 rand: random.Random | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 send_timeout_s: float = SEND_TIMEOUT_S) -> None:
+        self.identity = identity
+        self.log = log
+        self._peers = peers
+        self._open_channel = open_channel
+        self._is_trusted = is_trusted
+        self._on_event = on_event
+        self.heartbeat_s = heartbeat_s
+        self.connect_timeout_s = connect_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.engine = GossipEngine(identity.peer_id, log, fanout=fanout, rand=rand,
+                                   is_trusted=is_trusted, anti_entropy_s=anti_entropy_s,
+                                   presence_timeout_s=3 * heartbeat_s)
+        self._tick_s = min(TICK_MAX_S, anti_entropy_s / 4, heartbeat_s / 4)
+        self._links: dict[PeerId, _Link] = {}
+        self._readers: set[asyncio.Task[None]] = set()
+        self._channels: set[Channel] = set()
+        self._apply_queue: asyncio.Queue[ChangeEvent] = asyncio.Queue(APPLY_QUEUE_MAX)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+        self._next_heartbeat = 0.0
+        # callbacks for tests and benchmarks: called with each newly accepted event
+        self.accept_listeners: list[Callable[[ChangeEvent, bool], None]] = []
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        self._tasks = [asyncio.create_task(self._ticker(), name="gossip-ticker"),
+                       asyncio.create_task(self._applier(), name="gossip-apply")]
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks) + list(self._readers)
+        tasks += [link.writer for link in self._links.values() if link.writer]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for ch in list(self._channels):
+            await _close_quietly(ch)
+        self._channels.clear()
+        self._links.clear()
+        self._readers.clear()
+        self._tasks = []
+
+    # -- public API --------------------------------------------------------------
+    async def publish_local(self, kind: str, folder: str, path: str, size: int, hash: bytes,
+                            old_path: str = "") -> ChangeEvent:
+        """Sign, log, notify and gossip a change of our own shared folder."""
+        event = self.log.append_local(self.identity, kind=kind, folder=folder, path=path,
+                                      size=size, hash=hash, old_path=old_path)
+        self.log.notify(NOTIFY_KIND[kind], {**event.summary(), "local": True})
+        self.engine.set_peers(self._peers())
+        self._dispatch(self.engine.publish(event, time.time()))
+        return event
+
+    async def handle_channel(self, channel: Channel) -> None:
+        """Serve a channel the peer opened to us; returns when it closes."""
+        link = self._link(channel.peer)
+        if link.channel is None:
+            link.channel = channel
+        self._channels.add(channel)
+        try:
+            await self._read_loop(channel)
+        finally:
+            await self._drop_channel(channel)
+
+    def presence(self) -> dict[PeerId, float]:
+        """Peer -> wall-clock time (s) its latest heartbeat reached us."""
+        return {p: seen for p, (seen, _online, _name) in self.engine.presence().items()}
+
+    def online(self) -> dict[PeerId, bool]:
+        return {p: online for p, (_s, online, _n) in self.engine.presence().items()}
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.engine.stats)
+        out["dropped"] = sum(link.dropped for link in self._links.values())
+        return out
+
+    # -- engine actions ------------------------------------------------------------
+    def _dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._enqueue(action.peer, action.msg.encode())
+            elif isinstance(action, Accept):
+                self._accepted(action)
+            elif isinstance(action, Reject):
+                self._rejected(action)
+            elif isinstance(action, PresenceChanged):
+                if action.trusted:
+                    self.log.notify("peer_joined" if action.online else "peer_left",
+                                    {"peer": str(action.peer), "name": action.name})
+
+    def _accepted(self, action: Accept) -> None:
+        event = action.event
+        for cb in self.accept_listeners:
+            cb(event, action.trusted)
+        if not action.trusted:
+            log.info("relaying event %s#%d from untrusted origin without acting on it",
+                     event.origin.short, event.seq)
+            return
+        data = event.summary()
+        data["via"] = str(action.via) if action.via else ""
+        self.log.notify(NOTIFY_KIND[event.kind], data)
+        try:
+            self._apply_queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.log.notify("transfer_failed", {"event": event.id.hex(), "path": event.path,
+                                                "reason": "sync queue full"})
+
+    def _rejected(self, action: Reject) -> None:
+        log.warning("rejected event from %s: %s",
+                    action.via.short if action.via else "?", action.reason)
+        self.log.notify("event_rejected", {
+            "reason": action.reason[:300],
+            "via": str(action.via) if action.via else "",
+            "origin": str(action.origin) if action.origin else "",
+            "seq": action.seq if action.seq is not None else -1,
+            "event": action.event_id.hex() if action.event_id else "",
+        })
+
+    # -- tasks ------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        while self._running:
+            now = time.time()
+            self.engine.set_peers(self._peers())
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + self.heartbeat_s
+                self._dispatch(self.engine.publish_heartbeat(Heartbeat.create(self.identity),
+                                                             now))
+            self._dispatch(self.engine.tick(now))
+            await asyncio.sleep(self._tick_s)
+
+    async def _applier(self) -> None:
+        while True:
+            event = await self._apply_queue.get()
+            try:
+                await self._on_event(event)
+            except P2PError as exc:
+                log.warning("could not apply %s %s: %s", event.kind, event.path, exc)
+                self.log.notify("transfer_failed", {"event": event.id.hex(),
+                                                    "origin": str(event.origin),
+                                                    "path": event.path, "reason": str(exc)})
+            except OSError as exc:
+                log.warning("could not apply %s %s: %s", event.kind, event.path, exc)
+                self.log.notify("transfer_failed", {"event": event.id.hex(),
+                                                    "origin": str(event.origin),
+                                                    "path": event.path,
+                                                    "reason": f"local I/O: {exc}"})
+
+    def _link(self, peer: PeerId) -> _Link:
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = _Link(peer)
+        return link
+
+    def _enqueue(self, peer: PeerId, data: bytes) -> None:
+        if not self._running:
+            return
+        link = self._link(peer)
+        try:
+            link.outbox.put_nowait(data)
+        except asyncio.QueueFull:
+            link.dropped += 1  # anti-entropy repairs what a slow peer missed
+            return
+        if link.writer is None or link.writer.done():
+            link.writer = asyncio.create_task(self._writer(link), name=f"gossip-w-{peer.short}")
+
+    async def _writer(self, link: _Link) -> None:
+        while True:
+            data = await link.outbox.get()
+            channel = link.channel
+            if channel is None:
+                channel = await self._connect(link)
+                if channel is None:
+                    # peer unreachable: drop what is queued, anti-entropy catches up later
+                    link.dropped += 1 + link.outbox.qsize()
+                    while not link.outbox.empty():
+                        link.outbox.get_nowait()
+                    continue
+            try:
+                await asyncio.wait_for(channel.send(data), self.send_timeout_s)
+            except (P2PError, OSError, asyncio.TimeoutError) as exc:
+                log.info("gossip send to %s failed: %s", link.peer.short, exc)
+                link.dropped += 1
+                await self._drop_channel(channel)
+
+    async def _connect(self, link: _Link) -> Channel | None:
+        now = time.monotonic()
+        if now < link.retry_at:
+            return None
+        try:
+            channel = await asyncio.wait_for(self._open_channel(link.peer),
+                                             self.connect_timeout_s)
+        except (P2PError, OSError, asyncio.TimeoutError) as exc:
+            log.info("gossip cannot reach %s: %s", link.peer.short, exc)
+            link.retry_at = now + link.backoff_s
+            link.backoff_s = min(link.backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
+            return None
+        link.backoff_s = RECONNECT_BACKOFF_S
+        if link.channel is None:
+            link.channel = channel
+        self._channels.add(channel)
+        task = asyncio.create_task(self._reader_task(channel), name=f"gossip-r-{link.peer.short}")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+        return channel
+
+    async def _reader_task(self, channel: Channel) -> None:
+        try:
+            await self._read_loop(channel)
+        finally:
+            await self._drop_channel(channel)
+
+    async def _read_loop(self, channel: Channel) -> None:
+        peer = channel.peer
+        while True:
+            try:
+                data = await channel.recv()
+            except (ChannelClosed, OSError):
+                return
+            except ProtocolError as exc:
+                log.warning("channel from %s broke the rules: %s", peer.short, exc)
+                return
+            self.engine.set_peers(self._peers())
+            try:
+                actions = self.engine.receive(peer, data, time.time())
+            except ProtocolError as exc:
+                log.warning("bad gossip message from %s: %s; closing", peer.short, exc)
+                self._rejected(Reject(str(exc), peer))
+                return
+            self._dispatch(actions)
+
+    async def _drop_channel(self, channel: Channel) -> None:
+        self._channels.discard(channel)
+        link = self._links.get(channel.peer)
+        if link is not None and link.channel is channel:
+            link.channel = None
+            # prefer another live channel to the same peer, if there is one
+            for other in self._channels:
+                if other.peer == channel.peer:
+                    link.channel = other
+                    break
+        await _close_quietly(channel)
+
+
+async def _close_quietly(channel: Channel) -> None:
+    with contextlib.suppress(P2PError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(channel.close(), 2.0)
