@@ -27,6 +27,7 @@ import inspect
 import json as jsonlib
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -348,8 +349,14 @@ class Testnet:
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.transport = transport
-        self.node_cmd = list(node_cmd) if node_cmd else [python, "-m", "node"]
-        self.bootstrap_cmd = list(bootstrap_cmd) if bootstrap_cmd else _default_bootstrap_cmd(python)
+        # P2PFS_TESTNET_NODE_CMD / _BOOTSTRAP_CMD let a user test an installed `p2pfs`
+        env_node = os.environ.get("P2PFS_TESTNET_NODE_CMD")
+        env_boot = os.environ.get("P2PFS_TESTNET_BOOTSTRAP_CMD")
+        self.node_cmd = (list(node_cmd) if node_cmd else
+                         shlex.split(env_node) if env_node else [python, "-m", "node"])
+        self.bootstrap_cmd = (list(bootstrap_cmd) if bootstrap_cmd else
+                              shlex.split(env_boot) if env_boot else
+                              _default_bootstrap_cmd(python))
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.env = _child_env(transport, env)
@@ -974,9 +981,11 @@ def _check_one(net: Testnet, name: str, cond: dict[str, Any],
                 return False, f"still lists {other}"
     if "contains" in cond:
         want = expand(cond["contains"], net, scenario_dir)
-        hay = jsonlib.dumps(out) if not isinstance(out, str) else out
-        if (want not in out) if isinstance(out, (list, dict)) and not isinstance(want, str) \
-                else (str(want) not in hay):
+        if isinstance(out, (list, dict)) and not isinstance(want, str):
+            found = want in out
+        else:
+            found = str(want) in (out if isinstance(out, str) else jsonlib.dumps(out))
+        if not found:
             return False, f"{want!r} not found"
     for op, fn in (("eq", lambda a, b: a == b), ("ne", lambda a, b: a != b),
                    ("ge", lambda a, b: a >= b), ("le", lambda a, b: a <= b)):
@@ -1170,6 +1179,9 @@ def run_scenario(path: Path, root: Path, *, python: str = sys.executable, transp
             raise TestnetError(f"{path}: a scenario is a .toml or .py file")
     except TestnetError as exc:
         error = str(exc)
+    except KeyboardInterrupt:
+        error = "interrupted (Ctrl-C / SIGTERM); everything was torn down"
+        net.steps.append(StepResult(len(net.steps) + 1, "interrupted", False, 0.0, error))
     finally:
         net.teardown()
     return ScenarioReport(path, ok=not error, steps=net.steps, logs=net.log_paths(),
