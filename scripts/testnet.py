@@ -68,7 +68,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"a testnet is already running in {root} (pids {alive}); "
                   f"run `testnet.py down --dir {root}` first", file=sys.stderr)
             return EXIT_FAILED
-    for sub in ("nodes", "logs", "bootstrap", "share"):
+    for sub in ("nodes", "logs", "bootstrap-server", "share"):
         shutil.rmtree(root / sub, ignore_errors=True)
     state.unlink(missing_ok=True)
     net = Testnet(root, transport=args.transport, detached=True, echo=_echo)

@@ -42,12 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 CLI_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 40
+REPORT_ERROR_LINES = 30
 STATE_FILE_NAME = "testnet.json"
 # ports each node listens on; udp and quic are UDP, dht is UDP, tcp is TCP
 PORT_KINDS = ("tcp", "udp", "quic", "dht")
@@ -204,6 +206,10 @@ def terminate_groups(pgids: Sequence[int], grace_s: float = STOP_GRACE_S,
 def _child_env(transport: str | None, extra: dict[str, str] | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROP_PREFIX)}
     env["PYTHONUNBUFFERED"] = "1"
+    # run this checkout's code, whatever is installed (a stale editable install can
+    # map a package that has since gained an __init__.py as a namespace package)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if transport:
         env["P2PFS_TRANSPORT"] = transport
     env.update(extra or {})
@@ -367,7 +373,8 @@ class Testnet:
         self.bootstrap_port: int | None = None
         self.bootstrap_process: ManagedProcess | None = None
         self.bootstrap_log = self.root / "logs" / "bootstrap.log"
-        self.bootstrap_db = self.root / "bootstrap" / "registry.sqlite3"
+        # not root/"bootstrap": `python -m bootstrap` runs with cwd=root and would import that dir
+        self.bootstrap_db = self.root / "bootstrap-server" / "registry.sqlite3"
         self.steps: list[StepResult] = []
         self._all_processes: list[ManagedProcess] = []
         if not detached:
@@ -1113,7 +1120,10 @@ class ScenarioReport:
             mark = "PASS" if s.ok else "FAIL"
             lines.append(f"  [{mark}] {s.index:>2}. {s.description}  ({s.duration_s:.1f}s)")
             if s.error:
-                lines.extend("         " + ln for ln in s.error.splitlines()[:30])
+                err = s.error.splitlines()
+                if len(err) > REPORT_ERROR_LINES:  # keep the head (what) and tail (why)
+                    err = [*err[:3], "...", *err[-(REPORT_ERROR_LINES - 4):]]
+                lines.extend("         " + ln for ln in err)
         if self.error and not any(s.error for s in self.steps):
             lines.append(f"  error: {self.error}")
         lines.append("  logs:")
