@@ -1,0 +1,263 @@
+"""The pure gossip engine: N engines wired in memory, simulated loss, partitions, forgery."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+
+from node.errors import ProtocolError
+from node.gossip.engine import (
+    PUSH_BATCH_MAX,
+    Accept,
+    Beat,
+    Digest,
+    GossipEngine,
+    PresenceChanged,
+    Push,
+    Reject,
+    Send,
+)
+from node.gossip.events import ChangeEvent, Heartbeat
+from node.gossip.log import EventLog
+from node.identity import Identity, PeerId
+
+H = b"h" * 32
+
+
+class Sim:
+    """N engines; messages delivered after a random latency, dropped with probability `loss`."""
+
+    def __init__(self, n: int, *, seed: int = 1, loss: float = 0.0, fanout: int = 3,
+                 anti_entropy_s: float = 1.0, trusted: set[PeerId] | None = None) -> None:
+        self.rand = random.Random(seed)
+        self.ids = [Identity.generate(name=f"n{i}", seed=bytes([i + 1]) * 32) for i in range(n)]
+        self.logs = [EventLog(":memory:") for _ in range(n)]
+        self.by_id = {ident.peer_id: i for i, ident in enumerate(self.ids)}
+        self.trusted = trusted
+        self.engines = [
+            GossipEngine(ident.peer_id, self.logs[i], fanout=fanout,
+                         rand=random.Random(seed * 1000 + i), anti_entropy_s=anti_entropy_s,
+                         is_trusted=(lambda p: True) if trusted is None
+                         else (lambda p, t=trusted: p in t))
+            for i, ident in enumerate(self.ids)
+        ]
+        for e in self.engines:
+            e.set_peers([i.peer_id for i in self.ids])
+        self.loss = loss
+        self.now = 0.0
+        self.queue: list[tuple[float, int, int, int, bytes]] = []
+        self._n = 0
+        self.blocked: set[tuple[int, int]] = set()
+        self.accepted: list[list[Accept]] = [[] for _ in range(n)]
+        self.rejected: list[list[Reject]] = [[] for _ in range(n)]
+        self.messages = 0
+
+    def handle(self, src: int, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                dst = self.by_id[a.peer]
+                self.messages += 1
+                if (src, dst) in self.blocked or self.rand.random() < self.loss:
+                    continue
+                self._n += 1
+                heapq.heappush(self.queue, (self.now + self.rand.uniform(0.001, 0.02), self._n,
+                                            src, dst, a.msg.encode()))
+            elif isinstance(a, Accept):
+                self.accepted[src].append(a)
+            elif isinstance(a, Reject):
+                self.rejected[src].append(a)
+
+    def publish(self, i: int, path: str, kind: str = "created") -> ChangeEvent:
+        ev = self.logs[i].append_local(self.ids[i], kind=kind, folder="f", path=path,
+                                       size=1, hash=H)
+        self.handle(i, self.engines[i].publish(ev, self.now))
+        return ev
+
+    def run(self, seconds: float, tick_s: float = 0.1) -> None:
+        end = self.now + seconds
+        next_tick = self.now
+        while self.now < end:
+            if self.queue and self.queue[0][0] <= next_tick:
+                t, _, src, dst, data = heapq.heappop(self.queue)
+                self.now = t
+                self.handle(dst, self.engines[dst].receive(self.ids[src].peer_id, data, t))
+            else:
+                self.now = next_tick
+                for i, e in enumerate(self.engines):
+                    self.handle(i, e.tick(self.now))
+                next_tick += tick_s
+
+    def run_until_quiet(self, limit: float = 5.0) -> None:
+        """Deliver queued messages only (no ticks => no anti-entropy)."""
+        while self.queue:
+            t, _, src, dst, data = heapq.heappop(self.queue)
+            self.now = t
+            self.handle(dst, self.engines[dst].receive(self.ids[src].peer_id, data, t))
+            assert self.now < limit + 1e9
+
+    def partition(self, a: set[int], b: set[int]) -> None:
+        self.blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
+
+
+def test_push_alone_spreads_and_dedups_without_loss() -> None:
+    sim = Sim(20, fanout=4)
+    ev = sim.publish(0, "a.txt")
+    sim.run_until_quiet()
+    have = [log.has(ev.id) for log in sim.logs]
+    # push alone reaches most nodes; each node accepts the event at most once
+    assert sum(have) >= 15
+    for i in range(20):
+        assert len([a for a in sim.accepted[i] if a.event.id == ev.id]) <= 1
+    # messages per event per node stay near the fanout
+    assert sim.messages <= 20 * 4 + 4
+
+
+def test_every_event_reaches_every_node_despite_loss() -> None:
+    sim = Sim(30, loss=0.2, seed=7)
+    events = [sim.publish(sim.rand.randrange(30), f"dir/file{k}.txt") for k in range(12)]
+    sim.run(15.0)
+    for log in sim.logs:
+        for ev in events:
+            assert log.has(ev.id)
+    for i in range(30):
+        ids = [a.event.id for a in sim.accepted[i]]
+        assert len(ids) == len(set(ids))  # never accepted twice
+    assert not any(sim.rejected)
+
+
+def test_partitioned_nodes_catch_up_with_batches() -> None:
+    sim = Sim(8, seed=3)
+    left, right = set(range(4)), set(range(4, 8))
+    sim.partition(left, right)
+    # more events than one anti-entropy batch holds, so the "more" loop is exercised
+    for k in range(300):
+        sim.publish(k % 2, f"left/{k}")
+    sim.publish(5, "right/1")
+    sim.run(3.0)
+    assert sim.logs[6].count() == 1 and sim.logs[2].count() == 300
+    sim.blocked = set()
+    sim.run(10.0)
+    assert all(log.count() == 301 for log in sim.logs)
+    assert sim.logs[7].highest_seqs() == sim.logs[0].highest_seqs()
+
+
+def test_gap_in_push_triggers_pull() -> None:
+    sim = Sim(2)
+    a, b = sim.ids[0], sim.ids[1]
+    evs = [sim.logs[0].append_local(a, kind="created", folder="f", path=f"p{k}", size=1,
+                                    hash=H) for k in range(3)]
+    # b gets only seq 3 pushed: it notices the gap and pulls 1..2 at once, no ticks needed
+    sim.handle(1, sim.engines[1].receive(a.peer_id, Push((evs[2].encode(),)).encode(), 0.0))
+    sim.run_until_quiet()
+    assert sim.logs[1].highest_seqs()[a.peer_id.key] == 3
+    assert all(sim.logs[1].has(e.id) for e in evs)
+    assert b.peer_id  # two distinct nodes
+
+
+def _engine(trusted: bool = True) -> tuple[GossipEngine, EventLog, Identity, Identity]:
+    me, other = Identity.generate(), Identity.generate()
+    log = EventLog(":memory:")
+    eng = GossipEngine(me.peer_id, log, rand=random.Random(0),
+                       is_trusted=lambda p: trusted)
+    third = Identity.generate()
+    eng.set_peers([other.peer_id, third.peer_id])
+    return eng, log, me, other
+
+
+def _event(ident: Identity, seq: int = 1, path: str = "x.txt", **kw) -> ChangeEvent:
+    return ChangeEvent.create(ident, folder="f", seq=seq, lamport=seq, kind="created",
+                              path=path, size=1, hash=H, **kw)
+
+
+def test_duplicate_push_is_accepted_once() -> None:
+    eng, log, _me, other = _engine()
+    blob = Push((_event(other).encode(),)).encode()
+    first = eng.receive(other.peer_id, blob, 0.0)
+    second = eng.receive(other.peer_id, blob, 1.0)
+    assert [type(a) for a in first].count(Accept) == 1
+    assert second == []
+    assert log.count() == 1
+
+
+def test_forged_signature_rejected_not_stored_not_relayed() -> None:
+    eng, log, _me, other = _engine()
+    ev = _event(other)
+    forged = ChangeEvent(*ev.to_wire_fields()[:-1], bytes(64))
+    actions = eng.receive(other.peer_id, Push((forged.encode(),)).encode(), 0.0)
+    assert len(actions) == 1 and isinstance(actions[0], Reject)
+    assert "signature" in actions[0].reason
+    assert log.count() == 0
+    assert log.rejected()[0]["reason"].endswith("bad signature")
+    # an event altered after signing (path changed) is a forgery too
+    altered = ChangeEvent(ev.origin, ev.folder, ev.seq, ev.lamport, ev.wall_ms, ev.kind,
+                          "other.txt", "", ev.size, ev.hash, ev.signature)
+    actions = eng.receive(other.peer_id, Push((altered.encode(),)).encode(), 0.0)
+    assert [type(a) for a in actions] == [Reject]
+
+
+def test_reused_sequence_number_rejected_and_logged() -> None:
+    eng, log, _me, other = _engine()
+    eng.receive(other.peer_id, Push((_event(other, path="a").encode(),)).encode(), 0.0)
+    actions = eng.receive(other.peer_id, Push((_event(other, path="b").encode(),)).encode(), 0.0)
+    assert [type(a) for a in actions] == [Reject]
+    assert "reused" in actions[0].reason
+    assert log.count() == 1
+    assert [e.path for e in log.query()] == ["a"]
+    assert "reused" in log.rejected()[0]["reason"]
+
+
+def test_untrusted_origin_is_relayed_but_not_acted_on() -> None:
+    eng, log, _me, other = _engine(trusted=False)
+    actions = eng.receive(other.peer_id, Push((_event(other).encode(),)).encode(), 0.0)
+    accepts = [a for a in actions if isinstance(a, Accept)]
+    assert len(accepts) == 1 and accepts[0].trusted is False
+    assert any(isinstance(a, Send) for a in actions)  # relayed onward
+    assert log.query() == []  # not shown in `node log`
+    assert len(log.query(include_relay_only=True)) == 1
+
+
+def test_malformed_messages_raise_protocol_error() -> None:
+    eng, _log, _me, other = _engine()
+    with pytest.raises(ProtocolError):
+        eng.receive(other.peer_id, b"\x93garbage", 0.0)
+    too_many = Push.__new__(Push)
+    object.__setattr__(too_many, "events", tuple(b"x" for _ in range(PUSH_BATCH_MAX + 1)))
+    with pytest.raises(ProtocolError):
+        eng.receive(other.peer_id, too_many.encode(), 0.0)
+    bad_digest = Digest.__new__(Digest)
+    object.__setattr__(bad_digest, "origins", ((b"short", 1),))
+    object.__setattr__(bad_digest, "reply", True)
+    with pytest.raises(ProtocolError):
+        eng.receive(other.peer_id, bad_digest.encode(), 0.0)
+
+
+def test_oversize_event_inside_push_is_rejected() -> None:
+    eng, log, _me, other = _engine()
+    ev = _event(other)
+    wire = ev.to_wire()
+    wire[6] = "a/" * 600  # path over the bound
+    from node.wire import packb
+    actions = eng.receive(other.peer_id, Push((packb(wire),)).encode(), 0.0)
+    assert [type(a) for a in actions] == [Reject]
+    assert log.count() == 0
+
+
+def test_presence_join_and_leave() -> None:
+    eng, _log, _me, other = _engine()
+    hb = Heartbeat.create(other)
+    actions = eng.receive(other.peer_id, Beat(hb.encode()).encode(), 100.0)
+    joined = [a for a in actions if isinstance(a, PresenceChanged)]
+    assert joined and joined[0].online and joined[0].peer == other.peer_id
+    assert any(isinstance(a, Send) for a in actions)  # heartbeats ride the gossip
+    # a replayed (same or older) heartbeat changes nothing
+    assert eng.receive(other.peer_id, Beat(hb.encode()).encode(), 101.0) == []
+    assert eng.presence()[other.peer_id][0] == 100.0
+    left = [a for a in eng.tick(100.0 + eng.presence_timeout_s + 1)
+            if isinstance(a, PresenceChanged)]
+    assert left and left[0].online is False
+    # a forged heartbeat is refused
+    forged = Heartbeat(other.peer_id, hb.wall_ms + 10, hb.name, bytes(64))
+    actions = eng.receive(other.peer_id, Beat(forged.encode()).encode(), 200.0)
+    assert [type(a) for a in actions] == [Reject]
