@@ -73,6 +73,7 @@ STORE_KEY: web.AppKey[RegistryStore] = web.AppKey("store", RegistryStore)
 TTL_KEY: web.AppKey[float] = web.AppKey("ttl_s", float)
 
 _B32_RE = re.compile(r"^[A-Z2-7]+$")
+_CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _JSON_TYPE = "application/json"
 
 
@@ -157,11 +158,17 @@ def _encode_cursor(device_id: str) -> str:
 def _decode_cursor(cursor: str) -> str:
     if len(cursor) > MAX_CURSOR_LEN:
         raise ApiError(400, "cursor too long")
+    bad = ApiError(400, "cursor is not one this server handed out")
+    if not _CURSOR_RE.match(cursor):
+        raise bad
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        return raw.decode("utf-8")
+        after = raw.decode("utf-8")
     except (binascii.Error, ValueError):
-        raise ApiError(400, "cursor is not one this server handed out") from None
+        raise bad from None
+    if not 0 < len(after) <= MAX_DEVICE_ID_LEN or not after.isprintable():
+        raise bad
+    return after
 
 
 def _parse_limit(text: str | None) -> int:
@@ -343,7 +350,7 @@ async def start_server(host: str, port: int, db_path: Path,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
     except BaseException:
         await runner.cleanup()

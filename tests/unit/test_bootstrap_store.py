@@ -1,0 +1,209 @@
+"""Unit tests of the bootstrap registry (real SQLite file, injected clock) and input checks."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bootstrap.server import ApiError, parse_device_id, parse_record
+from bootstrap.store import (
+    RegisterOutcome,
+    RegistryStore,
+    StaleRegistration,
+    UnregisterOutcome,
+)
+from node.contact import ContactRecord
+from node.errors import LocalIOError
+from node.identity import Identity
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = RegistryStore(tmp_path / "reg.sqlite3")
+    yield s
+    s.close()
+
+
+def test_register_new_then_refresh(store: RegistryStore) -> None:
+    assert store.register("dev1", None, now=T0, expires_at=T0 + 10) is RegisterOutcome.NEW
+    assert store.register("dev1", None, now=T0 + 5, expires_at=T0 + 15) is RegisterOutcome.REFRESHED
+    reg = store.get("dev1", now=T0 + 12)
+    assert reg is not None and reg.last_seen == T0 + 5 and reg.expires_at == T0 + 15
+
+
+def test_expired_registration_is_not_online_and_counts_as_new(store: RegistryStore) -> None:
+    store.register("dev1", None, now=T0, expires_at=T0 + 10)
+    assert store.count_online(now=T0 + 9) == 1
+    assert store.get("dev1", now=T0 + 10) is None
+    assert store.count_online(now=T0 + 10) == 0
+    assert store.page(10, None, now=T0 + 11) == []
+    assert store.register("dev1", None, now=T0 + 11, expires_at=T0 + 20) is RegisterOutcome.NEW
+
+
+def test_replay_guard_rejects_lower_seq_and_accepts_equal(store: RegistryStore) -> None:
+    store.register("p", "{}", now=T0, expires_at=T0 + 10, seq=5, timestamp=100)
+    with pytest.raises(StaleRegistration):
+        store.register("p", "{}", now=T0 + 1, expires_at=T0 + 11, seq=4, timestamp=200)
+    with pytest.raises(StaleRegistration):  # same seq, older timestamp
+        store.register("p", "{}", now=T0 + 1, expires_at=T0 + 11, seq=5, timestamp=99)
+    assert store.register("p", "{}", now=T0 + 1, expires_at=T0 + 11, seq=5,
+                          timestamp=100) is RegisterOutcome.REFRESHED
+    assert store.register("p", "{}", now=T0 + 2, expires_at=T0 + 12, seq=6,
+                          timestamp=101) is RegisterOutcome.REFRESHED
+
+
+def test_replay_guard_outlives_expiry_and_purge(store: RegistryStore) -> None:
+    store.register("p", "{}", now=T0, expires_at=T0 + 10, seq=5, timestamp=100)
+    assert store.purge_expired(T0 + 20) >= 1
+    assert store.count_rows() == 0
+    with pytest.raises(StaleRegistration):
+        store.register("p", "{}", now=T0 + 30, expires_at=T0 + 40, seq=3, timestamp=90)
+    assert store.count_rows() == 0  # the rejected write left nothing behind
+
+
+def test_signed_unregister_and_its_replays(store: RegistryStore) -> None:
+    store.register("p", "{}", now=T0, expires_at=T0 + 100, seq=1, timestamp=1000)
+    with pytest.raises(StaleRegistration):  # a request older than the record
+        store.unregister("p", now=T0, signed_timestamp=999)
+    assert store.get("p", now=T0) is not None
+    assert store.unregister("p", now=T0, signed_timestamp=1001) is UnregisterOutcome.REMOVED
+    assert store.get("p", now=T0) is None
+    assert store.unregister("p", now=T0, signed_timestamp=1001) is UnregisterOutcome.UNKNOWN
+    # the last record, replayed after the unregister, is refused
+    with pytest.raises(StaleRegistration):
+        store.register("p", "{}", now=T0 + 1, expires_at=T0 + 100, seq=1, timestamp=1000)
+    # a newer record registers again; the old unregister request cannot remove it
+    store.register("p", "{}", now=T0 + 2, expires_at=T0 + 100, seq=2, timestamp=1002)
+    with pytest.raises(StaleRegistration):
+        store.unregister("p", now=T0 + 2, signed_timestamp=1001)
+    assert store.get("p", now=T0 + 2) is not None
+
+
+def test_unsigned_unregister_of_unknown_id(store: RegistryStore) -> None:
+    assert store.unregister("nobody", now=T0) is UnregisterOutcome.UNKNOWN
+
+
+def test_keyset_paging_covers_every_online_row_once(store: RegistryStore) -> None:
+    rows = [(f"dev{i:04d}", None, T0, T0 + (5 if i % 7 == 0 else 100)) for i in range(250)]
+    store.bulk_load(rows)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = store.page(40, after, now=T0 + 10)
+        seen += [r.device_id for r in page]
+        if len(page) < 40:
+            break
+        after = page[-1].device_id
+    expected = sorted(d for d, _, _, exp in rows if exp > T0 + 10)
+    assert seen == expected
+
+
+def test_page_query_uses_the_primary_key(store: RegistryStore) -> None:
+    plan = store.explain_page()
+    assert "PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_others_excludes_self_newest_first(store: RegistryStore) -> None:
+    for i in range(10):
+        store.register(f"d{i}", None, now=T0 + i, expires_at=T0 + 100)
+    store.register("old", None, now=T0, expires_at=T0 + 1)
+    got = store.others("d9", 3, now=T0 + 50)
+    assert [d for d, _ in got] == ["d8", "d7", "d6"]
+
+
+def test_purge_in_batches(store: RegistryStore) -> None:
+    store.bulk_load([(f"x{i}", None, T0, T0 + 1) for i in range(25)])
+    store.bulk_load([("keep", None, T0, T0 + 100)])
+    assert store.purge_expired(T0 + 2, batch_rows=10) == 10
+    while store.purge_expired(T0 + 2, batch_rows=10):
+        pass
+    assert store.count_rows() == 1
+
+
+def test_survives_reopen(tmp_path: Path) -> None:
+    s = RegistryStore(tmp_path / "r.sqlite3")
+    s.register("p", '{"a":1}', now=T0, expires_at=T0 + 100, seq=3, timestamp=5)
+    s.close()
+    s = RegistryStore(tmp_path / "r.sqlite3")
+    try:
+        reg = s.get("p", now=T0 + 1)
+        assert reg is not None and reg.record_json == '{"a":1}'
+        with pytest.raises(StaleRegistration):
+            s.register("p", "{}", now=T0 + 1, expires_at=T0 + 100, seq=2, timestamp=5)
+    finally:
+        s.close()
+
+
+def test_wrong_schema_version_is_a_clear_error(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "r.sqlite3")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('schema', '99')")
+    db.commit()
+    db.close()
+    with pytest.raises(LocalIOError, match="schema"):
+        RegistryStore(tmp_path / "r.sqlite3")
+
+
+def test_unopenable_file_is_local_io_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.sqlite3").mkdir()
+    with pytest.raises(LocalIOError, match="dir.sqlite3"):
+        RegistryStore(tmp_path / "dir.sqlite3")
+
+
+# -- pure input checks of the server ------------------------------------------
+
+
+def test_parse_device_id_canonicalises_peer_ids() -> None:
+    ident = Identity.generate()
+    text, pid = parse_device_id(ident.peer_id.compact.lower())
+    assert pid == ident.peer_id and text == str(ident.peer_id)
+    assert parse_device_id("laptop-1") == ("laptop-1", None)
+
+
+def test_parse_device_id_refuses_mistyped_peer_id() -> None:
+    compact = Identity.generate().peer_id.compact
+    bad = compact[:10] + ("A" if compact[10] != "A" else "B") + compact[11:]
+    with pytest.raises(ApiError) as err:
+        parse_device_id(bad)
+    assert err.value.status == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.integers(), st.none(), st.lists(st.text())))
+def test_parse_device_id_only_raises_api_errors(value: object) -> None:
+    try:
+        text, _ = parse_device_id(value)
+    except ApiError as exc:
+        assert 400 <= exc.status < 500
+    else:
+        assert 0 < len(text) <= 128 and text.isprintable()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_parse_record_fuzzed_fields_only_raise_api_errors(data: st.DataObject) -> None:
+    ident = Identity.generate()
+    good = ContactRecord.create(ident, ["127.0.0.1"], {"tcp": 1234}, 1).to_json()
+    key = data.draw(st.sampled_from(sorted(good)))
+    mutated = dict(good)
+    mutated[key] = data.draw(_json)
+    try:
+        rec = parse_record(mutated, ident.peer_id, time.time())
+    except ApiError as exc:
+        assert exc.status in (400, 403)
+    else:  # only an unchanged value can pass
+        assert rec.to_json() == good
