@@ -52,13 +52,16 @@ from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.asyncio.server import QuicServer
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 
-from node.errors import ChannelClosed, PeerUnreachable, ProtocolError
+from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError
 from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
 from node.transports.certs import load_or_create_cert
 
 log = logging.getLogger(__name__)
+# qh3 logs every peer CONNECTION_CLOSE, even a normal one, at WARNING on the "quic" logger;
+# the pipe reports the close reason itself (ChannelClosed), so keep node logs quiet
+logging.getLogger("quic").setLevel(logging.ERROR)
 
 name = "quic"
 ALPN_PROTOCOL = "p2pfs/1"
@@ -78,7 +81,6 @@ SEND_HIGH_WATER_BYTES = 2 * 1024 * 1024
 SEND_LOW_WATER_BYTES = 512 * 1024
 
 CLOSE_LINGER_S = 2.0  # how long close() waits for sent data to be acknowledged
-CLOSE_WAIT_S = 1.0  # how long close() waits for the connection to terminate
 STREAM_OPEN_TIMEOUT_S = 10.0  # server drops a handshaken connection that opens no stream
 MAX_SERVER_CONNECTIONS = 256
 PIPE_STREAM_ID = 0  # the client's first bidirectional stream
@@ -172,9 +174,13 @@ class QuicPipe:
             self._writable.clear()
             await self._writable.wait()
         self._send_credit -= need
-        quic.send_stream_data(self._sid, RECORD_HEADER.pack(n))
-        if n:
-            quic.send_stream_data(self._sid, data)
+        try:
+            quic.send_stream_data(self._sid, RECORD_HEADER.pack(n))
+            if n:
+                quic.send_stream_data(self._sid, data)
+        except QuicConnectionError:  # closed by the peer or idle timeout in this very tick
+            self._terminated = True
+            raise ChannelClosed(self._closed_message()) from None
         self._proto._transmit_soon()
 
     async def recv(self) -> bytes:
@@ -191,8 +197,9 @@ class QuicPipe:
         if self._consumed_ungranted >= CREDIT_GRANT_BYTES and not self.closed:
             grant, self._consumed_ungranted = self._consumed_ungranted, 0
             self._recv_allowed += grant
-            self._quic.send_stream_data(self._sid, RECORD_HEADER.pack(CREDIT_FLAG | grant))
-            self._proto._transmit_soon()
+            with contextlib.suppress(QuicConnectionError):  # then the next recv() reports it
+                self._quic.send_stream_data(self._sid, RECORD_HEADER.pack(CREDIT_FLAG | grant))
+                self._proto._transmit_soon()
         return msg
 
     async def close(self) -> None:
@@ -212,9 +219,11 @@ class QuicPipe:
                     self._writable.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wait_drained(), CLOSE_LINGER_S)
+                # CONNECTION_CLOSE leaves synchronously; no need to sit out the draining period
                 self._proto.close_connection(APP_CLOSE_NORMAL, "closed")
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._proto.wait_closed(), CLOSE_WAIT_S)
+                self._terminated = True
+                if not self._close_reason:
+                    self._close_reason = "QUIC channel closed"
         finally:
             self._proto.release(self._owns_socket)
             self._closed_event.set()
@@ -361,6 +370,14 @@ class _PipeProtocol(QuicConnectionProtocol):
                 self._connected_waiter = None
                 waiter.set_exception(exc)
 
+    def _process_events(self) -> None:
+        super()._process_events()
+        # qh3 announces a peer's CONNECTION_CLOSE only after the draining period (~3 PTO);
+        # its close event is known at once, so end the pipe now
+        close_event = self._quic._close_event
+        if close_event is not None and self.pipe is not None and not self.pipe._terminated:
+            self.pipe.on_terminated(close_event)
+
     def transmit(self) -> None:
         super().transmit()
         pipe = self.pipe
@@ -405,11 +422,14 @@ class _PipeProtocol(QuicConnectionProtocol):
         if self._released:
             return
         self._released = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if owns_socket and self._transport is not None:
-            self._transport.close()
+        if owns_socket:
+            # client: the socket is ours alone, so the connection ends with it. A server-side
+            # connection keeps its timer so qh3 finishes it and drops its connection ids.
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._transport is not None:
+                self._transport.close()
         if self.on_release is not None:
             self.on_release(self)
 
@@ -450,6 +470,8 @@ class QuicListener:
             await self._handler(pipe)
         except asyncio.CancelledError:
             raise
+        except P2PError as exc:
+            log.info("QUIC pipe from %s:%d ended: %s", pipe.remote[0], pipe.remote[1], exc)
         except Exception:  # a handler bug must not take the listener down
             log.exception("QUIC pipe handler for %s:%d failed", *pipe.remote)
         finally:
