@@ -1,0 +1,419 @@
+"""Folder watcher: watchdog file-system events -> debounced, hashed local changes.
+
+``FolderWatcher`` watches one shared folder with watchdog's Observer (a thread)
+and hands events to the asyncio loop with ``call_soon_threadsafe``. Each path
+gets a debounce timer: a burst of writes becomes one ``LocalChange`` once the
+path has been quiet for ``debounce_s``. Content is hashed with BLAKE3 in a
+worker thread, never on the loop.
+
+A ``FileIndex`` (SQLite: path -> size, mtime_ns, hash) remembers what we last
+announced, so:
+
+* a change whose content equals the index (touch, rewrite of same bytes) is silent;
+* ``scan()`` at start compares the folder with the index and reports what was
+  created, modified, deleted or moved (same hash at a new path) while stopped;
+* ``suppress(path, hash)`` lets the node's own sync writes update the index
+  without being announced again (no echo loops between peers).
+
+Ignored: our partial transfers (``*.p2pfs-part``), the versions folder
+(``.p2pfs-versions/``), the index itself, and editor temporaries (``*.swp``,
+``*.swx``, ``*~``, ``.#*``, ``4913``, ``*.tmp``). An editor's "write temp then
+rename over" save shows up as a modification of the target.
+
+Imports node.errors only (and node.gossip.events for path validation); it must
+not import the gossip service, transports or the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import blake3
+from watchdog.events import (
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from node.errors import LocalIOError, ProtocolError
+from node.gossip.events import validate_rel_path
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".p2pfs-part"
+VERSIONS_DIR = ".p2pfs-versions"
+INDEX_SUFFIXES = (".p2pfs-index", ".p2pfs-index-wal", ".p2pfs-index-shm", ".p2pfs-index-journal")
+HASH_CHUNK_BYTES = 1 << 20
+SUPPRESS_TTL_S = 30.0
+DEFAULT_DEBOUNCE_S = 0.15
+
+
+@dataclass(frozen=True)
+class LocalChange:
+    kind: str  # created | modified | deleted | moved
+    path: str  # posix, relative to the folder
+    old_path: str = ""
+    size: int = 0
+    hash: bytes = b""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    path: str
+    size: int
+    mtime_ns: int
+    hash: bytes
+
+
+def hash_file(path: Path) -> tuple[int, int, bytes]:
+    """(size, mtime_ns, BLAKE3-256) of a file; blocking, run it in a thread."""
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return st.st_size, st.st_mtime_ns, h.digest()
+
+
+def is_ignored_name(rel: str) -> bool:
+    parts = PurePosixPath(rel).parts
+    if not parts or VERSIONS_DIR in parts:
+        return True
+    name = parts[-1]
+    return (name.endswith(PARTIAL_SUFFIX) or name.endswith(INDEX_SUFFIXES)
+            or name.endswith((".swp", ".swx", "~", ".tmp")) or name.startswith(".#")
+            or name == "4913")
+
+
+class FileIndex:
+    """path -> (size, mtime_ns, hash), in SQLite; one per watched folder."""
+
+    def __init__(self, path: Path | str) -> None:
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
+                " mtime_ns INTEGER NOT NULL, hash BLOB NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS files_hash ON files (hash)")
+        except sqlite3.Error as exc:
+            raise LocalIOError(f"cannot open file index {path}: {exc}") from None
+
+    def get(self, path: str) -> IndexEntry | None:
+        row = self._db.execute("SELECT path, size, mtime_ns, hash FROM files WHERE path=?",
+                               (path,)).fetchone()
+        return IndexEntry(*row) if row else None
+
+    def put(self, path: str, size: int, mtime_ns: int, hash: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?)",
+                         (path, size, mtime_ns, hash))
+
+    def remove(self, path: str) -> None:
+        self._db.execute("DELETE FROM files WHERE path=?", (path,))
+
+    def find_by_hash(self, hash: bytes) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT path FROM files WHERE hash=?", (hash,))]
+
+    def all(self) -> dict[str, IndexEntry]:
+        return {r[0]: IndexEntry(*r) for r in
+                self._db.execute("SELECT path, size, mtime_ns, hash FROM files")}
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self._w = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._w._from_thread(event)
+
+
+class FolderWatcher:
+    """See the module docstring."""
+
+    def __init__(self, folder: Path, label: str, *, index_path: Path,
+                 on_change: Callable[[LocalChange], Awaitable[object]],
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 debounce_s: float = DEFAULT_DEBOUNCE_S,
+                 ignore: Callable[[Path], bool] | None = None) -> None:
+        self.folder = Path(folder).resolve()
+        self.label = label
+        self.index = FileIndex(index_path)
+        self._on_change = on_change
+        self._loop = loop
+        self.debounce_s = debounce_s
+        self._ignore = ignore
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._moves: dict[str, str] = {}  # new path -> old path, pending debounce
+        self._suppressed: dict[str, tuple[bytes, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        self._running = False
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self, *, scan: bool = True) -> list[LocalChange]:
+        """Start watching; with `scan`, report changes made while we were stopped."""
+        self._loop = self._loop or asyncio.get_running_loop()
+        self._running = True
+        observer = Observer()
+        observer.schedule(_Handler(self), str(self.folder), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        return await self.scan() if scan else []
+
+    async def stop(self) -> None:
+        self._running = False
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5.0)
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self.index.close()
+
+    # -- public helpers -----------------------------------------------------------
+    def rel(self, path: Path | str) -> str | None:
+        """Folder-relative posix path, or None when `path` is outside the folder."""
+        p = Path(path)
+        if not p.is_absolute():
+            return PurePosixPath(*p.parts).as_posix() if p.parts else None
+        for candidate in (p, p.parent.resolve() / p.name):
+            try:
+                rel = candidate.relative_to(self.folder).as_posix()
+            except ValueError:
+                continue
+            return rel if rel != "." else None
+        return None
+
+    def suppress(self, path: Path | str, hash: bytes) -> None:
+        """The node itself is about to write `hash` at `path` (b"" = delete): don't announce it."""
+        rel = self.rel(path)
+        if rel is not None:
+            self._suppressed[rel] = (hash, time.monotonic() + SUPPRESS_TTL_S)
+
+    def ignored(self, rel: str) -> bool:
+        if is_ignored_name(rel):
+            return True
+        return bool(self._ignore and self._ignore(self.folder / rel))
+
+    def find_by_hash(self, hash: bytes) -> Path | None:
+        for rel in self.index.find_by_hash(hash):
+            p = self.folder / rel
+            if p.is_file():
+                return p
+        return None
+
+    # -- scan at start ------------------------------------------------------------
+    async def scan(self) -> list[LocalChange]:
+        """Compare the folder with the index; announce and record every difference."""
+        async with self._lock:
+            on_disk = await asyncio.to_thread(self._walk)
+            known = self.index.all()
+            created: list[LocalChange] = []
+            changes: list[LocalChange] = []
+            for rel, (size, mtime_ns) in sorted(on_disk.items()):
+                entry = known.get(rel)
+                if entry is not None and entry.size == size and entry.mtime_ns == mtime_ns:
+                    continue
+                try:
+                    size, mtime_ns, digest = await asyncio.to_thread(hash_file,
+                                                                     self.folder / rel)
+                except OSError:
+                    continue
+                self.index.put(rel, size, mtime_ns, digest)
+                if entry is None:
+                    created.append(LocalChange("created", rel, size=size, hash=digest))
+                elif entry.hash != digest:
+                    changes.append(LocalChange("modified", rel, size=size, hash=digest))
+            gone = {rel: e for rel, e in known.items() if rel not in on_disk}
+            for c in created:
+                # a vanished file with the same content at a new path is a move
+                old = next((r for r, e in gone.items() if e.hash == c.hash), None)
+                if old is not None:
+                    del gone[old]
+                    self.index.remove(old)
+                    changes.append(LocalChange("moved", c.path, old, c.size, c.hash))
+                else:
+                    changes.append(c)
+            for rel in sorted(gone):
+                self.index.remove(rel)
+                changes.append(LocalChange("deleted", rel))
+        for change in changes:
+            await self._emit(change)
+        return changes
+
+    def _walk(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for root, dirs, files in os.walk(self.folder):
+            dirs[:] = [d for d in dirs if d != VERSIONS_DIR]
+            for name in files:
+                full = Path(root) / name
+                rel = full.relative_to(self.folder).as_posix()
+                if self.ignored(rel) or not self._valid(rel):
+                    continue
+                try:
+                    st = full.lstat()
+                except OSError:
+                    continue
+                if full.is_symlink() or not full.is_file():
+                    continue
+                out[rel] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    @staticmethod
+    def _valid(rel: str) -> bool:
+        try:
+            validate_rel_path(rel)
+        except ProtocolError:
+            return False
+        return True
+
+    # -- live events ----------------------------------------------------------------
+    def _from_thread(self, event: FileSystemEvent) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self._running:
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_fs_event, event)
+        except RuntimeError:  # loop closing
+            pass
+
+    def _on_fs_event(self, event: FileSystemEvent) -> None:
+        if not self._running:
+            return
+        if isinstance(event, DirMovedEvent):
+            self._schedule_task(self._rescan())
+            return
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            old, new = self.rel(os.fsdecode(event.src_path)), self.rel(
+                os.fsdecode(event.dest_path))
+            if old is not None and new is not None and not self.ignored(old):
+                self._moves[new] = self._moves.pop(old, old)
+                self._cancel(old)
+                self._debounce(new)
+            elif old is not None and not self.ignored(old):
+                self._debounce(old)  # moved out of the folder: a deletion
+            elif new is not None:
+                self._debounce(new)  # moved in from outside (or from a temp name)
+            return
+        if isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileDeletedEvent,
+                              FileClosedEvent)):
+            rel = self.rel(os.fsdecode(event.src_path))
+            if rel is not None:
+                self._debounce(rel)
+
+    def _cancel(self, rel: str) -> None:
+        handle = self._timers.pop(rel, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _debounce(self, rel: str) -> None:
+        if self.ignored(rel) or not self._valid(rel):
+            return
+        assert self._loop is not None
+        self._cancel(rel)
+        self._timers[rel] = self._loop.call_later(self.debounce_s, self._fire, rel)
+
+    def _fire(self, rel: str) -> None:
+        self._timers.pop(rel, None)
+        self._schedule_task(self._settle(rel, self._moves.pop(rel, "")))
+
+    def _schedule_task(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rescan(self) -> None:
+        await asyncio.sleep(self.debounce_s)
+        if self._running:
+            await self.scan()
+
+    async def _settle(self, rel: str, old: str) -> None:
+        """The path has been quiet for debounce_s: compare it with the index and announce."""
+        async with self._lock:
+            change = await self._classify(rel, old)
+        if change is not None:
+            await self._emit(change)
+
+    async def _classify(self, rel: str, old: str) -> LocalChange | None:
+        full = self.folder / rel
+        entry = self.index.get(rel)
+        if not full.is_file() or full.is_symlink():
+            if entry is None:
+                return None
+            self.index.remove(rel)
+            if self._is_suppressed(rel, b""):
+                return None
+            return LocalChange("deleted", rel)
+        try:
+            size, mtime_ns, digest = await asyncio.to_thread(hash_file, full)
+            st = full.stat()
+        except OSError:
+            return None
+        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+            self._debounce(rel)  # still being written: wait for it to settle
+            if old:
+                self._moves[rel] = old
+            return None
+        old_entry = self.index.get(old) if old else None
+        self.index.put(rel, size, mtime_ns, digest)
+        if old_entry is not None:
+            self.index.remove(old)
+        if self._is_suppressed(rel, digest):
+            return None
+        if old_entry is not None and old_entry.hash == digest and entry is None:
+            return LocalChange("moved", rel, old, size, digest)
+        if old_entry is not None:
+            # renamed over something / content changed on the way: a deletion + a write
+            await self._emit(LocalChange("deleted", old))
+        if entry is not None and entry.hash == digest:
+            return None  # same content (touch, or a rewrite of identical bytes)
+        return LocalChange("modified" if entry is not None else "created", rel, size=size,
+                           hash=digest)
+
+    def _is_suppressed(self, rel: str, digest: bytes) -> bool:
+        item = self._suppressed.get(rel)
+        if item is None:
+            return False
+        expected, until = item
+        if time.monotonic() > until:
+            del self._suppressed[rel]
+            return False
+        if expected == digest:
+            del self._suppressed[rel]
+            return True
+        return False
+
+    async def _emit(self, change: LocalChange) -> None:
+        try:
+            await self._on_change(change)
+        except Exception:  # a failing consumer must not kill the watcher
+            log.exception("on_change failed for %s %s", change.kind, change.path)

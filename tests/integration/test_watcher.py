@@ -1,0 +1,168 @@
+"""FolderWatcher on a real temp dir: debounced create/modify/delete/move, scan, suppression."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import blake3
+
+from node.watcher import FolderWatcher, LocalChange, hash_file, is_ignored_name
+
+DEBOUNCE_S = 0.1
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.changes: list[LocalChange] = []
+        self._event = asyncio.Event()
+
+    async def __call__(self, change: LocalChange) -> None:
+        self.changes.append(change)
+        self._event.set()
+
+    async def wait_for(self, n: int, timeout: float = 5.0) -> list[LocalChange]:
+        async def _wait() -> None:
+            while len(self.changes) < n:
+                self._event.clear()
+                await self._event.wait()
+        await asyncio.wait_for(_wait(), timeout)
+        return self.changes
+
+    async def quiet(self, seconds: float = DEBOUNCE_S * 4) -> None:
+        await asyncio.sleep(seconds)
+
+
+def make(tmp_path: Path, rec: Recorder) -> tuple[Path, FolderWatcher]:
+    folder = tmp_path / "share"
+    folder.mkdir(exist_ok=True)
+    w = FolderWatcher(folder, "share", index_path=tmp_path / "idx.p2pfs-index",
+                      on_change=rec, debounce_s=DEBOUNCE_S)
+    return folder, w
+
+
+async def test_create_burst_modify_delete(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    await w.start()
+    try:
+        f = folder / "sub" / "a.txt"
+        f.parent.mkdir()
+        with open(f, "wb") as fh:  # a burst of writes -> one event
+            for _ in range(20):
+                fh.write(b"x" * 1000)
+                fh.flush()
+                await asyncio.sleep(0.005)
+        (await rec.wait_for(1))
+        await rec.quiet()
+        assert len(rec.changes) == 1
+        c = rec.changes[0]
+        assert (c.kind, c.path, c.size) == ("created", "sub/a.txt", 20000)
+        assert c.hash == blake3.blake3(b"x" * 20000).digest()
+
+        f.write_bytes(b"new content")
+        (await rec.wait_for(2))
+        assert rec.changes[1].kind == "modified"
+        assert rec.changes[1].hash == blake3.blake3(b"new content").digest()
+
+        os.utime(f)  # touch: same content, no event
+        f.write_bytes(b"new content")  # rewrite of identical bytes: no event
+        await rec.quiet()
+        assert len(rec.changes) == 2
+
+        f.unlink()
+        (await rec.wait_for(3))
+        assert (rec.changes[2].kind, rec.changes[2].path) == ("deleted", "sub/a.txt")
+    finally:
+        await w.stop()
+
+
+async def test_move_and_ignored_files(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    (folder / "old.txt").write_bytes(b"hello")
+    await w.start()  # scan at start reports it
+    try:
+        assert [c.kind for c in rec.changes] == ["created"]
+        (folder / "x.p2pfs-part").write_bytes(b"partial")
+        (folder / ".notes.txt.swp").write_bytes(b"vim")
+        (folder / "backup~").write_bytes(b"emacs")
+        (folder / ".p2pfs-versions").mkdir()
+        (folder / ".p2pfs-versions" / "v1").write_bytes(b"old")
+        os.rename(folder / "old.txt", folder / "new.txt")
+        (await rec.wait_for(2))
+        await rec.quiet()
+        assert len(rec.changes) == 2
+        c = rec.changes[1]
+        assert (c.kind, c.path, c.old_path) == ("moved", "new.txt", "old.txt")
+        # editor-style save: write a temp file, rename it over the target -> modified
+        (folder / "new.txt.tmp").write_bytes(b"hello, edited")
+        os.replace(folder / "new.txt.tmp", folder / "new.txt")
+        (await rec.wait_for(3))
+        await rec.quiet()
+        assert [(c.kind, c.path) for c in rec.changes[2:]] == [("modified", "new.txt")]
+    finally:
+        await w.stop()
+
+
+async def test_scan_at_start_finds_offline_changes(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    for name, data in [("keep", b"1"), ("edit", b"2"), ("gone", b"3"), ("ren", b"44")]:
+        (folder / name).write_bytes(data)
+    await w.start()
+    await w.stop()
+    assert len(rec.changes) == 4
+    # while the node is stopped
+    (folder / "edit").write_bytes(b"2 edited")
+    (folder / "gone").unlink()
+    os.rename(folder / "ren", folder / "renamed")
+    (folder / "fresh").write_bytes(b"5")
+    rec2 = Recorder()
+    _, w2 = make(tmp_path, rec2)
+    changes = await w2.start()
+    try:
+        got = sorted((c.kind, c.path, c.old_path) for c in changes)
+        assert got == [("created", "fresh", ""), ("deleted", "gone", ""),
+                       ("modified", "edit", ""), ("moved", "renamed", "ren")]
+        assert sorted(rec2.changes, key=lambda c: c.path) == sorted(changes,
+                                                                     key=lambda c: c.path)
+    finally:
+        await w2.stop()
+
+
+async def test_suppressed_sync_writes_do_not_echo(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    await w.start()
+    try:
+        target = folder / "from-peer.bin"
+        data = b"synced content"
+        w.suppress(target, blake3.blake3(data).digest())
+        target.write_bytes(data)
+        await rec.quiet(DEBOUNCE_S * 6)
+        assert rec.changes == []
+        assert w.index.get("from-peer.bin") is not None  # indexed, just not announced
+        assert w.find_by_hash(blake3.blake3(data).digest()) == target
+        # the user editing it afterwards is announced as usual
+        target.write_bytes(b"user edit")
+        await rec.wait_for(1)
+        assert rec.changes[0].kind == "modified"
+        w.suppress(target, b"")
+        target.unlink()
+        await rec.quiet(DEBOUNCE_S * 6)
+        assert len(rec.changes) == 1
+    finally:
+        await w.stop()
+
+
+def test_ignore_rules_and_hash(tmp_path: Path) -> None:
+    for name in ["a.p2pfs-part", ".#lock", "x.swp", "x~", "d/.p2pfs-versions/f", "4913"]:
+        assert is_ignored_name(name)
+    for name in ["a.txt", "dir/b", "p2pfs-part"]:
+        assert not is_ignored_name(name)
+    p = tmp_path / "f"
+    p.write_bytes(b"abc" * 1000)
+    size, _mtime, digest = hash_file(p)
+    assert size == 3000 and digest == blake3.blake3(b"abc" * 1000).digest()
