@@ -117,8 +117,55 @@ async def bare_stream_mib_s(lib: str, size_bytes: int, datagram_bytes: int) -> f
     return size_bytes / elapsed / (1 << 20)
 
 
-async def _run(size_bytes: int, libs: list[str], sizes: list[int], repeat: int) -> list[dict]:
+async def pipe_mib_s(size_bytes: int, message_bytes: int = 1 << 20) -> float:
+    """MiB/s of p2pfs's QuicPipe (no encryption) moving `size_bytes` in `message_bytes` messages.
+
+    Same shape as bare_stream_mib_s: the receiver answers once it has everything.
+    """
+    from node.errors import ChannelClosed
+    from node.transports import quic  # imported here: the bare numbers never load it
+
+    async def count(pipe: Any) -> None:
+        got = 0
+        try:
+            while got < size_bytes:
+                got += len(await pipe.recv())
+            await pipe.send(struct.pack(">Q", got))
+            await pipe.recv()
+        except ChannelClosed:
+            pass
+
+    listener = await quic.listen("127.0.0.1", 0, count)
+    pipe = await quic.connect("127.0.0.1", listener.port)
+    try:
+        block = os.urandom(message_bytes)
+        start = time.perf_counter()
+        left = size_bytes
+        while left > 0:
+            n = min(left, message_bytes)
+            await pipe.send(block if n == message_bytes else block[:n])
+            left -= n
+        (received,) = struct.unpack(">Q", await asyncio.wait_for(pipe.recv(), BENCH_TIMEOUT_S))
+        elapsed = time.perf_counter() - start
+        if received != size_bytes:
+            raise RuntimeError(f"pipe: peer got {received} of {size_bytes} bytes")
+    finally:
+        await pipe.close()
+        await listener.close()
+    return size_bytes / elapsed / (1 << 20)
+
+
+async def _run(size_bytes: int, libs: list[str], sizes: list[int], repeat: int,
+               with_pipe: bool = False) -> list[dict]:
     rows = []
+    if with_pipe:
+        from node.transports import quic
+
+        runs = [await pipe_mib_s(size_bytes) for _ in range(repeat)]
+        rows.append({"lib": "p2pfs-pipe", "version": "qh3", "datagram_bytes":
+                     quic.MAX_DATAGRAM_BYTES, "size_mib": size_bytes / (1 << 20),
+                     "runs_mib_s": [round(r, 2) for r in runs],
+                     "median_mib_s": round(statistics.median(runs), 2)})
     for dgram in sizes:
         for lib in libs:
             runs = [await bare_stream_mib_s(lib, size_bytes, dgram) for _ in range(repeat)]
@@ -137,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: 1200 and 1452")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--pipe", action="store_true",
+                    help="also time p2pfs's QuicPipe (qh3, no encryption) in 1 MiB messages")
     args = ap.parse_args(argv)
     import uvloop
 
     size = int(args.size_mib * (1 << 20))
     rows = uvloop.run(_run(size, args.lib or list(LIBS),
-                           args.datagram_bytes or list(DATAGRAM_SIZES_BYTES), args.repeat))
+                           args.datagram_bytes or list(DATAGRAM_SIZES_BYTES), args.repeat,
+                           args.pipe))
     if args.json:
         print(json.dumps({"benchmark": "bare_quic_stream", "loop": "uvloop", "rows": rows},
                          indent=2))

@@ -518,6 +518,36 @@ class _Server(QuicServer):
         except Exception:  # hostile datagrams must never stop the listener
             log.warning("QUIC listener dropped a bad datagram from %s", addr, exc_info=True)
 
+    def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
+        """A recvmmsg/GRO batch from one address: hand runs of one connection's packets
+        to it at once, so it processes them and answers (acks) once per run, not per packet."""
+        run: list[bytes] = []
+        run_proto: _PipeProtocol | None = None
+        for data in datagrams:
+            try:
+                dcid = _pull_quic_header(data, 0, self._cid_length)[3]
+            except ValueError:
+                continue
+            proto = self._protocols.get(dcid)
+            if proto is not None and proto is run_proto:
+                run.append(data)
+                continue
+            if run_proto is not None:
+                self._deliver_run(run_proto, run, addr)
+            if proto is None:  # a new connection's Initial, or an unknown id
+                run, run_proto = [], None
+                self.datagram_received(data, addr)
+            else:
+                run, run_proto = [data], proto  # type: ignore[assignment]
+        if run_proto is not None:
+            self._deliver_run(run_proto, run, addr)
+
+    def _deliver_run(self, proto: _PipeProtocol, run: list[bytes], addr: Any) -> None:
+        try:
+            proto.datagrams_received(run, addr)
+        except Exception:  # hostile datagrams must never stop the listener
+            log.warning("QUIC listener dropped bad datagrams from %s", addr, exc_info=True)
+
     def error_received(self, exc: Exception) -> None:
         log.debug("QUIC listener socket error: %s", exc)
 
@@ -532,11 +562,17 @@ async def listen(host: str, port: int, handler: PipeHandler, *,
     listener = QuicListener(handler)
     config = _configuration(is_client=False, home=home)
     loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        transport, server = await loop.create_datagram_endpoint(
-            lambda: _Server(listener, config), local_addr=(host, port))
+        sock.bind((host, port))
     except OSError as exc:
+        sock.close()
         raise PeerUnreachable(f"cannot listen for QUIC on {host}:{port}: {exc}") from None
+    # qh3's socket layer: batched receive (recvmmsg/GRO) and GSO sends
+    transport, server_any = await create_optimized_datagram_transport(
+        loop, lambda: _Server(listener, config), sock=sock)
+    server: _Server = server_any  # type: ignore[assignment]
     listener._server = server
     listener._port = int(transport.get_extra_info("sockname")[1])
     return listener
