@@ -65,7 +65,9 @@ logging.getLogger("quic").setLevel(logging.ERROR)
 
 name = "quic"
 ALPN_PROTOCOL = "p2pfs/1"
-IDLE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 30.0  # a silent peer (crashed, unplugged) ends the pipe after this
+# a live but quiet pipe pings so the idle timeout never ends it (TCP pipes don't expire either)
+KEEPALIVE_INTERVAL_S = 10.0
 # measured faster than 1200 (fewer packets per byte); 1452 fits a 1500-byte Ethernet MTU
 MAX_DATAGRAM_BYTES = 1452
 # QUIC-level windows: large enough never to be the bottleneck on a LAN/loopback
@@ -354,6 +356,25 @@ class _PipeProtocol(QuicConnectionProtocol):
         self.on_pipe: Callable[[QuicPipe], None] | None = None  # server side
         self.on_release: Callable[[_PipeProtocol], None] | None = None
         self._released = False
+        self._keepalive: asyncio.TimerHandle | None = None
+
+    def start_keepalive(self) -> None:
+        self._keepalive = self._loop.call_later(KEEPALIVE_INTERVAL_S, self._send_keepalive)
+
+    def _send_keepalive(self) -> None:
+        if self._released or self._closed.is_set() or self._quic._close_event is not None:
+            self._keepalive = None
+            return
+        with contextlib.suppress(QuicConnectionError):
+            self._quic.send_ping(0)
+            self.transmit()
+        self.start_keepalive()
+
+    def stop_timers(self) -> None:
+        for handle in (self._keepalive, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._keepalive = self._timer = None
 
     # asyncio / qh3 hooks
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
@@ -389,6 +410,7 @@ class _PipeProtocol(QuicConnectionProtocol):
             pipe = self.pipe
             if pipe is None and self.on_pipe is not None and event.stream_id == PIPE_STREAM_ID:
                 pipe = self.pipe = QuicPipe(self, self.remote_addr or ("?", 0), owns_socket=False)
+                self.start_keepalive()
                 self.on_pipe(pipe)
             if pipe is None or event.stream_id != PIPE_STREAM_ID:
                 log.info("QUIC peer %s opened unexpected stream %d; closing",
@@ -422,12 +444,13 @@ class _PipeProtocol(QuicConnectionProtocol):
         if self._released:
             return
         self._released = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         if owns_socket:
             # client: the socket is ours alone, so the connection ends with it. A server-side
             # connection keeps its timer so qh3 finishes it and drops its connection ids.
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self.stop_timers()
             if self._transport is not None:
                 self._transport.close()
         if self.on_release is not None:
@@ -490,6 +513,7 @@ class QuicListener:
                 proto.pipe.on_terminated(events.ConnectionTerminated(
                     APP_CLOSE_LISTENER_STOPPED, None, "listener stopped"))
             proto.release(False)
+            proto.stop_timers()  # the shared socket closes below; nothing left to send
         if self._server is not None and self._server._transport is not None:
             self._server._transport.close()
         await asyncio.sleep(0)  # let the transport finish closing its socket
@@ -608,6 +632,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
         # open stream 0 with an empty credit record so the server sees the pipe now
         quic.send_stream_data(PIPE_STREAM_ID, RECORD_HEADER.pack(CREDIT_FLAG))
         proto.transmit()
+        proto.start_keepalive()
     except asyncio.TimeoutError:
         await _abandon(proto)
         raise PeerUnreachable(f"QUIC connection to {where} timed out after {timeout:g} s") from None
@@ -619,7 +644,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
     except BaseException:
         await _abandon(proto)
         raise
-    del transport
+    del transport  # owned by proto from here on; closed by pipe.close()
     return pipe
 
 

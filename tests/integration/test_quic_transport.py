@@ -380,3 +380,37 @@ async def test_a_second_stream_is_refused(start_server, pipes) -> None:
     pipe._proto.transmit()
     with pytest.raises(ChannelClosed):
         await asyncio.wait_for(pipe.recv(), 5)
+
+
+async def test_quiet_pipe_outlives_the_idle_timeout_thanks_to_keepalive(
+        start_server, pipes, monkeypatch) -> None:
+    monkeypatch.setattr(quic, "IDLE_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(quic, "KEEPALIVE_INTERVAL_S", 0.15)
+    server = await start_server(echo)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    await asyncio.sleep(1.5)
+    await pipe.send(b"still here")
+    assert await asyncio.wait_for(pipe.recv(), 5) == b"still here"
+
+
+async def test_vanished_peer_ends_the_pipe_after_the_idle_timeout(
+        start_server, pipes, monkeypatch) -> None:
+    monkeypatch.setattr(quic, "IDLE_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(quic, "KEEPALIVE_INTERVAL_S", 0.15)
+    server = await start_server(echo)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    await pipe.send(b"hi")
+    assert await pipe.recv() == b"hi"
+    # the server goes silent without a CONNECTION_CLOSE (as if unplugged)
+    assert server.listener is not None
+    for proto in list(server.listener._protocols):
+        proto.stop_timers()
+        proto.start_keepalive = lambda: None  # type: ignore[method-assign]
+    server.listener._server._transport.pause_reading()
+    t0 = time.monotonic()
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(pipe.recv(), 5)
+    assert time.monotonic() - t0 < 3.0
+    server.listener._server._transport.resume_reading()
