@@ -94,7 +94,7 @@ def is_ignored_name(rel: str) -> bool:
         return True
     name = parts[-1]
     return (name.endswith(PARTIAL_SUFFIX) or name.endswith(INDEX_SUFFIXES)
-            or name.endswith((".swp", ".swx", "~", ".tmp")) or name.startswith(".#")
+            or name.endswith((".swp", ".swx", "~", ".tmp", ".p2pfs-state")) or name.startswith(".#")
             or name == "4913")
 
 

@@ -1,0 +1,249 @@
+"""Sync: apply a trusted peer's change event to our copy of its shared folder.
+
+Copies live under ``<received dir>/<origin label>/<folder>/<path>``.
+
+* created / modified / shared: if the target already holds the content
+  (same BLAKE3), nothing happens. Else, if any file we know holds that content
+  (our shared folders' index via ``local_lookup``, or a file we received
+  earlier), it is copied locally, no transfer. Otherwise the injected
+  ``fetch(origin, folder, path, hash)`` pulls it through the transfer layer.
+  The result is checked against the event's hash before it is shown.
+* deleted: our copy moves to ``<received>/<origin>/.p2pfs-versions/<folder>/<path>~<time>``;
+  nothing is destroyed.
+* moved: our copy is renamed (no transfer); if we had no copy, the new path is
+  filled as for a creation.
+* A previous copy that is about to be replaced is moved into the versions folder first.
+* Events for a path older (lower seq from the same origin) than the last one
+  applied are ignored (this memory is per process; the seq order of the log
+  makes replays after a restart converge to the newest state).
+
+Every write goes through ``suppress(path, hash)`` first, so a watcher on the
+received dir does not announce our own writes (no echo loops). Paths pass
+``node.transfer.paths`` (no symlinks followed, no escape from the target).
+
+Imports node.gossip.events/log, node.transfer.paths, node.watcher (FileIndex,
+hash_file), identity and errors; it must not import transports or the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path, PurePosixPath
+
+from node.errors import IntegrityError, LocalIOError
+from node.gossip.events import ChangeEvent
+from node.gossip.log import EventLog
+from node.identity import PeerId
+from node.transfer.paths import (
+    PARTIAL_SUFFIX,
+    VERSIONS_DIR_NAME,
+    ensure_dirs,
+    local_io_error,
+    resolve_under,
+    safe_relpath,
+    sanitize_label,
+)
+from node.watcher import FileIndex, hash_file
+
+log = logging.getLogger(__name__)
+
+FetchFn = Callable[[PeerId, str, str, bytes], Awaitable[Path]]
+SYNC_INDEX_NAME = ".p2pfs-sync.p2pfs-index"
+
+
+class SyncOutcome(enum.Enum):
+    FETCHED = "fetched"
+    COPIED = "copied"  # same content found locally: no transfer
+    MOVED = "moved"
+    VERSIONED = "versioned"  # a deletion: our copy went to the versions folder
+    UNCHANGED = "unchanged"
+    STALE = "stale"  # an older event than one already applied for this path
+    SKIPPED = "skipped"  # our own event
+
+
+class SyncEngine:
+    """See the module docstring."""
+
+    def __init__(self, received_dir: Path, *, self_id: PeerId, fetch: FetchFn,
+                 origin_label: Callable[[PeerId], str] | None = None,
+                 suppress: Callable[[Path, bytes], None] | None = None,
+                 local_lookup: Callable[[bytes], Path | None] | None = None,
+                 log: EventLog | None = None, index_path: Path | None = None) -> None:
+        self.root = Path(received_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.self_id = self_id
+        self._fetch = fetch
+        self._label = origin_label or (lambda p: p.short)
+        self._suppress = suppress or (lambda _p, _h: None)
+        self._local_lookup = local_lookup or (lambda _h: None)
+        self._log = log
+        self.index = FileIndex(index_path or self.root / SYNC_INDEX_NAME)
+        self._applied: dict[tuple[bytes, str, str], int] = {}
+
+    def close(self) -> None:
+        self.index.close()
+
+    # -- paths ---------------------------------------------------------------
+    def label_for(self, origin: PeerId) -> str:
+        return sanitize_label(self._label(origin), origin.short)
+
+    def rel_for(self, event: ChangeEvent, path: str) -> PurePosixPath:
+        return PurePosixPath(self.label_for(event.origin), event.folder) / safe_relpath(path)
+
+    def target_for(self, event: ChangeEvent, path: str | None = None) -> Path:
+        return resolve_under(self.root, self.rel_for(event, event.path if path is None
+                                                     else path))
+
+    # -- entry point -----------------------------------------------------------------
+    async def apply(self, event: ChangeEvent) -> SyncOutcome:
+        """Apply one verified event from a trusted origin. Raises P2PError subclasses."""
+        if event.origin == self.self_id:
+            return SyncOutcome.SKIPPED
+        key = (event.origin.key, event.folder, event.path)
+        if self._applied.get(key, 0) >= event.seq:
+            return SyncOutcome.STALE
+        try:
+            if event.kind == "deleted":
+                outcome = self._delete(event)
+            elif event.kind == "moved":
+                outcome = await self._move(event)
+            else:
+                outcome = await self._ensure_content(event, self.target_for(event))
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot apply {event.kind} of {event.path}") from None
+        self._applied[key] = event.seq
+        if event.kind == "moved":
+            self._applied[(event.origin.key, event.folder, event.old_path)] = event.seq
+        if self._log is not None and outcome in (SyncOutcome.FETCHED, SyncOutcome.COPIED):
+            data = event.summary()
+            data["how"] = outcome.value
+            data["local_path"] = str(self.target_for(event))
+            self._log.notify("file_received", data)
+        return outcome
+
+    # -- kinds ------------------------------------------------------------------------
+    def _delete(self, event: ChangeEvent) -> SyncOutcome:
+        target = self.target_for(event)
+        if not target.is_file():
+            return SyncOutcome.UNCHANGED
+        self._version(event, event.path, target)
+        return SyncOutcome.VERSIONED
+
+    async def _move(self, event: ChangeEvent) -> SyncOutcome:
+        old = self.target_for(event, event.old_path)
+        new = self.target_for(event)
+        if not old.is_file():
+            return await self._ensure_content(event, new)
+        entry = self.index.get(self._index_key(old))
+        if entry is None or entry.hash != event.hash:
+            _size, _m, digest = await asyncio.to_thread(hash_file, old)
+        else:
+            digest = entry.hash
+        if digest != event.hash:
+            # our old copy is not what was moved: keep it as a version, fetch the new one
+            self._version(event, event.old_path, old)
+            return await self._ensure_content(event, new)
+        if new.is_file():
+            self._version(event, event.path, new)
+        ensure_dirs(self.root, self.rel_for(event, event.path).parent)
+        self._suppress(old, b"")
+        self._suppress(new, event.hash)
+        os.replace(old, new)
+        self.index.remove(self._index_key(old))
+        self._record(new, event.hash)
+        return SyncOutcome.MOVED
+
+    async def _ensure_content(self, event: ChangeEvent, target: Path) -> SyncOutcome:
+        if target.is_file():
+            entry = self.index.get(self._index_key(target))
+            st = target.stat()
+            if entry and entry.size == st.st_size and entry.mtime_ns == st.st_mtime_ns:
+                digest = entry.hash
+            else:
+                digest = (await asyncio.to_thread(hash_file, target))[2]
+            if digest == event.hash:
+                self._record(target, digest)
+                return SyncOutcome.UNCHANGED
+        ensure_dirs(self.root, PurePosixPath(*target.relative_to(self.root).parent.parts))
+        source = await self._find_local(event.hash, exclude=target)
+        if source is not None:
+            partial = target.with_name("." + target.name + PARTIAL_SUFFIX)
+            await asyncio.to_thread(shutil.copyfile, source, partial)
+            if (await asyncio.to_thread(hash_file, partial))[2] != event.hash:
+                partial.unlink(missing_ok=True)  # changed under us; fall back to a fetch
+            else:
+                self._replace(event, target, partial)
+                return SyncOutcome.COPIED
+        if target.is_file():
+            # keep the copy we are replacing (also if the fetch fails: nothing lost)
+            self._version(event, event.path, target)
+        fetched = await self._fetch(event.origin, event.folder, event.path, event.hash)
+        digest = (await asyncio.to_thread(hash_file, fetched))[2]
+        if digest != event.hash:
+            raise IntegrityError(f"{event.path} from {event.origin.short} does not match the "
+                                 "hash its change event announced")
+        if Path(fetched) != target:
+            self._replace(event, target, Path(fetched))
+        else:
+            self._record(target, digest)
+        return SyncOutcome.FETCHED
+
+    # -- helpers ----------------------------------------------------------------------
+    async def _find_local(self, digest: bytes, exclude: Path) -> Path | None:
+        candidates: list[Path] = []
+        local = self._local_lookup(digest)
+        if local is not None:
+            candidates.append(Path(local))
+        candidates += [self.root / rel for rel in self.index.find_by_hash(digest)]
+        for cand in candidates:
+            if cand == exclude or not cand.is_file() or cand.is_symlink():
+                continue
+            try:
+                if (await asyncio.to_thread(hash_file, cand))[2] == digest:
+                    return cand
+            except OSError:
+                continue
+        return None
+
+    def _replace(self, event: ChangeEvent, target: Path, source: Path) -> None:
+        if target.is_file():
+            self._version(event, event.path, target)
+        self._suppress(target, event.hash)
+        os.replace(source, target)
+        self._record(target, event.hash)
+
+    def _version(self, event: ChangeEvent, path: str, current: Path) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
+        rel = PurePosixPath(self.label_for(event.origin), VERSIONS_DIR_NAME, event.folder,
+                            *safe_relpath(path).parts)
+        rel = rel.with_name(f"{rel.name}~{stamp}")
+        ensure_dirs(self.root, rel.parent)
+        dest = self.root.joinpath(*rel.parts)
+        self._suppress(current, b"")
+        os.replace(current, dest)
+        self.index.remove(self._index_key(current))
+        return dest
+
+    def _index_key(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            raise LocalIOError(f"{path} is outside the received dir") from None
+
+    def _record(self, path: Path, digest: bytes) -> None:
+        st = path.stat()
+        self.index.put(self._index_key(path), st.st_size, st.st_mtime_ns, digest)
+
+
+def check_event_path(event: ChangeEvent) -> None:
+    """The stricter received-path rules of the transfer layer (internal names etc.)."""
+    safe_relpath(event.path)
+    if event.old_path:
+        safe_relpath(event.old_path)
+
