@@ -1,0 +1,772 @@
+"""Reliable, ordered, message-oriented transport over datagrams, as a sans-IO state machine.
+
+This is the whole UDP protocol of p2pfs (see docs/readme/udp.md): connection setup
+with connection ids, sequence numbers, selective acknowledgements, an RTO from
+measured RTT (RFC 6298 + Karn), SACK-based fast retransmit, a loss-tolerant AIMD
+congestion window with pacing, a bounded receive window (flow control),
+keepalive, idle timeout, graceful close and reset.
+
+Like aioquic's ``QuicConnection`` it never touches a socket or a clock: bytes
+enter through ``receive_datagram(data, now)``, leave through
+``datagrams_to_send(now)``, time enters only as an argument (``get_timer()``,
+``handle_timer(now)``) and what happened comes out of ``next_event()``.
+
+Must not import asyncio, socket, or any higher layer of the project; it imports
+only ``node.errors`` and the size limit from ``node.transports.base``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import logging
+import os
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from node.errors import ProtocolError
+from node.transports.base import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+# --- packet format -------------------------------------------------------------------
+MAGIC = 0xD1  # "p2pfs udp, version 1"; anything else is dropped
+CID_BYTES = 8
+T_INIT, T_INIT_ACK, T_DATA, T_ACK, T_PING, T_CLOSE, T_CLOSE_ACK, T_RESET = range(1, 9)
+
+_HDR = struct.Struct(">BB8s")  # magic, type, destination connection id
+HEADER_BYTES = _HDR.size  # 10
+_INIT = struct.Struct(">BB8s8sH")  # + source cid, datagram size
+_SEQ = struct.Struct(">Q")
+DATA_HEADER_BYTES = HEADER_BYTES + _SEQ.size  # 18
+_ACK = struct.Struct(">BB8sQIIQB")  # + cumulative, rwnd packets, ack delay us, largest, n ranges
+_RANGE = struct.Struct(">II")  # [cum + start, cum + end) received out of order
+
+MIN_DATAGRAM_BYTES = 576
+DEFAULT_DATAGRAM_BYTES = 1452
+MAX_DATAGRAM_BYTES = 65000
+MESSAGE_LENGTH = struct.Struct(">I")  # every message in the byte stream is u32-length-prefixed
+
+# --- timing --------------------------------------------------------------------------
+INITIAL_RTO_S = 0.25
+MIN_RTO_S = 0.04
+MAX_RTO_S = 8.0
+CLOCK_GRANULARITY_S = 0.001
+MAX_ACK_DELAY_S = 0.004
+ACK_EVERY_PACKETS = 16
+KEEPALIVE_S = 5.0
+IDLE_TIMEOUT_S = 30.0
+HANDSHAKE_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0
+MAX_RTO_BACKOFFS = 10
+
+# --- windows -------------------------------------------------------------------------
+RECV_WINDOW_BYTES = 16 * 1024 * 1024  # out-of-order + delivered-but-unread bytes
+INITIAL_CWND_PACKETS = 32
+MIN_CWND_PACKETS = 4
+MAX_SACK_RANGES = 64
+REORDER_THRESHOLD_PACKETS = 3
+LOSS_TOLERANCE_FRACTION = 0.2  # random loss below this per round is not congestion
+PACING_GAIN = 2.0
+PACING_BURST_PACKETS = 64
+
+
+class State(enum.Enum):
+    INIT_SENT = "init-sent"  # client: INIT sent, waiting for INIT_ACK
+    INIT_RECEIVED = "init-received"  # server: INIT_ACK sent, waiting for the client's first packet
+    ESTABLISHED = "established"
+    CLOSING = "closing"  # we asked to close: drain our data, then CLOSE, wait CLOSE_ACK
+    CLOSED = "closed"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.INIT_SENT: frozenset({State.ESTABLISHED, State.CLOSED}),
+    State.INIT_RECEIVED: frozenset({State.ESTABLISHED, State.CLOSING, State.CLOSED}),
+    State.ESTABLISHED: frozenset({State.CLOSING, State.CLOSED}),
+    State.CLOSING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    reason: str
+
+
+Event = Connected | MessageReceived | Closed
+
+
+def new_cid() -> bytes:
+    return os.urandom(CID_BYTES)
+
+
+def parse_init(data: bytes) -> tuple[int, bytes, bytes, int] | None:
+    """(type, dcid, scid, datagram size) of an INIT/INIT_ACK, or None if it is not one."""
+    if len(data) != _INIT.size:
+        return None
+    magic, ptype, dcid, scid, size = _INIT.unpack(data)
+    if magic != MAGIC or ptype not in (T_INIT, T_INIT_ACK):
+        return None
+    if not MIN_DATAGRAM_BYTES <= size <= MAX_DATAGRAM_BYTES:
+        return None
+    return ptype, dcid, scid, size
+
+
+class UdpConnection:
+    """One end of one connection. Build with ``client()`` or ``server()``."""
+
+    def __init__(self, *, is_client: bool, local_cid: bytes, peer_cid: bytes,
+                 datagram_bytes: int, now: float, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 keepalive_s: float = KEEPALIVE_S) -> None:
+        if not MIN_DATAGRAM_BYTES <= datagram_bytes <= MAX_DATAGRAM_BYTES:
+            raise ValueError(f"datagram size must be {MIN_DATAGRAM_BYTES}..{MAX_DATAGRAM_BYTES}")
+        self.is_client = is_client
+        self.local_cid = local_cid
+        self.peer_cid = peer_cid
+        self.datagram_bytes = datagram_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.keepalive_s = keepalive_s
+        self.state = State.INIT_SENT if is_client else State.INIT_RECEIVED
+        self.close_reason = ""
+        self.dropped_datagrams = 0  # garbage / unexpected / out-of-window datagrams
+        self.retransmitted_packets = 0
+        self._events: deque[Event] = deque()
+        self._out: list[bytes] = []  # control datagrams waiting for datagrams_to_send
+        self._created = now
+        self._last_recv = now
+        self._last_send = now
+        # --- sender
+        self._send_queue: deque[memoryview] = deque()
+        self._queued_bytes = 0
+        self._next_seq = 0
+        self._snd_una = 0  # lowest seq not cumulatively acked
+        self._inflight: OrderedDict[int, tuple[int, float, bytes, bool]] = OrderedDict()
+        self._inflight_bytes = 0
+        self._lost: OrderedDict[int, bytes] = OrderedDict()
+        self._lost_bytes = 0
+        self._tx_counter = 0
+        self._largest_acked_tx = -1
+        self._peer_rwnd = 64  # packets; the first ACK tells the real one
+        self.cwnd = float(INITIAL_CWND_PACKETS)
+        self.ssthresh = float("inf")
+        self._round_end_tx = 0
+        self._round_acked = 0
+        self._round_lost = 0
+        self._pacing_tokens = float(PACING_BURST_PACKETS)
+        self._pacing_last = now
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = INITIAL_RTO_S
+        self._backoffs = 0
+        self._rto_deadline: float | None = None
+        self._ctrl_deadline: float | None = None  # INIT / INIT_ACK / CLOSE retransmission
+        self._ctrl_tries = 0
+        self._close_sent = False
+        self._persist_deadline: float | None = None
+        # --- receiver
+        self._rcv_next = 0
+        self._ooo: dict[int, bytes] = {}
+        self._ooo_bytes = 0
+        self._range_starts: list[int] = []
+        self._range_ends: list[int] = []
+        self._stream = bytearray()
+        self._msg_need = 0  # total length (with prefix) of the message being reassembled
+        self._unread_bytes = 0
+        self._ack_pending = 0
+        self._ack_now = False
+        self._ack_deadline: float | None = None
+        self._largest_rcv = -1
+        self._largest_rcv_time = now
+        self._advertised_rwnd = 0
+        self._payload_max = datagram_bytes - DATA_HEADER_BYTES
+        self._data_prefix = bytes((MAGIC, T_DATA)) + peer_cid
+        self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
+        if is_client:
+            self._queue_init(now)
+        else:
+            self._queue_init_ack(now)
+
+    # --- construction -----------------------------------------------------------------
+    @classmethod
+    def client(cls, now: float, *, datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+               **kw: float) -> UdpConnection:
+        return cls(is_client=True, local_cid=new_cid(), peer_cid=bytes(CID_BYTES),
+                   datagram_bytes=datagram_bytes, now=now, **kw)
+
+    @classmethod
+    def server(cls, init_datagram: bytes, now: float, *,
+               datagram_bytes: int = DEFAULT_DATAGRAM_BYTES, **kw: float) -> UdpConnection:
+        """Accept a client's INIT; raises ProtocolError if it is not a valid INIT."""
+        parsed = parse_init(init_datagram)
+        if parsed is None or parsed[0] != T_INIT:
+            raise ProtocolError("not a udp INIT packet")
+        _, _, scid, size = parsed
+        return cls(is_client=False, local_cid=new_cid(), peer_cid=scid,
+                   datagram_bytes=min(size, datagram_bytes), now=now, **kw)
+
+    # --- state ------------------------------------------------------------------------
+    def _set_state(self, new: State) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"illegal udp transition {self.state.value} -> {new.value}")
+        log.debug("udp %s: %s -> %s", self.local_cid.hex(), self.state.value, new.value)
+        self.state = new
+
+    def _finish(self, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._set_state(State.CLOSED)
+        self.close_reason = reason
+        self._send_queue.clear()
+        self._inflight.clear()
+        self._lost.clear()
+        self._ooo.clear()
+        self._stream = bytearray()
+        self._events.append(Closed(reason))
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def send_buffered_bytes(self) -> int:
+        """Bytes queued or unacknowledged: what backpressure is measured on."""
+        return self._queued_bytes + self._inflight_bytes + self._lost_bytes
+
+    # --- application API --------------------------------------------------------------
+    def send_message(self, data: bytes) -> None:
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        if self.state in (State.CLOSING, State.CLOSED):
+            raise RuntimeError(f"cannot send on a {self.state.value} udp connection")
+        self._send_queue.append(memoryview(MESSAGE_LENGTH.pack(len(data))))
+        if data:
+            self._send_queue.append(memoryview(data))
+        self._queued_bytes += MESSAGE_LENGTH.size + len(data)
+
+    def message_consumed(self, nbytes: int) -> None:
+        """The application read a delivered message: reopen that much receive window."""
+        self._unread_bytes = max(0, self._unread_bytes - nbytes)
+        if self._advertised_rwnd < self._window_packets // 4 and \
+                self._rwnd_packets() >= self._window_packets // 2:
+            self._ack_now = True
+
+    def close(self, now: float) -> None:
+        """Graceful close: deliver what is queued, then CLOSE."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        if self.state is State.INIT_SENT:
+            self._finish("closed locally")
+            return
+        self._set_state(State.CLOSING)
+        self._ctrl_deadline = now + CLOSE_TIMEOUT_S  # overall drain limit
+        self._maybe_send_close(now)
+
+    def reset(self, reason: str = "reset locally") -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.state is not State.INIT_SENT:
+            self._out.append(_HDR.pack(MAGIC, T_RESET, self.peer_cid))
+        self._finish(reason)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # --- input ------------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """Feed one datagram. Invalid or unexpected datagrams are counted and dropped."""
+        try:
+            if not self._receive(data, now):
+                self.dropped_datagrams += 1
+        except (struct.error, IndexError, ValueError):
+            self.dropped_datagrams += 1
+        except ProtocolError as exc:
+            self.reset(f"protocol error from peer: {exc}")
+
+    def _receive(self, data: bytes, now: float) -> bool:
+        n = len(data)
+        if n < HEADER_BYTES or n > self.datagram_bytes or data[0] != MAGIC:
+            return False
+        ptype = data[1]
+        if self.state is State.CLOSED:
+            return False
+        if ptype == T_INIT_ACK or ptype == T_INIT:
+            return self._receive_init(data, now)
+        if data[2:10] != self.local_cid:
+            return False
+        if self.state is State.INIT_SENT:
+            return False  # the server cannot know our cid's pairing before INIT_ACK
+        if self.state is State.INIT_RECEIVED:
+            self._ctrl_deadline = None
+            self._set_state(State.ESTABLISHED)
+            self._events.append(Connected())
+        if ptype == T_DATA:
+            if n <= DATA_HEADER_BYTES:
+                return False
+            self._last_recv = now
+            self._receive_data(_SEQ.unpack_from(data, HEADER_BYTES)[0], data[DATA_HEADER_BYTES:],
+                               now)
+            return True
+        if ptype == T_ACK:
+            ok = self._receive_ack(data, now)
+            if ok:
+                self._last_recv = now
+            return ok
+        if n != HEADER_BYTES:
+            return False
+        self._last_recv = now
+        if ptype == T_PING:
+            self._ack_now = True
+        elif ptype == T_CLOSE:
+            # CLOSE comes only after all the peer's data was acked, so all is delivered
+            self._out.append(_HDR.pack(MAGIC, T_CLOSE_ACK, self.peer_cid))
+            self._finish("closed by peer")
+        elif ptype == T_CLOSE_ACK:
+            if self.state is not State.CLOSING or not self._close_sent:
+                return False
+            self._finish("closed")
+        elif ptype == T_RESET:
+            self._finish("reset by peer")
+        else:
+            return False
+        return True
+
+    def _receive_init(self, data: bytes, now: float) -> bool:
+        parsed = parse_init(data)
+        if parsed is None:
+            return False
+        ptype, dcid, scid, size = parsed
+        if ptype == T_INIT:
+            # a retransmitted INIT: our INIT_ACK was lost
+            if self.is_client or scid != self.peer_cid:
+                return False
+            if self.state is State.INIT_RECEIVED:
+                self._queue_init_ack(now)
+            return True
+        if not self.is_client or dcid != self.local_cid:
+            return False
+        if self.state is State.INIT_SENT:
+            if size > self.datagram_bytes:
+                return False
+            self.peer_cid = scid
+            self._data_prefix = bytes((MAGIC, T_DATA)) + scid
+            self.datagram_bytes = size
+            self._payload_max = size - DATA_HEADER_BYTES
+            self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
+            self._ctrl_deadline = None
+            self._ctrl_tries = 0
+            self._last_recv = now
+            self._set_state(State.ESTABLISHED)
+            self._events.append(Connected())
+        elif scid != self.peer_cid:
+            return False
+        self._ack_now = True  # confirms the handshake to the server
+        return True
+
+    def _receive_data(self, seq: int, payload: bytes, now: float) -> None:
+        rcv_next = self._rcv_next
+        if seq > self._largest_rcv:
+            self._largest_rcv = seq
+            self._largest_rcv_time = now
+        self._ack_pending += 1
+        if self._ack_deadline is None:
+            self._ack_deadline = now + MAX_ACK_DELAY_S
+        if seq == rcv_next:
+            if self._unread_bytes + len(self._stream) > RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES:
+                self.dropped_datagrams += 1  # the peer ignores our window
+                return
+            self._stream += payload
+            rcv_next += 1
+            starts = self._range_starts
+            if starts and starts[0] == rcv_next:
+                end = self._range_ends[0]
+                ooo = self._ooo
+                stream = self._stream
+                for s in range(rcv_next, end):
+                    p = ooo.pop(s)
+                    self._ooo_bytes -= len(p)
+                    stream += p
+                rcv_next = end
+                del starts[0]
+                del self._range_ends[0]
+                self._ack_now = True  # a hole was filled: tell the sender promptly
+            self._rcv_next = rcv_next
+            self._parse_stream()
+            if self._ack_pending >= ACK_EVERY_PACKETS:
+                self._ack_now = True
+            return
+        if seq < rcv_next or seq in self._ooo:
+            self._ack_now = True  # duplicate: our ack was probably lost
+            return
+        if seq - rcv_next >= self._window_packets or \
+                self._ooo_bytes + self._unread_bytes + len(payload) > RECV_WINDOW_BYTES:
+            self.dropped_datagrams += 1
+            return
+        self._ooo[seq] = payload
+        self._ooo_bytes += len(payload)
+        starts, ends = self._range_starts, self._range_ends
+        i = bisect.bisect_right(starts, seq) - 1
+        if i >= 0 and ends[i] == seq:
+            ends[i] = seq + 1
+            if i + 1 < len(starts) and starts[i + 1] == seq + 1:
+                ends[i] = ends[i + 1]
+                del starts[i + 1]
+                del ends[i + 1]
+        elif i + 1 < len(starts) and starts[i + 1] == seq + 1:
+            starts[i + 1] = seq
+        else:
+            starts.insert(i + 1, seq)
+            ends.insert(i + 1, seq + 1)
+            self._ack_now = True  # a new hole: SACK it at once for fast retransmit
+
+    def _parse_stream(self) -> None:
+        stream = self._stream
+        while True:
+            need = self._msg_need
+            if need == 0:
+                if len(stream) < 4:
+                    return
+                length = MESSAGE_LENGTH.unpack_from(stream)[0]
+                if length > MAX_MESSAGE_BYTES:
+                    raise ProtocolError(f"peer sent a {length}-byte message; limit is "
+                                        f"{MAX_MESSAGE_BYTES}")
+                need = self._msg_need = 4 + length
+            if len(stream) < need:
+                return
+            msg = bytes(stream[4:need])
+            del stream[:need]
+            self._msg_need = 0
+            self._unread_bytes += len(msg)
+            self._events.append(MessageReceived(msg))
+
+    def _receive_ack(self, data: bytes, now: float) -> bool:
+        if len(data) < _ACK.size:
+            return False
+        _, _, _, cum, rwnd, delay_us, largest, nranges = _ACK.unpack_from(data)
+        if len(data) != _ACK.size + nranges * _RANGE.size or nranges > MAX_SACK_RANGES:
+            return False
+        if cum > self._next_seq or largest > self._next_seq or rwnd > 1 << 24:
+            return False
+        largest -= 1  # on the wire: largest received + 1, so 0 means "none yet"
+        self._peer_rwnd = rwnd
+        inflight = self._inflight
+        lost = self._lost
+        newly = 0
+        newly_bytes = 0
+        max_tx = -1
+        sample_rec = None
+        if cum > self._snd_una:
+            for seq in range(self._snd_una, cum):
+                rec = inflight.pop(seq, None)
+                if rec is not None:
+                    newly += 1
+                    newly_bytes += len(rec[2])
+                    if rec[0] > max_tx:
+                        max_tx = rec[0]
+                    if seq == largest:
+                        sample_rec = rec
+                elif seq in lost:
+                    self._lost_bytes -= len(lost.pop(seq))
+            self._snd_una = cum
+        off = _ACK.size
+        for _ in range(nranges):
+            a, b = _RANGE.unpack_from(data, off)
+            off += _RANGE.size
+            if a >= b or cum + b > self._next_seq:
+                return False
+            for seq in range(cum + a, cum + b):
+                rec = inflight.pop(seq, None)
+                if rec is not None:
+                    newly += 1
+                    newly_bytes += len(rec[2])
+                    if rec[0] > max_tx:
+                        max_tx = rec[0]
+                    if seq == largest:
+                        sample_rec = rec
+                elif lost and seq in lost:
+                    self._lost_bytes -= len(lost.pop(seq))
+        if not newly:
+            return True
+        self._inflight_bytes -= newly_bytes
+        self._backoffs = 0
+        if sample_rec is not None and not sample_rec[3]:  # Karn: never time a retransmission
+            self._rtt_sample(now - sample_rec[1], delay_us / 1e6)
+        if max_tx > self._largest_acked_tx:
+            self._largest_acked_tx = max_tx
+        # congestion window growth
+        if self.cwnd < self.ssthresh:
+            self.cwnd += newly
+        else:
+            self.cwnd += newly / self.cwnd
+        cap = float(max(self._window_packets, 1024))
+        if self.cwnd > cap:
+            self.cwnd = cap
+        self._round_acked += newly
+        self._detect_losses()
+        if self._largest_acked_tx >= self._round_end_tx:
+            self._end_round()
+        # RFC 6298 5.3: restart the timer when new data is acknowledged
+        self._rto_deadline = now + self.rto if inflight else None
+        return True
+
+    def _rtt_sample(self, rtt: float, ack_delay: float) -> None:
+        if rtt <= 0:
+            return
+        if rtt - ack_delay >= CLOCK_GRANULARITY_S:
+            rtt -= min(ack_delay, MAX_ACK_DELAY_S)
+        if self.srtt is None:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.rto = min(MAX_RTO_S, max(MIN_RTO_S, self.srtt + max(CLOCK_GRANULARITY_S,
+                                                                    4 * self.rttvar)
+                                      + MAX_ACK_DELAY_S))
+
+    def _detect_losses(self) -> None:
+        """A packet is lost once packets sent REORDER_THRESHOLD later were acked (SACK)."""
+        inflight = self._inflight
+        limit = self._largest_acked_tx - REORDER_THRESHOLD_PACKETS
+        while inflight:
+            seq = next(iter(inflight))
+            rec = inflight[seq]
+            if rec[0] > limit:
+                break
+            del inflight[seq]
+            self._inflight_bytes -= len(rec[2])
+            self._lost[seq] = rec[2]
+            self._lost_bytes += len(rec[2])
+            self._round_lost += 1
+
+    def _end_round(self) -> None:
+        total = self._round_acked + self._round_lost
+        if total and self._round_lost / total > LOSS_TOLERANCE_FRACTION:
+            # congestion, not noise: multiplicative decrease, once per round
+            self.ssthresh = max(float(MIN_CWND_PACKETS), self.cwnd / 2)
+            self.cwnd = self.ssthresh
+        self._round_acked = self._round_lost = 0
+        self._round_end_tx = self._tx_counter
+
+    # --- timers -----------------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        if self.state is State.CLOSED:
+            return None
+        t = self._last_recv + self.idle_timeout_s
+        if self.state is State.ESTABLISHED:
+            t = min(t, self._last_send + self.keepalive_s)
+        for d in (self._rto_deadline, self._ctrl_deadline, self._ack_deadline,
+                  self._persist_deadline):
+            if d is not None and d < t:
+                t = d
+        if (self._lost or self._send_queue) and self._pacing_tokens < 1 and self._can_send():
+            t = min(t, self._pacing_last + self._pacing_interval())
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
+        if now >= self._last_recv + self.idle_timeout_s:
+            self._finish("idle timeout: no packet from the peer for "
+                         f"{self.idle_timeout_s:g} s")
+            return
+        if self._ctrl_deadline is not None and now >= self._ctrl_deadline:
+            self._on_ctrl_timeout(now)
+            if self.state is State.CLOSED:
+                return
+        if self._rto_deadline is not None and now >= self._rto_deadline:
+            self._on_rto(now)
+            if self.state is State.CLOSED:
+                return
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._ack_now = True
+        if self._persist_deadline is not None and now >= self._persist_deadline:
+            self._persist_deadline = None
+            self._out.append(_HDR.pack(MAGIC, T_PING, self.peer_cid))
+        if self.state is State.ESTABLISHED and now >= self._last_send + self.keepalive_s:
+            self._out.append(_HDR.pack(MAGIC, T_PING, self.peer_cid))
+
+    def _on_ctrl_timeout(self, now: float) -> None:
+        self._ctrl_tries += 1
+        if self.state is State.INIT_SENT:
+            if now - self._created >= HANDSHAKE_TIMEOUT_S:
+                self._finish("handshake timeout")
+            else:
+                self._queue_init(now)
+        elif self.state is State.INIT_RECEIVED:
+            if now - self._created >= HANDSHAKE_TIMEOUT_S:
+                self._finish("handshake timeout")
+            else:
+                self._queue_init_ack(now)
+        elif self.state is State.CLOSING:
+            if self._close_sent and self._ctrl_tries < 6:
+                self._out.append(_HDR.pack(MAGIC, T_CLOSE, self.peer_cid))
+                self._ctrl_deadline = now + min(MAX_RTO_S, self.rto * 2 ** self._ctrl_tries)
+            elif self._close_sent:
+                self._finish("closed (peer did not confirm)")
+            else:
+                self.reset("close timed out: the peer did not acknowledge queued data")
+        else:
+            self._ctrl_deadline = None
+
+    def _on_rto(self, now: float) -> None:
+        self._rto_deadline = None
+        if not self._inflight:
+            return
+        self._backoffs += 1
+        if self._backoffs > MAX_RTO_BACKOFFS:
+            self._finish(f"peer stopped acknowledging ({MAX_RTO_BACKOFFS} retransmission "
+                         "timeouts)")
+            return
+        self.rto = min(MAX_RTO_S, self.rto * 2)
+        self.ssthresh = max(float(MIN_CWND_PACKETS), self.cwnd / 2)
+        self.cwnd = float(MIN_CWND_PACKETS)
+        # everything unacknowledged is presumed lost (SACKed packets are already gone),
+        # oldest first, ahead of earlier losses still waiting for the window
+        requeue: OrderedDict[int, bytes] = OrderedDict()
+        for seq, rec in self._inflight.items():
+            requeue[seq] = rec[2]
+        requeue.update(self._lost)
+        self._lost = requeue
+        self._lost_bytes += self._inflight_bytes
+        self._inflight_bytes = 0
+        self._inflight.clear()
+        self._round_end_tx = self._tx_counter
+
+    # --- output -----------------------------------------------------------------------
+    def _queue_init(self, now: float) -> None:
+        self._out.append(_INIT.pack(MAGIC, T_INIT, bytes(CID_BYTES), self.local_cid,
+                                    self.datagram_bytes))
+        self._ctrl_deadline = now + min(MAX_RTO_S, INITIAL_RTO_S * 2 ** self._ctrl_tries)
+
+    def _queue_init_ack(self, now: float) -> None:
+        self._out.append(_INIT.pack(MAGIC, T_INIT_ACK, self.peer_cid, self.local_cid,
+                                    self.datagram_bytes))
+        self._ctrl_deadline = now + min(MAX_RTO_S, INITIAL_RTO_S * 2 ** self._ctrl_tries)
+
+    def _maybe_send_close(self, now: float) -> None:
+        if self._close_sent or self.state is not State.CLOSING:
+            return
+        if self._send_queue or self._inflight or self._lost:
+            return
+        self._close_sent = True
+        self._ctrl_tries = 0
+        self._out.append(_HDR.pack(MAGIC, T_CLOSE, self.peer_cid))
+        self._ctrl_deadline = now + self.rto
+
+    def _rwnd_packets(self) -> int:
+        free = RECV_WINDOW_BYTES - self._ooo_bytes - self._unread_bytes
+        return max(0, min(self._window_packets, free // self._payload_max))
+
+    def _build_ack(self, now: float) -> bytes:
+        starts, ends = self._range_starts, self._range_ends
+        cum = self._rcv_next
+        n = min(len(starts), MAX_SACK_RANGES, (self.datagram_bytes - _ACK.size) // _RANGE.size)
+        rwnd = self._rwnd_packets()
+        self._advertised_rwnd = rwnd
+        delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_rcv_time) * 1e6)))
+        largest = self._largest_rcv + 1
+        parts = [_ACK.pack(MAGIC, T_ACK, self.peer_cid, cum, rwnd, delay_us, largest, n)]
+        # newest ranges first: older ones were reported by earlier acks
+        for i in range(len(starts) - 1, len(starts) - 1 - n, -1):
+            parts.append(_RANGE.pack(starts[i] - cum, ends[i] - cum))
+        self._ack_pending = 0
+        self._ack_now = False
+        self._ack_deadline = None
+        return b"".join(parts)
+
+    def _pacing_interval(self) -> float:
+        srtt = self.srtt if self.srtt is not None else INITIAL_RTO_S / 4
+        return max(srtt, CLOCK_GRANULARITY_S) / (PACING_GAIN * self.cwnd)
+
+    def _can_send(self) -> bool:
+        return len(self._inflight) < self.cwnd
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        out = self._out
+        self._out = []
+        state = self.state
+        if state is State.ESTABLISHED or state is State.CLOSING:
+            if self._ack_now or self._ack_pending and self._ack_deadline is not None and \
+                    now >= self._ack_deadline:
+                out.append(self._build_ack(now))
+            if self._lost or self._send_queue:
+                self._send_data(now, out)
+            if state is State.CLOSING:
+                self._maybe_send_close(now)
+                if self._out:
+                    out.extend(self._out)
+                    self._out = []
+        if out:
+            self._last_send = now
+        return out
+
+    def _send_data(self, now: float, out: list[bytes]) -> None:
+        # pacing: a token bucket refilled at PACING_GAIN * cwnd / srtt packets per second
+        interval = self._pacing_interval()
+        tokens = self._pacing_tokens + (now - self._pacing_last) / interval
+        burst = max(float(PACING_BURST_PACKETS), self.cwnd / 8)
+        if tokens > burst:
+            tokens = burst
+        self._pacing_last = now
+        inflight = self._inflight
+        lost = self._lost
+        cwnd = self.cwnd
+        tx = self._tx_counter
+        sent_any = False
+        while tokens >= 1 and len(inflight) < cwnd:
+            if lost:
+                seq, dgram = lost.popitem(last=False)
+                self._lost_bytes -= len(dgram)
+                retx = True
+                self.retransmitted_packets += 1
+            elif self._send_queue and self._next_seq < self._snd_una + self._peer_rwnd:
+                seq = self._next_seq
+                dgram = self._packetize(seq)
+                self._next_seq = seq + 1
+                retx = False
+            else:
+                break
+            tx += 1
+            inflight[seq] = (tx, now, dgram, retx)
+            self._inflight_bytes += len(dgram)
+            out.append(dgram)
+            tokens -= 1
+            sent_any = True
+        self._tx_counter = tx
+        self._pacing_tokens = tokens
+        if sent_any and self._rto_deadline is None:
+            self._rto_deadline = now + self.rto
+        if not inflight and not lost and self._send_queue and \
+                self._next_seq >= self._snd_una + self._peer_rwnd and \
+                self._persist_deadline is None:
+            # zero window: probe later with a ping so the peer re-advertises its window
+            self._persist_deadline = now + max(self.rto, 0.05)
+
+    def _packetize(self, seq: int) -> bytes:
+        room = self._payload_max
+        q = self._send_queue
+        parts: list[bytes | memoryview] = [self._data_prefix, _SEQ.pack(seq)]
+        while room and q:
+            chunk = q[0]
+            if len(chunk) <= room:
+                parts.append(chunk)
+                room -= len(chunk)
+                q.popleft()
+            else:
+                parts.append(chunk[:room])
+                q[0] = chunk[room:]
+                room = 0
+        dgram = b"".join(parts)
+        self._queued_bytes -= len(dgram) - DATA_HEADER_BYTES
+        return dgram

@@ -1,0 +1,311 @@
+"""The UDP reliability machine with no sockets and no sleeping: time is passed in."""
+
+from __future__ import annotations
+
+import heapq
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.errors import ProtocolError
+from node.transports import udp_machine as um
+from node.transports.udp_machine import Closed, Connected, MessageReceived, State, UdpConnection
+
+
+class Link:
+    """Two machines joined by a simulated network with loss, jitter (reordering), duplication."""
+
+    def __init__(self, *, loss: float = 0.0, dup: float = 0.0, jitter_s: float = 0.0,
+                 delay_s: float = 0.005, seed: int = 0, datagram_bytes: int = 1452,
+                 client_kw: dict | None = None, server_kw: dict | None = None) -> None:
+        self.rng = random.Random(seed)
+        self.loss, self.dup, self.jitter, self.delay = loss, dup, jitter_s, delay_s
+        self.now = 1000.0
+        self.client = UdpConnection.client(self.now, datagram_bytes=datagram_bytes,
+                                           **(client_kw or {}))
+        self.server: UdpConnection | None = None
+        self.server_kw = server_kw or {}
+        self.datagram_bytes = datagram_bytes
+        self.queue: list[tuple[float, int, str, bytes]] = []
+        self.counter = 0
+        self.events: dict[str, list] = {"client": [], "server": []}
+        self.sent = 0
+
+    def _transmit(self, src: str, dgrams: list[bytes]) -> None:
+        dst = "server" if src == "client" else "client"
+        for d in dgrams:
+            self.sent += 1
+            if self.rng.random() < self.loss:
+                continue
+            copies = 2 if self.rng.random() < self.dup else 1
+            for _ in range(copies):
+                t = self.now + self.delay + self.rng.random() * self.jitter
+                self.counter += 1
+                heapq.heappush(self.queue, (t, self.counter, dst, d))
+
+    def machines(self) -> list[tuple[str, UdpConnection]]:
+        out = [("client", self.client)]
+        if self.server is not None:
+            out.append(("server", self.server))
+        return out
+
+    def pump(self) -> None:
+        for name, m in self.machines():
+            self._transmit(name, m.datagrams_to_send(self.now))
+            while (ev := m.next_event()) is not None:
+                self.events[name].append(ev)
+
+    def step(self) -> bool:
+        """Advance to the next delivery or timer; False when nothing is left to happen."""
+        self.pump()
+        times = [(t, "timer", name) for name, m in self.machines()
+                 if (t := m.get_timer()) is not None]
+        if self.queue:
+            times.append((self.queue[0][0], "packet", ""))
+        if not times:
+            return False
+        t, kind, name = min(times)
+        self.now = max(self.now, t)
+        if kind == "packet":
+            _, _, dst, d = heapq.heappop(self.queue)
+            if dst == "server":
+                if self.server is None:
+                    self.server = UdpConnection.server(d, self.now,
+                                                       datagram_bytes=self.datagram_bytes,
+                                                       **self.server_kw)
+                else:
+                    self.server.receive_datagram(d, self.now)
+            else:
+                self.client.receive_datagram(d, self.now)
+        else:
+            dict(self.machines())[name].handle_timer(self.now)
+        return True
+
+    def run_until(self, cond, limit_s: float = 600.0) -> None:
+        end = self.now + limit_s
+        while not cond():
+            assert self.now < end, "simulation did not converge"
+            if not self.step():
+                break
+        self.pump()
+
+    def received(self, name: str) -> list[bytes]:
+        return [e.data for e in self.events[name] if isinstance(e, MessageReceived)]
+
+
+def connect(link: Link) -> None:
+    link.run_until(lambda: link.server is not None and link.server.state is State.ESTABLISHED
+                   and link.client.state is State.ESTABLISHED)
+    assert any(isinstance(e, Connected) for e in link.events["client"])
+
+
+def test_handshake_and_messages_on_clean_link() -> None:
+    link = Link()
+    connect(link)
+    assert any(isinstance(e, Connected) for e in link.events["server"])
+    msgs = [b"", b"x", b"hello" * 1000, bytes(range(256)) * 100]
+    for m in msgs:
+        link.client.send_message(m)
+    link.run_until(lambda: len(link.received("server")) == len(msgs))
+    assert link.received("server") == msgs
+    link.server.send_message(b"reply")
+    link.run_until(lambda: link.received("client") == [b"reply"])
+    assert link.client.dropped_datagrams == 0 and link.server.dropped_datagrams == 0
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), loss=st.floats(0.0, 0.1), dup=st.floats(0.0, 0.1),
+       jitter=st.floats(0.0, 0.02), sizes=st.lists(st.integers(0, 40_000), min_size=1,
+                                                   max_size=25))
+def test_lossy_reordering_duplicating_link_delivers_everything_in_order(
+        seed: int, loss: float, dup: float, jitter: float, sizes: list[int]) -> None:
+    link = Link(loss=loss, dup=dup, jitter_s=jitter, seed=seed)
+    connect(link)
+    rng = random.Random(seed)
+    a2b = [rng.randbytes(n) for n in sizes]
+    b2a = [rng.randbytes(n // 3) for n in sizes]
+    for m in a2b:
+        link.client.send_message(m)
+    for m in b2a:
+        link.server.send_message(m)
+    link.run_until(lambda: len(link.received("server")) == len(a2b)
+                   and len(link.received("client")) == len(b2a))
+    assert link.received("server") == a2b
+    assert link.received("client") == b2a
+
+
+def test_ten_percent_loss_with_reordering_and_duplication_bulk() -> None:
+    link = Link(loss=0.10, dup=0.05, jitter_s=0.01, seed=7)
+    connect(link)
+    rng = random.Random(1)
+    msgs = [rng.randbytes(rng.randrange(1, 300_000)) for _ in range(20)]
+    for m in msgs:
+        link.client.send_message(m)
+    link.run_until(lambda: len(link.received("server")) == len(msgs))
+    assert link.received("server") == msgs
+    assert link.client.retransmitted_packets > 0
+    assert link.client.srtt is not None and 0.005 <= link.client.srtt < 0.1
+
+
+def test_rto_backs_off_exponentially_then_gives_up() -> None:
+    link = Link()
+    connect(link)
+    c = link.client
+    link.loss = 1.0  # the peer vanishes
+    c.send_message(b"z" * 5000)
+    sent_at = []
+    rtos = []
+    while not c.is_closed:
+        dg = c.datagrams_to_send(link.now)
+        if any(d[1] == um.T_DATA for d in dg):
+            sent_at.append(link.now)
+            rtos.append(c.rto)
+        t = c.get_timer()
+        assert t is not None
+        link.now = t
+        c.handle_timer(link.now)
+    gaps = [b - a for a, b in zip(sent_at[1:], sent_at[2:])]
+    assert len(gaps) >= 5
+    for g1, g2 in zip(gaps, gaps[1:]):
+        assert g2 == pytest.approx(2 * g1, rel=0.01) or g2 >= um.MAX_RTO_S * 0.99 or \
+            g2 < g1  # the idle timeout may cut the last wait short
+    closed = [e for e in iter(c.next_event, None) if isinstance(e, Closed)]
+    assert closed and ("retransmission" in closed[0].reason or "idle" in closed[0].reason)
+
+
+def test_idle_timeout_closes_with_reason() -> None:
+    link = Link(client_kw={"idle_timeout_s": 3.0, "keepalive_s": 1.0})
+    connect(link)
+    link.loss = 1.0
+    start = link.now
+    link.run_until(lambda: link.client.is_closed, limit_s=10)
+    assert 2.9 <= link.now - start <= 3.1
+    reasons = [e.reason for e in link.events["client"] if isinstance(e, Closed)]
+    assert reasons and reasons[0].startswith("idle timeout")
+
+
+def test_keepalive_keeps_an_idle_connection_open() -> None:
+    kw = {"idle_timeout_s": 3.0, "keepalive_s": 1.0}
+    link = Link(client_kw=kw, server_kw=kw)
+    connect(link)
+    start = link.now
+    link.run_until(lambda: link.now - start > 20, limit_s=30)
+    assert not link.client.is_closed and not link.server.is_closed
+
+
+def test_garbage_datagrams_are_counted_and_dropped() -> None:
+    link = Link()
+    connect(link)
+    s = link.server
+    rng = random.Random(3)
+    junk = [b"", b"\x00", bytes([um.MAGIC]), rng.randbytes(2000),
+            bytes([um.MAGIC, um.T_DATA]) + s.local_cid,  # data header without seq
+            bytes([um.MAGIC, um.T_ACK]) + s.local_cid + b"\xff" * 30,  # bogus ack
+            bytes([um.MAGIC, um.T_DATA]) + b"\x01" * 8 + b"\x00" * 20,  # unknown cid
+            bytes([um.MAGIC, 99]) + s.local_cid]
+    junk += [rng.randbytes(rng.randrange(0, 1500)) for _ in range(500)]
+    for d in junk:
+        s.receive_datagram(d, link.now)
+    assert s.dropped_datagrams >= len(junk) - 1
+    assert s.state is State.ESTABLISHED
+    link.client.send_message(b"still works")
+    link.run_until(lambda: link.received("server") == [b"still works"])
+
+
+def test_ack_beyond_sent_data_is_rejected() -> None:
+    link = Link()
+    connect(link)
+    s = link.server
+    ack = struct.pack(">BB8sQIIQB", um.MAGIC, um.T_ACK, s.local_cid, 10**6, 10, 0, 0, 0)
+    before = s.dropped_datagrams
+    s.receive_datagram(ack, link.now)
+    assert s.dropped_datagrams == before + 1
+
+
+def test_oversize_message_length_resets_connection() -> None:
+    link = Link()
+    connect(link)
+    s = link.server
+    bad = bytes([um.MAGIC, um.T_DATA]) + s.local_cid + struct.pack(">Q", 0) + \
+        struct.pack(">I", um.MAX_MESSAGE_BYTES + 1)
+    s.receive_datagram(bad, link.now)
+    assert s.is_closed and "protocol error" in s.close_reason
+    with pytest.raises(ProtocolError):
+        link.client.send_message(b"x" * (um.MAX_MESSAGE_BYTES + 1))
+
+
+def test_receive_window_is_bounded_when_the_app_does_not_read() -> None:
+    link = Link(delay_s=0.001)
+    connect(link)
+    chunk = b"q" * 1_000_000
+    for _ in range(30):  # 30 MB, far above the receive window
+        link.client.send_message(chunk)
+    end = link.now + 30
+    while link.now < end and link.step():
+        pass
+    unread = sum(len(m) for m in link.received("server"))
+    assert um.RECV_WINDOW_BYTES // 2 <= unread <= um.RECV_WINDOW_BYTES + um.MAX_MESSAGE_BYTES
+    assert link.server._ooo_bytes <= um.RECV_WINDOW_BYTES
+    # the app reads: the window reopens and everything arrives
+    link.server.message_consumed(unread)
+    consumed = unread
+
+    def drained() -> bool:
+        nonlocal consumed
+        total = sum(len(m) for m in link.received("server"))
+        if total > consumed:
+            link.server.message_consumed(total - consumed)
+            consumed = total
+        return total == 30 * len(chunk)
+
+    link.run_until(drained, limit_s=120)
+
+
+def test_out_of_window_sequence_is_dropped() -> None:
+    link = Link()
+    connect(link)
+    s = link.server
+    far = bytes([um.MAGIC, um.T_DATA]) + s.local_cid + struct.pack(">Q", 10**9) + b"x"
+    s.receive_datagram(far, link.now)
+    assert s.dropped_datagrams == 1 and not s._ooo
+
+
+def test_graceful_close_delivers_queued_data_first() -> None:
+    link = Link(loss=0.05, seed=5)
+    connect(link)
+    link.client.send_message(b"last words" * 10_000)
+    link.client.close(link.now)
+    link.run_until(lambda: link.client.is_closed and link.server.is_closed)
+    assert link.received("server") == [b"last words" * 10_000]
+    assert [e.reason for e in link.events["server"] if isinstance(e, Closed)] == \
+        ["closed by peer"]
+    with pytest.raises(RuntimeError):
+        link.client.send_message(b"after close")
+
+
+def test_reset_closes_the_peer_at_once() -> None:
+    link = Link()
+    connect(link)
+    link.client.reset()
+    link.run_until(lambda: link.server.is_closed)
+    assert [e.reason for e in link.events["server"] if isinstance(e, Closed)] == \
+        ["reset by peer"]
+
+
+def test_large_datagrams_negotiated_down_to_the_smaller_side() -> None:
+    link = Link(datagram_bytes=60_000)
+    link.datagram_bytes = 9000  # the server accepts at most 9000
+    connect(link)
+    assert link.client.datagram_bytes == 9000 == link.server.datagram_bytes
+    link.client.send_message(b"m" * 100_000)
+    link.run_until(lambda: link.received("server") == [b"m" * 100_000])
+
+
+def test_handshake_survives_lost_init_and_init_ack() -> None:
+    link = Link(loss=0.5, seed=11)
+    connect(link)
+    link.client.send_message(b"ok")
+    link.run_until(lambda: link.received("server") == [b"ok"])
