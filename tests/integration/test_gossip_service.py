@@ -1,0 +1,175 @@
+"""GossipService instances over in-memory channels: spread, trust, catch-up, rejection, presence."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+from node.errors import PeerUnreachable
+from node.gossip.engine import Push
+from node.gossip.events import ChangeEvent
+from node.gossip.log import EventLog
+from node.gossip.memory import MemoryChannel, channel_pair
+from node.gossip.service import GossipService
+from node.identity import Identity, PeerId
+
+H = b"\x05" * 32
+
+
+class Net:
+    def __init__(self, tmp_path: Path, n: int, *, untrusted: set[int] = frozenset(),
+                 heartbeat_s: float = 0.2) -> None:
+        self.ids = [Identity.generate(name=f"n{i}", seed=bytes([i + 1]) * 32) for i in range(n)]
+        self.pids = [i.peer_id for i in self.ids]
+        self.idx = {p: i for i, p in enumerate(self.pids)}
+        self.untrusted = {self.pids[i] for i in untrusted}
+        self.logs = [EventLog(tmp_path / f"n{i}.db") for i in range(n)]
+        self.applied: list[list[ChangeEvent]] = [[] for _ in range(n)]
+        self.online = [False] * n
+        self.tasks: set[asyncio.Task] = set()
+        self.services = [self._make(i, heartbeat_s) for i in range(n)]
+
+    def _make(self, i: int, heartbeat_s: float) -> GossipService:
+        async def on_event(ev: ChangeEvent) -> None:
+            self.applied[i].append(ev)
+
+        return GossipService(
+            self.ids[i], self.logs[i],
+            peers=lambda: [p for p in self.pids if p != self.pids[i]],
+            open_channel=lambda peer: self.open(i, peer),
+            is_trusted=lambda p: p not in self.untrusted,
+            on_event=on_event, fanout=2, anti_entropy_s=0.2, heartbeat_s=heartbeat_s,
+            rand=random.Random(i), connect_timeout_s=1.0, send_timeout_s=1.0)
+
+    async def open(self, src: int, peer: PeerId) -> MemoryChannel:
+        dst = self.idx[peer]
+        if not self.online[dst]:
+            raise PeerUnreachable(f"{peer.short} is offline")
+        mine, theirs = channel_pair(self.pids[src], peer)
+        task = asyncio.create_task(self.services[dst].handle_channel(theirs))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return mine
+
+    async def start(self, *which: int) -> None:
+        for i in which or range(len(self.services)):
+            self.online[i] = True
+            await self.services[i].start()
+
+    async def stop(self, *which: int) -> None:
+        for i in which or range(len(self.services)):
+            self.online[i] = False
+            await self.services[i].stop()
+
+    async def close(self) -> None:
+        await self.stop()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for log in self.logs:
+            log.close()
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_event_reaches_all_and_is_acted_on(tmp_path: Path) -> None:
+    net = Net(tmp_path, 5)
+    await net.start()
+    try:
+        ev = await net.services[0].publish_local("created", "docs", "a.txt", 3, H)
+        await until(lambda: all(log.has(ev.id) for log in net.logs))
+        await until(lambda: all(len(a) == 1 for a in net.applied[1:]))
+        assert net.applied[0] == []  # our own event is not synced onto ourselves
+        kinds = [n.kind for n in net.logs[3].notifications()]
+        assert "file_shared" in kinds
+        own = net.logs[0].notifications()
+        assert own[0].kind == "file_shared" and own[0].data["local"] is True
+        assert [e.path for e in net.logs[4].query()] == ["a.txt"]
+        # presence rides the same gossip
+        await until(lambda: len(net.services[2].presence()) == 4)
+        assert "peer_joined" in [n.kind for n in net.logs[2].notifications()]
+    finally:
+        await net.close()
+
+
+async def test_untrusted_origin_relayed_not_applied(tmp_path: Path) -> None:
+    net = Net(tmp_path, 4, untrusted={3})
+    await net.start()
+    try:
+        ev = await net.services[3].publish_local("created", "docs", "spam.txt", 3, H)
+        await until(lambda: all(log.has(ev.id) for log in net.logs))
+        await asyncio.sleep(0.3)
+        for i in range(3):
+            assert net.applied[i] == []
+            assert net.logs[i].query() == []  # not in `node log`
+            assert not any(n.kind == "file_shared" for n in net.logs[i].notifications())
+    finally:
+        await net.close()
+
+
+async def test_stopped_node_catches_up_after_restart(tmp_path: Path) -> None:
+    net = Net(tmp_path, 4)
+    await net.start()
+    await net.stop(3)
+    try:
+        evs = [await net.services[i % 3].publish_local("modified", "docs", f"f{i}", 1, H)
+               for i in range(20)]
+        await until(lambda: all(net.logs[i].has(e.id) for i in range(3) for e in evs))
+        assert net.logs[3].count() == 0
+        # restart: a fresh service on the same log file pulls everything by anti-entropy
+        net.services[3] = net._make(3, 0.2)
+        await net.start(3)
+        await until(lambda: all(net.logs[3].has(e.id) for e in evs))
+        await until(lambda: len(net.applied[3]) == 20)
+    finally:
+        await net.close()
+
+
+async def test_forged_and_garbage_input_rejected(tmp_path: Path) -> None:
+    net = Net(tmp_path, 3)
+    await net.start(0, 1)
+    try:
+        evil = net.ids[2]
+        mine, theirs = channel_pair(evil.peer_id, net.pids[0])
+        task = asyncio.create_task(net.services[0].handle_channel(theirs))
+        good = ChangeEvent.create(net.ids[1], folder="docs", seq=1, lamport=1, kind="created",
+                                  path="x", size=1, hash=H)
+        forged = ChangeEvent(good.origin, good.folder, good.seq, good.lamport, good.wall_ms,
+                             good.kind, "other", "", good.size, good.hash, good.signature)
+        await mine.send(Push((forged.encode(),)).encode())
+        await until(lambda: any(n.kind == "event_rejected"
+                                for n in net.logs[0].notifications()))
+        assert net.logs[0].count() == 0 and net.logs[1].count() == 0  # not stored, not relayed
+        await mine.send(b"\x00garbage")
+        await asyncio.wait_for(task, 2.0)  # the service closed that channel
+        assert len([n for n in net.logs[0].notifications() if n.kind == "event_rejected"]) == 2
+        # and the node keeps serving everyone else
+        ev = await net.services[1].publish_local("created", "docs", "ok", 1, H)
+        await until(lambda: net.logs[0].has(ev.id))
+        await mine.close()
+    finally:
+        await net.close()
+
+
+async def test_unreachable_peer_does_not_stall_others(tmp_path: Path) -> None:
+    net = Net(tmp_path, 4, heartbeat_s=5.0)
+
+    async def hang(peer: PeerId) -> MemoryChannel:
+        await asyncio.sleep(60)
+        raise AssertionError
+
+    await net.start()
+    await net.stop(3)
+    net.services[0]._open_channel = lambda p: hang(p) if p == net.pids[3] else net.open(0, p)
+    try:
+        ev = await net.services[0].publish_local("created", "docs", "a", 1, H)
+        await until(lambda: net.logs[1].has(ev.id) and net.logs[2].has(ev.id), timeout=3.0)
+    finally:
+        await net.close()
