@@ -50,13 +50,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def cli_offers(net: Testnet, node: str, *commands: str) -> bool:
-    res = net.cli(node, "--help", json=False, check=False)
-    text = res.stdout + res.stderr
-    return res.returncode == 0 and all(f" {c} " in text or f"\n{c} " in text or f"│ {c}" in text
-                                       for c in commands)
-
-
 def peers_table(net: Testnet, names: tuple[str, ...]) -> str:
     rows = [("node", "sees", "peer id", "address", "source")]
     for n in names:
@@ -115,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
         say("every node sees the other two:")
         print(peers_table(net, NODE_NAMES), flush=True)
 
-        if cli_offers(net, "n1", "trust", "share"):
+        if net.offers("trust", "share"):
             share_file(net, root, args)
         else:
             say("this build's CLI has no `share` command yet: skipping the file transfer part")

@@ -54,6 +54,10 @@ STATE_FILE_NAME = "testnet.json"
 # ports each node listens on; udp and quic are UDP, dht is UDP, tcp is TCP
 PORT_KINDS = ("tcp", "udp", "quic", "dht")
 TRANSPORTS = ("tcp", "udp", "quic")
+# node settings (P2PFS_<KEY> env vars) every testnet node gets unless overridden:
+# re-register every few seconds so that the first node to register, which the
+# bootstrap server answered with an empty peer list, learns of later ones quickly
+DEFAULT_NODE_SETTINGS: dict[str, str] = {"register_interval_s": "3"}
 # only these variables of the caller's environment reach node processes untouched;
 # P2PFS_* settings of the user's own node must not leak into testnet nodes
 _ENV_DROP_PREFIX = "P2PFS_"
@@ -203,8 +207,11 @@ def terminate_groups(pgids: Sequence[int], grace_s: float = STOP_GRACE_S,
     return left
 
 
-def _child_env(transport: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+def _child_env(transport: str | None, extra: dict[str, str] | None,
+               node_settings: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROP_PREFIX)}
+    for key, value in {**DEFAULT_NODE_SETTINGS, **(node_settings or {})}.items():
+        env[_ENV_DROP_PREFIX + key.upper()] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     # run this checkout's code, whatever is installed (a stale editable install can
     # map a package that has since gained an __init__.py as a namespace package)
@@ -347,7 +354,8 @@ class Testnet:
     def __init__(self, root: Path, *, python: str = sys.executable, transport: str = "tcp",
                  node_cmd: list[str] | None = None, bootstrap_cmd: list[str] | None = None,
                  startup_timeout_s: float = STARTUP_TIMEOUT_S, stop_grace_s: float = STOP_GRACE_S,
-                 env: dict[str, str] | None = None, detached: bool = False,
+                 env: dict[str, str] | None = None,
+                 node_settings: dict[str, str] | None = None, detached: bool = False,
                  echo: Callable[[str], None] | None = None) -> None:
         if transport not in TRANSPORTS:
             raise TestnetError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -365,7 +373,7 @@ class Testnet:
                               _default_bootstrap_cmd(python))
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
-        self.env = _child_env(transport, env)
+        self.env = _child_env(transport, env, node_settings)
         self.detached = detached
         self.echo = echo or (lambda _msg: None)
         self.ports = PortAllocator()
@@ -377,6 +385,7 @@ class Testnet:
         self.bootstrap_db = self.root / "bootstrap-server" / "registry.sqlite3"
         self.steps: list[StepResult] = []
         self._all_processes: list[ManagedProcess] = []
+        self._help_text: str | None = None
         if not detached:
             _live_testnets.add(self)
 
@@ -432,7 +441,7 @@ class Testnet:
         if self.bootstrap_process:
             terminate_groups([self.bootstrap_process.pgid], self.stop_grace_s,
                              self.bootstrap_process.reap)
-            self.bootstrap_process.reap()
+            self._wait_dead(self.bootstrap_process)
             self.echo("bootstrap server stopped")
 
     def kill_bootstrap(self) -> None:
@@ -576,7 +585,7 @@ class Testnet:
         if h.process is None:
             return
         killed = terminate_groups([h.process.pgid], self.stop_grace_s, h.process.reap)
-        h.process.reap()
+        self._wait_dead(h.process)
         self.echo(f"node {name} stopped" + (" (had to SIGKILL)" if killed else ""))
 
     def kill(self, name: str) -> None:
@@ -592,13 +601,15 @@ class Testnet:
         self.stop(name)
         return self.start(name)
 
-    def _wait_dead(self, proc: ManagedProcess) -> None:
-        deadline = time.monotonic() + 5
+    def _wait_dead(self, proc: ManagedProcess, timeout_s: float = 5.0) -> None:
+        # a multi-threaded process shows its leader as a zombie while other threads
+        # still exit, and cannot be reaped until they have: wait for the real exit
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            proc.reap()
-            if not group_alive(proc.pgid):
+            if not proc.alive() and not group_alive(proc.pgid):
                 return
             time.sleep(0.02)
+        raise TestnetError(f"process {proc.pid} is still running {timeout_s:g}s after SIGKILL")
 
     def running_nodes(self) -> list[str]:
         return [n for n, h in self.nodes.items() if h.running()]
@@ -638,6 +649,16 @@ class Testnet:
             raise CommandFailed(
                 f"`node {' '.join(argv)}` on {name} printed no JSON: {res.stdout[:300]!r}",
                 res) from None
+
+    def offers(self, *commands: str) -> bool:
+        """True when `node --help` lists every one of `commands` (features land over time)."""
+        if self._help_text is None:
+            res = subprocess.run([*self.node_cmd, "--help"], capture_output=True, text=True,
+                                 timeout=CLI_TIMEOUT_S, env={**self.env, "COLUMNS": "100"},
+                                 cwd=self.root, stdin=subprocess.DEVNULL)
+            self._help_text = res.stdout if res.returncode == 0 else ""
+        return all(re.search(rf"(^|[\s\u2502|]){re.escape(c)}\s{{2,}}", self._help_text, re.M)
+                   for c in commands)
 
     def peers_of(self, name: str) -> set[str]:
         """Compact peer ids that `node peers --json` on `name` lists."""
