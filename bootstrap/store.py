@@ -13,8 +13,17 @@ Two tables:
   record or an old unregister request replayed after expiry or deletion is
   still recognised as stale.
 
-Every method takes ``now`` from the caller (no clock inside) and runs one
-short transaction; the server calls them on its event loop thread. The store
+Registrations are the hot path (thousands a second), so the store keeps the
+small per-id state in memory (expiry of every row, the replay guard, a ring of
+the most recently seen registrations for ``others()``) and writes registrations
+behind in batches: ``register()`` only queues the row, ``flush()`` writes the
+queue in one transaction. The server flushes every ``FLUSH_INTERVAL_S``; every
+method that reads SQL (``page``, ``get``, counts, purge, unregister) flushes
+first, so reads always see every accepted registration. A crash loses at most
+the last flush interval of refreshes, which nodes repeat anyway.
+
+Every method takes ``now`` from the caller (no clock inside); the server calls
+them on its event loop thread. The store
 knows nothing of HTTP or signatures: the caller has verified records first.
 Imports nothing of the project except errors and contact (for a constant).
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +44,11 @@ SCHEMA_VERSION = 1
 GUARD_KEEP_S = float(MAX_RECORD_TTL_S)
 PURGE_BATCH_ROWS = 1000
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# the server flushes queued registrations this often, or at FLUSH_MAX_ROWS
+FLUSH_INTERVAL_S = 0.05
+FLUSH_MAX_ROWS = 512
+# most recently seen registrations kept in memory to answer others() without SQL
+RECENT_RING_MAX = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS registrations (
@@ -79,7 +94,7 @@ class Registration:
 
 
 class RegistryStore:
-    """The registry file. Not thread-safe: use it from one thread (the event loop)."""
+    """The registry file plus its in-memory hot state. Use it from one thread only."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -103,9 +118,66 @@ class RegistryStore:
             self._db.close()
             raise LocalIOError(f"{path}: registry schema {row and row[0]!r} is not "
                                f"{SCHEMA_VERSION}; move the file away to start afresh")
+        # device_id -> expires_at of every row in the file (expired ones until purged)
+        self._expiry: dict[str, float] = dict(
+            self._db.execute("SELECT device_id, expires_at FROM registrations"))
+        # device_id -> (seq, timestamp, deleted_at)
+        self._guard: dict[str, tuple[int, int, int]] = {
+            d: (q, t, x) for d, q, t, x in self._db.execute(
+                "SELECT device_id, seq, timestamp, deleted_at FROM replay_guard")}
+        # device_id -> (record_json, expires_at), oldest first
+        self._recent: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
+        self._load_recent()
+        # queued writes: registration rows and guard rows, written by flush()
+        self._pending_regs: dict[str, tuple[str, str | None, float, float]] = {}
+        self._pending_guard: dict[str, tuple[str, int, int, int, float]] = {}
+
+    def _load_recent(self) -> None:
+        rows = self._db.execute(
+            "SELECT device_id, record, expires_at FROM registrations "
+            "ORDER BY last_seen DESC LIMIT ?", (RECENT_RING_MAX,)).fetchall()
+        self._recent = OrderedDict((d, (r, e)) for d, r, e in reversed(rows))
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.flush()
+        finally:
+            self._db.close()
+
+    # -- write-behind -----------------------------------------------------------
+    @property
+    def pending_rows(self) -> int:
+        return len(self._pending_regs) + len(self._pending_guard)
+
+    def flush(self) -> int:
+        """Write queued registrations in one transaction; returns how many rows."""
+        if not self._pending_regs and not self._pending_guard:
+            return 0
+        regs, guards = self._pending_regs, self._pending_guard
+        self._pending_regs, self._pending_guard = {}, {}
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO replay_guard(device_id, seq, timestamp, deleted_at, keep_until) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                    "seq=excluded.seq, timestamp=excluded.timestamp, "
+                    "deleted_at=excluded.deleted_at, keep_until=excluded.keep_until",
+                    guards.values())
+                db.executemany(
+                    "INSERT INTO registrations(device_id, record, last_seen, expires_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                    "record=excluded.record, last_seen=excluded.last_seen, "
+                    "expires_at=excluded.expires_at",
+                    regs.values())
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise LocalIOError(f"cannot write bootstrap registry {self.path}: {exc}") from None
+        return len(regs) + len(guards)
 
     # -- writes -------------------------------------------------------------
     def register(self, device_id: str, record_json: str | None, *, now: float,
@@ -115,42 +187,29 @@ class RegistryStore:
 
         Raises StaleRegistration when (seq, timestamp) is lower than the highest
         accepted for this id, or the record predates the last signed unregister.
+        The row is queued; it is in the file after the next ``flush()``.
         """
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if seq is not None and timestamp is not None:
-                guard = db.execute(
-                    "SELECT seq, timestamp, deleted_at FROM replay_guard WHERE device_id=?",
-                    (device_id,)).fetchone()
-                if guard is not None:
-                    g_seq, g_ts, g_deleted = guard
-                    if (seq, timestamp) < (g_seq, g_ts):
-                        raise StaleRegistration(
-                            f"record seq {seq} is older than the registered seq {g_seq} "
-                            "(replayed or stale record)")
-                    if timestamp < g_deleted:
-                        raise StaleRegistration(
-                            "record predates this peer's last signed unregister")
-                db.execute(
-                    "INSERT INTO replay_guard(device_id, seq, timestamp, keep_until) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
-                    "seq=excluded.seq, timestamp=excluded.timestamp, "
-                    "keep_until=excluded.keep_until",
-                    (device_id, seq, timestamp, now + GUARD_KEEP_S))
-            was_online = db.execute(
-                "SELECT 1 FROM registrations WHERE device_id=? AND expires_at>?",
-                (device_id, now)).fetchone() is not None
-            db.execute(
-                "INSERT INTO registrations(device_id, record, last_seen, expires_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
-                "record=excluded.record, last_seen=excluded.last_seen, "
-                "expires_at=excluded.expires_at",
-                (device_id, record_json, now, expires_at))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        if seq is not None and timestamp is not None:
+            deleted_at = 0
+            guard = self._guard.get(device_id)
+            if guard is not None:
+                g_seq, g_ts, deleted_at = guard
+                if (seq, timestamp) < (g_seq, g_ts):
+                    raise StaleRegistration(
+                        f"record seq {seq} is older than the registered seq {g_seq} "
+                        "(replayed or stale record)")
+                if timestamp < deleted_at:
+                    raise StaleRegistration("record predates this peer's last signed unregister")
+            self._guard[device_id] = (seq, timestamp, deleted_at)
+            self._pending_guard[device_id] = (device_id, seq, timestamp, deleted_at,
+                                              now + GUARD_KEEP_S)
+        was_online = self._expiry.get(device_id, 0.0) > now
+        self._expiry[device_id] = expires_at
+        self._pending_regs[device_id] = (device_id, record_json, now, expires_at)
+        self._recent.pop(device_id, None)
+        self._recent[device_id] = (record_json, expires_at)
+        if len(self._recent) > RECENT_RING_MAX:
+            self._recent.popitem(last=False)
         return RegisterOutcome.REFRESHED if was_online else RegisterOutcome.NEW
 
     def unregister(self, device_id: str, *, now: float,
@@ -161,51 +220,50 @@ class RegistryStore:
         newer than the registered record and than the last unregister, else
         StaleRegistration: a captured request cannot be replayed later.
         """
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        if not self._expiry.get(device_id, 0.0) > now:
+            return UnregisterOutcome.UNKNOWN
+        if signed_timestamp is not None:
+            seq, ts, deleted_at = self._guard.get(device_id, (0, 0, 0))
+            if signed_timestamp < ts or signed_timestamp <= deleted_at:
+                raise StaleRegistration(
+                    "unregister request is older than the current registration")
+            self._guard[device_id] = (seq, ts, signed_timestamp)
+            self._pending_guard[device_id] = (device_id, seq, ts, signed_timestamp,
+                                              now + GUARD_KEEP_S)
+        self.flush()
         try:
-            online = db.execute(
-                "SELECT 1 FROM registrations WHERE device_id=? AND expires_at>?",
-                (device_id, now)).fetchone() is not None
-            if not online:
-                db.execute("COMMIT")
-                return UnregisterOutcome.UNKNOWN
-            if signed_timestamp is not None:
-                guard = db.execute(
-                    "SELECT timestamp, deleted_at FROM replay_guard WHERE device_id=?",
-                    (device_id,)).fetchone()
-                if guard is not None and (signed_timestamp < guard[0]
-                                          or signed_timestamp <= guard[1]):
-                    raise StaleRegistration(
-                        "unregister request is older than the current registration")
-                db.execute(
-                    "INSERT INTO replay_guard(device_id, seq, timestamp, deleted_at, keep_until) "
-                    "VALUES (?, 0, 0, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
-                    "deleted_at=excluded.deleted_at, keep_until=excluded.keep_until",
-                    (device_id, signed_timestamp, now + GUARD_KEEP_S))
-            db.execute("DELETE FROM registrations WHERE device_id=?", (device_id,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            self._db.execute("DELETE FROM registrations WHERE device_id=?", (device_id,))
+        except sqlite3.Error as exc:
+            raise LocalIOError(f"cannot write bootstrap registry {self.path}: {exc}") from None
+        self._expiry.pop(device_id, None)
+        self._recent.pop(device_id, None)
         return UnregisterOutcome.REMOVED
 
     def purge_expired(self, now: float, *, batch_rows: int = PURGE_BATCH_ROWS) -> int:
         """Delete up to ``batch_rows`` expired registrations and stale guards; returns rows."""
-        cur = self._db.execute(
+        self.flush()
+        gone = self._db.execute(
             "DELETE FROM registrations WHERE device_id IN (SELECT device_id FROM "
-            "registrations WHERE expires_at<=? LIMIT ?)", (now, batch_rows))
-        removed = cur.rowcount
-        cur = self._db.execute(
+            "registrations WHERE expires_at<=? LIMIT ?) RETURNING device_id",
+            (now, batch_rows)).fetchall()
+        for (device_id,) in gone:
+            self._expiry.pop(device_id, None)
+            self._recent.pop(device_id, None)
+        old_guards = self._db.execute(
             "DELETE FROM replay_guard WHERE device_id IN (SELECT device_id FROM "
-            "replay_guard WHERE keep_until<=? LIMIT ?)", (now, batch_rows))
-        return removed + cur.rowcount
+            "replay_guard WHERE keep_until<=? LIMIT ?) RETURNING device_id",
+            (now, batch_rows)).fetchall()
+        for (device_id,) in old_guards:
+            self._guard.pop(device_id, None)
+        return len(gone) + len(old_guards)
 
     def bulk_load(self, rows: Iterable[tuple[str, str | None, float, float]]) -> None:
         """Insert (device_id, record_json, last_seen, expires_at) rows in one transaction.
 
         For benchmarks and imports only: no replay guard, no checks.
         """
+        self.flush()
+        rows = list(rows)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -214,24 +272,33 @@ class RegistryStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._expiry.update((d, exp) for d, _, _, exp in rows)
+        self._load_recent()
 
     # -- reads --------------------------------------------------------------
     def get(self, device_id: str, *, now: float) -> Registration | None:
+        self.flush()
         row = self._db.execute(
             "SELECT device_id, record, last_seen, expires_at FROM registrations "
             "WHERE device_id=? AND expires_at>?", (device_id, now)).fetchone()
         return Registration(*row) if row else None
 
     def others(self, device_id: str, limit: int, *, now: float) -> list[tuple[str, str | None]]:
-        """Up to ``limit`` other online registrations, most recently seen first."""
-        # walks the last_seen index from the newest end and stops after `limit` rows
-        return self._db.execute(
-            "SELECT device_id, record FROM registrations INDEXED BY registrations_last_seen "
-            "WHERE expires_at>? AND device_id<>? ORDER BY last_seen DESC LIMIT ?",
-            (now, device_id, limit)).fetchall()
+        """Up to ``limit`` other online registrations, most recently seen first.
+
+        Served from the in-memory ring of the RECENT_RING_MAX newest registrations.
+        """
+        out: list[tuple[str, str | None]] = []
+        for other, (record_json, expires_at) in reversed(self._recent.items()):
+            if other != device_id and expires_at > now:
+                out.append((other, record_json))
+                if len(out) >= limit:
+                    break
+        return out
 
     def page(self, limit: int, after: str | None, *, now: float) -> list[Registration]:
         """Online registrations with device_id > ``after``, in device_id order."""
+        self.flush()
         if after is None:
             rows = self._db.execute(
                 "SELECT device_id, record, last_seen, expires_at FROM registrations "
@@ -244,12 +311,14 @@ class RegistryStore:
         return [Registration(*r) for r in rows]
 
     def count_online(self, *, now: float) -> int:
+        self.flush()
         row = self._db.execute(
             "SELECT count(*) FROM registrations WHERE expires_at>?", (now,)).fetchone()
         return int(row[0])
 
     def count_rows(self) -> int:
         """All registration rows, expired ones included (tests and purge checks)."""
+        self.flush()
         return int(self._db.execute("SELECT count(*) FROM registrations").fetchone()[0])
 
     def explain_page(self) -> str:

@@ -207,3 +207,30 @@ def test_parse_record_fuzzed_fields_only_raise_api_errors(data: st.DataObject) -
         assert exc.status in (400, 403)
     else:  # only an unchanged value can pass
         assert rec.to_json() == good
+
+
+def test_registrations_are_written_behind_and_flushed(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite3"
+    s = RegistryStore(path)
+    try:
+        s.register("queued", None, now=T0, expires_at=T0 + 100)
+        assert s.pending_rows == 1
+        other = sqlite3.connect(path)
+        try:
+            assert other.execute("SELECT count(*) FROM registrations").fetchone()[0] == 0
+            assert s.flush() == 1 and s.pending_rows == 0
+            assert other.execute("SELECT count(*) FROM registrations").fetchone()[0] == 1
+        finally:
+            other.close()
+        s.register("at-close", None, now=T0, expires_at=T0 + 100)
+    finally:
+        s.close()
+    s = RegistryStore(path)
+    try:
+        assert [r.device_id for r in s.page(10, None, now=T0)] == ["at-close", "queued"]
+        # the in-memory state is rebuilt from the file: refresh and ring
+        assert s.register("queued", None, now=T0 + 1, expires_at=T0 + 100) \
+            is RegisterOutcome.REFRESHED
+        assert [d for d, _ in s.others("x", 5, now=T0 + 1)] == ["queued", "at-close"]
+    finally:
+        s.close()

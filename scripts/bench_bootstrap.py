@@ -1,0 +1,243 @@
+"""Benchmark of the bootstrap server: signed registrations/s and GET /peers latency.
+
+The server runs as its own process (``python -m bootstrap``, uvloop) on
+127.0.0.1; this process is the load generator. Records are signed ahead of
+time, so the numbers measure the server, which still verifies every signature.
+
+    .venv/bin/python scripts/bench_bootstrap.py            # table
+    .venv/bin/python scripts/bench_bootstrap.py --json     # machine-readable
+    .venv/bin/python scripts/bench_bootstrap.py --runs 5 --concurrency 64
+
+Each figure is the median over ``--runs`` runs (a fresh server and database per
+run). Targets on a 2-core machine: >= 2,000 signed registrations/s and
+GET /peers?limit=200 p99 < 50 ms with 100k registered peers.
+Imports the bootstrap package and node.identity/contact only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+
+from bootstrap.store import RegistryStore  # noqa: E402
+from node.contact import ContactRecord  # noqa: E402
+from node.identity import Identity  # noqa: E402
+
+SERVER_START_TIMEOUT_S = 20.0
+TARGET_REGS_PER_S = 2000.0
+TARGET_P99_MS = 50.0
+
+
+class ServerProcess:
+    """`python -m bootstrap` on a free port; stopped with SIGTERM."""
+
+    def __init__(self, db: Path, ttl_s: float) -> None:
+        self.log_path = db.with_suffix(".log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0",
+             "--db", str(db), "--ttl", str(ttl_s)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL, stderr=self._log)
+        self.url = self._wait_url()
+
+    def _wait_url(self) -> str:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on (http://\S+)", self.log_path.read_text())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"bootstrap server did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def make_bodies(n_peers: int) -> list[bytes]:
+    bodies = []
+    for i in range(n_peers):
+        ident = Identity.generate(f"bench-{i}")
+        rec = ContactRecord.create(ident, ["127.0.0.1"],
+                                   {"tcp": 20000 + i % 20000, "udp": 40000 + i % 20000}, 1)
+        bodies.append(json.dumps({"device_id": str(ident.peer_id),
+                                  "record": rec.to_json()}).encode())
+    return bodies
+
+
+async def register_load(url: str, bodies: list[bytes], total: int,
+                        concurrency: int) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Content-Type": "application/json"}
+    next_i = 0
+    errors = 0
+    latencies: list[float] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_i, errors
+        while next_i < total:
+            i = next_i
+            next_i += 1
+            t = time.perf_counter()
+            async with session.post(url + "/register", data=bodies[i % len(bodies)],
+                                    headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    errors += 1
+            latencies.append(time.perf_counter() - t)
+
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # warm-up: open the connections
+        await asyncio.gather(*(session.get(url + "/health") for _ in range(1)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{errors} registrations failed")
+    latencies.sort()
+    return {"regs_per_s": total / elapsed,
+            "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000}
+
+
+async def peers_latency(url: str, ids: list[str], requests: int,
+                        limit: int) -> dict[str, float]:
+    import base64
+
+    rng = random.Random(7)
+    lat: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(requests + 20):
+            params = {"limit": str(limit)}
+            if i % 2:  # half first pages, half deep pages at a random keyset cursor
+                cur = rng.choice(ids).encode()
+                params["cursor"] = base64.urlsafe_b64encode(cur).decode().rstrip("=")
+            t = time.perf_counter()
+            async with session.get(url + "/peers", params=params) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"GET /peers answered {resp.status}: {body[:200]!r}")
+            if i >= 20:  # the first requests warm caches
+                lat.append(time.perf_counter() - t)
+    lat.sort()
+    return {"p50_ms": statistics.median(lat) * 1000,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
+            "bytes": float(len(body))}
+
+
+def bulk_load(db: Path, n: int, templates: list[str]) -> list[str]:
+    store = RegistryStore(db)
+    now = time.time()
+    ids = [f"peer-{i:07d}" for i in range(n)]
+    try:
+        store.bulk_load((d, templates[i % len(templates)], now, now + 7200)
+                        for i, d in enumerate(ids))
+    finally:
+        store.close()
+    return ids
+
+
+def one_run(args: argparse.Namespace, bodies: list[bytes], templates: list[str],
+            workdir: Path, run: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    db = workdir / f"reg-{run}.sqlite3"
+    srv = ServerProcess(db, 3600)
+    try:
+        out["register"] = asyncio.run(
+            register_load(srv.url, bodies, args.registrations, args.concurrency))
+    finally:
+        srv.stop()
+    for n in args.sizes:
+        db = workdir / f"peers-{run}-{n}.sqlite3"
+        ids = bulk_load(db, n, templates)
+        srv = ServerProcess(db, 3600)
+        try:
+            out[f"peers_{n}"] = asyncio.run(peers_latency(srv.url, ids, args.requests, 200))
+        finally:
+            srv.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--registrations", type=int, default=6000, help="POST /register per run")
+    ap.add_argument("--peers", type=int, default=2000, help="distinct signed identities")
+    ap.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients")
+    ap.add_argument("--requests", type=int, default=500, help="GET /peers per size per run")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000])
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    bodies = make_bodies(args.peers)
+    templates = [json.dumps(json.loads(b)["record"], separators=(",", ":"))
+                 for b in bodies[:1000]]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-bootstrap-") as tmp:
+        for run in range(args.runs):
+            runs.append(one_run(args, bodies, templates, Path(tmp), run))
+
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[key][field] for r in runs)
+
+    result: dict[str, Any] = {
+        "runs": args.runs, "concurrency": args.concurrency, "cpus": os.cpu_count(),
+        "register": {f: med("register", f) for f in ("regs_per_s", "p50_ms", "p99_ms")},
+        "peers": {str(n): {f: med(f"peers_{n}", f) for f in ("p50_ms", "p99_ms", "bytes")}
+                  for n in args.sizes},
+        "all_runs": runs,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    reg = result["register"]
+    print(f"bootstrap benchmark: median of {args.runs} runs, server and load generator "
+          f"in separate processes, {os.cpu_count()} CPUs")
+    print(f"{'measurement':<44} {'median':>12} {'target':>12}")
+    print(f"{'signed registrations/s (c=' + str(args.concurrency) + ')':<44} "
+          f"{reg['regs_per_s']:>12,.0f} {'>= 2,000':>12}")
+    print(f"{'  POST /register latency p50 / p99 (ms)':<44} "
+          f"{reg['p50_ms']:>5.1f} / {reg['p99_ms']:<5.1f} {'':>12}")
+    for n in args.sizes:
+        p = result["peers"][str(n)]
+        print(f"{f'GET /peers?limit=200 @ {n:,} peers p50 (ms)':<44} {p['p50_ms']:>12.2f}")
+        print(f"{f'GET /peers?limit=200 @ {n:,} peers p99 (ms)':<44} {p['p99_ms']:>12.2f} "
+              f"{'< 50' if n >= 100_000 else '':>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
