@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import field
 from typing import Any
@@ -45,6 +46,12 @@ import nacl.utils
 from nacl.encoding import RawEncoder
 
 from node.errors import HandshakeError, ProtocolError
+
+try:  # pynacl's own cffi binding of libsodium: lets frames reuse one output buffer
+    from nacl._sodium import ffi as _ffi
+    from nacl._sodium import lib as _lib
+except ImportError:  # pragma: no cover - layout of a future pynacl; use the public wrappers
+    _ffi = _lib = None
 from node.identity import MAX_NAME_LEN, PUBKEY_LEN_BYTES, Identity, PeerId
 from node.wire import Message, bound, decode_message, message, packb, unpackb
 
@@ -75,6 +82,47 @@ _NONCE_PREFIX = bytes(AEAD_NONCE_LEN_BYTES - 8)
 _COUNTER = struct.Struct(">Q")
 
 Rand = Callable[[int], bytes]
+# pynacl's public AEAD wrappers allocate and zero a fresh output buffer per call,
+# which halves throughput for 1 MiB frames; we call the same libsodium functions
+# into a reused per-thread scratch buffer and copy the result out as bytes.
+_SCRATCH_MIN_BYTES = 64 * 1024
+_scratch = threading.local()
+
+
+def _scratch_buffer(n: int) -> Any:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _ffi.new("unsigned char[]", max(n, _SCRATCH_MIN_BYTES))
+        _scratch.buf = buf
+    return buf
+
+
+def _aead_encrypt(plaintext: bytes, nonce: bytes, key: bytes) -> bytes:
+    if _lib is None:
+        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, None, nonce, key)
+    n = len(plaintext) + FRAME_OVERHEAD_BYTES
+    out = _scratch_buffer(n)
+    rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        out, _ffi.NULL, plaintext, len(plaintext), _ffi.NULL, 0, _ffi.NULL, nonce, key)
+    if rc != 0:
+        raise ProtocolError("frame encryption failed")
+    return _ffi.buffer(out, n)[:]
+
+
+def _aead_decrypt(ciphertext: bytes, nonce: bytes, key: bytes) -> bytes | None:
+    """The plaintext, or None when the frame does not authenticate."""
+    if _lib is None:
+        try:
+            return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, None, nonce, key)
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            return None
+    n = len(ciphertext) - FRAME_OVERHEAD_BYTES
+    out = _scratch_buffer(n)
+    rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        out, _ffi.NULL, _ffi.NULL, ciphertext, len(ciphertext), _ffi.NULL, 0, nonce, key)
+    if rc != 0:
+        return None
+    return _ffi.buffer(out, n)[:]
 
 
 # ---------------------------------------------------------------------------
@@ -230,17 +278,19 @@ class Session:
 
     def seal(self, plaintext: bytes) -> bytes:
         self._check_open()
+        if type(plaintext) is not bytes:
+            plaintext = bytes(plaintext)
         if self._send_counter >= MAX_FRAME_COUNTER:
             self._kill("send counter exhausted")
             raise ProtocolError("the session is dead (send counter exhausted)")
         nonce = _NONCE_PREFIX + _COUNTER.pack(self._send_counter)
         self._send_counter += 1
-        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plaintext, None, nonce, self._send_key
-        )
+        return _aead_encrypt(plaintext, nonce, self._send_key)
 
     def open(self, ciphertext: bytes) -> bytes:
         self._check_open()
+        if type(ciphertext) is not bytes:
+            ciphertext = bytes(ciphertext)
         if len(ciphertext) < FRAME_OVERHEAD_BYTES:
             self._kill("truncated frame")
             raise ProtocolError(
@@ -251,11 +301,8 @@ class Session:
             self._kill("receive counter exhausted")
             raise ProtocolError("the session is dead (receive counter exhausted)")
         nonce = _NONCE_PREFIX + _COUNTER.pack(self._recv_counter)
-        try:
-            plain = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                ciphertext, None, nonce, self._recv_key
-            )
-        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        plain = _aead_decrypt(ciphertext, nonce, self._recv_key)
+        if plain is None:
             self._kill(f"frame {self._recv_counter} failed authentication")
             raise ProtocolError(
                 f"frame {self._recv_counter} from {self.peer.short} failed authentication "

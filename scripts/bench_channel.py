@@ -1,0 +1,371 @@
+"""Benchmark: throughput of one SecureChannel per transport, against its baselines.
+
+In ONE run, on 127.0.0.1 with uvloop, it measures:
+
+* plain asyncio TCP, no crypto (the ceiling of the machine's loopback + asyncio);
+* one-core secretstream encryption (crypto_secretstream_xchacha20poly1305_push)
+  and one-core AEAD seal (Session.seal: XChaCha20-Poly1305-IETF, what the channel
+  really uses) over the same message size;
+* the SecureChannel (handshake + sealed frames) over every transport the
+  registry can load; UDP also at 1 % and 5 % simulated loss and with 60 KB
+  datagrams when ``node.transports.udp`` accepts ``loss_rate`` / ``datagram_bytes``;
+* the bare qh3/aioquic stream (1452-byte datagrams) from scripts/bench_quic_libs.py
+  when that script exists.
+
+The receiving end of every network row runs in a separate process (this script
+with ``--serve``), so sender and receiver each get their own core, as two nodes
+would. Time runs from the first byte sent to the receiver's byte count coming
+back. Then it prints the ratios the issue sets as targets.
+
+    .venv/bin/python scripts/bench_channel.py                       # 256 MiB, all
+    .venv/bin/python scripts/bench_channel.py --size-mib 64 --transports tcp --repeat 3
+    .venv/bin/python scripts/bench_channel.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nacl.bindings as sodium  # noqa: E402
+
+from node.channel import accept_channel, open_channel  # noqa: E402
+from node.errors import ChannelClosed, ConfigError  # noqa: E402
+from node.identity import Identity  # noqa: E402
+from node.secure import InitiatorHandshake, ResponderHandshake  # noqa: E402
+from node.transports import TRANSPORT_NAMES, get_transport  # noqa: E402
+
+HOST = "127.0.0.1"
+DEFAULT_SIZE_MIB = 256
+# 1 MiB messages measured fastest here (256 KiB pays more per-message Python work)
+DEFAULT_MESSAGE_BYTES = 1 << 20
+LOSS_RATES = (0.01, 0.05)
+BIG_DATAGRAM_BYTES = 60_000
+BARE_QUIC_DATAGRAM_BYTES = 1452
+COUNT = struct.Struct(">Q")
+SERVER_START_TIMEOUT_S = 30.0
+RUN_TIMEOUT_S = 900.0
+
+
+def _allow_anyone(peer: Any) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- server side
+
+
+async def _serve(kind: str, transport: str, kwargs: dict[str, Any]) -> None:
+    """Receive one stream of bytes, answer with its byte count, exit."""
+    done = asyncio.Event()
+    if kind == "plain":
+        async def on_plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            total = 0
+            while data := await reader.read(1 << 20):
+                total += len(data)
+            writer.write(COUNT.pack(total))
+            await writer.drain()
+            writer.close()
+            done.set()
+
+        server = await asyncio.start_server(on_plain, HOST, 0, limit=1 << 20)
+        port = server.sockets[0].getsockname()[1]
+        print(f"PORT {port}", flush=True)
+        await done.wait()
+        server.close()
+        await server.wait_closed()
+        return
+
+    me = Identity.generate("bench-server")
+
+    async def on_pipe(pipe: Any) -> None:
+        ch = await accept_channel(pipe, me, authorize=_allow_anyone)
+        total = 0
+        try:
+            while msg := await ch.recv():
+                total += len(msg)
+            await ch.send(COUNT.pack(total))
+            await ch.recv()  # wait for the client to hang up
+        except ChannelClosed:
+            pass
+        finally:
+            await ch.close()
+            done.set()
+
+    listener = await get_transport(transport).listen(HOST, 0, on_pipe, **kwargs)
+    print(f"PORT {listener.port}", flush=True)
+    await done.wait()
+    await listener.close()
+
+
+class ServerProcess:
+    """This script in --serve mode; ended by its own pid when the row is done."""
+
+    def __init__(self, kind: str, transport: str = "tcp", kwargs: dict[str, Any] | None = None):
+        self.args = [sys.executable, __file__, "--serve", kind, "--transport", transport,
+                     "--serve-kwargs", json.dumps(kwargs or {})]
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> int:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"bench server failed to start: {line!r}")
+        return int(line.split()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- client side
+
+
+async def plain_tcp_mib_s(size: int, msg: int) -> float:
+    with ServerProcess("plain") as port:
+        reader, writer = await asyncio.open_connection(HOST, port, limit=1 << 20)
+        block = os.urandom(msg)
+        start = time.perf_counter()
+        left = size
+        while left > 0:
+            n = min(left, msg)
+            writer.write(block if n == msg else block[:n])
+            await writer.drain()
+            left -= n
+        writer.write_eof()
+        (got,) = COUNT.unpack(await asyncio.wait_for(reader.readexactly(8), RUN_TIMEOUT_S))
+        elapsed = time.perf_counter() - start
+        writer.close()
+        await writer.wait_closed()
+    if got != size:
+        raise RuntimeError(f"plain tcp: server got {got} of {size} bytes")
+    return size / elapsed / (1 << 20)
+
+
+async def channel_mib_s(size: int, msg: int, transport: str, kwargs: dict[str, Any]) -> float:
+    t = get_transport(transport)
+    with ServerProcess("channel", transport, kwargs) as port:
+        pipe = await t.connect(HOST, port, **kwargs)
+        ch = await open_channel(pipe, Identity.generate("bench-client"), expected_peer=None,
+                                authorize=_allow_anyone)
+        block = os.urandom(msg)
+        try:
+            start = time.perf_counter()
+            left = size
+            while left > 0:
+                n = min(left, msg)
+                await ch.send(block if n == msg else block[:n])
+                left -= n
+            await ch.send(b"")
+            (got,) = COUNT.unpack(await asyncio.wait_for(ch.recv(), RUN_TIMEOUT_S))
+            elapsed = time.perf_counter() - start
+        finally:
+            await ch.close()
+    if got != size:
+        raise RuntimeError(f"{transport} channel: server got {got} of {size} bytes")
+    return size / elapsed / (1 << 20)
+
+
+def secretstream_mib_s(size: int, msg: int) -> float:
+    key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key)
+    block = os.urandom(msg)
+    tag = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+    start = time.perf_counter()
+    for _ in range(max(1, size // msg)):
+        sodium.crypto_secretstream_xchacha20poly1305_push(state, block, None, tag)
+    return max(1, size // msg) * msg / (time.perf_counter() - start) / (1 << 20)
+
+
+def aead_seal_mib_s(size: int, msg: int) -> float:
+    i, r = InitiatorHandshake(Identity.generate()), ResponderHandshake(Identity.generate())
+    _, session = i.receive(r.receive_hello(i.start()))
+    block = os.urandom(msg)
+    start = time.perf_counter()
+    for _ in range(max(1, size // msg)):
+        session.seal(block)
+    return max(1, size // msg) * msg / (time.perf_counter() - start) / (1 << 20)
+
+
+def _accepts(fn: Callable[..., Any], kw: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return kw in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _bare_quic() -> Callable[[str, int, int], Awaitable[float]] | None:
+    path = Path(__file__).resolve().parent / "bench_quic_libs.py"
+    if not path.exists():
+        return None
+    sys.path.insert(0, str(path.parent))
+    try:
+        module = importlib.import_module("bench_quic_libs")
+    except Exception as exc:  # a broken sibling script must not stop this benchmark
+        print(f"note: scripts/bench_quic_libs.py did not import ({exc}); no bare QUIC rows",
+              file=sys.stderr)
+        return None
+    fn = getattr(module, "bare_stream_mib_s", None)
+    return fn if inspect.iscoroutinefunction(fn) else None
+
+
+# --------------------------------------------------------------------------- driver
+
+
+async def _median(repeat: int, fn: Callable[[], Awaitable[float]]) -> tuple[float, list[float]]:
+    runs = [await fn() for _ in range(repeat)]
+    return statistics.median(runs), runs
+
+
+async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+
+    def add(key: str, label: str, median: float, runs: list[float]) -> None:
+        rows.append({"key": key, "row": label, "median_mib_s": round(median, 1),
+                     "runs_mib_s": [round(r, 1) for r in runs]})
+
+    add("plain_tcp", "plain asyncio TCP, no crypto", *await _median(
+        repeat, lambda: plain_tcp_mib_s(size, msg)))
+    ss = [secretstream_mib_s(size, msg) for _ in range(repeat)]
+    add("secretstream", "secretstream push, one core", statistics.median(ss), ss)
+    ae = [aead_seal_mib_s(size, msg) for _ in range(repeat)]
+    add("aead_seal", "AEAD seal (Session.seal), one core", statistics.median(ae), ae)
+
+    for name in transports:
+        try:
+            t = get_transport(name)
+        except ConfigError as exc:
+            notes.append(f"{name}: {exc}; no channel row")
+            continue
+        add(f"channel_{name}", f"SecureChannel over {name}", *await _median(
+            repeat, lambda: channel_mib_s(size, msg, name, {})))
+        if name != "udp":
+            continue
+        if _accepts(t.connect, "loss_rate") and _accepts(t.listen, "loss_rate"):
+            for loss in LOSS_RATES:
+                add(f"channel_udp_loss_{int(loss * 100)}",
+                    f"SecureChannel over udp, {loss:.0%} loss", *await _median(
+                        repeat, lambda: channel_mib_s(size, msg, "udp", {"loss_rate": loss})))
+        else:
+            notes.append("udp connect/listen take no loss_rate: lossy rows skipped")
+        if _accepts(t.connect, "datagram_bytes") and _accepts(t.listen, "datagram_bytes"):
+            add("channel_udp_60k", f"SecureChannel over udp, {BIG_DATAGRAM_BYTES} B datagrams",
+                *await _median(repeat, lambda: channel_mib_s(
+                    size, msg, "udp", {"datagram_bytes": BIG_DATAGRAM_BYTES})))
+        else:
+            notes.append("udp connect/listen take no datagram_bytes: 60 KB row skipped")
+
+    bare = _bare_quic()
+    if bare is None:
+        notes.append("scripts/bench_quic_libs.py missing: no bare QUIC rows")
+    else:
+        for lib in ("qh3", "aioquic"):
+            try:
+                importlib.import_module(lib)
+            except ImportError:
+                notes.append(f"{lib} not installed: no bare row")
+                continue
+            add(f"bare_{lib}", f"bare {lib} stream, {BARE_QUIC_DATAGRAM_BYTES} B datagrams",
+                *await _median(repeat, lambda: bare(lib, size, BARE_QUIC_DATAGRAM_BYTES)))
+
+    return {"benchmark": "channel", "loop": "uvloop", "size_mib": size / (1 << 20),
+            "message_bytes": msg, "repeat": repeat, "rows": rows,
+            "targets": _targets({r["key"]: r["median_mib_s"] for r in rows}), "notes": notes}
+
+
+def _targets(v: dict[str, float]) -> list[dict[str, Any]]:
+    out = []
+
+    def target(name: str, num: str, den: str | list[str], goal: float) -> None:
+        dens = [den] if isinstance(den, str) else den
+        present = [v[d] for d in dens if d in v]
+        if num not in v or not present or max(present) <= 0:
+            out.append({"target": name, "goal": goal, "ratio": None, "met": None})
+            return
+        ratio = v[num] / max(present)
+        out.append({"target": name, "goal": goal, "ratio": round(ratio, 2),
+                    "met": ratio >= goal})
+
+    target("tcp channel / secretstream one core", "channel_tcp", "secretstream", 0.7)
+    target("udp 0% (1452 B) / fastest bare QUIC", "channel_udp", ["bare_qh3", "bare_aioquic"],
+           3.0)
+    target("udp 60 KB datagrams / tcp channel", "channel_udp_60k", "channel_tcp", 0.5)
+    target("udp 5% loss / udp 0% loss", "channel_udp_loss_5", "channel_udp", 0.5)
+    target("quic channel / bare qh3 (its library)", "channel_quic", "bare_qh3", 0.8)
+    return out
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    print(f"SecureChannel benchmark: {result['size_mib']:g} MiB per row, "
+          f"{result['message_bytes'] // 1024} KiB messages, 127.0.0.1, uvloop, "
+          f"median of {result['repeat']}")
+    print(f"{'row':<48} {'MiB/s':>9}  runs")
+    for r in result["rows"]:
+        print(f"{r['row']:<48} {r['median_mib_s']:>9.1f}  {r['runs_mib_s']}")
+    print()
+    print(f"{'target':<42} {'goal':>6} {'ratio':>7}  met")
+    for t in result["targets"]:
+        ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
+        print(f"{t['target']:<42} {t['goal']:>5.1f}x {ratio:>7}  {met}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+def _run_loop(coro: Awaitable[Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=float, default=DEFAULT_SIZE_MIB)
+    ap.add_argument("--message-kib", type=int, default=DEFAULT_MESSAGE_BYTES // 1024)
+    ap.add_argument("--transports", default=",".join(TRANSPORT_NAMES),
+                    help="comma-separated; default tcp,udp,quic (those that load)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--serve", choices=("plain", "channel"), help=argparse.SUPPRESS)
+    ap.add_argument("--transport", default="tcp", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-kwargs", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        _run_loop(_serve(args.serve, args.transport, json.loads(args.serve_kwargs)))
+        return 0
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    result = _run_loop(run(int(args.size_mib * (1 << 20)), args.message_kib * 1024,
+                           transports, max(1, args.repeat)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
