@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.transports.certs import load_or_create_cert  # noqa: E402
+from node.transports.certs import load_or_create_cert
 
 LIBS = ("aioquic", "qh3")
 DATAGRAM_SIZES_BYTES = (1200, 1452)

@@ -40,7 +40,7 @@ def generate_cert(common_name: str = "p2pfs") -> tuple[bytes, bytes]:
     """A fresh self-signed certificate and its private key, both PEM."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -74,7 +74,7 @@ def _usable(cert_pem: bytes, key_pem: bytes) -> bool:
     ) == cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    renew_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+    renew_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
         days=CERT_RENEW_BEFORE_DAYS
     )
     return same_key and cert.not_valid_after_utc > renew_at
@@ -113,13 +113,13 @@ def load_or_create_cert(home: Path | None) -> tuple[bytes, bytes]:
         return _memory_cert
     cert_path, key_path = home / CERT_FILE_NAME, home / KEY_FILE_NAME
     try:
-        if cert_path.is_file() and key_path.is_file():
-            if max(cert_path.stat().st_size, key_path.stat().st_size) <= MAX_PEM_FILE_BYTES:
-                cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
-                if _usable(cert_pem, key_pem):
-                    if key_path.stat().st_mode & 0o077:
-                        os.chmod(key_path, 0o600)
-                    return cert_pem, key_pem
+        if (cert_path.is_file() and key_path.is_file()
+                and max(cert_path.stat().st_size, key_path.stat().st_size) <= MAX_PEM_FILE_BYTES):
+            cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+            if _usable(cert_pem, key_pem):
+                if key_path.stat().st_mode & 0o077:
+                    os.chmod(key_path, 0o600)
+                return cert_pem, key_pem
         home.mkdir(parents=True, exist_ok=True)
         cert_pem, key_pem = generate_cert()
         _write_private(key_path, key_pem, 0o600)

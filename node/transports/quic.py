@@ -116,8 +116,7 @@ def _configuration(*, is_client: bool, home: Path | None = None) -> QuicConfigur
 
 def _plain_addr(addr: Any) -> tuple[str, int]:
     host, port = str(addr[0]), int(addr[1])
-    if host.startswith("::ffff:"):
-        host = host[7:]
+    host = host.removeprefix("::ffff:")
     return host, port
 
 
@@ -609,7 +608,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
     try:
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise PeerUnreachable(f"cannot resolve {host!r} for QUIC: {exc or 'timed out'}") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -624,7 +623,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
     transport, proto_any = await create_optimized_datagram_transport(
         loop, lambda: _PipeProtocol(quic), sock=sock)
     proto: _PipeProtocol = proto_any  # type: ignore[assignment]
-    pipe = QuicPipe(proto, (host if _is_ip(host) else addr[0], port), owns_socket=True)
+    pipe = QuicPipe(proto, (host if _is_ip(host) else str(addr[0]), port), owns_socket=True)
     proto.pipe = pipe
     try:
         proto.connect(addr)
@@ -633,7 +632,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
         quic.send_stream_data(PIPE_STREAM_ID, RECORD_HEADER.pack(CREDIT_FLAG))
         proto.transmit()
         proto.start_keepalive()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         await _abandon(proto)
         raise PeerUnreachable(f"QUIC connection to {where} timed out after {timeout:g} s") from None
     except (ConnectionError, OSError) as exc:
