@@ -254,12 +254,17 @@ class UdpConnection:
             self._send_queue.append(memoryview(data))
         self._queued_bytes += MESSAGE_LENGTH.size + len(data)
 
-    def message_consumed(self, nbytes: int) -> None:
-        """The application read a delivered message: reopen that much receive window."""
+    def message_consumed(self, nbytes: int) -> bool:
+        """The application read a delivered message: reopen that much receive window.
+
+        Returns True when a window update should be sent now (call datagrams_to_send).
+        """
         self._unread_bytes = max(0, self._unread_bytes - nbytes)
         if self._advertised_rwnd < self._window_packets // 4 and \
                 self._rwnd_packets() >= self._window_packets // 2:
             self._ack_now = True
+            return True
+        return False
 
     def close(self, now: float) -> None:
         """Graceful close: deliver what is queued, then CLOSE."""

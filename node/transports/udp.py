@@ -1,0 +1,602 @@
+"""UDP transport: a thin asyncio driver around the sans-IO machine in ``udp_machine.py``.
+
+Implements the Pipe/Listener interface of ``node/transports/base.py`` (``name``,
+``listen``, ``connect``). All protocol logic lives in ``UdpConnection``; this
+module only moves bytes between it and a non-blocking socket, runs its timer and
+turns its events into ``recv()`` results. Works on uvloop and the default loop
+(it uses only ``add_reader``/``add_writer``/``call_at``).
+
+Fighting per-datagram cost:
+* receive: ``recvmsg`` in a loop per readable wakeup (up to ``READS_PER_WAKEUP``)
+  with Linux UDP GRO (``UDP_GRO``): one call can return many coalesced datagrams;
+  the machine is flushed once per wakeup, so acks are batched naturally.
+* send: runs of equal-size datagrams go out in one ``sendmsg`` with a
+  ``UDP_SEGMENT`` (GSO) control message, without joining the buffers; both fall
+  back to one syscall per datagram where the kernel refuses.
+* ``loss_rate`` drops that fraction of outgoing datagrams (tests, benchmarks).
+
+Must not import channel, secure, trust or anything above the transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from node.errors import ChannelClosed, LocalIOError, P2PError, PeerUnreachable, ProtocolError
+from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, PipeHandler
+from node.transports.udp_machine import (
+    CLOSE_TIMEOUT_S,
+    DEFAULT_DATAGRAM_BYTES,
+    HEADER_BYTES,
+    MAGIC,
+    T_INIT,
+    Closed,
+    Connected,
+    MessageReceived,
+    State,
+    UdpConnection,
+    parse_init,
+)
+
+log = logging.getLogger(__name__)
+
+name = "udp"
+
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = 103  # Linux GSO
+UDP_GRO = 104  # Linux GRO
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+RECV_BUFFER_BYTES = 65536
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+READS_PER_WAKEUP = 256
+SEND_HIGH_WATER_BYTES = 4 * 1024 * 1024
+SEND_LOW_WATER_BYTES = 2 * 1024 * 1024
+MAX_HALF_OPEN = 256  # connections that sent INIT but nothing since
+MAX_CONNECTIONS = 4096
+_GRO_SIZE = struct.Struct("=i")
+
+
+class _Endpoint:
+    """One UDP socket: reads with GRO, writes with GSO, reports to a datagram callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, *,
+                 connected: bool, loss_rate: float,
+                 on_datagram: Callable[[bytes, Any], None],
+                 on_batch_end: Callable[[], None],
+                 on_error: Callable[[OSError], None]) -> None:
+        if not 0.0 <= loss_rate < 1.0:
+            raise ValueError("loss_rate must be in [0, 1)")
+        self.loop = loop
+        self.sock = sock
+        self.connected = connected
+        self.loss_rate = loss_rate
+        self._rng = random.Random()
+        self._on_datagram = on_datagram
+        self._on_batch_end = on_batch_end
+        self._on_error = on_error
+        self._backlog: deque[tuple[list[bytes], Any]] = deque()
+        self._writer_on = False
+        self.closed = False
+        self.gso = _try_setsockopt(sock, SOL_UDP, UDP_SEGMENT, 0) and hasattr(sock, "sendmsg")
+        self.gro = _try_setsockopt(sock, SOL_UDP, UDP_GRO, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            _try_setsockopt(sock, socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        self._anc_size = socket.CMSG_SPACE(_GRO_SIZE.size) if self.gro else 0
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        on_datagram = self._on_datagram
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                try:
+                    if self.gro:
+                        data, anc, _flags, addr = sock.recvmsg(RECV_BUFFER_BYTES, self._anc_size)
+                    else:
+                        data, addr = sock.recvfrom(RECV_BUFFER_BYTES)
+                        anc = None
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # ICMP errors on a connected socket, e.g. refused
+                    self._on_error(exc)
+                    if self.closed:
+                        return
+                    continue
+                seg = 0
+                if anc:
+                    for level, kind, cdata in anc:
+                        if level == SOL_UDP and kind == UDP_GRO and len(cdata) >= _GRO_SIZE.size:
+                            seg = _GRO_SIZE.unpack_from(cdata)[0]
+                if 0 < seg < len(data):
+                    for off in range(0, len(data), seg):
+                        on_datagram(data[off:off + seg], addr)
+                else:
+                    on_datagram(data, addr)
+                if self.closed:
+                    return
+        finally:
+            if not self.closed:
+                self._on_batch_end()
+
+    def send(self, dgrams: list[bytes], addr: Any) -> None:
+        if self.closed or not dgrams:
+            return
+        if self.loss_rate:
+            rnd = self._rng.random
+            dgrams = [d for d in dgrams if rnd() >= self.loss_rate]
+        if self._backlog:
+            self._backlog.append((dgrams, addr))
+            return
+        self._send_now(dgrams, addr)
+
+    def _send_now(self, dgrams: list[bytes], addr: Any) -> None:
+        sock = self.sock
+        target = None if self.connected else addr
+        n = len(dgrams)
+        i = 0
+        while i < n:
+            first = dgrams[i]
+            size = len(first)
+            j = i + 1
+            if self.gso and size * 2 <= GSO_MAX_BYTES:
+                total = size
+                while j < n and j - i < GSO_MAX_SEGMENTS:
+                    ln = len(dgrams[j])
+                    if ln > size or total + ln > GSO_MAX_BYTES:
+                        break
+                    total += ln
+                    j += 1
+                    if ln < size:
+                        break  # only the last segment may be shorter
+            try:
+                if j - i == 1:
+                    if target is None:
+                        sock.send(first)
+                    else:
+                        sock.sendto(first, target)
+                else:
+                    anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+                    if target is None:
+                        sock.sendmsg(dgrams[i:j], anc)
+                    else:
+                        sock.sendmsg(dgrams[i:j], anc, 0, target)
+            except (BlockingIOError, InterruptedError):
+                self._backlog.appendleft((dgrams[i:], addr))
+                if not self._writer_on:
+                    self._writer_on = True
+                    self.loop.add_writer(sock.fileno(), self._on_writable)
+                return
+            except OSError as exc:
+                if j - i > 1 and self.gso:
+                    log.info("udp GSO refused (%s); sending datagrams one by one", exc)
+                    self.gso = False
+                    continue
+                self._on_error(exc)
+                if self.closed:
+                    return
+                # a datagram the kernel refuses is a lost datagram; the machine retransmits
+            i = j
+
+    def _on_writable(self) -> None:
+        self.loop.remove_writer(self.sock.fileno())
+        self._writer_on = False
+        backlog, self._backlog = self._backlog, deque()
+        while backlog and not self._backlog:
+            dgrams, addr = backlog.popleft()
+            self._send_now(dgrams, addr)
+        if self._backlog:
+            self._backlog.extend(backlog)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+            if self._writer_on:
+                self.loop.remove_writer(self.sock.fileno())
+        except (ValueError, OSError):
+            pass  # the loop may already be closing
+        self._backlog.clear()
+        self.sock.close()
+
+
+def _try_setsockopt(sock: socket.socket, level: int, opt: int, value: int) -> bool:
+    try:
+        sock.setsockopt(level, opt, value)
+        return True
+    except OSError:
+        return False
+
+
+def _make_socket(family: int, bind_addr: Any) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if bind_addr is not None:
+            sock.bind(bind_addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpPipe:
+    """One UDP connection as a message pipe (see base.Pipe)."""
+
+    transport = "udp"
+
+    def __init__(self, machine: UdpConnection, addr: Any,
+                 send: Callable[[list[bytes], Any], None],
+                 loop: asyncio.AbstractEventLoop,
+                 on_closed: Callable[[UdpPipe], None]) -> None:
+        self._m = machine
+        self._addr = addr
+        self.remote: tuple[str, int] = (str(addr[0]), int(addr[1]))
+        self._send_dgrams = send
+        self._loop = loop
+        self._on_closed = on_closed
+        self._recv_q: deque[bytes] = deque()
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._send_waiter: asyncio.Future[None] | None = None
+        self._closed_fut: asyncio.Future[None] = loop.create_future()
+        self.connected: asyncio.Future[None] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._flush_soon = False
+        self._closed = False
+        self.close_reason = ""
+        self.on_connected: Callable[[UdpPipe], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def machine(self) -> UdpConnection:
+        return self._m
+
+    # --- driven by the endpoint ---------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        self._m.receive_datagram(data, self._loop.time())
+
+    def flush(self) -> None:
+        self._flush_soon = False
+        m = self._m
+        now = self._loop.time()
+        dgrams = m.datagrams_to_send(now)
+        if dgrams:
+            self._send_dgrams(dgrams, self._addr)
+        self._process_events()
+        if self._closed:
+            return
+        w = self._send_waiter
+        if w is not None and m.send_buffered_bytes < SEND_LOW_WATER_BYTES:
+            self._send_waiter = None
+            if not w.done():
+                w.set_result(None)
+        t = m.get_timer()
+        if t is None:
+            self._cancel_timer()
+        elif self._timer is None or t < self._timer_when - 0.0005:
+            self._cancel_timer()
+            self._timer_when = t
+            self._timer = self._loop.call_at(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._m.handle_timer(self._loop.time())
+        self.flush()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def schedule_flush(self) -> None:
+        if not self._flush_soon and not self._closed:
+            self._flush_soon = True
+            self._loop.call_soon(self.flush)
+
+    def _process_events(self) -> None:
+        m = self._m
+        while (ev := m.next_event()) is not None:
+            if type(ev) is MessageReceived:
+                self._recv_q.append(ev.data)
+                w = self._recv_waiter
+                if w is not None:
+                    self._recv_waiter = None
+                    if not w.done():
+                        w.set_result(None)
+            elif isinstance(ev, Connected):
+                if not self.connected.done():
+                    self.connected.set_result(None)
+                if self.on_connected is not None:
+                    self.on_connected(self)
+            elif isinstance(ev, Closed):
+                self._mark_closed(ev.reason)
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = reason
+        self._cancel_timer()
+        for w in (self._recv_waiter, self._send_waiter):
+            if w is not None and not w.done():
+                w.set_result(None)
+        self._recv_waiter = self._send_waiter = None
+        if not self.connected.done():
+            self.connected.set_exception(ChannelClosed(reason))
+            self.connected.exception()  # retrieved: connect() reports it its own way
+        if not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+        self._on_closed(self)
+
+    def fail(self, reason: str) -> None:
+        """The socket reported an error for this peer (e.g. ICMP port unreachable)."""
+        self._m.reset(reason)
+        self.flush()
+
+    # --- Pipe API -----------------------------------------------------------------------
+    def _closed_error(self) -> ChannelClosed:
+        return ChannelClosed(f"udp channel to {self.remote[0]}:{self.remote[1]} closed: "
+                             f"{self.close_reason or 'closed'}")
+
+    async def send(self, data: bytes) -> None:
+        n = len(data)
+        if n > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        m = self._m
+        while not self._closed and m.send_buffered_bytes >= SEND_HIGH_WATER_BYTES:
+            fut = self._loop.create_future()
+            self._send_waiter = fut
+            await fut
+        if self._closed or m.state is not State.ESTABLISHED:
+            raise self._closed_error()
+        m.send_message(data)
+        self.schedule_flush()
+
+    async def recv(self) -> bytes:
+        q = self._recv_q
+        while not q:
+            if self._closed:
+                raise self._closed_error()
+            fut = self._loop.create_future()
+            self._recv_waiter = fut
+            await fut
+        msg = q.popleft()
+        if self._m.message_consumed(len(msg)):
+            self.schedule_flush()
+        return msg
+
+    async def close(self) -> None:
+        """Graceful: queued messages are delivered first (bounded by CLOSE_TIMEOUT_S)."""
+        if self._closed:
+            return
+        self._m.close(self._loop.time())
+        self.flush()
+        if self._closed:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed_fut), CLOSE_TIMEOUT_S + 2.0)
+        except TimeoutError:
+            self.abort("close timed out")
+        except asyncio.CancelledError:
+            self.abort("close cancelled")
+            raise
+
+    def abort(self, reason: str = "reset locally") -> None:
+        """Reset at once: the peer sees 'reset by peer'. Never raises."""
+        if self._closed:
+            return
+        self._m.reset(reason)
+        try:
+            self.flush()
+        except OSError:
+            pass
+        self._mark_closed(reason)
+
+
+class UdpListener:
+    transport = "udp"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 handler: PipeHandler, datagram_bytes: int, loss_rate: float) -> None:
+        self._loop = loop
+        self._handler = handler
+        self._datagram_bytes = datagram_bytes
+        self._by_cid: dict[bytes, UdpPipe] = {}
+        self._by_init: dict[tuple[Any, bytes], UdpPipe] = {}
+        self._half_open = 0
+        self._dirty: set[UdpPipe] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped_datagrams = 0
+        self._port = int(sock.getsockname()[1])
+        self._endpoint = _Endpoint(loop, sock, connected=False, loss_rate=loss_rate,
+                                   on_datagram=self._on_datagram,
+                                   on_batch_end=self._on_batch_end,
+                                   on_error=self._on_error)
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def connections(self) -> int:
+        return len(self._by_cid)
+
+    def _on_datagram(self, data: bytes, addr: Any) -> None:
+        if len(data) < HEADER_BYTES or data[0] != MAGIC:
+            self.dropped_datagrams += 1
+            return
+        pipe = self._by_cid.get(data[2:10])
+        if pipe is None:
+            if data[1] != T_INIT:
+                self.dropped_datagrams += 1
+                return
+            parsed = parse_init(data)
+            if parsed is None:
+                self.dropped_datagrams += 1
+                return
+            key = (addr, parsed[2])
+            pipe = self._by_init.get(key)
+            if pipe is None:
+                self._accept(data, addr, key)
+                return
+        elif pipe._addr != addr:
+            self.dropped_datagrams += 1  # no migration: a cid is bound to its address
+            return
+        pipe.feed(data)
+        self._dirty.add(pipe)
+
+    def _accept(self, data: bytes, addr: Any, key: tuple[Any, bytes]) -> None:
+        if self._closing or self._half_open >= MAX_HALF_OPEN or \
+                len(self._by_cid) >= MAX_CONNECTIONS:
+            self.dropped_datagrams += 1
+            return
+        machine = UdpConnection.server(data, self._loop.time(),
+                                       datagram_bytes=self._datagram_bytes)
+        pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
+        pipe.on_connected = self._on_connected
+        self._by_cid[machine.local_cid] = pipe
+        self._by_init[key] = pipe
+        pipe._init_key = key  # type: ignore[attr-defined]
+        self._half_open += 1
+        self._dirty.add(pipe)
+
+    def _on_connected(self, pipe: UdpPipe) -> None:
+        self._half_open -= 1
+        self._by_init.pop(pipe._init_key, None)  # type: ignore[attr-defined]
+        task = self._loop.create_task(self._run_handler(pipe))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, pipe: UdpPipe) -> None:
+        try:
+            await self._handler(pipe)
+        except asyncio.CancelledError:
+            pass  # listener closing
+        except P2PError as exc:
+            log.info("udp connection from %s:%d ended: %s", *pipe.remote, exc)
+        except Exception:  # a handler bug or a hostile peer must not kill the listener
+            log.warning("udp handler for %s:%d failed", *pipe.remote, exc_info=True)
+        finally:
+            await pipe.close()
+
+    def _forget(self, pipe: UdpPipe) -> None:
+        self._by_cid.pop(pipe.machine.local_cid, None)
+        key = getattr(pipe, "_init_key", None)
+        if key is not None and self._by_init.pop(key, None) is not None:
+            self._half_open -= 1
+        self._dirty.discard(pipe)
+
+    def _on_batch_end(self) -> None:
+        dirty = self._dirty
+        while dirty:
+            dirty.pop().flush()
+
+    def _on_error(self, exc: OSError) -> None:
+        log.debug("udp listener socket error: %s", exc)  # unconnected: not attributable
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for pipe in list(self._by_cid.values()):
+            pipe.abort("listener closed")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._endpoint.close()
+
+
+async def listen(host: str, port: int, handler: PipeHandler, *,
+                 datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                 loss_rate: float = 0.0) -> UdpListener:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        sock = _make_socket(family, addr)
+    except OSError as exc:
+        raise LocalIOError(f"cannot listen on udp {host}:{port}: "
+                           f"{exc.strerror or exc}") from None
+    return UdpListener(loop, sock, handler, datagram_bytes, loss_rate)
+
+
+class _ClientEndpoint:
+    """Glue for connect(): one socket connected to one peer, one pipe."""
+
+    def __init__(self) -> None:
+        self.pipe: UdpPipe | None = None
+        self.endpoint: _Endpoint | None = None
+        self.error: OSError | None = None
+
+    def on_datagram(self, data: bytes, addr: Any) -> None:
+        if self.pipe is not None:
+            self.pipe.feed(data)
+
+    def on_batch_end(self) -> None:
+        if self.pipe is not None:
+            self.pipe.flush()
+
+    def on_error(self, exc: OSError) -> None:
+        self.error = exc
+        if self.pipe is not None and not self.pipe.closed:
+            self.pipe.fail(f"peer unreachable ({exc.strerror or exc.__class__.__name__})")
+
+    def on_closed(self, pipe: UdpPipe) -> None:
+        if self.endpoint is not None:
+            # let the final CLOSE/RESET datagrams leave before the socket goes
+            self.endpoint.loop.call_soon(self.endpoint.close)
+
+
+async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
+                  datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                  loss_rate: float = 0.0) -> UdpPipe:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        sock = _make_socket(family, None)
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise PeerUnreachable(f"cannot reach {host}:{port} over udp: "
+                              f"{exc.strerror or exc.__class__.__name__}") from None
+    glue = _ClientEndpoint()
+    glue.endpoint = _Endpoint(loop, sock, connected=True, loss_rate=loss_rate,
+                              on_datagram=glue.on_datagram, on_batch_end=glue.on_batch_end,
+                              on_error=glue.on_error)
+    machine = UdpConnection.client(loop.time(), datagram_bytes=datagram_bytes)
+    pipe = UdpPipe(machine, addr, glue.endpoint.send, loop, glue.on_closed)
+    glue.pipe = pipe
+    pipe.flush()
+    try:
+        await asyncio.wait_for(asyncio.shield(pipe.connected), timeout)
+    except TimeoutError:
+        pipe.abort("connect timed out")
+        raise PeerUnreachable(f"udp connect to {host}:{port} timed out after {timeout:g} s "
+                              "(no answer; is the peer listening on udp?)") from None
+    except ChannelClosed:
+        pipe.abort("connect failed")
+        why = glue.error.strerror if glue.error is not None else pipe.close_reason
+        raise PeerUnreachable(f"cannot reach {host}:{port} over udp: {why}") from None
+    except asyncio.CancelledError:
+        pipe.abort("connect cancelled")
+        raise
+    return pipe

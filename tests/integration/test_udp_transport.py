@@ -1,0 +1,288 @@
+"""The UDP transport on real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import time
+
+import pytest
+
+from node.errors import ChannelClosed, PeerUnreachable, ProtocolError
+from node.transports import udp
+from node.transports.base import MAX_MESSAGE_BYTES
+
+
+class LossyRelay(asyncio.DatagramProtocol):
+    """A UDP relay between one client and a server: drops and reorders datagrams."""
+
+    def __init__(self, server_port: int, loss: float, reorder: float, seed: int) -> None:
+        self.server = ("127.0.0.1", server_port)
+        self.client: tuple[str, int] | None = None
+        self.loss, self.reorder = loss, reorder
+        self.rng = random.Random(seed)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.held: list[tuple[bytes, tuple[str, int]]] = []
+        self.dropped = self.reordered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        if addr != self.server:
+            self.client = addr
+            dest = self.server
+        elif self.client is not None:
+            dest = self.client
+        else:
+            return
+        if self.rng.random() < self.loss:
+            self.dropped += 1
+            return
+        if self.rng.random() < self.reorder:
+            self.held.append((data, dest))  # overtaken by the next datagram
+            self.reordered += 1
+            return
+        self.transport.sendto(data, dest)
+        while self.held:
+            self.transport.sendto(*self.held.pop())
+
+
+async def start_relay(server_port: int, loss: float, reorder: float, seed: int = 1):
+    loop = asyncio.get_running_loop()
+    transport, relay = await loop.create_datagram_endpoint(
+        lambda: LossyRelay(server_port, loss, reorder, seed), local_addr=("127.0.0.1", 0))
+    return transport, relay
+
+
+async def test_echo_and_message_boundaries() -> None:
+    async def echo(pipe: udp.UdpPipe) -> None:
+        while True:
+            await pipe.send(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, echo)
+    pipe = await udp.connect("127.0.0.1", listener.port)
+    try:
+        assert pipe.transport == "udp" and pipe.remote == ("127.0.0.1", listener.port)
+        msgs = [b"", b"a", os.urandom(1452), os.urandom(100_000), os.urandom(3)]
+        for m in msgs:
+            await pipe.send(m)
+        assert [await pipe.recv() for _ in msgs] == msgs
+    finally:
+        await pipe.close()
+        await listener.close()
+    assert pipe.closed
+
+
+async def test_20_mb_exchange_through_lossy_reordering_relay_is_byte_identical() -> None:
+    total = 20 * 1024 * 1024
+    digest_rx: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    payload = os.urandom(total)
+
+    async def server(pipe: udp.UdpPipe) -> None:
+        h = hashlib.sha256()
+        got = 0
+        while got < total:
+            m = await pipe.recv()
+            h.update(m)
+            got += len(m)
+        await pipe.send(h.digest())
+        digest_rx.set_result(h.hexdigest())
+        # answer with 2 MB the other way so both directions cross the relay
+        for off in range(0, 2_000_000, 250_000):
+            await pipe.send(payload[off:off + 250_000])
+        await pipe.recv()  # until the client closes
+
+    listener = await udp.listen("127.0.0.1", 0, server)
+    relay_tr, relay = await start_relay(listener.port, loss=0.05, reorder=0.05)
+    port = relay_tr.get_extra_info("sockname")[1]
+    pipe = await udp.connect("127.0.0.1", port)
+    try:
+        for off in range(0, total, 300_000):
+            await pipe.send(payload[off:off + 300_000])
+        assert await asyncio.wait_for(pipe.recv(), 60) == hashlib.sha256(payload).digest()
+        back = b"".join([await pipe.recv() for _ in range(8)])
+        assert back == payload[:2_000_000]
+        assert digest_rx.result() == hashlib.sha256(payload).hexdigest()
+        assert relay.dropped > 100 and relay.reordered > 100
+        assert pipe.machine.retransmitted_packets > 0
+    finally:
+        await pipe.close()
+        relay_tr.close()
+        await listener.close()
+
+
+async def test_connect_to_dead_port_raises_peer_unreachable_quickly() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    start = time.monotonic()
+    with pytest.raises(PeerUnreachable, match="udp"):
+        await udp.connect("127.0.0.1", port, timeout=3.0)
+    assert time.monotonic() - start < 1.0  # ICMP port-unreachable, not the timeout
+
+
+async def test_connect_to_silent_peer_times_out_with_clear_message() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))  # bound, never answers
+    try:
+        start = time.monotonic()
+        with pytest.raises(PeerUnreachable, match="timed out after 0.3 s"):
+            await udp.connect("127.0.0.1", s.getsockname()[1], timeout=0.3)
+        assert time.monotonic() - start < 1.0
+    finally:
+        s.close()
+
+
+async def test_close_semantics() -> None:
+    server_pipe: asyncio.Future[udp.UdpPipe] = asyncio.get_running_loop().create_future()
+    got: list[bytes] = []
+
+    async def handler(pipe: udp.UdpPipe) -> None:
+        server_pipe.set_result(pipe)
+        try:
+            while True:
+                got.append(await pipe.recv())
+        except ChannelClosed as exc:
+            assert "closed by peer" in str(exc)
+
+    listener = await udp.listen("127.0.0.1", 0, handler)
+    pipe = await udp.connect("127.0.0.1", listener.port)
+    try:
+        big = os.urandom(3_000_000)
+        await pipe.send(b"one")
+        await pipe.send(big)
+        await pipe.close()  # graceful: queued data arrives first
+        assert pipe.closed
+        await pipe.close()  # idempotent
+        with pytest.raises(ChannelClosed):
+            await pipe.send(b"late")
+        with pytest.raises(ChannelClosed):
+            await pipe.recv()
+        srv = await asyncio.wait_for(server_pipe, 5)
+        for _ in range(100):
+            if srv.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert srv.closed and got == [b"one", big]
+        with pytest.raises(ProtocolError):
+            await srv.send(b"x" * (MAX_MESSAGE_BYTES + 1))
+    finally:
+        await listener.close()
+
+
+async def test_abort_resets_peer_and_listener_close_ends_pipes() -> None:
+    reasons: list[str] = []
+
+    async def handler(pipe: udp.UdpPipe) -> None:
+        try:
+            await pipe.recv()
+        except ChannelClosed as exc:
+            reasons.append(str(exc))
+
+    listener = await udp.listen("127.0.0.1", 0, handler)
+    p1 = await udp.connect("127.0.0.1", listener.port)
+    p1.abort()
+    p2 = await udp.connect("127.0.0.1", listener.port)
+    try:
+        await p2.send(b"hello")  # the server reads it and returns; its pipe closes
+        for _ in range(100):
+            if reasons and p2.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert any("reset by peer" in r for r in reasons)
+        assert p2.closed
+        p3 = await udp.connect("127.0.0.1", listener.port)
+        await asyncio.sleep(0.05)
+        await listener.close()
+        with pytest.raises(ChannelClosed, match="reset by peer"):
+            await asyncio.wait_for(p3.recv(), 5)
+    finally:
+        await p2.close()
+        await listener.close()
+
+
+async def test_garbage_flood_does_not_crash_the_listener() -> None:
+    async def echo(pipe: udp.UdpPipe) -> None:
+        while True:
+            await pipe.send(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, echo)
+    pipe = await udp.connect("127.0.0.1", listener.port)
+    flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rng = random.Random(9)
+        cid = pipe.machine.peer_cid
+        for i in range(3000):
+            n = rng.randrange(0, 1500)
+            junk = rng.randbytes(n)
+            if i % 3 == 0:  # well-formed headers with the live connection id
+                junk = bytes([0xD1, rng.randrange(0, 12)]) + cid + junk
+            elif i % 3 == 1:  # INIT-shaped packets with random cids
+                junk = bytes([0xD1, 1]) + bytes(8) + rng.randbytes(8) + b"\x05\xac"
+            flood.sendto(junk, ("127.0.0.1", listener.port))
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.1)
+        assert listener.dropped_datagrams > 500
+        await pipe.send(b"still alive")
+        assert await asyncio.wait_for(pipe.recv(), 5) == b"still alive"
+        assert listener.connections <= udp.MAX_HALF_OPEN + 1
+    finally:
+        flood.close()
+        await pipe.close()
+        await listener.close()
+
+
+async def test_backpressure_bounds_the_send_buffer() -> None:
+    release = asyncio.Event()
+
+    async def slow(pipe: udp.UdpPipe) -> None:
+        await release.wait()
+        while True:
+            await pipe.recv()
+
+    listener = await udp.listen("127.0.0.1", 0, slow)
+    pipe = await udp.connect("127.0.0.1", listener.port)
+    try:
+        chunk = b"b" * 1_000_000
+        sent = 0
+
+        async def writer() -> None:
+            nonlocal sent
+            for _ in range(64):
+                await pipe.send(chunk)
+                sent += 1
+
+        task = asyncio.create_task(writer())
+        await asyncio.sleep(0.5)
+        assert not task.done()  # the unread peer's window plus our buffer is full
+        assert pipe.machine.send_buffered_bytes <= udp.SEND_HIGH_WATER_BYTES + len(chunk)
+        release.set()
+        await asyncio.wait_for(task, 30)
+        assert sent == 64
+    finally:
+        await pipe.close()
+        await listener.close()
+
+
+async def test_large_datagrams_on_loopback() -> None:
+    async def echo(pipe: udp.UdpPipe) -> None:
+        while True:
+            await pipe.send(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, echo, datagram_bytes=60000)
+    pipe = await udp.connect("127.0.0.1", listener.port, datagram_bytes=60000, loss_rate=0.05)
+    try:
+        assert pipe.machine.datagram_bytes == 60000
+        data = os.urandom(4_000_000)
+        await pipe.send(data)
+        assert await asyncio.wait_for(pipe.recv(), 20) == data
+    finally:
+        await pipe.close()
+        await listener.close()
