@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         shutil.rmtree(root / sub, ignore_errors=True)
     state.unlink(missing_ok=True)
     net = Testnet(root, transport=args.transport, detached=True, echo=_echo)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
     try:
         net.start_bootstrap(ttl_s=args.ttl)
+        timings["bootstrap_ready_s"] = time.monotonic() - t0
         names = [f"n{i}" for i in range(1, args.n + 1)]
         share_dirs = {}
         for n in names:
@@ -81,13 +85,19 @@ def cmd_up(args: argparse.Namespace) -> int:
             share_dirs[n].mkdir(parents=True, exist_ok=True)
         for n in names:
             net.add_node(n, share=[share_dirs[n]], start=False)
+        t1 = time.monotonic()
         net.start_many(names)
+        timings["nodes_ready_s"] = time.monotonic() - t1
         net.save_state()
+        if args.wait_peers:
+            net.wait_all_see_each_other(names, timeout=args.timeout)
+            timings["all_see_each_other_s"] = time.monotonic() - t1
     except BaseException as exc:
         net.teardown()
         print(f"testnet up failed: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
-    print(f"testnet up in {root}: bootstrap {net.bootstrap_url}, {args.n} nodes")
+    print(f"testnet up in {root}: bootstrap {net.bootstrap_url}, {args.n} nodes; "
+          + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     _print_status(net, as_json=False)
     print(f"stop it with: {sys.executable} {Path(__file__).resolve()} down --dir {root}")
     return 0
@@ -193,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", default=str(default_dir()), help="testnet dir (homes, logs, state)")
     up.add_argument("--transport", choices=TRANSPORTS, default="tcp")
     up.add_argument("--ttl", type=float, default=None, help="bootstrap registration TTL (s)")
+    up.add_argument("--wait-peers", action="store_true",
+                    help="also wait until every node lists every other one (and time it)")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds for --wait-peers")
     st = sub.add_parser("status", help="which processes are alive and how many peers each sees")
     st.add_argument("--dir", default=str(default_dir()))
     st.add_argument("--json", action="store_true")
@@ -214,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "run": cmd_run}
     try:
         return handlers[args.command](args)
+    except BrokenPipeError:  # `testnet.py status --json | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
