@@ -56,13 +56,14 @@ from bootstrap.store import (
 )
 from node.contact import MAX_CLOCK_SKEW_S, ContactRecord
 from node.errors import IdentityError, P2PError, ProtocolError
-from node.identity import PEER_ID_TEXT_LEN, PeerId, normalize_id_text
+from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
 log = logging.getLogger("p2pfs.bootstrap")
 
-# how many other peers a registration answer lists (most recently seen first);
-# the full list is what GET /peers pages through
-REGISTER_REPLY_PEERS_MAX = 100
+# how many other peers a registration answer lists (most recently seen first): a
+# Kademlia bucket's worth (k = 20) is plenty to join the DHT, and keeps the answer
+# small (~8 KiB with records) so registrations stay cheap; GET /peers pages the rest
+REGISTER_REPLY_PEERS_MAX = 20
 PURGE_INTERVAL_MAX_S = 60.0
 PURGE_INTERVAL_MIN_S = 0.5
 MAX_CURSOR_LEN = 256
@@ -100,6 +101,22 @@ def _error(status: int, message: str) -> web.Response:
 # -- input validation -------------------------------------------------------
 
 
+# parsing a peer id costs a checksum (blake2b through pynacl): remember recent ones,
+# since the steady state is the same nodes refreshing every minute
+_PEER_ID_CACHE_MAX = 65536
+_peer_id_cache: dict[str, PeerId] = {}
+
+
+def _parse_peer_id(compact: str) -> PeerId:
+    peer_id = _peer_id_cache.get(compact)
+    if peer_id is None:
+        peer_id = PeerId.parse(compact)  # IdentityError when the checksum is wrong
+        if len(_peer_id_cache) >= _PEER_ID_CACHE_MAX:
+            _peer_id_cache.clear()
+        _peer_id_cache[compact] = peer_id
+    return peer_id
+
+
 def parse_device_id(value: Any) -> tuple[str, PeerId | None]:
     """Validate a device id; a p2pfs peer id comes back canonical with its PeerId."""
     if not isinstance(value, str):
@@ -111,22 +128,62 @@ def parse_device_id(value: Any) -> tuple[str, PeerId | None]:
     compact = normalize_id_text(value)
     if len(compact) == PEER_ID_TEXT_LEN and _B32_RE.match(compact):
         try:
-            peer_id = PeerId.parse(compact)
+            peer_id = _parse_peer_id(compact)
         except IdentityError as exc:
             # looks like a peer id but is not one: refuse rather than register it as legacy
             raise ApiError(400, f"device_id: {exc}") from None
-        return str(peer_id), peer_id
+        # str(PeerId) would recompute the checksum; the grouping of the checked text is equal
+        return "-".join(compact[i:i + GROUP_LEN] for i in range(0, len(compact), GROUP_LEN)), \
+            peer_id
     return value, None
 
 
-def parse_record(raw: Any, peer_id: PeerId, now: float) -> ContactRecord:
-    """Decode and verify a contact record sent for ``peer_id``; ApiError on any fault."""
+def record_from_json(raw: Any, peer_id: PeerId, peer_text: str) -> ContactRecord:
+    """ContactRecord.from_json for a record that must belong to ``peer_id``.
+
+    Same checks (ContactRecord.from_wire does the validation) but the record's
+    peer id is compared as text with the already-parsed device id instead of
+    being parsed again. Raises ApiError.
+    """
+    if not isinstance(raw, dict):
+        raise ApiError(400, "bad contact record: must be a JSON object")
     try:
-        record = ContactRecord.from_json(raw)
-    except (ProtocolError, IdentityError, ValueError, TypeError) as exc:
+        text = raw["peer_id"]
+        if not isinstance(text, str) or len(text) > 2 * PEER_ID_TEXT_LEN:
+            raise ApiError(400, "bad contact record: peer_id must be a peer id")
+        if normalize_id_text(text) != peer_text.replace("-", ""):
+            raise ApiError(403, "the contact record belongs to another peer than device_id")
+        ports = raw["ports"]
+        if not isinstance(ports, dict):
+            raise ApiError(400, "bad contact record: ports must be an object")
+        sig = base64.b64decode(raw["signature"], validate=True)
+        wire = [peer_id.key, raw["name"], raw["hosts"], sorted(ports.items()),
+                raw["seq"], raw["timestamp"], raw["expires"], sig]
+        return ContactRecord.from_wire(wire)
+    except KeyError as exc:
+        raise ApiError(400, f"bad contact record: missing field {exc}") from None
+    except (ProtocolError, IdentityError, ValueError, TypeError, AttributeError) as exc:
         raise ApiError(400, f"bad contact record: {exc}") from None
-    if record.peer_id != peer_id:
-        raise ApiError(403, "the contact record belongs to another peer than device_id")
+
+
+def record_json_text(record: ContactRecord, peer_text: str) -> str:
+    """Compact ``record.to_json()`` text, reusing the canonical peer id text."""
+    return json.dumps({
+        "peer_id": peer_text,
+        "name": record.name,
+        "hosts": list(record.hosts),
+        "ports": dict(sorted(record.ports.items())),
+        "seq": record.seq,
+        "timestamp": record.timestamp,
+        "expires": record.expires,
+        "signature": base64.b64encode(record.signature).decode("ascii"),
+    }, separators=(",", ":"))
+
+
+def parse_record(raw: Any, peer_id: PeerId, now: float, peer_text: str | None = None
+                 ) -> ContactRecord:
+    """Decode and verify a contact record sent for ``peer_id``; ApiError on any fault."""
+    record = record_from_json(raw, peer_id, peer_text or str(peer_id))
     try:
         signed = record.signed_bytes()
     except (ValueError, TypeError) as exc:  # e.g. lone surrogates in a name
@@ -207,8 +264,8 @@ async def handle_register(request: web.Request) -> web.Response:
     else:
         if raw_record is None:
             raise ApiError(403, "a p2pfs peer id must come with its signed contact record")
-        record = parse_record(raw_record, peer_id, now)
-        record_json = json.dumps(record.to_json(), separators=(",", ":"))
+        record = parse_record(raw_record, peer_id, now, device_id)
+        record_json = record_json_text(record, device_id)
         try:
             outcome = store.register(device_id, record_json, now=now,
                                      expires_at=min(now + ttl_s, float(record.expires)),

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -92,35 +93,48 @@ def make_bodies(n_peers: int) -> list[bytes]:
     return bodies
 
 
+async def _raw_post_worker(host: str, port: int, requests: list[bytes],
+                           latencies: list[float], counter: list[int]) -> None:
+    """One keep-alive HTTP/1.1 connection posting prepared requests.
+
+    A raw stream client, not aiohttp's: the load generator shares the machine
+    with the server, so it should spend as little CPU per request as possible.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while counter[0] < len(requests):
+            req = requests[counter[0]]
+            counter[0] += 1
+            t = time.perf_counter()
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            if m is None:
+                raise RuntimeError("answer without Content-Length")
+            body = await reader.readexactly(int(m.group(1)))
+            if status != 200:
+                raise RuntimeError(f"POST /register answered {status}: {body[:200]!r}")
+            latencies.append(time.perf_counter() - t)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 async def register_load(url: str, bodies: list[bytes], total: int,
                         concurrency: int) -> dict[str, float]:
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Content-Type": "application/json"}
-    next_i = 0
-    errors = 0
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = (f"POST /register HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: ")
+    prepared = [b"%s%d\r\n\r\n%s" % (head.encode(), len(b), b) for b in bodies]
+    requests = [prepared[i % len(prepared)] for i in range(total)]
     latencies: list[float] = []
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal next_i, errors
-        while next_i < total:
-            i = next_i
-            next_i += 1
-            t = time.perf_counter()
-            async with session.post(url + "/register", data=bodies[i % len(bodies)],
-                                    headers=headers) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    errors += 1
-            latencies.append(time.perf_counter() - t)
-
-    async with aiohttp.ClientSession(connector=connector) as session:
-        # warm-up: open the connections
-        await asyncio.gather(*(session.get(url + "/health") for _ in range(1)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{errors} registrations failed")
+    counter = [0]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_raw_post_worker(host, port, requests, latencies, counter)
+                           for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
     latencies.sort()
     return {"regs_per_s": total / elapsed,
             "p50_ms": latencies[len(latencies) // 2] * 1000,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bootstrap.server import ApiError, parse_device_id, parse_record
+from bootstrap.server import ApiError, parse_device_id, parse_record, record_json_text
 from bootstrap.store import (
     RegisterOutcome,
     RegistryStore,
@@ -234,3 +235,18 @@ def test_registrations_are_written_behind_and_flushed(tmp_path: Path) -> None:
         assert [d for d, _ in s.others("x", 5, now=T0 + 1)] == ["queued", "at-close"]
     finally:
         s.close()
+
+
+def test_fast_record_codec_matches_contact_record() -> None:
+    ident = Identity.generate("näme")
+    rec = ContactRecord.create(ident, ["127.0.0.1", "::1"], {"udp": 2, "tcp": 1, "dht": 3}, 7)
+    text, pid = parse_device_id(str(ident.peer_id))
+    assert pid is not None
+    assert record_json_text(rec, text) == json.dumps(rec.to_json(), separators=(",", ":"))
+    assert parse_record(rec.to_json(), pid, time.time(), text) == rec
+    spelled = {**rec.to_json(), "peer_id": ident.peer_id.compact.lower()}
+    assert parse_record(spelled, pid, time.time(), text) == rec
+    other = ContactRecord.create(Identity.generate(), ["h"], {"tcp": 1}, 1).to_json()
+    with pytest.raises(ApiError) as err:
+        parse_record(other, pid, time.time(), text)
+    assert err.value.status == 403
