@@ -244,6 +244,8 @@ class GossipEngine:
     # -- internals -------------------------------------------------------------
     def _send(self, peer: PeerId, msg: Message) -> Send:
         self.stats["sent"] += 1
+        kind = "sent_" + msg.TYPE.rsplit(".", 1)[-1]
+        self.stats[kind] = self.stats.get(kind, 0) + 1
         return Send(peer, msg)
 
     def _push(self, msg: Message, exclude: tuple[PeerId | None, ...]) -> list[Action]:
