@@ -69,7 +69,7 @@ class _Endpoint:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, *,
                  connected: bool, loss_rate: float,
-                 on_datagram: Callable[[bytes, Any], None],
+                 on_datagrams: Callable[[list[bytes], Any], None],
                  on_batch_end: Callable[[], None],
                  on_error: Callable[[OSError], None]) -> None:
         if not 0.0 <= loss_rate < 1.0:
@@ -79,7 +79,7 @@ class _Endpoint:
         self.connected = connected
         self.loss_rate = loss_rate
         self._rng = random.Random()
-        self._on_datagram = on_datagram
+        self._on_datagrams = on_datagrams
         self._on_batch_end = on_batch_end
         self._on_error = on_error
         self._backlog: deque[tuple[list[bytes], Any]] = deque()
@@ -94,7 +94,7 @@ class _Endpoint:
 
     def _on_readable(self) -> None:
         sock = self.sock
-        on_datagram = self._on_datagram
+        on_datagrams = self._on_datagrams
         try:
             for _ in range(READS_PER_WAKEUP):
                 try:
@@ -116,10 +116,9 @@ class _Endpoint:
                         if level == SOL_UDP and kind == UDP_GRO and len(cdata) >= _GRO_SIZE.size:
                             seg = _GRO_SIZE.unpack_from(cdata)[0]
                 if 0 < seg < len(data):
-                    for off in range(0, len(data), seg):
-                        on_datagram(data[off:off + seg], addr)
+                    on_datagrams([data[off:off + seg] for off in range(0, len(data), seg)], addr)
                 else:
-                    on_datagram(data, addr)
+                    on_datagrams([data], addr)
                 if self.closed:
                     return
         finally:
@@ -265,8 +264,8 @@ class UdpPipe:
         return self._m
 
     # --- driven by the endpoint ---------------------------------------------------------
-    def feed(self, data: bytes) -> None:
-        self._m.receive_datagram(data, self._loop.time())
+    def feed(self, dgrams: list[bytes]) -> None:
+        self._m.receive_datagrams(dgrams, self._loop.time())
 
     def flush(self) -> None:
         self._flush_soon = False
@@ -422,7 +421,7 @@ class UdpListener:
         self.dropped_datagrams = 0
         self._port = int(sock.getsockname()[1])
         self._endpoint = _Endpoint(loop, sock, connected=False, loss_rate=loss_rate,
-                                   on_datagram=self._on_datagram,
+                                   on_datagrams=self._on_datagrams,
                                    on_batch_end=self._on_batch_end,
                                    on_error=self._on_error)
         self._closing = False
@@ -434,6 +433,17 @@ class UdpListener:
     @property
     def connections(self) -> int:
         return len(self._by_cid)
+
+    def _on_datagrams(self, dgrams: list[bytes], addr: Any) -> None:
+        if len(dgrams) > 1:
+            pipe = self._by_cid.get(dgrams[0][2:10])
+            if pipe is not None and pipe._addr == addr:
+                # one GRO read is one flow: the machine checks each datagram's cid itself
+                pipe.feed(dgrams)
+                self._dirty.add(pipe)
+                return
+        for d in dgrams:
+            self._on_datagram(d, addr)
 
     def _on_datagram(self, data: bytes, addr: Any) -> None:
         if len(data) < HEADER_BYTES or data[0] != MAGIC:
@@ -456,7 +466,7 @@ class UdpListener:
         elif pipe._addr != addr:
             self.dropped_datagrams += 1  # no migration: a cid is bound to its address
             return
-        pipe.feed(data)
+        pipe.feed([data])
         self._dirty.add(pipe)
 
     def _accept(self, data: bytes, addr: Any, key: tuple[Any, bytes]) -> None:
@@ -543,9 +553,9 @@ class _ClientEndpoint:
         self.endpoint: _Endpoint | None = None
         self.error: OSError | None = None
 
-    def on_datagram(self, data: bytes, addr: Any) -> None:
+    def on_datagrams(self, dgrams: list[bytes], addr: Any) -> None:
         if self.pipe is not None:
-            self.pipe.feed(data)
+            self.pipe.feed(dgrams)
 
     def on_batch_end(self) -> None:
         if self.pipe is not None:
@@ -580,7 +590,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
                               f"{exc.strerror or exc.__class__.__name__}") from None
     glue = _ClientEndpoint()
     glue.endpoint = _Endpoint(loop, sock, connected=True, loss_rate=loss_rate,
-                              on_datagram=glue.on_datagram, on_batch_end=glue.on_batch_end,
+                              on_datagrams=glue.on_datagrams, on_batch_end=glue.on_batch_end,
                               on_error=glue.on_error)
     machine = UdpConnection.client(loop.time(), datagram_bytes=datagram_bytes)
     pipe = UdpPipe(machine, addr, glue.endpoint.send, loop, glue.on_closed)

@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from node.errors import ProtocolError
@@ -40,7 +41,7 @@ HEADER_BYTES = _HDR.size  # 10
 _INIT = struct.Struct(">BB8s8sH")  # + source cid, datagram size
 _SEQ = struct.Struct(">Q")
 DATA_HEADER_BYTES = HEADER_BYTES + _SEQ.size  # 18
-_ACK = struct.Struct(">BB8sQIIQB")  # + cumulative, rwnd packets, ack delay us, largest, n ranges
+_ACK = struct.Struct(">BB8sQIIQH")  # + cumulative, rwnd packets, ack delay us, largest, n ranges
 _RANGE = struct.Struct(">II")  # [cum + start, cum + end) received out of order
 
 MIN_DATAGRAM_BYTES = 576
@@ -60,12 +61,14 @@ IDLE_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0
 MAX_RTO_BACKOFFS = 10
+MIN_PROBE_TIMEOUT_S = 0.01
+PROBE_TIMEOUTS = 2  # the first timeouts only probe (tail loss probe); later ones collapse cwnd
 
 # --- windows -------------------------------------------------------------------------
 RECV_WINDOW_BYTES = 16 * 1024 * 1024  # out-of-order + delivered-but-unread bytes
 INITIAL_CWND_PACKETS = 32
 MIN_CWND_PACKETS = 4
-MAX_SACK_RANGES = 64
+MAX_SACK_RANGES = 1024  # also limited by what fits in one datagram
 REORDER_THRESHOLD_PACKETS = 3
 LOSS_TOLERANCE_FRACTION = 0.2  # random loss below this per round is not congestion
 PACING_GAIN = 2.0
@@ -141,6 +144,7 @@ class UdpConnection:
         self.close_reason = ""
         self.dropped_datagrams = 0  # garbage / unexpected / out-of-window datagrams
         self.retransmitted_packets = 0
+        self.rto_count = 0
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []  # control datagrams waiting for datagrams_to_send
         self._created = now
@@ -155,6 +159,7 @@ class UdpConnection:
         self._inflight_bytes = 0
         self._lost: OrderedDict[int, bytes] = OrderedDict()
         self._lost_bytes = 0
+        self._sacked_seen: dict[int, int] = {}  # SACK range end -> lowest start processed
         self._tx_counter = 0
         self._largest_acked_tx = -1
         self._peer_rwnd = 64  # packets; the first ACK tells the real one
@@ -168,6 +173,8 @@ class UdpConnection:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = INITIAL_RTO_S
+        self.pto = INITIAL_RTO_S
+        self.probe_count = 0
         self._backoffs = 0
         self._rto_deadline: float | None = None
         self._ctrl_deadline: float | None = None  # INIT / INIT_ACK / CLOSE retransmission
@@ -290,13 +297,51 @@ class UdpConnection:
     # --- input ------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, now: float) -> None:
         """Feed one datagram. Invalid or unexpected datagrams are counted and dropped."""
+        self.receive_datagrams((data,), now)
+
+    def receive_datagrams(self, dgrams: Sequence[bytes], now: float) -> None:
+        """Feed a batch (e.g. one GRO read). Same as one receive_datagram per item, but
+        in-order data takes a short path and the byte stream is parsed once per batch."""
         try:
-            if not self._receive(data, now):
-                self.dropped_datagrams += 1
-        except (struct.error, IndexError, ValueError):
-            self.dropped_datagrams += 1
+            self._receive_batch(dgrams, now)
+            if self._stream and self.state is not State.CLOSED:
+                self._parse_stream()
         except ProtocolError as exc:
             self.reset(f"protocol error from peer: {exc}")
+
+    def _receive_batch(self, dgrams: Sequence[bytes], now: float) -> None:
+        cid = self.local_cid
+        maxlen = self.datagram_bytes
+        limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES
+        stream = self._stream
+        fast = self.state is State.ESTABLISHED or self.state is State.CLOSING
+        for d in dgrams:
+            n = len(d)
+            if fast and n > DATA_HEADER_BYTES and d[1] == T_DATA and n <= maxlen and \
+                    d[0] == MAGIC and d[2:10] == cid:
+                seq = int.from_bytes(d[10:18], "big")
+                if seq == self._rcv_next and not self._range_starts and \
+                        self._unread_bytes + len(stream) <= limit:
+                    # the common case: the next packet in order, no holes
+                    stream += memoryview(d)[DATA_HEADER_BYTES:]
+                    self._rcv_next = seq + 1
+                    self._largest_rcv = seq
+                    self._largest_rcv_time = now
+                    self._last_recv = now
+                    self._ack_pending += 1
+                    if self._ack_deadline is None:
+                        self._ack_deadline = now + MAX_ACK_DELAY_S
+                    if self._ack_pending >= ACK_EVERY_PACKETS:
+                        self._ack_now = True
+                    continue
+            try:
+                if not self._receive(d, now):
+                    self.dropped_datagrams += 1
+            except (struct.error, IndexError, ValueError):
+                self.dropped_datagrams += 1
+            if self.state is State.CLOSED:
+                return
+            stream = self._stream
 
     def _receive(self, data: bytes, now: float) -> bool:
         n = len(data)
@@ -406,7 +451,6 @@ class UdpConnection:
                 del self._range_ends[0]
                 self._ack_now = True  # a hole was filled: tell the sender promptly
             self._rcv_next = rcv_next
-            self._parse_stream()
             if self._ack_pending >= ACK_EVERY_PACKETS:
                 self._ack_now = True
             return
@@ -484,12 +528,22 @@ class UdpConnection:
                     self._lost_bytes -= len(lost.pop(seq))
             self._snd_una = cum
         off = _ACK.size
+        seen = self._sacked_seen
         for _ in range(nranges):
             a, b = _RANGE.unpack_from(data, off)
             off += _RANGE.size
             if a >= b or cum + b > self._next_seq:
                 return False
-            for seq in range(cum + a, cum + b):
+            a += cum
+            b += cum
+            # ranges repeat from ack to ack: skip the part already processed
+            lo = seen.get(b)
+            seen[b] = a if lo is None or a < lo else lo
+            if lo is not None:
+                if lo <= a:
+                    continue
+                b = lo
+            for seq in range(a, b):
                 rec = inflight.pop(seq, None)
                 if rec is not None:
                     newly += 1
@@ -500,6 +554,8 @@ class UdpConnection:
                         sample_rec = rec
                 elif lost and seq in lost:
                     self._lost_bytes -= len(lost.pop(seq))
+        if len(seen) > 8 * MAX_SACK_RANGES:
+            self._sacked_seen = {e: st for e, st in seen.items() if e > cum}
         if not newly:
             return True
         self._inflight_bytes -= newly_bytes
@@ -521,7 +577,7 @@ class UdpConnection:
         if self._largest_acked_tx >= self._round_end_tx:
             self._end_round()
         # RFC 6298 5.3: restart the timer when new data is acknowledged
-        self._rto_deadline = now + self.rto if inflight else None
+        self._rto_deadline = now + self._timeout() if inflight else None
         return True
 
     def _rtt_sample(self, rtt: float, ack_delay: float) -> None:
@@ -535,9 +591,14 @@ class UdpConnection:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = min(MAX_RTO_S, max(MIN_RTO_S, self.srtt + max(CLOCK_GRANULARITY_S,
-                                                                    4 * self.rttvar)
-                                      + MAX_ACK_DELAY_S))
+        base = self.srtt + max(CLOCK_GRANULARITY_S, 4 * self.rttvar) + MAX_ACK_DELAY_S
+        self.rto = min(MAX_RTO_S, max(MIN_RTO_S, base))
+        self.pto = min(MAX_RTO_S, max(MIN_PROBE_TIMEOUT_S, base))
+
+    def _timeout(self) -> float:
+        """Current retransmission timeout: probe timeout first, then the RTO, backed off."""
+        base = self.pto if self._backoffs < PROBE_TIMEOUTS else self.rto
+        return min(MAX_RTO_S, base * 2 ** self._backoffs)
 
     def _detect_losses(self) -> None:
         """A packet is lost once packets sent REORDER_THRESHOLD later were acked (SACK)."""
@@ -633,7 +694,17 @@ class UdpConnection:
             self._finish(f"peer stopped acknowledging ({MAX_RTO_BACKOFFS} retransmission "
                          "timeouts)")
             return
-        self.rto = min(MAX_RTO_S, self.rto * 2)
+        if self._backoffs <= PROBE_TIMEOUTS:
+            # tail loss probe: resend the oldest unacked packet and keep the window; its
+            # ack lets SACK loss detection find whatever else was lost
+            self.probe_count += 1
+            seq, rec = self._inflight.popitem(last=False)
+            self._inflight_bytes -= len(rec[2])
+            self._lost[seq] = rec[2]
+            self._lost_bytes += len(rec[2])
+            self._lost.move_to_end(seq, last=False)
+            return
+        self.rto_count += 1
         self.ssthresh = max(float(MIN_CWND_PACKETS), self.cwnd / 2)
         self.cwnd = float(MIN_CWND_PACKETS)
         # everything unacknowledged is presumed lost (SACKed packets are already gone),
@@ -681,14 +752,19 @@ class UdpConnection:
         self._advertised_rwnd = rwnd
         delay_us = min(0xFFFFFFFF, max(0, int((now - self._largest_rcv_time) * 1e6)))
         largest = self._largest_rcv + 1
-        parts = [_ACK.pack(MAGIC, T_ACK, self.peer_cid, cum, rwnd, delay_us, largest, n)]
-        # newest ranges first: older ones were reported by earlier acks
-        for i in range(len(starts) - 1, len(starts) - 1 - n, -1):
-            parts.append(_RANGE.pack(starts[i] - cum, ends[i] - cum))
+        head = _ACK.pack(MAGIC, T_ACK, self.peer_cid, cum, rwnd, delay_us, largest, n)
         self._ack_pending = 0
         self._ack_now = False
         self._ack_deadline = None
-        return b"".join(parts)
+        if not n:
+            return head
+        # newest ranges first: older ones were reported by earlier acks
+        k = len(starts)
+        flat: list[int] = []
+        for i in range(k - 1, k - 1 - n, -1):
+            flat.append(starts[i] - cum)
+            flat.append(ends[i] - cum)
+        return head + struct.pack(f">{2 * n}I", *flat)
 
     def _pacing_interval(self) -> float:
         srtt = self.srtt if self.srtt is not None else INITIAL_RTO_S / 4
@@ -751,7 +827,7 @@ class UdpConnection:
         self._tx_counter = tx
         self._pacing_tokens = tokens
         if sent_any and self._rto_deadline is None:
-            self._rto_deadline = now + self.rto
+            self._rto_deadline = now + self._timeout()
         if not inflight and not lost and self._send_queue and \
                 self._next_seq >= self._snd_una + self._peer_rwnd and \
                 self._persist_deadline is None:
