@@ -39,6 +39,10 @@ T_INIT, T_INIT_ACK, T_DATA, T_ACK, T_PING, T_CLOSE, T_CLOSE_ACK, T_RESET = range
 _HDR = struct.Struct(">BB8s")  # magic, type, destination connection id
 HEADER_BYTES = _HDR.size  # 10
 _INIT = struct.Struct(">BB8s8sH")  # + source cid, datagram size
+# INIT is zero-padded to more than any unsolicited reply it can cause (at most
+# 1 + INIT_ACK_RETRIES INIT_ACKs), so spoofed INITs cannot use us as an amplifier
+INIT_BYTES = 64
+INIT_ACK_RETRIES = 2
 _SEQ = struct.Struct(">Q")
 DATA_HEADER_BYTES = HEADER_BYTES + _SEQ.size  # 18
 _ACK = struct.Struct(">BB8sQIIQH")  # + cumulative, rwnd packets, ack delay us, largest, n ranges
@@ -116,10 +120,11 @@ def new_cid() -> bytes:
 
 def parse_init(data: bytes) -> tuple[int, bytes, bytes, int] | None:
     """(type, dcid, scid, datagram size) of an INIT/INIT_ACK, or None if it is not one."""
-    if len(data) != _INIT.size:
+    n = len(data)
+    if n != _INIT.size and n != INIT_BYTES:
         return None
-    magic, ptype, dcid, scid, size = _INIT.unpack(data)
-    if magic != MAGIC or ptype not in (T_INIT, T_INIT_ACK):
+    magic, ptype, dcid, scid, size = _INIT.unpack_from(data)
+    if magic != MAGIC or ptype != (T_INIT if n == INIT_BYTES else T_INIT_ACK):
         return None
     if not MIN_DATAGRAM_BYTES <= size <= MAX_DATAGRAM_BYTES:
         return None
@@ -492,7 +497,9 @@ class UdpConnection:
                 need = self._msg_need = 4 + length
             if len(stream) < need:
                 return
-            msg = bytes(stream[4:need])
+            view = memoryview(stream)
+            msg = bytes(view[4:need])  # one copy, not two
+            view.release()
             del stream[:need]
             self._msg_need = 0
             self._unread_bytes += len(msg)
@@ -672,8 +679,10 @@ class UdpConnection:
         elif self.state is State.INIT_RECEIVED:
             if now - self._created >= HANDSHAKE_TIMEOUT_S:
                 self._finish("handshake timeout")
-            else:
+            elif self._ctrl_tries <= INIT_ACK_RETRIES:
                 self._queue_init_ack(now)
+            else:  # only a retransmitted INIT gets another INIT_ACK now
+                self._ctrl_deadline = self._created + HANDSHAKE_TIMEOUT_S
         elif self.state is State.CLOSING:
             if self._close_sent and self._ctrl_tries < 6:
                 self._out.append(_HDR.pack(MAGIC, T_CLOSE, self.peer_cid))
@@ -721,8 +730,8 @@ class UdpConnection:
 
     # --- output -----------------------------------------------------------------------
     def _queue_init(self, now: float) -> None:
-        self._out.append(_INIT.pack(MAGIC, T_INIT, bytes(CID_BYTES), self.local_cid,
-                                    self.datagram_bytes))
+        init = _INIT.pack(MAGIC, T_INIT, bytes(CID_BYTES), self.local_cid, self.datagram_bytes)
+        self._out.append(init + bytes(INIT_BYTES - len(init)))
         self._ctrl_deadline = now + min(MAX_RTO_S, INITIAL_RTO_S * 2 ** self._ctrl_tries)
 
     def _queue_init_ack(self, now: float) -> None:

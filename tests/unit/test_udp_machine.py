@@ -313,3 +313,22 @@ def test_handshake_survives_lost_init_and_init_ack() -> None:
     connect(link)
     link.client.send_message(b"ok")
     link.run_until(lambda: link.received("server") == [b"ok"])
+
+
+def test_server_does_not_amplify_spoofed_inits() -> None:
+    client = UdpConnection.client(0.0)
+    init = client.datagrams_to_send(0.0)[0]
+    assert len(init) == um.INIT_BYTES
+    server = UdpConnection.server(init, 0.0)
+    now, out_bytes = 0.0, 0
+    while not server.is_closed:  # the "client" never answers (spoofed source)
+        out_bytes += sum(len(d) for d in server.datagrams_to_send(now))
+        t = server.get_timer()
+        assert t is not None
+        now = t
+        server.handle_timer(now)
+    assert out_bytes <= len(init)
+    assert server.close_reason == "handshake timeout"
+    # an unpadded INIT is not accepted at all
+    with pytest.raises(ProtocolError):
+        UdpConnection.server(init[:20], 0.0)
