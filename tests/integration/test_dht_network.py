@@ -329,3 +329,27 @@ async def test_stores_feed_the_peer_cache(net: Net, tmp_path: Path) -> None:
         await net.close()
         net.nodes.clear()
         cache.close()
+
+
+async def test_republish_restores_and_resigns_the_record(net: Net) -> None:
+    nodes = await build(net, 4)
+    publisher = await start_node(republish_s=0.2)
+    await net.add(publisher, publish=False)
+    # a short-lived record: the node must re-sign it (seq + 1) before it expires
+    short = ContactRecord.create(publisher.identity, [HOST], {"dht": publisher.port}, 1,
+                                 ttl_s=30)
+    assert await publisher.set_record(short) >= 1
+    holder = nodes[0]
+    holder.storage._remove(publisher.dht_id)  # the holder lost it (restart, eviction)
+    assert holder.storage.get_record(publisher.dht_id) is None
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        got = holder.storage.get_record(publisher.dht_id)
+        if got is not None and got.seq >= 2:
+            break
+        await asyncio.sleep(0.05)
+    got = holder.storage.get_record(publisher.dht_id)
+    assert got is not None and got.seq >= 2 and publisher.record is not None
+    assert publisher.record.seq >= 2
+    res = await nodes[1].lookup(publisher.identity.peer_id)
+    assert res is not None and res.record.seq >= 2
