@@ -109,7 +109,7 @@ def _aead_encrypt(plaintext: bytes, nonce: bytes, key: bytes) -> bytes:
     return _ffi.buffer(out, n)[:]
 
 
-def _aead_decrypt(ciphertext: bytes, nonce: bytes, key: bytes) -> bytes | None:
+def _aead_decrypt(ciphertext: bytes | bytearray, nonce: bytes, key: bytes) -> bytes | None:
     """The plaintext, or None when the frame does not authenticate."""
     if _lib is None:
         try:
@@ -118,8 +118,9 @@ def _aead_decrypt(ciphertext: bytes, nonce: bytes, key: bytes) -> bytes | None:
             return None
     n = len(ciphertext) - FRAME_OVERHEAD_BYTES
     out = _scratch_buffer(n)
+    src = ciphertext if type(ciphertext) is bytes else _ffi.from_buffer(ciphertext)
     rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        out, _ffi.NULL, _ffi.NULL, ciphertext, len(ciphertext), _ffi.NULL, 0, nonce, key)
+        out, _ffi.NULL, _ffi.NULL, src, len(ciphertext), _ffi.NULL, 0, nonce, key)
     if rc != 0:
         return None
     return _ffi.buffer(out, n)[:]
@@ -287,9 +288,9 @@ class Session:
         self._send_counter += 1
         return _aead_encrypt(plaintext, nonce, self._send_key)
 
-    def open(self, ciphertext: bytes) -> bytes:
+    def open(self, ciphertext: bytes | bytearray) -> bytes:
         self._check_open()
-        if type(ciphertext) is not bytes:
+        if _lib is None or not isinstance(ciphertext, (bytes, bytearray)):
             ciphertext = bytes(ciphertext)
         if len(ciphertext) < FRAME_OVERHEAD_BYTES:
             self._kill("truncated frame")

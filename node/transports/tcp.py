@@ -1,15 +1,20 @@
-"""TCP transport: asyncio streams carrying u32 big-endian length-prefixed messages.
+"""TCP transport: asyncio carrying u32 big-endian length-prefixed messages.
 
 Implements the Pipe/Listener interface of ``node/transports/base.py``. Knows
 nothing about identities, trust or encryption (``node/channel.py`` adds those);
 must not import channel, secure, trust or anything above the transports.
 
+Built on ``asyncio.BufferedProtocol`` (the layer under asyncio streams) so a
+large message is received straight into its own buffer: no stream-buffer
+append and no slice copy per message, which streams cost at 1 MiB messages.
+
 * A header announcing more than ``MAX_MESSAGE_BYTES`` is refused before any
   payload is buffered (ProtocolError, the pipe is closed).
 * ``send`` writes header and payload with ``writelines`` (no concatenation
-  copy) and awaits ``drain()``: backpressure once the kernel and transport
-  buffers pass ``WRITE_HIGH_WATER_BYTES``.
-* The stream reader pauses the socket past ``2 * READ_LIMIT_BYTES`` of unread data.
+  copy) and waits while the transport's write buffer is above
+  ``WRITE_HIGH_WATER_BYTES`` (backpressure via pause_writing/resume_writing).
+* Receiving pauses the socket while more than ``READ_HIGH_WATER_BYTES`` of
+  complete messages wait for ``recv()``: memory per pipe stays bounded.
 * A handler's exception is logged and its pipe closed; the listener keeps serving.
 """
 
@@ -19,6 +24,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections import deque
 from typing import Any
 
 from node.errors import ChannelClosed, LocalIOError, P2PError, PeerUnreachable, ProtocolError
@@ -28,20 +34,179 @@ log = logging.getLogger(__name__)
 
 name = "tcp"
 HEADER = struct.Struct(">I")
-READ_LIMIT_BYTES = 1 << 20
-WRITE_HIGH_WATER_BYTES = 4 << 20
-WRITE_LOW_WATER_BYTES = 1 << 20
+READ_CHUNK_BYTES = 256 * 1024
+# bodies at least this large are received directly into their own buffer
+DIRECT_READ_MIN_BYTES = 64 * 1024
+READ_HIGH_WATER_BYTES = 4 * 1024 * 1024
+WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
+WRITE_LOW_WATER_BYTES = 1024 * 1024
 
 
-def _tune_socket(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Parses length-prefixed frames into a bounded queue; tracks write pausing."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunk = bytearray(READ_CHUNK_BYTES)
+        self._chunk_view = memoryview(self._chunk)
+        self._hdr = bytearray()
+        self._body: bytearray | None = None
+        self._body_view: memoryview | None = None
+        self._body_got = 0
+        self._direct = False
+        self.queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self.error: P2PError | None = None
+        self.eof = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.connected = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # not every socket family supports it; not fatal
+                pass
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES, low=WRITE_LOW_WATER_BYTES)
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body_view is not None and len(self._body_view) - self._body_got >= \
+                DIRECT_READ_MIN_BYTES:
+            self._direct = True
+            return self._body_view[self._body_got:]
+        self._direct = False
+        return self._chunk_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._direct:
+            self._body_got += nbytes
+            if self._body is not None and self._body_got == len(self._body):
+                self._finish_body()
+            return
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # not every socket family supports it; not fatal
-            pass
-    writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES,
-                                             low=WRITE_LOW_WATER_BYTES)
+            self._parse(self._chunk_view[:nbytes])
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _parse(self, data: memoryview) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._body is None:
+                take = min(HEADER.size - len(self._hdr), end - pos)
+                self._hdr += data[pos:pos + take]
+                pos += take
+                if len(self._hdr) < HEADER.size:
+                    return
+                (n,) = HEADER.unpack(self._hdr)
+                self._hdr.clear()
+                if n > MAX_MESSAGE_BYTES:
+                    raise ProtocolError(
+                        f"peer announced a {n}-byte message (limit {MAX_MESSAGE_BYTES})"
+                    )
+                if n == 0:
+                    self._deliver(b"")
+                    continue
+                if n <= end - pos:  # whole small message in this chunk: one copy
+                    self._deliver(bytes(data[pos:pos + n]))
+                    pos += n
+                    continue
+                self._body = bytearray(n)
+                self._body_view = memoryview(self._body)
+                self._body_got = 0
+            else:
+                take = min(len(self._body) - self._body_got, end - pos)
+                self._body_view[self._body_got:self._body_got + take] = data[pos:pos + take]  # type: ignore[index]
+                self._body_got += take
+                pos += take
+                if self._body_got == len(self._body):
+                    self._finish_body()
+
+    def _finish_body(self) -> None:
+        assert self._body is not None and self._body_view is not None
+        # handed over as-is: a bytes() copy of fresh memory costs as much as decrypting it
+        body: Any = self._body
+        self._body_view.release()
+        self._body = self._body_view = None
+        self._body_got = 0
+        self._deliver(body)
+
+    def _deliver(self, msg: bytes) -> None:
+        self.queue.append(msg)
+        self.queued_bytes += len(msg)
+        if self.queued_bytes > READ_HIGH_WATER_BYTES and not self._reading_paused:
+            self._reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        self._wake()
+
+    def _fail(self, exc: P2PError) -> None:
+        if self.error is None:
+            self.error = exc
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        if exc is not None and self.error is None:
+            self.error = ChannelClosed(f"tcp connection failed: {exc.__class__.__name__}")
+        self._write_paused = False
+        self._wake()
+        if not self.connected.done():
+            self.connected.set_exception(ChannelClosed("tcp connection lost while opening"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    # -- used by TcpPipe -------------------------------------------------------------
+    def pop(self) -> bytes | None:
+        if not self.queue:
+            return None
+        msg = self.queue.popleft()
+        self.queued_bytes -= len(msg)
+        if self._reading_paused and self.queued_bytes <= READ_HIGH_WATER_BYTES // 2:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        return msg
+
+    async def wait_readable(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def wait_writable(self) -> None:
+        while self._write_paused and not self.eof and self.error is None:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
 
 
 class TcpPipe:
@@ -49,65 +214,64 @@ class TcpPipe:
 
     transport = "tcp"
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, proto: _FrameProtocol) -> None:
+        assert proto.transport is not None
+        self._proto = proto
+        self._transport = proto.transport
         self._closed = False
-        peer: Any = writer.get_extra_info("peername")
+        peer: Any = self._transport.get_extra_info("peername")
         self.remote: tuple[str, int] = (
             (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("?", 0)
         )
-        _tune_socket(writer)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    def _where(self) -> str:
+        return f"tcp connection to {self.remote[0]}:{self.remote[1]}"
+
     async def send(self, data: bytes) -> None:
-        if self._closed:
-            raise ChannelClosed(f"tcp connection to {self.remote[0]}:{self.remote[1]} is closed")
         n = len(data)
         if n > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"message of {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-        try:
-            self._writer.writelines((HEADER.pack(n), data))
-            await self._writer.drain()
-        except (ConnectionError, OSError, RuntimeError) as exc:
-            await self.close()
-            raise ChannelClosed(f"tcp connection to {self.remote[0]}:{self.remote[1]} "
-                                f"failed: {exc.__class__.__name__}") from None
+        proto = self._proto
+        if self._closed or proto.eof or proto.error is not None or self._transport.is_closing():
+            raise ChannelClosed(f"{self._where()} is closed")
+        self._transport.writelines((HEADER.pack(n), data) if n else (HEADER.pack(0),))
+        if proto._write_paused:
+            await proto.wait_writable()
+            if proto.error is not None and not isinstance(proto.error, ProtocolError):
+                await self.close()
+                raise ChannelClosed(f"{self._where()} failed") from None
 
     async def recv(self) -> bytes:
-        if self._closed:
-            raise ChannelClosed(f"tcp connection to {self.remote[0]}:{self.remote[1]} is closed")
-        try:
-            header = await self._reader.readexactly(HEADER.size)
-            (n,) = HEADER.unpack(header)
-            if n > MAX_MESSAGE_BYTES:
+        """The next message (a bytearray for large ones: bytes-like, never copied)."""
+        proto = self._proto
+        while True:
+            if self._closed:
+                raise ChannelClosed(f"{self._where()} is closed")
+            msg = proto.pop()
+            if msg is not None:
+                return msg
+            if proto.error is not None:
+                err = proto.error
                 await self.close()
-                raise ProtocolError(
-                    f"peer {self.remote[0]}:{self.remote[1]} announced a {n}-byte message "
-                    f"(limit {MAX_MESSAGE_BYTES})"
-                )
-            return await self._reader.readexactly(n)
-        except asyncio.IncompleteReadError:
-            await self.close()
-            raise ChannelClosed(f"tcp connection to {self.remote[0]}:{self.remote[1]} "
-                                "closed by the peer") from None
-        except (ConnectionError, OSError) as exc:
-            await self.close()
-            raise ChannelClosed(f"tcp connection to {self.remote[0]}:{self.remote[1]} "
-                                f"failed: {exc.__class__.__name__}") from None
+                if isinstance(err, ProtocolError):
+                    raise ProtocolError(f"{err} from {self.remote[0]}:{self.remote[1]}")
+                raise ChannelClosed(f"{self._where()} failed: {err}")
+            if proto.eof:
+                await self.close()
+                raise ChannelClosed(f"{self._where()} closed by the peer")
+            await proto.wait_readable()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._writer.close()
-            await self._writer.wait_closed()
-        except (ConnectionError, OSError, RuntimeError):
-            pass  # the peer may already have reset the connection; closing is best effort
+        self._transport.close()  # flushes what is buffered, then closes
+        self._proto._wake()
+        await asyncio.sleep(0)  # let the loop run the close callbacks
 
 
 class TcpListener:
@@ -124,12 +288,19 @@ class TcpListener:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def _on_connect(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        pipe = TcpPipe(reader, writer)
+    def _make_protocol(self) -> _FrameProtocol:
+        proto = _FrameProtocol()
+        task = asyncio.get_running_loop().create_task(self._serve(proto))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return proto
+
+    async def _serve(self, proto: _FrameProtocol) -> None:
+        try:
+            await proto.connected
+        except ChannelClosed:
+            return
+        pipe = TcpPipe(proto)
         self._pipes.add(pipe)
         try:
             await self._handler(pipe)
@@ -142,8 +313,6 @@ class TcpListener:
         finally:
             await pipe.close()
             self._pipes.discard(pipe)
-            if task is not None:
-                self._tasks.discard(task)
 
     async def close(self) -> None:
         if self._server is None:
@@ -161,19 +330,19 @@ class TcpListener:
 
 async def listen(host: str, port: int, handler: PipeHandler) -> TcpListener:
     listener = TcpListener(handler)
+    loop = asyncio.get_running_loop()
     try:
-        listener._server = await asyncio.start_server(
-            listener._on_connect, host, port, limit=READ_LIMIT_BYTES
-        )
+        listener._server = await loop.create_server(listener._make_protocol, host, port)
     except OSError as exc:
         raise LocalIOError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from None
     return listener
 
 
 async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -> TcpPipe:
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=READ_LIMIT_BYTES), timeout
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(_FrameProtocol, host, port), timeout
         )
     except asyncio.TimeoutError:
         raise PeerUnreachable(
@@ -183,4 +352,4 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
         raise PeerUnreachable(
             f"cannot reach {host}:{port} over tcp: {exc.strerror or exc.__class__.__name__}"
         ) from None
-    return TcpPipe(reader, writer)
+    return TcpPipe(proto)

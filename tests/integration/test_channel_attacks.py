@@ -393,9 +393,7 @@ async def test_tcp_oversize_header_kills_connection_cleanly(when: str) -> None:
             ch = await open_channel(pipe, ALICE, expected_peer=BOB.peer_id,
                                     authorize=trusting(BOB))
             assert (await srv.next_event())[0] == "accepted"
-            raw_writer = pipe._writer  # type: ignore[attr-defined]
-            raw_writer.write(b"\xff\xff\xff\xff")
-            await raw_writer.drain()
+            pipe._transport.write(b"\xff\xff\xff\xff")  # type: ignore[attr-defined]
             kind, exc = await srv.next_event()
             assert kind == "ended" and isinstance(exc, ProtocolError) and "limit" in str(exc)
             with pytest.raises(ChannelClosed):

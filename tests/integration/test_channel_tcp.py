@@ -280,3 +280,24 @@ async def test_tcp_pipe_roundtrip_and_backpressure() -> None:
         release.set()
         await pipe.close()
         await lst.close()
+
+
+def test_channel_under_uvloop() -> None:
+    """The daemon and the benchmark run uvloop, whose transports differ from asyncio's."""
+    import uvloop
+
+    async def scenario() -> None:
+        srv = EchoServer(BOB, trusting(ALICE))
+        port = await srv.start()
+        try:
+            ch = await connect(port)
+            for size in (0, 10, 70_000, 3 << 20):
+                await ch.send(b"u" * size)
+                assert await ch.recv() == b"u" * size
+            await ch.close()
+            with pytest.raises(PeerNotTrusted):
+                await connect(port, me=CAROL)
+        finally:
+            await srv.close()
+
+    uvloop.run(scenario())

@@ -378,3 +378,10 @@ def test_random_frames_never_open(data: bytes) -> None:
     _, sr, _ = handshake()
     with pytest.raises(ProtocolError):
         sr.open(data)
+
+
+def test_open_accepts_bytearray_frames_from_zero_copy_transports() -> None:
+    si, sr, _ = handshake()
+    assert sr.open(bytearray(si.seal(b"from a buffer"))) == b"from a buffer"
+    with pytest.raises(ProtocolError):
+        sr.open(bytearray(si.seal(b"x"))[:-1])
