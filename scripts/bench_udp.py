@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from node.transports import udp  # noqa: E402
+from node.transports import udp
 
 
 async def one_run(total_bytes: int, datagram_bytes: int, loss: float,

@@ -527,8 +527,7 @@ class UdpConnection:
                 if rec is not None:
                     newly += 1
                     newly_bytes += len(rec[2])
-                    if rec[0] > max_tx:
-                        max_tx = rec[0]
+                    max_tx = max(max_tx, rec[0])
                     if seq == largest:
                         sample_rec = rec
                 elif seq in lost:
@@ -555,8 +554,7 @@ class UdpConnection:
                 if rec is not None:
                     newly += 1
                     newly_bytes += len(rec[2])
-                    if rec[0] > max_tx:
-                        max_tx = rec[0]
+                    max_tx = max(max_tx, rec[0])
                     if seq == largest:
                         sample_rec = rec
                 elif lost and seq in lost:
@@ -569,16 +567,14 @@ class UdpConnection:
         self._backoffs = 0
         if sample_rec is not None and not sample_rec[3]:  # Karn: never time a retransmission
             self._rtt_sample(now - sample_rec[1], delay_us / 1e6)
-        if max_tx > self._largest_acked_tx:
-            self._largest_acked_tx = max_tx
+        self._largest_acked_tx = max(self._largest_acked_tx, max_tx)
         # congestion window growth
         if self.cwnd < self.ssthresh:
             self.cwnd += newly
         else:
             self.cwnd += newly / self.cwnd
         cap = float(max(self._window_packets, 1024))
-        if self.cwnd > cap:
-            self.cwnd = cap
+        self.cwnd = min(self.cwnd, cap)
         self._round_acked += newly
         self._detect_losses()
         if self._largest_acked_tx >= self._round_end_tx:
@@ -605,7 +601,7 @@ class UdpConnection:
     def _timeout(self) -> float:
         """Current retransmission timeout: probe timeout first, then the RTO, backed off."""
         base = self.pto if self._backoffs < PROBE_TIMEOUTS else self.rto
-        return min(MAX_RTO_S, base * 2 ** self._backoffs)
+        return min(MAX_RTO_S, base * float(2 ** self._backoffs))
 
     def _detect_losses(self) -> None:
         """A packet is lost once packets sent REORDER_THRESHOLD later were acked (SACK)."""
@@ -655,11 +651,11 @@ class UdpConnection:
             return
         if self._ctrl_deadline is not None and now >= self._ctrl_deadline:
             self._on_ctrl_timeout(now)
-            if self.state is State.CLOSED:
+            if self.is_closed:
                 return
         if self._rto_deadline is not None and now >= self._rto_deadline:
             self._on_rto(now)
-            if self.state is State.CLOSED:
+            if self.is_closed:
                 return
         if self._ack_deadline is not None and now >= self._ack_deadline:
             self._ack_now = True
@@ -806,8 +802,7 @@ class UdpConnection:
         interval = self._pacing_interval()
         tokens = self._pacing_tokens + (now - self._pacing_last) / interval
         burst = max(float(PACING_BURST_PACKETS), self.cwnd / 8)
-        if tokens > burst:
-            tokens = burst
+        tokens = min(tokens, burst)
         self._pacing_last = now
         inflight = self._inflight
         lost = self._lost

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 import struct
 
@@ -167,13 +168,13 @@ def test_rto_backs_off_exponentially_then_gives_up() -> None:
         assert t is not None
         link.now = t
         c.handle_timer(link.now)
-    gaps = [b - a for a, b in zip(sent_at, sent_at[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
     assert len(gaps) >= 6
     # the first timeouts are tail-loss probes (shorter), then the RTO doubles each time
     assert gaps[0] < gaps[1] < gaps[2]
     assert c.probe_count == um.PROBE_TIMEOUTS and c.rto_count >= 3
     later = gaps[um.PROBE_TIMEOUTS:]
-    for g1, g2 in zip(later, later[1:]):
+    for g1, g2 in itertools.pairwise(later):
         assert g2 == pytest.approx(2 * g1, rel=0.01) or g2 >= um.MAX_RTO_S * 0.99 or \
             g2 < g1  # the idle timeout may cut the last wait short
     closed = [e for e in iter(c.next_event, None) if isinstance(e, Closed)]
