@@ -35,6 +35,7 @@ class RecordCrawl(SpiderCrawl):  # type: ignore[misc]
         super().__init__(protocol, node, peers, ksize, alpha)
         self.protocol: HardenedProtocol = protocol
         self.nearest_without_value = NodeHeap(self.node, 1)
+        self.last_ids_crawled: list[bytes] = []
         self.hops = 0
         self.queries = 0
         # (record, encoded value, node that answered)

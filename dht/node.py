@@ -229,14 +229,15 @@ class DhtNode:
             left_s = record.expires - time.time()
             if left_s < 2 * self.republish_s + RESIGN_MARGIN_S:
                 ttl = record.expires - record.timestamp
-                self.record = ContactRecord.create(self.identity, record.hosts, record.ports,
-                                                   record.seq + 1, ttl_s=ttl)
+                record = ContactRecord.create(self.identity, record.hosts, record.ports,
+                                              record.seq + 1, ttl_s=ttl)
+                self.record = record
             try:
                 stored = await self._publish()
             except (ProtocolError, OSError) as exc:
                 log.warning("republishing our DHT record failed: %s", exc)
             else:
-                log.debug("republished DHT record seq %d on %d nodes", self.record.seq, stored)
+                log.debug("republished DHT record seq %d on %d nodes", record.seq, stored)
 
     async def lookup(self, peer_id: PeerId) -> LookupResult | None:
         """Find `peer_id`'s current record through the DHT; None when nobody has a valid one."""
@@ -311,6 +312,6 @@ async def _resolve(host: str, port: int) -> str | None:
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM),
             RESOLVE_TIMEOUT_S)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return None
     return str(infos[0][4][0]) if infos else None

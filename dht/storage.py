@@ -29,7 +29,6 @@ from kademlia.storage import IStorage
 
 from dht.records import record_for_key
 from node.contact import ContactRecord
-from node.errors import ProtocolError
 
 MAX_STORED_KEYS = 65536
 MAX_STORED_BYTES = 32 * 1024 * 1024
@@ -200,5 +199,10 @@ class RecordStorage(IStorage):  # type: ignore[misc]
         return out
 
 
-__all__ = ["RecordStorage", "StoreOutcome", "MAX_STORED_KEYS",
-           "MAX_STORED_BYTES", "MAX_KEYS_PER_SENDER"]
+__all__ = [
+    "MAX_KEYS_PER_SENDER",
+    "MAX_STORED_BYTES",
+    "MAX_STORED_KEYS",
+    "RecordStorage",
+    "StoreOutcome",
+]

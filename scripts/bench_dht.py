@@ -31,9 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dht.node import DhtNode  # noqa: E402
-from node.contact import ContactRecord  # noqa: E402
-from node.identity import Identity  # noqa: E402
+from dht.node import DhtNode
+from node.contact import ContactRecord
+from node.identity import Identity
 
 HOST = "127.0.0.1"
 RPC_TIMEOUT_S = 2.0
