@@ -35,6 +35,8 @@ log = logging.getLogger("p2pfs.daemon")
 
 STOP_BUDGET_S = 1.5
 REGISTER_BACKOFF_MAX_S = 60.0
+# how often the online list is fetched from each bootstrap server between registrations
+PEER_POLL_S = 5.0
 RECORD_TTL_S = 3600
 DAEMON_STATE_FILE = "daemon.json"
 LOCK_FILE = "daemon.lock"
@@ -243,30 +245,42 @@ class Daemon:
         return out
 
     async def _register_loop(self, url: str) -> None:
+        """Register (and re-register before the TTL) with one bootstrap server, and poll
+        its online list in between so peers that joined after us show up quickly."""
         from bootstrap.client import BootstrapClient
 
         client = BootstrapClient(url)
         self._bootstrap_clients.append(client)
         backoff = 1.0
+        registered_at = 0.0
         while True:
             try:
                 assert self.record is not None
-                records = await client.register(self.record)
+                if time.monotonic() - registered_at >= self.settings.register_interval_s:
+                    records = await client.register(self.record)
+                    registered_at = time.monotonic()
+                else:
+                    records = [e["record"] for e in await client.list_peers()
+                               if e.get("record") is not None
+                               and e["record"].peer_id != self.identity.peer_id]
                 backoff = 1.0
-                seen = {r.peer_id for r in records}
-                for entry_id in list(self.book.entries()):
-                    self.book.set_online(entry_id, "bootstrap", entry_id in seen)
-                for record in records:
-                    self.book.add(record, "bootstrap")
-                    self.book.set_online(record.peer_id, "bootstrap", True)
-                log.debug("registered with %s; %d peer(s) online", url, len(records))
-                delay = self.settings.register_interval_s
+                self._bootstrap_online(records)
+                delay = min(PEER_POLL_S, self.settings.register_interval_s)
             except P2PError as exc:
-                log.warning("bootstrap server %s: %s; retrying in %.0f s", url, exc, backoff)
+                log.warning("%s; retrying in %.0f s", exc, backoff)
                 self.book.forget_source("bootstrap")
+                registered_at = 0.0
                 delay = backoff
                 backoff = min(backoff * 2, REGISTER_BACKOFF_MAX_S)
             await asyncio.sleep(delay * random.uniform(0.9, 1.1))
+
+    def _bootstrap_online(self, records: list[ContactRecord]) -> None:
+        seen = {r.peer_id for r in records}
+        for entry_id in list(self.book.entries()):
+            self.book.set_online(entry_id, "bootstrap", entry_id in seen)
+        for record in records:
+            self.book.add(record, "bootstrap")
+            self.book.set_online(record.peer_id, "bootstrap", True)
 
     async def _unregister_all(self) -> None:
         await asyncio.gather(*(c.unregister(self.identity) for c in self._bootstrap_clients),

@@ -24,6 +24,7 @@ from node.channel import SecureChannel, accept_channel, open_channel
 from node.contact import ContactRecord
 from node.errors import (
     ChannelClosed,
+    ConfigError,
     P2PError,
     PeerNotTrusted,
     PeerUnreachable,
@@ -89,8 +90,13 @@ class Peering:
 
     # -- listening ---------------------------------------------------------
     async def start(self) -> dict[str, int]:
-        for name in self.transports:
-            transport = get_transport(name)
+        for name in list(self.transports):
+            try:
+                transport = get_transport(name)
+            except ConfigError as exc:
+                log.warning("not listening on %s: %s", name, exc)
+                self.transports.remove(name)
+                continue
             listener = await transport.listen(self.host, self._wanted_ports.get(name, 0),
                                               self._on_pipe)
             self._listeners.append(listener)
@@ -114,7 +120,8 @@ class Peering:
         try:
             channel = await accept_channel(pipe, self.identity, authorize=self.authorize)
         except PeerNotTrusted as exc:
-            log.warning("refused %s channel from %s:%s: %s", pipe.transport, *pipe.remote[:2], exc)
+            # node.channel already logged the refusal with the peer's id
+            log.debug("refused %s channel from %s:%s: %s", pipe.transport, *pipe.remote[:2], exc)
             await pipe.close()
             self._discard(task)
             return

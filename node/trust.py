@@ -120,7 +120,10 @@ def resolve_peer(text: str, known: Iterable[tuple[PeerId, Iterable[str]]]) -> Pe
             return PeerId.parse(text)
         except IdentityError as exc:
             raise UnknownPeer(str(exc)) from None
-    known_list = list({pid: [n for n in names if n] for pid, names in known}.items())
+    merged: dict[PeerId, set[str]] = {}
+    for pid, names in known:
+        merged.setdefault(pid, set()).update(n for n in names if n)
+    known_list = list(merged.items())
     by_alias = {pid for pid, names in known_list if text in names}
     if len(by_alias) == 1:
         return by_alias.pop()
