@@ -198,6 +198,7 @@ class DhtNode:
 
     async def set_record(self, record: ContactRecord) -> int:
         """Publish our own signed record; returns how many nodes stored it (0 if none answered)."""
+        self.protocol  # noqa: B018  (raises P2PError when the node is not started)
         if record.peer_id != self.identity.peer_id:
             raise ProtocolError("set_record publishes only this node's own record")
         record.verify()
