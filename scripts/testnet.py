@@ -183,7 +183,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"no scenario file {args.scenario}", file=sys.stderr)
             return EXIT_FAILED
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="p2pfs-scenario-"))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     report = run_scenario(scenario, root, transport=args.transport,
                           echo=None if args.json else _echo)
     if args.json:
@@ -224,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "n", 1) < 1:
         print("-n must be at least 1", file=sys.stderr)
         return EXIT_FAILED
+    # SIGTERM unwinds like Ctrl-C, so every `finally: teardown()` runs
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     handlers = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "run": cmd_run}
     try:
         return handlers[args.command](args)

@@ -8,6 +8,8 @@ The fast tests cover the harness's own logic (waiting, scenario parsing, ports).
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 import time
@@ -217,3 +219,37 @@ def test_cli_help_runs(tmp_path: Path) -> None:
     assert res.returncode == 0
     for cmd in ("up", "status", "down", "run"):
         assert cmd in res.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_tears_everything_down(tmp_path: Path) -> None:
+    scenario = tmp_path / "long.toml"
+    scenario.write_text('[[step]]\naction = "start_bootstrap"\n\n'
+                        '[[step]]\naction = "start"\nnode = "n1"\n\n'
+                        '[[step]]\naction = "sleep"\nseconds = 120\n')
+    root = tmp_path / "net"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS_DIR / "testnet.py"), "run", str(scenario), "--dir",
+         str(root), "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        daemon_json = root / "nodes" / "n1" / "daemon.json"
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not daemon_json.exists():
+            assert proc.poll() is None, "testnet.py run ended before n1 was up"
+            time.sleep(0.1)
+        assert daemon_json.exists(), "n1 never came up"
+        probe = Testnet(root, detached=True)
+        started = probe.stray_pids()  # every process whose command line points into root
+        assert len(started) >= 2, started
+        time.sleep(0.5)  # let the runner reach the sleep step
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    report = json.loads(out)
+    assert report["ok"] is False and "interrupted" in report["error"]
+    _assert_all_gone(started)
+    assert probe.stray_pids() == []
