@@ -41,13 +41,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import nacl.bindings as sodium  # noqa: E402
+import nacl.bindings as sodium
 
-from node.channel import accept_channel, open_channel  # noqa: E402
-from node.errors import ChannelClosed, ConfigError  # noqa: E402
-from node.identity import Identity  # noqa: E402
-from node.secure import InitiatorHandshake, ResponderHandshake  # noqa: E402
-from node.transports import TRANSPORT_NAMES, get_transport  # noqa: E402
+from node.channel import accept_channel, open_channel
+from node.errors import ChannelClosed, ConfigError
+from node.identity import Identity
+from node.secure import InitiatorHandshake, ResponderHandshake
+from node.transports import TRANSPORT_NAMES, get_transport
 
 HOST = "127.0.0.1"
 DEFAULT_SIZE_MIB = 256
@@ -224,7 +224,7 @@ def _bare_quic() -> Callable[[str, int, int], Awaitable[float]] | None:
     sys.path.insert(0, str(path.parent))
     try:
         module = importlib.import_module("bench_quic_libs")
-    except Exception as exc:  # a broken sibling script must not stop this benchmark
+    except Exception as exc:  # noqa: BLE001 - a broken sibling script must not stop us
         print(f"note: scripts/bench_quic_libs.py did not import ({exc}); no bare QUIC rows",
               file=sys.stderr)
         return None
@@ -262,14 +262,15 @@ async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[s
             notes.append(f"{name}: {exc}; no channel row")
             continue
         add(f"channel_{name}", f"SecureChannel over {name}", *await _median(
-            repeat, lambda: channel_mib_s(size, msg, name, {})))
+            repeat, lambda name=name: channel_mib_s(size, msg, name, {})))
         if name != "udp":
             continue
         if _accepts(t.connect, "loss_rate") and _accepts(t.listen, "loss_rate"):
             for loss in LOSS_RATES:
                 add(f"channel_udp_loss_{int(loss * 100)}",
                     f"SecureChannel over udp, {loss:.0%} loss", *await _median(
-                        repeat, lambda: channel_mib_s(size, msg, "udp", {"loss_rate": loss})))
+                        repeat, lambda loss=loss: channel_mib_s(size, msg, "udp",
+                                                          {"loss_rate": loss})))
         else:
             notes.append("udp connect/listen take no loss_rate: lossy rows skipped")
         if _accepts(t.connect, "datagram_bytes") and _accepts(t.listen, "datagram_bytes"):
@@ -290,7 +291,7 @@ async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[s
                 notes.append(f"{lib} not installed: no bare row")
                 continue
             add(f"bare_{lib}", f"bare {lib} stream, {BARE_QUIC_DATAGRAM_BYTES} B datagrams",
-                *await _median(repeat, lambda: bare(lib, size, BARE_QUIC_DATAGRAM_BYTES)))
+                *await _median(repeat, lambda lib=lib: bare(lib, size, BARE_QUIC_DATAGRAM_BYTES)))
 
     return {"benchmark": "channel", "loop": "uvloop", "size_mib": size / (1 << 20),
             "message_bytes": msg, "repeat": repeat, "rows": rows,

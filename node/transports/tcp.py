@@ -344,7 +344,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
         _, proto = await asyncio.wait_for(
             loop.create_connection(_FrameProtocol, host, port), timeout
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise PeerUnreachable(
             f"tcp connect to {host}:{port} timed out after {timeout:g} s"
         ) from None

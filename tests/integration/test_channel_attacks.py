@@ -408,7 +408,7 @@ async def test_tcp_garbage_before_handshake_is_handshake_error() -> None:
     srv = EchoServer("tcp")
     srv.listener = await get_transport("tcp").listen(HOST, 0, srv.handler)
     try:
-        reader, writer = await asyncio.open_connection(HOST, srv.port)
+        _, writer = await asyncio.open_connection(HOST, srv.port)
         junk = b"GET / HTTP/1.1\r\n\r\n"
         writer.write(len(junk).to_bytes(4, "big") + junk)
         await writer.drain()

@@ -178,7 +178,7 @@ async def test_refusals_are_logged(server: EchoServer, caplog: pytest.LogCapture
 async def test_responder_with_other_key_than_expected_is_refused(server: EchoServer) -> None:
     with pytest.raises(HandshakeError, match="peer presented a different key than its record"):
         await connect(server.listener.port, expect=CAROL, authorize=trusting(BOB, CAROL))
-    kind, exc = await server.next_event()
+    kind, _ = await server.next_event()
     assert kind == "handshake-failed"
 
 
@@ -218,7 +218,7 @@ async def test_client_closing_mid_handshake_ends_cleanly() -> None:
     srv = EchoServer(BOB, trusting(ALICE))
     port = await srv.start()
     try:
-        reader, writer = await asyncio.open_connection(HOST, port)
+        _, writer = await asyncio.open_connection(HOST, port)
         writer.close()
         await writer.wait_closed()
         kind, exc = await srv.next_event()

@@ -85,7 +85,7 @@ def test_each_handshake_has_fresh_keys() -> None:
 
 
 def test_directions_use_separate_keys() -> None:
-    si, sr, _ = handshake()
+    si, _, _ = handshake()
     frame = si.seal(b"x")
     # alice's own receive direction must not accept her own frame (reflection)
     with pytest.raises(ProtocolError):
@@ -254,7 +254,7 @@ def test_illegal_transitions_raise() -> None:
     r = ResponderHandshake(BOB)
     with pytest.raises(HandshakeError, match="cannot go"):
         r.receive_finish(Finish(b"x").encode())
-    si, sr, (m1, m2, m3) = handshake()
+    _, _, (m1, _, _) = handshake()
     i = InitiatorHandshake(ALICE)
     i.start()
     with pytest.raises(HandshakeError):
