@@ -19,6 +19,7 @@ through the `node` CLI (via testnet_lib); it must not import the project's packa
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import signal
@@ -30,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from testnet_lib import TRANSPORTS, Testnet, TestnetError, normalize_peer_id  # noqa: E402
+from testnet_lib import TRANSPORTS, Testnet, TestnetError, normalize_peer_id
 
 NODE_NAMES = ("n1", "n2", "n3")
 DEFAULT_FILE_SIZE_KIB = 1024
@@ -148,7 +149,7 @@ def share_file(net: Testnet, root: Path, args: argparse.Namespace) -> None:
         say(f"  n1> {line}")
     for n in ("n2", "n3"):
         received_dir = net.node(n).received_dir or net.node(n).home / "received"
-        got: Any = net.wait_until(lambda d=received_dir: find_received(d, size, digest),
+        got: Path = net.wait_until(functools.partial(find_received, received_dir, size, digest),
                                   args.timeout, 0.3, f"{n} has received {src.name} intact")
         say(f"  {n} received {got} - sha256 {sha256_file(got)[:16]}... matches")
 

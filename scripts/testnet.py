@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from testnet_lib import (  # noqa: E402
+from testnet_lib import (
     STATE_FILE_NAME,
     TRANSPORTS,
     Testnet,
@@ -92,7 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.wait_peers:
             net.wait_all_see_each_other(names, timeout=args.timeout)
             timings["all_see_each_other_s"] = time.monotonic() - t1
-    except BaseException as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported; never leak nodes
         net.teardown()
         print(f"testnet up failed: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED

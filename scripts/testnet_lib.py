@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json as jsonlib
@@ -40,7 +41,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
@@ -390,7 +391,7 @@ class Testnet:
             _live_testnets.add(self)
 
     # -- context manager -----------------------------------------------------
-    def __enter__(self) -> Testnet:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -629,7 +630,7 @@ class Testnet:
             argv.append("--json")
         cmd = [*self.node_cmd, *argv, "--home", str(h.home)]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+            res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                                  env=self.env, cwd=self.root, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise CommandFailed(f"`node {' '.join(argv)}` on {name} timed out after {timeout}s") \
@@ -653,11 +654,12 @@ class Testnet:
     def offers(self, *commands: str) -> bool:
         """True when `node --help` lists every one of `commands` (features land over time)."""
         if self._help_text is None:
-            res = subprocess.run([*self.node_cmd, "--help"], capture_output=True, text=True,
+            res = subprocess.run([*self.node_cmd, "--help"], check=False, capture_output=True,
+                                 text=True,
                                  timeout=CLI_TIMEOUT_S, env={**self.env, "COLUMNS": "100"},
                                  cwd=self.root, stdin=subprocess.DEVNULL)
             self._help_text = res.stdout if res.returncode == 0 else ""
-        return all(re.search(rf"(^|[\s\u2502|]){re.escape(c)}\s{{2,}}", self._help_text, re.M)
+        return all(re.search(rf"(^|[\s\u2502|]){re.escape(c)}\s{{2,}}", self._help_text, re.MULTILINE)
                    for c in commands)
 
     def peers_of(self, name: str) -> set[str]:
@@ -677,7 +679,7 @@ class Testnet:
         names = list(names) if names is not None else self.running_nodes()
         for n in names:
             others = [o for o in names if o != n]
-            self.wait_until(lambda n=n, others=others: self.sees(n, others), timeout,
+            self.wait_until(functools.partial(self.sees, n, others), timeout,
                             what=f"node {n} lists {', '.join(others)} in `node peers`")
 
     def trust_all(self, names: Sequence[str] | None = None) -> None:
@@ -781,7 +783,7 @@ class Testnet:
         """Processes (not started by this object) whose command line names our root dir."""
         mine = {p.pid for p in self._all_processes}
         root = str(self.root)
-        out = []
+        out: list[int] = []
         proc = Path("/proc")
         if not proc.is_dir():
             return out
@@ -793,9 +795,9 @@ class Testnet:
             except OSError:
                 continue
             # only our own node/bootstrap commands: an argument under our root dir
-            if any(a.decode(errors="replace").startswith(root + os.sep) for a in args):
-                if pid_alive(int(entry.name)):
-                    out.append(int(entry.name))
+            if any(a.decode(errors="replace").startswith(root + os.sep) for a in args) \
+                    and pid_alive(int(entry.name)):
+                out.append(int(entry.name))
         return out
 
     def teardown(self, *, strays: bool = False) -> list[int]:
@@ -992,7 +994,7 @@ def _check_one(net: Testnet, name: str, cond: dict[str, Any],
         return False, f"length {len(out)}, want >= {cond['len_ge']}"
     if "len_le" in cond and not len(out) <= int(cond["len_le"]):
         return False, f"length {len(out)}, want <= {cond['len_le']}"
-    if "len_eq" in cond and not len(out) == int(cond["len_eq"]):
+    if "len_eq" in cond and len(out) != int(cond["len_eq"]):
         return False, f"length {len(out)}, want {cond['len_eq']}"
     for key in ("includes_peers", "excludes_peers"):
         if key not in cond:
@@ -1101,13 +1103,13 @@ def run_toml_step(net: Testnet, step: dict[str, Any], scenario_dir: Path) -> Non
             else:
                 net.cli(n, *args, json=False, check=bool(step.get("check", True)), timeout=timeout)
     elif action == "wait":
-        cond = step.get("until")
-        if not isinstance(cond, dict):
+        until = step.get("until")
+        if not isinstance(until, dict):
             raise TestnetError("`wait` needs an `until` condition table")
         last = ["never evaluated"]
 
         def holds() -> bool:
-            ok, why = check_condition(net, cond, scenario_dir)
+            ok, why = check_condition(net, until, scenario_dir)
             last[0] = why
             return ok
 
@@ -1117,10 +1119,10 @@ def run_toml_step(net: Testnet, step: dict[str, Any], scenario_dir: Path) -> Non
         except WaitTimeout as exc:
             raise WaitTimeout(f"{exc}; last check: {last[0]}") from None
     elif action == "assert":
-        cond = step.get("expect")
-        if not isinstance(cond, dict):
+        expect = step.get("expect")
+        if not isinstance(expect, dict):
             raise TestnetError("`assert` needs an `expect` condition table")
-        ok, why = check_condition(net, cond, scenario_dir)
+        ok, why = check_condition(net, expect, scenario_dir)
         if not ok:
             raise TestnetError(f"assertion failed: {why}")
 
@@ -1135,8 +1137,8 @@ class ScenarioReport:
     duration_s: float = 0.0
 
     def format(self) -> str:
-        lines = [f"scenario {self.scenario.name}: {'PASS' if self.ok else 'FAIL'} "
-                 f"({self.duration_s:.1f}s)"]
+        verdict = "PASS" if self.ok else "FAIL"
+        lines = [f"scenario {self.scenario.name}: {verdict} ({self.duration_s:.1f}s)"]
         for s in self.steps:
             mark = "PASS" if s.ok else "FAIL"
             lines.append(f"  [{mark}] {s.index:>2}. {s.description}  ({s.duration_s:.1f}s)")
