@@ -49,7 +49,9 @@ from bootstrap import (
 from bootstrap.store import (
     FLUSH_INTERVAL_S,
     FLUSH_MAX_ROWS,
+    MAX_REGISTRATIONS,
     RegisterOutcome,
+    RegistryFull,
     RegistryStore,
     StaleRegistration,
     UnregisterOutcome,
@@ -351,6 +353,8 @@ async def error_middleware(
         return await handler(request)
     except ApiError as exc:
         return _error(exc.status, exc.message)
+    except RegistryFull as exc:
+        return _error(503, str(exc))
     except web.HTTPException as exc:  # 404/405 from the router, 413 from client_max_size
         if exc.status < 400:
             raise
@@ -385,7 +389,8 @@ async def _maintenance_loop(store: RegistryStore, ttl_s: float) -> None:
             log.error("registry maintenance failed: %s", exc)
 
 
-def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S) -> web.Application:
+def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
+               max_registrations: int = MAX_REGISTRATIONS) -> web.Application:
     """The bootstrap app; opens the registry on startup and closes it on cleanup."""
     if not ttl_s > 0:
         raise ValueError("ttl_s must be positive")
@@ -393,7 +398,7 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S) -> web.Application:
     app[TTL_KEY] = float(ttl_s)
 
     async def registry(app: web.Application) -> AsyncIterator[None]:
-        store = RegistryStore(db_path)
+        store = RegistryStore(db_path, max_registrations=max_registrations)
         app[STORE_KEY] = store
         purger = asyncio.create_task(_maintenance_loop(store, ttl_s))
         try:

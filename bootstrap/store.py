@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.contact import MAX_RECORD_TTL_S
-from node.errors import LocalIOError, ProtocolError
+from node.errors import LocalIOError, P2PError, ProtocolError
 
 SCHEMA_VERSION = 1
 GUARD_KEEP_S = float(MAX_RECORD_TTL_S)
@@ -49,6 +49,9 @@ FLUSH_INTERVAL_S = 0.05
 FLUSH_MAX_ROWS = 512
 # most recently seen registrations kept in memory to answer others() without SQL
 RECENT_RING_MAX = 1024
+# hard cap on rows (expired ones count until purged): bounds memory and disk against
+# a flood of made-up legacy ids
+MAX_REGISTRATIONS = 1_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS registrations (
@@ -75,6 +78,10 @@ class StaleRegistration(ProtocolError):
     """A record or unregister request older than what the registry already accepted."""
 
 
+class RegistryFull(P2PError):
+    """The registry holds MAX_REGISTRATIONS rows; a new id cannot register until some expire."""
+
+
 class RegisterOutcome(enum.Enum):
     NEW = "new"            # not registered (or expired) before
     REFRESHED = "refreshed"  # was online; expiry pushed back
@@ -96,8 +103,9 @@ class Registration:
 class RegistryStore:
     """The registry file plus its in-memory hot state. Use it from one thread only."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_registrations: int = MAX_REGISTRATIONS) -> None:
         self.path = path
+        self.max_registrations = max_registrations
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), isolation_level=None,
@@ -186,9 +194,11 @@ class RegistryStore:
         """Insert or refresh a registration; with seq/timestamp, enforce the replay guard.
 
         Raises StaleRegistration when (seq, timestamp) is lower than the highest
-        accepted for this id, or the record predates the last signed unregister.
-        The row is queued; it is in the file after the next ``flush()``.
+        accepted for this id, or the record predates the last signed unregister;
+        RegistryFull when a new id would exceed ``max_registrations``. The row is queued; it is in the file after the next ``flush()``.
         """
+        if device_id not in self._expiry and len(self._expiry) >= self.max_registrations:
+            raise RegistryFull(f"the registry is full ({self.max_registrations} registrations)")
         if seq is not None and timestamp is not None:
             deleted_at = 0
             guard = self._guard.get(device_id)

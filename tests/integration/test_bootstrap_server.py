@@ -362,3 +362,25 @@ async def test_paging_with_cursor(server: Server) -> None:
         [(f"more{i:04d}", None, time.time(), time.time() + 300) for i in range(1000)])
     _, page = await server.call("GET", "/peers?limit=5000")
     assert len(page["peers"]) == 1000 and page["next_cursor"] is not None  # capped
+
+
+async def test_full_registry_answers_503_json(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from bootstrap.server import create_app
+
+    runner = web.AppRunner(create_app(tmp_path / "r.sqlite3", 300.0, max_registrations=1))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/register", json={"device_id": "one"}) as resp:
+                assert resp.status == 200
+            async with http.post(url + "/register", json={"device_id": "two"}) as resp:
+                assert resp.status == 503 and "full" in (await resp.json())["error"]
+            async with http.post(url + "/register", json={"device_id": "one"}) as resp:
+                assert resp.status == 200
+    finally:
+        await runner.cleanup()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from bootstrap.server import ApiError, parse_device_id, parse_record, record_json_text
 from bootstrap.store import (
     RegisterOutcome,
+    RegistryFull,
     RegistryStore,
     StaleRegistration,
     UnregisterOutcome,
@@ -250,3 +251,18 @@ def test_fast_record_codec_matches_contact_record() -> None:
     with pytest.raises(ApiError) as err:
         parse_record(other, pid, time.time(), text)
     assert err.value.status == 403
+
+
+def test_registry_cap_refuses_new_ids_but_refreshes_known_ones(tmp_path: Path) -> None:
+    s = RegistryStore(tmp_path / "r.sqlite3", max_registrations=2)
+    try:
+        s.register("a", None, now=T0, expires_at=T0 + 1)
+        s.register("b", None, now=T0, expires_at=T0 + 100)
+        with pytest.raises(RegistryFull):
+            s.register("c", None, now=T0, expires_at=T0 + 100)
+        assert s.register("b", None, now=T0, expires_at=T0 + 100) is RegisterOutcome.REFRESHED
+        while s.purge_expired(T0 + 2):
+            pass
+        assert s.register("c", None, now=T0 + 2, expires_at=T0 + 100) is RegisterOutcome.NEW
+    finally:
+        s.close()
