@@ -69,12 +69,13 @@ MIN_PROBE_TIMEOUT_S = 0.01
 PROBE_TIMEOUTS = 2  # the first timeouts only probe (tail loss probe); later ones collapse cwnd
 
 # --- windows -------------------------------------------------------------------------
-RECV_WINDOW_BYTES = 16 * 1024 * 1024  # out-of-order + delivered-but-unread bytes
+RECV_WINDOW_BYTES = 4 * 1024 * 1024  # out-of-order + delivered-but-unread bytes; <= socket buffer
 INITIAL_CWND_PACKETS = 32
 MIN_CWND_PACKETS = 4
 MAX_SACK_RANGES = 1024  # also limited by what fits in one datagram
 REORDER_THRESHOLD_PACKETS = 3
 LOSS_TOLERANCE_FRACTION = 0.2  # random loss below this per round is not congestion
+LOSS_SAMPLE_MIN_PACKETS = 32  # a round is judged only once it has seen this many packets
 PACING_GAIN = 2.0
 PACING_BURST_PACKETS = 64
 
@@ -339,6 +340,12 @@ class UdpConnection:
                     if self._ack_pending >= ACK_EVERY_PACKETS:
                         self._ack_now = True
                     continue
+                self._last_recv = now
+                self._receive_data(seq, d[DATA_HEADER_BYTES:], now)
+                if self.state is State.CLOSED:
+                    return
+                stream = self._stream
+                continue
             try:
                 if not self._receive(d, now):
                     self.dropped_datagrams += 1
@@ -462,13 +469,18 @@ class UdpConnection:
         if seq < rcv_next or seq in self._ooo:
             self._ack_now = True  # duplicate: our ack was probably lost
             return
+        # memory bound: out-of-order bytes <= RECV_WINDOW_BYTES; unread + partial message
+        # bytes are bounded separately on the in-order path (window races stay loss-free)
         if seq - rcv_next >= self._window_packets or \
-                self._ooo_bytes + self._unread_bytes + len(payload) > RECV_WINDOW_BYTES:
+                self._ooo_bytes + len(payload) > RECV_WINDOW_BYTES:
             self.dropped_datagrams += 1
             return
         self._ooo[seq] = payload
         self._ooo_bytes += len(payload)
         starts, ends = self._range_starts, self._range_ends
+        if ends and ends[-1] == seq:  # the usual case: extends the newest range
+            ends[-1] = seq + 1
+            return
         i = bisect.bisect_right(starts, seq) - 1
         if i >= 0 and ends[i] == seq:
             ends[i] = seq + 1
@@ -573,7 +585,7 @@ class UdpConnection:
             self.cwnd += newly
         else:
             self.cwnd += newly / self.cwnd
-        cap = float(max(self._window_packets, 1024))
+        cap = float(self._window_packets)
         self.cwnd = min(self.cwnd, cap)
         self._round_acked += newly
         self._detect_losses()
@@ -620,7 +632,9 @@ class UdpConnection:
 
     def _end_round(self) -> None:
         total = self._round_acked + self._round_lost
-        if total and self._round_lost / total > LOSS_TOLERANCE_FRACTION:
+        if total < LOSS_SAMPLE_MIN_PACKETS:
+            return  # too few packets to tell noise from congestion: keep counting
+        if self._round_lost / total > LOSS_TOLERANCE_FRACTION:
             # congestion, not noise: multiplicative decrease, once per round
             self.ssthresh = max(float(MIN_CWND_PACKETS), self.cwnd / 2)
             self.cwnd = self.ssthresh
@@ -746,7 +760,8 @@ class UdpConnection:
         self._ctrl_deadline = now + self.rto
 
     def _rwnd_packets(self) -> int:
-        free = RECV_WINDOW_BYTES - self._ooo_bytes - self._unread_bytes
+        # counted from rcv_next, so out-of-order packets already lie inside it
+        free = RECV_WINDOW_BYTES - self._unread_bytes
         return max(0, min(self._window_packets, free // self._payload_max))
 
     def _build_ack(self, now: float) -> bytes:
