@@ -14,12 +14,11 @@ import the daemon, the DHT or the server module.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -48,7 +47,7 @@ class BootstrapClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> BootstrapClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -74,7 +73,7 @@ class BootstrapClient:
                                                    headers=headers) as resp:
                 raw = await _read_bounded(resp, url)
                 status = resp.status
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = str(exc) or exc.__class__.__name__
             raise PeerUnreachable(f"bootstrap server {self.url} unreachable: {reason}") from None
         try:

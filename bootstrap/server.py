@@ -293,12 +293,12 @@ async def handle_peers(request: web.Request) -> web.Response:
     after = _decode_cursor(cursor) if cursor else None
     rows = request.app[STORE_KEY].page(limit, after, now=time.time())
     items = [
-        '{"device_id":%s,"record":%s,"last_seen":%s}'
-        % (json.dumps(r.device_id), r.record_json or "null", json.dumps(round(r.last_seen, 3)))
+        f'{{"device_id":{json.dumps(r.device_id)},"record":{r.record_json or "null"},'
+        f'"last_seen":{json.dumps(round(r.last_seen, 3))}}}'
         for r in rows
     ]
     next_cursor = json.dumps(_encode_cursor(rows[-1].device_id)) if len(rows) == limit else "null"
-    return _json_response('{"peers":[%s],"next_cursor":%s}' % (",".join(items), next_cursor))
+    return _json_response(f'{{"peers":[{",".join(items)}],"next_cursor":{next_cursor}}}')
 
 
 async def handle_unregister(request: web.Request) -> web.Response:

@@ -35,11 +35,11 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bootstrap.store import RegistryStore  # noqa: E402
-from node.contact import ContactRecord  # noqa: E402
-from node.identity import Identity  # noqa: E402
+from bootstrap.store import RegistryStore
+from node.contact import ContactRecord
+from node.identity import Identity
 
 SERVER_START_TIMEOUT_S = 20.0
 TARGET_REGS_PER_S = 2000.0
@@ -51,7 +51,7 @@ class ServerProcess:
 
     def __init__(self, db: Path, ttl_s: float) -> None:
         self.log_path = db.with_suffix(".log")
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bootstrap", "--host", "127.0.0.1", "--port", "0",
              "--db", str(db), "--ttl", str(ttl_s)],
@@ -239,7 +239,7 @@ def main() -> int:
             runs.append(one_run(args, bodies, templates, Path(tmp), run))
 
     def med(key: str, field: str) -> float:
-        return statistics.median(r[key][field] for r in runs)
+        return float(statistics.median(r[key][field] for r in runs))
 
     result: dict[str, Any] = {
         "runs": args.runs, "concurrency": args.concurrency, "cpus": os.cpu_count(),

@@ -151,7 +151,7 @@ async def test_ttl_expiry_and_purge(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)
         assert (await srv.call("GET", "/health"))[1]["online"] == 0
         assert (await srv.call("GET", "/peers"))[1]["peers"] == []
-        status, body = await srv.call("POST", "/register", {"device_id": "fresh"})
+        _, body = await srv.call("POST", "/register", {"device_id": "fresh"})
         assert body == {"message": MSG_REGISTERED, "peers": []}
         deadline = time.monotonic() + 3.0
         while srv.store.count_rows() > 1 and time.monotonic() < deadline:
