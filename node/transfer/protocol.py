@@ -1,0 +1,145 @@
+"""Transfer wire messages (node.wire @message dataclasses, every field bounded).
+
+The sink (receiver) drives a transfer over one channel:
+
+    source -> sink   Offer(tid, seq, last, entries)...   manifest, maybe in several messages
+    sink -> source   FetchRequest(tid, path, root)       (pull variant, sent first, by the sink)
+    sink -> source   FileStatus(index, status, missing)  per file: need / have it / refused
+    sink -> source   ChunkRequest(index, chunk)          a window of several in flight
+    source -> sink   ChunkData(index, chunk, data)       only for a requested chunk
+    sink -> source   FileDone(index, ok, reason)         per file, after the root check
+    sink -> source   Complete(tid)                       all files handled
+    either way       Abort(code, reason)                 ends the transfer
+
+Pure: no I/O. Must not import the channel, transports, session or daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from enum import IntEnum
+from typing import Any
+
+from node.errors import ProtocolError
+from node.transfer.manifest import MAX_CHUNK_SIZE_BYTES, MAX_CHUNKS_PER_FILE, FileEntry
+from node.transfer.paths import MAX_PATH_BYTES
+from node.wire import Message, bound, decode_message, message
+
+TRANSFER_ID_BYTES = 16
+MAX_FILES_PER_OFFER = 4096
+MAX_FILES_PER_TRANSFER = 100_000
+MAX_OFFER_MESSAGES = 10_000
+MAX_CHUNKS_PER_TRANSFER = 1 << 19  # 16 MiB of chunk hashes held by the sink
+MAX_REASON_BYTES = 300
+MAX_CODE_BYTES = 32
+# an Offer is closed (next message started) past this many hash bytes, well under one frame
+OFFER_BATCH_HASH_BYTES = 4 << 20
+
+
+class FileStatusCode(IntEnum):
+    NEED = 0  # chunk requests follow
+    HAVE = 1  # identical file already there: nothing to send
+    REFUSED = 2  # the sink will not take this file (reason says why)
+
+
+@message("xfer.offer")
+class Offer(Message):
+    transfer_id: bytes = field(metadata=bound(max_len=TRANSFER_ID_BYTES))
+    seq: int = field(metadata=bound(max_val=MAX_OFFER_MESSAGES))
+    last: bool
+    entries: tuple[Any, ...] = field(metadata=bound(max_len=MAX_FILES_PER_OFFER))
+
+    def validate(self) -> None:
+        if len(self.transfer_id) != TRANSFER_ID_BYTES:
+            raise ProtocolError("Offer: bad transfer id")
+        object.__setattr__(self, "_files", [FileEntry.from_wire(e) for e in self.entries])
+
+    def files(self) -> list[FileEntry]:
+        cached = self.__dict__.get("_files")
+        if cached is None:
+            self.validate()
+            cached = self.__dict__["_files"]
+        return list(cached)
+
+
+@message("xfer.fetch")
+class FetchRequest(Message):
+    transfer_id: bytes = field(metadata=bound(max_len=TRANSFER_ID_BYTES))
+    path: str = field(metadata=bound(max_len=MAX_PATH_BYTES))
+    root: bytes | None = field(metadata=bound(max_len=32))
+
+    def validate(self) -> None:
+        if len(self.transfer_id) != TRANSFER_ID_BYTES:
+            raise ProtocolError("FetchRequest: bad transfer id")
+        if self.root is not None and len(self.root) != 32:
+            raise ProtocolError("FetchRequest: bad root hash")
+
+
+@message("xfer.status")
+class FileStatus(Message):
+    index: int = field(metadata=bound(max_val=MAX_FILES_PER_TRANSFER))
+    status: int = field(metadata=bound(max_val=max(FileStatusCode)))
+    missing: int = field(metadata=bound(max_val=MAX_CHUNKS_PER_FILE))
+    reason: str = field(metadata=bound(max_len=MAX_REASON_BYTES))
+
+
+@message("xfer.req")
+class ChunkRequest(Message):
+    index: int = field(metadata=bound(max_val=MAX_FILES_PER_TRANSFER))
+    chunk: int = field(metadata=bound(max_val=MAX_CHUNKS_PER_FILE))
+
+
+@message("xfer.data")
+class ChunkData(Message):
+    index: int = field(metadata=bound(max_val=MAX_FILES_PER_TRANSFER))
+    chunk: int = field(metadata=bound(max_val=MAX_CHUNKS_PER_FILE))
+    data: bytes = field(metadata=bound(max_len=MAX_CHUNK_SIZE_BYTES))
+
+
+@message("xfer.done")
+class FileDone(Message):
+    index: int = field(metadata=bound(max_val=MAX_FILES_PER_TRANSFER))
+    ok: bool
+    reason: str = field(metadata=bound(max_len=MAX_REASON_BYTES))
+
+
+@message("xfer.complete")
+class Complete(Message):
+    transfer_id: bytes = field(metadata=bound(max_len=TRANSFER_ID_BYTES))
+
+
+@message("xfer.abort")
+class Abort(Message):
+    code: str = field(metadata=bound(max_len=MAX_CODE_BYTES))
+    reason: str = field(metadata=bound(max_len=MAX_REASON_BYTES))
+
+
+TO_SINK = (Offer, ChunkData, Abort)
+TO_SOURCE = (FetchRequest, FileStatus, ChunkRequest, FileDone, Complete, Abort)
+
+
+def clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
+    """Cut `text` to `limit` UTF-8 bytes without splitting a character."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def decode(data: bytes, expect: tuple[type[Message], ...]) -> Message:
+    return decode_message(data, expect=expect)  # type: ignore[arg-type]
+
+
+def offer_batches(transfer_id: bytes, entries: list[FileEntry]) -> list[Offer]:
+    """Split a manifest into Offers that each fit in one frame."""
+    batches: list[list[FileEntry]] = [[]]
+    hash_bytes = 0
+    for e in entries:
+        if batches[-1] and (len(batches[-1]) >= MAX_FILES_PER_OFFER
+                            or hash_bytes + len(e.chunk_hashes) > OFFER_BATCH_HASH_BYTES):
+            batches.append([])
+            hash_bytes = 0
+        batches[-1].append(e)
+        hash_bytes += len(e.chunk_hashes)
+    return [Offer(transfer_id, i, i == len(batches) - 1, tuple(e.to_wire() for e in b))
+            for i, b in enumerate(batches)]

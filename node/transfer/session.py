@@ -1,0 +1,707 @@
+"""Async transfer sessions over an authenticated channel: source (sender) and sink (receiver).
+
+The channel is duck-typed (node/channel.py's SecureChannel or the in-memory
+pair in node/transfer/memory.py): ``peer``, ``peer_name``, ``async send(bytes)``,
+``async recv() -> bytes`` (ChannelClosed at the end), ``async close()``.
+Message flow and types are in protocol.py; disk work is in store.py and
+manifest.py and runs in worker threads so the event loop keeps the pipe busy.
+
+Public API (called by the daemon):
+    send_files(channel, root, paths, *, progress, cancel, transfer_id) -> TransferResult
+    receive_files(channel, store, *, progress, cancel) -> TransferResult
+    fetch_file(channel, rel_path, root_hash, store, *, progress, cancel) -> TransferResult
+    serve_fetch(channel, resolve, *, progress, cancel) -> TransferResult
+
+Errors raised: ChannelClosed / PeerUnreachable (channel died or peer silent for
+IDLE_TIMEOUT_S), IntegrityError (repeated bad chunk; file changed while being
+sent), LocalIOError (our disk), Cancelled, ProtocolError (peer broke the
+rules), RemoteError (the peer sent Abort; ``.code`` holds its error class name).
+The peer is told with Abort whenever the channel still works.
+
+Must not import the daemon, CLI, transports or gossip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+from node.errors import (
+    Cancelled,
+    ChannelClosed,
+    IntegrityError,
+    LocalIOError,
+    P2PError,
+    PeerUnreachable,
+    ProtocolError,
+    RemoteError,
+)
+from node.transfer.manifest import FileEntry, SourceFile, build_manifest, hash_chunk
+from node.transfer.paths import PathBlocked, sanitize_label, safe_relpath
+from node.transfer.protocol import (
+    MAX_CHUNKS_PER_TRANSFER,
+    MAX_FILES_PER_TRANSFER,
+    TO_SINK,
+    TO_SOURCE,
+    TRANSFER_ID_BYTES,
+    Abort,
+    ChunkData,
+    ChunkRequest,
+    Complete,
+    FetchRequest,
+    FileDone,
+    FileStatus,
+    FileStatusCode,
+    Offer,
+    clip,
+    decode,
+    offer_batches,
+)
+from node.transfer.store import PartialFile, PlanKind, ReceiveStore
+from node.wire import Message
+
+log = logging.getLogger(__name__)
+
+WINDOW_BYTES = 16 << 20  # chunk bytes requested and not yet received (pipelining)
+MAX_CHUNK_FAILURES = 3  # the same chunk failing verification this often aborts the transfer
+IDLE_TIMEOUT_S = 60.0  # no message from the peer for this long: it is unreachable
+ABORT_SEND_TIMEOUT_S = 2.0
+PROGRESS_INTERVAL_S = 0.1
+REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
+MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
+
+
+class TransferState(Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    transfer_id: str
+    peer: str
+    file: str
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    state: str
+
+
+class FileResult(NamedTuple):
+    rel_path: str
+    size: int
+    root_hex: str
+    path: Path | None  # final path on the receiver; the source path on the sender
+
+
+@dataclass
+class TransferResult:
+    transfer_id: str
+    files: list[FileResult]
+    bytes_sent_on_wire: int
+    bytes_received_payload: int
+    state: TransferState
+    error: str | None = None
+    peer: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (rel_path, reason)
+
+
+ProgressFn = Callable[[TransferProgress], None]
+ResolveFn = Callable[[str, bytes | None], tuple[Path, Path] | None]
+
+
+def _peer_label(channel: Any) -> str:
+    name = getattr(channel, "peer_name", "") or ""
+    peer = getattr(channel, "peer", None)
+    short = getattr(peer, "short", "") if peer is not None else ""
+    return sanitize_label(str(name), str(short))
+
+
+class _Session:
+    """What source and sink share: message I/O with cancel/timeout, progress, Abort."""
+
+    role = "session"
+
+    def __init__(self, channel: Any, progress: ProgressFn | None,
+                 cancel: asyncio.Event | None) -> None:
+        self.channel = channel
+        self.progress_fn = progress
+        self.cancel = cancel
+        self.peer = _peer_label(channel)
+        self.tid = b""
+        self.bytes_on_wire = 0
+        self.bytes_payload = 0
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self.files_done = 0
+        self.files_total = 0
+        self.current = ""
+        self.state = TransferState.RUNNING
+        self._last_progress = 0.0
+        self._cancel_task: asyncio.Task[Any] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    def _set_state(self, state: TransferState) -> None:
+        log.debug("transfer %s %s -> %s", self.tid.hex(), self.state.value, state.value)
+        self.state = state
+        self._report(force=True)
+
+    def _report(self, *, force: bool = False) -> None:
+        if self.progress_fn is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        self.progress_fn(TransferProgress(self.tid.hex(), self.peer, self.current, self.bytes_done,
+                                          self.bytes_total, self.files_done, self.files_total,
+                                          self.state.value))
+
+    async def _send(self, msg: Message) -> None:
+        data = msg.encode()
+        self.bytes_on_wire += len(data)
+        try:
+            await self.channel.send(data)
+        except P2PError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
+
+    async def _recv(self, expect: tuple[type[Message], ...]) -> Message:
+        """Next message from the peer; also wakes up for cancel, idle timeout or a dead worker."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("transfer cancelled")
+        self._check_worker()
+        try:
+            if self.cancel is None and self._worker is None:
+                data = await asyncio.wait_for(self.channel.recv(), IDLE_TIMEOUT_S)
+            else:
+                waiters: set[asyncio.Future[Any]] = set()
+                if self.cancel is not None:
+                    if self._cancel_task is None:
+                        self._cancel_task = asyncio.ensure_future(self.cancel.wait())
+                    waiters.add(self._cancel_task)
+                if self._worker is not None:
+                    waiters.add(self._worker)
+                recv_task = asyncio.ensure_future(self.channel.recv())
+                done, _ = await asyncio.wait({recv_task, *waiters}, timeout=IDLE_TIMEOUT_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if recv_task not in done:
+                    recv_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, P2PError, OSError):
+                        await recv_task
+                    self._check_worker()
+                    if self._cancel_task is not None and self._cancel_task in done:
+                        raise Cancelled("transfer cancelled")
+                    raise TimeoutError
+                data = recv_task.result()
+        except TimeoutError:
+            raise PeerUnreachable(
+                f"{self.peer} sent nothing for {IDLE_TIMEOUT_S:.0f} s; giving up") from None
+        except P2PError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
+        msg = decode(data, expect)
+        if isinstance(msg, Abort):
+            err = RemoteError(f"{self.peer} aborted the transfer: {msg.reason}")
+            err.code = msg.code  # type: ignore[attr-defined]
+            raise err
+        return msg
+
+    def _check_worker(self) -> None:
+        """Re-raise the failure of a background worker (the source's chunk sender)."""
+        w = self._worker
+        if w is not None and w.done():
+            self._worker = None
+            exc = w.exception()
+            if exc is not None:
+                raise exc
+            raise ProtocolError("chunk sender stopped unexpectedly")
+
+    async def _abort(self, code: str, reason: str) -> None:
+        """Tell the peer why we stop; best effort, bounded in time."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send(Abort(clip(code, 32), clip(reason))),
+                                   ABORT_SEND_TIMEOUT_S)
+
+    async def _guard(self, body: Callable[[], Any]) -> TransferResult:
+        """Run the session body; on failure tell the peer and re-raise a node.errors type."""
+        try:
+            return await body()
+        except asyncio.CancelledError:
+            self.state = TransferState.CANCELLED
+            raise
+        except Cancelled as exc:
+            await self._abort("Cancelled", "cancelled by the user")
+            self._set_state(TransferState.CANCELLED)
+            raise Cancelled(str(exc) or "transfer cancelled") from None
+        except (RemoteError, ChannelClosed, PeerUnreachable):
+            self._set_state(TransferState.FAILED)
+            raise
+        except ProtocolError as exc:
+            log.warning("cutting off %s: %s", self.peer, exc)
+            await self._abort("ProtocolError", str(exc))
+            self._set_state(TransferState.FAILED)
+            raise ProtocolError(f"{self.peer} broke the transfer protocol: {exc}") from None
+        except P2PError as exc:
+            await self._abort(type(exc).__name__, str(exc))
+            self._set_state(TransferState.FAILED)
+            raise
+        finally:
+            if self._worker is not None:
+                self._worker.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._worker
+                self._worker = None
+            if self._cancel_task is not None:
+                self._cancel_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._cancel_task
+                self._cancel_task = None
+
+    def _result(self, files: list[FileResult], failures: list[tuple[str, str]],
+                sent: int, received: int) -> TransferResult:
+        error = None
+        if failures:
+            first = failures[0]
+            error = clip(f"{len(failures)} of {self.files_total} files failed; "
+                         f"{first[0]}: {first[1]}", 500)
+            self._set_state(TransferState.FAILED)
+        else:
+            self._set_state(TransferState.DONE)
+        return TransferResult(self.tid.hex(), files, sent, received, self.state, error,
+                              self.peer, failures)
+
+
+# ---------------------------------------------------------------------------
+# source
+
+
+class _Source(_Session):
+    role = "source"
+
+    def __init__(self, channel: Any, tid: bytes, files: list[SourceFile],
+                 progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+        super().__init__(channel, progress, cancel)
+        self.tid = tid
+        self.files = files
+        self.files_total = len(files)
+        self.bytes_total = sum(f.entry.size for f in files)
+        # the worker thread reads through one open file at a time
+        self._fd = -1
+        self._fd_index = -1
+        self._fd_lock = threading.Lock()
+        self._status: dict[int, FileStatusCode] = {}
+        self._finished: set[int] = set()
+        self._failures: list[tuple[str, str]] = []
+        self._requests: asyncio.Queue[ChunkRequest | None] = asyncio.Queue()
+        self._request_count = 0
+        self._max_requests = 16 + REQUEST_SLACK_FACTOR * sum(f.entry.chunks for f in files)
+
+    async def run(self) -> TransferResult:
+        try:
+            return await self._guard(self._run)
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        with self._fd_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._fd_index = -1, -1
+
+    async def _run(self) -> TransferResult:
+        self._report(force=True)
+        for offer in offer_batches(self.tid, [f.entry for f in self.files]):
+            await self._send(offer)
+        # requests are read here and served by a worker, so neither side ever waits
+        # on a full pipe for the other (and disk reads overlap with sending)
+        self._worker = asyncio.ensure_future(self._serve_requests())
+        while True:
+            msg = await self._recv(TO_SOURCE)
+            if isinstance(msg, ChunkRequest):
+                self._on_request(msg)
+            elif isinstance(msg, FileStatus):
+                self._on_status(msg)
+            elif isinstance(msg, FileDone):
+                self._on_done(msg)
+            elif isinstance(msg, Complete):
+                if msg.transfer_id != self.tid:
+                    raise ProtocolError("Complete names another transfer")
+                if len(self._finished) != len(self.files):
+                    raise ProtocolError("Complete before every file was answered")
+                break
+            else:
+                raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
+        worker, self._worker = self._worker, None
+        self._requests.put_nowait(None)
+        await worker
+        failed = {path for path, _ in self._failures}
+        results = [FileResult(f.entry.path, f.entry.size, f.entry.root.hex(), f.abspath)
+                   for i, f in enumerate(self.files)
+                   if i in self._finished and f.entry.path not in failed]
+        return self._result(results, self._failures, self.bytes_on_wire, 0)
+
+    def _file(self, index: int) -> SourceFile:
+        if index >= len(self.files):
+            raise ProtocolError(f"file index {index} is not in the offer")
+        return self.files[index]
+
+    def _on_status(self, msg: FileStatus) -> None:
+        sf = self._file(msg.index)
+        if msg.index in self._status:
+            raise ProtocolError(f"second status for file {msg.index}")
+        code = FileStatusCode(msg.status)
+        self._status[msg.index] = code
+        self.current = sf.entry.path
+        if code == FileStatusCode.HAVE:
+            self._finish(msg.index)
+            self.bytes_done += sf.entry.size
+        elif code == FileStatusCode.REFUSED:
+            self._failures.append((sf.entry.path, msg.reason or "refused by the receiver"))
+            self._finish(msg.index)
+        else:
+            if msg.missing > sf.entry.chunks:
+                raise ProtocolError(f"status for file {msg.index} claims too many chunks")
+            self.bytes_done += sf.entry.size - min(sf.entry.size,
+                                                   msg.missing * sf.entry.chunk_size)
+        self._report()
+
+    def _finish(self, index: int) -> None:
+        self._finished.add(index)
+        self.files_done += 1
+
+    def _on_done(self, msg: FileDone) -> None:
+        sf = self._file(msg.index)
+        if self._status.get(msg.index) != FileStatusCode.NEED or msg.index in self._finished:
+            raise ProtocolError(f"FileDone for file {msg.index} that was not being sent")
+        if not msg.ok:
+            self._failures.append((sf.entry.path, msg.reason or "receiver failed"))
+        self._finish(msg.index)
+        self._report(force=True)
+
+    def _on_request(self, msg: ChunkRequest) -> None:
+        sf = self._file(msg.index)
+        if self._status.get(msg.index) != FileStatusCode.NEED or msg.index in self._finished:
+            raise ProtocolError(f"chunk request for file {msg.index} that is not being sent")
+        if msg.chunk >= sf.entry.chunks:
+            raise ProtocolError(f"chunk request {msg.chunk} beyond the end of {sf.entry.path}")
+        self._request_count += 1
+        if self._request_count > self._max_requests:
+            raise ProtocolError("too many chunk requests")
+        if self._requests.qsize() >= MAX_QUEUED_REQUESTS:
+            raise ProtocolError("too many chunk requests in flight")
+        self._requests.put_nowait(msg)
+
+    async def _serve_requests(self) -> None:
+        while True:
+            req = await self._requests.get()
+            if req is None:
+                return
+            sf = self.files[req.index]
+            data = await asyncio.to_thread(self._read_chunk, req.index, req.chunk)
+            self.current = sf.entry.path
+            await self._send(ChunkData(req.index, req.chunk, data))
+            self.bytes_done += len(data)
+            self._report()
+
+    def _changed(self, sf: SourceFile) -> IntegrityError:
+        return IntegrityError(f"{sf.entry.path} changed while being sent; share it again")
+
+    def _read_chunk(self, index: int, chunk: int) -> bytes:
+        sf = self.files[index]
+        e = sf.entry
+        with self._fd_lock:
+            try:
+                if self._fd_index != index:
+                    if self._fd >= 0:
+                        os.close(self._fd)
+                        self._fd, self._fd_index = -1, -1
+                    self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                                       | getattr(os, "O_NOFOLLOW", 0))
+                    self._fd_index = index
+                    if os.fstat(self._fd).st_ino != sf.inode:
+                        raise self._changed(sf)
+                st = os.fstat(self._fd)
+                if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+                    raise self._changed(sf)
+                want = e.chunk_len(chunk)
+                data = os.pread(self._fd, want, chunk * e.chunk_size)
+            except FileNotFoundError:
+                raise IntegrityError(f"{e.path} was deleted while being sent") from None
+            except OSError as exc:
+                raise LocalIOError(f"cannot read {sf.abspath}: {exc.strerror}") from None
+        if len(data) != want or hash_chunk(data) != e.chunk_hash(chunk):
+            raise self._changed(sf)
+        return data
+
+
+# ---------------------------------------------------------------------------
+# sink
+
+
+class _Sink(_Session):
+    role = "sink"
+
+    def __init__(self, channel: Any, store: ReceiveStore, progress: ProgressFn | None,
+                 cancel: asyncio.Event | None) -> None:
+        super().__init__(channel, progress, cancel)
+        self.store = store
+        self.entries: list[FileEntry] = []
+        self._partials: dict[int, PartialFile] = {}
+        self._results: list[FileResult] = []
+        self._failures: list[tuple[str, str]] = []
+        self.expect: tuple[str, bytes | None] | None = None  # fetch: the one file we asked for
+
+    async def run(self, first: Callable[[], Any] | None = None) -> TransferResult:
+        async def body() -> TransferResult:
+            if first is not None:
+                await first()
+            await self._collect_offers()
+            return await self._transfer()
+
+        try:
+            return await self._guard(body)
+        finally:
+            for partial in self._partials.values():
+                self.store.release(partial)  # saves resume state; waits for a busy writer
+            self._partials.clear()
+
+    async def _collect_offers(self) -> None:
+        files: set[str] = set()
+        dirs: set[str] = set()
+        chunks = 0
+        seq = 0
+        while True:
+            msg = await self._recv(TO_SINK)
+            if not isinstance(msg, Offer):
+                raise ProtocolError(f"expected an offer, got {type(msg).TYPE}")
+            if seq == 0 and not self.tid:
+                self.tid = msg.transfer_id
+            if msg.transfer_id != self.tid or msg.seq != seq:
+                raise ProtocolError("offer contradicts the earlier ones (transfer id or sequence)")
+            for e in msg.files():
+                rel = safe_relpath(e.path)
+                parents = {p.as_posix() for p in rel.parents if p.parts}
+                if e.path in files or e.path in dirs or parents & files:
+                    raise ProtocolError(f"offer names {e.path[:80]!r} twice or as file and folder")
+                files.add(e.path)
+                dirs |= parents
+                chunks += e.chunks
+                self.entries.append(e)
+            if len(self.entries) > MAX_FILES_PER_TRANSFER or chunks > MAX_CHUNKS_PER_TRANSFER:
+                raise ProtocolError("offer is larger than the transfer limits")
+            seq += 1
+            if msg.last:
+                break
+        if self.expect is not None:
+            path, root = self.expect
+            if [e.path for e in self.entries] != [path] or (
+                    root is not None and self.entries[0].root != root):
+                raise ProtocolError(f"answered a fetch of {path[:80]!r} with another file")
+        self.files_total = len(self.entries)
+        self.bytes_total = sum(e.size for e in self.entries)
+
+    async def _transfer(self) -> TransferResult:
+        folder = await asyncio.to_thread(self.store.folder, self.peer)
+        pending: collections.deque[tuple[int, int]] = collections.deque()
+        in_flight: dict[tuple[int, int], int] = {}
+        in_flight_bytes = 0
+        failures: collections.Counter[tuple[int, int]] = collections.Counter()
+        next_file = 0
+        self._report(force=True)
+        while True:
+            # keep the window full: open the next file when its chunks are all requested
+            while True:
+                if not pending:
+                    if next_file >= len(self.entries):
+                        break
+                    index = next_file
+                    next_file += 1
+                    pending.extend((index, c) for c in await self._open_file(folder, index))
+                    continue
+                index, c = pending[0]
+                clen = self.entries[index].chunk_len(c)
+                if in_flight and in_flight_bytes + clen > WINDOW_BYTES:
+                    break
+                pending.popleft()
+                in_flight[(index, c)] = clen
+                in_flight_bytes += clen
+                await self._send(ChunkRequest(index, c))
+            if not in_flight:
+                break
+            msg = await self._recv(TO_SINK)
+            if not isinstance(msg, ChunkData):
+                raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
+            key = (msg.index, msg.chunk)
+            clen = in_flight.pop(key, -1)
+            if clen < 0:
+                raise ProtocolError(f"{self.peer} sent chunk {msg.chunk} of file {msg.index} "
+                                    "it was not asked for")
+            in_flight_bytes -= clen
+            if len(msg.data) != clen:
+                raise ProtocolError(f"chunk {msg.chunk} of file {msg.index} has the wrong size")
+            self.bytes_payload += clen
+            partial = self._partials[msg.index]
+            entry = self.entries[msg.index]
+            ok = await asyncio.to_thread(partial.write_chunk, msg.chunk, msg.data)
+            if not ok:
+                failures[key] += 1
+                log.warning("chunk %d of %s from %s failed verification (%d)", msg.chunk,
+                            entry.path, self.peer, failures[key])
+                if failures[key] >= MAX_CHUNK_FAILURES:
+                    raise IntegrityError(
+                        f"chunk {msg.chunk} of {entry.path} from {self.peer} failed verification "
+                        f"{failures[key]} times; transfer aborted")
+                pending.appendleft(key)
+                continue
+            self.bytes_done += clen
+            self.current = entry.path
+            if partial.complete:
+                await self._finish_file(msg.index)
+            else:
+                self._report()
+        await self._send(Complete(self.tid))
+        return self._result(self._results, self._failures, self.bytes_on_wire,
+                            self.bytes_payload)
+
+    async def _open_file(self, folder: Path, index: int) -> list[int]:
+        """Plan one file, tell the source, return the chunks still needed."""
+        entry = self.entries[index]
+        self.current = entry.path
+        try:
+            plan = await asyncio.to_thread(self.store.plan, folder, entry)
+        except PathBlocked as exc:
+            self._failures.append((entry.path, str(exc)))
+            self.files_done += 1
+            await self._send(FileStatus(index, FileStatusCode.REFUSED, 0, clip(str(exc))))
+            return []
+        if plan.kind == PlanKind.HAVE:
+            self.files_done += 1
+            self.bytes_done += entry.size
+            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), plan.final))
+            await self._send(FileStatus(index, FileStatusCode.HAVE, 0, ""))
+            self._report()
+            return []
+        assert plan.partial is not None
+        self._partials[index] = plan.partial
+        missing = plan.missing
+        self.bytes_done += entry.size - sum(entry.chunk_len(c) for c in missing)
+        await self._send(FileStatus(index, FileStatusCode.NEED, len(missing), ""))
+        if not missing:
+            await self._finish_file(index)
+        return missing
+
+    async def _finish_file(self, index: int) -> None:
+        entry = self.entries[index]
+        partial = self._partials.pop(index)
+        try:
+            final = await asyncio.to_thread(partial.finalize)
+        except PathBlocked as exc:
+            self._failures.append((entry.path, str(exc)))
+            await self._send(FileDone(index, False, clip(str(exc))))
+        else:
+            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), final))
+            await self._send(FileDone(index, True, ""))
+        finally:
+            self.store.release(partial)
+        self.files_done += 1
+        self._report(force=True)
+
+
+# ---------------------------------------------------------------------------
+# public API
+
+
+async def send_files(channel: Any, root: Path, paths: list[Path], *,
+                     progress: ProgressFn | None = None, cancel: asyncio.Event | None = None,
+                     transfer_id: bytes | None = None) -> TransferResult:
+    """Offer `paths` (files or folders, named relative to `root`) and serve the sink's requests."""
+    tid = transfer_id if transfer_id is not None else os.urandom(TRANSFER_ID_BYTES)
+    if len(tid) != TRANSFER_ID_BYTES:
+        raise ValueError(f"transfer_id must be {TRANSFER_ID_BYTES} bytes")
+    files = await asyncio.to_thread(build_manifest, Path(root), [Path(p) for p in paths])
+    if len(files) > MAX_FILES_PER_TRANSFER:
+        raise LocalIOError(f"too many files to share at once ({len(files)} > "
+                           f"{MAX_FILES_PER_TRANSFER})")
+    return await _Source(channel, tid, files, progress, cancel).run()
+
+
+async def receive_files(channel: Any, store: ReceiveStore, *, progress: ProgressFn | None = None,
+                        cancel: asyncio.Event | None = None) -> TransferResult:
+    """Receive what the peer offers into ``store``, under the peer's label."""
+    return await _Sink(channel, store, progress, cancel).run()
+
+
+async def fetch_file(channel: Any, rel_path: str, root_hash: bytes | None, store: ReceiveStore, *,
+                     progress: ProgressFn | None = None,
+                     cancel: asyncio.Event | None = None) -> TransferResult:
+    """Ask the peer for one file it announced, then receive it like an offer."""
+    safe_relpath(rel_path)
+    if root_hash is not None and len(root_hash) != 32:
+        raise ValueError("root_hash must be 32 bytes")
+    sink = _Sink(channel, store, progress, cancel)
+    sink.tid = os.urandom(TRANSFER_ID_BYTES)
+    sink.expect = (rel_path, root_hash)
+
+    async def ask() -> None:
+        await sink._send(FetchRequest(sink.tid, rel_path, root_hash))
+
+    return await sink.run(ask)
+
+
+async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn | None = None,
+                      cancel: asyncio.Event | None = None) -> TransferResult:
+    """Answer one FetchRequest: resolve(rel_path, root_hash) -> (root, file) or None."""
+    session = _Session(channel, progress, cancel)
+
+    async def first() -> TransferResult | list[SourceFile]:
+        msg = await session._recv((FetchRequest, Abort))
+        assert isinstance(msg, FetchRequest)
+        session.tid = msg.transfer_id
+        found = resolve(msg.path, msg.root)
+        files: list[SourceFile] = []
+        if found is not None:
+            root, path = found
+            files = await asyncio.to_thread(build_manifest, root, [path])
+        if (len(files) == 1 and files[0].entry.path == msg.path
+                and (msg.root is None or files[0].entry.root == msg.root)):
+            return files
+        reason = f"no such file: {msg.path}"
+        if len(files) == 1 and files[0].entry.path == msg.path:
+            reason = f"{msg.path} has changed since it was announced"
+        await session._abort("NotFound", clip(reason))
+        session._set_state(TransferState.FAILED)
+        return TransferResult(session.tid.hex(), [], session.bytes_on_wire, 0,
+                              session.state, reason, session.peer)
+
+    outcome = await session._guard(first)
+    if isinstance(outcome, TransferResult):
+        return outcome
+    return await _Source(channel, session.tid, outcome, progress, cancel).run()
+
+
+__all__ = [
+    "FileResult",
+    "TransferProgress",
+    "TransferResult",
+    "TransferState",
+    "fetch_file",
+    "receive_files",
+    "send_files",
+    "serve_fetch",
+]

@@ -1,0 +1,388 @@
+"""The receiving store: partial files, resume state, verification, atomic rename, versions.
+
+Layout under the received dir::
+
+    <received>/<label>/<relative path>                        finished, verified files
+    <received>/<label>/<dir>/.<name>.<root16>.p2pfs-part       chunks written at their offsets
+    <received>/<label>/<dir>/.<name>.<root16>.p2pfs-state      msgpack: which chunks are verified
+    <received>/<label>/.p2pfs-versions/<path>.<UTC timestamp>  older contents that were replaced
+
+A chunk counts only after its BLAKE3 hash matched the manifest. The state file
+is written (after an fdatasync of the partial file) every few chunks, so a
+restarted receiver resumes; chunks it lists are re-verified from disk on
+resume, so a torn write after a crash is fetched again, never trusted. At the
+end the file is fsynced, its mode/mtime applied, an existing different file
+moved into the versions folder, and the partial renamed into place atomically.
+
+All methods block (disk I/O, hashing): call them from a worker thread.
+Must not import the channel, transports, session or daemon.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path, PurePosixPath
+
+from node.errors import LocalIOError, ProtocolError
+from node.transfer.manifest import (
+    DEFAULT_CACHE,
+    FileEntry,
+    chunk_size_for,
+    hash_chunk,
+    hash_file,
+)
+from node.transfer.paths import (
+    PARTIAL_SUFFIX,
+    STATE_SUFFIX,
+    PathBlocked,
+    VERSIONS_DIR_NAME,
+    ensure_dirs,
+    local_io_error,
+    resolve_under,
+    safe_relpath,
+)
+from node.wire import packb, unpackb
+
+STATE_VERSION = 1
+STATE_SAVE_EVERY_CHUNKS = 16
+STATE_SAVE_INTERVAL_S = 1.0
+PARTIAL_NAME_PREFIX_BYTES = 100
+MAX_STATE_FILE_BYTES = 64 << 10
+
+
+class PlanKind(Enum):
+    NEED = "need"
+    HAVE = "have"
+
+
+def _clip_name(name: str, limit: int) -> str:
+    return name.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def partial_names(final_name: str, root: bytes) -> tuple[str, str]:
+    stem = f".{_clip_name(final_name, PARTIAL_NAME_PREFIX_BYTES)}.{root.hex()[:16]}"
+    return stem + PARTIAL_SUFFIX, stem + STATE_SUFFIX
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class PartialFile:
+    """One file being received: an open partial file plus its verified-chunk bitmap."""
+
+    def __init__(self, store: ReceiveStore, folder: Path, rel: PurePosixPath, entry: FileEntry,
+                 final: Path) -> None:
+        self.store = store
+        self.folder = folder
+        self.rel = rel
+        self.entry = entry
+        self.final = final
+        part_name, state_name = partial_names(final.name, entry.root)
+        self.part_path = final.with_name(part_name)
+        self.state_path = final.with_name(state_name)
+        self.done = bytearray(entry.chunks)
+        self.done_count = 0
+        self.fd = -1
+        self._unsaved = 0
+        self._last_save = time.monotonic()
+        self.resumed_bytes = 0
+        # a worker thread may be writing while a cancelled task closes the file
+        self._lock = threading.RLock()
+
+    # -- opening / resume -------------------------------------------------
+    def open(self) -> None:
+        e = self.entry
+        try:
+            ensure_dirs(self.folder, self.rel.parent)
+            resolve_under(self.folder, self.rel)  # re-check after creating parents
+            for p in (self.part_path, self.state_path):
+                if os.path.islink(p):
+                    raise PathBlocked(f"refusing to write through the symlink {p}")
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            self.fd = os.open(self.part_path, flags, 0o600)
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise LocalIOError(f"{self.part_path} is not a regular file")
+            if st.st_size != e.size:
+                os.ftruncate(self.fd, e.size)
+        except OSError as exc:
+            self.close()
+            raise local_io_error(exc, f"cannot open {self.part_path}") from None
+        except LocalIOError:
+            self.close()
+            raise
+        self._load_state()
+
+    def _load_state(self) -> None:
+        e = self.entry
+        try:
+            with open(self.state_path, "rb") as f:
+                raw = f.read(MAX_STATE_FILE_BYTES + 1)
+            obj = unpackb(raw, max_bytes=MAX_STATE_FILE_BYTES)
+        except (OSError, ProtocolError):
+            return
+        if (not isinstance(obj, list) or len(obj) != 5 or obj[0] != STATE_VERSION
+                or obj[1] != e.root or obj[2] != e.size or obj[3] != e.chunk_size
+                or not isinstance(obj[4], bytes) or len(obj[4]) * 8 < e.chunks):
+            return
+        bitmap: bytes = obj[4]
+        # re-verify what the state claims: a crash may have torn the last writes
+        for i in range(e.chunks):
+            if bitmap[i >> 3] & (1 << (i & 7)):
+                try:
+                    data = os.pread(self.fd, e.chunk_len(i), i * e.chunk_size)
+                except OSError:
+                    continue
+                if len(data) == e.chunk_len(i) and hash_chunk(data) == e.chunk_hash(i):
+                    self.done[i] = 1
+                    self.done_count += 1
+                    self.resumed_bytes += len(data)
+
+    def missing(self) -> list[int]:
+        return [i for i, d in enumerate(self.done) if not d]
+
+    @property
+    def complete(self) -> bool:
+        return self.done_count == self.entry.chunks
+
+    # -- chunks -------------------------------------------------------------
+    def write_chunk(self, index: int, data: bytes) -> bool:
+        """Verify and write one chunk; False if its hash does not match (nothing counted)."""
+        with self._lock:
+            return self._write_chunk_locked(index, data)
+
+    def save_state(self) -> None:
+        """fdatasync the partial file, then atomically record which chunks it holds."""
+        with self._lock:
+            self._save_state_locked()
+
+    def finalize(self) -> Path:
+        """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
+        with self._lock:
+            return self._finalize_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _write_chunk_locked(self, index: int, data: bytes) -> bool:
+        """Verify and write one chunk; False if its hash does not match (nothing counted)."""
+        e = self.entry
+        if hash_chunk(data) != e.chunk_hash(index):
+            return False
+        if self.done[index]:
+            return True
+        try:
+            self.store._write_at(self.fd, data, index * e.chunk_size)
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot write {self.final}") from None
+        self.done[index] = 1
+        self.done_count += 1
+        self._unsaved += 1
+        now = time.monotonic()
+        if self._unsaved >= STATE_SAVE_EVERY_CHUNKS or now - self._last_save >= STATE_SAVE_INTERVAL_S:
+            self.save_state()
+        return True
+
+    def _save_state_locked(self) -> None:
+        """fdatasync the partial file, then atomically record which chunks it holds."""
+        if self.fd < 0 or self._unsaved == 0:
+            return
+        bitmap = bytearray((len(self.done) + 7) // 8)
+        for i, d in enumerate(self.done):
+            if d:
+                bitmap[i >> 3] |= 1 << (i & 7)
+        e = self.entry
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        try:
+            os.fdatasync(self.fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                         0o600)
+            try:
+                os.write(fd, packb([STATE_VERSION, e.root, e.size, e.chunk_size, bytes(bitmap)]))
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot save progress of {self.final}") from None
+        self._unsaved = 0
+        self._last_save = time.monotonic()
+
+    # -- finishing ----------------------------------------------------------
+    def _finalize_locked(self) -> Path:
+        """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
+        e = self.entry
+        if not self.complete:
+            raise LocalIOError(f"{self.final}: finalize before all chunks arrived")
+        try:
+            if os.fstat(self.fd).st_size != e.size:
+                raise LocalIOError(f"{self.part_path} changed size on disk while receiving")
+            os.fsync(self.fd)
+            os.fchmod(self.fd, e.mode & 0o777)
+            os.utime(self.fd, ns=(e.mtime_ns, e.mtime_ns))
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot finish {self.final}") from None
+        self.close()
+        final = resolve_under(self.folder, self.rel)
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot inspect {final}") from None
+        try:
+            if st is not None:
+                if not stat.S_ISREG(st.st_mode):
+                    raise PathBlocked(f"{final} is in the way: it is not a regular file")
+                if not self.store.same_content(final, e):
+                    self.store.keep_version(self.folder, self.rel, final)
+            os.rename(self.part_path, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot move {final} into place") from None
+        try:
+            os.unlink(self.state_path)
+        except OSError:
+            pass
+        return final
+
+    def _close_locked(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.save_state()
+            except LocalIOError:
+                pass
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+@dataclass
+class FilePlan:
+    kind: PlanKind
+    final: Path
+    partial: PartialFile | None = None
+
+    @property
+    def missing(self) -> list[int]:
+        return self.partial.missing() if self.partial is not None else []
+
+
+class ReceiveStore:
+    """Where received files go: ``<received_dir>/<label>/<relative path>``."""
+
+    def __init__(self, received_dir: Path) -> None:
+        self.received_dir = Path(received_dir)
+        self._active: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _write_at(self, fd: int, data: bytes, offset: int) -> None:
+        """pwrite all of `data` at `offset` (a seam tests use to inject ENOSPC)."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            view = view[n:]
+            offset += n
+
+    def folder(self, label: str) -> Path:
+        rel = safe_relpath(label)
+        if len(rel.parts) != 1:
+            raise ProtocolError("a sender label is a single folder name")
+        try:
+            os.makedirs(self.received_dir, exist_ok=True)
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot create {self.received_dir}") from None
+        return ensure_dirs(self.received_dir, rel)
+
+    def same_content(self, path: Path, entry: FileEntry) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+            return False
+        if entry.chunk_size == chunk_size_for(entry.size):
+            _, _, root = DEFAULT_CACHE.get_or_hash(path, st)
+        else:
+            _, _, root = hash_file(path, chunk_size=entry.chunk_size)
+        return root == entry.root
+
+    def keep_version(self, folder: Path, rel: PurePosixPath, final: Path) -> Path:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        vdir = ensure_dirs(folder, PurePosixPath(VERSIONS_DIR_NAME, *rel.parent.parts))
+        base = f"{_clip_name(rel.name, 200)}.{stamp}"
+        target = vdir / base
+        n = 1
+        while os.path.lexists(target):
+            target = vdir / f"{base}-{n}"
+            n += 1
+        os.rename(final, target)
+        return target
+
+    def free_bytes(self, path: Path) -> int | None:
+        try:
+            st = os.statvfs(path)
+        except (OSError, AttributeError):
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def plan(self, folder: Path, entry: FileEntry) -> FilePlan:
+        """Decide what to fetch for `entry`: HAVE (identical file there) or NEED + partial.
+
+        LocalIOError when the path is blocked locally (symlink, file in the way),
+        the disk is full or not writable.
+        """
+        rel = safe_relpath(entry.path)
+        final = resolve_under(folder, rel)
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise local_io_error(exc, f"cannot inspect {final}") from None
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                raise PathBlocked(f"{final} is in the way: it is a folder")
+            if stat.S_ISREG(st.st_mode) and self.same_content(final, entry):
+                return FilePlan(PlanKind.HAVE, final)
+        partial = PartialFile(self, folder, rel, entry, final)
+        with self._lock:
+            if partial.part_path in self._active:
+                raise PathBlocked(f"{final} is already being received")
+            self._active.add(partial.part_path)
+        try:
+            partial.open()
+            need = entry.size - partial.resumed_bytes
+            free = self.free_bytes(partial.part_path.parent)
+            if free is not None and need > free:
+                raise LocalIOError(
+                    f"cannot receive {final}: disk full ({need} bytes needed, {free} free)")
+        except BaseException:
+            self.release(partial)
+            raise
+        return FilePlan(PlanKind.NEED, final, partial)
+
+    def release(self, partial: PartialFile) -> None:
+        partial.close()
+        with self._lock:
+            self._active.discard(partial.part_path)
