@@ -242,10 +242,18 @@ class DhtNode:
 
     async def lookup(self, peer_id: PeerId) -> LookupResult | None:
         """Find `peer_id`'s current record through the DHT; None when nobody has a valid one."""
-        t0 = time.perf_counter()
         if peer_id == self.identity.peer_id and self.record is not None:
-            return LookupResult(self.record, 0, 0, time.perf_counter() - t0)
-        key = peer_id.dht_id
+            return LookupResult(self.record, 0, 0, 0.0)
+        found = await self.lookup_id(peer_id.dht_id)
+        return found if found is not None and found.record.peer_id == peer_id else None
+
+    async def lookup_id(self, key: bytes) -> LookupResult | None:
+        """Find the record stored under a DHT id (e.g. a routing-table contact's id).
+
+        Records are only accepted under the DHT id of their own signer, so whatever
+        comes back is the record of the peer whose id this is.
+        """
+        t0 = time.perf_counter()
         target = Node(key)
         nearest = self.protocol.router.find_neighbors(target)
         local = self.storage.get_record(key)
@@ -272,9 +280,13 @@ class DhtNode:
         return LookupResult(best, crawl.hops, crawl.queries, time.perf_counter() - t0)
 
     def contacts(self) -> list[tuple[str, int]]:
+        return [(ip, port) for _, ip, port in self.contact_ids()]
+
+    def contact_ids(self) -> list[tuple[bytes, str, int]]:
+        """Routing-table contacts as (DHT id, ip, port)."""
         if self.server.protocol is None:
             return []
-        return [(n.ip, n.port) for b in self.protocol.router.buckets for n in b.get_nodes()]
+        return [(n.id, n.ip, n.port) for b in self.protocol.router.buckets for n in b.get_nodes()]
 
     async def stop(self) -> None:
         if self._republish_task is not None:

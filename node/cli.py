@@ -25,7 +25,7 @@ from rich.table import Table
 
 from node.config import TRANSPORTS, Settings, default_home, load_settings
 from node.control import ControlClient
-from node.errors import NodeNotRunning, P2PError, UnknownPeer
+from node.errors import LocalIOError, NodeNotRunning, P2PError, UnknownPeer
 from node.identity import Identity, PeerId, load_identity
 from node.trust import TrustStore, resolve_peer
 
@@ -374,6 +374,177 @@ def ping(
     out.print(f"{res['transport']} channel to {res['peer_id'][:7]} at "
               f"{res['remote'][0]}:{res['remote'][1]}: handshake {res['handshake_ms']:.1f} ms, "
               f"rtt min/median/max {rtts[0]:.2f}/{rtts[len(rtts) // 2]:.2f}/{rtts[-1]:.2f} ms")
+
+
+# ---------------------------------------------------------------------------- files
+
+
+@app.command()
+@handle_errors
+def share(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to share.")],
+    home: HomeOpt = None,
+    to: Annotated[list[str], typer.Option(
+        "--to", help="Peer (id, prefix or alias) to send to now (repeatable). "
+                     "Default: every trusted peer that is online.")] = [],
+    transport: TransportOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send files or folders to trusted peers, end-to-end encrypted, and wait until each
+    peer has verified its copy. Peers are also notified by a signed "shared" event.
+    The node does the work: Ctrl-C here does not stop the transfer (`node cancel` does)."""
+    if transport is not None and transport not in TRANSPORTS:
+        raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
+    for p in paths:
+        if not p.exists():
+            raise LocalIOError(f"{p} does not exist")
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                        disable=as_json or not err.is_terminal)
+    bars: dict[str, Any] = {}
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps({"event": ev}) + "\n")
+            sys.stdout.flush()
+            return
+        tid = ev.get("id", "")
+        if tid not in bars:
+            bars[tid] = progress.add_task(f"{ev.get('peer', '?')} ({ev.get('transport')})",
+                                          total=ev.get("bytes_total") or None)
+        progress.update(bars[tid], completed=ev.get("bytes_done", 0),
+                        total=ev.get("bytes_total") or None)
+        if ev.get("type") == "retry":
+            err.print(f"{ev.get('peer')}: {ev.get('error')}; retrying")
+        elif ev.get("type") == "finished" and not err.is_terminal:
+            pass
+
+    with progress:
+        res = _call(home, "share", {"paths": [str(p.resolve()) for p in paths], "to": to,
+                                    "transport": transport}, on_event=on_event)
+    if as_json:
+        _print_json(res)
+    failed = [t for t in res["transfers"] if t["state"] != "done"]
+    if not as_json:
+        for t in res["transfers"]:
+            if t["state"] == "done":
+                out.print(f"{t['peer']}: verified {t['files_done']} file(s), "
+                          f"{_size(t['bytes_total'])} over {t['transport']} "
+                          f"({_size(t['rate_bps'])}/s)")
+            else:
+                err.print(f"[bold red]error:[/] {t['peer']}: {t['state']}: {t['error']}",
+                          markup=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@app.command()
+@handle_errors
+def transfers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show transfers in progress and recent ones."""
+    rows = _call(home, "transfers")
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no transfers yet")
+        return
+    table = Table("id", "dir", "peer", "transport", "state", "progress", "files", "error")
+    for r in rows:
+        done = f"{_size(r['bytes_done'])}/{_size(r['bytes_total'])}"
+        table.add_row(r["id"], r["direction"], r["peer"], r["transport"], r["state"], done,
+                      f"{r['files_done']}/{r['files_total']}", r["error"] or "")
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def cancel(
+    transfer_id: Annotated[str, typer.Argument(help="Transfer id (or a unique prefix).")],
+    home: HomeOpt = None,
+) -> None:
+    """Cancel a running transfer; what was verified so far is kept for a later resume."""
+    res = _call(home, "cancel", {"id": transfer_id})
+    out.print(f"cancelling transfer {res['id']} with {res['peer']}")
+
+
+# ---------------------------------------------------------------------------- change log
+
+
+@app.command("log")
+@handle_errors
+def show_log(
+    home: HomeOpt = None,
+    peer: Annotated[Optional[str], typer.Option("--peer", help="Only this origin peer.")] = None,
+    since: Annotated[Optional[str], typer.Option(
+        "--since", help="Epoch ms, or a duration like 10m, 2h, 3d.")] = None,
+    path: Annotated[Optional[str], typer.Option("--path", help="Glob on the path.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Query the change log: every accepted create/edit/delete/move/share event."""
+    rows = _call(home, "log", {"peer": peer, "since": since, "path": path, "limit": limit})
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no events")
+        return
+    table = Table("time", "origin", "seq", "kind", "folder", "path", "size")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["wall_ms"] / 1000))
+        shown = r["path"] if not r.get("old_path") else f"{r['old_path']} -> {r['path']}"
+        table.add_row(when, r["origin_label"], str(r["seq"]), r["kind"], r["folder"], shown,
+                      _size(r["size"]) if r["kind"] != "deleted" else "")
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def events(
+    home: HomeOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming.")] = False,
+    since: Annotated[Optional[int], typer.Option(
+        "--since", help="Only notifications with id > N (ids go up by exactly one).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stream notifications: file shared/updated/deleted/moved/received, transfer failed,
+    peer joined/left, event rejected. Use --since with the last id you saw to miss nothing."""
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(ev) + "\n")
+        else:
+            when = time.strftime("%H:%M:%S", time.localtime(ev.get("at_ms", 0) / 1000))
+            sys.stdout.write(f"{ev.get('id'):>6} {when} {ev.get('kind'):<15} "
+                             f"{_describe(ev)}\n")
+        sys.stdout.flush()
+
+    _call(home, "events", {"follow": follow, "since": since}, on_event=on_event)
+
+
+def _describe(ev: dict[str, Any]) -> str:
+    d = ev.get("data") or {}
+    who = d.get("peer") or d.get("origin_label") or (d.get("origin") or d.get("peer_id") or "")[:7]
+    path = d.get("path") or ",".join(d.get("paths") or [])
+    if ev.get("kind") == "file_received":
+        return f"received {path} ({_size(d.get('size', 0))}) from {who}"
+    if ev.get("kind") == "transfer_failed":
+        return f"{path} with {who}: {d.get('error')}"
+    if d.get("local"):
+        who = "me"
+    return f"{path} by {who}" if path else f"{who} {d.get('name', '')}".strip()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from node.config import Settings
@@ -37,8 +38,13 @@ STOP_BUDGET_S = 1.5
 REGISTER_BACKOFF_MAX_S = 60.0
 # how often the online list is fetched from each bootstrap server between registrations
 PEER_POLL_S = 5.0
+DHT_DISCOVER_S = 5.0
+DHT_DISCOVER_BATCH = 32
 RECORD_TTL_S = 3600
 DAEMON_STATE_FILE = "daemon.json"
+# `node share` of a file outside the shared folders is announced under this folder label
+ONE_OFF_FOLDER = "_shared"
+MAX_ANNOUNCED_FILES = 1000
 LOCK_FILE = "daemon.lock"
 
 
@@ -150,7 +156,126 @@ class Daemon:
         self._write_state()
 
     async def _start_services(self) -> None:
-        """Transfers, gossip and watchers (hooked in by their modules)."""
+        """Event log, transfers, gossip, sync and folder watchers."""
+        from node.gossip.log import EventLog
+        from node.gossip.service import GossipService
+        from node.gossip.sync import SyncEngine
+        from node.sharing import ShareService
+        from node.watcher import FolderWatcher
+
+        s = self.settings
+        self.folders = shared_folders(s.shared_dirs)
+        received = s.received_path
+        received.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.home / "events.db")
+        self._closers.append(_async(self.events.close))
+        self.sharing = ShareService(
+            self.peering, received, notify=self.events.notify, label_for=self.label_for,
+            resolve_shared=self._resolve_shared, default_transport=s.transport,
+            targets=self._online_trusted,
+        )
+        self.sync = SyncEngine(received, self_id=self.identity.peer_id, fetch=self._sync_fetch,
+                               origin_label=self.label_for, suppress=self._suppress,
+                               local_lookup=self._local_lookup, log=self.events)
+        self._closers.append(_async(self.sync.close))
+        self.gossip = GossipService(
+            self.identity, self.events, peers=self._gossip_peers,
+            open_channel=lambda peer: self.peering.connect(peer, "gossip"),
+            is_trusted=self.trust.is_trusted, on_event=self._apply_event,
+        )
+        self.peering.register("gossip", self.gossip.handle_channel)
+        await self.gossip.start()
+        self._closers.append(self.gossip.stop)
+        self.watchers = []
+        for label, folder in self.folders.items():
+            watcher = FolderWatcher(folder, label, index_path=self.home / f"index-{label}.db",
+                                    on_change=functools.partial(self._local_change, label))
+            self.watchers.append(watcher)
+            self._closers.append(watcher.stop)
+            changes = await watcher.start(scan=True)
+            log.info("sharing folder %s as %r (%d change(s) since last run)", folder, label,
+                     len(changes))
+
+    # -- glue between watchers, gossip, sync and transfers ------------------------------
+    def label_for(self, peer: PeerId) -> str:
+        """Folder name for a peer's files: the local alias, else its short id (never a
+        name the peer chose itself, which another peer could copy)."""
+        return self.trust.alias_of(peer) or peer.short
+
+    async def _local_change(self, label: str, change: Any) -> None:
+        await self.gossip.publish_local(change.kind, label, change.path, change.size,
+                                        change.hash, change.old_path)
+
+    def _suppress(self, path: Path, digest: bytes) -> None:
+        for watcher in self.watchers:
+            watcher.suppress(path, digest)
+
+    def _local_lookup(self, digest: bytes) -> Path | None:
+        for watcher in self.watchers:
+            found = watcher.find_by_hash(digest)
+            if found is not None:
+                return found
+        return None
+
+    def _resolve_shared(self, rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
+        """A peer fetches `<folder label>/<path>` from one of our shared folders."""
+        from node.errors import ProtocolError
+        from node.transfer.paths import resolve_under, safe_relpath
+
+        try:
+            relpath = safe_relpath(rel)
+        except ProtocolError:
+            return None
+        folder = self.folders.get(relpath.parts[0]) if len(relpath.parts) > 1 else None
+        if folder is None:
+            return None
+        try:
+            target = resolve_under(folder, PurePosixPath(*relpath.parts[1:]))
+        except (P2PError, OSError):
+            return None
+        return (folder.parent, target) if target.is_file() else None
+
+    async def _sync_fetch(self, origin: PeerId, folder: str, path: str, digest: bytes) -> Path:
+        result = await self.sharing.fetch(origin, f"{folder}/{path}", None)
+        final = result.files[0].path if result.files else None
+        if final is None:
+            raise P2PError(f"fetching {folder}/{path} from {origin.short} gave no file")
+        return final
+
+    async def _apply_event(self, event: Any) -> None:
+        if event.kind == "shared":
+            return  # a one-off share: the push carries the content, peers are only told
+        try:
+            outcome = await self.sync.apply(event)
+            log.info("applied %s %s/%s from %s: %s", event.kind, event.folder, event.path,
+                     self.label_for(event.origin), outcome.value)
+        except P2PError as exc:
+            log.warning("could not apply %s of %s/%s from %s: %s", event.kind, event.folder,
+                        event.path, self.label_for(event.origin), exc)
+            self.events.notify("transfer_failed", {
+                "peer_id": str(event.origin), "peer": self.label_for(event.origin),
+                "paths": [f"{event.folder}/{event.path}"], "direction": "sync",
+                "error": str(exc)})
+
+    def _gossip_peers(self) -> list[PeerId]:
+        return [t.peer_id for t in self.trust.all() if self.book.get(t.peer_id) is not None]
+
+    def _online_trusted(self) -> list[PeerId]:
+        self._refresh_presence()
+        out = []
+        for pid, entry in self.book.entries().items():
+            if self.trust.is_trusted(pid) and entry.to_json()["online"]:
+                out.append(pid)
+        return out
+
+    def _refresh_presence(self) -> None:
+        gossip = getattr(self, "gossip", None)
+        if gossip is None:
+            return
+        online = gossip.online()
+        for peer, seen in gossip.presence().items():
+            self.book.mark_seen(peer, "gossip", now=seen)
+            self.book.set_online(peer, "gossip", online.get(peer, False))
 
     async def stop(self) -> None:
         deadline = time.monotonic() + STOP_BUDGET_S
@@ -232,9 +357,23 @@ class Daemon:
                     stored = await self.dht.set_record(self.record)
                     log.info("joined the DHT through %d contact(s); record stored on %d node(s)",
                              answered, stored)
-                    return
+                    break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+        await self._dht_discover_loop()
+
+    async def _dht_discover_loop(self) -> None:
+        """Learn the records of the DHT's routing-table contacts, so peers found only
+        through the DHT (the bootstrap server gone, or never used) appear in `node peers`."""
+        while True:
+            known = {pid.dht_id for pid in self.book.entries()}
+            unknown = [cid for cid, _ip, _port in self.dht.contact_ids() if cid not in known]
+            for cid in unknown[:DHT_DISCOVER_BATCH]:
+                with contextlib.suppress(P2PError, OSError, asyncio.TimeoutError):
+                    found = await self.dht.lookup_id(cid)
+                    if found is not None:
+                        self.book.add(found.record, "dht")
+            await asyncio.sleep(DHT_DISCOVER_S)
 
     def _bootstrap_dht_addrs(self) -> list[tuple[str, int]]:
         out = []
@@ -302,6 +441,11 @@ class Daemon:
         c.register("ping", self._cmd_ping)
         c.register("resolve", self._cmd_resolve)
         c.register("stop", self._cmd_stop)
+        c.register("share", self._cmd_share)
+        c.register("transfers", self._cmd_transfers)
+        c.register("cancel", self._cmd_cancel)
+        c.register("log", self._cmd_log)
+        c.register("events", self._cmd_events)
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {
@@ -320,6 +464,7 @@ class Daemon:
         }
 
     async def _cmd_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        self._refresh_presence()
         out = []
         for pid, entry in sorted(self.book.entries().items(), key=lambda kv: kv[0].key):
             out.append(entry.to_json(alias=self.trust.alias_of(pid),
@@ -353,11 +498,107 @@ class Daemon:
         asyncio.get_running_loop().call_later(0.05, self.request_stop)
         return True
 
+    async def _cmd_share(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        paths = args.get("paths")
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise P2PError("share needs at least one path")
+        to = [self.resolve(t) for t in args.get("to") or []]
+        for peer in to:
+            self.peering.authorize(peer)
+        results = await self.sharing.share([Path(p) for p in paths], to or None,
+                                           transport=args.get("transport"), emit=emit)
+        announced = []
+        for p in paths:
+            announced += await self._announce_share(Path(p))
+        return {"transfers": results, "announced": announced}
+
+    async def _announce_share(self, path: Path) -> list[str]:
+        """Emit a signed "shared" event per file so every peer is notified."""
+        from node.watcher import hash_file
+
+        path = path.expanduser().resolve()
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        out = []
+        for f in files[:MAX_ANNOUNCED_FILES]:
+            rel = f.relative_to(path.parent).as_posix()
+            size, _mtime, digest = await asyncio.to_thread(hash_file, f)
+            await self.gossip.publish_local("shared", ONE_OFF_FOLDER, rel, size, digest)
+            out.append(rel)
+        return out
+
+    async def _cmd_transfers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        return self.sharing.list()
+
+    async def _cmd_cancel(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        tid = args.get("id")
+        if not isinstance(tid, str) or not tid:
+            raise P2PError("cancel needs a transfer id")
+        return self.sharing.cancel(tid)
+
+    async def _cmd_log(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        from node.gossip.log import ms_from_text
+
+        peer = self._peer_arg(args) if args.get("peer") else None
+        since = args.get("since")
+        since_ms = ms_from_text(since) if isinstance(since, str) and since else None
+        glob = args.get("path") if isinstance(args.get("path"), str) else None
+        limit = max(1, min(int(args.get("limit") or 1000), 10000))
+        rows = []
+        for ev in self.events.query(peer, since_ms, glob, limit):
+            row = ev.summary()
+            row["origin_label"] = ("me" if ev.origin == self.identity.peer_id
+                                   else self.label_for(ev.origin))
+            row["trusted"] = ev.origin == self.identity.peer_id or self.trust.is_trusted(
+                ev.origin)
+            rows.append(row)
+        return rows
+
+    async def _cmd_events(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        follow = bool(args.get("follow"))
+        since = args.get("since")
+        last = self.events.last_notification_id
+        if not isinstance(since, int) or since < 0:
+            since = max(0, last - (10 if follow else 100))
+        sent = since
+        while True:
+            for note in self.events.notifications(sent, 1000):
+                await emit(note.to_json())
+                sent = note.id
+            if not follow:
+                return {"last_id": sent}
+            await self.events.wait_for_notification(sent, timeout=30.0)
+
     def _peer_arg(self, args: dict[str, Any]) -> PeerId:
         text = args.get("peer")
         if not isinstance(text, str):
             raise UnknownPeer("no peer given")
         return self.resolve(text)
+
+
+def shared_folders(dirs: list[str]) -> dict[str, Path]:
+    """Shared folder label (its directory name) -> path; labels must be unique."""
+    from node.errors import ConfigError
+
+    out: dict[str, Path] = {}
+    for text in dirs:
+        folder = Path(text).expanduser().resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"shared folder {folder} does not exist or is not a folder")
+        label = folder.name
+        if not label or label.startswith(".") or label == ONE_OFF_FOLDER:
+            raise ConfigError(f"shared folder {folder} needs a plain name")
+        if label in out:
+            raise ConfigError(f"two shared folders are called {label!r} ({out[label]} and "
+                              f"{folder}); rename one")
+        out[label] = folder
+    return out
+
+
+def _async(fn: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        fn()
+
+    return run
 
 
 def run_daemon(settings: Settings) -> None:
