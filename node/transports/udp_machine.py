@@ -273,8 +273,11 @@ class UdpConnection:
         Returns True when a window update should be sent now (call datagrams_to_send).
         """
         self._unread_bytes = max(0, self._unread_bytes - nbytes)
-        if self._advertised_rwnd < self._window_packets // 4 and \
-                self._rwnd_packets() >= self._window_packets // 2:
+        if self._ack_now or self.state is State.CLOSED:
+            return False
+        # window update once it grew by a quarter since we last advertised it (the sender
+        # may be stalled on the old value); smaller steps ride on the next regular ack
+        if self._rwnd_packets() - self._advertised_rwnd >= max(2, self._window_packets // 4):
             self._ack_now = True
             return True
         return False

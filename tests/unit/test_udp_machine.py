@@ -333,3 +333,23 @@ def test_server_does_not_amplify_spoofed_inits() -> None:
     # an unpadded INIT is not accepted at all
     with pytest.raises(ProtocolError):
         UdpConnection.server(init[:20], 0.0)
+
+
+def test_reading_sends_a_window_update_when_the_window_grew_by_a_quarter() -> None:
+    # regression: a sender stalled on a stale small window waited for a probe timeout
+    link = Link(delay_s=0.001)
+    connect(link)
+    msg = b"w" * 500_000
+    n = int(0.6 * um.RECV_WINDOW_BYTES) // len(msg)  # leaves a window above a quarter
+    for _ in range(n):
+        link.client.send_message(msg)
+    link.run_until(lambda: len(link.received("server")) == n, limit_s=5)
+    s = link.server
+    s.datagrams_to_send(link.now)  # flush any pending ack: advertises the small window
+    small = s._advertised_rwnd
+    assert s._window_packets // 4 < small < s._window_packets // 2
+    wants = [s.message_consumed(len(msg)) for _ in range(n)]
+    assert any(wants)
+    ack = s.datagrams_to_send(link.now)
+    assert ack and ack[-1][1] == um.T_ACK
+    assert s._advertised_rwnd - small >= s._window_packets // 4
