@@ -481,12 +481,15 @@ class UdpListener:
         self._by_cid[machine.local_cid] = pipe
         self._by_init[key] = pipe
         pipe._init_key = key  # type: ignore[attr-defined]
+        pipe._half_open = True  # type: ignore[attr-defined]
         self._half_open += 1
         self._dirty.add(pipe)
 
     def _on_connected(self, pipe: UdpPipe) -> None:
+        # the INIT key stays mapped until the pipe closes, so a late duplicate INIT
+        # reaches this connection instead of opening a ghost one
+        pipe._half_open = False  # type: ignore[attr-defined]
         self._half_open -= 1
-        self._by_init.pop(pipe._init_key, None)  # type: ignore[attr-defined]
         task = self._loop.create_task(self._run_handler(pipe))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -506,7 +509,10 @@ class UdpListener:
     def _forget(self, pipe: UdpPipe) -> None:
         self._by_cid.pop(pipe.machine.local_cid, None)
         key = getattr(pipe, "_init_key", None)
-        if key is not None and self._by_init.pop(key, None) is not None:
+        if key is not None and self._by_init.get(key) is pipe:
+            del self._by_init[key]
+        if getattr(pipe, "_half_open", False):
+            pipe._half_open = False  # type: ignore[attr-defined]
             self._half_open -= 1
         self._dirty.discard(pipe)
 

@@ -528,6 +528,12 @@ class UdpConnection:
             return False
         if cum > self._next_seq or largest > self._next_seq or rwnd > 1 << 24:
             return False
+        if nranges:  # validate every range before acting on any
+            flat = struct.unpack_from(f">{2 * nranges}I", data, _ACK.size)
+            limit = self._next_seq - cum
+            for i in range(0, 2 * nranges, 2):
+                if flat[i] >= flat[i + 1] or flat[i + 1] > limit:
+                    return False
         largest -= 1  # on the wire: largest received + 1, so 0 means "none yet"
         self._peer_rwnd = rwnd
         inflight = self._inflight
@@ -553,8 +559,6 @@ class UdpConnection:
         for _ in range(nranges):
             a, b = _RANGE.unpack_from(data, off)
             off += _RANGE.size
-            if a >= b or cum + b > self._next_seq:
-                return False
             a += cum
             b += cum
             # ranges repeat from ack to ack: skip the part already processed

@@ -306,3 +306,29 @@ def test_works_on_uvloop() -> None:
             await listener.close()
 
     assert uvloop.run(main()) == b"u" * 2_000_000
+
+
+async def test_late_duplicate_init_does_not_open_a_ghost_connection() -> None:
+    from node.transports import udp_machine as um
+
+    async def echo(pipe: udp.UdpPipe) -> None:
+        while True:
+            await pipe.send(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, echo)
+    pipe = await udp.connect("127.0.0.1", listener.port)
+    try:
+        await pipe.send(b"hi")
+        assert await pipe.recv() == b"hi"
+        m = pipe.machine
+        init = um._INIT.pack(um.MAGIC, um.T_INIT, bytes(8), m.local_cid, m.datagram_bytes)
+        init += bytes(um.INIT_BYTES - len(init))
+        # replay the INIT from the client's own address, as a delayed duplicate would arrive
+        pipe._send_dgrams([init], None)
+        await asyncio.sleep(0.05)
+        assert listener.connections == 1
+        await pipe.send(b"again")
+        assert await pipe.recv() == b"again"
+    finally:
+        await pipe.close()
+        await listener.close()

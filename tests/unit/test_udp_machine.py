@@ -353,3 +353,17 @@ def test_reading_sends_a_window_update_when_the_window_grew_by_a_quarter() -> No
     ack = s.datagrams_to_send(link.now)
     assert ack and ack[-1][1] == um.T_ACK
     assert s._advertised_rwnd - small >= s._window_packets // 4
+
+
+def test_ack_with_one_bad_range_is_ignored_entirely() -> None:
+    link = Link()
+    connect(link)
+    c = link.client
+    c.send_message(b"p" * 20_000)
+    c.datagrams_to_send(link.now)  # packets leave, nothing is delivered
+    inflight = len(c._inflight)
+    assert inflight > 5
+    head = struct.pack(">BB8sQIIQH", um.MAGIC, um.T_ACK, c.local_cid, 0, 100, 0, 3, 2)
+    ack = head + struct.pack(">IIII", 1, 3, 5, 10**6)  # second range beyond what was sent
+    c.receive_datagram(ack, link.now)
+    assert c.dropped_datagrams == 1 and len(c._inflight) == inflight
