@@ -63,7 +63,8 @@ ACK_EVERY_PACKETS = 16
 KEEPALIVE_S = 5.0
 IDLE_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 5.0  # how long a graceful close may take to drain our queued data
+CLOSE_RETRIES = 3
 MAX_RTO_BACKOFFS = 10
 MIN_PROBE_TIMEOUT_S = 0.01
 PROBE_TIMEOUTS = 2  # the first timeouts only probe (tail loss probe); later ones collapse cwnd
@@ -72,6 +73,7 @@ PROBE_TIMEOUTS = 2  # the first timeouts only probe (tail loss probe); later one
 RECV_WINDOW_BYTES = 4 * 1024 * 1024  # out-of-order + delivered-but-unread bytes; <= socket buffer
 INITIAL_CWND_PACKETS = 32
 MIN_CWND_PACKETS = 4
+MAX_PEER_WINDOW_PACKETS = 65536
 MAX_SACK_RANGES = 1024  # also limited by what fits in one datagram
 REORDER_THRESHOLD_PACKETS = 3
 LOSS_TOLERANCE_FRACTION = 0.2  # random loss below this per round is not congestion
@@ -526,7 +528,7 @@ class UdpConnection:
         _, _, _, cum, rwnd, delay_us, largest, nranges = _ACK.unpack_from(data)
         if len(data) != _ACK.size + nranges * _RANGE.size or nranges > MAX_SACK_RANGES:
             return False
-        if cum > self._next_seq or largest > self._next_seq or rwnd > 1 << 24:
+        if cum > self._next_seq or largest > self._next_seq:
             return False
         if nranges:  # validate every range before acting on any
             flat = struct.unpack_from(f">{2 * nranges}I", data, _ACK.size)
@@ -535,7 +537,8 @@ class UdpConnection:
                 if flat[i] >= flat[i + 1] or flat[i + 1] > limit:
                     return False
         largest -= 1  # on the wire: largest received + 1, so 0 means "none yet"
-        self._peer_rwnd = rwnd
+        # a window claim larger than any honest receiver's only stretches our bookkeeping
+        self._peer_rwnd = min(rwnd, MAX_PEER_WINDOW_PACKETS)
         inflight = self._inflight
         lost = self._lost
         newly = 0
@@ -579,7 +582,9 @@ class UdpConnection:
                 elif lost and seq in lost:
                     self._lost_bytes -= len(lost.pop(seq))
         if len(seen) > 8 * MAX_SACK_RANGES:
-            self._sacked_seen = {e: st for e, st in seen.items() if e > cum}
+            seen = {e: st for e, st in seen.items() if e > cum}
+            # only an optimisation: a peer that keeps it large gets it forgotten
+            self._sacked_seen = seen if len(seen) <= 8 * MAX_SACK_RANGES else {}
         if not newly:
             return True
         self._inflight_bytes -= newly_bytes
@@ -701,7 +706,7 @@ class UdpConnection:
             else:  # only a retransmitted INIT gets another INIT_ACK now
                 self._ctrl_deadline = self._created + HANDSHAKE_TIMEOUT_S
         elif self.state is State.CLOSING:
-            if self._close_sent and self._ctrl_tries < 6:
+            if self._close_sent and self._ctrl_tries <= CLOSE_RETRIES:
                 self._out.append(_HDR.pack(MAGIC, T_CLOSE, self.peer_cid))
                 self._ctrl_deadline = now + min(MAX_RTO_S, self.rto * 2 ** self._ctrl_tries)
             elif self._close_sent:
