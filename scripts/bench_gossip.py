@@ -119,6 +119,7 @@ class Bench:
         self.arrivals: dict[bytes, dict[int, float]] = {}
         self.nodes = [Node(i, home, args, self) for i in range(args.nodes)]
         self.ports: dict[PeerId, int] = {}
+        self.failed_connects = 0
 
     def build_views(self) -> None:
         rand = random.Random(self.args.seed)
@@ -146,6 +147,17 @@ class Bench:
         self.build_views()
         for node in self.nodes:
             await node.service.start()
+        # open every view link up front, a few handshakes at a time, so the
+        # measurement is about gossip and not about a storm of handshakes
+        sem = asyncio.Semaphore(self.args.connect_parallel)
+
+        async def connect(node: Node, peer: PeerId) -> bool:
+            async with sem:
+                return await node.service.connect(peer)
+
+        results = await asyncio.gather(*(connect(node, p) for node in self.nodes
+                                         for p in node.view if p > node.identity.peer_id))
+        self.failed_connects = results.count(False)
 
     async def stop(self) -> None:
         for node in self.nodes:
@@ -196,9 +208,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             t_meas = time.perf_counter()
             reach: dict[str, list[float]] = {"p50": [], "p99": [], "p100": []}
             delivered = 0
+            per_event: list[int] = []
             for k in range(args.events):
                 times, got = await bench.one_event(k, args.timeout_s)
                 delivered += got
+                per_event.append(got)
                 for key, frac in (("p50", 0.5), ("p99", 0.99), ("p100", 1.0)):
                     v = pct_time(times, args.nodes, frac)
                     reach[key].append(args.timeout_s if v is None else v)
@@ -218,6 +232,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "anti_entropy_s": args.anti_entropy_s,
         "channel": "plain-tcp" if args.plain else "secure-tcp",
         "delivery_ratio": delivered / n_total,
+        "reached_per_event": per_event,
         # an event that missed a node within --timeout-s counts as taking the timeout
         "reach_ms": {k: {"median": statistics.median(v) * 1000, "max": max(v) * 1000}
                      for k, v in reach.items()},
@@ -231,6 +246,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                / window_s) if window_s else 0.0,
         "setup_s": setup_s,
         "dropped_sends": sent.get("dropped", 0),
+        "failed_connects": bench.failed_connects,
     }
 
 
@@ -262,6 +278,7 @@ def main() -> None:
     ap.add_argument("--gap-s", type=float, default=0.1)
     ap.add_argument("--timeout-s", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--connect-parallel", type=int, default=16)
     ap.add_argument("--plain", action="store_true", help="plain TCP framing, no SecureChannel")
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop")
     ap.add_argument("--json", action="store_true")

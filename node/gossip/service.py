@@ -163,6 +163,13 @@ class GossipService:
         finally:
             await self._drop_channel(channel)
 
+    async def connect(self, peer: PeerId) -> bool:
+        """Open (or reuse) the channel to `peer` now instead of on first send."""
+        link = self._link(peer)
+        if link.channel is not None:
+            return True
+        return await self._connect(link) is not None
+
     def presence(self) -> dict[PeerId, float]:
         """Peer -> wall-clock time (s) its latest heartbeat reached us."""
         return {p: seen for p, (seen, _online, _name) in self.engine.presence().items()}
