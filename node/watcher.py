@@ -93,8 +93,8 @@ def is_ignored_name(rel: str) -> bool:
     if not parts or VERSIONS_DIR in parts:
         return True
     name = parts[-1]
-    return (name.endswith(PARTIAL_SUFFIX) or name.endswith(INDEX_SUFFIXES)
-            or name.endswith((".swp", ".swx", "~", ".tmp", ".p2pfs-state")) or name.startswith(".#")
+    return (name.endswith((PARTIAL_SUFFIX, *INDEX_SUFFIXES, ".swp", ".swx", "~", ".tmp",
+                           ".p2pfs-state")) or name.startswith(".#")
             or name == "4913")
 
 

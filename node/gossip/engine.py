@@ -40,7 +40,6 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 from node.errors import ProtocolError
 from node.gossip.events import MAX_EVENT_BYTES, MAX_HEARTBEAT_BYTES, ChangeEvent, Heartbeat
@@ -140,7 +139,7 @@ class PresenceChanged:
     trusted: bool
 
 
-Action = Union[Send, Accept, Reject, PresenceChanged]
+Action = Send | Accept | Reject | PresenceChanged
 
 
 @dataclass

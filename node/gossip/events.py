@@ -17,6 +17,7 @@ not import the engine, the log, the service or any transport.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -117,8 +118,7 @@ class ChangeEvent:
                        now_ms() if wall_ms is None else wall_ms, kind, path, old_path, size,
                        hash, b"")
         unsigned.check_fields()
-        signed = cls(*unsigned.to_wire_fields()[:-1], identity.sign(unsigned.signed_bytes()))
-        return signed
+        return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
     def to_wire_fields(self) -> list[Any]:
         return [self.origin, self.folder, self.seq, self.lamport, self.wall_ms, self.kind,

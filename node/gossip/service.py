@@ -191,9 +191,8 @@ class GossipService:
                 self._accepted(action)
             elif isinstance(action, Reject):
                 self._rejected(action)
-            elif isinstance(action, PresenceChanged):
-                if action.trusted:
-                    self.log.notify("peer_joined" if action.online else "peer_left",
+            elif isinstance(action, PresenceChanged) and action.trusted:
+                self.log.notify("peer_joined" if action.online else "peer_left",
                                     {"peer": str(action.peer), "name": action.name})
 
     def _accepted(self, action: Accept) -> None:
@@ -285,7 +284,7 @@ class GossipService:
                     continue
             try:
                 await asyncio.wait_for(channel.send(data), self.send_timeout_s)
-            except (P2PError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, P2PError, OSError) as exc:
                 log.info("gossip send to %s failed: %s", link.peer.short, exc)
                 link.dropped += 1
                 await self._drop_channel(channel)
@@ -297,7 +296,7 @@ class GossipService:
         try:
             channel = await asyncio.wait_for(self._open_channel(link.peer),
                                              self.connect_timeout_s)
-        except (P2PError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, P2PError, OSError) as exc:
             log.info("gossip cannot reach %s: %s", link.peer.short, exc)
             link.retry_at = now + link.backoff_s
             link.backoff_s = min(link.backoff_s * 2, RECONNECT_BACKOFF_MAX_S)

@@ -22,8 +22,8 @@ H = bytes(range(32))
 
 
 def make(**kw) -> ChangeEvent:
-    args = dict(folder="docs", seq=1, lamport=1, kind="modified", path="a/b.txt", size=5,
-                hash=H)
+    args = {"folder": "docs", "seq": 1, "lamport": 1, "kind": "modified", "path": "a/b.txt",
+            "size": 5, "hash": H}
     args.update(kw)
     return ChangeEvent.create(ME, **args)
 
