@@ -183,6 +183,9 @@ class SyncEngine:
         if target.is_file():
             # keep the copy we are replacing (also if the fetch fails: nothing lost)
             self._version(event, event.path, target)
+        # the transfer layer writes straight to `target`: a watcher on the received dir
+        # (it may be shared too) must not announce that write as our own change
+        self._suppress(target, event.hash)
         fetched = await self._fetch(event.origin, event.folder, event.path, event.hash)
         digest = (await asyncio.to_thread(hash_file, fetched))[2]
         if digest != event.hash:
