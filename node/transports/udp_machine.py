@@ -188,6 +188,7 @@ class UdpConnection:
         self._ctrl_deadline: float | None = None  # INIT / INIT_ACK / CLOSE retransmission
         self._ctrl_tries = 0
         self._close_sent = False
+        self._confirmed = not is_client  # client: has the server shown it is established?
         self._persist_deadline: float | None = None
         # --- receiver
         self._rcv_next = 0
@@ -325,7 +326,8 @@ class UdpConnection:
         maxlen = self.datagram_bytes
         limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES
         stream = self._stream
-        fast = self.state is State.ESTABLISHED or self.state is State.CLOSING
+        fast = (self.state is State.ESTABLISHED or self.state is State.CLOSING) and \
+            self._confirmed
         for d in dgrams:
             n = len(d)
             if fast and n > DATA_HEADER_BYTES and d[1] == T_DATA and n <= maxlen and \
@@ -374,9 +376,16 @@ class UdpConnection:
         if self.state is State.INIT_SENT:
             return False  # the server cannot know our cid's pairing before INIT_ACK
         if self.state is State.INIT_RECEIVED:
+            if self._ctrl_tries == 0:
+                self._rtt_sample(now - self._created, 0.0)
             self._ctrl_deadline = None
             self._set_state(State.ESTABLISHED)
             self._events.append(Connected())
+        elif not self._confirmed:
+            # anything from the server under our cid proves it reached ESTABLISHED
+            self._confirmed = True
+            if self.state is State.ESTABLISHED:
+                self._ctrl_deadline = None
         if ptype == T_DATA:
             if n <= DATA_HEADER_BYTES:
                 return False
@@ -430,14 +439,16 @@ class UdpConnection:
             self.datagram_bytes = size
             self._payload_max = size - DATA_HEADER_BYTES
             self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
-            self._ctrl_deadline = None
+            if self._ctrl_tries == 0:  # Karn: time the handshake only if INIT went once
+                self._rtt_sample(now - self._created, 0.0)
             self._ctrl_tries = 0
             self._last_recv = now
             self._set_state(State.ESTABLISHED)
             self._events.append(Connected())
         elif scid != self.peer_cid:
             return False
-        self._ack_now = True  # confirms the handshake to the server
+        if not self._confirmed:
+            self._queue_confirm(now)
         return True
 
     def _receive_data(self, seq: int, payload: bytes, now: float) -> None:
@@ -713,8 +724,17 @@ class UdpConnection:
                 self._finish("closed (peer did not confirm)")
             else:
                 self.reset("close timed out: the peer did not acknowledge queued data")
+        elif self.state is State.ESTABLISHED and not self._confirmed:
+            self._queue_confirm(now)
         else:
             self._ctrl_deadline = None
+
+    def _queue_confirm(self, now: float) -> None:
+        """Client: a PING under the server's cid moves it to ESTABLISHED, and its ACK tells
+        us so; repeated until something arrives, since a lost confirmation would otherwise
+        leave the server half-open until its handshake timeout."""
+        self._out.append(_HDR.pack(MAGIC, T_PING, self.peer_cid))
+        self._ctrl_deadline = now + min(MAX_RTO_S, self.rto * 2 ** min(self._ctrl_tries, 8))
 
     def _on_rto(self, now: float) -> None:
         self._rto_deadline = None

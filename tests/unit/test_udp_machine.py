@@ -367,3 +367,19 @@ def test_ack_with_one_bad_range_is_ignored_entirely() -> None:
     ack = head + struct.pack(">IIII", 1, 3, 5, 10**6)  # second range beyond what was sent
     c.receive_datagram(ack, link.now)
     assert c.dropped_datagrams == 1 and len(c._inflight) == inflight
+
+
+def test_lost_handshake_confirmation_is_repeated() -> None:
+    link = Link()
+    c = link.client
+    link.run_until(lambda: c.state is State.ESTABLISHED)
+    assert c.srtt == pytest.approx(2 * link.delay, rel=0.01)  # timed from the handshake
+    # the confirmation is lost on the way
+    lost = [q for q in link.queue if q[2] == "server"]
+    assert [q[3][1] for q in lost] == [um.T_PING]
+    link.queue = [q for q in link.queue if q[2] != "server"]
+    heapq.heapify(link.queue)
+    start = link.now
+    link.run_until(lambda: link.server.state is State.ESTABLISHED, limit_s=5)
+    assert link.now - start < 1.0  # not the 10 s handshake timeout
+    assert any(isinstance(e, Connected) for e in link.events["server"])
