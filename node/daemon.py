@@ -461,6 +461,7 @@ class Daemon:
             "peers_known": len(self.book.entries()),
             "trusted": len(self.trust.all()),
             "dht_contacts": len(self.dht.contacts()) if self.dht else 0,
+            "gossip": self.gossip.stats() if getattr(self, "gossip", None) else {},
         }
 
     async def _cmd_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
