@@ -188,6 +188,7 @@ class UdpConnection:
         self._ctrl_deadline: float | None = None  # INIT / INIT_ACK / CLOSE retransmission
         self._ctrl_tries = 0
         self._close_sent = False
+        self._probe_credit = 0
         self._confirmed = not is_client  # client: has the server shown it is established?
         self._persist_deadline: float | None = None
         # --- receiver
@@ -749,6 +750,7 @@ class UdpConnection:
             # tail loss probe: resend the oldest unacked packet and keep the window; its
             # ack lets SACK loss detection find whatever else was lost
             self.probe_count += 1
+            self._probe_credit = 1  # the probe goes out even if the window is full
             seq, rec = self._inflight.popitem(last=False)
             self._inflight_bytes -= len(rec[2])
             self._lost[seq] = rec[2]
@@ -856,6 +858,9 @@ class UdpConnection:
         cwnd = self.cwnd
         tx = self._tx_counter
         sent_any = False
+        if self._probe_credit:
+            cwnd = max(cwnd, len(inflight) + self._probe_credit)
+            self._probe_credit = 0
         while tokens >= 1 and len(inflight) < cwnd:
             if lost:
                 seq, dgram = lost.popitem(last=False)
@@ -877,7 +882,8 @@ class UdpConnection:
             sent_any = True
         self._tx_counter = tx
         self._pacing_tokens = tokens
-        if sent_any and self._rto_deadline is None:
+        if (sent_any or inflight or lost) and self._rto_deadline is None:
+            # armed whenever anything is unacknowledged, sent or still waiting for the window
             self._rto_deadline = now + self._timeout()
         if not inflight and not lost and self._send_queue and \
                 self._next_seq >= self._snd_una + self._peer_rwnd and \

@@ -383,3 +383,42 @@ def test_lost_handshake_confirmation_is_repeated() -> None:
     link.run_until(lambda: link.server.state is State.ESTABLISHED, limit_s=5)
     assert link.now - start < 1.0  # not the 10 s handshake timeout
     assert any(isinstance(e, Connected) for e in link.events["server"])
+
+
+def test_probe_goes_out_even_when_the_window_shrank_below_the_flight() -> None:
+    # regression: the probe waited for window space that only its own ack could free
+    link = Link()
+    connect(link)
+    c = link.client
+    c.cwnd = 4.0
+    c.send_message(b"d" * 30_000)
+    first = [d for d in c.datagrams_to_send(link.now) if d[1] == um.T_DATA]
+    assert len(first) == 4  # all lost
+    c.cwnd = 2.5  # as after a multiplicative decrease
+    t = c.get_timer()
+    assert t is not None
+    c.handle_timer(t)
+    probe = [d for d in c.datagrams_to_send(t) if d[1] == um.T_DATA]
+    assert probe == first[:1]
+    assert c.get_timer() is not None and c._rto_deadline is not None
+
+
+@pytest.mark.parametrize("seed", [93, 376, 1001, 2002])
+def test_harsh_links_converge(seed: int) -> None:
+    """Up to 25 % loss, 20 % duplication, 50 ms jitter, every datagram size, then close."""
+    rng = random.Random(seed)
+    loss, dup, jitter = rng.uniform(0, 0.25), rng.uniform(0, 0.2), rng.uniform(0, 0.05)
+    link = Link(loss=loss, dup=dup, jitter_s=jitter, seed=seed,
+                datagram_bytes=rng.choice([576, 1452, 9000, 60000]))
+    connect(link)
+    a2b = [rng.randbytes(rng.choice([0, 1, 100, 5000, 200000])) for _ in range(20)]
+    b2a = [rng.randbytes(rng.choice([0, 7, 3000, 70000])) for _ in range(8)]
+    for m in a2b:
+        link.client.send_message(m)
+    for m in b2a:
+        link.server.send_message(m)
+    link.run_until(lambda: len(link.received("server")) == len(a2b)
+                   and len(link.received("client")) == len(b2a))
+    assert link.received("server") == a2b and link.received("client") == b2a
+    link.client.close(link.now)
+    link.run_until(lambda: link.client.is_closed and link.server.is_closed)
