@@ -40,7 +40,7 @@ SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
 
-from testnet_lib import Testnet, normalize_peer_id  # noqa: E402
+from testnet_lib import Testnet, normalize_peer_id
 
 N_NODES = 10
 NODES = [f"n{i}" for i in range(1, N_NODES + 1)]
