@@ -240,8 +240,9 @@ class ShareService:
                 log.info("transfer %s to %s: %s; retrying in %.0f s (attempt %d/%d)", t.id,
                          t.label, exc, delay, attempt + 1, RETRY_ATTEMPTS)
                 if emit is not None:
-                    await _emit_quietly(emit, {"type": "retry", "error": str(exc),
-                                               **t.to_json()})
+                    # the retry's reason must not be overwritten by the (still empty) error field
+                    await _emit_quietly(emit, {**t.to_json(), "type": "retry",
+                                               "error": str(exc)})
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(t.cancel.wait(), delay)
                 delay *= 2
