@@ -33,14 +33,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.channel import accept_channel, open_channel  # noqa: E402
-from node.errors import P2PError  # noqa: E402
-from node.gossip.events import ChangeEvent  # noqa: E402
-from node.gossip.log import EventLog  # noqa: E402
-from node.gossip.service import GossipService  # noqa: E402
-from node.identity import Identity, PeerId  # noqa: E402
-from node.transports import tcp  # noqa: E402
-from node.transports.base import Pipe  # noqa: E402
+from node.channel import accept_channel, open_channel
+from node.errors import P2PError
+from node.gossip.events import ChangeEvent
+from node.gossip.log import EventLog
+from node.gossip.service import GossipService
+from node.identity import Identity, PeerId
+from node.transports import tcp
+from node.transports.base import Pipe
 
 HOST = "127.0.0.1"
 H = b"\x42" * 32
@@ -206,6 +206,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             setup_s = time.perf_counter() - t_setup
             before = bench.sent_totals()
             t_meas = time.perf_counter()
+            cpu0 = time.process_time()
             reach: dict[str, list[float]] = {"p50": [], "p99": [], "p100": []}
             delivered = 0
             per_event: list[int] = []
@@ -218,6 +219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     reach[key].append(args.timeout_s if v is None else v)
                 await asyncio.sleep(args.gap_s)
             window_s = time.perf_counter() - t_meas
+            cpu_s = time.process_time() - cpu0
             after = bench.sent_totals()
         finally:
             await bench.stop()
@@ -245,6 +247,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "anti_entropy_rounds_per_node_per_s": (sent.get("sent_digest", 0) / args.nodes
                                                / window_s) if window_s else 0.0,
         "setup_s": setup_s,
+        # all N nodes share one Python thread: this is the CPU the whole swarm spends
+        "cpu_ms_per_event_all_nodes": cpu_s / args.events * 1000,
         "dropped_sends": sent.get("dropped", 0),
         "failed_connects": bench.failed_connects,
     }
@@ -264,6 +268,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'msgs/event/node: total':<38}{m['total']:>12.2f}")
     print(f"{'msgs/event/node: push':<38}{m['push']:>12.2f}")
     print(f"{'msgs/event/node: anti-entropy':<38}{m['anti_entropy']:>12.2f}")
+    print(f"{'CPU per event, all nodes (ms)':<38}{r['cpu_ms_per_event_all_nodes']:>12.1f}")
     print(f"{'setup incl. handshakes + warm-up (s)':<38}{r['setup_s']:>12.1f}")
 
 

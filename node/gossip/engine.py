@@ -41,6 +41,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import nacl.hash
+from nacl.encoding import RawEncoder
+
 from node.errors import ProtocolError
 from node.gossip.events import MAX_EVENT_BYTES, MAX_HEARTBEAT_BYTES, ChangeEvent, Heartbeat
 from node.gossip.log import MISSING_BATCH_MAX, AddOutcome, EventLog
@@ -94,6 +97,10 @@ class Beat(Message):
 
 
 GOSSIP_MESSAGES = (Push, Digest, Events, Beat)
+
+
+def _blob_hash(blob: bytes) -> bytes:
+    return nacl.hash.blake2b(blob, digest_size=16, encoder=RawEncoder)
 
 
 def _check_blobs(items: tuple[bytes, ...], max_len: int, what: str) -> None:
@@ -206,7 +213,8 @@ class GossipEngine:
             actions: list[Action] = []
             for blob in msg.events:
                 actions += self._ingest(blob, peer, relay=True)
-            actions += self._maybe_gap_pull(peer, msg.events, now)
+            origins = {a.event.origin.key for a in actions if isinstance(a, Accept)}
+            actions += self._maybe_gap_pull(peer, origins, now)
             return actions
         if isinstance(msg, Events):
             actions = []
@@ -271,6 +279,13 @@ class GossipEngine:
         return Reject(reason, via, origin, seq, eid)
 
     def _ingest(self, blob: bytes, via: PeerId, *, relay: bool) -> list[Action]:
+        # fast path: the exact bytes were seen before (the id proper is computed
+        # over our canonical re-encoding, so a re-encoded copy is still caught below)
+        raw_key = b"raw:" + _blob_hash(blob)
+        if raw_key in self._seen:
+            self.stats["duplicates"] += 1
+            return []
+        self._mark_seen(raw_key)
         try:
             event = ChangeEvent.decode(blob)
         except ProtocolError as exc:
@@ -303,18 +318,13 @@ class GossipEngine:
             actions += self._push(Push((blob,)), exclude=(via, event.origin))
         return actions
 
-    def _maybe_gap_pull(self, peer: PeerId, blobs: tuple[bytes, ...],
-                        now: float) -> list[Action]:
-        if now - self._last_gap_pull.get(peer, -1e18) < GAP_PULL_MIN_INTERVAL_S:
+    def _maybe_gap_pull(self, peer: PeerId, origins: set[bytes], now: float) -> list[Action]:
+        """A newly accepted event left a hole below it: pull the hole from that peer now."""
+        if not origins or now - self._last_gap_pull.get(peer, -1e18) < GAP_PULL_MIN_INTERVAL_S:
             return []
-        contiguous = self.store.highest_seqs()
-        top = self.store.top_seqs()
-        for blob in blobs:
-            try:
-                key = ChangeEvent.decode(blob).origin.key
-            except ProtocolError:
-                continue
-            if top.get(key, 0) > contiguous.get(key, 0):
+        for key in origins:
+            contiguous, highest = self.store.watermark(key)
+            if highest > contiguous:
                 self._last_gap_pull[peer] = now
                 return [self._send(peer, self._digest(reply=False))]
         return []

@@ -175,6 +175,12 @@ class EventLog:
             " ON CONFLICT(origin) DO UPDATE SET contiguous=excluded.contiguous,"
             " highest=excluded.highest", (origin, contiguous, highest))
 
+    def watermark(self, origin: bytes) -> tuple[int, int]:
+        """(contiguous highest, highest) seq held for one origin key."""
+        row = self._db.execute("SELECT contiguous, highest FROM watermarks WHERE origin=?",
+                               (origin,)).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
     def highest_seqs(self) -> dict[bytes, int]:
         """Per origin key: the contiguous highest seq (1..n all present)."""
         return dict(self._db.execute("SELECT origin, contiguous FROM watermarks"))

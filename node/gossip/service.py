@@ -326,7 +326,6 @@ class GossipService:
             except ProtocolError as exc:
                 log.warning("channel from %s broke the rules: %s", peer.short, exc)
                 return
-            self.engine.set_peers(self._peers())
             try:
                 actions = self.engine.receive(peer, data, time.time())
             except ProtocolError as exc:
