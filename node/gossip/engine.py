@@ -308,6 +308,10 @@ class GossipEngine:
         if outcome is AddOutcome.DUPLICATE:
             self.stats["duplicates"] += 1
             return []
+        if outcome is AddOutcome.QUOTA:
+            self.stats["rejected"] += 1
+            return [Reject("relay quota for an untrusted origin exhausted", via, event.origin,
+                           event.seq, eid)]
         if outcome is AddOutcome.CONFLICT:
             return [self._reject(
                 f"sequence number reused with different content: "

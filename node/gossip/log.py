@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import LocalIOError, ProtocolError
-from node.gossip.events import ChangeEvent, now_ms
+from node.gossip.events import MAX_SEQ, ChangeEvent, now_ms
 from node.identity import Identity, PeerId
 from node.wire import packb, unpackb
 
@@ -44,6 +44,13 @@ NOTIFICATION_KINDS = (
     "transfer_failed", "peer_joined", "peer_left", "event_rejected",
 )
 MAX_NOTIFICATION_BYTES = 8192
+# bounded audit/notification tables: old rows are pruned, ids keep counting up
+NOTIFICATIONS_KEEP = 100_000
+REJECTED_KEEP = 10_000
+PRUNE_EVERY = 1000
+# events we only relay (untrusted origin) are capped per origin, so a stranger
+# with a valid key cannot fill our disk
+RELAY_ONLY_MAX_PER_ORIGIN = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -92,6 +99,7 @@ class AddOutcome(enum.Enum):
     NEW = "new"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"  # same (origin, seq), different event: a reused sequence number
+    QUOTA = "quota"  # an untrusted origin already fills its relay-only quota
 
 
 @dataclass(frozen=True)
@@ -119,8 +127,11 @@ class EventLog:
             raise LocalIOError(f"cannot open event log {path}: {exc}") from None
         self._listeners: list[Callable[[Notification], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
+        # AUTOINCREMENT: sqlite_sequence remembers the last id even after pruning
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM notifications").fetchone()
-        self._last_notification_id: int = row[0]
+        seq_row = self._db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name='notifications'").fetchone()
+        self._last_notification_id: int = max(row[0], seq_row[0] if seq_row else 0)
 
     def close(self) -> None:
         self._db.close()
@@ -141,6 +152,12 @@ class EventLog:
             self.record_rejected(event.origin, event.seq, event.id,
                                  "sequence number reused with different content")
             return AddOutcome.CONFLICT
+        if relay_only and db.execute(
+                "SELECT COUNT(*) FROM events WHERE origin=?", (event.origin.key,)
+        ).fetchone()[0] >= RELAY_ONLY_MAX_PER_ORIGIN:
+            self.record_rejected(event.origin, event.seq, event.id,
+                                 "relay quota for an untrusted origin exhausted")
+            return AddOutcome.QUOTA
         with self._tx():
             db.execute(
                 "INSERT INTO events (id, origin, seq, lamport, wall_ms, folder, kind, path,"
@@ -149,7 +166,8 @@ class EventLog:
                  event.folder, event.kind, event.path, event.old_path, event.encode(),
                  int(relay_only), now_ms()))
             self._advance_watermark(event.origin.key, event.seq)
-            self._observe_lamport(event.lamport)
+            if not relay_only:  # an untrusted origin must not be able to push our clock around
+                self._observe_lamport(event.lamport)
         return AddOutcome.NEW
 
     def has(self, event_id: bytes) -> bool:
@@ -243,9 +261,12 @@ class EventLog:
     # -- rejections ------------------------------------------------------------
     def record_rejected(self, origin: PeerId | None, seq: int | None,
                         event_id: bytes | None, reason: str) -> None:
-        self._db.execute(
+        cur = self._db.execute(
             "INSERT INTO rejected (at_ms, origin, seq, event_id, reason) VALUES (?,?,?,?,?)",
             (now_ms(), origin.key if origin else None, seq, event_id, reason[:500]))
+        rid = int(cur.lastrowid or 0)
+        if rid % PRUNE_EVERY == 0:
+            self._db.execute("DELETE FROM rejected WHERE id <= ?", (rid - REJECTED_KEEP,))
 
     def rejected(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._db.execute(
@@ -279,7 +300,7 @@ class EventLog:
             row = self._db.execute("SELECT highest FROM watermarks WHERE origin=?",
                                    (own,)).fetchone()
             seq = max(self._get_local("seq"), row[0] if row else 0) + 1
-            lamport = self._get_local("lamport") + 1
+            lamport = min(self._get_local("lamport") + 1, MAX_SEQ)
             event = ChangeEvent.create(identity, folder=folder, seq=seq, lamport=lamport,
                                        kind=kind, path=path, size=size, hash=hash,
                                        old_path=old_path)
@@ -306,6 +327,8 @@ class EventLog:
                                (at, kind, blob))
         nid = int(cur.lastrowid or 0)
         self._last_notification_id = nid
+        if nid % PRUNE_EVERY == 0:
+            self._db.execute("DELETE FROM notifications WHERE id <= ?", (nid - NOTIFICATIONS_KEEP,))
         note = Notification(nid, at, kind, data)
         for cb in list(self._listeners):
             cb(note)

@@ -55,6 +55,8 @@ SEND_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = 1.0
 RECONNECT_BACKOFF_MAX_S = 30.0
 TICK_MAX_S = 0.25
+REJECT_NOTIFY_WINDOW_S = 60.0
+REJECT_NOTIFY_MAX_PER_WINDOW = 20
 NOTIFY_KIND = {"created": "file_shared", "shared": "file_shared", "modified": "file_updated",
                "deleted": "file_deleted", "moved": "file_moved"}
 
@@ -114,6 +116,7 @@ class GossipService:
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._next_heartbeat = 0.0
+        self._reject_window: dict[PeerId | None, list[float]] = {}
         # callbacks for tests and benchmarks: called with each newly accepted event
         self.accept_listeners: list[Callable[[ChangeEvent, bool], None]] = []
 
@@ -213,6 +216,13 @@ class GossipService:
                                                 "reason": "sync queue full"})
 
     def _rejected(self, action: Reject) -> None:
+        now = time.monotonic()
+        window = self._reject_window.get(action.via)
+        if window is None or now - window[0] > REJECT_NOTIFY_WINDOW_S:
+            window = self._reject_window[action.via] = [now, 0]
+        window[1] += 1
+        if window[1] > REJECT_NOTIFY_MAX_PER_WINDOW:
+            return  # a flood from one peer: the audit table has the rows, the stream does not
         log.warning("rejected event from %s: %s",
                     action.via.short if action.via else "?", action.reason)
         self.log.notify("event_rejected", {

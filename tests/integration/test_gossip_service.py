@@ -173,3 +173,25 @@ async def test_unreachable_peer_does_not_stall_others(tmp_path: Path) -> None:
         await until(lambda: net.logs[1].has(ev.id) and net.logs[2].has(ev.id), timeout=3.0)
     finally:
         await net.close()
+
+
+async def test_rejection_flood_is_rate_limited(tmp_path: Path) -> None:
+    net = Net(tmp_path, 2, heartbeat_s=5.0)
+    await net.start(0)
+    try:
+        evil = net.ids[1]
+        mine, theirs = channel_pair(evil.peer_id, net.pids[0])
+        task = asyncio.create_task(net.services[0].handle_channel(theirs))
+        for k in range(50):
+            bad = ChangeEvent.create(evil, folder="docs", seq=k + 1, lamport=1,
+                                     kind="created", path=f"p{k}", size=1, hash=H)
+            forged = ChangeEvent(bad.origin, bad.folder, bad.seq, bad.lamport, bad.wall_ms,
+                                 bad.kind, "x", "", bad.size, bad.hash, bad.signature)
+            await mine.send(Push((forged.encode(),)).encode())
+        await until(lambda: len(net.logs[0].rejected(limit=100)) == 50)
+        notes = [n for n in net.logs[0].notifications() if n.kind == "event_rejected"]
+        assert len(notes) == 20
+        await mine.close()
+        await asyncio.wait_for(task, 2.0)
+    finally:
+        await net.close()

@@ -118,3 +118,36 @@ def test_since_parsing() -> None:
     assert ms_from_text("10m") < ms_from_text("1m")
     with pytest.raises(ValueError):
         ms_from_text("yesterday")
+
+
+def test_untrusted_events_do_not_move_our_clock_and_are_capped(monkeypatch) -> None:
+    log = EventLog(":memory:")
+    stranger = Identity.generate()
+    huge = ChangeEvent.create(stranger, folder="f", seq=1, lamport=2**63 - 1, kind="created",
+                              path="p", size=1, hash=H)
+    assert log.add(huge, relay_only=True) is AddOutcome.NEW
+    assert log.append_local(A, kind="created", folder="f", path="q", size=1,
+                            hash=H).lamport == 1
+    monkeypatch.setattr("node.gossip.log.RELAY_ONLY_MAX_PER_ORIGIN", 3)
+    outcomes = [log.add(ev(stranger, s), relay_only=True) for s in (2, 3, 4)]
+    assert outcomes == [AddOutcome.NEW, AddOutcome.NEW, AddOutcome.QUOTA]
+    assert log.add(ev(B, 1)) is AddOutcome.NEW  # trusted origins are not capped
+    # even a trusted origin at the top of the range cannot make our own events fail
+    log.add(ChangeEvent.create(B, folder="f", seq=2, lamport=2**63 - 1, kind="created",
+                               path="p", size=1, hash=H))
+    assert log.append_local(A, kind="created", folder="f", path="r", size=1,
+                            hash=H).lamport == 2**63 - 1
+
+
+def test_pruning_keeps_ids_counting_up(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("node.gossip.log.PRUNE_EVERY", 10)
+    monkeypatch.setattr("node.gossip.log.NOTIFICATIONS_KEEP", 5)
+    log = EventLog(tmp_path / "p.db")
+    for i in range(20):
+        log.notify("file_updated", {"i": i})
+    kept = log.notifications(0)
+    assert kept[-1].id == 20 and len(kept) < 20 and kept[0].id > 1
+    log.close()
+    log = EventLog(tmp_path / "p.db")
+    assert log.notify("file_updated", {}) == 21
+    log.close()
