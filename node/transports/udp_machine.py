@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import enum
 import logging
+import math
 import os
 import struct
 from collections import OrderedDict, deque
@@ -825,7 +826,7 @@ class UdpConnection:
         return max(srtt, CLOCK_GRANULARITY_S) / (PACING_GAIN * self.cwnd)
 
     def _can_send(self) -> bool:
-        return len(self._inflight) < self.cwnd
+        return len(self._inflight) < self.cwnd or self._probe_credit > 0
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         out = self._out
@@ -860,28 +861,62 @@ class UdpConnection:
         sent_any = False
         if self._probe_credit:
             cwnd = max(cwnd, len(inflight) + self._probe_credit)
-            self._probe_credit = 0
-        while tokens >= 1 and len(inflight) < cwnd:
-            if lost:
-                seq, dgram = lost.popitem(last=False)
-                self._lost_bytes -= len(dgram)
-                retx = True
-                self.retransmitted_packets += 1
-            elif self._send_queue and self._next_seq < self._snd_una + self._peer_rwnd:
-                seq = self._next_seq
-                dgram = self._packetize(seq)
-                self._next_seq = seq + 1
-                retx = False
-            else:
-                break
+        budget = min(int(tokens), math.ceil(cwnd - len(inflight)))
+        while budget > 0 and lost:
+            seq, dgram = lost.popitem(last=False)
+            self._lost_bytes -= len(dgram)
+            self.retransmitted_packets += 1
             tx += 1
-            inflight[seq] = (tx, now, dgram, retx)
+            inflight[seq] = (tx, now, dgram, True)
             self._inflight_bytes += len(dgram)
             out.append(dgram)
+            budget -= 1
             tokens -= 1
             sent_any = True
+        budget = min(budget, self._snd_una + self._peer_rwnd - self._next_seq)
+        q = self._send_queue
+        if budget > 0 and q:
+            sent_any = True
+            seq = self._next_seq
+            room = self._payload_max
+            prefix = self._data_prefix
+            pack_seq = _SEQ.pack
+            join = b"".join
+            added = 0
+            while budget > 0 and q:
+                chunk = q[0]
+                k = min(budget, len(chunk) // room)
+                if k:
+                    # the common case: whole packets cut straight out of one big message
+                    for i in range(k):
+                        dgram = join((prefix, pack_seq(seq), chunk[i * room:(i + 1) * room]))
+                        tx += 1
+                        inflight[seq] = (tx, now, dgram, False)
+                        out.append(dgram)
+                        seq += 1
+                    cut = k * room
+                    added += k * (room + DATA_HEADER_BYTES)
+                    self._queued_bytes -= cut
+                    if cut == len(chunk):
+                        q.popleft()
+                    else:
+                        q[0] = chunk[cut:]
+                    budget -= k
+                else:
+                    dgram = self._packetize(seq)  # small pieces share a packet
+                    tx += 1
+                    inflight[seq] = (tx, now, dgram, False)
+                    out.append(dgram)
+                    added += len(dgram)
+                    seq += 1
+                    budget -= 1
+            self._inflight_bytes += added
+            tokens -= seq - self._next_seq
+            self._next_seq = seq
         self._tx_counter = tx
         self._pacing_tokens = tokens
+        if sent_any:
+            self._probe_credit = 0
         if (sent_any or inflight or lost) and self._rto_deadline is None:
             # armed whenever anything is unacknowledged, sent or still waiting for the window
             self._rto_deadline = now + self._timeout()
