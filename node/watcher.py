@@ -171,10 +171,16 @@ class FolderWatcher:
         """Start watching; with `scan`, report changes made while we were stopped."""
         self._loop = self._loop or asyncio.get_running_loop()
         self._running = True
+        if not self.folder.is_dir():
+            raise LocalIOError(f"shared folder {self.folder} does not exist or is not a folder")
         observer = Observer()
-        observer.schedule(_Handler(self), str(self.folder), recursive=True)
-        observer.daemon = True
-        observer.start()
+        try:
+            observer.schedule(_Handler(self), str(self.folder), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:  # e.g. the inotify watch limit
+            raise LocalIOError(f"cannot watch {self.folder}: {exc} (on Linux, raise "
+                               "fs.inotify.max_user_watches)") from None
         self._observer = observer
         return await self.scan() if scan else []
 

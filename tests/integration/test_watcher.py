@@ -166,3 +166,15 @@ def test_ignore_rules_and_hash(tmp_path: Path) -> None:
     p.write_bytes(b"abc" * 1000)
     size, _mtime, digest = hash_file(p)
     assert size == 3000 and digest == blake3.blake3(b"abc" * 1000).digest()
+
+
+async def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    from node.errors import LocalIOError
+
+    w = FolderWatcher(tmp_path / "nope", "nope", index_path=tmp_path / "i.p2pfs-index",
+                      on_change=Recorder())
+    with pytest.raises(LocalIOError, match="does not exist"):
+        await w.start()
+    w.index.close()
