@@ -187,7 +187,9 @@ class _Session:
         self._check_worker()
         try:
             if self.cancel is None and self._worker is None:
-                data = await asyncio.wait_for(self.channel.recv(), IDLE_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a task cancel
+                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                    data = await self.channel.recv()
             else:
                 waiters: set[asyncio.Future[Any]] = set()
                 if self.cancel is not None:
@@ -197,8 +199,12 @@ class _Session:
                 if self._worker is not None:
                     waiters.add(self._worker)
                 recv_task = asyncio.ensure_future(self.channel.recv())
-                done, _ = await asyncio.wait({recv_task, *waiters}, timeout=IDLE_TIMEOUT_S,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    done, _ = await asyncio.wait({recv_task, *waiters}, timeout=IDLE_TIMEOUT_S,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    recv_task.cancel()
+                    raise
                 if recv_task not in done:
                     recv_task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, P2PError, OSError):

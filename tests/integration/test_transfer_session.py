@@ -1,0 +1,513 @@
+"""Transfers end to end over an in-memory channel pair with real files in temp dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.errors import (
+    ChannelClosed,
+    IntegrityError,
+    LocalIOError,
+    P2PError,
+    ProtocolError,
+    RemoteError,
+)
+from node.transfer import session as sess
+from node.transfer.manifest import build_manifest
+from node.transfer.memory import MemoryChannel, memory_channel_pair
+from node.transfer.paths import is_internal_name
+from node.transfer.protocol import (
+    TO_SOURCE,
+    ChunkData,
+    ChunkRequest,
+    FileStatus,
+    Offer,
+    decode,
+)
+from node.transfer.session import (
+    TransferProgress,
+    TransferState,
+    fetch_file,
+    receive_files,
+    send_files,
+    serve_fetch,
+)
+from node.transfer.store import ReceiveStore
+
+MiB = 1 << 20
+TID = b"T" * 16
+
+
+def make_tree(src: Path) -> dict[str, bytes]:
+    files = {
+        "big.bin": os.urandom(5 * MiB + 4321),
+        "docs/readme.txt": b"hello world\n",
+        "docs/deep/er/x.dat": os.urandom(70_000),
+        "empty": b"",
+    }
+    for rel, data in files.items():
+        p = src / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    os.chmod(src / "docs/readme.txt", 0o600)
+    os.chmod(src / "big.bin", 0o755)
+    os.utime(src / "big.bin", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    return files
+
+
+def visible_files(folder: Path) -> dict[str, bytes]:
+    """What a user listing received files sees (internal names skipped)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_internal_name(d)]
+        for name in filenames:
+            if not is_internal_name(name):
+                p = Path(dirpath) / name
+                out[p.relative_to(folder).as_posix()] = p.read_bytes()
+    return out
+
+
+async def run_pair(source: Any, sink: Any) -> tuple[Any, Any]:
+    """Run both sides; return (result or exception) for each, closing the channels."""
+    res = await asyncio.gather(source, sink, return_exceptions=True)
+    return res[0], res[1]
+
+
+class Tap:
+    """Wrap a channel end; `on_recv(data) -> data` may alter or act on incoming messages."""
+
+    def __init__(self, inner: MemoryChannel, on_recv: Any) -> None:
+        self.inner = inner
+        self.on_recv = on_recv
+        self.peer = inner.peer
+        self.peer_name = inner.peer_name
+        self.transport = inner.transport
+
+    async def send(self, data: bytes) -> None:
+        await self.inner.send(data)
+
+    async def recv(self) -> bytes:
+        data = await self.inner.recv()
+        out = self.on_recv(data)
+        if asyncio.iscoroutine(out):
+            out = await out
+        return out
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.fixture(autouse=True)
+def every_progress(monkeypatch: Any) -> None:
+    monkeypatch.setattr(sess, "PROGRESS_INTERVAL_S", 0.0)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    return src, tmp_path / "received"
+
+
+async def test_directory_arrives_identical_with_mode_and_mtime(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    files = make_tree(src)
+    a, b = memory_channel_pair("alice", "bob")
+    seen: list[TransferProgress] = []
+    r_src, r_sink = await run_pair(send_files(a, src, [src]),
+                                   receive_files(b, ReceiveStore(recv), progress=seen.append))
+    assert r_src.state == TransferState.DONE and r_sink.state == TransferState.DONE
+    assert r_src.transfer_id == r_sink.transfer_id
+    folder = recv / "alice"
+    assert visible_files(folder) == files
+    assert os.listdir(folder / "docs") == ["readme.txt", "deep"] or \
+        sorted(os.listdir(folder / "docs")) == ["deep", "readme.txt"]  # no partial leftovers
+    for rel in files:
+        s, d = os.stat(src / rel), os.stat(folder / rel)
+        assert (s.st_mode & 0o777, s.st_mtime_ns) == (d.st_mode & 0o777, d.st_mtime_ns)
+    assert r_sink.bytes_received_payload == sum(map(len, files.values()))
+    assert {f.rel_path for f in r_sink.files} == set(files)
+    assert seen[-1].state == "done" and seen[-1].bytes_done == seen[-1].bytes_total
+    assert seen[-1].files_done == 4 and seen[-1].peer == "alice"
+
+    # same content again: nothing moves
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src / "big.bin"]),
+                                   receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE and r_sink.bytes_received_payload == 0
+    assert r_src.bytes_sent_on_wire < 2000
+
+
+async def test_resume_after_link_drop_moves_fewer_bytes(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(12 * MiB)
+    (src / "f.bin").write_bytes(data)
+    a, b = memory_channel_pair("alice", "bob")
+    got = 0
+
+    async def drop_after_some(msg: bytes) -> bytes:
+        nonlocal got
+        got += 1
+        if got == 7:  # offer + 6 chunks accepted, then the link dies
+            await b.close()
+        return msg
+
+    r_src, r_sink = await run_pair(send_files(a, src, [src]),
+                                   receive_files(Tap(b, drop_after_some), ReceiveStore(recv)))
+    assert isinstance(r_sink, ChannelClosed), r_sink
+    assert isinstance(r_src, ChannelClosed), r_src
+    assert not (recv / "alice" / "f.bin").exists()
+    assert visible_files(recv / "alice") == {}
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert 0 < r_sink.bytes_received_payload <= len(data) - 6 * MiB
+    assert r_src.bytes_sent_on_wire < len(data) - 5 * MiB
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+    assert sorted(os.listdir(recv / "alice")) == ["f.bin"]
+
+
+async def test_resume_after_sink_task_cancelled(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(10 * MiB)
+    (src / "f.bin").write_bytes(data)
+    a, b = memory_channel_pair("alice", "bob")
+    count = 0
+
+    def kill_sink_midway(msg: bytes) -> bytes:
+        nonlocal count
+        count += 1
+        if count == 6:
+            sink.cancel()  # the receiver dies mid-transfer
+        return msg
+
+    sink = asyncio.ensure_future(receive_files(Tap(b, kill_sink_midway), ReceiveStore(recv)))
+    source = asyncio.ensure_future(send_files(a, src, [src]))
+    with pytest.raises(asyncio.CancelledError):
+        await sink
+    await b.close()
+    with pytest.raises(ChannelClosed):
+        await source
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert r_sink.bytes_received_payload <= len(data) - 3 * MiB
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+
+
+def flip_chunk(index_filter: Any) -> Any:
+    """A recv hook that flips one byte of every ChunkData whose chunk matches the filter."""
+    def hook(data: bytes) -> bytes:
+        try:
+            msg = decode(data, (ChunkData, Offer))
+        except P2PError:
+            return data
+        if isinstance(msg, ChunkData) and index_filter(msg.chunk):
+            bad = bytearray(msg.data)
+            bad[len(bad) // 2] ^= 0x40
+            return ChunkData(msg.index, msg.chunk, bytes(bad)).encode()
+        return data
+    return hook
+
+
+async def test_corrupt_chunk_is_refetched_and_healed(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(4 * MiB + 99)
+    (src / "f.bin").write_bytes(data)
+    flipped: list[int] = []
+
+    def once(chunk: int) -> bool:
+        if chunk == 2 and not flipped:
+            flipped.append(chunk)
+            return True
+        return False
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]),
+                                   receive_files(Tap(b, flip_chunk(once)), ReceiveStore(recv)))
+    assert flipped == [2]
+    assert r_sink.state == TransferState.DONE
+    assert r_sink.bytes_received_payload == len(data) + MiB  # chunk 2 came twice
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+
+
+async def test_repeated_corruption_aborts_with_integrity_error(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(3 * MiB))
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(
+        send_files(a, src, [src]),
+        receive_files(Tap(b, flip_chunk(lambda c: c == 1)), ReceiveStore(recv)))
+    assert isinstance(r_sink, IntegrityError) and "3 times" in str(r_sink)
+    assert isinstance(r_src, RemoteError) and "failed verification" in str(r_src)
+    assert r_src.code == "IntegrityError"  # type: ignore[attr-defined]
+    assert visible_files(recv / "alice") == {}
+
+
+async def fake_source(ch: MemoryChannel, entries: list[list[Any]], then: Any = None) -> list[Any]:
+    """Send a raw offer, then run `then(ch)`; collect what the sink says until it closes."""
+    await ch.send(Offer(TID, 0, True, tuple(entries)).encode())
+    if then is not None:
+        await then(ch)
+    said = []
+    try:
+        while True:
+            said.append(decode(await ch.recv(), TO_SOURCE))
+            if type(said[-1]).__name__ == "Abort":
+                break
+    except P2PError as exc:
+        said.append(exc)
+    return said
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/abs/escape.txt", "a/../../escape.txt",
+                                 "CON", "sub/nul.txt", "x" * 300, "a\\..\\escape.txt",
+                                 "ok/\x00.txt", ".p2pfs-versions/x"])
+async def test_hostile_paths_in_offer_are_rejected(dirs: tuple[Path, Path], bad: str) -> None:
+    src, recv = dirs
+    p = src / "ok.txt"
+    p.write_bytes(b"payload")
+    entry = build_manifest(src, [p])[0].entry.to_wire()
+    entry[0] = bad
+    a, b = memory_channel_pair("alice", "bob")
+    said, r_sink = await run_pair(fake_source(a, [entry]), receive_files(b, ReceiveStore(recv)))
+    await b.close()
+    assert isinstance(r_sink, ProtocolError)
+    assert isinstance(said[-1], RemoteError) or any(
+        type(m).__name__ == "Abort" for m in said)
+    written = [p for p in dirs[1].parent.rglob("*") if p.is_file() and "src" not in p.parts]
+    assert written == []
+
+
+async def test_symlink_in_received_dir_is_not_followed(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    outside = recv.parent / "outside"
+    outside.mkdir()
+    (recv / "alice").mkdir(parents=True)
+    os.symlink(outside, recv / "alice" / "docs")
+    os.symlink(outside / "victim", recv / "alice" / "top.txt")
+    (src / "docs").mkdir()
+    (src / "docs" / "a.txt").write_text("a")
+    (src / "top.txt").write_text("top")
+    (src / "fine.txt").write_text("fine")
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.FAILED and r_src.state == TransferState.FAILED
+    assert {p for p, _ in r_sink.failures} == {"docs/a.txt", "top.txt"}
+    assert "symlink" in (r_src.error or "")
+    assert list(outside.iterdir()) == []
+    assert (recv / "alice" / "fine.txt").read_text() == "fine"
+
+
+async def test_unrequested_chunk_cuts_the_source_off(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(2 * MiB))
+    sf = build_manifest(src, [src / "f.bin"])[0]
+
+    async def push_chunk(ch: MemoryChannel) -> None:
+        first = ChunkData(0, 0, (src / "f.bin").read_bytes()[:MiB]).encode()
+        await ch.send(first)  # requested: fine
+        await ch.send(first)  # the same chunk again: nobody asked for it
+
+    a, b = memory_channel_pair("alice", "bob")
+    said, r_sink = await run_pair(fake_source(a, [sf.entry.to_wire()], push_chunk),
+                                  receive_files(b, ReceiveStore(recv)))
+    await b.close()
+    assert isinstance(r_sink, ProtocolError) and "not asked for" in str(r_sink)
+    abort = [m for m in said if type(m).__name__ == "Abort"]
+    assert abort and abort[0].code == "ProtocolError"
+    assert visible_files(recv / "alice") == {}
+
+
+async def test_contradicting_offers_are_refused(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (src / "a").write_text("x")
+    e = build_manifest(src, [src / "a"])[0].entry.to_wire()
+    below = ["a/b", *e[1:]]
+    for entries in ([e, e], [e, below]):
+        a, b = memory_channel_pair("alice", "bob")
+        said, r_sink = await run_pair(fake_source(a, entries), receive_files(b, ReceiveStore(recv)))
+        await b.close()
+        assert isinstance(r_sink, ProtocolError), r_sink
+    a, b = memory_channel_pair("alice", "bob")
+
+    async def second_offer(ch: MemoryChannel) -> None:
+        await ch.send(Offer(TID, 5, True, ()).encode())
+
+    await a.send(Offer(TID, 0, False, (e,)).encode())
+    said, r_sink = await run_pair(fake_source(a, [], second_offer),
+                                  receive_files(b, ReceiveStore(recv)))
+    await b.close()
+    assert isinstance(r_sink, ProtocolError)
+
+
+class FullDiskStore(ReceiveStore):
+    def __init__(self, root: Path, fail_after: int) -> None:
+        super().__init__(root)
+        self.writes = 0
+        self.fail_after = fail_after
+
+    def _write_at(self, fd: int, data: bytes, offset: int) -> None:
+        self.writes += 1
+        if self.writes > self.fail_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._write_at(fd, data, offset)
+
+
+async def test_disk_full_reports_and_a_retry_resumes(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(6 * MiB)
+    (src / "f.bin").write_bytes(data)
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]),
+                                   receive_files(b, FullDiskStore(recv, fail_after=3)))
+    assert isinstance(r_sink, LocalIOError) and "disk full" in str(r_sink)
+    assert isinstance(r_src, RemoteError) and "disk full" in str(r_src)
+    assert visible_files(recv / "alice") == {}
+    assert any(n.endswith(".p2pfs-part") for n in os.listdir(recv / "alice"))
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert r_sink.bytes_received_payload == len(data) - 3 * MiB
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+
+
+async def test_unwritable_received_dir(dirs: tuple[Path, Path]) -> None:
+    if os.geteuid() == 0:
+        # root ignores permission bits: emulate EACCES at the write instead
+        class Denied(ReceiveStore):
+            def _write_at(self, fd: int, data: bytes, offset: int) -> None:
+                raise PermissionError(errno.EACCES, "Permission denied")
+        store: ReceiveStore = Denied(dirs[1])
+    else:
+        dirs[1].mkdir()
+        os.chmod(dirs[1], 0o500)
+        store = ReceiveStore(dirs[1])
+    src = dirs[0]
+    (src / "f.bin").write_bytes(b"z" * 1000)
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, store))
+    assert isinstance(r_sink, LocalIOError) and "permission denied" in str(r_sink)
+    assert isinstance(r_src, RemoteError)
+
+
+async def test_same_name_different_content_keeps_old_version(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (recv / "alice" / "docs").mkdir(parents=True)
+    (recv / "alice" / "docs" / "r.txt").write_text("old content")
+    (src / "docs").mkdir()
+    (src / "docs" / "r.txt").write_text("new content!")
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert (recv / "alice" / "docs" / "r.txt").read_text() == "new content!"
+    versions = list((recv / "alice" / ".p2pfs-versions" / "docs").iterdir())
+    assert len(versions) == 1 and versions[0].name.startswith("r.txt.")
+    assert versions[0].read_text() == "old content"
+
+
+async def test_file_changed_while_sending(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    p = src / "f.bin"
+    p.write_bytes(os.urandom(6 * MiB))
+    changed = False
+
+    def mutate(progress: TransferProgress) -> None:
+        nonlocal changed
+        if progress.bytes_done >= MiB and not changed:
+            changed = True
+            with open(p, "r+b") as f:
+                f.seek(5 * MiB)
+                f.write(b"tampered")
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src], progress=mutate),
+                                   receive_files(b, ReceiveStore(recv)))
+    assert changed
+    assert isinstance(r_src, IntegrityError) and "changed while being sent" in str(r_src)
+    assert isinstance(r_sink, RemoteError) and "changed while being sent" in str(r_sink)
+    assert visible_files(recv / "alice") == {}
+
+
+async def test_cancel_event_stops_both_sides(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(8 * MiB))
+    cancel = asyncio.Event()
+
+    def progress(p: TransferProgress) -> None:
+        if p.bytes_done >= 2 * MiB:
+            cancel.set()
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src], progress=progress, cancel=cancel),
+                                   receive_files(b, ReceiveStore(recv)))
+    assert type(r_src).__name__ == "Cancelled"
+    assert isinstance(r_sink, RemoteError) and "cancelled" in str(r_sink)
+    assert visible_files(recv / "alice") == {}
+
+
+async def test_fetch_file_and_unknown_file(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (src / "d").mkdir()
+    data = os.urandom(2 * MiB + 7)
+    (src / "d" / "f.bin").write_bytes(data)
+    root = build_manifest(src, [src / "d" / "f.bin"])[0].entry.root
+
+    def resolve(rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
+        p = src / rel
+        return (src, p) if rel == "d/f.bin" else None
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(serve_fetch(a, resolve),
+                                   fetch_file(b, "d/f.bin", root, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE and r_src.state == TransferState.DONE
+    assert (recv / "alice" / "d" / "f.bin").read_bytes() == data
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(serve_fetch(a, resolve),
+                                   fetch_file(b, "nope.txt", None, ReceiveStore(recv)))
+    assert r_src.state == TransferState.FAILED
+    assert isinstance(r_sink, RemoteError) and "no such file" in str(r_sink)
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(serve_fetch(a, resolve),
+                                   fetch_file(b, "d/f.bin", b"\1" * 32, ReceiveStore(recv)))
+    assert isinstance(r_sink, RemoteError) and "changed since" in str(r_sink)
+
+
+async def test_silent_peer_times_out(dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.2)
+    a, b = memory_channel_pair("alice", "bob")
+    with pytest.raises(P2PError, match="sent nothing"):
+        await receive_files(b, ReceiveStore(dirs[1]))
+    await a.close()
+
+
+async def test_memory_stays_bounded_for_a_64_mib_file(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    size = 64 * MiB
+    with open(src / "big.bin", "wb") as f:
+        for _ in range(size // MiB):
+            f.write(os.urandom(MiB))
+    build_manifest(src, [src])  # warm the manifest cache outside the measurement
+    tracemalloc.start()
+    try:
+        a, b = memory_channel_pair("alice", "bob")
+        r_src, r_sink = await run_pair(send_files(a, src, [src]),
+                                       receive_files(b, ReceiveStore(recv)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r_sink.state == TransferState.DONE
+    assert peak < 40 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
+    assert os.path.getsize(recv / "alice" / "big.bin") == size
