@@ -209,6 +209,7 @@ class UdpConnection:
         self._advertised_rwnd = 0
         self._payload_max = datagram_bytes - DATA_HEADER_BYTES
         self._data_prefix = bytes((MAGIC, T_DATA)) + peer_cid
+        self._data_header_in = bytes((MAGIC, T_DATA)) + local_cid
         self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
         if is_client:
             self._queue_init(now)
@@ -324,45 +325,67 @@ class UdpConnection:
             self.reset(f"protocol error from peer: {exc}")
 
     def _receive_batch(self, dgrams: Sequence[bytes], now: float) -> None:
-        cid = self.local_cid
-        maxlen = self.datagram_bytes
-        limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES
-        stream = self._stream
-        fast = (self.state is State.ESTABLISHED or self.state is State.CLOSING) and \
-            self._confirmed
-        for d in dgrams:
-            n = len(d)
-            if fast and n > DATA_HEADER_BYTES and d[1] == T_DATA and n <= maxlen and \
-                    d[0] == MAGIC and d[2:10] == cid:
-                seq = int.from_bytes(d[10:18], "big")
-                if seq == self._rcv_next and not self._range_starts and \
-                        self._unread_bytes + len(stream) <= limit:
-                    # the common case: the next packet in order, no holes
-                    stream += memoryview(d)[DATA_HEADER_BYTES:]
-                    self._rcv_next = seq + 1
-                    self._largest_rcv = seq
-                    self._largest_rcv_time = now
-                    self._last_recv = now
-                    self._ack_pending += 1
-                    if self._ack_deadline is None:
-                        self._ack_deadline = now + MAX_ACK_DELAY_S
-                    if self._ack_pending >= ACK_EVERY_PACKETS:
-                        self._ack_now = True
-                    continue
-                self._last_recv = now
-                self._receive_data(seq, d[DATA_HEADER_BYTES:], now)
+        if not ((self.state is State.ESTABLISHED or self.state is State.CLOSING)
+                and self._confirmed):
+            for d in dgrams:
+                self._receive_one(d, now)
                 if self.state is State.CLOSED:
                     return
-                stream = self._stream
-                continue
-            try:
-                if not self._receive(d, now):
-                    self.dropped_datagrams += 1
-            except (struct.error, IndexError, ValueError):
-                self.dropped_datagrams += 1
-            if self.state is State.CLOSED:
-                return
+            return
+        hdr = self._data_header_in
+        maxlen = self.datagram_bytes
+        unpack_seq = _SEQ.unpack_from
+        starts = self._range_starts
+        stream = self._stream
+        limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES - self._unread_bytes
+        rcv_next = self._rcv_next
+        in_order = 0
+        for d in dgrams:
+            if d.startswith(hdr) and DATA_HEADER_BYTES < len(d) <= maxlen:
+                seq = unpack_seq(d, HEADER_BYTES)[0]
+                if seq == rcv_next and not starts and len(stream) <= limit:
+                    # the common case: the next packet in order, no holes; bookkeeping
+                    # is settled once per batch in _note_in_order
+                    stream += memoryview(d)[DATA_HEADER_BYTES:]
+                    rcv_next += 1
+                    in_order += 1
+                    continue
+                if in_order:
+                    self._note_in_order(in_order, rcv_next, now)
+                    in_order = 0
+                self._last_recv = now
+                self._receive_data(seq, d[DATA_HEADER_BYTES:], now)
+            else:
+                if in_order:
+                    self._note_in_order(in_order, rcv_next, now)
+                    in_order = 0
+                self._receive_one(d, now)
+                if self.is_closed:
+                    return
+            rcv_next = self._rcv_next
             stream = self._stream
+            limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES - self._unread_bytes
+        if in_order:
+            self._note_in_order(in_order, rcv_next, now)
+
+    def _note_in_order(self, count: int, rcv_next: int, now: float) -> None:
+        self._rcv_next = rcv_next
+        if rcv_next - 1 > self._largest_rcv:
+            self._largest_rcv = rcv_next - 1
+            self._largest_rcv_time = now
+        self._last_recv = now
+        self._ack_pending += count
+        if self._ack_deadline is None:
+            self._ack_deadline = now + MAX_ACK_DELAY_S
+        if self._ack_pending >= ACK_EVERY_PACKETS:
+            self._ack_now = True
+
+    def _receive_one(self, d: bytes, now: float) -> None:
+        try:
+            if not self._receive(d, now):
+                self.dropped_datagrams += 1
+        except (struct.error, IndexError, ValueError):
+            self.dropped_datagrams += 1
 
     def _receive(self, data: bytes, now: float) -> bool:
         n = len(data)
