@@ -581,10 +581,36 @@ class _ClientEndpoint:
 async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
                   datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
                   loss_rate: float = 0.0) -> UdpPipe:
+    """Open a pipe; PeerUnreachable on timeout, ICMP refusal or a bad address.
+
+    Each address of ``host`` is tried in turn while the peer refuses (so
+    "localhost" reaches a listener on 127.0.0.1 even if ::1 comes first)."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        family, _, _, _, addr = infos[0]
+    except OSError as exc:
+        raise PeerUnreachable(f"cannot reach {host}:{port} over udp: "
+                              f"{exc.strerror or exc.__class__.__name__}") from None
+    why = "no address"
+    seen: set[Any] = set()
+    for family, _, _, _, addr in infos:
+        if addr in seen:
+            continue
+        seen.add(addr)
+        pipe, why = await _connect_one(loop, family, addr, deadline, datagram_bytes, loss_rate)
+        if pipe is not None:
+            return pipe
+        if why == "timeout":
+            raise PeerUnreachable(f"udp connect to {host}:{port} timed out after {timeout:g} s "
+                                  "(no answer; is the peer listening on udp?)")
+    raise PeerUnreachable(f"cannot reach {host}:{port} over udp: {why}")
+
+
+async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
+                       deadline: float, datagram_bytes: int,
+                       loss_rate: float) -> tuple[UdpPipe | None, str]:
+    try:
         sock = _make_socket(family, None)
         try:
             sock.connect(addr)
@@ -592,8 +618,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
             sock.close()
             raise
     except OSError as exc:
-        raise PeerUnreachable(f"cannot reach {host}:{port} over udp: "
-                              f"{exc.strerror or exc.__class__.__name__}") from None
+        return None, exc.strerror or exc.__class__.__name__
     glue = _ClientEndpoint()
     glue.endpoint = _Endpoint(loop, sock, connected=True, loss_rate=loss_rate,
                               on_datagrams=glue.on_datagrams, on_batch_end=glue.on_batch_end,
@@ -603,16 +628,15 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
     glue.pipe = pipe
     pipe.flush()
     try:
-        await asyncio.wait_for(asyncio.shield(pipe.connected), timeout)
+        await asyncio.wait_for(asyncio.shield(pipe.connected), max(0.0, deadline - loop.time()))
     except TimeoutError:
         pipe.abort("connect timed out")
-        raise PeerUnreachable(f"udp connect to {host}:{port} timed out after {timeout:g} s "
-                              "(no answer; is the peer listening on udp?)") from None
+        return None, "timeout"
     except ChannelClosed:
         pipe.abort("connect failed")
-        why = glue.error.strerror if glue.error is not None else pipe.close_reason
-        raise PeerUnreachable(f"cannot reach {host}:{port} over udp: {why}") from None
+        err = glue.error
+        return None, (err.strerror or str(err)) if err is not None else pipe.close_reason
     except asyncio.CancelledError:
         pipe.abort("connect cancelled")
         raise
-    return pipe
+    return pipe, ""

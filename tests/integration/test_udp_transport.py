@@ -332,3 +332,19 @@ async def test_late_duplicate_init_does_not_open_a_ghost_connection() -> None:
     finally:
         await pipe.close()
         await listener.close()
+
+
+async def test_connect_by_name_tries_each_address() -> None:
+    async def echo(pipe: udp.UdpPipe) -> None:
+        await pipe.send(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, echo)
+    try:
+        pipe = await udp.connect("localhost", listener.port, timeout=3.0)
+        try:
+            await pipe.send(b"by name")
+            assert await pipe.recv() == b"by name"
+        finally:
+            await pipe.close()
+    finally:
+        await listener.close()
