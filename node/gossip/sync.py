@@ -186,7 +186,6 @@ class SyncEngine:
         # the transfer layer writes straight to `target`: a watcher on the received dir
         # (it may be shared too) must not announce that write as our own change
         self._suppress(target, event.hash)
-        self._suppress(target, event.hash)  # the transfer layer may write the target itself
         fetched = await self._fetch(event.origin, event.folder, event.path, event.hash)
         digest = (await asyncio.to_thread(hash_file, fetched))[2]
         if digest != event.hash:
