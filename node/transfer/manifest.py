@@ -119,7 +119,7 @@ class FileEntry:
             raise ProtocolError(f"manifest entry {path[:60]!r}: bad root hash")
         if root_hash(hashes, size) != root:
             raise ProtocolError(f"manifest entry {path[:60]!r}: root hash contradicts chunk hashes")
-        return cls(path, size, int(mode), int(mtime_ns), chunk_size, hashes, root)  # type: ignore[arg-type]
+        return cls(path, size, int(mode), int(mtime_ns), chunk_size, hashes, root)
 
 
 def hash_file(path: Path, *, expect_size: int | None = None,

@@ -127,7 +127,7 @@ def clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
 
 
 def decode(data: bytes, expect: tuple[type[Message], ...]) -> Message:
-    return decode_message(data, expect=expect)  # type: ignore[arg-type]
+    return decode_message(data, expect=expect)
 
 
 def offer_batches(transfer_id: bytes, entries: list[FileEntry]) -> list[Offer]:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from node.errors import (
@@ -47,7 +47,7 @@ from node.errors import (
     RemoteError,
 )
 from node.transfer.manifest import FileEntry, SourceFile, build_manifest, hash_chunk
-from node.transfer.paths import PathBlocked, sanitize_label, safe_relpath
+from node.transfer.paths import PathBlocked, safe_relpath, sanitize_label
 from node.transfer.protocol import (
     MAX_CHUNKS_PER_TRANSFER,
     MAX_FILES_PER_TRANSFER,
@@ -174,7 +174,11 @@ class _Session:
         data = msg.encode()
         self.bytes_on_wire += len(data)
         try:
-            await self.channel.send(data)
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                await self.channel.send(data)
+        except TimeoutError:
+            raise PeerUnreachable(
+                f"{self.peer} accepted nothing for {IDLE_TIMEOUT_S:.0f} s; giving up") from None
         except P2PError:
             raise
         except (OSError, ConnectionError) as exc:
@@ -244,7 +248,7 @@ class _Session:
             await asyncio.wait_for(self._send(Abort(clip(code, 32), clip(reason))),
                                    ABORT_SEND_TIMEOUT_S)
 
-    async def _guard(self, body: Callable[[], Any]) -> TransferResult:
+    async def _guard(self, body: Callable[[], Any]) -> Any:
         """Run the session body; on failure tell the peer and re-raise a node.errors type."""
         try:
             return await body()

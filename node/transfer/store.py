@@ -41,8 +41,8 @@ from node.transfer.manifest import (
 from node.transfer.paths import (
     PARTIAL_SUFFIX,
     STATE_SUFFIX,
-    PathBlocked,
     VERSIONS_DIR_NAME,
+    PathBlocked,
     ensure_dirs,
     local_io_error,
     resolve_under,
@@ -328,7 +328,7 @@ class ReceiveStore:
         return root == entry.root
 
     def keep_version(self, folder: Path, rel: PurePosixPath, final: Path) -> Path:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         vdir = ensure_dirs(folder, PurePosixPath(VERSIONS_DIR_NAME, *rel.parent.parts))
         base = f"{_clip_name(rel.name, 200)}.{stamp}"
         target = vdir / base

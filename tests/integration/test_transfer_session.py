@@ -26,8 +26,6 @@ from node.transfer.paths import is_internal_name
 from node.transfer.protocol import (
     TO_SOURCE,
     ChunkData,
-    ChunkRequest,
-    FileStatus,
     Offer,
     decode,
 )
@@ -74,9 +72,21 @@ def visible_files(folder: Path) -> dict[str, bytes]:
     return out
 
 
-async def run_pair(source: Any, sink: Any) -> tuple[Any, Any]:
-    """Run both sides; return (result or exception) for each, closing the channels."""
-    res = await asyncio.gather(source, sink, return_exceptions=True)
+async def run_pair(source: Any, sink: Any, channels: tuple[Any, Any] | None = None,
+                   ) -> tuple[Any, Any]:
+    """Run both sides; return (result or exception) for each.
+
+    With `channels`, each side closes its end when it finishes, as the daemon does.
+    """
+    async def side(coro: Any, ch: Any) -> Any:
+        try:
+            return await coro
+        finally:
+            if ch is not None:
+                await ch.close()
+
+    a, b = channels if channels is not None else (None, None)
+    res = await asyncio.gather(side(source, a), side(sink, b), return_exceptions=True)
     return res[0], res[1]
 
 
@@ -198,7 +208,7 @@ async def test_resume_after_sink_task_cancelled(dirs: tuple[Path, Path]) -> None
         await source
 
     a, b = memory_channel_pair("alice", "bob")
-    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    _r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
     assert r_sink.state == TransferState.DONE
     assert r_sink.bytes_received_payload <= len(data) - 3 * MiB
     assert (recv / "alice" / "f.bin").read_bytes() == data
@@ -232,7 +242,7 @@ async def test_corrupt_chunk_is_refetched_and_healed(dirs: tuple[Path, Path]) ->
         return False
 
     a, b = memory_channel_pair("alice", "bob")
-    r_src, r_sink = await run_pair(send_files(a, src, [src]),
+    _r_src, r_sink = await run_pair(send_files(a, src, [src]),
                                    receive_files(Tap(b, flip_chunk(once)), ReceiveStore(recv)))
     assert flipped == [2]
     assert r_sink.state == TransferState.DONE
@@ -335,7 +345,7 @@ async def test_contradicting_offers_are_refused(dirs: tuple[Path, Path]) -> None
     below = ["a/b", *e[1:]]
     for entries in ([e, e], [e, below]):
         a, b = memory_channel_pair("alice", "bob")
-        said, r_sink = await run_pair(fake_source(a, entries), receive_files(b, ReceiveStore(recv)))
+        _said, r_sink = await run_pair(fake_source(a, entries), receive_files(b, ReceiveStore(recv)))
         await b.close()
         assert isinstance(r_sink, ProtocolError), r_sink
     a, b = memory_channel_pair("alice", "bob")
@@ -344,7 +354,7 @@ async def test_contradicting_offers_are_refused(dirs: tuple[Path, Path]) -> None
         await ch.send(Offer(TID, 5, True, ()).encode())
 
     await a.send(Offer(TID, 0, False, (e,)).encode())
-    said, r_sink = await run_pair(fake_source(a, [], second_offer),
+    _said, r_sink = await run_pair(fake_source(a, [], second_offer),
                                   receive_files(b, ReceiveStore(recv)))
     await b.close()
     assert isinstance(r_sink, ProtocolError)
@@ -408,7 +418,7 @@ async def test_same_name_different_content_keeps_old_version(dirs: tuple[Path, P
     (src / "docs").mkdir()
     (src / "docs" / "r.txt").write_text("new content!")
     a, b = memory_channel_pair("alice", "bob")
-    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    _r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
     assert r_sink.state == TransferState.DONE
     assert (recv / "alice" / "docs" / "r.txt").read_text() == "new content!"
     versions = list((recv / "alice" / ".p2pfs-versions" / "docs").iterdir())
@@ -432,10 +442,11 @@ async def test_file_changed_while_sending(dirs: tuple[Path, Path]) -> None:
 
     a, b = memory_channel_pair("alice", "bob")
     r_src, r_sink = await run_pair(send_files(a, src, [src], progress=mutate),
-                                   receive_files(b, ReceiveStore(recv)))
+                                   receive_files(b, ReceiveStore(recv)), (a, b))
     assert changed
     assert isinstance(r_src, IntegrityError) and "changed while being sent" in str(r_src)
-    assert isinstance(r_sink, RemoteError) and "changed while being sent" in str(r_sink)
+    assert (isinstance(r_sink, RemoteError) and "changed while being sent" in str(r_sink)) or \
+        isinstance(r_sink, ChannelClosed), r_sink
     assert visible_files(recv / "alice") == {}
 
 
@@ -450,9 +461,11 @@ async def test_cancel_event_stops_both_sides(dirs: tuple[Path, Path]) -> None:
 
     a, b = memory_channel_pair("alice", "bob")
     r_src, r_sink = await run_pair(send_files(a, src, [src], progress=progress, cancel=cancel),
-                                   receive_files(b, ReceiveStore(recv)))
+                                   receive_files(b, ReceiveStore(recv)), (a, b))
     assert type(r_src).__name__ == "Cancelled"
-    assert isinstance(r_sink, RemoteError) and "cancelled" in str(r_sink)
+    # the Abort usually arrives; if the sink was blocked sending, it sees the close
+    assert (isinstance(r_sink, RemoteError) and "cancelled" in str(r_sink)) or \
+        isinstance(r_sink, ChannelClosed), r_sink
     assert visible_files(recv / "alice") == {}
 
 
@@ -496,14 +509,13 @@ async def test_silent_peer_times_out(dirs: tuple[Path, Path], monkeypatch: Any) 
 async def test_memory_stays_bounded_for_a_64_mib_file(dirs: tuple[Path, Path]) -> None:
     src, recv = dirs
     size = 64 * MiB
-    with open(src / "big.bin", "wb") as f:
-        for _ in range(size // MiB):
-            f.write(os.urandom(MiB))
+    with open(src / "big.bin", "wb") as f:  # noqa: ASYNC230 - test setup
+        f.writelines(os.urandom(MiB) for _ in range(size // MiB))
     build_manifest(src, [src])  # warm the manifest cache outside the measurement
     tracemalloc.start()
     try:
         a, b = memory_channel_pair("alice", "bob")
-        r_src, r_sink = await run_pair(send_files(a, src, [src]),
+        _r_src, r_sink = await run_pair(send_files(a, src, [src]),
                                        receive_files(b, ReceiveStore(recv)))
         _, peak = tracemalloc.get_traced_memory()
     finally:

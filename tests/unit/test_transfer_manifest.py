@@ -15,13 +15,13 @@ from node.transfer import manifest as mf
 from node.transfer.manifest import FileEntry, ManifestCache, build_manifest, chunk_size_for
 from node.transfer.protocol import (
     MAX_FILES_PER_OFFER,
+    TO_SINK,
+    TO_SOURCE,
     ChunkData,
     FileStatus,
     Offer,
     decode,
     offer_batches,
-    TO_SINK,
-    TO_SOURCE,
 )
 from node.wire import MAX_FRAME_BYTES, packb
 
