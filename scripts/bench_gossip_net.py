@@ -52,10 +52,10 @@ for _p in (str(SCRIPTS_DIR), str(REPO_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from testnet_lib import Testnet, normalize_peer_id  # noqa: E402
+from testnet_lib import Testnet, normalize_peer_id
 
-from node.identity import PeerId  # noqa: E402
-from node.trust import TrustStore  # noqa: E402
+from node.identity import PeerId
+from node.trust import TrustStore
 
 DEFAULT_NODES = 20
 DEFAULT_TRIALS = 5

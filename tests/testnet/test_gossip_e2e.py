@@ -35,15 +35,15 @@ SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
 if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))
 
-import blake3  # noqa: E402
-from testnet_lib import Testnet, normalize_peer_id  # noqa: E402
+import blake3
+from testnet_lib import Testnet, normalize_peer_id
 
-from node.channel import open_channel  # noqa: E402
-from node.gossip.engine import Push  # noqa: E402
-from node.gossip.events import ChangeEvent  # noqa: E402
-from node.identity import Identity, PeerId, load_identity  # noqa: E402
-from node.peering import ServiceRequest  # noqa: E402
-from node.transports import get_transport  # noqa: E402
+from node.channel import open_channel
+from node.gossip.engine import Push
+from node.gossip.events import ChangeEvent
+from node.identity import Identity, PeerId, load_identity
+from node.peering import ServiceRequest
+from node.transports import get_transport
 
 pytestmark = pytest.mark.slow
 
@@ -312,8 +312,8 @@ def test_forged_and_replayed_events_are_rejected(tn: Net) -> None:
     since = last_note_id(net, "B")
     evil = b"evil content\n"
     a_id = PeerId.parse(a)
-    fields = dict(folder="docs", kind="modified", path="victim.txt", size=len(evil),
-                  hash=bytes.fromhex(content_hash(evil)))
+    fields: dict[str, Any] = {"folder": "docs", "kind": "modified", "path": "victim.txt",
+                              "size": len(evil), "hash": bytes.fromhex(content_hash(evil))}
 
     # (a) claims to come from A but is signed by mallory: a bad signature
     signed_by_mallory = ChangeEvent.create(mallory, seq=real["seq"] + 1000,
