@@ -261,6 +261,8 @@ class GossipService:
                                                     "origin": str(event.origin),
                                                     "path": event.path,
                                                     "reason": f"local I/O: {exc}"})
+            except Exception:  # a bug in one apply must not stop every later sync
+                log.exception("applying %s %s failed unexpectedly", event.kind, event.path)
 
     def _link(self, peer: PeerId) -> _Link:
         link = self._links.get(peer)
