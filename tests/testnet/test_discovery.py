@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ N_NODES = 10
 NODES = [f"n{i}" for i in range(1, N_NODES + 1)]
 JOIN_TIMEOUT_S = 45.0
 CLI_PARALLEL = 3
+INIT_THREADS = 3
 JOINED_LOG_LINE = "joined the DHT through"
 UDP_REPLY_TIMEOUT_S = 2.0
 # dht/protocol.py datagram layout
@@ -180,13 +182,29 @@ def _tampered(genuine: ContactRecord) -> ContactRecord:
 # -- the shared network ------------------------------------------------------------------
 
 
+def _init_in_parallel(net: Testnet, names: list[str]) -> None:
+    """`add_nodes(start=False)` for a few groups at once: `node init` + `node id` are two
+    CLI runs per node, the slowest part of building a network on a loaded machine."""
+    allocate, lock = net.ports.allocate, threading.Lock()
+
+    def locked_allocate() -> int:
+        with lock:
+            return allocate()
+
+    net.ports.allocate = locked_allocate  # type: ignore[method-assign]
+    groups = [names[i::INIT_THREADS] for i in range(INIT_THREADS)]
+    with ThreadPoolExecutor(INIT_THREADS) as pool:
+        list(pool.map(lambda g: net.add_nodes(g, start=False), [g for g in groups if g]))
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testnet]:
     """Ten nodes that registered with a bootstrap server, which is then stopped."""
     root = tmp_path_factory.mktemp("discovery")
     with Testnet(root) as tn:
         tn.start_bootstrap(ttl_s=60)
-        tn.add_nodes(NODES)
+        _init_in_parallel(tn, NODES)
+        tn.start_many(NODES)
         want = {normalize_peer_id(tn.peer_id(n)) for n in NODES}
 
         def all_registered() -> bool:
