@@ -683,6 +683,7 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
         msg = await session._recv((FetchRequest, Abort))
         assert isinstance(msg, FetchRequest)
         session.tid = msg.transfer_id
+        safe_relpath(msg.path)  # a hostile path never reaches resolve()
         found = resolve(msg.path, msg.root)
         files: list[SourceFile] = []
         if found is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import os
+import re
 import stat
 import threading
 import time
@@ -262,6 +263,7 @@ class PartialFile:
             os.unlink(self.state_path)
         except OSError:
             pass
+        self.store.remove_stale_partials(final)
         return final
 
     def _close_locked(self) -> None:
@@ -338,6 +340,24 @@ class ReceiveStore:
             n += 1
         os.rename(final, target)
         return target
+
+    def remove_stale_partials(self, final: Path) -> None:
+        """Drop leftover partial/state files of older contents of `final` (not in use)."""
+        stem = re.escape(f".{_clip_name(final.name, PARTIAL_NAME_PREFIX_BYTES)}.")
+        pattern = re.compile(stem + r"[0-9a-f]{16}\.p2pfs-(part|state)$")
+        try:
+            names = os.listdir(final.parent)
+        except OSError:
+            return
+        with self._lock:
+            active = set(self._active)
+        for name in names:
+            path = final.parent / name
+            if pattern.match(name) and path.with_suffix(PARTIAL_SUFFIX) not in active:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def free_bytes(self, path: Path) -> int | None:
         try:

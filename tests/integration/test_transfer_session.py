@@ -568,3 +568,36 @@ async def test_crash_resume_uses_saved_state_and_rechecks_it(dirs: tuple[Path, P
     assert r_sink.bytes_received_payload == 5 * MiB  # 8 saved - 1 torn = 7 kept
     assert (recv / "alice" / "f.bin").read_bytes() == data
     assert sorted(os.listdir(recv / "alice")) == ["f.bin"]
+
+
+async def test_hostile_fetch_path_never_reaches_resolve(dirs: tuple[Path, Path]) -> None:
+    asked: list[str] = []
+
+    def resolve(rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
+        asked.append(rel)
+        return None
+
+    from node.transfer.protocol import FetchRequest
+
+    a, b = memory_channel_pair("alice", "bob")
+    await b.send(FetchRequest(TID, "../../etc/passwd", None).encode())
+    with pytest.raises(ProtocolError):
+        await serve_fetch(a, resolve)
+    assert asked == []
+    with pytest.raises(ProtocolError):
+        await fetch_file(b, "/etc/passwd", None, ReceiveStore(dirs[1]))
+
+
+async def test_stale_partials_of_older_contents_are_cleaned(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (recv / "alice").mkdir(parents=True)
+    stale = recv / "alice" / ".f.txt.0123456789abcdef.p2pfs-part"
+    stale.write_bytes(b"old partial")
+    (recv / "alice" / ".f.txt.0123456789abcdef.p2pfs-state").write_bytes(b"x")
+    other = recv / "alice" / ".g.txt.0123456789abcdef.p2pfs-part"
+    other.write_bytes(b"keep")
+    (src / "f.txt").write_text("new")
+    a, b = memory_channel_pair("alice", "bob")
+    _, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert sorted(os.listdir(recv / "alice")) == [other.name, "f.txt"]
