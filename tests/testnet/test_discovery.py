@@ -307,6 +307,14 @@ def test_forged_and_tampered_records_are_refused(net: Testnet, raw: RawDhtClient
     assert res.returncode == EXIT_PEER_UNREACHABLE, (res.returncode, res.stdout, res.stderr)
     assert "no valid contact record" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+    # nor did any forgery reach a peer book / peer cache
+    for name in ("n5", "n9"):
+        listed = {normalize_peer_id(p["peer_id"]): p for p in net.cli(name, "peers")}
+        assert normalize_peer_id(str(ghost.peer_id)) not in listed
+        assert normalize_peer_id(str(attacker.peer_id)) not in listed
+        entry = listed[normalize_peer_id(net.peer_id(victim))]  # known since registration
+        assert entry["ports"]["tcp"] == net.node(victim).ports["tcp"]
+        assert entry["name"] == victim and entry["seq"] == genuine.seq
     assert all(net.node(n).running() for n in NODES if n != "n2")
 
 
