@@ -19,6 +19,10 @@ In ONE run, on 127.0.0.1, it measures:
 * peak RSS (VmHWM from /proc/<pid>/status) of both node processes; the nodes
   are restarted before each transport so each row has its own peak.
 
+The machine is shared and noisy, so every run of a baseline is taken right
+before the share run it is compared with (secretstream, plain copy and the
+transport's channel, then the share), and medians are taken over those pairs.
+
 Then it prints the targets of issue 5: TCP >= 0.6x secretstream, UDP and QUIC
 >= 0.8x their own channel benchmark, peak RSS < 100 MB on each side.
 
@@ -187,11 +191,20 @@ def _share_once(net: Testnet, src: Path, transport: str, received: Path,
             "bytes_on_wire": t["bytes_on_wire"]}
 
 
-def bench_nodes(root: Path, src: Path, transports: list[str], repeat: int,
-                verify: bool, echo: Any) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def run(size: int, baseline: int, transports: list[str], repeat: int, workdir: Path,
+        verify: bool, echo: Any) -> dict[str, Any]:
+    """Baselines and shares interleaved run by run, so that both see the same machine load."""
+    src = workdir / "bench-transfer.bin"
+    echo(f"writing a {size / MIB:.0f} MiB random file in {workdir}")
+    _make_file(src, size)
     digest = _sha256(src) if verify else None
-    with Testnet(root / "net") as net:
+    runs: dict[str, list[float]] = {}
+    extra: dict[str, dict[str, Any]] = {}
+
+    def note(key: str, value: float) -> None:
+        runs.setdefault(key, []).append(value)
+
+    with Testnet(workdir / "net") as net:
         net.start_bootstrap(ttl_s=120)
         net.add_nodes(["n1", "n2"])
         net.trust_all()
@@ -202,60 +215,37 @@ def bench_nodes(root: Path, src: Path, transports: list[str], repeat: int,
                 net.restart("n1")
                 net.restart("n2")
                 net.wait_until(lambda: net.sees("n1", ["n2"]), 45, what="n1 lists n2")
-            runs = []
+            shares = []
             for r in range(repeat):
-                run = _share_once(net, src, transport, received,
+                note("secretstream", bench_channel.secretstream_mib_s(baseline, MESSAGE_BYTES))
+                if i == 0:
+                    note("plain_copy", asyncio.run(
+                        plain_file_copy_mib_s(src, workdir / "copy.bin")))
+                note(f"channel_{transport}", asyncio.run(
+                    bench_channel.channel_mib_s(baseline, MESSAGE_BYTES, transport, {})))
+                one = _share_once(net, src, transport, received,
                                   digest if r == repeat - 1 else None)
-                echo(f"  {transport} run {r + 1}: {run['mib_s']:.1f} MiB/s "
-                     f"({run['transfer_s']:.2f} s; CLI {run['cli_wall_s']:.2f} s)")
-                runs.append(run)
-            out[transport] = {
-                "median_mib_s": statistics.median(r["mib_s"] for r in runs),
-                "runs_mib_s": [round(r["mib_s"], 1) for r in runs],
-                "runs_transfer_s": [round(r["transfer_s"], 3) for r in runs],
-                "runs_cli_wall_s": [round(r["cli_wall_s"], 3) for r in runs],
-                "sender_peak_rss_mb": _vm_hwm_mb(net.node("n1").pid),
-                "receiver_peak_rss_mb": _vm_hwm_mb(net.node("n2").pid),
+                note(f"share_{transport}", one["mib_s"])
+                shares.append(one)
+                echo(f"  {transport} run {r + 1}: share {one['mib_s']:.1f} MiB/s "
+                     f"({one['transfer_s']:.2f} s; CLI {one['cli_wall_s']:.2f} s), channel "
+                     f"{runs[f'channel_{transport}'][-1]:.1f}, secretstream "
+                     f"{runs['secretstream'][-1]:.1f} MiB/s")
+            extra[f"share_{transport}"] = {
+                "sender_peak_rss_mb": round(_vm_hwm_mb(net.node("n1").pid), 1),
+                "receiver_peak_rss_mb": round(_vm_hwm_mb(net.node("n2").pid), 1),
+                "runs_transfer_s": [round(x["transfer_s"], 3) for x in shares],
+                "runs_cli_wall_s": [round(x["cli_wall_s"], 3) for x in shares],
             }
         received.unlink(missing_ok=True)
-    return out
-
-
-# --------------------------------------------------------------------------- the run
-
-
-def run(size: int, baseline: int, transports: list[str], repeat: int, workdir: Path,
-        verify: bool, echo: Any) -> dict[str, Any]:
-    src = workdir / "bench-transfer.bin"
-    echo(f"writing a {size / MIB:.0f} MiB random file in {workdir}")
-    _make_file(src, size)
-    rows: list[dict[str, Any]] = []
-
-    def add(key: str, label: str, runs: list[float], **extra: Any) -> None:
-        rows.append({"key": key, "row": label, "median_mib_s": round(statistics.median(runs), 1),
-                     "runs_mib_s": [round(r, 1) for r in runs], **extra})
-
-    echo("secretstream push, one core")
-    add("secretstream", "secretstream push, one core (1 MiB msgs)",
-        [bench_channel.secretstream_mib_s(baseline, MESSAGE_BYTES) for _ in range(repeat)])
-    echo("plain asyncio TCP file copy")
-    add("plain_copy", "plain asyncio TCP file copy, no crypto",
-        [asyncio.run(plain_file_copy_mib_s(src, workdir / "copy.bin")) for _ in range(repeat)])
-    for t in transports:
-        echo(f"{t} SecureChannel ({baseline / MIB:.0f} MiB)")
-        add(f"channel_{t}", f"{t} SecureChannel (bench_channel)",
-            [asyncio.run(bench_channel.channel_mib_s(baseline, MESSAGE_BYTES, t, {}))
-             for _ in range(repeat)])
-    echo("node share between two node processes")
-    nodes = bench_nodes(workdir, src, transports, repeat, verify, echo)
-    for t, r in nodes.items():
-        rows.append({"key": f"share_{t}", "row": f"node share over {t}",
-                     "median_mib_s": round(r["median_mib_s"], 1), "runs_mib_s": r["runs_mib_s"],
-                     "sender_peak_rss_mb": round(r["sender_peak_rss_mb"], 1),
-                     "receiver_peak_rss_mb": round(r["receiver_peak_rss_mb"], 1),
-                     "runs_transfer_s": r["runs_transfer_s"],
-                     "runs_cli_wall_s": r["runs_cli_wall_s"]})
     src.unlink(missing_ok=True)
+    labels = {"secretstream": "secretstream push, one core (1 MiB msgs)",
+              "plain_copy": "plain asyncio TCP file copy, no crypto",
+              **{f"channel_{t}": f"{t} SecureChannel (bench_channel)" for t in transports},
+              **{f"share_{t}": f"node share over {t}" for t in transports}}
+    rows = [{"key": k, "row": labels[k], "median_mib_s": round(statistics.median(v), 1),
+             "runs_mib_s": [round(x, 1) for x in v], **extra.get(k, {})}
+            for k, v in runs.items()]
     return {"size_mib": size / MIB, "baseline_mib": baseline / MIB, "repeat": repeat,
             "rows": rows, "targets": _targets(rows),
             "machine": {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg())}}
@@ -337,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.dir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(int(args.size_mib * MIB), int(args.baseline_mib * MIB), transports,
+        baseline = min(int(args.baseline_mib * MIB), int(args.size_mib * MIB))
+        result = run(int(args.size_mib * MIB), max(MESSAGE_BYTES, baseline), transports,
                      args.repeat, workdir, not args.no_verify, echo)
     finally:
         if tmp is not None:
