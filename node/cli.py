@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -42,14 +42,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 HomeOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--home", envvar="P2PFS_HOME", show_envvar=True,
                  help="Node home dir (identity, config.toml, databases, logs). "
                       "Default: the platform's user data dir."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 TransportOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--transport", "-t", help="tcp, udp or quic (default: config `transport`)."),
 ]
 
@@ -160,7 +160,7 @@ def _setup_logging(settings: Settings | None, level: str = "INFO") -> None:
 def bootstrap(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8470,
-    db: Annotated[Optional[Path], typer.Option(help="SQLite registry file.")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite registry file.")] = None,
     ttl: Annotated[float, typer.Option(help="Seconds a registration lives unless refreshed.")]
     = 300.0,
 ) -> None:
@@ -181,19 +181,19 @@ def start(
         "--bootstrap-peer", help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
     share: Annotated[list[Path], typer.Option(
         "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
-    port: Annotated[Optional[int], typer.Option(
+    port: Annotated[int | None, typer.Option(
         "--port", "-p", help="TCP port (UDP = port+1, QUIC = port+2 unless given).")] = None,
-    tcp_port: Annotated[Optional[int], typer.Option(help="TCP transport port.")] = None,
-    udp_port: Annotated[Optional[int], typer.Option(help="UDP transport port.")] = None,
-    quic_port: Annotated[Optional[int], typer.Option(help="QUIC transport port.")] = None,
-    dht_port: Annotated[Optional[int], typer.Option(help="Kademlia DHT UDP port.")] = None,
-    listen_host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
-    advertise_host: Annotated[Optional[str], typer.Option(
+    tcp_port: Annotated[int | None, typer.Option(help="TCP transport port.")] = None,
+    udp_port: Annotated[int | None, typer.Option(help="UDP transport port.")] = None,
+    quic_port: Annotated[int | None, typer.Option(help="QUIC transport port.")] = None,
+    dht_port: Annotated[int | None, typer.Option(help="Kademlia DHT UDP port.")] = None,
+    listen_host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    advertise_host: Annotated[str | None, typer.Option(
         help="Address to advertise to peers (default: the listen address).")] = None,
-    received_dir: Annotated[Optional[Path], typer.Option(
+    received_dir: Annotated[Path | None, typer.Option(
         help="Where received files go (default HOME/received).")] = None,
     transport: TransportOpt = None,
-    log_level: Annotated[Optional[str], typer.Option(help="DEBUG, INFO, WARNING.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING.")] = None,
 ) -> None:
     """Run the node in the foreground: listen, join the DHT, register, serve the CLI."""
     overrides: dict[str, Any] = {
@@ -398,8 +398,14 @@ def share(
     for p in paths:
         if not p.exists():
             raise LocalIOError(f"{p} does not exist")
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                         TransferSpeedColumn(), TimeRemainingColumn(), console=err,
@@ -486,10 +492,10 @@ def cancel(
 @handle_errors
 def show_log(
     home: HomeOpt = None,
-    peer: Annotated[Optional[str], typer.Option("--peer", help="Only this origin peer.")] = None,
-    since: Annotated[Optional[str], typer.Option(
+    peer: Annotated[str | None, typer.Option("--peer", help="Only this origin peer.")] = None,
+    since: Annotated[str | None, typer.Option(
         "--since", help="Epoch ms, or a duration like 10m, 2h, 3d.")] = None,
-    path: Annotated[Optional[str], typer.Option("--path", help="Glob on the path.")] = None,
+    path: Annotated[str | None, typer.Option("--path", help="Glob on the path.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
@@ -515,7 +521,7 @@ def show_log(
 def events(
     home: HomeOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming.")] = False,
-    since: Annotated[Optional[int], typer.Option(
+    since: Annotated[int | None, typer.Option(
         "--since", help="Only notifications with id > N (ids go up by exactly one).")] = None,
     as_json: JsonOpt = False,
 ) -> None:

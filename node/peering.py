@@ -125,7 +125,7 @@ class Peering:
             await pipe.close()
             self._discard(task)
             return
-        except (P2PError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, P2PError, OSError) as exc:
             log.info("incoming %s handshake from %s failed: %s", pipe.transport,
                      pipe.remote[0], exc)
             await pipe.close()
@@ -140,7 +140,7 @@ class Peering:
             if handler is None:
                 raise ProtocolError(f"unknown service {request.service!r}")
             await handler(channel)
-        except (ChannelClosed, asyncio.TimeoutError):
+        except (TimeoutError, ChannelClosed):
             pass
         except P2PError as exc:
             log.warning("channel from %s ended: %s", channel.peer.short, exc)
@@ -207,7 +207,7 @@ class Peering:
                 rtts.append(rtt_ms)
                 if on_reply is not None:
                     await on_reply(seq, rtt_ms)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerUnreachable(f"peer {peer.short} stopped answering pings") from None
         finally:
             await channel.close()

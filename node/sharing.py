@@ -194,7 +194,7 @@ class ShareService:
         outcomes = await asyncio.gather(*(self._send_with_retries(t, resolved, emit)
                                           for t in transfers), return_exceptions=True)
         results = []
-        for t, outcome in zip(transfers, outcomes):
+        for t in transfers:
             results.append(t.to_json())
             if emit is not None:
                 await _emit_quietly(emit, {"type": "finished", **t.to_json()})

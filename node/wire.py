@@ -166,7 +166,7 @@ def build(cls: type[M], values: list[Any] | tuple[Any, ...]) -> M:
         raise ProtocolError(f"{cls.TYPE}: expected {len(spec)} fields, got {len(values)}")
     checked = {
         name: _check_field(cls.TYPE, name, v, allowed, optional, meta)
-        for (name, allowed, optional, meta), v in zip(spec, values)
+        for (name, allowed, optional, meta), v in zip(spec, values, strict=True)
     }
     try:
         msg = cls(**checked)

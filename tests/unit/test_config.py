@@ -8,12 +8,15 @@ from node.errors import ConfigError
 
 def test_precedence_defaults_file_env_flags(tmp_path) -> None:
     assert load_settings(tmp_path, env={}).tcp_port == 8471
-    (tmp_path / "config.toml").write_text('tcp_port = 9000\ntransport = "udp"\nbootstrap = ["http://a"]\n')
+    (tmp_path / "config.toml").write_text(
+        'tcp_port = 9000\ntransport = "udp"\nbootstrap = ["http://a"]\n')
     s = load_settings(tmp_path, env={})
     assert (s.tcp_port, s.transport, s.bootstrap) == (9000, "udp", ["http://a"])
-    s = load_settings(tmp_path, env={"P2PFS_TCP_PORT": "9100", "P2PFS_BOOTSTRAP": "http://b, http://c"})
+    env = {"P2PFS_TCP_PORT": "9100", "P2PFS_BOOTSTRAP": "http://b, http://c"}
+    s = load_settings(tmp_path, env=env)
     assert s.tcp_port == 9100 and s.bootstrap == ["http://b", "http://c"]
-    s = load_settings(tmp_path, {"tcp_port": 9200, "transport": None}, env={"P2PFS_TCP_PORT": "9100"})
+    s = load_settings(tmp_path, {"tcp_port": 9200, "transport": None},
+                      env={"P2PFS_TCP_PORT": "9100"})
     assert s.tcp_port == 9200 and s.transport == "udp"
 
 

@@ -4,7 +4,8 @@ import os
 import stat
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.errors import IdentityError
 from node.identity import PEER_ID_TEXT_LEN, Identity, PeerId, load_identity
@@ -19,7 +20,8 @@ def test_peer_id_text_round_trip_and_grouping() -> None:
     assert PeerId.parse(text.lower().replace("-", " ")) == ident.peer_id
 
 
-@given(st.binary(min_size=32, max_size=32), st.integers(0, 55), st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"))
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 55),
+       st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"))
 def test_single_typo_is_rejected(key: bytes, pos: int, ch: str) -> None:
     compact = PeerId(key).compact
     if compact[pos] == ch:

@@ -3,7 +3,8 @@ from __future__ import annotations
 from dataclasses import field
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.errors import ProtocolError
 from node.wire import FrameDecoder, Message, bound, decode_message, frame, message, packb
