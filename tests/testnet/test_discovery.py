@@ -19,6 +19,7 @@ use node.contact/identity/wire to build records; it never reaches into a node.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -72,9 +73,13 @@ def _joined_count(net: Testnet, name: str) -> int:
     return text.count(JOINED_LOG_LINE)
 
 
+def _has_joined(net: Testnet, name: str, at_least: int) -> bool:
+    return _joined_count(net, name) >= at_least
+
+
 def _wait_joined(net: Testnet, names: list[str], at_least: int = 1) -> None:
     for n in names:
-        net.wait_until(lambda n=n: _joined_count(net, n) >= at_least, JOIN_TIMEOUT_S,
+        net.wait_until(functools.partial(_has_joined, net, n, at_least), JOIN_TIMEOUT_S,
                        what=f"{n} logs that it joined the DHT ({at_least}x)")
 
 
@@ -263,7 +268,7 @@ def test_restarted_node_rejoins_from_its_peer_cache_alone(net: Testnet) -> None:
         return res if res["record"]["seq"] > before else None
 
     for asker in ("n1", "n8"):
-        res = net.wait_until(lambda a=asker: newer_record_found(a), 30,
+        res = net.wait_until(functools.partial(newer_record_found, asker), 30,
                              what=f"{asker} finds {name}'s republished record")
         _assert_genuine(net, name, res)
 
