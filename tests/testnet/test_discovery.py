@@ -92,7 +92,7 @@ def _lookup(net: Testnet, asker: str, peer: str) -> dict[str, Any]:
 def _lookup_many(net: Testnet, asker: str, targets: list[str]) -> dict[str, dict[str, Any]]:
     with ThreadPoolExecutor(CLI_PARALLEL) as pool:
         results = pool.map(lambda t: _lookup(net, asker, net.peer_id(t)), targets)
-        return dict(zip(targets, results))
+        return dict(zip(targets, results, strict=True))
 
 
 def _assert_genuine(net: Testnet, name: str, found: dict[str, Any]) -> None:
