@@ -159,7 +159,8 @@ class ManifestCache:
 
     def __init__(self, max_entries: int = MANIFEST_CACHE_ENTRIES) -> None:
         self._max = max_entries
-        self._items: OrderedDict[tuple[str, int, int, int], tuple[int, bytes, bytes]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int, int, int], tuple[int, bytes, bytes]] = (
+            OrderedDict())
         self._lock = threading.Lock()
 
     def get_or_hash(self, path: Path, st: os.stat_result) -> tuple[int, bytes, bytes]:

@@ -42,7 +42,9 @@ class PathBlocked(LocalIOError):
 def is_internal_name(name: str) -> bool:
     """True for a partial file, resume-state file or the versions folder: never a received file."""
     return (
-        name == VERSIONS_DIR_NAME or name.endswith((PARTIAL_SUFFIX, STATE_SUFFIX)) or bool(INTERNAL_NAME_RE.match(name))
+        name == VERSIONS_DIR_NAME
+        or name.endswith((PARTIAL_SUFFIX, STATE_SUFFIX))
+        or bool(INTERNAL_NAME_RE.match(name))
     )
 
 

@@ -9,6 +9,7 @@ The sink (receiver) drives a transfer over one channel:
     source -> sink   ChunkData(index, chunk, data)       only for a requested chunk
     sink -> source   FileDone(index, ok, reason)         per file, after the root check
     sink -> source   Complete(tid)                       all files handled
+    either way       Keepalive(note)                     still busy locally (hashing)
     either way       Abort(code, reason)                 ends the transfer
 
 Pure: no I/O. Must not import the channel, transports, session or daemon.
@@ -108,14 +109,21 @@ class Complete(Message):
     transfer_id: bytes = field(metadata=bound(max_len=TRANSFER_ID_BYTES))
 
 
+@message("xfer.wait")
+class Keepalive(Message):
+    """"Still working" (hashing a big file, re-checking a partial): resets the idle timeout."""
+
+    note: str = field(metadata=bound(max_len=64))
+
+
 @message("xfer.abort")
 class Abort(Message):
     code: str = field(metadata=bound(max_len=MAX_CODE_BYTES))
     reason: str = field(metadata=bound(max_len=MAX_REASON_BYTES))
 
 
-TO_SINK = (Offer, ChunkData, Abort)
-TO_SOURCE = (FetchRequest, FileStatus, ChunkRequest, FileDone, Complete, Abort)
+TO_SINK = (Offer, ChunkData, Keepalive, Abort)
+TO_SOURCE = (FetchRequest, FileStatus, ChunkRequest, FileDone, Complete, Keepalive, Abort)
 
 
 def clip(text: str, limit: int = MAX_REASON_BYTES) -> str:

@@ -62,6 +62,7 @@ from node.transfer.protocol import (
     FileDone,
     FileStatus,
     FileStatusCode,
+    Keepalive,
     Offer,
     clip,
     decode,
@@ -77,6 +78,7 @@ MAX_CHUNK_FAILURES = 3  # the same chunk failing verification this often aborts 
 IDLE_TIMEOUT_S = 60.0  # no message from the peer for this long: it is unreachable
 ABORT_SEND_TIMEOUT_S = 2.0
 PROGRESS_INTERVAL_S = 0.1
+KEEPALIVE_INTERVAL_S = 10.0  # while hashing or re-checking locally, tell the peer we are alive
 REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
 MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
 
@@ -185,7 +187,14 @@ class _Session:
             raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
 
     async def _recv(self, expect: tuple[type[Message], ...]) -> Message:
-        """Next message from the peer; also wakes up for cancel, idle timeout or a dead worker."""
+        """Next message from the peer, skipping Keepalives (each one resets the idle timeout)."""
+        while True:
+            msg = await self._recv_one(expect)
+            if not isinstance(msg, Keepalive):
+                return msg
+
+    async def _recv_one(self, expect: tuple[type[Message], ...]) -> Message:
+        """One message; also wakes up for cancel, idle timeout or a dead worker."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("transfer cancelled")
         self._check_worker()
@@ -241,6 +250,30 @@ class _Session:
             if exc is not None:
                 raise exc
             raise ProtocolError("chunk sender stopped unexpectedly")
+
+    async def _local(self, fn: Callable[..., Any], *args: Any,
+                     cleanup: Callable[[Any], None] | None = None) -> Any:
+        """Run blocking disk/hash work in a thread, sending Keepalives while it lasts.
+
+        If we are interrupted (cancel, peer gone) the thread still finishes; its
+        result is then handed to `cleanup` so nothing it opened leaks.
+        """
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=KEEPALIVE_INTERVAL_S)
+                if done:
+                    return fut.result()
+                await self._send(Keepalive("busy"))
+        except BaseException:
+            if cleanup is not None:
+                def after(f: asyncio.Future[Any]) -> None:
+                    if not f.cancelled() and f.exception() is None:
+                        cleanup(f.result())
+                fut.add_done_callback(after)
+            else:
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
 
     async def _abort(self, code: str, reason: str) -> None:
         """Tell the peer why we stop; best effort, bounded in time."""
@@ -305,12 +338,12 @@ class _Source(_Session):
     role = "source"
 
     def __init__(self, channel: Any, tid: bytes, files: list[SourceFile],
-                 progress: ProgressFn | None, cancel: asyncio.Event | None) -> None:
+                 progress: ProgressFn | None, cancel: asyncio.Event | None,
+                 prepare: tuple[Path, list[Path]] | None = None) -> None:
         super().__init__(channel, progress, cancel)
         self.tid = tid
-        self.files = files
-        self.files_total = len(files)
-        self.bytes_total = sum(f.entry.size for f in files)
+        self._prepare = prepare
+        self._set_files(files)
         # the worker thread reads through one open file at a time
         self._fd = -1
         self._fd_index = -1
@@ -320,6 +353,11 @@ class _Source(_Session):
         self._failures: list[tuple[str, str]] = []
         self._requests: asyncio.Queue[ChunkRequest | None] = asyncio.Queue()
         self._request_count = 0
+
+    def _set_files(self, files: list[SourceFile]) -> None:
+        self.files = files
+        self.files_total = len(files)
+        self.bytes_total = sum(f.entry.size for f in files)
         self._max_requests = 16 + REQUEST_SLACK_FACTOR * sum(f.entry.chunks for f in files)
 
     async def run(self) -> TransferResult:
@@ -335,6 +373,13 @@ class _Source(_Session):
             self._fd, self._fd_index = -1, -1
 
     async def _run(self) -> TransferResult:
+        if self._prepare is not None:
+            root, paths = self._prepare
+            files = await self._local(build_manifest, root, paths)
+            if len(files) > MAX_FILES_PER_TRANSFER:
+                raise LocalIOError(f"too many files to share at once ({len(files)} > "
+                                   f"{MAX_FILES_PER_TRANSFER})")
+            self._set_files(files)
         self._report(force=True)
         for offer in offer_batches(self.tid, [f.entry for f in self.files]):
             await self._send(offer)
@@ -594,7 +639,8 @@ class _Sink(_Session):
         entry = self.entries[index]
         self.current = entry.path
         try:
-            plan = await asyncio.to_thread(self.store.plan, folder, entry)
+            plan = await self._local(self.store.plan, folder, entry,
+                                     cleanup=lambda p: p.partial and self.store.release(p.partial))
         except PathBlocked as exc:
             self._failures.append((entry.path, str(exc)))
             self.files_done += 1
@@ -620,7 +666,7 @@ class _Sink(_Session):
         entry = self.entries[index]
         partial = self._partials.pop(index)
         try:
-            final = await asyncio.to_thread(partial.finalize)
+            final = await self._local(partial.finalize)
         except PathBlocked as exc:
             self._failures.append((entry.path, str(exc)))
             await self._send(FileDone(index, False, clip(str(exc))))
@@ -644,11 +690,8 @@ async def send_files(channel: Any, root: Path, paths: list[Path], *,
     tid = transfer_id if transfer_id is not None else os.urandom(TRANSFER_ID_BYTES)
     if len(tid) != TRANSFER_ID_BYTES:
         raise ValueError(f"transfer_id must be {TRANSFER_ID_BYTES} bytes")
-    files = await asyncio.to_thread(build_manifest, Path(root), [Path(p) for p in paths])
-    if len(files) > MAX_FILES_PER_TRANSFER:
-        raise LocalIOError(f"too many files to share at once ({len(files)} > "
-                           f"{MAX_FILES_PER_TRANSFER})")
-    return await _Source(channel, tid, files, progress, cancel).run()
+    return await _Source(channel, tid, [], progress, cancel,
+                         prepare=(Path(root), [Path(p) for p in paths])).run()
 
 
 async def receive_files(channel: Any, store: ReceiveStore, *, progress: ProgressFn | None = None,
@@ -688,7 +731,7 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
         files: list[SourceFile] = []
         if found is not None:
             root, path = found
-            files = await asyncio.to_thread(build_manifest, root, [path])
+            files = await session._local(build_manifest, root, [path])
         if (len(files) == 1 and files[0].entry.path == msg.path
                 and (msg.root is None or files[0].entry.root == msg.root)):
             return files

@@ -116,7 +116,8 @@ class PartialFile:
             for p in (self.part_path, self.state_path):
                 if os.path.islink(p):
                     raise PathBlocked(f"refusing to write through the symlink {p}")
-            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
             self.fd = os.open(self.part_path, flags, 0o600)
             st = os.fstat(self.fd)
             if not stat.S_ISREG(st.st_mode):
@@ -198,7 +199,8 @@ class PartialFile:
         self.done_count += 1
         self._unsaved += 1
         now = time.monotonic()
-        if self._unsaved >= STATE_SAVE_EVERY_CHUNKS or now - self._last_save >= STATE_SAVE_INTERVAL_S:
+        if (self._unsaved >= STATE_SAVE_EVERY_CHUNKS
+                or now - self._last_save >= STATE_SAVE_INTERVAL_S):
             self.save_state()
         return True
 

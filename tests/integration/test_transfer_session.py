@@ -345,7 +345,8 @@ async def test_contradicting_offers_are_refused(dirs: tuple[Path, Path]) -> None
     below = ["a/b", *e[1:]]
     for entries in ([e, e], [e, below]):
         a, b = memory_channel_pair("alice", "bob")
-        _said, r_sink = await run_pair(fake_source(a, entries), receive_files(b, ReceiveStore(recv)))
+        _said, r_sink = await run_pair(fake_source(a, entries),
+                                       receive_files(b, ReceiveStore(recv)))
         await b.close()
         assert isinstance(r_sink, ProtocolError), r_sink
     a, b = memory_channel_pair("alice", "bob")
@@ -601,3 +602,27 @@ async def test_stale_partials_of_older_contents_are_cleaned(dirs: tuple[Path, Pa
     _, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
     assert r_sink.state == TransferState.DONE
     assert sorted(os.listdir(recv / "alice")) == [other.name, "f.txt"]
+
+
+async def test_slow_local_hashing_sends_keepalives(dirs: tuple[Path, Path],
+                                                  monkeypatch: Any) -> None:
+    """The sender hashing for longer than the idle timeout keeps the receiver waiting."""
+    import time
+
+    from node.transfer import manifest as mf
+
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(300_000))
+    monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sess, "KEEPALIVE_INTERVAL_S", 0.1)
+    real = mf.hash_file
+
+    def slow_hash(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mf, "hash_file", slow_hash)
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE, r_sink
+    assert (recv / "alice" / "f.bin").read_bytes() == (src / "f.bin").read_bytes()

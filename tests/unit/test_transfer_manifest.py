@@ -141,8 +141,9 @@ def test_decoder_never_crashes_on_garbage(data: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.integers(-(1 << 63), (1 << 64) - 1), st.binary(max_size=40), st.text(max_size=20),
-                          st.none(), st.booleans(), st.lists(st.integers(0, 1 << 40), max_size=8)),
+@given(st.lists(st.one_of(st.integers(-(1 << 63), (1 << 64) - 1), st.binary(max_size=40),
+                          st.text(max_size=20), st.none(), st.booleans(),
+                          st.lists(st.integers(0, 1 << 40), max_size=8)),
                 max_size=8))
 def test_offer_decoder_rejects_malformed_entries(fields: list[object]) -> None:
     try:
