@@ -20,7 +20,7 @@ import struct
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar, Union, dataclass_transform
 
 import msgpack
 
@@ -94,6 +94,7 @@ _REGISTRY: dict[str, type[Message]] = {}
 _SPECS: dict[type[Message], list[tuple[str, tuple[type, ...], bool, dict[str, Any]]]] = {}
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 def message(type_name: str, version: int = 1) -> Callable[[type[M]], type[M]]:
     """Class decorator: make a frozen dataclass and register it under `type_name`."""
 
