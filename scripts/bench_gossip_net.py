@@ -52,10 +52,10 @@ for _p in (str(SCRIPTS_DIR), str(REPO_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from testnet_lib import Testnet, normalize_peer_id
+from testnet_lib import Testnet, normalize_peer_id  # noqa: E402
 
-from node.identity import PeerId
-from node.trust import TrustStore
+from node.identity import PeerId  # noqa: E402
+from node.trust import TrustStore  # noqa: E402
 
 DEFAULT_NODES = 20
 DEFAULT_TRIALS = 5
@@ -101,7 +101,7 @@ def build_network(net: Testnet, n: int, share_dir: Path, echo: Callable[[str], N
 
 def parallel(net: Testnet, names: list[str], fn: Callable[[str], Any]) -> dict[str, Any]:
     with ThreadPoolExecutor(CLI_WORKERS) as pool:
-        return dict(zip(names, pool.map(fn, names)))
+        return dict(zip(names, pool.map(fn, names), strict=True))
 
 
 def read_notes(net: Testnet, name: str, since: int) -> list[dict[str, Any]]:
@@ -300,7 +300,8 @@ def format_table(res: dict[str, Any]) -> str:
         ("  worst trial, 100 %", ms(res["reach_ms"]["p100_worst"])),
         ("signed -> 50/99/100 % (gossip only)",
          " / ".join(ms(res["reach_from_sign_ms"][k]) for k in ("p50", "p99", "p100"))),
-        ("save -> notification, direct peer p50", ms(res["save_to_notification_direct_peer_ms_p50"])),
+        ("save -> notification, direct peer p50",
+         ms(res["save_to_notification_direct_peer_ms_p50"])),
         ("cold first event: 100 %", ms(res["cold"]["reach_ms"]["p100"])),
         ("push msgs per event per node", str(m["push_per_event_per_node"])),
         ("anti-entropy msgs per node per s", str(m["anti_entropy_per_node_per_s"])),
