@@ -71,7 +71,7 @@ class Net:
             log.close()
 
 
-async def until(cond, timeout: float = 5.0) -> None:
+async def until(cond, timeout: float = 15.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not cond():
