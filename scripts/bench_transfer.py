@@ -17,7 +17,11 @@ In ONE run, on 127.0.0.1, it measures:
   chunk, the receiver's root check). The first run of each transport also
   hashes the file for its manifest (the daemon caches it afterwards).
 * peak RSS (VmHWM from /proc/<pid>/status) of both node processes; the nodes
-  are restarted before each transport so each row has its own peak.
+  are restarted before each transport so each row has its own peak;
+* CPU seconds (utime+stime, all threads) each node spent per share, and the
+  "CPU-bound" rate size / busiest side's CPU: what the same work reaches when
+  each node has a core to itself. On a shared, loaded machine the wall-clock
+  rate mostly measures how much CPU the scheduler gave the two processes.
 
 The machine is shared and noisy, so every run of a baseline is taken right
 before the share run it is compared with (secretstream, plain copy and the
@@ -146,6 +150,14 @@ def _vm_hwm_mb(pid: int | None) -> float:
     return float("nan")
 
 
+def _cpu_s(pid: int | None) -> float:
+    """utime + stime of a process (all its threads) in seconds."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _make_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         left = size
@@ -170,10 +182,13 @@ def _share_once(net: Testnet, src: Path, transport: str, received: Path,
             shutil.rmtree(p)
         else:
             p.unlink()
+    pids = (net.node("n1").pid, net.node("n2").pid)
+    cpu0 = [_cpu_s(p) for p in pids]
     t0 = time.perf_counter()
     res = net.cli("n1", "share", str(src), "--to", "n2", "--transport", transport, "--json",
                   json=False, check=False, timeout=SHARE_TIMEOUT_S)
     wall = time.perf_counter() - t0
+    cpu = [_cpu_s(p) - c for p, c in zip(pids, cpu0)]
     if res.returncode != 0:
         raise RuntimeError(f"share over {transport} failed (exit {res.returncode}): "
                            f"{res.stderr.strip()[-500:]}")
@@ -188,7 +203,7 @@ def _share_once(net: Testnet, src: Path, transport: str, received: Path,
         raise RuntimeError(f"{received} differs from the original")
     elapsed = float(t["ended_at"]) - float(t["started_at"])
     return {"mib_s": size / elapsed / MIB, "transfer_s": elapsed, "cli_wall_s": wall,
-            "bytes_on_wire": t["bytes_on_wire"]}
+            "bytes_on_wire": t["bytes_on_wire"], "sender_cpu_s": cpu[0], "receiver_cpu_s": cpu[1]}
 
 
 def run(size: int, baseline: int, transports: list[str], repeat: int, workdir: Path,
@@ -236,7 +251,14 @@ def run(size: int, baseline: int, transports: list[str], repeat: int, workdir: P
                 "receiver_peak_rss_mb": round(_vm_hwm_mb(net.node("n2").pid), 1),
                 "runs_transfer_s": [round(x["transfer_s"], 3) for x in shares],
                 "runs_cli_wall_s": [round(x["cli_wall_s"], 3) for x in shares],
+                "sender_cpu_s": round(statistics.median(x["sender_cpu_s"] for x in shares), 2),
+                "receiver_cpu_s": round(statistics.median(x["receiver_cpu_s"] for x in shares), 2),
             }
+            # what the same work would reach with a core per node: size / busiest side's CPU
+            busiest = max(extra[f"share_{transport}"]["sender_cpu_s"],
+                          extra[f"share_{transport}"]["receiver_cpu_s"])
+            extra[f"share_{transport}"]["cpu_bound_mib_s"] = round(size / MIB / busiest, 1) \
+                if busiest > 0 else None
         received.unlink(missing_ok=True)
     src.unlink(missing_ok=True)
     labels = {"secretstream": "secretstream push, one core (1 MiB msgs)",
@@ -279,14 +301,18 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"\nfile {result['size_mib']:.0f} MiB, baselines {result['baseline_mib']:.0f} MiB, "
           f"median of {result['repeat']}, load {result['machine']['loadavg'][0]:.2f} "
           f"on {result['machine']['cpus']} cpus\n")
-    print(f"| {'what':<44} | {'MiB/s':>7} | {'runs':<24} | {'RSS sender':>10} | "
-          f"{'RSS receiver':>12} |")
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 26}|{'-' * 12}|{'-' * 14}|")
+    print(f"| {'what':<42} | {'MiB/s':>7} | {'runs':<22} | {'peak RSS snd/rcv':>16} | "
+          f"{'CPU s snd/rcv':>13} | {'CPU-bound MiB/s':>15} |")
+    print(f"|{'-' * 44}|{'-' * 9}|{'-' * 24}|{'-' * 18}|{'-' * 15}|{'-' * 17}|")
     for r in result["rows"]:
-        s = f"{r['sender_peak_rss_mb']:.0f} MB" if "sender_peak_rss_mb" in r else ""
-        rv = f"{r['receiver_peak_rss_mb']:.0f} MB" if "receiver_peak_rss_mb" in r else ""
+        rss = cpu = bound = ""
+        if "sender_peak_rss_mb" in r:
+            rss = f"{r['sender_peak_rss_mb']:.0f}/{r['receiver_peak_rss_mb']:.0f} MB"
+            cpu = f"{r['sender_cpu_s']:.2f}/{r['receiver_cpu_s']:.2f}"
+            bound = f"{r['cpu_bound_mib_s']:.0f}" if r.get("cpu_bound_mib_s") else ""
         runs = ", ".join(f"{x:.0f}" for x in r["runs_mib_s"])
-        print(f"| {r['row']:<44} | {r['median_mib_s']:>7.1f} | {runs:<24} | {s:>10} | {rv:>12} |")
+        print(f"| {r['row']:<42} | {r['median_mib_s']:>7.1f} | {runs:<22} | {rss:>16} | "
+              f"{cpu:>13} | {bound:>15} |")
     print()
     for t in result["targets"]:
         mark = "PASS" if t["ok"] else "MISS"
