@@ -13,9 +13,10 @@ event" and for anti-entropy digests.
 
 Protocol (all node.wire messages, every field bounded):
 
-* ``Push(events)``: a new event, sent to ``fanout`` random peers by its origin
-  and by every node that accepts it for the first time (excluding the peer it
-  came from and the origin). De-duplicated by event id (bounded seen-set).
+* ``Push(events)``: a new event, sent by its origin to ``origin_fanout``
+  random peers (default 32, so every peer of a small network gets it in one
+  hop), and by every node that accepts it for the first time to ``fanout``
+  random peers (excluding the peer it came from and the origin). De-duplicated by event id (bounded seen-set).
 * ``Digest(origins, reply)``: per-origin contiguous highest seq. The receiver
   answers ``Events(batch, more)`` with what the sender lacks (oldest first,
   bounded batch); with ``reply`` it also sends its own digest back, so one
@@ -157,6 +158,10 @@ class _Presence:
     online: bool = True
 
 
+# the origin of an event pushes it to this many peers (relays use `fanout`)
+DEFAULT_ORIGIN_FANOUT = 32
+
+
 class GossipEngine:
     """See the module docstring. One instance per node; not thread-safe."""
 
@@ -165,12 +170,14 @@ class GossipEngine:
                  is_trusted: Callable[[PeerId], bool] = lambda _p: True,
                  anti_entropy_s: float = DEFAULT_ANTI_ENTROPY_S,
                  presence_timeout_s: float = DEFAULT_PRESENCE_TIMEOUT_S,
-                 seen_max: int = SEEN_MAX) -> None:
+                 seen_max: int = SEEN_MAX,
+                 origin_fanout: int = DEFAULT_ORIGIN_FANOUT) -> None:
         if fanout < 1:
             raise ValueError("fanout must be at least 1")
         self.self_id = self_id
         self.store = store
         self.fanout = fanout
+        self.origin_fanout = max(origin_fanout, fanout)
         self.rand = rand or random.Random()
         self.is_trusted = is_trusted
         self.anti_entropy_s = anti_entropy_s
@@ -197,9 +204,15 @@ class GossipEngine:
 
     # -- inputs ----------------------------------------------------------------
     def publish(self, event: ChangeEvent, now: float) -> list[Action]:
-        """A local event (already stored by the caller): push it to `fanout` peers."""
+        """A local event (already stored by the caller): push it to `origin_fanout` peers.
+
+        Relays push to `fanout` peers each; with relays alone about e^-fanout of the
+        nodes (5 % at 3) would wait for anti-entropy. The origin paying one message per
+        peer (up to `origin_fanout`) reaches every direct peer in one hop, which takes
+        the tail latency of a small or well-meshed network down to one round trip.
+        """
         self._mark_seen(event.id)
-        return self._push(Push((event.encode(),)), exclude=())
+        return self._push(Push((event.encode(),)), exclude=(), count=self.origin_fanout)
 
     def publish_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
         self._mark_seen(hb.id)
@@ -255,9 +268,10 @@ class GossipEngine:
         self.stats[kind] = self.stats.get(kind, 0) + 1
         return Send(peer, msg)
 
-    def _push(self, msg: Message, exclude: tuple[PeerId | None, ...]) -> list[Action]:
+    def _push(self, msg: Message, exclude: tuple[PeerId | None, ...],
+              count: int | None = None) -> list[Action]:
         candidates = [p for p in self._peers if p not in exclude]
-        chosen = self.rand.sample(candidates, min(self.fanout, len(candidates)))
+        chosen = self.rand.sample(candidates, min(count or self.fanout, len(candidates)))
         return [self._send(p, msg) for p in chosen]
 
     def _mark_seen(self, key: bytes) -> None:
