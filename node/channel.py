@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_PLAINTEXT_BYTES = MAX_MESSAGE_BYTES - FRAME_OVERHEAD_BYTES
+# frames at least this large are sealed straight into the pipe's send buffer and,
+# when the pipe hands them over as owned bytearrays, opened in place; recv() then
+# returns that bytearray (bytes-like). Smaller messages stay plain bytes.
+IN_PLACE_MIN_BYTES = 64 * 1024
 VERDICT_OK = b"ok"
 VERDICT_REFUSED_PREFIX = b"refused: "
 REFUSAL_NOT_TRUSTED = "not trusted"
@@ -59,6 +63,8 @@ class SecureChannel:
         self.state = ChannelState.OPEN
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
+        self._send_frame = getattr(pipe, "send_frame", None)
+        self._open_in_place = bool(getattr(pipe, "recv_buffers_owned", False))
 
     @property
     def closed(self) -> bool:
@@ -80,18 +86,30 @@ class SecureChannel:
             )
         async with self._send_lock:  # sealing order must equal sending order
             try:
-                await self._pipe.send(self._session.seal(data))
+                size = len(data) + FRAME_OVERHEAD_BYTES
+                if self._send_frame is not None and size >= IN_PLACE_MIN_BYTES:
+                    seal_into = self._session.seal_into
+                    await self._send_frame(size, lambda out, at: seal_into(data, out, at))
+                else:
+                    await self._pipe.send(self._session.seal(data))
             except P2PError:
                 await self.close()
                 raise
 
     async def recv(self) -> bytes:
-        """The next message; ChannelClosed at the end, ProtocolError on a bad frame."""
+        """The next message; ChannelClosed at the end, ProtocolError on a bad frame.
+
+        Large messages may come back as a bytearray the caller owns (bytes-like:
+        compares, slices and unpacks like bytes, but is not hashable).
+        """
         if self.closed:
             raise self._closed_error()
         async with self._recv_lock:
             try:
                 frame = await self._pipe.recv()
+                if (self._open_in_place and type(frame) is bytearray
+                        and len(frame) >= IN_PLACE_MIN_BYTES):
+                    return self._session.open_in_place(frame)  # type: ignore[return-value]
                 return self._session.open(frame)
             except ProtocolError as exc:
                 log.warning("channel with %s over %s killed: %s", self.peer.short,

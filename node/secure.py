@@ -83,10 +83,15 @@ _COUNTER = struct.Struct(">Q")
 
 Rand = Callable[[int], bytes]
 # pynacl's public AEAD wrappers allocate and zero a fresh output buffer per call,
-# which halves throughput for 1 MiB frames; we call the same libsodium functions
-# into a reused per-thread scratch buffer and copy the result out as bytes.
+# which halves throughput for 1 MiB frames. We call the same libsodium functions
+# through pynacl's cffi binding instead: ``seal_into`` writes straight into the
+# caller's (reused) send buffer and ``open_in_place`` decrypts the received buffer
+# where it lies (libsodium allows m == c), so a large frame is never copied in
+# Python. ``seal``/``open`` keep the allocate-a-result API for small messages and
+# go through a reused per-thread scratch buffer.
 _SCRATCH_MIN_BYTES = 64 * 1024
 _scratch = threading.local()
+Buffer = bytes | bytearray | memoryview
 
 
 def _scratch_buffer(n: int) -> Any:
@@ -97,33 +102,73 @@ def _scratch_buffer(n: int) -> Any:
     return buf
 
 
-def _aead_encrypt(plaintext: bytes, nonce: bytes, key: bytes) -> bytes:
+def _c_in(data: Buffer) -> Any:
+    """A read-only C view of `data` without copying it."""
+    return data if type(data) is bytes else _ffi.from_buffer(data)
+
+
+def _aead_encrypt(plaintext: Buffer, nonce: bytes, key: bytes) -> bytes:
     if _lib is None:
-        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, None, nonce, key)
+        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plaintext), None,
+                                                                 nonce, key)
     n = len(plaintext) + FRAME_OVERHEAD_BYTES
     out = _scratch_buffer(n)
     rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        out, _ffi.NULL, plaintext, len(plaintext), _ffi.NULL, 0, _ffi.NULL, nonce, key)
+        out, _ffi.NULL, _c_in(plaintext), len(plaintext), _ffi.NULL, 0, _ffi.NULL, nonce, key)
     if rc != 0:
         raise ProtocolError("frame encryption failed")
     return _ffi.buffer(out, n)[:]
 
 
-def _aead_decrypt(ciphertext: bytes | bytearray, nonce: bytes, key: bytes) -> bytes | None:
+def _aead_encrypt_into(plaintext: Buffer, out: bytearray | memoryview, offset: int,
+                       nonce: bytes, key: bytes) -> int:
+    n = len(plaintext) + FRAME_OVERHEAD_BYTES
+    if _lib is None:
+        out[offset:offset + n] = _aead_encrypt(plaintext, nonce, key)
+        return n
+    dst = _ffi.from_buffer(out, require_writable=True)
+    rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        dst + offset, _ffi.NULL, _c_in(plaintext), len(plaintext), _ffi.NULL, 0, _ffi.NULL,
+        nonce, key)
+    del dst
+    if rc != 0:
+        raise ProtocolError("frame encryption failed")
+    return n
+
+
+def _aead_decrypt(ciphertext: Buffer, nonce: bytes, key: bytes) -> bytes | None:
     """The plaintext, or None when the frame does not authenticate."""
     if _lib is None:
         try:
-            return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, None, nonce, key)
+            return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(ciphertext), None,
+                                                                     nonce, key)
         except (nacl.exceptions.CryptoError, ValueError, TypeError):
             return None
     n = len(ciphertext) - FRAME_OVERHEAD_BYTES
     out = _scratch_buffer(n)
-    src = ciphertext if type(ciphertext) is bytes else _ffi.from_buffer(ciphertext)
     rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        out, _ffi.NULL, _ffi.NULL, src, len(ciphertext), _ffi.NULL, 0, nonce, key)
+        out, _ffi.NULL, _ffi.NULL, _c_in(ciphertext), len(ciphertext), _ffi.NULL, 0, nonce, key)
     if rc != 0:
         return None
     return _ffi.buffer(out, n)[:]
+
+
+def _aead_decrypt_in_place(frame: bytearray, nonce: bytes, key: bytes) -> bool:
+    """Decrypt frame[:-16] over itself; False (frame zeroed) when it does not authenticate.
+
+    libsodium checks the tag before it decrypts anything, and supports m == c.
+    """
+    if _lib is None:
+        plain = _aead_decrypt(frame, nonce, key)
+        if plain is None:
+            return False
+        frame[:len(plain)] = plain
+        return True
+    buf = _ffi.from_buffer(frame, require_writable=True)
+    rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        buf, _ffi.NULL, _ffi.NULL, buf, len(frame), _ffi.NULL, 0, nonce, key)
+    del buf
+    return rc == 0
 
 
 # ---------------------------------------------------------------------------
@@ -277,40 +322,76 @@ class Session:
         self.failure = reason
         self._send_key = self._recv_key = b""
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def _next_send_nonce(self) -> bytes:
         self._check_open()
-        if type(plaintext) is not bytes:
-            plaintext = bytes(plaintext)
         if self._send_counter >= MAX_FRAME_COUNTER:
             self._kill("send counter exhausted")
             raise ProtocolError("the session is dead (send counter exhausted)")
         nonce = _NONCE_PREFIX + _COUNTER.pack(self._send_counter)
         self._send_counter += 1
-        return _aead_encrypt(plaintext, nonce, self._send_key)
+        return nonce
 
-    def open(self, ciphertext: bytes | bytearray) -> bytes:
+    def _recv_nonce(self, frame_len: int) -> bytes:
         self._check_open()
-        if _lib is None or not isinstance(ciphertext, (bytes, bytearray)):
-            ciphertext = bytes(ciphertext)
-        if len(ciphertext) < FRAME_OVERHEAD_BYTES:
+        if frame_len < FRAME_OVERHEAD_BYTES:
             self._kill("truncated frame")
             raise ProtocolError(
-                f"frame of {len(ciphertext)} bytes is shorter than its "
+                f"frame of {frame_len} bytes is shorter than its "
                 f"{FRAME_OVERHEAD_BYTES}-byte tag (truncated)"
             )
         if self._recv_counter >= MAX_FRAME_COUNTER:
             self._kill("receive counter exhausted")
             raise ProtocolError("the session is dead (receive counter exhausted)")
-        nonce = _NONCE_PREFIX + _COUNTER.pack(self._recv_counter)
+        return _NONCE_PREFIX + _COUNTER.pack(self._recv_counter)
+
+    def _auth_failed(self) -> ProtocolError:
+        self._kill(f"frame {self._recv_counter} failed authentication")
+        return ProtocolError(
+            f"frame {self._recv_counter} from {self.peer.short} failed authentication "
+            "(forged, replayed, reordered or truncated); channel closed"
+        )
+
+    def seal(self, plaintext: Buffer) -> bytes:
+        """The next frame (``ciphertext || tag``) as new bytes."""
+        nonce = self._next_send_nonce()
+        return _aead_encrypt(plaintext, nonce, self._send_key)
+
+    def seal_into(self, plaintext: Buffer, out: bytearray | memoryview, offset: int = 0) -> int:
+        """Write the next frame into ``out[offset:offset + len(plaintext) + 16]``; its length.
+
+        The same frame ``seal`` would return, without allocating it; ``out`` must
+        not overlap ``plaintext``.
+        """
+        n = len(plaintext) + FRAME_OVERHEAD_BYTES
+        if offset < 0 or len(out) - offset < n:
+            raise ValueError(f"seal_into: {len(out) - offset} bytes of room, need {n}")
+        nonce = self._next_send_nonce()
+        return _aead_encrypt_into(plaintext, out, offset, nonce, self._send_key)
+
+    def open(self, ciphertext: Buffer) -> bytes:
+        """The plaintext of the next frame, as new bytes; ProtocolError kills the session."""
+        nonce = self._recv_nonce(len(ciphertext))
         plain = _aead_decrypt(ciphertext, nonce, self._recv_key)
         if plain is None:
-            self._kill(f"frame {self._recv_counter} failed authentication")
-            raise ProtocolError(
-                f"frame {self._recv_counter} from {self.peer.short} failed authentication "
-                "(forged, replayed, reordered or truncated); channel closed"
-            ) from None
+            raise self._auth_failed()
         self._recv_counter += 1
         return plain
+
+    def open_in_place(self, frame: bytearray) -> bytearray:
+        """Open the next frame by decrypting it over itself; returns ``frame`` minus its tag.
+
+        For a buffer the caller owns outright (no copy of a large frame); on
+        failure the frame is wiped and ProtocolError kills the session.
+        """
+        nonce = self._recv_nonce(len(frame))
+        if not _aead_decrypt_in_place(frame, nonce, self._recv_key):
+            raise self._auth_failed()
+        self._recv_counter += 1
+        try:
+            del frame[len(frame) - FRAME_OVERHEAD_BYTES:]
+        except BufferError:  # someone holds a view of it: hand out a copy instead
+            return bytearray(memoryview(frame)[:len(frame) - FRAME_OVERHEAD_BYTES])
+        return frame
 
     def close(self) -> None:
         self._kill("closed")

@@ -13,6 +13,15 @@ append and no slice copy per message, which streams cost at 1 MiB messages.
 * ``send`` writes header and payload with ``writelines`` (no concatenation
   copy) and waits while the transport's write buffer is above
   ``WRITE_HIGH_WATER_BYTES`` (backpressure via pause_writing/resume_writing).
+  ``send_frame`` lets the caller (the channel's frame sealing) write a large
+  message straight into a reused buffer behind its length header: one write,
+  no allocation, no copy.
+* Large messages (>= ``POOLED_MIN_BYTES``) live in reused buffers: allocating
+  and first touching 1 MiB of fresh memory per message (glibc hands big blocks
+  back to the kernel) cost more page faults than the AEAD itself. A received
+  bytearray belongs to the caller outright (``recv_buffers_owned``); the pool
+  takes a buffer back only once nothing references it any more (CPython
+  reference counts), so a message someone still holds is never overwritten.
 * Receiving pauses the socket while more than ``READ_HIGH_WATER_BYTES`` of
   complete messages wait for ``recv()``: memory per pipe stays bounded.
 * A handler's exception is logged and its pipe closed; the listener keeps serving.
@@ -24,7 +33,10 @@ import asyncio
 import logging
 import socket
 import struct
+import sys
+import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from node.errors import ChannelClosed, LocalIOError, P2PError, PeerUnreachable, ProtocolError
@@ -40,6 +52,93 @@ DIRECT_READ_MIN_BYTES = 64 * 1024
 READ_HIGH_WATER_BYTES = 4 * 1024 * 1024
 WRITE_HIGH_WATER_BYTES = 4 * 1024 * 1024
 WRITE_LOW_WATER_BYTES = 1024 * 1024
+POOLED_MIN_BYTES = 64 * 1024
+# per thread (one event loop each); with 1 MiB messages a busy pipe cycles ~6 buffers
+POOL_MAX_BUFFERS = 16
+POOL_MAX_BYTES = 32 * 1024 * 1024
+_ZEROS = memoryview(bytes(64 * 1024))
+
+# Fills buf[offset:offset + size] in place and returns the number of bytes written.
+FrameFiller = Callable[[bytearray, int], int]
+
+
+class _BufferPool:
+    """Reusable bytearrays for large messages; one pool per thread (event loop).
+
+    ``take(n)`` returns a bytearray of exactly n bytes (stale contents: the
+    caller overwrites all of them) that nobody else references. A buffer is
+    reused only when its one remaining reference is the pool's own, so a
+    message still held by a consumer, or by the event loop's unsent-data
+    buffer, is never handed out twice. Capacities come in coarse size classes
+    and a buffer changes length only within its allocation (no realloc, no
+    page faults).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: list[bytearray] = []
+        self._caps: list[int] = []  # capacity each buffer was made with
+
+    @staticmethod
+    def _capacity(n: int) -> int:
+        """n rounded up to 1/16 of its power of two: a 1 MiB body and a 1 MiB frame
+        with its header share one size class, and at most ~1/8 is unused."""
+        step = max(4096, 1 << max(n.bit_length() - 4, 0))
+        return -(-n // step) * step
+
+    def take(self, n: int) -> bytearray:
+        cap = self._capacity(n)
+        bufs, caps = self._bufs, self._caps
+        spare = -1  # a free buffer of another size class, replaceable when the pool is full
+        for i in range(len(bufs)):
+            # 2 = the list's reference + getrefcount's argument: nobody else holds it
+            if sys.getrefcount(bufs[i]) == 2:
+                if caps[i] == cap and bufs[i].__alloc__() == cap + 1:
+                    buf = bufs[i]
+                    _set_length(buf, n)
+                    return buf
+                spare = i
+        buf = bytearray(cap)
+        total = sum(caps)
+        if len(bufs) < POOL_MAX_BUFFERS and total + cap <= POOL_MAX_BYTES:
+            bufs.append(buf)
+            caps.append(cap)
+        elif spare >= 0 and total - caps[spare] + cap <= POOL_MAX_BYTES:
+            bufs[spare], caps[spare] = buf, cap
+        _set_length(buf, n)
+        return buf
+
+    def clear(self) -> None:
+        self._bufs.clear()
+        self._caps.clear()
+
+
+def _set_length(buf: bytearray, n: int) -> None:
+    """Shrink or grow `buf` to n bytes within its allocation (grown bytes are zeros)."""
+    have = len(buf)
+    if have > n:
+        del buf[n:]
+    while have < n:
+        step = min(n - have, len(_ZEROS))
+        buf += _ZEROS[:step]
+        have += step
+
+
+_pools = threading.local()
+_REFCOUNTS = sys.implementation.name == "cpython"
+
+
+def _pool() -> _BufferPool:
+    pool: _BufferPool | None = getattr(_pools, "pool", None)
+    if pool is None:
+        pool = _pools.pool = _BufferPool()
+    return pool
+
+
+def take_buffer(n: int) -> bytearray:
+    """A bytearray of n bytes for a large message: pooled if possible, else fresh."""
+    if n < POOLED_MIN_BYTES or not _REFCOUNTS:
+        return bytearray(n)
+    return _pool().take(n)
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):
@@ -118,7 +217,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                     self._deliver(bytes(data[pos:pos + n]))
                     pos += n
                     continue
-                self._body = bytearray(n)
+                self._body = take_buffer(n)
                 self._body_view = memoryview(self._body)
                 self._body_got = 0
             else:
@@ -213,6 +312,8 @@ class TcpPipe:
     """One TCP connection as a message pipe."""
 
     transport = "tcp"
+    # every bytearray recv() returns is the caller's alone (may be decrypted in place)
+    recv_buffers_owned = True
 
     def __init__(self, proto: _FrameProtocol) -> None:
         assert proto.transport is not None
@@ -239,6 +340,31 @@ class TcpPipe:
         if self._closed or proto.eof or proto.error is not None or self._transport.is_closing():
             raise ChannelClosed(f"{self._where()} is closed")
         self._transport.writelines((HEADER.pack(n), data) if n else (HEADER.pack(0),))
+        await self._backpressure()
+
+    async def send_frame(self, size: int, fill: FrameFiller) -> None:
+        """Send one `size`-byte message that ``fill(buf, offset)`` writes at buf[offset:].
+
+        The message is built in a reused buffer right behind its length header
+        and written at once; the buffer returns to the pool when the event loop
+        has handed every byte to the kernel.
+        """
+        if size > MAX_MESSAGE_BYTES:
+            raise ProtocolError(
+                f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        proto = self._proto
+        if self._closed or proto.eof or proto.error is not None or self._transport.is_closing():
+            raise ChannelClosed(f"{self._where()} is closed")
+        buf = take_buffer(HEADER.size + size)
+        HEADER.pack_into(buf, 0, size)
+        if fill(buf, HEADER.size) != size:
+            raise ProtocolError(f"frame filler wrote a different size than the {size} announced")
+        self._transport.write(buf)
+        del buf
+        await self._backpressure()
+
+    async def _backpressure(self) -> None:
+        proto = self._proto
         if proto._write_paused:
             await proto.wait_writable()
             if proto.error is not None and not isinstance(proto.error, ProtocolError):
