@@ -203,20 +203,28 @@ FRAME_ATTACKS: dict[str, Mutate] = {
 }
 
 
+# small frames are opened into a new buffer; large ones are decrypted in place in
+# the transport's (reused) receive buffer: both paths must reject every attack
+FRAME_PAYLOADS = {"small": b"first data frame", "large": bytes(range(256)) * 800}
+
+
+@pytest.mark.parametrize("payload", sorted(FRAME_PAYLOADS))
 @pytest.mark.parametrize("attack", sorted(FRAME_ATTACKS))
-async def test_bad_frame_kills_channel_cleanly(server: EchoServer, attack: str) -> None:
+async def test_bad_frame_kills_channel_cleanly(server: EchoServer, attack: str,
+                                               payload: str) -> None:
+    data = FRAME_PAYLOADS[payload]
     relay, lst = await through_relay(server, FRAME_ATTACKS[attack])
     try:
         ch = await open_via(relay)
         assert (await server.next_event())[0] == "accepted"
-        await ch.send(b"first data frame")
+        await ch.send(data)
         kind, exc = await server.next_event()
         assert kind == "ended" and isinstance(exc, ProtocolError), exc
         assert "failed authentication" in str(exc) or "truncated" in str(exc)
         # the client may see the echo of an accepted first copy (replay) but then the end
         with pytest.raises(ChannelClosed):
             while True:
-                assert await asyncio.wait_for(ch.recv(), WAIT_S) == b"first data frame"
+                assert await asyncio.wait_for(ch.recv(), WAIT_S) == data
         await ch.close()
         await server.expect_honest_client_served()
     finally:
@@ -250,11 +258,13 @@ async def test_reordered_frames_kill_channel(server: EchoServer) -> None:
         await lst.close()
 
 
-async def test_tampered_frame_towards_client_raises_protocol_error(server: EchoServer) -> None:
+@pytest.mark.parametrize("payload", sorted(FRAME_PAYLOADS))
+async def test_tampered_frame_towards_client_raises_protocol_error(server: EchoServer,
+                                                                   payload: str) -> None:
     relay, lst = await through_relay(server, at(S2C, 2, flip_middle))
     try:
         ch = await open_via(relay)
-        await ch.send(b"echo me")
+        await ch.send(FRAME_PAYLOADS[payload])
         with pytest.raises(ProtocolError, match="failed authentication"):
             await asyncio.wait_for(ch.recv(), WAIT_S)
         assert ch.closed

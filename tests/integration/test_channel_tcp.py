@@ -301,3 +301,150 @@ def test_channel_under_uvloop() -> None:
             await srv.close()
 
     uvloop.run(scenario())
+
+
+# --- zero-copy large frames: pooled buffers must never be overwritten while in use ------
+
+
+def _run_on(loop: str, scenario: Callable[[], Any]) -> None:
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
+
+
+def _pattern(i: int, size: int) -> bytes:
+    return bytes([i % 251]) * (size - 8) + i.to_bytes(8, "big") if size >= 8 else b"x" * size
+
+
+# sizes straddle the pool's size classes and the in-place threshold (64 KiB)
+LARGE_SIZES = [65_536 - 16, 65_536, 70_000, 1 << 20, (1 << 20) + 16, 100_000, 3 << 20]
+
+
+class Collector:
+    """Accepts one channel and keeps every message it receives (never drops one)."""
+
+    def __init__(self, release: asyncio.Event | None = None) -> None:
+        self.got: list[bytes] = []
+        self.done = asyncio.Event()
+        self.release = release
+
+    async def handler(self, pipe: Pipe) -> None:
+        ch = await accept_channel(pipe, BOB, authorize=trusting(ALICE), timeout_s=WAIT_S)
+        try:
+            if self.release is not None:
+                await self.release.wait()
+            while True:
+                self.got.append(await ch.recv())
+        except ChannelClosed:
+            pass
+        finally:
+            await ch.close()
+            self.done.set()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_large_messages_kept_by_the_receiver_are_never_overwritten(loop: str) -> None:
+    async def scenario() -> None:
+        col = Collector()
+        lst = await get_transport("tcp").listen(HOST, 0, col.handler)
+        try:
+            ch = await connect(lst.port)
+            sent = [_pattern(i, LARGE_SIZES[i % len(LARGE_SIZES)]) for i in range(40)]
+            for msg in sent:
+                await ch.send(msg)
+            await ch.close()
+            await asyncio.wait_for(col.done.wait(), 20)
+        finally:
+            await lst.close()
+        assert len(col.got) == len(sent)
+        assert all(bytes(a) == b for a, b in zip(col.got, sent, strict=True))
+        assert len({id(m) for m in col.got}) == len(sent)  # 40 distinct live buffers
+
+    _run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sends_parked_behind_backpressure_are_not_overwritten(loop: str) -> None:
+    """The writer runs far ahead of a paused reader: unsent pooled buffers stay intact."""
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+        col = Collector(release)
+        lst = await get_transport("tcp").listen(HOST, 0, col.handler)
+        try:
+            ch = await connect(lst.port)
+            sent = [_pattern(i, (1 << 20) + 7 * i) for i in range(24)]
+
+            async def writer() -> None:
+                for msg in sent:
+                    await ch.send(msg)
+
+            task = asyncio.create_task(writer())
+            await asyncio.sleep(0.3)
+            assert not task.done()  # held back: the transport holds unsent pooled buffers
+            release.set()
+            await asyncio.wait_for(task, 20)
+            await ch.close()
+            await asyncio.wait_for(col.done.wait(), 20)
+        finally:
+            release.set()
+            await lst.close()
+        assert [bytes(m) for m in col.got] == sent
+
+    _run_on(loop, scenario)
+
+
+async def test_large_recv_hands_out_pooled_buffers_and_reuses_dropped_ones() -> None:
+    from node.transports import tcp
+
+    srv = EchoServer(BOB, trusting(ALICE))
+    port = await srv.start()
+    try:
+        ch = await connect(port)
+        seen: set[int] = set()
+        for i in range(30):
+            msg = _pattern(i, 1 << 20)
+            await ch.send(msg)
+            got = await asyncio.wait_for(ch.recv(), WAIT_S)
+            assert got == msg
+            assert isinstance(got, bytearray)
+            assert any(b is got for b in tcp._pool()._bufs)  # zero copy: the pool's buffer
+            seen.add(id(got))
+            del got
+        # 30 round trips reuse a handful of buffers instead of allocating 30
+        assert len(seen) <= tcp.POOL_MAX_BUFFERS // 2
+        small = b"s" * 100
+        await ch.send(small)
+        assert type(await ch.recv()) is bytes  # small messages stay bytes (hashable)
+        await ch.close()
+    finally:
+        await srv.close()
+
+
+def test_buffer_pool_never_hands_out_a_referenced_buffer() -> None:
+    from node.transports.tcp import POOL_MAX_BYTES, _BufferPool
+
+    pool = _BufferPool()
+    a = pool.take(100_000)
+    assert len(a) == 100_000
+    a[:] = b"a" * 100_000
+    b = pool.take(100_000)
+    assert b is not a and a == b"a" * 100_000
+    view = memoryview(b)[10:20]
+    del b
+    c = pool.take(100_000)
+    assert c is not a and view.obj is not c  # a live view pins its buffer
+    view.release()
+    del a
+    d = pool.take(99_000)  # same size class, freed: reused, resized in place
+    assert len(d) == 99_000 and any(d is x for x in pool._bufs)
+    grown = pool.take(100_050)
+    assert len(grown) == 100_050
+    held = [pool.take(3 << 20) for _ in range(20)]
+    assert sum(pool._caps) <= POOL_MAX_BYTES  # the pool stays bounded; extras are fresh
+    assert all(len(h) == 3 << 20 for h in held)
+    del c, d, grown, held
+    pool.clear()

@@ -385,3 +385,107 @@ def test_open_accepts_bytearray_frames_from_zero_copy_transports() -> None:
     assert sr.open(bytearray(si.seal(b"from a buffer"))) == b"from a buffer"
     with pytest.raises(ProtocolError):
         sr.open(bytearray(si.seal(b"x"))[:-1])
+
+
+# --- zero-copy frame paths (seal_into / open_in_place) ----------------------------
+
+
+def twin_senders() -> tuple[Session, Session, Session]:
+    """Two sessions with the same send key and counter, and the matching receiver."""
+    si, sr, _ = handshake()
+    twin = Session(peer=si.peer, peer_name="", version=1, transcript_hash=b"",
+                   send_key=si._send_key, recv_key=si._recv_key)
+    return si, twin, sr
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 70_000, (1 << 20) + 3])
+def test_seal_into_writes_exactly_the_frame_seal_returns(size: int) -> None:
+    si, twin, sr = twin_senders()
+    msg = bytes(i % 251 for i in range(size))
+    expected = si.seal(msg)
+    out = bytearray(b"\xee" * (7 + size + FRAME_OVERHEAD_BYTES + 5))
+    assert twin.seal_into(msg, out, 7) == size + FRAME_OVERHEAD_BYTES
+    assert out[7:-5] == expected
+    assert out[:7] == b"\xee" * 7 and out[-5:] == b"\xee" * 5  # nothing outside the frame
+    assert sr.open(out[7:-5]) == msg
+
+
+def test_seal_into_accepts_bytes_like_plaintext_and_memoryview_output() -> None:
+    si, sr, _ = handshake()
+    out = bytearray(64)
+    n = si.seal_into(bytearray(b"abc"), memoryview(out)[10:], 0)
+    assert sr.open(bytes(out[10:10 + n])) == b"abc"
+    n = si.seal_into(memoryview(b"xyzw")[1:], out, 0)
+    assert sr.open(out[:n]) == b"yzw"
+
+
+def test_seal_into_without_room_raises_and_burns_no_nonce() -> None:
+    si, sr, _ = handshake()
+    with pytest.raises(ValueError, match="room"):
+        si.seal_into(b"x" * 100, bytearray(100 + FRAME_OVERHEAD_BYTES - 1))
+    with pytest.raises(ValueError, match="room"):
+        si.seal_into(b"x", bytearray(100), 90)
+    with pytest.raises(ValueError):
+        si.seal_into(b"x", bytearray(100), -1)
+    assert si.state is SessionState.OPEN
+    assert sr.open(si.seal(b"first")) == b"first"  # counter 0 still unused before
+
+
+def test_open_in_place_returns_the_same_buffer_without_its_tag() -> None:
+    si, sr, _ = handshake()
+    msg = bytes(range(256)) * 300
+    frame = bytearray(si.seal(msg))
+    plain = sr.open_in_place(frame)
+    assert plain is frame and plain == msg and len(plain) == len(msg)
+    second = bytearray(si.seal(b""))
+    assert sr.open_in_place(second) == b""
+
+
+def test_open_in_place_with_a_live_view_returns_a_correct_copy() -> None:
+    si, sr, _ = handshake()
+    frame = bytearray(si.seal(b"viewed"))
+    view = memoryview(frame)
+    plain = sr.open_in_place(frame)
+    assert plain == b"viewed" and plain is not frame
+    view.release()
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda f: f[:-1],
+    lambda f: f[:FRAME_OVERHEAD_BYTES - 1],
+    lambda f: bytearray(),
+    lambda f: bytearray(flip(bytes(f), 0)),
+    lambda f: bytearray(flip(bytes(f), -1)),
+    lambda f: f + b"\x00",
+])
+def test_open_in_place_rejects_forged_or_truncated_frames(
+        mutate: Callable[[bytearray], bytearray]) -> None:
+    si, sr, _ = handshake()
+    frame = mutate(bytearray(si.seal(b"payload bytes" * 10_000)))
+    with pytest.raises(ProtocolError):
+        sr.open_in_place(frame)
+    assert sr.state is SessionState.DEAD
+    assert b"payload" not in frame  # never any unauthenticated plaintext left behind
+    with pytest.raises(ProtocolError, match="dead"):
+        sr.open_in_place(bytearray(si.seal(b"next")))
+
+
+def test_open_in_place_detects_replay_and_reorder() -> None:
+    si, sr, _ = handshake()
+    f0, f1 = si.seal(b"0" * 100_000), si.seal(b"1" * 100_000)
+    assert sr.open_in_place(bytearray(f0)) == b"0" * 100_000
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        sr.open_in_place(bytearray(f0))  # replay
+    si2, sr2, _ = handshake()
+    g0, g1 = si2.seal(b"a"), si2.seal(b"b")
+    with pytest.raises(ProtocolError):
+        sr2.open_in_place(bytearray(g1))  # reorder
+    del f1, g0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_frames_never_open_in_place(data: bytes) -> None:
+    _, sr, _ = handshake()
+    with pytest.raises(ProtocolError):
+        sr.open_in_place(bytearray(data))
