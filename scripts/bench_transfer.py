@@ -188,7 +188,7 @@ def _share_once(net: Testnet, src: Path, transport: str, received: Path,
     res = net.cli("n1", "share", str(src), "--to", "n2", "--transport", transport, "--json",
                   json=False, check=False, timeout=SHARE_TIMEOUT_S)
     wall = time.perf_counter() - t0
-    cpu = [_cpu_s(p) - c for p, c in zip(pids, cpu0)]
+    cpu = [_cpu_s(p) - c for p, c in zip(pids, cpu0, strict=True)]
     if res.returncode != 0:
         raise RuntimeError(f"share over {transport} failed (exit {res.returncode}): "
                            f"{res.stderr.strip()[-500:]}")

@@ -137,7 +137,8 @@ def visible_files(root: Path) -> list[Path]:
 
 def explain(net: Testnet, res: subprocess.CompletedProcess[str], *nodes: str) -> str:
     logs = "\n".join(f"--- {n} node.log ---\n{tail(net.node(n).node_log, 25)}" for n in nodes)
-    return f"exit {res.returncode}\nstdout: {res.stdout[-1500:]}\nstderr: {res.stderr[-800:]}\n{logs}"
+    return (f"exit {res.returncode}\nstdout: {res.stdout[-1500:]}\n"
+            f"stderr: {res.stderr[-800:]}\n{logs}")
 
 
 class LoopbackProxy:
@@ -269,7 +270,8 @@ class Net:
     def __init__(self, net: Testnet, proxy: LoopbackProxy, disk_mode: str, work: Path) -> None:
         self.net = net
         self.proxy = proxy
-        self.disk_mode = disk_mode  # "tmpfs", "readonly" (not root) or "blocked" (a file in the way)
+        # "tmpfs", "readonly" (not root) or "blocked" (a file in the way)
+        self.disk_mode = disk_mode
         self.work = work
 
 
@@ -498,7 +500,8 @@ async def test_hostile_paths_are_refused_and_nothing_escapes(tn: Net) -> None:
     assert os.path.lexists("/etc/x") == etc_x_existed
     assert not (recv / "mallory").exists() or visible_files(recv / "mallory") == []
     log = net.node("n2").node_log.read_text(errors="replace")
-    assert "cutting off" in log or "broke the transfer protocol" in log, tail(net.node("n2").node_log)
+    assert "cutting off" in log or "broke the transfer protocol" in log, \
+        tail(net.node("n2").node_log)
 
     # the receiver's server loop survived: the same (trusted) client can send a normal file
     channel = await _connect(net, evil)
