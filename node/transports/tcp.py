@@ -77,6 +77,7 @@ class _BufferPool:
     def __init__(self) -> None:
         self._bufs: list[bytearray] = []
         self._caps: list[int] = []  # capacity each buffer was made with
+        self.users = 0  # open pipes of this thread; the last one to close empties the pool
 
     @staticmethod
     def _capacity(n: int) -> int:
@@ -108,8 +109,18 @@ class _BufferPool:
         return buf
 
     def clear(self) -> None:
+        """Forget every buffer (one still in use stays valid for its holder)."""
         self._bufs.clear()
         self._caps.clear()
+
+    def retain(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.users = 0
+            self.clear()  # an idle node keeps no large buffers
 
 
 def _set_length(buf: bytearray, n: int) -> None:
@@ -172,7 +183,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # not every socket family supports it; not fatal
                 pass
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES, low=WRITE_LOW_WATER_BYTES)
+        writer: Any = transport  # uvloop's TCPTransport is not an asyncio.Transport subclass
+        writer.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES, low=WRITE_LOW_WATER_BYTES)
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -320,6 +332,8 @@ class TcpPipe:
         self._proto = proto
         self._transport = proto.transport
         self._closed = False
+        self._pool = _pool()
+        self._pool.retain()
         peer: Any = self._transport.get_extra_info("peername")
         self.remote: tuple[str, int] = (
             (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("?", 0)
@@ -395,6 +409,7 @@ class TcpPipe:
         if self._closed:
             return
         self._closed = True
+        self._pool.release()
         self._transport.close()  # flushes what is buffered, then closes
         self._proto._wake()
         await asyncio.sleep(0)  # let the loop run the close callbacks

@@ -448,3 +448,22 @@ def test_buffer_pool_never_hands_out_a_referenced_buffer() -> None:
     assert all(len(h) == 3 << 20 for h in held)
     del c, d, grown, held
     pool.clear()
+
+
+async def test_closing_the_last_pipe_empties_the_buffer_pool() -> None:
+    from node.transports import tcp
+
+    srv = EchoServer(BOB, trusting(ALICE))
+    port = await srv.start()
+    try:
+        ch = await connect(port)
+        await ch.send(b"p" * (1 << 20))
+        kept = await asyncio.wait_for(ch.recv(), WAIT_S)
+        assert tcp._pool()._bufs  # large messages went through pooled buffers
+        await ch.close()
+        assert (await srv.next_event())[0] == "accepted"
+        assert (await srv.next_event())[0] == "ended"
+    finally:
+        await srv.close()
+    assert tcp._pool()._bufs == [] and tcp._pool().users == 0
+    assert kept == b"p" * (1 << 20)  # a buffer still held stays valid for its holder
