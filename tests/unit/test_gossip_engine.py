@@ -245,12 +245,16 @@ def test_oversize_event_inside_push_is_rejected() -> None:
 
 
 def test_presence_join_and_leave() -> None:
-    eng, _log, _me, other = _engine()
+    eng, _log, me, other = _engine()
     hb = Heartbeat.create(other)
     actions = eng.receive(other.peer_id, Beat(hb.encode()).encode(), 100.0)
     joined = [a for a in actions if isinstance(a, PresenceChanged)]
     assert joined and joined[0].online and joined[0].peer == other.peer_id
-    assert any(isinstance(a, Send) for a in actions)  # heartbeats ride the gossip
+    # heartbeats go straight to peers and are not relayed (3N/period messages per node)
+    assert not any(isinstance(a, Send) for a in actions)
+    sent = eng.publish_heartbeat(Heartbeat.create(me), 100.0)
+    assert len(sent) == 2  # both peers directly
+    assert all(isinstance(a, Send) and isinstance(a.msg, Beat) for a in sent)
     # a replayed (same or older) heartbeat changes nothing
     assert eng.receive(other.peer_id, Beat(hb.encode()).encode(), 101.0) == []
     assert eng.presence()[other.peer_id][0] == 100.0
