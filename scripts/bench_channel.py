@@ -347,14 +347,19 @@ async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[s
     elif bare is None:
         notes.append("scripts/bench_quic_libs.py missing: no bare QUIC rows")
     else:
+        bare_fn: Callable[[str, int, int], Awaitable[float]] = bare
         for lib in ("qh3", "aioquic"):
             try:
                 importlib.import_module(lib)
             except ImportError:
                 notes.append(f"{lib} not installed: no bare row")
                 continue
+
+            def bare_run(lib: str = lib) -> Awaitable[float]:
+                return bare_fn(lib, size, BARE_QUIC_DATAGRAM_BYTES)
+
             add(f"bare_{lib}", f"bare {lib} stream, {BARE_QUIC_DATAGRAM_BYTES} B datagrams",
-                *await _median(repeat, lambda lib=lib: bare(lib, size, BARE_QUIC_DATAGRAM_BYTES)))
+                *await _median(repeat, bare_run))
 
     return {"benchmark": "channel", "loop": "uvloop", "size_mib": size / (1 << 20),
             "message_bytes": msg, "repeat": repeat, "rows": rows,
