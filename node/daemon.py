@@ -305,6 +305,7 @@ class Daemon:
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(task)
         return task
 
@@ -508,24 +509,24 @@ class Daemon:
             self.peering.authorize(peer)
         results = await self.sharing.share([Path(p) for p in paths], to or None,
                                            transport=args.get("transport"), emit=emit)
-        announced = []
+        # hashing for the announcement costs ~1 s per GiB: do it after answering the CLI
         for p in paths:
-            announced += await self._announce_share(Path(p))
-        return {"transfers": results, "announced": announced}
+            self._spawn(self._announce_share(Path(p)))
+        return {"transfers": results, "announced": paths}
 
-    async def _announce_share(self, path: Path) -> list[str]:
+    async def _announce_share(self, path: Path) -> None:
         """Emit a signed "shared" event per file so every peer is notified."""
         from node.watcher import hash_file
 
         path = path.expanduser().resolve()
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        out = []
         for f in files[:MAX_ANNOUNCED_FILES]:
             rel = f.relative_to(path.parent).as_posix()
-            size, _mtime, digest = await asyncio.to_thread(hash_file, f)
-            await self.gossip.publish_local("shared", ONE_OFF_FOLDER, rel, size, digest)
-            out.append(rel)
-        return out
+            try:
+                size, _mtime, digest = await asyncio.to_thread(hash_file, f)
+                await self.gossip.publish_local("shared", ONE_OFF_FOLDER, rel, size, digest)
+            except (OSError, P2PError) as exc:
+                log.warning("could not announce shared file %s: %s", f, exc)
 
     async def _cmd_transfers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         return self.sharing.list()
