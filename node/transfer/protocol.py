@@ -17,9 +17,10 @@ Pure: no I/O. Must not import the channel, transports, session or daemon.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from node.errors import ProtocolError
 from node.transfer.manifest import MAX_CHUNK_SIZE_BYTES, MAX_CHUNKS_PER_FILE, FileEntry
@@ -136,6 +137,107 @@ def clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
 
 def decode(data: bytes, expect: tuple[type[Message], ...]) -> Message:
     return decode_message(data, expect=expect)
+
+
+# ---------------------------------------------------------------------------
+# ChunkData without copying its payload
+#
+# A ChunkData frame is msgpack ``[b"xfer.data", 1, index, chunk, <bin data>]``. The
+# source builds it as a header followed by the chunk read straight from disk into
+# the same buffer; the sink parses the header by hand and hands on a view of the
+# payload inside the (decrypted, owned) frame, so the chunk is never copied. The
+# bytes are exactly what ``ChunkData(...).encode()`` gives, so either side may use
+# the generic codec; anything the fast parser does not recognise goes to it.
+
+_CHUNK_TYPE = ChunkData.TYPE.encode()
+_CHUNK_PREFIX = (bytes([0x95, 0xA0 | len(_CHUNK_TYPE)]) + _CHUNK_TYPE
+                 + bytes([ChunkData.VERSION]))
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+MAX_CHUNK_HEADER_BYTES = len(_CHUNK_PREFIX) + 5 + 5 + 5
+
+
+class ChunkView(NamedTuple):
+    """A decoded ChunkData whose ``data`` is a view into the received frame (no copy)."""
+
+    index: int
+    chunk: int
+    data: memoryview
+
+
+def _pack_uint(n: int) -> bytes:
+    if n < 0x80:
+        return _U8.pack(n)
+    if n <= 0xFF:
+        return b"\xcc" + _U8.pack(n)
+    if n <= 0xFFFF:
+        return b"\xcd" + _U16.pack(n)
+    return b"\xce" + _U32.pack(n)
+
+
+def chunk_header(index: int, chunk: int, size: int) -> bytes:
+    """The bytes of ``ChunkData(index, chunk, data).encode()`` before ``data`` (len(data) == size)."""
+    if not (0 <= index <= MAX_FILES_PER_TRANSFER and 0 <= chunk <= MAX_CHUNKS_PER_FILE
+            and 0 <= size <= MAX_CHUNK_SIZE_BYTES):
+        raise ValueError("chunk header out of range")
+    if size <= 0xFF:
+        bin_header = b"\xc4" + _U8.pack(size)
+    elif size <= 0xFFFF:
+        bin_header = b"\xc5" + _U16.pack(size)
+    else:
+        bin_header = b"\xc6" + _U32.pack(size)
+    return _CHUNK_PREFIX + _pack_uint(index) + _pack_uint(chunk) + bin_header
+
+
+def _read_uint(buf: memoryview, at: int) -> tuple[int, int] | None:
+    """A msgpack positive integer (fixint, uint8/16/32) at `at`: (value, next offset)."""
+    if at >= len(buf):
+        return None
+    tag = buf[at]
+    if tag < 0x80:
+        return tag, at + 1
+    for code, st in ((0xCC, _U8), (0xCD, _U16), (0xCE, _U32)):
+        if tag == code and at + 1 + st.size <= len(buf):
+            return st.unpack_from(buf, at + 1)[0], at + 1 + st.size
+    return None
+
+
+def parse_chunk_data(frame: bytes | bytearray | memoryview) -> ChunkView | None:
+    """Fast path for a ChunkData frame: a view of its payload, checked against every bound.
+
+    None when the frame is not laid out as this module encodes ChunkData (the
+    caller then decodes it with the generic, equally strict codec); ProtocolError
+    when it is a ChunkData header that breaks a bound or disagrees with the frame.
+    """
+    view = memoryview(frame)
+    n = len(_CHUNK_PREFIX)
+    if len(view) < n + 4 or view[:n] != _CHUNK_PREFIX:
+        return None
+    got = _read_uint(view, n)
+    if got is None:
+        return None
+    index, at = got
+    got = _read_uint(view, at)
+    if got is None:
+        return None
+    chunk, at = got
+    if at >= len(view):
+        return None
+    tag = view[at]
+    sizes = {0xC4: _U8, 0xC5: _U16, 0xC6: _U32}
+    st = sizes.get(tag)
+    if st is None or at + 1 + st.size > len(view):
+        return None
+    size = st.unpack_from(view, at + 1)[0]
+    at += 1 + st.size
+    if index > MAX_FILES_PER_TRANSFER or chunk > MAX_CHUNKS_PER_FILE:
+        raise ProtocolError("xfer.data: index or chunk out of range")
+    if size > MAX_CHUNK_SIZE_BYTES:
+        raise ProtocolError(f"xfer.data.data: longer than {MAX_CHUNK_SIZE_BYTES}")
+    if at + size != len(view):
+        raise ProtocolError("xfer.data: payload length disagrees with the frame")
+    return ChunkView(index, chunk, view[at:])
 
 
 def offer_batches(transfer_id: bytes, entries: list[FileEntry]) -> list[Offer]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -63,10 +64,13 @@ from node.transfer.protocol import (
     FileStatus,
     FileStatusCode,
     Keepalive,
+    ChunkView,
     Offer,
+    chunk_header,
     clip,
     decode,
     offer_batches,
+    parse_chunk_data,
 )
 from node.transfer.store import PartialFile, PlanKind, ReceiveStore
 from node.wire import Message
@@ -81,6 +85,8 @@ PROGRESS_INTERVAL_S = 0.1
 KEEPALIVE_INTERVAL_S = 10.0  # while hashing or re-checking locally, tell the peer we are alive
 REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
 MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
+MAX_PENDING_WRITES = 4  # received chunks waiting for the writer thread (memory: 4 chunks)
+READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
 
 
 class TransferState(Enum):
@@ -191,9 +197,18 @@ class _Session:
         while True:
             msg = await self._recv_one(expect)
             if not isinstance(msg, Keepalive):
+                assert isinstance(msg, Message)
                 return msg
 
-    async def _recv_one(self, expect: tuple[type[Message], ...]) -> Message:
+    async def _recv_chunk_or(self, expect: tuple[type[Message], ...]) -> Message | ChunkView:
+        """Like _recv, but a ChunkData comes back as a ChunkView into the frame (no copy)."""
+        while True:
+            msg = await self._recv_one(expect, chunk_views=True)
+            if not isinstance(msg, Keepalive):
+                return msg
+
+    async def _recv_one(self, expect: tuple[type[Message], ...], *,
+                        chunk_views: bool = False) -> Message | ChunkView:
         """One message; also wakes up for cancel, idle timeout or a dead worker."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("transfer cancelled")
@@ -234,6 +249,10 @@ class _Session:
             raise
         except (OSError, ConnectionError) as exc:
             raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
+        if chunk_views:
+            view = parse_chunk_data(data)
+            if view is not None:
+                return view
         msg = decode(data, expect)
         if isinstance(msg, Abort):
             err = RemoteError(f"{self.peer} aborted the transfer: {msg.reason}")
@@ -353,6 +372,8 @@ class _Source(_Session):
         self._failures: list[tuple[str, str]] = []
         self._requests: asyncio.Queue[ChunkRequest | None] = asyncio.Queue()
         self._request_count = 0
+        self._served: dict[int, bytearray] = {}  # file -> chunks sent once (a repeat is checked)
+        self._buffers: list[bytearray] = []  # frame buffers for reuse (read-ahead needs two)
 
     def _set_files(self, files: list[SourceFile]) -> None:
         self.files = files
@@ -463,23 +484,90 @@ class _Source(_Session):
         self._requests.put_nowait(msg)
 
     async def _serve_requests(self) -> None:
-        while True:
-            req = await self._requests.get()
-            if req is None:
-                return
-            sf = self.files[req.index]
-            data = await asyncio.to_thread(self._read_chunk, req.index, req.chunk)
-            self.current = sf.entry.path
-            await self._send(ChunkData(req.index, req.chunk, data))
-            self.bytes_done += len(data)
-            self._report()
+        """Send requested chunks in order, reading the next one from disk while one is sent."""
+        reading: tuple[ChunkRequest, asyncio.Future[memoryview]] | None = None
+        try:
+            while True:
+                if reading is None:
+                    req = await self._requests.get()
+                    if req is None:
+                        return
+                    reading = (req, self._start_read(req))
+                req, fut = reading
+                frame = await fut
+                reading = None
+                if not self._requests.empty():
+                    # read ahead: the next chunk comes off the disk while this one is sent
+                    nxt = self._requests.get_nowait()
+                    if nxt is None:
+                        self._requests.put_nowait(None)
+                    else:
+                        reading = (nxt, self._start_read(nxt))
+                sf = self.files[req.index]
+                self.current = sf.entry.path
+                self.bytes_on_wire += len(frame)
+                await self._send_raw(frame)
+                self._release_buffer(frame)
+                self.bytes_done += sf.entry.chunk_len(req.chunk)
+                self._report()
+        finally:
+            if reading is not None:
+                # its thread still finishes; collect the outcome so nothing is left dangling
+                reading[1].add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _start_read(self, req: ChunkRequest) -> asyncio.Future[memoryview]:
+        served = self._served.setdefault(req.index, bytearray(self.files[req.index].entry.chunks))
+        verify = bool(served[req.chunk])  # asked again: the sink found it bad, so check it
+        served[req.chunk] = 1
+        buf = self._buffers.pop() if self._buffers else None
+        return asyncio.ensure_future(
+            asyncio.to_thread(self._read_chunk, req.index, req.chunk, verify, buf))
+
+    def _release_buffer(self, frame: memoryview) -> None:
+        """Keep a sent frame's buffer for the next read (a channel is done with it once
+        send() returned: it seals, i.e. copies, or queues a copy)."""
+        buf = frame.obj
+        try:
+            frame.release()
+        except BufferError:
+            return  # someone still holds a view of it: let it go
+        if isinstance(buf, bytearray) and len(self._buffers) < READ_BUFFERS:
+            self._buffers.append(buf)
+
+    async def _send_raw(self, data: bytes | memoryview) -> None:
+        try:
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                await self.channel.send(data)
+        except TimeoutError:
+            raise PeerUnreachable(
+                f"{self.peer} accepted nothing for {IDLE_TIMEOUT_S:.0f} s; giving up") from None
+        except P2PError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
 
     def _changed(self, sf: SourceFile) -> IntegrityError:
         return IntegrityError(f"{sf.entry.path} changed while being sent; share it again")
 
-    def _read_chunk(self, index: int, chunk: int) -> bytes:
+    def _read_chunk(self, index: int, chunk: int, verify: bool,
+                    buf: bytearray | None) -> memoryview:
+        """One ChunkData frame, the chunk read from disk right behind its header.
+
+        The file must look unchanged (size, mtime, inode) before and after the
+        read. The chunk is not hashed here: the sink verifies every chunk, and
+        when it asks for one again (``verify``), the chunk is hashed before it
+        goes out, so a file changed in place is reported as such.
+        """
         sf = self.files[index]
         e = sf.entry
+        want = e.chunk_len(chunk)
+        header = chunk_header(index, chunk, want)
+        total = len(header) + want
+        if buf is None or len(buf) < total:
+            buf = bytearray(max(total, len(header) + e.chunk_size))
+        view = memoryview(buf)[:total]
+        view[:len(header)] = header
+        payload = view[len(header):]
         with self._fd_lock:
             try:
                 if self._fd_index != index:
@@ -489,20 +577,29 @@ class _Source(_Session):
                     self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
                                        | getattr(os, "O_NOFOLLOW", 0))
                     self._fd_index = index
-                    if os.fstat(self._fd).st_ino != sf.inode:
-                        raise self._changed(sf)
-                st = os.fstat(self._fd)
-                if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+                if not self._unchanged(sf, os.fstat(self._fd)):
                     raise self._changed(sf)
-                want = e.chunk_len(chunk)
-                data = os.pread(self._fd, want, chunk * e.chunk_size)
+                got = 0
+                while got < want:
+                    n = os.preadv(self._fd, [payload[got:]], chunk * e.chunk_size + got)
+                    if n <= 0:
+                        break
+                    got += n
+                if not self._unchanged(sf, os.fstat(self._fd)) or got != want:
+                    raise self._changed(sf)
             except FileNotFoundError:
                 raise IntegrityError(f"{e.path} was deleted while being sent") from None
             except OSError as exc:
                 raise LocalIOError(f"cannot read {sf.abspath}: {exc.strerror}") from None
-        if len(data) != want or hash_chunk(data) != e.chunk_hash(chunk):
+        if verify and hash_chunk(payload) != e.chunk_hash(chunk):
             raise self._changed(sf)
-        return data
+        payload.release()
+        return view
+
+    @staticmethod
+    def _unchanged(sf: SourceFile, st: os.stat_result) -> bool:
+        return (st.st_ino == sf.inode and st.st_size == sf.entry.size
+                and st.st_mtime_ns == sf.entry.mtime_ns)
 
 
 # ---------------------------------------------------------------------------
@@ -521,6 +618,11 @@ class _Sink(_Session):
         self._results: list[FileResult] = []
         self._failures: list[tuple[str, str]] = []
         self.expect: tuple[str, bytes | None] | None = None  # fetch: the one file we asked for
+        # chunks handed to the writer thread (hash + pwrite), settled in order by the loop
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writes: collections.deque[
+            tuple[tuple[int, int], int, concurrent.futures.Future[bool]]] = collections.deque()
+        self._file_writes: collections.Counter[int] = collections.Counter()
 
     async def run(self, first: Callable[[], Any] | None = None) -> TransferResult:
         async def body() -> TransferResult:
@@ -532,6 +634,7 @@ class _Sink(_Session):
         try:
             return await self._guard(body)
         finally:
+            await self._stop_writer()
             for partial in self._partials.values():
                 self.store.release(partial)  # saves resume state; waits for a busy writer
             self._partials.clear()
@@ -597,10 +700,14 @@ class _Sink(_Session):
                 in_flight[(index, c)] = clen
                 in_flight_bytes += clen
                 await self._send(ChunkRequest(index, c))
-            if not in_flight:
+            if not in_flight and not self._writes:
                 break
-            msg = await self._recv(TO_SINK)
-            if not isinstance(msg, ChunkData):
+            if self._writes and (len(self._writes) >= MAX_PENDING_WRITES or not in_flight
+                                 or self._writes[0][2].done()):
+                await self._settle_write(pending, failures)
+                continue
+            msg = await self._recv_chunk_or(TO_SINK)
+            if isinstance(msg, Message) and not isinstance(msg, ChunkData):
                 raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
             key = (msg.index, msg.chunk)
             clen = in_flight.pop(key, -1)
@@ -612,27 +719,59 @@ class _Sink(_Session):
                 raise ProtocolError(f"chunk {msg.chunk} of file {msg.index} has the wrong size")
             self.bytes_payload += clen
             partial = self._partials[msg.index]
-            entry = self.entries[msg.index]
-            ok = await asyncio.to_thread(partial.write_chunk, msg.chunk, msg.data)
-            if not ok:
-                failures[key] += 1
-                log.warning("chunk %d of %s from %s failed verification (%d)", msg.chunk,
-                            entry.path, self.peer, failures[key])
-                if failures[key] >= MAX_CHUNK_FAILURES:
-                    raise IntegrityError(
-                        f"chunk {msg.chunk} of {entry.path} from {self.peer} failed verification "
-                        f"{failures[key]} times; transfer aborted")
-                pending.appendleft(key)
-                continue
-            self.bytes_done += clen
-            self.current = entry.path
-            if partial.complete:
-                await self._finish_file(msg.index)
-            else:
-                self._report()
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="p2pfs-write")
+            # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
+            fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
+            self._writes.append((key, clen, fut))
+            self._file_writes[msg.index] += 1
         await self._send(Complete(self.tid))
         return self._result(self._results, self._failures, self.bytes_on_wire,
                             self.bytes_payload)
+
+    async def _settle_write(self, pending: collections.deque[tuple[int, int]],
+                            failures: collections.Counter[tuple[int, int]]) -> None:
+        """Take the oldest chunk write's outcome: count it, re-request it, or finish its file."""
+        key, clen, fut = self._writes.popleft()
+        index, chunk = key
+        self._file_writes[index] -= 1
+        ok = await asyncio.wrap_future(fut)
+        entry = self.entries[index]
+        if not ok:
+            failures[key] += 1
+            log.warning("chunk %d of %s from %s failed verification (%d)", chunk,
+                        entry.path, self.peer, failures[key])
+            if failures[key] >= MAX_CHUNK_FAILURES:
+                raise IntegrityError(
+                    f"chunk {chunk} of {entry.path} from {self.peer} failed verification "
+                    f"{failures[key]} times; transfer aborted")
+            pending.appendleft(key)
+            return
+        self.bytes_done += clen
+        self.current = entry.path
+        partial = self._partials[index]
+        if partial.complete and self._file_writes[index] == 0:
+            del self._file_writes[index]
+            await self._finish_file(index)
+        else:
+            self._report()
+
+    async def _stop_writer(self) -> None:
+        """Let queued chunk writes finish (a few chunks at most), then stop the thread."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        futs = [asyncio.wrap_future(f) for _, _, f in self._writes]
+        self._writes.clear()
+        try:
+            if futs:
+                await asyncio.wait(futs)
+        finally:
+            writer.shutdown(wait=False, cancel_futures=True)
+            for f in futs:
+                if f.done() and not f.cancelled():
+                    f.exception()  # collected: a failed write after the failure that stopped us
 
     async def _open_file(self, folder: Path, index: int) -> list[int]:
         """Plan one file, tell the source, return the chunks still needed."""

@@ -52,7 +52,9 @@ from node.transfer.paths import (
 from node.wire import packb, unpackb
 
 STATE_VERSION = 1
-STATE_SAVE_EVERY_CHUNKS = 16
+# the partial file is fdatasynced before each state save; only the final fsync before
+# the rename matters for safety, so saves are spaced out (a crash re-fetches at most this)
+STATE_SAVE_EVERY_CHUNKS = 64
 STATE_SAVE_INTERVAL_S = 1.0
 PARTIAL_NAME_PREFIX_BYTES = 100
 MAX_STATE_FILE_BYTES = 64 << 10
@@ -187,6 +189,8 @@ class PartialFile:
     def _write_chunk_locked(self, index: int, data: bytes) -> bool:
         """Verify and write one chunk; False if its hash does not match (nothing counted)."""
         e = self.entry
+        if self.fd < 0:
+            raise LocalIOError(f"{self.final}: chunk written after the partial file was closed")
         if hash_chunk(data) != e.chunk_hash(index):
             return False
         if self.done[index]:
