@@ -366,6 +366,7 @@ class _Source(_Session):
         # the worker thread reads through one open file at a time
         self._fd = -1
         self._fd_index = -1
+        self._fd_ctime_ns = 0
         self._fd_lock = threading.Lock()
         self._status: dict[int, FileStatusCode] = {}
         self._finished: set[int] = set()
@@ -577,6 +578,7 @@ class _Source(_Session):
                     self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
                                        | getattr(os, "O_NOFOLLOW", 0))
                     self._fd_index = index
+                    self._fd_ctime_ns = os.fstat(self._fd).st_ctime_ns
                 if not self._unchanged(sf, os.fstat(self._fd)):
                     raise self._changed(sf)
                 got = 0
@@ -596,10 +598,11 @@ class _Source(_Session):
         payload.release()
         return view
 
-    @staticmethod
-    def _unchanged(sf: SourceFile, st: os.stat_result) -> bool:
+    def _unchanged(self, sf: SourceFile, st: os.stat_result) -> bool:
+        """Same file as in the manifest, and not written since we opened it (ctime
+        moves on every write, even when someone puts the mtime back)."""
         return (st.st_ino == sf.inode and st.st_size == sf.entry.size
-                and st.st_mtime_ns == sf.entry.mtime_ns)
+                and st.st_mtime_ns == sf.entry.mtime_ns and st.st_ctime_ns == self._fd_ctime_ns)
 
 
 # ---------------------------------------------------------------------------

@@ -451,6 +451,116 @@ async def test_file_changed_while_sending(dirs: tuple[Path, Path]) -> None:
     assert visible_files(recv / "alice") == {}
 
 
+async def test_file_changed_in_place_with_mtime_kept(dirs: tuple[Path, Path]) -> None:
+    """Same size, mtime put back: the sender's fstat check still sees the write (ctime)."""
+    src, recv = dirs
+    p = src / "f.bin"
+    p.write_bytes(os.urandom(6 * MiB))
+    st = os.stat(p)
+    changed = False
+
+    def mutate(progress: TransferProgress) -> None:
+        nonlocal changed
+        if progress.bytes_done >= MiB and not changed:
+            changed = True
+            with open(p, "r+b") as f:
+                f.seek(5 * MiB + 10)
+                f.write(b"tampered")
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src], progress=mutate),
+                                   receive_files(b, ReceiveStore(recv)), (a, b))
+    assert changed and os.stat(p).st_mtime_ns == st.st_mtime_ns
+    assert isinstance(r_src, IntegrityError) and "changed while being sent" in str(r_src)
+    assert isinstance(r_sink, RemoteError) and "changed while being sent" in str(r_sink)
+    assert visible_files(recv / "alice") == {}
+
+
+async def test_file_changed_before_the_transfer_behind_a_stale_manifest(
+        dirs: tuple[Path, Path]) -> None:
+    """The sender does not re-hash what it reads. A change no stat can show (made before
+    the transfer, mtime put back, manifest from the cache) is caught by the sink; its
+    re-request makes the sender hash that chunk and report the change, rather than the
+    sink failing the chunk three times."""
+    src, recv = dirs
+    p = src / "f.bin"
+    p.write_bytes(os.urandom(3 * MiB))
+    build_manifest(src, [src])  # cached under (path, size, mtime, inode)
+    st = os.stat(p)
+    with open(p, "r+b") as f:  # noqa: ASYNC230 - test setup
+        f.seek(MiB + 10)
+        f.write(b"tampered")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    re_requests: list[int] = []
+
+    def count(data: bytes) -> bytes:
+        msg = decode(data, TO_SOURCE)
+        if type(msg).__name__ == "ChunkRequest" and msg.chunk == 1:  # type: ignore[attr-defined]
+            re_requests.append(1)
+        return data
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(Tap(a, count), src, [src]),
+                                   receive_files(b, ReceiveStore(recv)), (a, b))
+    assert isinstance(r_src, IntegrityError) and "changed while being sent" in str(r_src)
+    assert isinstance(r_sink, RemoteError) and "changed while being sent" in str(r_sink)
+    assert len(re_requests) == 2  # asked once, found bad, asked again: the sender checked
+    assert visible_files(recv / "alice") == {}
+
+
+async def test_chunk_whose_length_disagrees_with_its_frame_cuts_the_source_off(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(MiB))
+    sf = build_manifest(src, [src / "f.bin"])[0]
+
+    async def push_long(ch: MemoryChannel) -> None:
+        frame = ChunkData(0, 0, (src / "f.bin").read_bytes()).encode()
+        await ch.send(frame + b"smuggled")
+
+    a, b = memory_channel_pair("alice", "bob")
+    said, r_sink = await run_pair(fake_source(a, [sf.entry.to_wire()], push_long),
+                                  receive_files(b, ReceiveStore(recv)))
+    await b.close()
+    assert isinstance(r_sink, ProtocolError) and "disagrees" in str(r_sink)
+    assert any(type(m).__name__ == "Abort" for m in said)
+    assert visible_files(recv / "alice") == {}
+
+
+async def test_receiver_writes_overlap_but_every_chunk_is_verified(
+        dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    """Chunks are handed to the writer thread, a few at a time, and each is hashed there."""
+    from node.transfer import store as store_mod
+
+    src, recv = dirs
+    data = os.urandom(9 * MiB + 5)
+    (src / "f.bin").write_bytes(data)
+    seen: list[int] = []
+    queued_max = 0
+    real = store_mod.PartialFile.write_chunk
+
+    def spy(self: store_mod.PartialFile, index: int, chunk: Any) -> bool:
+        seen.append(index)
+        return real(self, index, chunk)
+
+    real_settle = sess._Sink._settle_write
+
+    async def settle(self: Any, *args: Any) -> None:
+        nonlocal queued_max
+        queued_max = max(queued_max, len(self._writes))
+        await real_settle(self, *args)
+
+    monkeypatch.setattr(store_mod.PartialFile, "write_chunk", spy)
+    monkeypatch.setattr(sess._Sink, "_settle_write", settle)
+    a, b = memory_channel_pair("alice", "bob")
+    _, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert sorted(seen) == list(range(10))
+    assert 1 <= queued_max <= sess.MAX_PENDING_WRITES
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+
+
 async def test_cancel_event_stops_both_sides(dirs: tuple[Path, Path]) -> None:
     src, recv = dirs
     (src / "f.bin").write_bytes(os.urandom(8 * MiB))
