@@ -18,9 +18,9 @@ Pure: no I/O. Must not import the channel, transports, session or daemon.
 from __future__ import annotations
 
 import struct
-from dataclasses import field
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import Any
 
 from node.errors import ProtocolError
 from node.transfer.manifest import MAX_CHUNK_SIZE_BYTES, MAX_CHUNKS_PER_FILE, FileEntry
@@ -158,7 +158,8 @@ _U32 = struct.Struct(">I")
 MAX_CHUNK_HEADER_BYTES = len(_CHUNK_PREFIX) + 5 + 5 + 5
 
 
-class ChunkView(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class ChunkView:
     """A decoded ChunkData whose ``data`` is a view into the received frame (no copy)."""
 
     index: int
@@ -177,7 +178,7 @@ def _pack_uint(n: int) -> bytes:
 
 
 def chunk_header(index: int, chunk: int, size: int) -> bytes:
-    """The bytes of ``ChunkData(index, chunk, data).encode()`` before ``data`` (len(data) == size)."""
+    """The bytes of ``ChunkData(index, chunk, data).encode()`` up to its ``size`` data bytes."""
     if not (0 <= index <= MAX_FILES_PER_TRANSFER and 0 <= chunk <= MAX_CHUNKS_PER_FILE
             and 0 <= size <= MAX_CHUNK_SIZE_BYTES):
         raise ValueError("chunk header out of range")

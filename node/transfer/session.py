@@ -58,13 +58,13 @@ from node.transfer.protocol import (
     Abort,
     ChunkData,
     ChunkRequest,
+    ChunkView,
     Complete,
     FetchRequest,
     FileDone,
     FileStatus,
     FileStatusCode,
     Keepalive,
-    ChunkView,
     Offer,
     chunk_header,
     clip,
@@ -782,7 +782,7 @@ class _Sink(_Session):
         self.current = entry.path
         try:
             plan = await self._local(self.store.plan, folder, entry,
-                                     cleanup=lambda p: p.partial and self.store.release(p.partial))
+                                     cleanup=self._release_plan)
         except PathBlocked as exc:
             self._failures.append((entry.path, str(exc)))
             self.files_done += 1
@@ -803,6 +803,10 @@ class _Sink(_Session):
         if not missing:
             await self._finish_file(index)
         return missing
+
+    def _release_plan(self, plan: Any) -> None:
+        if plan.partial is not None:
+            self.store.release(plan.partial)
 
     async def _finish_file(self, index: int) -> None:
         entry = self.entries[index]

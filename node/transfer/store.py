@@ -167,7 +167,7 @@ class PartialFile:
         return self.done_count == self.entry.chunks
 
     # -- chunks -------------------------------------------------------------
-    def write_chunk(self, index: int, data: bytes) -> bool:
+    def write_chunk(self, index: int, data: bytes | memoryview) -> bool:
         """Verify and write one chunk; False if its hash does not match (nothing counted)."""
         with self._lock:
             return self._write_chunk_locked(index, data)
@@ -186,7 +186,7 @@ class PartialFile:
         with self._lock:
             self._close_locked()
 
-    def _write_chunk_locked(self, index: int, data: bytes) -> bool:
+    def _write_chunk_locked(self, index: int, data: bytes | memoryview) -> bool:
         """Verify and write one chunk; False if its hash does not match (nothing counted)."""
         e = self.entry
         if self.fd < 0:
@@ -302,7 +302,7 @@ class ReceiveStore:
         self._active: set[Path] = set()
         self._lock = threading.Lock()
 
-    def _write_at(self, fd: int, data: bytes, offset: int) -> None:
+    def _write_at(self, fd: int, data: bytes | memoryview, offset: int) -> None:
         """pwrite all of `data` at `offset` (a seam tests use to inject ENOSPC)."""
         view = memoryview(data)
         while view:
