@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.channel import accept_channel, open_channel
 from node.errors import P2PError
+from node.gossip.engine import DEFAULT_FANOUT
 from node.gossip.events import ChangeEvent
 from node.gossip.log import EventLog
 from node.gossip.service import GossipService
@@ -277,7 +278,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--events", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--fanout", type=int, default=3)
+    ap.add_argument("--fanout", type=int, default=DEFAULT_FANOUT)
     ap.add_argument("--view", type=int, default=16)
     ap.add_argument("--anti-entropy-s", type=float, default=2.0)
     ap.add_argument("--gap-s", type=float, default=0.1)

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from node.errors import ChannelClosed, P2PError, ProtocolError
 from node.gossip.engine import (
+    DEFAULT_FANOUT,
     Accept,
     Action,
     GossipEngine,
@@ -92,7 +93,8 @@ class GossipService:
                  open_channel: Callable[[PeerId], Awaitable[Channel]],
                  is_trusted: Callable[[PeerId], bool],
                  on_event: Callable[[ChangeEvent], Awaitable[Any]],
-                 fanout: int = 3, anti_entropy_s: float = 2.0, heartbeat_s: float = 5.0,
+                 fanout: int = DEFAULT_FANOUT, anti_entropy_s: float = 2.0,
+                 heartbeat_s: float = 5.0,
                  rand: random.Random | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  send_timeout_s: float = SEND_TIMEOUT_S) -> None:
