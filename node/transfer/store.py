@@ -105,6 +105,9 @@ class PartialFile:
         self.fd = -1
         self._unsaved = 0
         self._last_save = time.monotonic()
+        # periodic saves run in their own thread so chunk writes go on during the fdatasync
+        self._saver: threading.Thread | None = None
+        self._save_error: LocalIOError | None = None
         self.resumed_bytes = 0
         # a worker thread may be writing while a cancelled task closes the file
         self._lock = threading.RLock()
@@ -175,16 +178,57 @@ class PartialFile:
     def save_state(self) -> None:
         """fdatasync the partial file, then atomically record which chunks it holds."""
         with self._lock:
+            self._join_saver()
             self._save_state_locked()
 
     def finalize(self) -> Path:
         """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
         with self._lock:
+            self._join_saver()
             return self._finalize_locked()
 
     def close(self) -> None:
         with self._lock:
+            self._join_saver()
             self._close_locked()
+
+    def _join_saver(self) -> None:
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.join()
+
+    def _bitmap(self) -> bytes:
+        bitmap = bytearray((len(self.done) + 7) // 8)
+        for i, d in enumerate(self.done):
+            if d:
+                bitmap[i >> 3] |= 1 << (i & 7)
+        return bytes(bitmap)
+
+    def _start_background_save(self) -> None:
+        """Save the state in a thread: the chunks written so far, once fdatasync says so.
+
+        The bitmap is taken before the fdatasync, so it only lists chunks that the
+        fdatasync covers; chunks written meanwhile are saved the next time. The
+        thread syncs a duplicate of the file descriptor, so closing ours is safe.
+        """
+        bitmap = self._bitmap()
+        fd = os.dup(self.fd)
+        self._unsaved = 0
+        self._last_save = time.monotonic()
+        saver = threading.Thread(target=self._background_save, args=(fd, bitmap),
+                                 name="p2pfs-state", daemon=True)
+        self._saver = saver
+        saver.start()
+
+    def _background_save(self, fd: int, bitmap: bytes) -> None:
+        try:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self._write_state(bitmap)
+        except OSError as exc:
+            self._save_error = local_io_error(exc, f"cannot save progress of {self.final}")
 
     def _write_chunk_locked(self, index: int, data: bytes | memoryview) -> bool:
         """Verify and write one chunk; False if its hash does not match (nothing counted)."""
@@ -202,36 +246,44 @@ class PartialFile:
         self.done[index] = 1
         self.done_count += 1
         self._unsaved += 1
+        if self._save_error is not None:
+            raise self._save_error
         now = time.monotonic()
-        if (self._unsaved >= STATE_SAVE_EVERY_CHUNKS
-                or now - self._last_save >= STATE_SAVE_INTERVAL_S):
-            self.save_state()
+        if ((self._unsaved >= STATE_SAVE_EVERY_CHUNKS
+             or now - self._last_save >= STATE_SAVE_INTERVAL_S)
+                and (self._saver is None or not self._saver.is_alive())
+                and not self.complete):  # the final fsync + rename follow at once
+            self._join_saver()
+            try:
+                self._start_background_save()
+            except OSError as exc:
+                raise local_io_error(exc, f"cannot save progress of {self.final}") from None
         return True
 
     def _save_state_locked(self) -> None:
         """fdatasync the partial file, then atomically record which chunks it holds."""
         if self.fd < 0 or self._unsaved == 0:
             return
-        bitmap = bytearray((len(self.done) + 7) // 8)
-        for i, d in enumerate(self.done):
-            if d:
-                bitmap[i >> 3] |= 1 << (i & 7)
-        e = self.entry
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         try:
             os.fdatasync(self.fd)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
-                         0o600)
-            try:
-                os.write(fd, packb([STATE_VERSION, e.root, e.size, e.chunk_size, bytes(bitmap)]))
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.state_path)
+            self._write_state(self._bitmap())
         except OSError as exc:
             raise local_io_error(exc, f"cannot save progress of {self.final}") from None
         self._unsaved = 0
         self._last_save = time.monotonic()
+
+    def _write_state(self, bitmap: bytes) -> None:
+        """Atomically replace the state file (OSError on failure)."""
+        e = self.entry
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     0o600)
+        try:
+            os.write(fd, packb([STATE_VERSION, e.root, e.size, e.chunk_size, bitmap]))
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_path)
 
     # -- finishing ----------------------------------------------------------
     def _finalize_locked(self) -> Path:

@@ -1,0 +1,125 @@
+"""ReceiveStore's partial files on a real disk: resume state saved in the background."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.errors import LocalIOError
+from node.transfer import store as store_mod
+from node.transfer.manifest import FileEntry, hash_file
+from node.transfer.store import PartialFile, ReceiveStore
+
+CHUNK = 64 << 10
+CHUNKS = 8
+
+
+def entry_for(path: Path) -> FileEntry:
+    chunk, hashes, root = hash_file(path, chunk_size=CHUNK)
+    return FileEntry("f.bin", os.path.getsize(path), 0o644, 0, chunk, hashes, root)
+
+
+def chunks_in_state(partial: PartialFile) -> set[int]:
+    raw = store_mod.unpackb(partial.state_path.read_bytes())
+    bitmap = raw[4]
+    return {i for i in range(CHUNKS) if bitmap[i >> 3] & (1 << (i & 7))}
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: Any) -> tuple[ReceiveStore, Path, FileEntry, bytes]:
+    data = os.urandom(CHUNK * CHUNKS)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    store = ReceiveStore(tmp_path / "received")
+    folder = store.folder("alice")
+    monkeypatch.setattr(store_mod, "STATE_SAVE_EVERY_CHUNKS", 2)
+    monkeypatch.setattr(store_mod, "STATE_SAVE_INTERVAL_S", 1000.0)
+    return store, folder, entry_for(src), data
+
+
+def part(data: bytes, i: int) -> bytes:
+    return data[i * CHUNK:(i + 1) * CHUNK]
+
+
+def test_chunk_writes_go_on_during_a_slow_state_save(setup: Any, monkeypatch: Any) -> None:
+    store, folder, entry, data = setup
+    gate = threading.Event()
+    entered = threading.Event()
+    real_sync = os.fdatasync
+
+    def slow_sync(fd: int) -> None:
+        if threading.current_thread().name == "p2pfs-state" and not gate.is_set():
+            entered.set()
+            gate.wait(10)
+        real_sync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fdatasync", slow_sync)
+    plan = store.plan(folder, entry)
+    partial = plan.partial
+    assert partial is not None
+    try:
+        assert partial.write_chunk(0, part(data, 0)) and partial.write_chunk(1, part(data, 1))
+        assert entered.wait(5)  # the background save of {0, 1} is stuck in fdatasync
+        t0 = time.monotonic()
+        for i in (2, 3, 4):
+            assert partial.write_chunk(i, part(data, i))
+        assert time.monotonic() - t0 < 5  # did not wait for the save
+        assert not partial.state_path.exists()
+        gate.set()
+        partial._join_saver()
+        # the snapshot was taken before the fdatasync: it lists only what that covered
+        assert chunks_in_state(partial) == {0, 1}
+    finally:
+        gate.set()
+        store.release(partial)  # joins the saver, then saves everything written
+    assert chunks_in_state(partial) == {0, 1, 2, 3, 4}
+    again = store.plan(folder, entry)
+    try:
+        assert again.missing == [5, 6, 7]
+    finally:
+        assert again.partial is not None
+        store.release(again.partial)
+
+
+def test_a_failed_background_save_fails_the_next_write(setup: Any, monkeypatch: Any) -> None:
+    store, folder, entry, data = setup
+    real_sync = os.fdatasync
+
+    def full(fd: int) -> None:
+        if threading.current_thread().name == "p2pfs-state":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_sync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fdatasync", full)
+    plan = store.plan(folder, entry)
+    partial = plan.partial
+    assert partial is not None
+    try:
+        partial.write_chunk(0, part(data, 0))
+        partial.write_chunk(1, part(data, 1))
+        partial._join_saver()
+        with pytest.raises(LocalIOError, match="disk full"):
+            partial.write_chunk(2, part(data, 2))
+    finally:
+        store.release(partial)
+
+
+def test_finished_file_leaves_no_state_behind(setup: Any) -> None:
+    store, folder, entry, data = setup
+    plan = store.plan(folder, entry)
+    partial = plan.partial
+    assert partial is not None
+    try:
+        for i in range(CHUNKS):
+            assert partial.write_chunk(i, memoryview(part(data, i)))
+        final = partial.finalize()
+    finally:
+        store.release(partial)
+    assert final.read_bytes() == data
+    assert sorted(os.listdir(folder)) == ["f.bin"]
