@@ -54,6 +54,26 @@ TransportOpt = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from node import __version__
+
+        out.print(f"p2pfs {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """p2pfs: direct, end-to-end encrypted, serverless file sharing between trusted peers.
+
+    Start with `node init`, `node trust PEER_ID`, `node start`; then `node share FILE`.
+    Every command takes --home DIR (env P2PFS_HOME) to pick a node.
+    """
+
+
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
