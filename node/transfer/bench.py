@@ -31,8 +31,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from node.memory_channel import memory_channel_pair
 from node.transfer.manifest import build_manifest
-from node.transfer.memory import memory_channel_pair
 from node.transfer.session import TransferState, receive_files, send_files
 from node.transfer.store import ReceiveStore
 

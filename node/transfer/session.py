@@ -1,7 +1,7 @@
 """Async transfer sessions over an authenticated channel: source (sender) and sink (receiver).
 
 The channel is duck-typed (node/channel.py's SecureChannel or the in-memory
-pair in node/transfer/memory.py): ``peer``, ``peer_name``, ``async send(bytes)``,
+pair in node/memory_channel.py): ``peer``, ``peer_name``, ``async send(bytes)``,
 ``async recv() -> bytes`` (ChannelClosed at the end), ``async close()``.
 Message flow and types are in protocol.py; disk work is in store.py and
 manifest.py and runs in worker threads so the event loop keeps the pipe busy.

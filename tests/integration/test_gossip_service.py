@@ -10,9 +10,9 @@ from node.errors import PeerUnreachable
 from node.gossip.engine import Push
 from node.gossip.events import ChangeEvent
 from node.gossip.log import EventLog
-from node.gossip.memory import MemoryChannel, channel_pair
 from node.gossip.service import GossipService
 from node.identity import Identity, PeerId
+from node.memory_channel import MemoryChannel, channel_pair
 
 H = b"\x05" * 32
 

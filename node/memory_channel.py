@@ -1,4 +1,5 @@
-"""An in-memory channel pair with the SecureChannel interface, for tests and benchmarks.
+"""An in-memory channel pair with the SecureChannel interface, for tests and benchmarks
+(transfer sessions, gossip services, in-process simulations).
 
 Each direction is a bounded asyncio.Queue, so a fast sender waits (backpressure)
 like it would on a real socket. ``close()`` on either end ends both: the other
@@ -53,7 +54,7 @@ class _Link:
         self._space.set()
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, like a real channel
 class MemoryChannel:
     peer: object
     peer_name: str
@@ -90,3 +91,9 @@ def memory_channel_pair(name_a: str = "alice", name_b: str = "bob", *,
     a = MemoryChannel(peer_b, name_b, _inbox=ba, _outbox=ab)
     b = MemoryChannel(peer_a, name_a, _inbox=ab, _outbox=ba)
     return a, b
+
+
+def channel_pair(a: object, b: object, *, max_messages: int = 1024
+                 ) -> tuple[MemoryChannel, MemoryChannel]:
+    """(end held by peer a, talking to b), (end held by b, talking to a)."""
+    return memory_channel_pair("", "", max_messages=max_messages, peer_a=a, peer_b=b)
