@@ -13,7 +13,7 @@ The harness only talks to nodes the way a user does: through the `node` CLI
 (`node`, `dht`, `bootstrap`): it tests them from the outside.
 
 Scenarios (`run_scenario`) are a Python file defining `scenario(net)` (sync or
-async) or a TOML file of `[[step]]` tables; see docs/readme/testnet.md.
+async) or a TOML file of `[[step]]` tables; see the README, "Local demo and testnets".
 """
 
 from __future__ import annotations

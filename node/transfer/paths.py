@@ -24,7 +24,7 @@ MAX_PATH_BYTES = 4096
 MAX_PATH_PARTS = 64
 MAX_LABEL_BYTES = 64
 
-# receiver-internal names (documented in docs/readme/transfer.md)
+# receiver-internal names (documented in the README, "File transfers")
 PARTIAL_SUFFIX = ".p2pfs-part"
 STATE_SUFFIX = ".p2pfs-state"
 VERSIONS_DIR_NAME = ".p2pfs-versions"

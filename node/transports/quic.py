@@ -2,7 +2,7 @@
 
 Library: qh3 (the maintained aioquic fork with a Rust packet core), chosen because
 it measured ~3x faster than aioquic for one bare stream on this machine
-(scripts/bench_quic_libs.py; numbers in docs/readme/quic.md).
+(scripts/bench_quic_libs.py; numbers in the README, "QUIC transport").
 
 Stream format (ALPN "p2pfs/1"): a sequence of records, each a big-endian u32.
 * high bit clear: a message of that many bytes follows (<= MAX_MESSAGE_BYTES);

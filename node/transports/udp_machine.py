@@ -1,6 +1,6 @@
 """Reliable, ordered, message-oriented transport over datagrams, as a sans-IO state machine.
 
-This is the whole UDP protocol of p2pfs (see docs/readme/udp.md): connection setup
+This is the whole UDP protocol of p2pfs (see the README, "The udp transport"): connection setup
 with connection ids, sequence numbers, selective acknowledgements, an RTO from
 measured RTT (RFC 6298 + Karn), SACK-based fast retransmit, a loss-tolerant AIMD
 congestion window with pacing, a bounded receive window (flow control),
