@@ -158,7 +158,8 @@ class BootstrapClient:
 
 async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:
     if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
-        raise ProtocolError(f"bootstrap server answer from {url} is over {MAX_RESPONSE_BYTES} bytes")
+        raise ProtocolError(
+            f"bootstrap server answer from {url} is over {MAX_RESPONSE_BYTES} bytes")
     buf = bytearray()
     async for chunk in resp.content.iter_chunked(64 * 1024):
         buf += chunk

@@ -15,7 +15,8 @@ HTTP API (JSON bodies, every error is ``{"error": "..."}`` with a 4xx status):
 Database work runs inline on the event loop: registrations touch only the
 store's in-memory state and are written behind in batched transactions every
 50 ms; reads are single keyset queries well under a millisecond (measured by
-scripts/bench_bootstrap.py). An executor hop would cost more than the query. This module must not import the node daemon,
+scripts/bench_bootstrap.py). An executor hop would cost more than the query.
+This module must not import the node daemon,
 the DHT or the transports.
 """
 

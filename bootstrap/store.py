@@ -195,7 +195,8 @@ class RegistryStore:
 
         Raises StaleRegistration when (seq, timestamp) is lower than the highest
         accepted for this id, or the record predates the last signed unregister;
-        RegistryFull when a new id would exceed ``max_registrations``. The row is queued; it is in the file after the next ``flush()``.
+        RegistryFull when a new id would exceed ``max_registrations``. The row is queued;
+        it is in the file after the next ``flush()``.
         """
         if device_id not in self._expiry and len(self._expiry) >= self.max_registrations:
             raise RegistryFull(f"the registry is full ({self.max_registrations} registrations)")

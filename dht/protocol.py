@@ -136,7 +136,7 @@ def parse_datagram(data: bytes) -> Request | Response:
     spec = REQUEST_SPECS[method]
     if not isinstance(args, list) or len(args) != len(spec):
         raise ProtocolError(f"{method}: expected {len(spec)} arguments")
-    return Request(msg_id, method, tuple(check(a) for check, a in zip(spec, args)))
+    return Request(msg_id, method, tuple(check(a) for check, a in zip(spec, args, strict=True)))
 
 
 def check_node_list(value: Any) -> list[tuple[bytes, str, int]]:

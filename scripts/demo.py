@@ -66,7 +66,8 @@ def peers_table(net: Testnet, names: tuple[str, ...]) -> str:
             src = ",".join(src) if isinstance(src, list) else str(src)
             rows.append((n, who, normalize_peer_id(pid)[:16] + "...", addr, src))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+             for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join("    " + ln for ln in lines)
 

@@ -359,7 +359,8 @@ class Testnet:
                  node_settings: dict[str, str] | None = None, detached: bool = False,
                  echo: Callable[[str], None] | None = None) -> None:
         if transport not in TRANSPORTS:
-            raise TestnetError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+            raise TestnetError(
+                f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
@@ -432,9 +433,11 @@ class Testnet:
                 return False
 
         try:
-            self.wait_until(healthy, self.startup_timeout_s, what="bootstrap server /health answers")
+            self.wait_until(healthy, self.startup_timeout_s,
+                            what="bootstrap server /health answers")
         except WaitTimeout as exc:
-            raise TestnetError(f"{exc}\nlog {self.bootstrap_log}:\n{tail(self.bootstrap_log)}") from None
+            raise TestnetError(
+                f"{exc}\nlog {self.bootstrap_log}:\n{tail(self.bootstrap_log)}") from None
         return self.bootstrap_url
 
     def stop_bootstrap(self) -> None:
@@ -659,7 +662,8 @@ class Testnet:
                                  timeout=CLI_TIMEOUT_S, env={**self.env, "COLUMNS": "100"},
                                  cwd=self.root, stdin=subprocess.DEVNULL)
             self._help_text = res.stdout if res.returncode == 0 else ""
-        return all(re.search(rf"(^|[\s\u2502|]){re.escape(c)}\s{{2,}}", self._help_text, re.MULTILINE)
+        return all(re.search(rf"(^|[\s\u2502|]){re.escape(c)}\s{{2,}}", self._help_text,
+                             re.MULTILINE)
                    for c in commands)
 
     def peers_of(self, name: str) -> set[str]:
@@ -788,7 +792,8 @@ class Testnet:
         if not proc.is_dir():
             return out
         for entry in proc.iterdir():
-            if not entry.name.isdigit() or int(entry.name) in mine or int(entry.name) == os.getpid():
+            if (not entry.name.isdigit() or int(entry.name) in mine
+                    or int(entry.name) == os.getpid()):
                 continue
             try:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
@@ -1023,15 +1028,16 @@ def _check_one(net: Testnet, name: str, cond: dict[str, Any],
             want = expand(cond[op], net, scenario_dir)
             got = normalize_peer_id(out) if isinstance(out, str) and isinstance(want, str) \
                 and _looks_like_peer_id(want) else out
-            want_n = normalize_peer_id(want) if isinstance(want, str) and _looks_like_peer_id(want) \
-                else want
+            is_id = isinstance(want, str) and _looks_like_peer_id(want)
+            want_n = normalize_peer_id(want) if is_id else want
             if not fn(got, want_n):
                 return False, f"value {out!r}, want {op} {want!r}"
     return True, "ok"
 
 
 def _looks_like_peer_id(s: str) -> bool:
-    return len(normalize_peer_id(s)) == 56 and bool(re.fullmatch(r"[A-Z2-7]+", normalize_peer_id(s)))
+    norm = normalize_peer_id(s)
+    return len(norm) == 56 and bool(re.fullmatch(r"[A-Z2-7]+", norm))
 
 
 def _describe(step: dict[str, Any]) -> str:

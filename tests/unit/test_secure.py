@@ -130,7 +130,8 @@ def test_known_answer_vectors_with_pinned_randomness() -> None:
 
 
 def test_key_schedule_matches_the_documented_construction() -> None:
-    """Re-derive the session keys from libsodium primitives as the README's Security section says."""
+    """Re-derive the session keys from libsodium primitives, as the README's Security
+    section says."""
     rand_i, rand_r = det_rand(b"I"), det_rand(b"R")
     i = InitiatorHandshake(ALICE, rand=det_rand(b"I"))
     r = ResponderHandshake(BOB, rand=det_rand(b"R"))
