@@ -156,8 +156,8 @@ async def test_forged_stores_never_come_back_as_valid(net: Net) -> None:
     mallory = Identity.generate("mallory")
     genuine = victim.record
     assert genuine is not None
-    tampered = dataclasses.replace(genuine, hosts=("10.6.6.6",), seq=genuine.seq + 10)
-    foreign = ContactRecord.create(mallory, ["10.6.6.6"], {"tcp": 1}, 99)
+    tampered = dataclasses.replace(genuine, hosts=("127.6.6.6",), seq=genuine.seq + 10)
+    foreign = ContactRecord.create(mallory, ["127.6.6.6"], {"tcp": 1}, 99)
     values: list[Any] = [[1, 2], tampered.encode(), foreign.encode(), b"\x00" * 100, "text"]
     transport, proto = await raw_peer()
     try:
@@ -184,7 +184,7 @@ async def test_lying_nodes_answers_are_ignored(net: Net) -> None:
     class LyingProtocol(HardenedProtocol):
         def rpc_find_value(self, sender: Any, nodeid: bytes, key_: bytes) -> Any:
             self._sender(sender, nodeid)
-            forged = dataclasses.replace(victim_record, hosts=("10.6.6.6",), seq=999)
+            forged = dataclasses.replace(victim_record, hosts=("127.6.6.6",), seq=999)
             return {"value": forged.encode()}
 
     # liars whose ids share 8 leading bits with the victim's: they are asked first

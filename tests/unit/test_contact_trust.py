@@ -27,7 +27,7 @@ def test_tampered_or_reattributed_record_fails() -> None:
                            rec.expires, rec.signature)
     with pytest.raises(ProtocolError, match="bad signature"):
         forged.verify(now=1_000_001)
-    moved = ContactRecord(a.peer_id, rec.name, ("10.9.9.9",), rec.ports, rec.seq,
+    moved = ContactRecord(a.peer_id, rec.name, ("127.9.9.9",), rec.ports, rec.seq,
                           rec.timestamp, rec.expires, rec.signature)
     with pytest.raises(ProtocolError):
         moved.verify(now=1_000_001)

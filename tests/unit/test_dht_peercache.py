@@ -52,7 +52,7 @@ def test_keeps_highest_seq(tmp_path: Path) -> None:
 def test_refuses_invalid_records_and_sources(tmp_path: Path) -> None:
     cache = PeerCache(tmp_path / "peers.db")
     a = Identity.generate("a")
-    forged = dataclasses.replace(rec(a, 1, 4001), hosts=("10.6.6.6",))
+    forged = dataclasses.replace(rec(a, 1, 4001), hosts=("127.6.6.6",))
     with pytest.raises(ProtocolError):
         cache.add(forged, "dht")
     with pytest.raises(ProtocolError):
@@ -70,7 +70,7 @@ def test_tampered_rows_are_dropped_on_load(tmp_path: Path) -> None:
     cache.add(rec(a, 1, 4001), "dht")
     cache.add(rec(b, 1, 4002), "dht")
     cache.close()
-    forged = dataclasses.replace(rec(a, 1, 4001), hosts=("10.6.6.6",))
+    forged = dataclasses.replace(rec(a, 1, 4001), hosts=("127.6.6.6",))
     db = sqlite3.connect(path)
     db.execute("UPDATE peers SET record = ? WHERE peer_key = ?", (forged.encode(), a.peer_id.key))
     db.execute("UPDATE peers SET record = ? WHERE peer_key = ?", (b"\xc1junk", b.peer_id.key))

@@ -60,7 +60,7 @@ def test_record_under_another_key_is_refused(ident: Identity) -> None:
 
 def test_tampered_record_is_refused(ident: Identity) -> None:
     r = rec(ident)
-    forged = dataclasses.replace(r, hosts=("10.6.6.6",))
+    forged = dataclasses.replace(r, hosts=("127.6.6.6",))
     with pytest.raises(ProtocolError, match="signature"):
         RecordStorage().put(ident.peer_id.dht_id, forged.encode(), now=NOW)
 
@@ -128,11 +128,11 @@ def test_byte_bound() -> None:
 def test_per_sender_bound() -> None:
     s = RecordStorage(max_keys_per_sender=2)
     items = _many(4)
-    assert s.put(*items[0], sender="10.0.0.1") is StoreOutcome.STORED
-    assert s.put(*items[1], sender="10.0.0.1") is StoreOutcome.STORED
-    assert s.put(*items[2], sender="10.0.0.1") is StoreOutcome.FULL
-    assert s.put(*items[3], sender="10.0.0.2") is StoreOutcome.STORED
-    assert s.keys_from("10.0.0.1") == 2 and s.keys_from("10.0.0.2") == 1
+    assert s.put(*items[0], sender="127.0.0.11") is StoreOutcome.STORED
+    assert s.put(*items[1], sender="127.0.0.11") is StoreOutcome.STORED
+    assert s.put(*items[2], sender="127.0.0.11") is StoreOutcome.FULL
+    assert s.put(*items[3], sender="127.0.0.12") is StoreOutcome.STORED
+    assert s.keys_from("127.0.0.11") == 2 and s.keys_from("127.0.0.12") == 1
 
 
 def test_full_storage_culls_expired_records_first() -> None:
