@@ -193,6 +193,11 @@ async def _recv_handshake(pipe: Pipe) -> bytes:
         ) from None
 
 
+def _handshake_timeout(pipe: Pipe, timeout_s: float) -> PeerUnreachable:
+    return PeerUnreachable(f"handshake with {pipe.remote[0]}:{pipe.remote[1]} over "
+                           f"{pipe.transport} timed out after {timeout_s:g} s")
+
+
 async def open_channel(pipe: Pipe, identity: Identity, *, expected_peer: PeerId | None,
                        authorize: Authorize,
                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> SecureChannel:
@@ -207,10 +212,7 @@ async def open_channel(pipe: Pipe, identity: Identity, *, expected_peer: PeerId 
             await _read_verdict(pipe, session, identity)
     except TimeoutError:
         await pipe.close()
-        raise PeerUnreachable(
-            f"handshake with {pipe.remote[0]}:{pipe.remote[1]} over {pipe.transport} "
-            f"timed out after {timeout_s:g} s"
-        ) from None
+        raise _handshake_timeout(pipe, timeout_s) from None
     except BaseException:
         await pipe.close()
         raise
@@ -240,10 +242,7 @@ async def accept_channel(pipe: Pipe, identity: Identity, *, authorize: Authorize
             await _send_verdict(pipe, session, identity, authorize)
     except TimeoutError:
         await pipe.close()
-        raise PeerUnreachable(
-            f"handshake with {pipe.remote[0]}:{pipe.remote[1]} over {pipe.transport} "
-            f"timed out after {timeout_s:g} s"
-        ) from None
+        raise _handshake_timeout(pipe, timeout_s) from None
     except BaseException:
         await pipe.close()
         raise

@@ -181,6 +181,10 @@ class _Session:
     async def _send(self, msg: Message) -> None:
         data = msg.encode()
         self.bytes_on_wire += len(data)
+        await self._send_raw(data)
+
+    async def _send_raw(self, data: bytes | memoryview) -> None:
+        """Send one frame; PeerUnreachable if the peer takes nothing for IDLE_TIMEOUT_S."""
         try:
             async with asyncio.timeout(IDLE_TIMEOUT_S):
                 await self.channel.send(data)
@@ -534,18 +538,6 @@ class _Source(_Session):
             return  # someone still holds a view of it: let it go
         if isinstance(buf, bytearray) and len(self._buffers) < READ_BUFFERS:
             self._buffers.append(buf)
-
-    async def _send_raw(self, data: bytes | memoryview) -> None:
-        try:
-            async with asyncio.timeout(IDLE_TIMEOUT_S):
-                await self.channel.send(data)
-        except TimeoutError:
-            raise PeerUnreachable(
-                f"{self.peer} accepted nothing for {IDLE_TIMEOUT_S:.0f} s; giving up") from None
-        except P2PError:
-            raise
-        except (OSError, ConnectionError) as exc:
-            raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
 
     def _changed(self, sf: SourceFile) -> IntegrityError:
         return IntegrityError(f"{sf.entry.path} changed while being sent; share it again")
