@@ -126,6 +126,7 @@ class Daemon:
     async def start(self) -> None:
         self._lock.acquire()
         s = self.settings
+        self.folders = shared_folders(s.shared_dirs)  # a bad --share fails before any bind
         from dht.peercache import PeerCache
 
         self.cache = PeerCache(self.home / "peers.db")
@@ -164,7 +165,6 @@ class Daemon:
         from node.watcher import FolderWatcher
 
         s = self.settings
-        self.folders = shared_folders(s.shared_dirs)
         received = s.received_path
         received.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.home / "events.db")
