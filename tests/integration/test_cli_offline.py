@@ -64,3 +64,11 @@ def test_malformed_config_is_clear(tmp_path) -> None:
     (tmp_path / "config.toml").write_text("tcp_port = 'x'\n")
     res = run("start", "--home", str(tmp_path))
     assert res.exit_code != 0 and "config.toml" in res.output and "tcp_port" in res.output
+
+
+def test_missing_shared_folder_is_a_config_error(tmp_path) -> None:
+    run("init", "--home", str(tmp_path))
+    res = run("start", "--home", str(tmp_path), "--share", str(tmp_path / "nope"))
+    assert res.exit_code == 2, res.output
+    assert "does not exist" in res.output and "nope" in res.output
+    assert not (tmp_path / "daemon.json").exists()
