@@ -132,3 +132,30 @@ def _cancel_midway(net: Testnet, share: subprocess.Popen[str]) -> tuple[str, str
         if share.poll() is None:
             share.kill()
             share.wait()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp", "quic"])
+def test_ping_over_each_transport(net: Testnet, transport: str) -> None:
+    res = net.cli("a", "ping", "b", "--transport", transport, "--count", "3")
+    assert res["transport"] == transport
+    assert normalize_peer_id(res["peer_id"]) == normalize_peer_id(net.peer_id("b"))
+    assert len(res["rtt_ms"]) == 3 and all(0 < r < 5000 for r in res["rtt_ms"])
+    assert res["remote"][1] == net.node("b").ports[transport]
+
+
+def test_ping_untrusted_and_transport_not_offered(net: Testnet) -> None:
+    refused = net.cli("a", "ping", net.peer_id("d"), json=False, check=False)
+    assert refused.returncode == 9
+    assert "is not trusted" in refused.stderr and "node trust" in refused.stderr
+    # a node that listens on tcp only: asking for quic names what it does offer
+    e = net.add_node("e", start=False)
+    (e.home / "config.toml").write_text('transports = ["tcp"]\n')
+    net.start("e")
+    net.cli("a", "trust", net.peer_id("e"), "--name", "e", json=False)
+    net.cli("e", "trust", net.peer_id("a"), "--name", "a", json=False)
+    net.wait_until(lambda: "e" in {net.name_of(p["peer_id"]) for p in net.cli("a", "peers")},
+                   30, what="a knows e")
+    res = net.cli("a", "ping", "e", "--transport", "quic", json=False, check=False)
+    assert res.returncode == 10, res.stderr
+    assert "does not offer transport 'quic'" in res.stderr and "it offers: tcp" in res.stderr
+    assert net.cli("a", "ping", "e", "--transport", "tcp", "--count", "1")["transport"] == "tcp"
