@@ -26,9 +26,10 @@ from node.errors import (
     PeerNotTrusted,
     ProtocolError,
 )
-from node.identity import Identity, PeerId
+from node.identity import Identity
 from node.transports import TRANSPORT_NAMES, get_transport
 from node.transports.base import MAX_MESSAGE_BYTES, Pipe
+from tests.helpers import trusting
 
 
 def _loadable(name: str) -> bool:
@@ -53,16 +54,6 @@ C2S, S2C = "c2s", "s2c"
 FIRST_DATA_C2S = 3
 
 Mutate = Callable[[str, int, bytes], list[bytes]]
-
-
-def trusting(*ids: Identity) -> Callable[[PeerId], None]:
-    allowed = {i.peer_id for i in ids}
-
-    def authorize(peer: PeerId) -> None:
-        if peer not in allowed:
-            raise PeerNotTrusted(f"{peer.short} not in trust list")
-
-    return authorize
 
 
 class EchoServer:

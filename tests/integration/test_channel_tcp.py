@@ -21,22 +21,13 @@ from node.errors import (
 from node.identity import Identity, PeerId
 from node.transports import TRANSPORT_NAMES, get_transport
 from node.transports.base import Pipe
+from tests.helpers import trusting
 
 ALICE = Identity.generate("alice")
 BOB = Identity.generate("bob")
 CAROL = Identity.generate("carol")
 HOST = "127.0.0.1"
 WAIT_S = 5.0
-
-
-def trusting(*ids: Identity) -> Callable[[PeerId], None]:
-    allowed = {i.peer_id for i in ids}
-
-    def authorize(peer: PeerId) -> None:
-        if peer not in allowed:
-            raise PeerNotTrusted(f"{peer.short} not in trust list")
-
-    return authorize
 
 
 class EchoServer:
