@@ -301,12 +301,7 @@ class PartialFile:
             raise local_io_error(exc, f"cannot finish {self.final}") from None
         self.close()
         final = resolve_under(self.folder, self.rel)
-        try:
-            st = os.lstat(final)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise local_io_error(exc, f"cannot inspect {final}") from None
+        st = _lstat_or_none(final)
         try:
             if st is not None:
                 if not stat.S_ISREG(st.st_mode):
@@ -432,12 +427,7 @@ class ReceiveStore:
         """
         rel = safe_relpath(entry.path)
         final = resolve_under(folder, rel)
-        try:
-            st = os.lstat(final)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise local_io_error(exc, f"cannot inspect {final}") from None
+        st = _lstat_or_none(final)
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
                 raise PathBlocked(f"{final} is in the way: it is a folder")
@@ -464,3 +454,13 @@ class ReceiveStore:
         partial.close()
         with self._lock:
             self._active.discard(partial.part_path)
+
+
+def _lstat_or_none(path: Path) -> os.stat_result | None:
+    """lstat, or None when nothing is there; LocalIOError for any other failure."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise local_io_error(exc, f"cannot inspect {path}") from None
