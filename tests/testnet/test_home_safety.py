@@ -9,7 +9,8 @@ only ever started with a --share that would publish its home: it must exit 2
 with one line and start nothing.
 
 Looks at nodes only from the outside: exit codes, stderr, `node log --json`,
-`node status --json`, node.log and file modes on disk.
+`node status --json`, node.log and file modes on disk; the last test plays B
+over a real authenticated fetch channel (node.channel, node.transfer.session).
 """
 
 from __future__ import annotations
@@ -189,3 +190,41 @@ def test_share_of_the_home_is_refused(tn: Net) -> None:
     assert all(str(home) not in " ".join(r["paths"]) for r in rows)
     assert normalize_peer_id(net.peer_id("A"))  # the node is still up
     net.cli("A", "status")
+
+
+async def _fetch(me: Any, target: Any, port: int, rel: str, into: Path) -> Any:
+    """Ask `target` for `rel` over a real authenticated fetch channel, as a trusted peer."""
+    from node.channel import open_channel
+    from node.peering import ServiceRequest
+    from node.transfer.session import fetch_file
+    from node.transfer.store import ReceiveStore
+    from node.transports import get_transport
+
+    pipe = await get_transport("tcp").connect("127.0.0.1", port, timeout=5.0)
+    channel = await open_channel(pipe, me, expected_peer=target, authorize=lambda _p: None)
+    try:
+        await channel.send(ServiceRequest("fetch").encode())
+        return await fetch_file(channel, rel, None, ReceiveStore(into))
+    finally:
+        await channel.close()
+
+
+def test_a_trusted_peer_cannot_fetch_a_state_file(tn: Net, tmp_path: Path) -> None:
+    import asyncio
+
+    from node.errors import P2PError
+    from node.identity import PeerId, load_identity
+
+    net = tn.net
+    me = load_identity(net.node("B").home)  # A trusts B
+    target = PeerId.parse(net.peer_id("A"))
+    port = net.node("A").ports["tcp"]
+    ok = asyncio.run(_fetch(me, target, port, "docs/readme.txt", tmp_path / "ok"))
+    assert [f.path.read_bytes() for f in ok.files if f.path] == [b"hello\n"]  # the route works
+    for rel in ("docs/identity.key", "docs/trust.db"):
+        try:
+            got = asyncio.run(_fetch(me, target, port, rel, tmp_path / "no"))
+        except P2PError:
+            continue
+        assert not [f for f in got.files if f.path], rel
+    assert not list((tmp_path / "no").rglob("identity.key"))
