@@ -544,7 +544,7 @@ class Daemon:
             try:
                 size, _mtime, digest = await asyncio.to_thread(hash_file, f)
                 await self.gossip.publish_local("shared", ONE_OFF_FOLDER, rel, size, digest)
-            except (OSError, P2PError) as exc:
+            except (OSError, P2PError, ValueError) as exc:  # one bad file never ends the rest
                 log.warning("could not announce shared file %s: %s", f, exc)
 
     async def _cmd_transfers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:

@@ -318,9 +318,8 @@ class FolderWatcher:
 
     def find_by_hash(self, hash: bytes) -> Path | None:
         for rel in self.index.find_by_hash(hash):
-            p = self.folder / rel
-            if p.is_file():
-                return p
+            if regular_file_under(self.folder, rel) is not None:
+                return self.folder / rel
         return None
 
     # -- scan at start ------------------------------------------------------------

@@ -298,3 +298,20 @@ def test_shareable_files_skips_links_state_and_bad_names(tmp_path: Path, caplog:
     assert len(shareable_files(out, 1)) == 1
     lines = [r.getMessage() for r in caplog.records]
     assert any("identity.key" in m for m in lines) and any("symlink" in m for m in lines)
+
+
+def test_find_by_hash_never_returns_a_symlink(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"same bytes")
+    digest = blake3.blake3(b"same bytes").digest()
+    try:
+        (folder / "swapped").symlink_to(secret)  # an indexed file replaced by a link
+        w.index.put("swapped", 10, 0, digest)
+        assert w.find_by_hash(digest) is None
+        (folder / "real").write_bytes(b"same bytes")
+        w.index.put("real", 10, 0, digest)
+        assert w.find_by_hash(digest) == folder / "real"
+    finally:
+        w.index.close()
