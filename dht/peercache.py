@@ -22,6 +22,7 @@ from dht.records import check_signature
 from node.contact import ContactRecord
 from node.errors import LocalIOError, ProtocolError
 from node.identity import PeerId
+from node.statefiles import private_file
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,11 @@ class PeerCache:
         self.max_peers = max_peers
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db = sqlite3.connect(private_file(path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise LocalIOError(f"cannot open the peer cache {path}: {exc}") from None
 
     def add(self, record: ContactRecord, source: str, *, now: float | None = None) -> bool:

@@ -162,14 +162,19 @@ def show_id(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _setup_logging(settings: Settings | None, level: str = "INFO") -> None:
+    from node.logfmt import SafeFormatter
+    from node.statefiles import PrivateRotatingFileHandler, private_dir
+
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings is not None:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(
+        private_dir(settings.home)
+        handlers.append(PrivateRotatingFileHandler(
             settings.log_file, maxBytes=5 * 1024 * 1024, backupCount=3))
         level = settings.log_level
-    logging.basicConfig(level=level.upper(), handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # file names reach log messages: escaped, so a name cannot forge a log line
+    for handler in handlers:
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
     # kademlia logs every RPC at DEBUG/INFO; keep it quiet unless asked
     for noisy in ("kademlia", "rpcudp", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -159,4 +159,17 @@ def load_settings(home: Path | None = None, overrides: Mapping[str, Any] | None 
         setattr(settings, key, _coerce(key, value, f"option --{key.replace('_', '-')}",
                                        from_text=False))
     _validate(settings, "command-line options")
-    return settings
+    return absolute_paths(settings)
+
+
+def absolute_paths(settings: Settings) -> Settings:
+    """`settings` with the home, shared and received dirs absolute and symlink-resolved
+    (relative ones against the current dir), so every later comparison of paths (the
+    watcher's own-write suppression, the home checks) sees one spelling of each."""
+    def resolve(text: str | Path) -> Path:
+        return Path(text).expanduser().resolve()
+
+    return dataclasses.replace(
+        settings, home=resolve(settings.home),
+        shared_dirs=[str(resolve(d)) for d in settings.shared_dirs],
+        received_dir=str(resolve(settings.received_dir)) if settings.received_dir else "")

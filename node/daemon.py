@@ -23,13 +23,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from node.config import Settings
+from node.config import Settings, absolute_paths
 from node.contact import ContactRecord
 from node.control import ControlServer, Emit, socket_path_for
 from node.errors import NodeAlreadyRunning, P2PError, PeerUnreachable, UnknownPeer
 from node.identity import Identity, PeerId, load_identity
 from node.peerbook import PeerBook
 from node.peering import Peering
+from node.statefiles import (
+    check_received_dir,
+    check_shared_root,
+    is_state_name,
+    private_dir,
+    write_private,
+)
 from node.trust import TrustStore, resolve_peer
 
 log = logging.getLogger("p2pfs.daemon")
@@ -63,7 +70,7 @@ class HomeLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,6 +93,7 @@ class HomeLock:
 
 class Daemon:
     def __init__(self, settings: Settings, identity: Identity | None = None) -> None:
+        settings = absolute_paths(settings)
         self.settings = settings
         self.home = settings.home
         self.identity = identity or load_identity(self.home)
@@ -109,6 +117,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        self._shared_folders()  # refuse a bad --share before anything starts (or logs)
         try:
             await self.start()
             log.info("node %s (%s) is up; control socket %s", self.identity.peer_id,
@@ -126,7 +135,7 @@ class Daemon:
     async def start(self) -> None:
         self._lock.acquire()
         s = self.settings
-        self.folders = shared_folders(s.shared_dirs)  # a bad --share fails before any bind
+        self.folders = self._shared_folders()  # a bad --share fails before any bind
         from dht.peercache import PeerCache
 
         self.cache = PeerCache(self.home / "peers.db")
@@ -155,6 +164,14 @@ class Daemon:
         for url in s.bootstrap:
             self._spawn(self._register_loop(url))
         self._write_state()
+
+    def _shared_folders(self) -> dict[str, Path]:
+        """The --share folders, refused (ConfigError) when one would publish our own state."""
+        folders = shared_folders(self.settings.shared_dirs)
+        check_received_dir(self.settings.received_path, home=self.home)
+        for folder in folders.values():
+            check_shared_root(folder, home=self.home, received=self.settings.received_path)
+        return folders
 
     async def _start_services(self) -> None:
         """Event log, transfers, gossip, sync and folder watchers."""
@@ -233,6 +250,8 @@ class Daemon:
             target = resolve_under(folder, PurePosixPath(*relpath.parts[1:]))
         except (P2PError, OSError):
             return None
+        if is_state_name(target.name):
+            return None  # never served, even if it somehow got announced
         return (folder.parent, target) if target.is_file() else None
 
     async def _sync_fetch(self, origin: PeerId, folder: str, path: str, digest: bytes) -> Path:
@@ -318,9 +337,7 @@ class Daemon:
             "control_socket": str(self.control.path),
             "started_at": self.started_at,
         }
-        tmp = self.home / (DAEMON_STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.home / DAEMON_STATE_FILE)
+        write_private(self.home / DAEMON_STATE_FILE, json.dumps(state, indent=2).encode())
 
     # ------------------------------------------------------------------ records
     def _new_record(self) -> ContactRecord:
@@ -504,6 +521,9 @@ class Daemon:
         paths = args.get("paths")
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
             raise P2PError("share needs at least one path")
+        for p in paths:  # never push or announce the node's own home
+            check_shared_root(Path(p), home=self.home, received=self.settings.received_path,
+                              what="path", may_hold_received=True)
         to = [self.resolve(t) for t in args.get("to") or []]
         for peer in to:
             self.peering.authorize(peer)
@@ -516,16 +536,15 @@ class Daemon:
 
     async def _announce_share(self, path: Path) -> None:
         """Emit a signed "shared" event per file so every peer is notified."""
-        from node.watcher import hash_file
+        from node.watcher import hash_file, shareable_files
 
         path = path.expanduser().resolve()
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        for f in files[:MAX_ANNOUNCED_FILES]:
-            rel = f.relative_to(path.parent).as_posix()
+        # regular files only: never a symlink's target, a state file or an unsendable name
+        for f, rel in await asyncio.to_thread(shareable_files, path, MAX_ANNOUNCED_FILES):
             try:
                 size, _mtime, digest = await asyncio.to_thread(hash_file, f)
                 await self.gossip.publish_local("shared", ONE_OFF_FOLDER, rel, size, digest)
-            except (OSError, P2PError) as exc:
+            except (OSError, P2PError, ValueError) as exc:  # one bad file never ends the rest
                 log.warning("could not announce shared file %s: %s", f, exc)
 
     async def _cmd_transfers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:

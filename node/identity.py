@@ -8,7 +8,7 @@ mistyped character changes the checksum, so the id is rejected instead of
 silently naming someone else.
 
 The key file holds the 32-byte seed and is created with mode 0600 and O_EXCL.
-This module imports nothing of the project except errors.
+This module imports nothing of the project except errors and statefiles.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import nacl.utils
 from nacl.encoding import RawEncoder
 
 from node.errors import IdentityError
+from node.statefiles import private_dir
 
 PUBKEY_LEN_BYTES = 32
 CHECKSUM_LEN_BYTES = 3
@@ -152,7 +153,7 @@ class Identity:
 
     # -- key file ---------------------------------------------------------
     def save(self, home: Path, *, force: bool = False) -> Path:
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(home)
         path = home / KEY_FILE_NAME
         if path.exists() and not force:
             raise IdentityError(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from node.errors import IdentityError, UnknownPeer
 from node.identity import PeerId, normalize_id_text, validate_name
+from node.statefiles import private_dir, private_file
 
 TRUST_DB_NAME = "trust.db"
 MIN_PREFIX_LEN = 4
@@ -42,9 +43,9 @@ class TrustedPeer:
 
 class TrustStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                                   timeout=5.0)
+        private_dir(path.parent)
+        self._db = sqlite3.connect(str(private_file(path)), isolation_level=None,
+                                   check_same_thread=False, timeout=5.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS trusted ("

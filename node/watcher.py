@@ -27,9 +27,11 @@ not import the gossip service, transports or the daemon.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from watchdog.observers import Observer
 
 from node.errors import LocalIOError, ProtocolError
 from node.gossip.events import validate_rel_path
+from node.statefiles import is_state_name, private_file
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ INDEX_SUFFIXES = (".p2pfs-index", ".p2pfs-index-wal", ".p2pfs-index-shm", ".p2pf
 HASH_CHUNK_BYTES = 1 << 20
 SUPPRESS_TTL_S = 30.0
 DEFAULT_DEBOUNCE_S = 0.15
+# bad names a watcher remembers having warned about (one warning each, bounded memory)
+MAX_WARNED_NAMES = 10_000
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,95 @@ class IndexEntry:
 
 
 def hash_file(path: Path) -> tuple[int, int, bytes]:
-    """(size, mtime_ns, BLAKE3-256) of a file; blocking, run it in a thread."""
+    """(size, mtime_ns, BLAKE3-256) of a regular file; blocking, run it in a thread.
+
+    Never follows a symlink at `path` (OSError ELOOP) and never opens anything but
+    a regular file (no FIFO to block on, no device): a link to /etc/passwd is not
+    hashed as if it were the file.
+    """
     h = blake3.blake3()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", closefd=True) as f:
         st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         while chunk := f.read(HASH_CHUNK_BYTES):
             h.update(chunk)
     return st.st_size, st.st_mtime_ns, h.digest()
+
+
+def name_problem(rel: str) -> str | None:
+    """Why a local file name cannot be announced, or None when it can.
+
+    A name that is not valid UTF-8 (os.walk hands it over with surrogates) cannot
+    be encoded into a signed event; a newline or control character could forge
+    lines wherever the name is shown.
+    """
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in rel):
+        return "its name holds a newline or another control character"
+    try:
+        validate_rel_path(rel)
+    except ProtocolError as exc:
+        return str(exc)
+    return None
+
+
+def regular_file_under(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of `root/rel` when it is a regular file reached through no symlink, else None."""
+    current = root
+    parts = PurePosixPath(rel).parts
+    for i, part in enumerate(parts):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            return None
+    return st if parts and stat.S_ISREG(st.st_mode) else None
+
+
+def shareable_files(path: Path, limit: int) -> list[tuple[Path, str]]:
+    """(file, name relative to path's parent) for `path` itself or the regular files under
+    it, at most `limit`; blocking. Symlinks are never followed (`path` itself is taken as
+    given), and node state files and names that cannot be announced are skipped with one
+    warning each."""
+    root = path.parent
+    found: list[Path] = []
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+            dirnames.sort()
+            found.extend(Path(dirpath) / name for name in sorted(filenames))
+    else:
+        found.append(path)
+    out: list[tuple[Path, str]] = []
+    for f in found:
+        rel = f.relative_to(root).as_posix()
+        problem = name_problem(rel)
+        if problem is None and is_state_name(f.name):
+            problem = "it is a p2pfs node state file"
+        if problem is not None:
+            log.warning("not announcing %s: %s", f, problem)
+            continue
+        try:
+            st = os.lstat(f)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                log.warning("not announcing the symlink %s", f)
+            continue
+        out.append((f, rel))
+        if len(out) >= limit:
+            break
+    return out
 
 
 def is_ignored_name(rel: str) -> bool:
@@ -93,9 +180,9 @@ def is_ignored_name(rel: str) -> bool:
     if not parts or VERSIONS_DIR in parts:
         return True
     name = parts[-1]
-    return (name.endswith((PARTIAL_SUFFIX, *INDEX_SUFFIXES, ".swp", ".swx", "~", ".tmp",
-                           ".p2pfs-state")) or name.startswith(".#")
-            or name == "4913")
+    return is_state_name(name) or (
+        name.endswith((PARTIAL_SUFFIX, *INDEX_SUFFIXES, ".swp", ".swx", "~", ".tmp",
+                       ".p2pfs-state")) or name.startswith(".#") or name == "4913")
 
 
 class FileIndex:
@@ -103,13 +190,13 @@ class FileIndex:
 
     def __init__(self, path: Path | str) -> None:
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db = sqlite3.connect(str(private_file(path)), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
                 " mtime_ns INTEGER NOT NULL, hash BLOB NOT NULL)")
             self._db.execute("CREATE INDEX IF NOT EXISTS files_hash ON files (hash)")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise LocalIOError(f"cannot open file index {path}: {exc}") from None
 
     def get(self, path: str) -> IndexEntry | None:
@@ -164,6 +251,7 @@ class FolderWatcher:
         self._suppressed: dict[str, tuple[bytes, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._warned: set[str] = set()  # names already reported as not announceable
         self._running = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -230,9 +318,8 @@ class FolderWatcher:
 
     def find_by_hash(self, hash: bytes) -> Path | None:
         for rel in self.index.find_by_hash(hash):
-            p = self.folder / rel
-            if p.is_file():
-                return p
+            if regular_file_under(self.folder, rel) is not None:
+                return self.folder / rel
         return None
 
     # -- scan at start ------------------------------------------------------------
@@ -287,18 +374,20 @@ class FolderWatcher:
                     st = full.lstat()
                 except OSError:
                     continue
-                if full.is_symlink() or not full.is_file():
+                if not stat.S_ISREG(st.st_mode):  # symlinks, FIFOs, devices
                     continue
                 out[rel] = (st.st_size, st.st_mtime_ns)
         return out
 
-    @staticmethod
-    def _valid(rel: str) -> bool:
-        try:
-            validate_rel_path(rel)
-        except ProtocolError:
-            return False
-        return True
+    def _valid(self, rel: str) -> bool:
+        """False (and one warning per name) for a name that cannot be announced."""
+        problem = name_problem(rel)
+        if problem is None:
+            return True
+        if rel not in self._warned and len(self._warned) < MAX_WARNED_NAMES:
+            self._warned.add(rel)
+            log.warning("not announcing %s in %s: %s", rel, self.folder, problem)
+        return False
 
     # -- live events ----------------------------------------------------------------
     def _from_thread(self, event: FileSystemEvent) -> None:
@@ -372,7 +461,7 @@ class FolderWatcher:
     async def _classify(self, rel: str, old: str) -> LocalChange | None:
         full = self.folder / rel
         entry = self.index.get(rel)
-        if not full.is_file() or full.is_symlink():
+        if regular_file_under(self.folder, rel) is None:
             if entry is None:
                 return None
             self.index.remove(rel)

@@ -34,6 +34,7 @@ from typing import Any
 from node.errors import LocalIOError, ProtocolError
 from node.gossip.events import MAX_SEQ, ChangeEvent, now_ms
 from node.identity import Identity, PeerId
+from node.statefiles import private_file
 from node.wire import packb, unpackb
 
 MISSING_BATCH_MAX = 256
@@ -119,11 +120,11 @@ class EventLog:
     def __init__(self, path: Path | str) -> None:
         self.path = path
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db = sqlite3.connect(str(private_file(path)), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise LocalIOError(f"cannot open event log {path}: {exc}") from None
         self._listeners: list[Callable[[Notification], None]] = []
         self._waiters: list[asyncio.Future[None]] = []

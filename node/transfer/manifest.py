@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import blake3
 
 from node.errors import LocalIOError, ProtocolError
+from node.statefiles import is_state_name
 from node.transfer.paths import local_io_error, safe_relpath
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,9 @@ def build_manifest(root: Path, paths: list[Path], *,
             continue
         if not stat.S_ISREG(st.st_mode):
             log.warning("skipping %s: not a regular file", p)
+            continue
+        if is_state_name(p.name):
+            log.warning("skipping %s: a p2pfs node state file is never sent", p)
             continue
         if st.st_size > MAX_FILE_SIZE_BYTES:
             raise LocalIOError(f"{p} is larger than the {MAX_FILE_SIZE_BYTES >> 30} GiB limit")

@@ -58,6 +58,8 @@ STATE_SAVE_EVERY_CHUNKS = 64
 STATE_SAVE_INTERVAL_S = 1.0
 PARTIAL_NAME_PREFIX_BYTES = 100
 MAX_STATE_FILE_BYTES = 64 << 10
+# a received file never gets group/world write (nor setuid/setgid/sticky: masked by 0o777)
+RECEIVED_NEVER_BITS = 0o022
 
 
 class PlanKind(Enum):
@@ -295,7 +297,7 @@ class PartialFile:
             if os.fstat(self.fd).st_size != e.size:
                 raise LocalIOError(f"{self.part_path} changed size on disk while receiving")
             os.fsync(self.fd)
-            os.fchmod(self.fd, e.mode & 0o777)
+            os.fchmod(self.fd, received_mode(e.mode, self.store.umask))
             os.utime(self.fd, ns=(e.mtime_ns, e.mtime_ns))
         except OSError as exc:
             raise local_io_error(exc, f"cannot finish {self.final}") from None
@@ -341,11 +343,33 @@ class FilePlan:
         return self.partial.missing() if self.partial is not None else []
 
 
+def current_umask() -> int:
+    """The process umask, read without a window in which it is wider than before."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)  # a file created meanwhile gets fewer rights, never more
+    os.umask(old)
+    return old
+
+
+def received_mode(sender_mode: int, umask: int) -> int:
+    """Mode of a finished received file: the sender's permission bits masked with our
+    umask, never group/world write and never setuid/setgid/sticky; always readable
+    and writable by us (we verify, replace and version our copy)."""
+    return (sender_mode & 0o777 & ~umask & ~RECEIVED_NEVER_BITS) | 0o600
+
+
 class ReceiveStore:
     """Where received files go: ``<received_dir>/<label>/<relative path>``."""
 
-    def __init__(self, received_dir: Path) -> None:
+    def __init__(self, received_dir: Path, *, umask: int | None = None) -> None:
         self.received_dir = Path(received_dir)
+        self.umask = current_umask() if umask is None else umask
         self._active: set[Path] = set()
         self._lock = threading.Lock()
 

@@ -123,7 +123,7 @@ def load_or_create_cert(home: Path | None) -> tuple[bytes, bytes]:
         home.mkdir(parents=True, exist_ok=True)
         cert_pem, key_pem = generate_cert()
         _write_private(key_path, key_pem, 0o600)
-        _write_private(cert_path, cert_pem, 0o644)
+        _write_private(cert_path, cert_pem, 0o600)  # everything in the home is 0600
         return cert_pem, key_pem
     except OSError as exc:
         raise LocalIOError(f"cannot read or write the QUIC certificate in {home}: {exc}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -123,3 +124,40 @@ def test_finished_file_leaves_no_state_behind(setup: Any) -> None:
         store.release(partial)
     assert final.read_bytes() == data
     assert sorted(os.listdir(folder)) == ["f.bin"]
+
+
+@pytest.mark.parametrize("sender_mode,umask,expected", [
+    (0o777, 0o022, 0o755),     # a sender's 0777 never lands group/world writable
+    (0o4777, 0o022, 0o755),    # never setuid ...
+    (0o7775, 0o002, 0o755),    # ... setgid or sticky; group write stripped even at umask 002
+    (0o640, 0o022, 0o640),
+    (0o777, 0o077, 0o700),     # the receiver's umask applies
+    (0o444, 0o022, 0o644),     # we always keep our own copy readable and writable
+])
+def test_received_file_mode_is_masked(tmp_path: Path, sender_mode: int, umask: int,
+                                      expected: int) -> None:
+    data = os.urandom(CHUNK * 2)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    chunk, hashes, root = hash_file(src, chunk_size=CHUNK)
+    entry = FileEntry("f.bin", len(data), sender_mode, 0, chunk, hashes, root)
+    store = ReceiveStore(tmp_path / "received", umask=umask)
+    plan = store.plan(store.folder("alice"), entry)
+    partial = plan.partial
+    assert partial is not None
+    try:
+        for i in range(2):
+            assert partial.write_chunk(i, part(data, i))
+        final = partial.finalize()
+    finally:
+        store.release(partial)
+    assert stat.S_IMODE(os.lstat(final).st_mode) == expected
+
+
+def test_store_reads_the_process_umask() -> None:
+    old = os.umask(0o027)
+    try:
+        assert store_mod.current_umask() == 0o027
+        assert ReceiveStore(Path("unused")).umask == 0o027
+    finally:
+        os.umask(old)

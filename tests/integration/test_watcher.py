@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import blake3
 
-from node.watcher import FolderWatcher, LocalChange, hash_file, is_ignored_name
+from node.watcher import (
+    FolderWatcher,
+    LocalChange,
+    hash_file,
+    is_ignored_name,
+    shareable_files,
+)
 
 DEBOUNCE_S = 0.1
 
@@ -178,3 +186,132 @@ async def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LocalIOError, match="does not exist"):
         await w.start()
     w.index.close()
+
+
+# -- the node's own state, symlinks and unannounceable names -------------------------------
+
+BAD_UTF8 = b"caf\xe9.txt"  # Latin-1 bytes: not valid UTF-8
+NEWLINE_NAME = "bad\nINFO p2pfs.daemon: forged.txt"
+
+
+def _make_bad_names(folder: Path) -> None:
+    fd = os.open(os.fsencode(folder) + b"/" + BAD_UTF8, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"latin-1 name")
+    os.close(fd)
+    (folder / NEWLINE_NAME).write_bytes(b"newline name")
+    (folder / "tab\there.txt").write_bytes(b"tab name")
+
+
+async def test_bad_names_are_skipped_with_one_warning_and_the_rest_announced(
+        tmp_path: Path, caplog: Any) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    _make_bad_names(folder)
+    (folder / "a-good.txt").write_bytes(b"a")
+    (folder / "z-good.txt").write_bytes(b"z")
+    caplog.set_level(logging.WARNING, logger="node.watcher")
+    await w.start()
+    try:
+        assert sorted(c.path for c in rec.changes) == ["a-good.txt", "z-good.txt"]
+        warned = [r.getMessage() for r in caplog.records if "not announcing" in r.getMessage()]
+        assert len(warned) == 3, warned
+        # live writes to the same bad names: still skipped, no second warning
+        (folder / NEWLINE_NAME).write_bytes(b"edited")
+        (folder / "m-good.txt").write_bytes(b"m")
+        await rec.wait_for(3)
+        await rec.quiet()
+        assert [c.path for c in rec.changes[2:]] == ["m-good.txt"]
+        assert len([r for r in caplog.records if "not announcing" in r.getMessage()]) == 3
+    finally:
+        await w.stop()
+
+
+async def test_symlinks_are_never_announced_with_their_target(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    secret_hash = blake3.blake3(secret.read_bytes()).digest()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "inner.txt").write_bytes(secret.read_bytes())
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    (folder / "passwd").symlink_to(secret)
+    (folder / "dirlink").symlink_to(outside)
+    await w.start()
+    try:
+        (folder / "live-link").symlink_to(secret)
+        os.symlink(secret, folder / "tmp-link")
+        os.replace(folder / "tmp-link", folder / "renamed-link")
+        (folder / "proof.txt").write_bytes(b"proof")
+        await rec.wait_for(1)
+        await rec.quiet()
+        assert [c.path for c in rec.changes] == ["proof.txt"]
+        assert all(c.hash != secret_hash for c in rec.changes)
+    finally:
+        await w.stop()
+
+
+async def test_node_state_files_are_never_announced(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    for name in ("identity.key", "trust.db", "trust.db-wal", "node.log", "daemon.json"):
+        (folder / name).write_bytes(b"state")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "identity.key").write_bytes(b"someone's key")
+    (folder / "readme.txt").write_bytes(b"hello")
+    await w.start()
+    try:
+        (folder / "events.db").write_bytes(b"written while running")
+        (folder / "proof.txt").write_bytes(b"proof")
+        await rec.wait_for(2)
+        await rec.quiet()
+        assert sorted(c.path for c in rec.changes) == ["proof.txt", "readme.txt"]
+    finally:
+        await w.stop()
+
+
+def test_hash_file_refuses_symlinks_and_fifos(tmp_path: Path) -> None:
+    import pytest
+
+    target = tmp_path / "t"
+    target.write_bytes(b"x")
+    (tmp_path / "link").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("link", "fifo"):
+        with pytest.raises(OSError):
+            hash_file(tmp_path / name)
+
+
+def test_shareable_files_skips_links_state_and_bad_names(tmp_path: Path, caplog: Any) -> None:
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "good.txt").write_bytes(b"g")
+    (out / "sub" / "deep.txt").write_bytes(b"d")
+    (out / "identity.key").write_bytes(b"k")
+    (out / "link").symlink_to(tmp_path / "out" / "good.txt")
+    (out / "dirlink").symlink_to(tmp_path)
+    _make_bad_names(out)
+    caplog.set_level(logging.WARNING, logger="node.watcher")
+    got = shareable_files(out, 1000)
+    assert [rel for _f, rel in got] == ["out/good.txt", "out/sub/deep.txt"]
+    assert shareable_files(out / "good.txt", 1000) == [(out / "good.txt", "good.txt")]
+    assert len(shareable_files(out, 1)) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("identity.key" in m for m in lines) and any("symlink" in m for m in lines)
+
+
+def test_find_by_hash_never_returns_a_symlink(tmp_path: Path) -> None:
+    rec = Recorder()
+    folder, w = make(tmp_path, rec)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"same bytes")
+    digest = blake3.blake3(b"same bytes").digest()
+    try:
+        (folder / "swapped").symlink_to(secret)  # an indexed file replaced by a link
+        w.index.put("swapped", 10, 0, digest)
+        assert w.find_by_hash(digest) is None
+        (folder / "real").write_bytes(b"same bytes")
+        w.index.put("real", 10, 0, digest)
+        assert w.find_by_hash(digest) == folder / "real"
+    finally:
+        w.index.close()

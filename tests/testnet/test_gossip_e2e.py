@@ -3,9 +3,11 @@
 Four real `node start` processes (A, B, C, D) and a bootstrap server on
 127.0.0.1, started once for the module through scripts/testnet_lib.py. Trust:
 A, B and C all trust each other; A and D trust each other; B and C do not
-trust D (so D's events reach them only relayed by A). A and B also share their
-own received dirs, so a sync write that the watcher failed to recognise as the
-node's own would be announced again (an echo loop) and show up in the logs.
+trust D (so D's events reach them only relayed by A). A and B also share the
+folder inside their received dir where the other's folder is synced (a node
+refuses to share its whole received dir), so a sync write that the watcher
+failed to recognise as the node's own would be announced again (an echo loop)
+and show up in the logs.
 
 The tests look at nodes only from the outside, as a user does: `node log
 --json`, `node events --json`, `node transfers --json`, the files on disk,
@@ -174,12 +176,13 @@ def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     root = tmp_path_factory.mktemp("gossip-e2e")
     with Testnet(root / "net") as testnet:
         n = Net(testnet, root)
-        for d in [n.docs, n.bdocs, n.dshare, *n.inbox.values()]:
+        a_synced, b_synced = n.inbox["A"] / "B" / "bdocs", n.inbox["B"] / "A" / "docs"
+        for d in [n.docs, n.bdocs, n.dshare, *n.inbox.values(), a_synced, b_synced]:
             d.mkdir(parents=True)
         testnet.start_bootstrap(ttl_s=60)
-        testnet.add_node("A", share=[n.docs, n.inbox["A"]], received_dir=n.inbox["A"],
+        testnet.add_node("A", share=[n.docs, a_synced], received_dir=n.inbox["A"],
                          start=False)
-        testnet.add_node("B", share=[n.bdocs, n.inbox["B"]], received_dir=n.inbox["B"],
+        testnet.add_node("B", share=[n.bdocs, b_synced], received_dir=n.inbox["B"],
                          start=False)
         testnet.add_node("C", received_dir=n.inbox["C"], start=False)
         testnet.add_node("D", share=[n.dshare], received_dir=n.inbox["D"], start=False)
@@ -399,8 +402,8 @@ def test_untrusted_origin_is_relayed_but_not_applied(tn: Net) -> None:
 
 def test_no_echo_loop_between_sharing_peers(tn: Net) -> None:
     net, a, b = tn.net, tn.pid("A"), tn.pid("B")
-    # A and B share their received dirs: B's sync write of A's file lands in a folder
-    # B's watcher watches, and vice versa
+    # A and B share where they keep the other's folder: B's sync write of A's file lands
+    # in a folder B's watcher watches, and vice versa
     count = {n: len(log_of(net, n)) for n in ("A", "B", "C")}
     b_own = len(log_of(net, "B", "--peer", b))
     a_own = len(log_of(net, "A", "--peer", a))

@@ -155,3 +155,12 @@ def test_offer_decoder_rejects_malformed_entries(fields: list[object]) -> None:
     except ProtocolError:
         pass
     assert FileStatus(0, 0, 0, "").encode()
+
+
+def test_node_state_files_are_never_sent(tmp_path: Path) -> None:
+    src = tmp_path / "out"
+    src.mkdir()
+    for name in ("identity.key", "trust.db", "events.db-wal", "node.log.1", "notes.txt"):
+        (src / name).write_bytes(b"x")
+    files = mf.build_manifest(tmp_path, [src])
+    assert [f.entry.path for f in files] == ["out/notes.txt"]
