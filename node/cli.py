@@ -210,8 +210,8 @@ def start(
     share: Annotated[list[Path], typer.Option(
         "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
     port: Annotated[int | None, typer.Option(
-        "--port", "-p", help="Sets every port: TCP P, UDP P+1, QUIC P+2, DHT P+3 (each "
-                             "--*-port given on its own wins; 0 = any free ports).")] = None,
+        "--port", "-p", help="Base port P: TCP P, UDP P+1, QUIC P+2, DHT P+3 (a --*-port "
+                             "given on its own wins; 0 = any free ports).")] = None,
     tcp_port: Annotated[int | None, typer.Option(
         help=f"TCP transport port (default {Settings.tcp_port}).")] = None,
     udp_port: Annotated[int | None, typer.Option(
