@@ -163,8 +163,11 @@ def port_overrides(port: int | None, given: Mapping[str, int | None]) -> dict[st
     return out
 
 
-def port_option(service: str) -> str:
-    """What changes the port of a service (tcp, udp, quic, dht), for error messages."""
+def port_option(service: str, *, bad_address: bool = False) -> str:
+    """What changes the port of a service (tcp, udp, quic, dht), or the address all of
+    them listen on, for error messages."""
+    if bad_address:
+        return f"--listen-host (config key listen_host, env {ENV_PREFIX}LISTEN_HOST)"
     key = f"{service}_port"
     return f"--{service}-port or --port (config key {key}, env {ENV_PREFIX}{key.upper()})"
 

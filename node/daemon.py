@@ -146,7 +146,7 @@ class Daemon:
             ports = await self.peering.start()
             ports["dht"] = await self.dht.start()
         except PortUnavailable as exc:
-            raise exc.naming(port_option(exc.service)) from None
+            raise exc.naming(port_option(exc.service, bad_address=exc.bad_address)) from None
         self._closers.append(self.dht.stop)
         self.ports = ports
 

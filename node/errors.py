@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import socket
 from collections.abc import Iterator, Sequence
 
 # error name on the wire / control API -> class, so an error raised in the daemon
@@ -73,17 +74,20 @@ class LocalIOError(P2PError):
 
 
 class PortUnavailable(LocalIOError):
-    """A listening socket cannot be bound. `option` names what changes the port."""
+    """A listening socket cannot be bound. `option` names what changes the port, or the
+    address when `bad_address` (not this machine's, or a name that does not resolve)."""
 
-    def __init__(self, service: str, host: str, port: int, reason: str, option: str = "") -> None:
+    def __init__(self, service: str, host: str, port: int, reason: str, option: str = "", *,
+                 bad_address: bool = False) -> None:
         self.service, self.host, self.port = service, host, port
-        self.reason, self.option = reason, option
+        self.reason, self.option, self.bad_address = reason, option, bad_address
         hint = f"; use another with {option}" if option else ""
         super().__init__(f"cannot listen on {service} port {port} ({host}): {reason}{hint}")
 
     def naming(self, option: str) -> PortUnavailable:
-        """The same error, with the flag or config key that changes the port."""
-        return PortUnavailable(self.service, self.host, self.port, self.reason, option)
+        """The same error, with the flag or config key that changes the port (or address)."""
+        return PortUnavailable(self.service, self.host, self.port, self.reason, option,
+                               bad_address=self.bad_address)
 
 
 class NodeNotRunning(P2PError):
@@ -184,4 +188,6 @@ def bind_errors(service: str, host: str, port: int, option: str = "") -> Iterato
     except OSError as exc:
         inner = _os_error_of(exc)
         reason = (_BIND_REASONS.get(inner.errno or 0) or inner.strerror or str(inner)).lower()
-        raise PortUnavailable(service, host, port, reason, option) from None
+        bad_address = inner.errno == errno.EADDRNOTAVAIL or isinstance(inner, socket.gaierror)
+        raise PortUnavailable(service, host, port, reason, option,
+                              bad_address=bad_address) from None

@@ -20,6 +20,7 @@ def test_port_sets_every_port_and_each_given_alone_wins() -> None:
     with pytest.raises(ConfigError, match="--port"):
         port_overrides(65533, NONE_GIVEN)
     assert "--dht-port" in port_option("dht") and "dht_port" in port_option("dht")
+    assert port_option("udp", bad_address=True).startswith("--listen-host")
 
 
 def test_port_flags_beat_config_and_env(tmp_path) -> None:

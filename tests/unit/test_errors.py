@@ -41,19 +41,23 @@ def test_lineage_walks_to_the_nearest_known_ancestor() -> None:
     assert error_class([]) is P2PError
 
 
-@pytest.mark.parametrize("code, reason", [
-    (errno.EADDRINUSE, "already in use"),
-    (errno.EACCES, "permission denied"),
-    (errno.EADDRNOTAVAIL, "not one of this machine's"),
+@pytest.mark.parametrize("error, reason, bad_address", [
+    (OSError(errno.EADDRINUSE, "whatever the OS says"), "already in use", False),
+    (PermissionError(errno.EACCES, "whatever the OS says"), "permission denied", False),
+    (OSError(errno.EADDRNOTAVAIL, "whatever the OS says"), "not one of this machine's", True),
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "name or service", True),
 ])
-def test_bind_errors_names_service_port_and_option(code: int, reason: str) -> None:
+def test_bind_errors_names_service_port_and_option(error: OSError, reason: str,
+                                                   bad_address: bool) -> None:
     with pytest.raises(PortUnavailable) as info, bind_errors("dht", "127.0.0.1", 8468):
-        raise OSError(code, "whatever the OS says")
+        raise error
     exc = info.value
     assert (exc.service, exc.port, exc.exit_code) == ("dht", 8468, LocalIOError.exit_code)
+    assert exc.bad_address is bad_address
     assert reason in str(exc) and "8468" in str(exc)
     named = exc.naming("--dht-port")
     assert str(named).endswith("use another with --dht-port") and reason in str(named)
+    assert named.bad_address is bad_address
     assert "\n" not in str(named)
 
 
