@@ -24,9 +24,23 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from node.config import TRANSPORTS, Settings, default_home, load_settings, port_overrides
+from node.config import (
+    MAX_PORT,
+    TRANSPORTS,
+    Settings,
+    default_home,
+    load_settings,
+    port_overrides,
+)
 from node.control import ControlClient
-from node.errors import LocalIOError, NodeNotRunning, P2PError, UnknownPeer, describe_os_error
+from node.errors import (
+    ConfigError,
+    LocalIOError,
+    NodeNotRunning,
+    P2PError,
+    UnknownPeer,
+    describe_os_error,
+)
 from node.identity import Identity, PeerId, load_identity
 from node.trust import TrustStore, resolve_peer
 
@@ -195,6 +209,10 @@ def bootstrap(
     """Run the bootstrap registration server in the foreground (Ctrl-C stops it)."""
     from bootstrap.server import run
 
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"option --port must be 0-{MAX_PORT}, got {port}")
+    if not ttl > 0:
+        raise ConfigError(f"option --ttl must be a positive number of seconds, got {ttl:g}")
     _setup_logging(None)
     run(host=host, port=port, db_path=db, ttl_s=ttl)
 

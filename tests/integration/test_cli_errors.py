@@ -110,3 +110,13 @@ def test_bad_input_at_start_is_one_line(home: Path, args: list[str], env: dict[s
 def test_bad_since_is_one_line_without_asking_the_node(home: Path) -> None:
     res = _node(home, "log", "--home", str(home), "--since", "5x")
     _assert_one_error_line(res, ConfigError.exit_code, home, "--since", "5x")
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--port", "99999"], ["--port", "99999"]),
+    (["--port", "0", "--ttl", "-1"], ["--ttl", "-1"]),
+])
+def test_bad_bootstrap_flags_are_one_line(tmp_path: Path, args: list[str],
+                                          names: list[str]) -> None:
+    res = _node(tmp_path, "bootstrap", *args, "--db", str(tmp_path / "b.db"))
+    _assert_one_error_line(res, ConfigError.exit_code, tmp_path, *names)
