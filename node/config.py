@@ -110,8 +110,8 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
                 value = int(value)
             if not isinstance(value, int):
                 raise TypeError("an integer")
-            if key.endswith("_port") and not 0 <= value <= 65535:
-                raise ValueError("a port number 0-65535")
+            if key.endswith("_port") and not 0 <= value <= MAX_PORT:
+                raise ValueError(f"a port number 0-{MAX_PORT}")
             if key == "udp_datagram_bytes" and not 512 <= value <= 65000:
                 raise ValueError("between 512 and 65000")
             return value
@@ -152,9 +152,10 @@ def is_bootstrap_url(url: str) -> bool:
 def port_overrides(port: int | None, given: Mapping[str, int | None]) -> dict[str, int | None]:
     """The port flags of `node start`: `--port P` gives tcp P, udp P+1, quic P+2 and
     dht P+3, except where a port is given on its own (in `given`, None = not given)."""
-    if port is not None and not 0 <= port <= MAX_PORT - max(PORT_OFFSETS.values()):
-        raise ConfigError(f"option --port must be 0-{MAX_PORT - max(PORT_OFFSETS.values())} "
-                          f"(it also sets the next {max(PORT_OFFSETS.values())}), got {port}")
+    span = max(PORT_OFFSETS.values())
+    if port is not None and not 0 <= port <= MAX_PORT - span:
+        raise ConfigError(f"option --port must be 0-{MAX_PORT - span} (it also sets the next "
+                          f"{span}), got {port}")
     out: dict[str, int | None] = {}
     for key, offset in PORT_OFFSETS.items():
         alone = given.get(key)
