@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bootstrap import DEFAULT_PORT, DEFAULT_TTL_S
-from node.errors import P2PError
+from node.errors import LocalIOError, P2PError, describe_os_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except P2PError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:  # port in use, address not available
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
+    except OSError as exc:  # last resort: a busy port is already a P2PError
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return LocalIOError.exit_code
     return 0
 
 

@@ -19,11 +19,12 @@ import json
 import logging
 import time
 from typing import Any, Self
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 
 from bootstrap import MAX_DEVICE_ID_LEN, MAX_PAGE_LIMIT, unregister_message
+from node.config import is_bootstrap_url
 from node.contact import ContactRecord
 from node.errors import P2PError, PeerUnreachable, ProtocolError
 from node.identity import Identity
@@ -40,8 +41,7 @@ class BootstrapClient:
     """Talks to one bootstrap server. Close it (or use ``async with``)."""
 
     def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not is_bootstrap_url(url):
             raise ProtocolError(f"bootstrap URL {url!r} must look like http://host:port")
         self.url = url.strip().rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)

@@ -58,7 +58,7 @@ from bootstrap.store import (
     UnregisterOutcome,
 )
 from node.contact import MAX_CLOCK_SKEW_S, ContactRecord
-from node.errors import IdentityError, P2PError, ProtocolError
+from node.errors import IdentityError, P2PError, ProtocolError, bind_errors
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
 log = logging.getLogger("p2pfs.bootstrap")
@@ -428,7 +428,8 @@ async def start_server(host: str, port: int, db_path: Path,
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
-        await site.start()
+        with bind_errors("bootstrap", host, port, option="--port"):
+            await site.start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -42,7 +42,7 @@ from dht.peercache import PeerCache
 from dht.protocol import RPC_TIMEOUT_S, HardenedProtocol, new_stats
 from dht.storage import RecordStorage
 from node.contact import ContactRecord
-from node.errors import P2PError, ProtocolError
+from node.errors import P2PError, ProtocolError, bind_errors
 from node.identity import Identity, PeerId
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class DhtNode:
 
     async def start(self) -> int:
         """Bind UDP on host:port (port 0 = any free port); returns the bound port."""
-        await self.server.listen(self.port, self.host)
+        with bind_errors("dht", self.host, self.port):
+            await self.server.listen(self.port, self.host)
         self.protocol.on_stored = self._on_stored
         self.port = self.server.transport.get_extra_info("sockname")[1]
         self._started = True

@@ -21,11 +21,26 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from node.config import TRANSPORTS, Settings, default_home, load_settings
+from node.config import (
+    MAX_PORT,
+    TRANSPORTS,
+    Settings,
+    default_home,
+    load_settings,
+    port_overrides,
+)
 from node.control import ControlClient
-from node.errors import LocalIOError, NodeNotRunning, P2PError, UnknownPeer
+from node.errors import (
+    ConfigError,
+    LocalIOError,
+    NodeNotRunning,
+    P2PError,
+    UnknownPeer,
+    describe_os_error,
+)
 from node.identity import Identity, PeerId, load_identity
 from node.trust import TrustStore, resolve_peer
 
@@ -74,14 +89,21 @@ def _root(
     """
 
 
+def _print_error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+
+
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except P2PError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            _print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # last resort: nothing closer to the cause mapped it
+            _print_error(describe_os_error(exc))
+            raise typer.Exit(LocalIOError.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -192,6 +214,10 @@ def bootstrap(
     """Run the bootstrap registration server in the foreground (Ctrl-C stops it)."""
     from bootstrap.server import run
 
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"option --port must be 0-{MAX_PORT}, got {port}")
+    if not ttl > 0:
+        raise ConfigError(f"option --ttl must be a positive number of seconds, got {ttl:g}")
     _setup_logging(None)
     run(host=host, port=port, db_path=db, ttl_s=ttl)
 
@@ -207,27 +233,31 @@ def start(
     share: Annotated[list[Path], typer.Option(
         "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
     port: Annotated[int | None, typer.Option(
-        "--port", "-p", help="TCP port (UDP = port+1, QUIC = port+2 unless given).")] = None,
-    tcp_port: Annotated[int | None, typer.Option(help="TCP transport port.")] = None,
-    udp_port: Annotated[int | None, typer.Option(help="UDP transport port.")] = None,
-    quic_port: Annotated[int | None, typer.Option(help="QUIC transport port.")] = None,
-    dht_port: Annotated[int | None, typer.Option(help="Kademlia DHT UDP port.")] = None,
+        "--port", "-p", help="Base port P: TCP P, UDP P+1, QUIC P+2, DHT P+3 (a --*-port "
+                             "given on its own wins; 0 = any free ports).")] = None,
+    tcp_port: Annotated[int | None, typer.Option(
+        help=f"TCP transport port (default {Settings.tcp_port}).")] = None,
+    udp_port: Annotated[int | None, typer.Option(
+        help=f"UDP transport port (default {Settings.udp_port}).")] = None,
+    quic_port: Annotated[int | None, typer.Option(
+        help=f"QUIC transport port, UDP (default {Settings.quic_port}).")] = None,
+    dht_port: Annotated[int | None, typer.Option(
+        help=f"Kademlia DHT port, UDP (default {Settings.dht_port}).")] = None,
     listen_host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     advertise_host: Annotated[str | None, typer.Option(
         help="Address to advertise to peers (default: the listen address).")] = None,
     received_dir: Annotated[Path | None, typer.Option(
         help="Where received files go (default HOME/received).")] = None,
     transport: TransportOpt = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
 ) -> None:
     """Run the node in the foreground: listen, join the DHT, register, serve the CLI."""
     overrides: dict[str, Any] = {
         "bootstrap": bootstrap_url, "bootstrap_peers": bootstrap_peer,
         "shared_dirs": [str(p) for p in share],
-        "tcp_port": tcp_port if tcp_port is not None else port,
-        "udp_port": udp_port if udp_port is not None else (port + 1 if port else None),
-        "quic_port": quic_port if quic_port is not None else (port + 2 if port else None),
-        "dht_port": dht_port, "listen_host": listen_host, "advertise_host": advertise_host,
+        **port_overrides(port, {"tcp_port": tcp_port, "udp_port": udp_port,
+                                "quic_port": quic_port, "dht_port": dht_port}),
+        "listen_host": listen_host, "advertise_host": advertise_host,
         "received_dir": str(received_dir) if received_dir else None,
         "transport": transport, "log_level": log_level,
     }
@@ -525,6 +555,10 @@ def show_log(
     as_json: JsonOpt = False,
 ) -> None:
     """Query the change log: every accepted create/edit/delete/move/share event."""
+    if since is not None:
+        from node.gossip.log import ms_from_text
+
+        ms_from_text(since)  # a bad --since is the user's error, said before asking the node
     rows = _call(home, "log", {"peer": peer, "since": since, "path": path, "limit": limit})
     if as_json:
         _print_json(rows)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -25,6 +26,10 @@ from node.errors import ConfigError
 CONFIG_FILE_NAME = "config.toml"
 TRANSPORTS = ("tcp", "udp", "quic")
 ENV_PREFIX = "P2PFS_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# `--port P` sets every port of the node, each one given on its own wins
+PORT_OFFSETS = {"tcp_port": 0, "udp_port": 1, "quic_port": 2, "dht_port": 3}
+MAX_PORT = 65535
 
 
 @dataclass
@@ -91,15 +96,22 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError("a list of strings")
+            bad = [v for v in value if not is_bootstrap_url(v)] if key == "bootstrap" else []
+            if bad:
+                raise ValueError(f"URLs like http://host:port ({bad[0]!r} is not one)")
             return value
         if kind == "int":
             if isinstance(value, bool):
                 raise TypeError("an integer")
-            value = int(value) if from_text else value
+            if from_text:
+                value = value.strip()
+                if not value.lstrip("-").isdigit():
+                    raise TypeError("an integer")
+                value = int(value)
             if not isinstance(value, int):
                 raise TypeError("an integer")
-            if key.endswith("_port") and not 0 <= value <= 65535:
-                raise ValueError("a port number 0-65535")
+            if key.endswith("_port") and not 0 <= value <= MAX_PORT:
+                raise ValueError(f"a port number 0-{MAX_PORT}")
             if key == "udp_datagram_bytes" and not 512 <= value <= 65000:
                 raise ValueError("between 512 and 65000")
             return value
@@ -110,6 +122,10 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
             return float(value)
         if not isinstance(value, str):
             raise TypeError("a string")
+        if key == "log_level":
+            if value.upper() not in LOG_LEVELS:
+                raise ValueError(f"one of {', '.join(LOG_LEVELS)}")
+            return value.upper()
         return value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: key {key!r} must be {exc}, got {value!r}") from None
@@ -121,6 +137,40 @@ def _validate(s: Settings, source: str) -> None:
     bad = [t for t in s.transports if t not in TRANSPORTS]
     if bad:
         raise ConfigError(f"{source}: key 'transports' has unknown transport(s) {bad}")
+
+
+def is_bootstrap_url(url: str) -> bool:
+    """http(s)://host[:port] with a host and, if given, a valid port."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def port_overrides(port: int | None, given: Mapping[str, int | None]) -> dict[str, int | None]:
+    """The port flags of `node start`: `--port P` gives tcp P, udp P+1, quic P+2 and
+    dht P+3, except where a port is given on its own (in `given`, None = not given)."""
+    span = max(PORT_OFFSETS.values())
+    if port is not None and not 0 <= port <= MAX_PORT - span:
+        raise ConfigError(f"option --port must be 0-{MAX_PORT - span} (it also sets the next "
+                          f"{span}), got {port}")
+    out: dict[str, int | None] = {}
+    for key, offset in PORT_OFFSETS.items():
+        alone = given.get(key)
+        out[key] = alone if alone is not None else (
+            None if port is None else (0 if port == 0 else port + offset))
+    return out
+
+
+def port_option(service: str, *, bad_address: bool = False) -> str:
+    """What changes the port of a service (tcp, udp, quic, dht), or the address all of
+    them listen on, for error messages."""
+    if bad_address:
+        return f"--listen-host (config key listen_host, env {ENV_PREFIX}LISTEN_HOST)"
+    key = f"{service}_port"
+    return f"--{service}-port or --port (config key {key}, env {ENV_PREFIX}{key.upper()})"
 
 
 def load_settings(home: Path | None = None, overrides: Mapping[str, Any] | None = None,

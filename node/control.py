@@ -3,7 +3,9 @@
 Protocol: length-prefixed msgpack frames (node.wire). The client sends one
 request ``{"cmd": str, "args": {...}}``; the server answers with zero or more
 ``{"event": {...}}`` frames (progress, live notifications) and then exactly one
-``{"ok": result}`` or ``{"error": {"type": ErrorClassName, "message": str}}``.
+``{"ok": result}`` or ``{"error": {"type": ErrorClassName, "message": str, "lineage":
+[ErrorClassName, ...its ancestors]}}``; the client raises the most specific class of the
+lineage it knows, so the exit code is the one the daemon's error has.
 The socket file is created with mode 0600 inside the home dir, so only the
 node's user can drive it.
 
@@ -22,7 +24,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from node.errors import ERROR_CLASSES, NodeNotRunning, P2PError, ProtocolError
+from node.errors import (
+    LocalIOError,
+    NodeNotRunning,
+    P2PError,
+    ProtocolError,
+    describe_os_error,
+    error_class,
+    error_lineage,
+)
 from node.wire import FRAME_HEADER, frame, packb, unpackb
 
 log = logging.getLogger("p2pfs.control")
@@ -118,15 +128,25 @@ class ControlServer:
             result = await handler(args, emit)
             await send({"ok": result})
         except P2PError as exc:
-            await send({"error": {"type": type(exc).__name__, "message": str(exc)}})
+            await send(_error_reply(exc))
         except (asyncio.IncompleteReadError, ConnectionError):
             raise
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug in a handler must not kill the daemon
+        except Exception as exc:  # a handler's failure must not kill the daemon
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                # our own disk or socket: the user's to fix, not a bug
+                log.warning("control command failed: %s", describe_os_error(exc))
+                await send(_error_reply(LocalIOError(describe_os_error(exc))))
+                return
             log.exception("control command failed")
-            await send({"error": {"type": "P2PError",
-                                  "message": f"internal error: {exc.__class__.__name__}: {exc}"}})
+            await send(_error_reply(
+                P2PError(f"internal error: {exc.__class__.__name__}: {exc}")))
+
+
+def _error_reply(exc: P2PError) -> dict[str, Any]:
+    return {"error": {"type": type(exc).__name__, "message": str(exc),
+                      "lineage": error_lineage(exc)}}
 
 
 class ControlClient:
@@ -161,8 +181,11 @@ class ControlClient:
                     continue
                 if "error" in reply:
                     err = reply["error"]
-                    cls = ERROR_CLASSES.get(err.get("type", ""), P2PError)
-                    raise cls(err.get("message", "unknown error"))
+                    lineage = err.get("lineage")
+                    if not isinstance(lineage, list):
+                        lineage = [err.get("type", "")]
+                    raise error_class(lineage).from_message(
+                        str(err.get("message", "unknown error")))
                 return reply.get("ok")
         finally:
             writer.close()

@@ -23,10 +23,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from node.config import Settings, absolute_paths
+from node.config import Settings, absolute_paths, port_option
 from node.contact import ContactRecord
 from node.control import ControlServer, Emit, socket_path_for
-from node.errors import NodeAlreadyRunning, P2PError, PeerUnreachable, UnknownPeer
+from node.errors import NodeAlreadyRunning, P2PError, PeerUnreachable, PortUnavailable, UnknownPeer
 from node.identity import Identity, PeerId, load_identity
 from node.peerbook import PeerBook
 from node.peering import Peering
@@ -136,6 +136,7 @@ class Daemon:
         self._lock.acquire()
         s = self.settings
         self.folders = self._shared_folders()  # a bad --share fails before any bind
+        self.received = received_folder(s.received_path)  # so does a bad --received-dir
         from dht.peercache import PeerCache
 
         self.cache = PeerCache(self.home / "peers.db")
@@ -145,13 +146,16 @@ class Daemon:
             ports={"tcp": s.tcp_port, "udp": s.udp_port, "quic": s.quic_port},
             transports=s.transports, locate=self.locate,
         )
-        ports = await self.peering.start()
-        self._closers.append(self.peering.stop)
+        self._closers.append(self.peering.stop)  # closes what bound if a later port fails
 
         from dht.node import DhtNode
 
         self.dht = DhtNode(self.identity, host=s.listen_host, port=s.dht_port, cache=self.cache)
-        ports["dht"] = await self.dht.start()
+        try:
+            ports = await self.peering.start()
+            ports["dht"] = await self.dht.start()
+        except PortUnavailable as exc:
+            raise exc.naming(port_option(exc.service, bad_address=exc.bad_address)) from None
         self._closers.append(self.dht.stop)
         self.ports = ports
 
@@ -182,8 +186,7 @@ class Daemon:
         from node.watcher import FolderWatcher
 
         s = self.settings
-        received = s.received_path
-        received.mkdir(parents=True, exist_ok=True)
+        received = self.received
         self.events = EventLog(self.home / "events.db")
         self._closers.append(_async(self.events.close))
         self.sharing = ShareService(
@@ -594,6 +597,18 @@ class Daemon:
         if not isinstance(text, str):
             raise UnknownPeer("no peer given")
         return self.resolve(text)
+
+
+def received_folder(path: Path) -> Path:
+    """The folder received files go to, created if missing."""
+    from node.errors import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the received folder {path} ({exc.strerror}); "
+                          "set another with --received-dir (config key received_dir)") from None
+    return path
 
 
 def shared_folders(dirs: list[str]) -> dict[str, Path]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.errors import LocalIOError, ProtocolError
+from node.errors import ConfigError, LocalIOError, ProtocolError
 from node.gossip.events import MAX_SEQ, ChangeEvent, now_ms
 from node.identity import Identity, PeerId
 from node.statefiles import private_file
@@ -407,4 +407,4 @@ def ms_from_text(text: str) -> int:
         return int((time.time() - int(text[:-1]) * units[text[-1]]) * 1000)
     if text.isdigit():
         return int(text)
-    raise ValueError(f"not a time: {text!r} (use epoch ms or e.g. 10m, 2h, 3d)")
+    raise ConfigError(f"option --since: {text!r} is not a time (epoch ms, or e.g. 10m, 2h, 3d)")

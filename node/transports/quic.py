@@ -54,7 +54,7 @@ from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 
-from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError
+from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
 from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
 from node.transports.certs import load_or_create_cert
 
@@ -587,11 +587,12 @@ async def listen(host: str, port: int, handler: PipeHandler, *,
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise PeerUnreachable(f"cannot listen for QUIC on {host}:{port}: {exc}") from None
+    with bind_errors("quic", host, port):
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
     # qh3's socket layer: batched receive (recvmmsg/GRO) and GSO sends
     transport, server_any = await create_optimized_datagram_transport(
         loop, lambda: _Server(listener, config), sock=sock)

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from node.errors import ChannelClosed, LocalIOError, P2PError, PeerUnreachable, ProtocolError
+from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
 from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, PipeHandler
 
 log = logging.getLogger(__name__)
@@ -472,10 +472,8 @@ class TcpListener:
 async def listen(host: str, port: int, handler: PipeHandler) -> TcpListener:
     listener = TcpListener(handler)
     loop = asyncio.get_running_loop()
-    try:
+    with bind_errors("tcp", host, port):
         listener._server = await loop.create_server(listener._make_protocol, host, port)
-    except OSError as exc:
-        raise LocalIOError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from None
     return listener
 
 

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from node.errors import ChannelClosed, LocalIOError, P2PError, PeerUnreachable, ProtocolError
+from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
 from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, PipeHandler
 from node.transports.udp_machine import (
     CLOSE_TIMEOUT_S,
@@ -541,13 +541,10 @@ async def listen(host: str, port: int, handler: PipeHandler, *,
                  datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
                  loss_rate: float = 0.0) -> UdpListener:
     loop = asyncio.get_running_loop()
-    try:
+    with bind_errors("udp", host, port):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
         sock = _make_socket(family, addr)
-    except OSError as exc:
-        raise LocalIOError(f"cannot listen on udp {host}:{port}: "
-                           f"{exc.strerror or exc}") from None
     return UdpListener(loop, sock, handler, datagram_bytes, loss_rate)
 
 

@@ -72,3 +72,10 @@ def test_missing_shared_folder_is_a_config_error(tmp_path) -> None:
     assert res.exit_code == 2, res.output
     assert "does not exist" in res.output and "nope" in res.output
     assert not (tmp_path / "daemon.json").exists()
+
+
+def test_start_help_shows_the_default_ports() -> None:
+    res = run("start", "--help")
+    assert res.exit_code == 0
+    for default in ("8471", "8472", "8473", "8468", "P+3"):
+        assert default in res.output, (default, res.output)

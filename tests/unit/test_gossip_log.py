@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from node.errors import ConfigError
 from node.gossip.events import ChangeEvent
 from node.gossip.log import AddOutcome, EventLog, ms_from_text
 from node.identity import Identity
@@ -116,7 +117,7 @@ async def test_wait_for_notification_wakes_up() -> None:
 def test_since_parsing() -> None:
     assert ms_from_text("12345") == 12345
     assert ms_from_text("10m") < ms_from_text("1m")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="--since"):
         ms_from_text("yesterday")
 
 
