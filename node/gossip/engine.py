@@ -32,6 +32,10 @@ Validation: a bad signature, a reused (origin, seq) with a different id and any
 malformed/oversize field produce ``Reject`` and are never stored or relayed.
 Events from untrusted origins are stored relay-only and relayed (anyone may
 relay signed events) but reported with ``trusted=False``, so nobody acts on them.
+The store keeps them within caps (per origin, in total, origins tracked; see
+node/gossip/log.py ``RELAY_ONLY_*``) and advertises a high-water mark for them
+in digests, so what the caps pruned is never pulled again; an ``Events`` batch
+is followed up ("more") only while it brings trusted events.
 
 Imports node.gossip.events, node.gossip.log, node.wire, node.identity and
 node.errors; it must not import asyncio, sockets, the service or transports.
@@ -241,8 +245,12 @@ class GossipEngine:
             actions = []
             for blob in msg.events:
                 actions += self._ingest(blob, peer, relay=False)
-            if msg.more:
-                actions.append(self._send(peer, self._digest(reply=False)))
+            # ask for the next batch only while it brings events we act on, and only for
+            # trusted origins: untrusted ones get one batch per exchange (within the
+            # relay caps), so a peer holding thousands of their events cannot make us
+            # pull them all, and a batch the caps refused entirely can never loop
+            if msg.more and any(isinstance(a, Accept) and a.trusted for a in actions):
+                actions.append(self._send(peer, self._digest(reply=False, untrusted_done=True)))
             return actions
         if isinstance(msg, Digest):
             return self._answer_digest(peer, msg)
@@ -330,10 +338,11 @@ class GossipEngine:
         if outcome is AddOutcome.DUPLICATE:
             self.stats["duplicates"] += 1
             return []
-        if outcome is AddOutcome.QUOTA:
-            self.stats["rejected"] += 1
-            return [Reject("relay quota for an untrusted origin exhausted", via, event.origin,
-                           event.seq, eid)]
+        if outcome is AddOutcome.PRUNED:
+            # older than what the relay caps already pruned of this untrusted origin:
+            # neither stored nor relayed again (that would only bounce it around)
+            self.stats["pruned"] = self.stats.get("pruned", 0) + 1
+            return []
         if outcome is AddOutcome.CONFLICT:
             return [self._reject(
                 f"sequence number reused with different content: "
@@ -355,9 +364,9 @@ class GossipEngine:
                 return [self._send(peer, self._digest(reply=False))]
         return []
 
-    def _digest(self, *, reply: bool) -> Digest:
-        items = sorted(self.store.highest_seqs().items())[:DIGEST_ORIGINS_MAX]
-        return Digest(tuple((k, v) for k, v in items), reply)
+    def _digest(self, *, reply: bool, untrusted_done: bool = False) -> Digest:
+        return Digest(tuple(self.store.digest_seqs(DIGEST_ORIGINS_MAX,
+                                                   untrusted_done=untrusted_done)), reply)
 
     def _answer_digest(self, peer: PeerId, msg: Digest) -> list[Action]:
         actions: list[Action] = []
