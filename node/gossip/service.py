@@ -183,8 +183,10 @@ class GossipService:
         return {p: online for p, (_s, online, _n) in self.engine.presence().items()}
 
     def stats(self) -> dict[str, int]:
+        """Engine counters plus what the log holds (O(1): counters, no scan of the log)."""
         out = dict(self.engine.stats)
         out["dropped"] = sum(link.dropped for link in self._links.values())
+        out.update({f"log_{k}": v for k, v in self.log.stats().to_json().items()})
         return out
 
     # -- engine actions ------------------------------------------------------------
