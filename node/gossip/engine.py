@@ -35,7 +35,8 @@ relay signed events) but reported with ``trusted=False``, so nobody acts on them
 The store keeps them within caps (per origin, in total, origins tracked; see
 node/gossip/log.py ``RELAY_ONLY_*``) and advertises a high-water mark for them
 in digests, so what the caps pruned is never pulled again; an ``Events`` batch
-is followed up ("more") only while it brings trusted events.
+is followed up ("more") only while it brings trusted events, and untrusted
+events are pushed onward at most ``RELAY_ONLY_PUSH_PER_S`` (token bucket).
 
 Imports node.gossip.events, node.gossip.log, node.wire, node.identity and
 node.errors; it must not import asyncio, sockets, the service or transports.
@@ -171,6 +172,12 @@ class _Presence:
 DEFAULT_FANOUT = 6
 # the origin of an event pushes it to this many peers (relays use `fanout`)
 DEFAULT_ORIGIN_FANOUT = 32
+# events of untrusted origins are pushed onward at most this fast (a token bucket, for
+# all such origins together); beyond it they are still stored within the log's caps and
+# spread by anti-entropy only, so a flood of fresh strangers' events costs every node
+# at most fanout x 20 pushes/s instead of fanout per event
+RELAY_ONLY_PUSH_PER_S = 20.0
+RELAY_ONLY_PUSH_BURST = 64
 
 
 class GossipEngine:
@@ -199,6 +206,8 @@ class GossipEngine:
         self._presence: dict[PeerId, _Presence] = {}
         self._next_anti_entropy: float | None = None
         self._last_gap_pull: dict[PeerId, float] = {}
+        self._relay_tokens = float(RELAY_ONLY_PUSH_BURST)
+        self._relay_tokens_at: float | None = None
         self.stats = {"sent": 0, "received": 0, "accepted": 0, "rejected": 0, "duplicates": 0}
 
     # -- configuration -------------------------------------------------------
@@ -237,14 +246,14 @@ class GossipEngine:
         if isinstance(msg, Push):
             actions: list[Action] = []
             for blob in msg.events:
-                actions += self._ingest(blob, peer, relay=True)
+                actions += self._ingest(blob, peer, relay=True, now=now)
             origins = {a.event.origin.key for a in actions if isinstance(a, Accept)}
             actions += self._maybe_gap_pull(peer, origins, now)
             return actions
         if isinstance(msg, Events):
             actions = []
             for blob in msg.events:
-                actions += self._ingest(blob, peer, relay=False)
+                actions += self._ingest(blob, peer, relay=False, now=now)
             # ask for the next batch only while it brings events we act on, and only for
             # trusted origins: untrusted ones get one batch per exchange (within the
             # relay caps), so a peer holding thousands of their events cannot make us
@@ -308,7 +317,7 @@ class GossipEngine:
             self.store.record_rejected(origin, seq, eid, reason)
         return Reject(reason, via, origin, seq, eid)
 
-    def _ingest(self, blob: bytes, via: PeerId, *, relay: bool) -> list[Action]:
+    def _ingest(self, blob: bytes, via: PeerId, *, relay: bool, now: float) -> list[Action]:
         # fast path: the exact bytes were seen before (the id proper is computed
         # over our canonical re-encoding, so a re-encoded copy is still caught below)
         raw_key = b"raw:" + _blob_hash(blob)
@@ -349,9 +358,22 @@ class GossipEngine:
                 f"{event.origin.short}#{event.seq}", via, event)]
         self.stats["accepted"] += 1
         actions: list[Action] = [Accept(event, trusted, via)]
-        if relay:
+        if relay and (trusted or self._relay_budget(now)):
             actions += self._push(Push((blob,)), exclude=(via, event.origin))
         return actions
+
+    def _relay_budget(self, now: float) -> bool:
+        """Token bucket for pushing untrusted origins' events onward."""
+        elapsed = max(0.0, now - self._relay_tokens_at) if self._relay_tokens_at is not None \
+            else 0.0
+        self._relay_tokens = min(float(RELAY_ONLY_PUSH_BURST),
+                                 self._relay_tokens + elapsed * RELAY_ONLY_PUSH_PER_S)
+        self._relay_tokens_at = now
+        if self._relay_tokens >= 1.0:
+            self._relay_tokens -= 1.0
+            return True
+        self.stats["relay_throttled"] = self.stats.get("relay_throttled", 0) + 1
+        return False
 
     def _maybe_gap_pull(self, peer: PeerId, origins: set[bytes], now: float) -> list[Action]:
         """A newly accepted event left a hole below it: pull the hole from that peer now."""

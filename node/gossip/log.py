@@ -306,7 +306,7 @@ class EventLog:
         top = 0
         for eid, seq, size in db.execute(
                 "SELECT id, seq, length(raw) FROM events WHERE origin=? AND relay_only=1"
-                " ORDER BY seq", (origin,)):
+                " ORDER BY seq", (origin,)).fetchall():  # at most the per-origin cap + 1
             if len(doomed) >= excess_events and freed_bytes >= excess_bytes:
                 break
             doomed.append(eid)
