@@ -244,3 +244,33 @@ async def test_relay_flood_from_untrusted_origins_is_capped_and_settles(tmp_path
         assert net.logs[1].count() == 40 + st["log_relay_only_events"]
     finally:
         await net.close()
+
+
+async def test_stop_returns_even_if_a_task_swallows_one_cancellation(tmp_path: Path) -> None:
+    """Python 3.11's wait_for can swallow a cancel when the awaited send completes at
+    the same moment; the writer then waited on its outbox again and stop() hung."""
+    net = Net(tmp_path, 2, heartbeat_s=5.0)
+    await net.start(0)
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # what the 3.11 race does
+        await asyncio.Event().wait()
+
+    link = net.services[0]._link(net.pids[1])
+    link.writer = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    writer = link.writer
+    stopping = asyncio.create_task(net.services[0].stop())
+    try:
+        await asyncio.wait({stopping}, timeout=5.0)  # (asyncio.wait never cancels)
+        assert stopping.done(), "stop() hangs on a task that swallowed a cancellation"
+        assert swallowed.is_set() and writer.done()
+    finally:
+        for task in (writer, writer, stopping):
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        await net.close()
