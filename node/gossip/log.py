@@ -71,8 +71,9 @@ RELAY_ONLY_MAX_ORIGINS = 64  # untrusted origins whose events we hold at once
 RELAY_ONLY_MAX_EVENTS_TOTAL = 4096
 RELAY_ONLY_MAX_BYTES_TOTAL = 2 * 1024 * 1024
 # evicted untrusted origins keep a ~100-byte tombstone (their high-water mark, so
-# peers do not re-send what we evicted); beyond this many the oldest are forgotten
-RELAY_ONLY_ORIGINS_REMEMBERED_MAX = 2048
+# peers do not re-send what we evicted; ~45 bytes each in every digest we send);
+# beyond this many the oldest are forgotten
+RELAY_ONLY_ORIGINS_REMEMBERED_MAX = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -182,6 +183,7 @@ class EventLog:
         seq_row = self._db.execute(
             "SELECT seq FROM sqlite_sequence WHERE name='notifications'").fetchone()
         self._last_notification_id: int = max(row[0], seq_row[0] if seq_row else 0)
+        self._count_relay_events_of_older_logs()
         # counters behind stats(): one full count when the log is opened, then kept up
         # to date by every write, so `node status` never scans the log
         self._events_total: int = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
@@ -195,6 +197,19 @@ class EventLog:
         self._relay_remembered: int = agg[3]
         self._relay_clock: int = agg[4]
         self._relay_pruned = 0
+
+    def _count_relay_events_of_older_logs(self) -> None:
+        """Once per log file: relay-only events stored before ``relay_origins`` existed
+        get their rows, so the caps see (and on the next add, evict) them too."""
+        if self._get_local("relay_origins_v1"):
+            return
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO relay_origins (origin, events, bytes, floor, active, mixed)"
+                " SELECT e.origin, COUNT(*), SUM(length(e.raw)), 0, 0, EXISTS(SELECT 1 FROM"
+                " events t WHERE t.origin = e.origin AND t.relay_only = 0)"
+                " FROM events e WHERE e.relay_only = 1 GROUP BY e.origin")
+            self._set_local("relay_origins_v1", 1)
 
     def close(self) -> None:
         self._db.close()

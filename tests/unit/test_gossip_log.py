@@ -136,7 +136,7 @@ def test_untrusted_events_do_not_move_our_clock() -> None:
 
 
 def _small_caps(monkeypatch, *, per_origin: int = 8, total: int = 64, origins: int = 16,
-                remembered: int = 2048, per_origin_bytes: int = 256 * 1024,
+                remembered: int = 1024, per_origin_bytes: int = 256 * 1024,
                 total_bytes: int = 2 * 1024 * 1024) -> None:
     for name, value in (("EVENTS_PER_ORIGIN", per_origin), ("EVENTS_TOTAL", total),
                         ("ORIGINS", origins), ("BYTES_PER_ORIGIN", per_origin_bytes),
@@ -284,4 +284,27 @@ def test_pruning_keeps_ids_counting_up(tmp_path: Path, monkeypatch) -> None:
     log.close()
     log = EventLog(tmp_path / "p.db")
     assert log.notify("file_updated", {}) == 21
+    log.close()
+
+
+def test_relay_events_of_an_older_log_are_counted_and_capped(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    path = tmp_path / "old.db"
+    log = EventLog(path)
+    for stranger in STRANGERS[:6]:
+        for s in range(1, 11):
+            log.add(ev(stranger, s), relay_only=True)
+    log.add(ev(B, 1))
+    # what a log written before the relay caps looks like: no relay_origins rows
+    log._db.execute("DELETE FROM relay_origins")
+    log._db.execute("DELETE FROM local WHERE key='relay_origins_v1'")
+    log.close()
+    log = EventLog(path)
+    st = log.stats()
+    assert (st.events, st.relay_only_events, st.relay_only_origins) == (61, 60, 6)
+    _small_caps(monkeypatch, per_origin=4, total=12, origins=3)
+    log.add(ev(STRANGERS[0], 11), relay_only=True)
+    n, size, per = _relay_held(log)
+    assert n <= 12 and len(per) <= 3 and log.stats().relay_only_bytes == size
+    assert log.count() == log.stats().events
     log.close()
