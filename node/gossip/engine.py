@@ -381,9 +381,9 @@ class GossipEngine:
             return []
         for key in origins:
             contiguous, highest = self.store.watermark(key)
-            if highest > contiguous:
+            if highest > contiguous:  # (never for untrusted origins: high-water marks)
                 self._last_gap_pull[peer] = now
-                return [self._send(peer, self._digest(reply=False))]
+                return [self._send(peer, self._digest(reply=False, untrusted_done=True))]
         return []
 
     def _digest(self, *, reply: bool, untrusted_done: bool = False) -> Digest:

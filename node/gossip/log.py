@@ -67,7 +67,7 @@ PRUNE_EVERY = 1000
 # store to ~2 MiB whatever the number of origins.
 RELAY_ONLY_MAX_EVENTS_PER_ORIGIN = 256
 RELAY_ONLY_MAX_BYTES_PER_ORIGIN = 256 * 1024
-RELAY_ONLY_MAX_ORIGINS = 64  # untrusted origins whose events we hold at once
+RELAY_ONLY_MAX_ORIGINS = 256  # untrusted origins whose events we hold at once
 RELAY_ONLY_MAX_EVENTS_TOTAL = 4096
 RELAY_ONLY_MAX_BYTES_TOTAL = 2 * 1024 * 1024
 # evicted untrusted origins keep a ~100-byte tombstone (their high-water mark, so
