@@ -308,3 +308,21 @@ def test_relay_events_of_an_older_log_are_counted_and_capped(tmp_path: Path,
     assert n <= 12 and len(per) <= 3 and log.stats().relay_only_bytes == size
     assert log.count() == log.stats().events
     log.close()
+
+
+def test_real_caps_bound_200_untrusted_origins() -> None:
+    """No monkeypatching: 200 origins x 25 events (5,000) against the shipped caps."""
+    from node.gossip import log as log_mod
+
+    log = EventLog(":memory:")
+    for s in range(1, 26):
+        for stranger in STRANGERS:
+            log.add(ev(stranger, s), relay_only=True)
+        log.add(ev(B, s))
+    n, size, per = _relay_held(log)
+    assert 0 < n <= log_mod.RELAY_ONLY_MAX_EVENTS_TOTAL < 200 * 25
+    assert size <= log_mod.RELAY_ONLY_MAX_BYTES_TOTAL
+    assert len(per) <= log_mod.RELAY_ONLY_MAX_ORIGINS
+    assert max(per.values()) <= log_mod.RELAY_ONLY_MAX_EVENTS_PER_ORIGIN
+    assert len(log.query(peer=B.peer_id, limit=100)) == 25
+    assert log.stats().events == log.count()
