@@ -32,6 +32,11 @@ Validation: a bad signature, a reused (origin, seq) with a different id and any
 malformed/oversize field produce ``Reject`` and are never stored or relayed.
 Events from untrusted origins are stored relay-only and relayed (anyone may
 relay signed events) but reported with ``trusted=False``, so nobody acts on them.
+The store keeps them within caps (per origin, in total, origins tracked; see
+node/gossip/log.py ``RELAY_ONLY_*``) and advertises a high-water mark for them
+in digests, so what the caps pruned is never pulled again; an ``Events`` batch
+is followed up ("more") only while it brings trusted events, and untrusted
+events are pushed onward at most ``RELAY_ONLY_PUSH_PER_S`` (token bucket).
 
 Imports node.gossip.events, node.gossip.log, node.wire, node.identity and
 node.errors; it must not import asyncio, sockets, the service or transports.
@@ -167,6 +172,12 @@ class _Presence:
 DEFAULT_FANOUT = 6
 # the origin of an event pushes it to this many peers (relays use `fanout`)
 DEFAULT_ORIGIN_FANOUT = 32
+# events of untrusted origins are pushed onward at most this fast (a token bucket, for
+# all such origins together); beyond it they are still stored within the log's caps and
+# spread by anti-entropy only, so a flood of fresh strangers' events costs every node
+# at most fanout x 20 pushes/s instead of fanout per event
+RELAY_ONLY_PUSH_PER_S = 20.0
+RELAY_ONLY_PUSH_BURST = 64
 
 
 class GossipEngine:
@@ -195,6 +206,8 @@ class GossipEngine:
         self._presence: dict[PeerId, _Presence] = {}
         self._next_anti_entropy: float | None = None
         self._last_gap_pull: dict[PeerId, float] = {}
+        self._relay_tokens = float(RELAY_ONLY_PUSH_BURST)
+        self._relay_tokens_at: float | None = None
         self.stats = {"sent": 0, "received": 0, "accepted": 0, "rejected": 0, "duplicates": 0}
 
     # -- configuration -------------------------------------------------------
@@ -233,16 +246,20 @@ class GossipEngine:
         if isinstance(msg, Push):
             actions: list[Action] = []
             for blob in msg.events:
-                actions += self._ingest(blob, peer, relay=True)
+                actions += self._ingest(blob, peer, relay=True, now=now)
             origins = {a.event.origin.key for a in actions if isinstance(a, Accept)}
             actions += self._maybe_gap_pull(peer, origins, now)
             return actions
         if isinstance(msg, Events):
             actions = []
             for blob in msg.events:
-                actions += self._ingest(blob, peer, relay=False)
-            if msg.more:
-                actions.append(self._send(peer, self._digest(reply=False)))
+                actions += self._ingest(blob, peer, relay=False, now=now)
+            # ask for the next batch only while it brings events we act on, and only for
+            # trusted origins: untrusted ones get one batch per exchange (within the
+            # relay caps), so a peer holding thousands of their events cannot make us
+            # pull them all, and a batch the caps refused entirely can never loop
+            if msg.more and any(isinstance(a, Accept) and a.trusted for a in actions):
+                actions.append(self._send(peer, self._digest(reply=False, untrusted_done=True)))
             return actions
         if isinstance(msg, Digest):
             return self._answer_digest(peer, msg)
@@ -300,7 +317,7 @@ class GossipEngine:
             self.store.record_rejected(origin, seq, eid, reason)
         return Reject(reason, via, origin, seq, eid)
 
-    def _ingest(self, blob: bytes, via: PeerId, *, relay: bool) -> list[Action]:
+    def _ingest(self, blob: bytes, via: PeerId, *, relay: bool, now: float) -> list[Action]:
         # fast path: the exact bytes were seen before (the id proper is computed
         # over our canonical re-encoding, so a re-encoded copy is still caught below)
         raw_key = b"raw:" + _blob_hash(blob)
@@ -330,19 +347,33 @@ class GossipEngine:
         if outcome is AddOutcome.DUPLICATE:
             self.stats["duplicates"] += 1
             return []
-        if outcome is AddOutcome.QUOTA:
-            self.stats["rejected"] += 1
-            return [Reject("relay quota for an untrusted origin exhausted", via, event.origin,
-                           event.seq, eid)]
+        if outcome is AddOutcome.PRUNED:
+            # older than what the relay caps already pruned of this untrusted origin:
+            # neither stored nor relayed again (that would only bounce it around)
+            self.stats["pruned"] = self.stats.get("pruned", 0) + 1
+            return []
         if outcome is AddOutcome.CONFLICT:
             return [self._reject(
                 f"sequence number reused with different content: "
                 f"{event.origin.short}#{event.seq}", via, event)]
         self.stats["accepted"] += 1
         actions: list[Action] = [Accept(event, trusted, via)]
-        if relay:
+        if relay and (trusted or self._relay_budget(now)):
             actions += self._push(Push((blob,)), exclude=(via, event.origin))
         return actions
+
+    def _relay_budget(self, now: float) -> bool:
+        """Token bucket for pushing untrusted origins' events onward."""
+        elapsed = max(0.0, now - self._relay_tokens_at) if self._relay_tokens_at is not None \
+            else 0.0
+        self._relay_tokens = min(float(RELAY_ONLY_PUSH_BURST),
+                                 self._relay_tokens + elapsed * RELAY_ONLY_PUSH_PER_S)
+        self._relay_tokens_at = now
+        if self._relay_tokens >= 1.0:
+            self._relay_tokens -= 1.0
+            return True
+        self.stats["relay_throttled"] = self.stats.get("relay_throttled", 0) + 1
+        return False
 
     def _maybe_gap_pull(self, peer: PeerId, origins: set[bytes], now: float) -> list[Action]:
         """A newly accepted event left a hole below it: pull the hole from that peer now."""
@@ -350,14 +381,14 @@ class GossipEngine:
             return []
         for key in origins:
             contiguous, highest = self.store.watermark(key)
-            if highest > contiguous:
+            if highest > contiguous:  # (never for untrusted origins: high-water marks)
                 self._last_gap_pull[peer] = now
-                return [self._send(peer, self._digest(reply=False))]
+                return [self._send(peer, self._digest(reply=False, untrusted_done=True))]
         return []
 
-    def _digest(self, *, reply: bool) -> Digest:
-        items = sorted(self.store.highest_seqs().items())[:DIGEST_ORIGINS_MAX]
-        return Digest(tuple((k, v) for k, v in items), reply)
+    def _digest(self, *, reply: bool, untrusted_done: bool = False) -> Digest:
+        return Digest(tuple(self.store.digest_seqs(DIGEST_ORIGINS_MAX,
+                                                   untrusted_done=untrusted_done)), reply)
 
     def _answer_digest(self, peer: PeerId, msg: Digest) -> list[Action]:
         actions: list[Action] = []

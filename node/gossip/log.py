@@ -8,7 +8,19 @@ only (each call is a short local transaction). Tables:
   (anti-entropy) but never shown by ``query`` or acted upon.
 * ``watermarks``: per origin, the highest seq n such that 1..n are all present
   (the "contiguous highest"). Anti-entropy digests carry these, so a gap left
-  by a lost push is pulled again.
+  by a lost push is pulled again. For an untrusted origin it is a high-water
+  mark instead (the highest seq ever stored, gaps or not): we only relay such
+  events, best effort, and a gapless mark would make every peer re-send what
+  the caps below pruned, forever.
+* ``relay_origins``: one row per untrusted origin we store events for (or
+  stored, recently): how many relay-only events and bytes we hold, the highest
+  seq we pruned (older copies are refused), and when it was last active. It
+  enforces the relay caps in O(1) per event (see ``RELAY_ONLY_*``): per origin
+  the oldest events go first; over the total or origin caps the least recently
+  active untrusted origin loses all its events but keeps its row as a
+  tombstone (so its watermark still tells peers not to re-send them); the
+  oldest tombstones are forgotten beyond ``RELAY_ONLY_ORIGINS_REMEMBERED_MAX``.
+  Trusted origins' events are never evicted.
 * ``rejected``: events refused (bad signature, reused seq, oversize...), for audit.
 * ``local``: our own next seq and Lamport clock, persisted.
 * ``notifications``: what `node events` streams; ids go up by exactly one
@@ -49,9 +61,20 @@ MAX_NOTIFICATION_BYTES = 8192
 NOTIFICATIONS_KEEP = 100_000
 REJECTED_KEEP = 10_000
 PRUNE_EVERY = 1000
-# events we only relay (untrusted origin) are capped per origin, so a stranger
-# with a valid key cannot fill our disk
-RELAY_ONLY_MAX_PER_ORIGIN = 10_000
+# Events we only relay (untrusted origin) are capped, so strangers with valid keys,
+# or a trusted peer relaying thousands of them, cannot fill our disk or our digests.
+# An event is ~250 bytes with a short path (4096 at most): the per-origin caps keep
+# a few hundred recent changes of one origin, the totals bound the whole relay
+# store to ~2 MiB whatever the number of origins.
+RELAY_ONLY_MAX_EVENTS_PER_ORIGIN = 256
+RELAY_ONLY_MAX_BYTES_PER_ORIGIN = 256 * 1024
+RELAY_ONLY_MAX_ORIGINS = 256  # untrusted origins whose events we hold at once
+RELAY_ONLY_MAX_EVENTS_TOTAL = 4096
+RELAY_ONLY_MAX_BYTES_TOTAL = 2 * 1024 * 1024
+# evicted untrusted origins keep a ~100-byte tombstone (their high-water mark, so
+# peers do not re-send what we evicted; ~45 bytes each in every digest we send);
+# beyond this many the oldest are forgotten
+RELAY_ONLY_ORIGINS_REMEMBERED_MAX = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -75,6 +98,15 @@ CREATE TABLE IF NOT EXISTS watermarks (
     contiguous INTEGER NOT NULL,
     highest INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS relay_origins (
+    origin BLOB PRIMARY KEY,
+    events INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    floor INTEGER NOT NULL,
+    active INTEGER NOT NULL,
+    mixed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS relay_origins_active ON relay_origins (active);
 CREATE TABLE IF NOT EXISTS rejected (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -100,7 +132,26 @@ class AddOutcome(enum.Enum):
     NEW = "new"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"  # same (origin, seq), different event: a reused sequence number
-    QUOTA = "quota"  # an untrusted origin already fills its relay-only quota
+    PRUNED = "pruned"  # an untrusted origin's event at or below what we pruned of it
+
+
+@dataclass(frozen=True, slots=True)
+class LogStats:
+    """What the log holds, from counters kept up to date on every write: O(1) to read."""
+
+    events: int
+    relay_only_events: int
+    relay_only_bytes: int
+    relay_only_origins: int  # untrusted origins whose events we hold
+    relay_only_origins_remembered: int  # ... plus tombstones of evicted ones
+    relay_only_pruned: int  # relay-only events evicted since the log was opened
+
+    def to_json(self) -> dict[str, int]:
+        return {"events": self.events, "relay_only_events": self.relay_only_events,
+                "relay_only_bytes": self.relay_only_bytes,
+                "relay_only_origins": self.relay_only_origins,
+                "relay_only_origins_remembered": self.relay_only_origins_remembered,
+                "relay_only_pruned": self.relay_only_pruned}
 
 
 @dataclass(frozen=True)
@@ -133,6 +184,33 @@ class EventLog:
         seq_row = self._db.execute(
             "SELECT seq FROM sqlite_sequence WHERE name='notifications'").fetchone()
         self._last_notification_id: int = max(row[0], seq_row[0] if seq_row else 0)
+        self._count_relay_events_of_older_logs()
+        # counters behind stats(): one full count when the log is opened, then kept up
+        # to date by every write, so `node status` never scans the log
+        self._events_total: int = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        agg = self._db.execute(
+            "SELECT COALESCE(SUM(events), 0), COALESCE(SUM(bytes), 0),"
+            " COALESCE(SUM(events > 0), 0), COUNT(*), COALESCE(MAX(active), 0)"
+            " FROM relay_origins").fetchone()
+        self._relay_events: int = agg[0]
+        self._relay_bytes: int = agg[1]
+        self._relay_origins: int = agg[2]
+        self._relay_remembered: int = agg[3]
+        self._relay_clock: int = agg[4]
+        self._relay_pruned = 0
+
+    def _count_relay_events_of_older_logs(self) -> None:
+        """Once per log file: relay-only events stored before ``relay_origins`` existed
+        get their rows, so the caps see (and on the next add, evict) them too."""
+        if self._get_local("relay_origins_v1"):
+            return
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO relay_origins (origin, events, bytes, floor, active, mixed)"
+                " SELECT e.origin, COUNT(*), SUM(length(e.raw)), 0, 0, EXISTS(SELECT 1 FROM"
+                " events t WHERE t.origin = e.origin AND t.relay_only = 0)"
+                " FROM events e WHERE e.relay_only = 1 GROUP BY e.origin")
+            self._set_local("relay_origins_v1", 1)
 
     def close(self) -> None:
         self._db.close()
@@ -143,33 +221,149 @@ class EventLog:
 
     # -- events --------------------------------------------------------------
     def add(self, event: ChangeEvent, *, relay_only: bool = False) -> AddOutcome:
-        """Store a verified event. A reused (origin, seq) is refused and recorded."""
+        """Store a verified event. A reused (origin, seq) is refused and recorded.
+
+        `relay_only` (untrusted origin): stored within the ``RELAY_ONLY_*`` caps,
+        evicting this origin's oldest events, then the least recently active
+        untrusted origins; an event at or below what we pruned of its origin is
+        refused as PRUNED (not stored, not relayed again).
+        """
         db = self._db
+        origin = event.origin.key
         if db.execute("SELECT 1 FROM events WHERE id=?", (event.id,)).fetchone():
             return AddOutcome.DUPLICATE
         row = db.execute("SELECT id FROM events WHERE origin=? AND seq=?",
-                         (event.origin.key, event.seq)).fetchone()
+                         (origin, event.seq)).fetchone()
         if row is not None:
             self.record_rejected(event.origin, event.seq, event.id,
                                  "sequence number reused with different content")
             return AddOutcome.CONFLICT
-        if relay_only and db.execute(
-                "SELECT COUNT(*) FROM events WHERE origin=?", (event.origin.key,)
-        ).fetchone()[0] >= RELAY_ONLY_MAX_PER_ORIGIN:
-            self.record_rejected(event.origin, event.seq, event.id,
-                                 "relay quota for an untrusted origin exhausted")
-            return AddOutcome.QUOTA
-        with self._tx():
-            db.execute(
-                "INSERT INTO events (id, origin, seq, lamport, wall_ms, folder, kind, path,"
-                " old_path, raw, relay_only, received_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (event.id, event.origin.key, event.seq, event.lamport, event.wall_ms,
-                 event.folder, event.kind, event.path, event.old_path, event.encode(),
-                 int(relay_only), now_ms()))
-            self._advance_watermark(event.origin.key, event.seq)
-            if not relay_only:  # an untrusted origin must not be able to push our clock around
-                self._observe_lamport(event.lamport)
-        return AddOutcome.NEW
+        if relay_only:
+            floor = db.execute("SELECT floor FROM relay_origins WHERE origin=?",
+                               (origin,)).fetchone()
+            if floor is not None and event.seq <= floor[0]:
+                return AddOutcome.PRUNED
+        raw = event.encode()
+        counters = self._counters()
+        try:
+            with self._tx():
+                db.execute(
+                    "INSERT INTO events (id, origin, seq, lamport, wall_ms, folder, kind, path,"
+                    " old_path, raw, relay_only, received_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (event.id, origin, event.seq, event.lamport, event.wall_ms,
+                     event.folder, event.kind, event.path, event.old_path, raw,
+                     int(relay_only), now_ms()))
+                self._events_total += 1
+                self._advance_watermark(origin, event.seq, high_water=relay_only)
+                if relay_only:
+                    self._admit_relay(origin, len(raw))
+                    kept = db.execute("SELECT 1 FROM events WHERE id=?",
+                                      (event.id,)).fetchone() is not None
+                else:
+                    # an untrusted origin must not be able to push our clock around
+                    self._observe_lamport(event.lamport)
+                    db.execute("UPDATE relay_origins SET mixed=1 WHERE origin=?", (origin,))
+                    kept = True
+        except BaseException:
+            self._restore_counters(counters)
+            raise
+        return AddOutcome.NEW if kept else AddOutcome.PRUNED
+
+    # -- relay caps (untrusted origins) -------------------------------------------
+    def _admit_relay(self, origin: bytes, size_bytes: int) -> None:
+        """Count one new relay-only event of `origin`, then evict down to the caps."""
+        db = self._db
+        self._relay_clock += 1
+        row = db.execute("SELECT events FROM relay_origins WHERE origin=?",
+                         (origin,)).fetchone()
+        if row is None:
+            mixed = db.execute("SELECT 1 FROM events WHERE origin=? AND relay_only=0 LIMIT 1",
+                               (origin,)).fetchone() is not None
+            db.execute("INSERT INTO relay_origins (origin, events, bytes, floor, active, mixed)"
+                       " VALUES (?,1,?,0,?,?)", (origin, size_bytes, self._relay_clock,
+                                                 int(mixed)))
+            self._relay_remembered += 1
+            self._relay_origins += 1
+        else:
+            if row[0] == 0:
+                self._relay_origins += 1  # a tombstone comes back to life
+            db.execute("UPDATE relay_origins SET events=events+1, bytes=bytes+?, active=?"
+                       " WHERE origin=?", (size_bytes, self._relay_clock, origin))
+        self._relay_events += 1
+        self._relay_bytes += size_bytes
+        events, nbytes = db.execute("SELECT events, bytes FROM relay_origins WHERE origin=?",
+                                    (origin,)).fetchone()
+        if events > RELAY_ONLY_MAX_EVENTS_PER_ORIGIN or nbytes > RELAY_ONLY_MAX_BYTES_PER_ORIGIN:
+            self._prune_oldest(origin, events - RELAY_ONLY_MAX_EVENTS_PER_ORIGIN,
+                               nbytes - RELAY_ONLY_MAX_BYTES_PER_ORIGIN)
+        while (self._relay_events > RELAY_ONLY_MAX_EVENTS_TOTAL
+               or self._relay_bytes > RELAY_ONLY_MAX_BYTES_TOTAL
+               or self._relay_origins > RELAY_ONLY_MAX_ORIGINS):
+            lru = db.execute("SELECT origin FROM relay_origins WHERE events>0 AND origin<>?"
+                             " ORDER BY active LIMIT 1", (origin,)).fetchone()
+            if lru is None:  # only `origin` left, and it fits its own caps
+                break
+            self._evict_origin(lru[0])
+        while self._relay_remembered > RELAY_ONLY_ORIGINS_REMEMBERED_MAX:
+            old = db.execute("SELECT origin, mixed FROM relay_origins WHERE events=0"
+                             " ORDER BY active LIMIT 1").fetchone()
+            if old is None:
+                break
+            db.execute("DELETE FROM relay_origins WHERE origin=?", (old[0],))
+            if not old[1]:  # the watermark of an origin we never trusted goes too
+                db.execute("DELETE FROM watermarks WHERE origin=?", (old[0],))
+            self._relay_remembered -= 1
+
+    def _prune_oldest(self, origin: bytes, excess_events: int, excess_bytes: int) -> None:
+        """Delete `origin`'s oldest relay-only events until both excesses are paid."""
+        db = self._db
+        doomed: list[bytes] = []
+        freed_bytes = 0
+        top = 0
+        for eid, seq, size in db.execute(
+                "SELECT id, seq, length(raw) FROM events WHERE origin=? AND relay_only=1"
+                " ORDER BY seq", (origin,)).fetchall():  # at most the per-origin cap + 1
+            if len(doomed) >= excess_events and freed_bytes >= excess_bytes:
+                break
+            doomed.append(eid)
+            freed_bytes += size
+            top = seq
+        db.executemany("DELETE FROM events WHERE id=?", [(eid,) for eid in doomed])
+        db.execute("UPDATE relay_origins SET events=events-?, bytes=bytes-?,"
+                   " floor=MAX(floor, ?) WHERE origin=?", (len(doomed), freed_bytes, top, origin))
+        self._note_pruned(len(doomed), freed_bytes)
+
+    def _evict_origin(self, origin: bytes) -> None:
+        """Drop every relay-only event of `origin`; its row stays as a tombstone."""
+        db = self._db
+        events, nbytes = db.execute("SELECT events, bytes FROM relay_origins WHERE origin=?",
+                                    (origin,)).fetchone()
+        top = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE origin=? AND"
+                         " relay_only=1", (origin,)).fetchone()[0]
+        db.execute("DELETE FROM events WHERE origin=? AND relay_only=1", (origin,))
+        db.execute("UPDATE relay_origins SET events=0, bytes=0, floor=MAX(floor, ?)"
+                   " WHERE origin=?", (top, origin))
+        self._relay_origins -= 1
+        self._note_pruned(events, nbytes)
+
+    def _note_pruned(self, events: int, nbytes: int) -> None:
+        self._events_total -= events
+        self._relay_events -= events
+        self._relay_bytes -= nbytes
+        self._relay_pruned += events
+
+    def _counters(self) -> tuple[int, ...]:
+        return (self._events_total, self._relay_events, self._relay_bytes, self._relay_origins,
+                self._relay_remembered, self._relay_clock, self._relay_pruned)
+
+    def _restore_counters(self, saved: tuple[int, ...]) -> None:
+        (self._events_total, self._relay_events, self._relay_bytes, self._relay_origins,
+         self._relay_remembered, self._relay_clock, self._relay_pruned) = saved
+
+    def stats(self) -> LogStats:
+        """Counts of what the log holds, O(1): no query runs."""
+        return LogStats(self._events_total, self._relay_events, self._relay_bytes,
+                        self._relay_origins, self._relay_remembered, self._relay_pruned)
 
     def has(self, event_id: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM events WHERE id=?", (event_id,)).fetchone() \
@@ -179,12 +373,14 @@ class EventLog:
         row = self._db.execute("SELECT raw FROM events WHERE id=?", (event_id,)).fetchone()
         return ChangeEvent.decode(row[0]) if row else None
 
-    def _advance_watermark(self, origin: bytes, seq: int) -> None:
+    def _advance_watermark(self, origin: bytes, seq: int, *, high_water: bool = False) -> None:
         row = self._db.execute("SELECT contiguous, highest FROM watermarks WHERE origin=?",
                                (origin,)).fetchone()
         contiguous, highest = row if row else (0, 0)
         highest = max(highest, seq)
-        if seq == contiguous + 1:
+        if high_water:  # untrusted origin: see the module docstring
+            contiguous = max(contiguous, highest)
+        elif seq == contiguous + 1:
             contiguous = seq
             while self._db.execute("SELECT 1 FROM events WHERE origin=? AND seq=?",
                                    (origin, contiguous + 1)).fetchone():
@@ -208,22 +404,57 @@ class EventLog:
         """Per origin key: the highest seq held, gaps or not."""
         return dict(self._db.execute("SELECT origin, highest FROM watermarks"))
 
+    def digest_seqs(self, limit: int, *, untrusted_done: bool = False
+                    ) -> list[tuple[bytes, int]]:
+        """(origin key, watermark) for a digest, at most `limit`: trusted origins first,
+        then untrusted ones (tombstones included) from the most recently active, so
+        a flood of untrusted origins can never push a trusted one out of our digests.
+
+        `untrusted_done` claims every untrusted origin we know as complete (MAX_SEQ):
+        the follow-up digests of one exchange use it, so a peer's backlog of untrusted
+        events costs us at most one batch per exchange, not its whole history.
+        """
+        return [(bytes(k), v) for k, v in self._db.execute(
+            "SELECT w.origin, CASE WHEN ? AND r.origin IS NOT NULL AND r.mixed = 0"
+            " THEN ? ELSE w.contiguous END FROM watermarks w"
+            " LEFT JOIN relay_origins r ON r.origin = w.origin"
+            " ORDER BY (r.origin IS NOT NULL AND r.mixed = 0), r.active DESC, w.origin"
+            " LIMIT ?", (int(untrusted_done), MAX_SEQ, max(0, limit)))]
+
     def missing_for(self, their_highest: dict[bytes, int],
                     limit: int = MISSING_BATCH_MAX) -> list[ChangeEvent]:
-        """Events the other side lacks (seq above its contiguous highest), oldest first."""
+        """Events the other side lacks (seq above its watermark), oldest first per origin.
+
+        Origins we trust come first, then untrusted ones; within each group every
+        origin gets a fair share of the batch, so one origin with a long history (or
+        hundreds of untrusted ones) cannot starve the rest of a peer's catch-up.
+        """
         limit = max(0, min(limit, MISSING_BATCH_MAX))
+        groups: tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]] = ([], [])
+        for origin, highest, relay, held in self._db.execute(
+                "SELECT w.origin, w.highest, r.origin IS NOT NULL AND r.mixed = 0,"
+                " r.origin IS NULL OR r.events > 0 OR r.mixed"
+                " FROM watermarks w LEFT JOIN relay_origins r ON r.origin = w.origin"
+                " ORDER BY w.origin").fetchall():
+            theirs = their_highest.get(bytes(origin), 0)
+            if held and highest > theirs:
+                groups[1 if relay else 0].append((bytes(origin), theirs))
         out: list[ChangeEvent] = []
-        for origin, highest in self._db.execute(
-                "SELECT origin, highest FROM watermarks ORDER BY origin").fetchall():
-            if len(out) >= limit:
-                break
-            theirs = their_highest.get(origin, 0)
-            if highest <= theirs:
-                continue
-            rows = self._db.execute(
-                "SELECT raw FROM events WHERE origin=? AND seq>? ORDER BY seq LIMIT ?",
-                (origin, theirs, limit - len(out))).fetchall()
-            out.extend(ChangeEvent.decode(r[0]) for r in rows)
+        for group in groups:
+            while group and len(out) < limit:
+                share = max(1, (limit - len(out)) // len(group))
+                unfinished: list[tuple[bytes, int]] = []
+                for origin, after in group:
+                    take = min(share, limit - len(out))
+                    if take <= 0:
+                        break
+                    rows = self._db.execute(
+                        "SELECT seq, raw FROM events WHERE origin=? AND seq>? ORDER BY seq"
+                        " LIMIT ?", (origin, after, take)).fetchall()
+                    out.extend(ChangeEvent.decode(r[1]) for r in rows)
+                    if len(rows) == take:
+                        unfinished.append((origin, rows[-1][0]))
+                group = unfinished
         return out
 
     def query(self, peer: PeerId | None = None, since_ms: int | None = None,
@@ -313,6 +544,7 @@ class EventLog:
                 (event.id, own, seq, lamport, event.wall_ms, folder, kind, path, old_path,
                  event.encode(), event.wall_ms))
             self._advance_watermark(own, seq)
+        self._events_total += 1
         return event
 
     # -- notifications ---------------------------------------------------------

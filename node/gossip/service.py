@@ -56,6 +56,7 @@ SEND_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = 1.0
 RECONNECT_BACKOFF_MAX_S = 30.0
 TICK_MAX_S = 0.25
+STOP_CANCEL_RETRY_S = 0.5
 REJECT_NOTIFY_WINDOW_S = 60.0
 REJECT_NOTIFY_MAX_PER_WINDOW = 20
 NOTIFY_KIND = {"created": "file_shared", "shared": "file_shared", "modified": "file_updated",
@@ -134,11 +135,18 @@ class GossipService:
         self._running = False
         tasks = list(self._tasks) + list(self._readers)
         tasks += [link.writer for link in self._links.values() if link.writer]
+        # cancel until every task is done: on Python 3.11 a writer inside
+        # asyncio.wait_for can swallow one cancellation (when its send completes at the
+        # same moment) and go back to waiting on its outbox, which hung stop() forever
+        pending = {t for t in tasks if not t.done()}
+        while pending:
+            for t in pending:
+                t.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=STOP_CANCEL_RETRY_S)
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            if not t.cancelled():
+                with contextlib.suppress(Exception):
+                    t.result()
         for ch in list(self._channels):
             await _close_quietly(ch)
         self._channels.clear()
@@ -183,8 +191,10 @@ class GossipService:
         return {p: online for p, (_s, online, _n) in self.engine.presence().items()}
 
     def stats(self) -> dict[str, int]:
+        """Engine counters plus what the log holds (O(1): counters, no scan of the log)."""
         out = dict(self.engine.stats)
         out["dropped"] = sum(link.dropped for link in self._links.values())
+        out.update({f"log_{k}": v for k, v in self.log.stats().to_json().items()})
         return out
 
     # -- engine actions ------------------------------------------------------------

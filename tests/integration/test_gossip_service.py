@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from node.errors import PeerUnreachable
@@ -19,7 +20,9 @@ H = b"\x05" * 32
 
 class Net:
     def __init__(self, tmp_path: Path, n: int, *, untrusted: set[int] = frozenset(),
-                 heartbeat_s: float = 0.2) -> None:
+                 heartbeat_s: float = 0.2,
+                 trust: Callable[[int, PeerId], bool] | None = None) -> None:
+        self.trust = trust
         self.ids = [Identity.generate(name=f"n{i}", seed=bytes([i + 1]) * 32) for i in range(n)]
         self.pids = [i.peer_id for i in self.ids]
         self.idx = {p: i for i, p in enumerate(self.pids)}
@@ -38,7 +41,8 @@ class Net:
             self.ids[i], self.logs[i],
             peers=lambda: [p for p in self.pids if p != self.pids[i]],
             open_channel=lambda peer: self.open(i, peer),
-            is_trusted=lambda p: p not in self.untrusted,
+            is_trusted=(lambda p: p not in self.untrusted) if self.trust is None
+            else (lambda p, t=self.trust: t(i, p)),
             on_event=on_event, fanout=2, anti_entropy_s=0.2, heartbeat_s=heartbeat_s,
             rand=random.Random(i), connect_timeout_s=1.0, send_timeout_s=1.0)
 
@@ -194,4 +198,79 @@ async def test_rejection_flood_is_rate_limited(tmp_path: Path) -> None:
         await mine.close()
         await asyncio.wait_for(task, 2.0)
     finally:
+        await net.close()
+
+
+async def test_relay_flood_from_untrusted_origins_is_capped_and_settles(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """Node 0 trusts 200 strangers and holds their history; node 1 trusts only node 0
+    and one origin. Node 1 stores the strangers' events within its caps, gets every
+    trusted event, and its anti-entropy with node 0 settles: nothing is pulled again."""
+    for name, value in (("EVENTS_PER_ORIGIN", 8), ("EVENTS_TOTAL", 64), ("ORIGINS", 16)):
+        monkeypatch.setattr(f"node.gossip.log.RELAY_ONLY_MAX_{name}", value)
+    strangers = [Identity.generate(seed=bytes([202, i]) * 16) for i in range(200)]
+    origin = Identity.generate(name="origin")
+    net: Net
+
+    def trust(i: int, p: PeerId) -> bool:
+        return i == 0 or p in (net.pids[0], origin.peer_id)
+
+    net = Net(tmp_path, 2, heartbeat_s=5.0, trust=trust)
+    for s in range(1, 16):
+        for stranger in strangers:
+            net.logs[0].add(ChangeEvent.create(stranger, folder="f", seq=s, lamport=s,
+                                               kind="created", path=f"p{s}", size=1, hash=H))
+    for s in range(1, 41):
+        net.logs[0].add(ChangeEvent.create(origin, folder="f", seq=s, lamport=s,
+                                           kind="created", path=f"t{s}", size=1, hash=H))
+    await net.start()
+    try:
+        await until(lambda: len(net.applied[1]) == 40)
+        assert [e.seq for e in net.applied[1]] == list(range(1, 41))
+        relay, node = net.services
+        # settled: ten more digests from node 1 are answered with no events at all
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 15.0
+        while True:
+            sent = relay.stats().get("sent_events", 0)
+            asked = node.stats().get("sent_digest", 0)
+            await until(lambda a=asked: node.stats().get("sent_digest", 0) >= a + 10)
+            if relay.stats().get("sent_events", 0) == sent:
+                break
+            assert loop.time() < end, "anti-entropy keeps pulling untrusted events"
+        st = node.stats()
+        assert st["log_relay_only_events"] <= 64 and st["log_relay_only_origins"] <= 16
+        assert st["log_relay_only_origins_remembered"] == 200
+        assert net.logs[1].count() == 40 + st["log_relay_only_events"]
+    finally:
+        await net.close()
+
+
+async def test_stop_returns_even_if_a_task_swallows_one_cancellation(tmp_path: Path) -> None:
+    """Python 3.11's wait_for can swallow a cancel when the awaited send completes at
+    the same moment; the writer then waited on its outbox again and stop() hung."""
+    net = Net(tmp_path, 2, heartbeat_s=5.0)
+    await net.start(0)
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # what the 3.11 race does
+        await asyncio.Event().wait()
+
+    link = net.services[0]._link(net.pids[1])
+    link.writer = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    writer = link.writer
+    stopping = asyncio.create_task(net.services[0].stop())
+    try:
+        await asyncio.wait({stopping}, timeout=5.0)  # (asyncio.wait never cancels)
+        assert stopping.done(), "stop() hangs on a task that swallowed a cancellation"
+        assert swallowed.is_set() and writer.done()
+    finally:
+        for task in (writer, writer, stopping):
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         await net.close()

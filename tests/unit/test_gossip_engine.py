@@ -10,9 +10,12 @@ import pytest
 from node.errors import ProtocolError
 from node.gossip.engine import (
     PUSH_BATCH_MAX,
+    RELAY_ONLY_PUSH_BURST,
+    RELAY_ONLY_PUSH_PER_S,
     Accept,
     Beat,
     Digest,
+    Events,
     GossipEngine,
     PresenceChanged,
     Push,
@@ -265,3 +268,102 @@ def test_presence_join_and_leave() -> None:
     forged = Heartbeat(other.peer_id, hb.wall_ms + 10, hb.name, bytes(64))
     actions = eng.receive(other.peer_id, Beat(forged.encode()).encode(), 200.0)
     assert [type(a) for a in actions] == [Reject]
+
+
+# -- relay caps: a trusted peer relaying a flood from 200 untrusted origins -------------
+
+STRANGERS = [Identity.generate(seed=bytes([201, i]) * 16) for i in range(200)]
+
+
+def _small_caps(monkeypatch) -> None:
+    for name, value in (("EVENTS_PER_ORIGIN", 8), ("EVENTS_TOTAL", 64), ("ORIGINS", 16)):
+        monkeypatch.setattr(f"node.gossip.log.RELAY_ONLY_MAX_{name}", value)
+
+
+def _relay_held(log: EventLog) -> tuple[int, int]:
+    return log._db.execute("SELECT COUNT(*), COALESCE(SUM(length(raw)), 0) FROM events"
+                           " WHERE relay_only=1").fetchone()
+
+
+def test_pushed_flood_from_200_untrusted_origins_is_capped(monkeypatch) -> None:
+    _small_caps(monkeypatch)
+    relay, origin, me = Identity.generate(), Identity.generate(), Identity.generate()
+    log = EventLog(":memory:")
+    eng = GossipEngine(me.peer_id, log, rand=random.Random(0),
+                       is_trusted=lambda p: p in (relay.peer_id, origin.peer_id))
+    eng.set_peers([relay.peer_id, Identity.generate().peer_id])
+    relayed = 0  # each accepted event is pushed to the one peer that is not `relay`
+    for s in range(1, 13):
+        for stranger in STRANGERS:
+            actions = eng.receive(relay.peer_id, Push((_event(stranger, s).encode(),)).encode(),
+                                  float(s))
+            relayed += sum(isinstance(a, Send) for a in actions)
+            assert not any(isinstance(a, Accept) and a.trusted for a in actions)
+        eng.receive(relay.peer_id, Push((_event(origin, s).encode(),)).encode(), float(s))
+    n, _size = _relay_held(log)
+    assert n <= 64 and log.stats().relay_only_events == n
+    # pushed onward at most at the untrusted relay rate (11 s of it plus the burst),
+    # not once per event (2,400)
+    assert 0 < relayed <= RELAY_ONLY_PUSH_BURST + 11 * RELAY_ONLY_PUSH_PER_S + 1
+    assert eng.stats["relay_throttled"] >= 200 * 12 - relayed
+    # the trusted origin lost nothing
+    assert [e.seq for e in log.query(peer=origin.peer_id)] == list(range(1, 13))
+    # a pruned event pushed again is neither stored nor relayed
+    again = eng.receive(Identity.generate().peer_id,
+                        Push((_event(STRANGERS[0], 1).encode(),)).encode(), 99.0)
+    assert again == [] and not log.has(_event(STRANGERS[0], 1).id)
+
+
+def _pump(a: GossipEngine, b: GossipEngine, first: list, budget: int = 10_000) -> list:
+    """Deliver `first` (actions of `a`) and everything it causes; returns every Send."""
+    by_id = {a.self_id: a, b.self_id: b}
+    queue = [(a.self_id, x) for x in first if isinstance(x, Send)]
+    sent = []
+    while queue:
+        src, send = queue.pop(0)
+        sent.append(send)
+        assert len(sent) < budget, "anti-entropy never settles"
+        dst = by_id[send.peer]
+        queue += [(dst.self_id, x) for x in dst.receive(src, send.msg.encode(), 0.0)
+                  if isinstance(x, Send)]
+    return sent
+
+
+def _events_in(sent: list, origins: set[PeerId]) -> int:
+    return sum(1 for s in sent if isinstance(s.msg, Events) for blob in s.msg.events
+               if ChangeEvent.decode(blob).origin in origins)
+
+
+def test_anti_entropy_respects_the_caps_and_never_re_pulls_pruned_events(monkeypatch) -> None:
+    _small_caps(monkeypatch)
+    origin = Identity.generate()
+    # the relay trusts all 200 strangers, so it holds their whole history uncapped
+    r_id, n_id = Identity.generate(name="relay"), Identity.generate(name="node")
+    r_log, n_log = EventLog(":memory:"), EventLog(":memory:")
+    for stranger in STRANGERS:
+        for s in range(1, 16):
+            r_log.add(_event(stranger, s))
+    for s in range(1, 301):
+        r_log.add(_event(origin, s))
+    relay = GossipEngine(r_id.peer_id, r_log, rand=random.Random(1))
+    node = GossipEngine(n_id.peer_id, n_log, rand=random.Random(2),
+                        is_trusted=lambda p: p in (r_id.peer_id, origin.peer_id))
+    relay.set_peers([n_id.peer_id])
+    node.set_peers([r_id.peer_id])
+    strangers = {s.peer_id for s in STRANGERS}
+    pulled, ids = [], []
+    for _round in range(25):
+        sent = _pump(node, relay, [Send(r_id.peer_id, node._digest(reply=False))])
+        pulled.append(_events_in(sent, strangers))
+        ids += [blob for s in sent if isinstance(s.msg, Events) for blob in s.msg.events]
+        assert _relay_held(n_log)[0] <= 64
+    # the trusted origin's 300 events came in the first exchange, 200 x 15 untrusted
+    # events in the relay's log notwithstanding (fair shares, follow-ups while trusted)
+    assert [e.seq for e in n_log.query(peer=origin.peer_id, limit=1000)] == list(range(1, 301))
+    # untrusted events: at most one batch per exchange, each pulled once, then nothing:
+    # every stranger is remembered at its high-water mark, so what the caps pruned is
+    # never pulled again
+    assert max(pulled) <= 256
+    assert pulled[-5:] == [0] * 5
+    assert len(ids) == len(set(ids)) and sum(pulled) <= 200 * 15
+    assert n_log.stats().relay_only_origins_remembered == 200
