@@ -311,8 +311,7 @@ async def test_relay_swapping_ephemeral_keys_fails(server: EchoServer) -> None:
     def swap_eph(d: str, i: int, msg: bytes) -> list[bytes]:
         if i == 0:
             obj = msgpack.unpackb(msg)
-            slot = 4 if d == C2S else 3
-            obj[slot] = sodium.crypto_kx_keypair()[0]
+            obj[5] = sodium.crypto_kx_keypair()[0]  # e_I in msg1, e_R in msg2
             return [msgpack.packb(obj)]
         return [msg]
 
