@@ -57,6 +57,7 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError
 from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
 from node.transports.certs import load_or_create_cert
+from node.transports.tls_exporter import ExporterTap, tap
 
 log = logging.getLogger(__name__)
 # qh3 logs every peer CONNECTION_CLOSE, even a normal one, at WARNING on the "quic" logger;
@@ -81,6 +82,11 @@ RECV_WINDOW_BYTES = 16 * 1024 * 1024
 CREDIT_GRANT_BYTES = RECV_WINDOW_BYTES // 4
 SEND_HIGH_WATER_BYTES = 2 * 1024 * 1024
 SEND_LOW_WATER_BYTES = 512 * 1024
+
+# RFC 8446 §7.5 exporter label (RFC 5705 "EXPORTER-" prefix) of the channel binding that
+# node/channel.py puts into the p2pfs handshake transcript (node/secure.py)
+CHANNEL_BINDING_LABEL = b"EXPORTER-p2pfs-channel-binding"
+CHANNEL_BINDING_BYTES = 32
 
 CLOSE_LINGER_S = 2.0  # how long close() waits for sent data to be acknowledged
 STREAM_OPEN_TIMEOUT_S = 10.0  # server drops a handshaken connection that opens no stream
@@ -132,6 +138,7 @@ class QuicPipe:
         self._quic = proto._quic
         self._owns_socket = owns_socket
         self._sid = PIPE_STREAM_ID
+        self._binding = b""
         # receive side
         self._rbuf = bytearray()
         self._rneed = -1  # payload length of the record being received; -1: reading a header
@@ -158,6 +165,15 @@ class QuicPipe:
     @property
     def closed(self) -> bool:
         return self._closing or self._terminated
+
+    @property
+    def channel_binding(self) -> bytes:
+        """This connection's TLS exporter value: the same on both ends of one QUIC connection,
+        different on any other. Empty (frames then keep their own AEAD) if qh3 hid it."""
+        if not self._binding:
+            self._binding = self._proto.exporter.export(CHANNEL_BINDING_LABEL, b"",
+                                                        CHANNEL_BINDING_BYTES)
+        return self._binding
 
     async def send(self, data: bytes) -> None:
         n = len(data)
@@ -349,6 +365,7 @@ class _PipeProtocol(QuicConnectionProtocol):
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic)
+        self.exporter: ExporterTap = tap(quic)  # before any TLS message is processed
         self.pipe: QuicPipe | None = None
         self.remote_addr: tuple[str, int] | None = None
         self.connect_error: BaseException | None = None
