@@ -26,9 +26,16 @@ SEND_LOW_WATER_BYTES, so a bulk writer wakes a few times per MiB, not per packet
 The client does not verify the server's certificate (verify_mode=CERT_NONE):
 peer identity is proven by the p2pfs handshake that node/channel.py runs over
 this pipe, and a fresh self-signed certificate per node (node/transports/certs.py)
-only lets TLS complete.
+only lets TLS complete. That handshake is bound to this very QUIC connection:
+``QuicPipe.channel_binding`` is the connection's RFC 8446 §7.5 TLS exporter
+(node/transports/tls_exporter.py), equal at both ends of one connection and
+unknown to anyone else; node/secure.py signs it in the transcript, so a relay or
+man in the middle that terminates QUIC (two connections, two exporters) is
+refused, and the channel's frames then ride inside QUIC's TLS 1.3 without a
+second AEAD.
 
-Imports only errors, wire-level constants, transports.base and transports.certs;
+Imports only errors, wire-level constants, transports.base, transports.certs and
+transports.tls_exporter;
 must not import identity, trust, channel, transfer or gossip.
 """
 
