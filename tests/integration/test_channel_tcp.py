@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from node import channel as channel_module
 from node import secure
 from node.channel import MAX_PLAINTEXT_BYTES, SecureChannel, accept_channel, open_channel
 from node.errors import (
@@ -527,3 +528,18 @@ async def test_version_1_responder_refusal_is_a_clear_version_error() -> None:
             await connect(listener.port)
     finally:
         await listener.close()
+
+
+async def test_peer_offering_no_common_aead_is_refused_cleanly_on_both_sides(
+        server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    class ChachaOnlyResponder(secure.ResponderHandshake):
+        def __init__(self, identity: Identity, **kw: Any) -> None:
+            super().__init__(identity, aeads=(secure.AEAD_CHACHA20POLY1305,), **kw)
+
+    monkeypatch.setattr(channel_module, "ResponderHandshake", ChachaOnlyResponder)
+    monkeypatch.setenv(secure.AEAD_ENV_VAR, "aes256gcm")  # the initiator offers AES only
+    with pytest.raises(HandshakeError, match=r"peer refused the handshake: no common frame "
+                       r"AEAD: peer offers \['aes256gcm'\], this node \['chacha20poly1305'\]"):
+        await connect(server.listener.port)
+    kind, exc = await server.next_event()
+    assert kind == "handshake-failed" and "no common frame AEAD" in str(exc)
