@@ -23,6 +23,7 @@ import msgpack
 import nacl.bindings as sodium
 import pytest
 
+from node import secure
 from node.channel import SecureChannel, accept_channel, open_channel
 from node.errors import (
     ChannelClosed,
@@ -279,6 +280,47 @@ async def test_reordered_frames_kill_channel(server: EchoServer) -> None:
         await ch.send(b"B")
         kind, exc = await server.next_event()
         assert kind == "ended" and isinstance(exc, ProtocolError)
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(ch.recv(), WAIT_S)
+        await ch.close()
+        await server.expect_honest_client_served()
+    finally:
+        await lst.close()
+
+
+async def test_frame_replayed_after_key_updates_kills_channel(
+        server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tiny key-update limits, the relay replays the first data frame (key epoch 0,
+    counter 1) in place of the frame with the same counter three key updates later
+    (epoch 3, counter 1): only the changed key can tell them apart, and it does."""
+    needs_transparent_relay(server)
+    monkeypatch.setattr(secure, "KEY_UPDATE_FRAMES", 3)
+    monkeypatch.setattr(secure, "KEY_UPDATE_BYTES", 1 << 20)
+    first: list[bytes] = []
+    # client frames: the verdict is frame 0, the first data frame frame 1, so relay index
+    # FIRST_DATA_C2S + 9 carries frame 10 = epoch 3, counter 1
+    replay_at = FIRST_DATA_C2S + 9
+
+    def replay(d: str, i: int, msg: bytes) -> list[bytes]:
+        if d == C2S and i == FIRST_DATA_C2S:
+            first.append(msg)
+        if d == C2S and i == replay_at:
+            return [first[0]]
+        return [msg]
+
+    relay, lst = await through_relay(server, replay)
+    try:
+        ch = await open_via(relay)
+        kind, server_ch = await server.next_event()
+        assert kind == "accepted"
+        for n in range(replay_at - FIRST_DATA_C2S):
+            await ch.send(b"message %d" % n)
+            assert await asyncio.wait_for(ch.recv(), WAIT_S) == b"message %d" % n
+        assert server_ch._session.recv_epoch >= 3  # several key updates happened
+        await ch.send(b"the frame the relay swaps for an old one")
+        kind, exc = await server.next_event()
+        assert kind == "ended" and isinstance(exc, ProtocolError)
+        assert "failed authentication" in str(exc)
         with pytest.raises(ChannelClosed):
             await asyncio.wait_for(ch.recv(), WAIT_S)
         await ch.close()
