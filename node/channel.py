@@ -86,7 +86,7 @@ class SecureChannel:
             )
         async with self._send_lock:  # sealing order must equal sending order
             try:
-                size = len(data) + FRAME_OVERHEAD_BYTES
+                size = len(data) + self._session.overhead_bytes
                 if self._send_frame is not None and size >= IN_PLACE_MIN_BYTES:
                     seal_into = self._session.seal_into
                     await self._send_frame(size, lambda out, at: seal_into(data, out, at))
@@ -184,6 +184,12 @@ async def _read_verdict(pipe: Pipe, session: Session, me: Identity) -> None:
     raise ProtocolError(f"peer {peer.short} sent an unexpected first frame")
 
 
+def _channel_binding(pipe: Pipe) -> bytes:
+    """The pipe's TLS exporter value (QUIC), which binds the handshake to that connection
+    and spares frames a second encryption; empty for tcp and udp."""
+    return bytes(getattr(pipe, "channel_binding", b"") or b"")
+
+
 async def _recv_handshake(pipe: Pipe) -> bytes:
     try:
         return await pipe.recv()
@@ -202,7 +208,8 @@ async def open_channel(pipe: Pipe, identity: Identity, *, expected_peer: PeerId 
                        authorize: Authorize,
                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> SecureChannel:
     """Run the initiator side over `pipe`; the pipe is closed on any failure."""
-    hs = InitiatorHandshake(identity, expected_peer=expected_peer)
+    hs = InitiatorHandshake(identity, expected_peer=expected_peer,
+                            channel_binding=_channel_binding(pipe))
     try:
         async with asyncio.timeout(timeout_s):
             await pipe.send(hs.start())
@@ -216,15 +223,15 @@ async def open_channel(pipe: Pipe, identity: Identity, *, expected_peer: PeerId 
     except BaseException:
         await pipe.close()
         raise
-    log.info("channel to %s (%s) over %s established", session.peer.short,
-             session.peer_name or "no name", pipe.transport)
+    log.info("channel to %s (%s) over %s established, frames: %s", session.peer.short,
+             session.peer_name or "no name", pipe.transport, session.protection)
     return SecureChannel(pipe, session)
 
 
 async def accept_channel(pipe: Pipe, identity: Identity, *, authorize: Authorize,
                          timeout_s: float = HANDSHAKE_TIMEOUT_S) -> SecureChannel:
     """Run the responder side over `pipe`; the pipe is closed on any failure."""
-    hs = ResponderHandshake(identity)
+    hs = ResponderHandshake(identity, channel_binding=_channel_binding(pipe))
     try:
         async with asyncio.timeout(timeout_s):
             msg1 = await _recv_handshake(pipe)
@@ -246,6 +253,6 @@ async def accept_channel(pipe: Pipe, identity: Identity, *, authorize: Authorize
     except BaseException:
         await pipe.close()
         raise
-    log.info("channel from %s (%s) over %s accepted", session.peer.short,
-             session.peer_name or "no name", pipe.transport)
+    log.info("channel from %s (%s) over %s accepted, frames: %s", session.peer.short,
+             session.peer_name or "no name", pipe.transport, session.protection)
     return SecureChannel(pipe, session)

@@ -4,10 +4,11 @@ This module is a pure state machine: bytes in, bytes out. It must not import
 sockets, asyncio, transports, trust, or anything above ``identity``/``wire``;
 randomness comes from an injectable ``rand`` callable so tests can pin it.
 
-Handshake (all messages are ``node.wire`` messages, every field bounded)::
+Handshake, protocol version 2 (all messages are ``node.wire`` messages, every
+field bounded)::
 
-    msg1  I -> R  clear      ["hs1", 1, "p2pfs-secure", [versions], e_I, nonce_I]
-    msg2  R -> I  clear part ["hs2", 1, version, e_R, box_R]
+    msg1  I -> R  clear      ["hs1", 2, "p2pfs-secure", [versions], [aeads_I], e_I, nonce_I]
+    msg2  R -> I  clear part ["hs2", 2, version, aead, [aeads_R], e_R, box_R]
                   box_R  = AEAD(k_hs_R2I, aad=T2, [S_R, name_R, sig_R])
                   sig_R  = Sign_R(["p2pfs-sig-R", T2, e_I, e_R, version, S_R, name_R])
     msg3  I -> R  encrypted  ["hs3", 1, box_I]
@@ -16,191 +17,237 @@ Handshake (all messages are ``node.wire`` messages, every field bounded)::
 
 ``e_*`` are fresh X25519 (crypto_kx) keys, ``S_*`` the static Ed25519 keys.
 The transcript hash runs over every message byte-exactly:
-``T1 = H(label || msg1)``, ``T2 = H(T1 || version || e_R)``, ``T3 = H(T2 || box_R)``,
-``T4 = H(T3 || msg3)`` with H = blake2b-256 (personalised). crypto_kx over the
-ephemerals gives one key per direction; every derived key is
-``blake2b(key=kx_key, data=T, person=purpose)``, so handshake keys are bound to
-T2/T3 and the session keys to the full transcript T4 (both identities).
-Ephemeral secrets are dropped as soon as the keys are derived (forward secrecy).
+``T1 = H(label || msg1)``,
+``T2 = H(T1 || msgpack([version, aead, aeads_R, e_R, binding]))``,
+``T3 = H(T2 || box_R)``, ``T4 = H(T3 || msg3)`` with H = blake2b-256
+(personalised). crypto_kx over the ephemerals gives one key per direction;
+every derived key is ``blake2b(key=kx_key, data=T, person=purpose)``, so
+handshake keys are bound to T2/T3 and the traffic secrets to the full
+transcript T4 (both identities). Ephemeral secrets are dropped as soon as the
+keys are derived (forward secrecy). The handshake itself is libsodium only
+(X25519, Ed25519, blake2b, and XChaCha20-Poly1305 for the two identity boxes,
+each key used once).
 
-Frames: XChaCha20-Poly1305-IETF, key per direction, nonce = 16 zero bytes ||
-u64 big-endian counter (implicit, never sent). A frame is ``ciphertext || tag``
-(16 bytes overhead). Any frame that fails to open (forged, replayed,
-reordered, truncated) raises ProtocolError and kills the session.
+AEAD negotiation: each side offers the frame AEADs it wants, best first
+(``local_aeads()``: ``aes256gcm`` then ``chacha20poly1305`` where the CPU has
+AES instructions, ``chacha20poly1305`` alone where it has not;
+``P2PFS_AEAD=aes256gcm|chacha20poly1305`` forces one). The responder picks the
+first entry of the initiator's list that it offers too, and the initiator
+checks that it did. The initiator's list is in T1 (msg1), the choice and the
+responder's list in T2, and both signatures cover T2, so a man in the middle
+who strips AES from a list (a downgrade) breaks both signatures. No common AEAD
+or no common version: the responder refuses in clear text
+(``hs-abort``) with "peer speaks protocol vN, this node vM" or the two lists.
+A version-1 peer cannot read a version-2 hello and says so; both sides turn
+that into the same clear error.
+
+Channel binding: over QUIC the caller passes the connection's RFC 8446 §7.5
+TLS exporter value as ``channel_binding``; it enters T2, so a handshake
+relayed onto another QUIC connection (another exporter) fails, and frames are
+then *not* encrypted a second time (QUIC's TLS 1.3 already protects, orders and
+authenticates them). Over tcp and udp the binding is empty and frames are
+encrypted as below.
+
+Frames, as TLS 1.3 records (RFC 8446 §5.3, §7.1-7.2): each direction has a
+traffic secret from the handshake. Its key epoch ``n`` uses
+``key_n = ExpandLabel(secret_n, "key", 32)`` and
+``iv_n = ExpandLabel(secret_n, "iv", 12)``; frame ``c`` of the epoch (``c``
+from 0) has nonce ``iv_n XOR u96be(c)`` and is ``ciphertext || tag`` (16
+bytes overhead, no associated data, nothing else on the wire). ExpandLabel is
+TLS 1.3's HKDF-Expand-Label with HKDF-SHA-256 from ``cryptography`` and the
+label prefix ``"p2pfs "`` instead of ``"tls13 "``. Key update is implicit: a
+direction moves to ``secret_{n+1} = ExpandLabel(secret_n, "traffic upd", 32)``
+(and the counter back to 0) right after the frame that brings its epoch to
+KEY_UPDATE_FRAMES frames or KEY_UPDATE_BYTES plaintext bytes. Both sides count
+the same frames over a reliable, ordered pipe, so no message is needed and
+nothing can desync; the old key is forgotten, so a frame from an earlier epoch
+never opens again. Any frame that fails to open (forged, replayed, reordered,
+truncated) raises ProtocolError and kills the session.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import os
 import struct
-import threading
-from collections.abc import Callable
-from dataclasses import field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.hash
 import nacl.utils
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from nacl.encoding import RawEncoder
 
-from node.errors import HandshakeError, ProtocolError
-
-try:  # pynacl's own cffi binding of libsodium: lets frames reuse one output buffer
-    from nacl._sodium import ffi as _ffi
-    from nacl._sodium import lib as _lib
-except ImportError:  # pragma: no cover - layout of a future pynacl; use the public wrappers
-    _ffi = _lib = None
+from node.errors import ConfigError, HandshakeError, ProtocolError
 from node.identity import MAX_NAME_LEN, PUBKEY_LEN_BYTES, Identity, PeerId
 from node.wire import Message, bound, decode_message, message, packb, unpackb
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_NAME = "p2pfs-secure"
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
 MAX_OFFERED_VERSIONS = 8
 MAX_VERSION = 65535
 EPHEMERAL_LEN_BYTES = sodium.crypto_kx_PUBLIC_KEY_BYTES  # 32
 NONCE_LEN_BYTES = 32
 SIGNATURE_LEN_BYTES = 64
 HASH_LEN_BYTES = 32
-KEY_LEN_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES  # 32
-AEAD_NONCE_LEN_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24
-FRAME_OVERHEAD_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES  # 16
+KEY_LEN_BYTES = 32
+HS_NONCE_LEN_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES  # 24
+FRAME_IV_LEN_BYTES = 12
+FRAME_OVERHEAD_BYTES = 16  # the AEAD tag; 0 on a QUIC-bound session
 # sealed identity box: msgpack [32-byte key, name <= 64 bytes, 64-byte sig] + tag
 MAX_BOX_BYTES = 256
 MAX_HANDSHAKE_MSG_BYTES = 512
 MAX_ABORT_REASON_BYTES = 200
-MAX_FRAME_COUNTER = 2**64 - 1
+CHANNEL_BINDING_LEN_BYTES = 32
+
+# frame AEADs, by their wire names
+AEAD_AES256GCM = "aes256gcm"
+AEAD_CHACHA20POLY1305 = "chacha20poly1305"
+KNOWN_AEADS: tuple[str, ...] = (AEAD_AES256GCM, AEAD_CHACHA20POLY1305)
+MAX_OFFERED_AEADS = 8
+MAX_AEAD_NAME_BYTES = 24
+AEAD_ENV_VAR = "P2PFS_AEAD"
+_AEAD_ALIASES = {
+    "aes256gcm": (AEAD_AES256GCM,), "aes-256-gcm": (AEAD_AES256GCM,), "aes": (AEAD_AES256GCM,),
+    "chacha20poly1305": (AEAD_CHACHA20POLY1305,), "chacha20-poly1305": (AEAD_CHACHA20POLY1305,),
+    "chacha20": (AEAD_CHACHA20POLY1305,), "chacha": (AEAD_CHACHA20POLY1305,),
+}
+CPUINFO_PATH = "/proc/cpuinfo"
+
+# implicit key update per direction (TLS 1.3 KeyUpdate without the message): far below
+# AES-GCM's per-key limits (RFC 8446 §5.5, 2^24.5 full-size records) and the 2^96 nonces
+KEY_UPDATE_FRAMES = 2**20
+KEY_UPDATE_BYTES = 2**30
 
 _HS_PERSON_TRANSCRIPT = b"p2pfs-transcript"
 _LABEL_SIG_R = "p2pfs-sig-R"
 _LABEL_SIG_I = "p2pfs-sig-I"
-_ZERO_NONCE = bytes(AEAD_NONCE_LEN_BYTES)
-_NONCE_PREFIX = bytes(AEAD_NONCE_LEN_BYTES - 8)
-_COUNTER = struct.Struct(">Q")
+_LABEL_PREFIX = b"p2pfs "
+_ZERO_HS_NONCE = bytes(HS_NONCE_LEN_BYTES)
 
 Rand = Callable[[int], bytes]
-# pynacl's public AEAD wrappers allocate and zero a fresh output buffer per call,
-# which halves throughput for 1 MiB frames. We call the same libsodium functions
-# through pynacl's cffi binding instead: ``seal_into`` writes straight into the
-# caller's (reused) send buffer and ``open_in_place`` decrypts the received buffer
-# where it lies (libsodium allows m == c), so a large frame is never copied in
-# Python. ``seal``/``open`` keep the allocate-a-result API for small messages and
-# go through a reused per-thread scratch buffer.
-_SCRATCH_MIN_BYTES = 64 * 1024
-_scratch = threading.local()
 Buffer = bytes | bytearray | memoryview
+_AEAD_CLASSES: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {
+    AEAD_AES256GCM: AESGCM, AEAD_CHACHA20POLY1305: ChaCha20Poly1305}
 
 
-def _scratch_buffer(n: int) -> Any:
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = _ffi.new("unsigned char[]", max(n, _SCRATCH_MIN_BYTES))
-        _scratch.buf = buf
-    return buf
+# ---------------------------------------------------------------------------
+# which AEADs this node offers
 
 
-def _c_in(data: Buffer) -> Any:
-    """A read-only C view of `data` without copying it."""
-    return data if type(data) is bytes else _ffi.from_buffer(data)
+def cpu_has_aes(cpuinfo: str) -> bool:
+    """True when /proc/cpuinfo text lists the AES instructions (x86 ``flags``, arm ``Features``)."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features") and "aes" in value.split():
+            return True
+    return False
 
 
-def _aead_encrypt(plaintext: Buffer, nonce: bytes, key: bytes) -> bytes:
-    if _lib is None:
-        return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plaintext), None,
-                                                                 nonce, key)
-    n = len(plaintext) + FRAME_OVERHEAD_BYTES
-    out = _scratch_buffer(n)
-    rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        out, _ffi.NULL, _c_in(plaintext), len(plaintext), _ffi.NULL, 0, _ffi.NULL, nonce, key)
-    if rc != 0:
-        raise ProtocolError("frame encryption failed")
-    return _ffi.buffer(out, n)[:]
+@functools.lru_cache(maxsize=1)
+def _hardware_aes() -> bool:
+    try:
+        with open(CPUINFO_PATH, encoding="ascii", errors="replace") as f:
+            return cpu_has_aes(f.read())
+    except OSError:  # no /proc (not Linux): ChaCha20-Poly1305 is fast everywhere
+        return False
 
 
-def _aead_encrypt_into(plaintext: Buffer, out: bytearray | memoryview, offset: int,
-                       nonce: bytes, key: bytes) -> int:
-    n = len(plaintext) + FRAME_OVERHEAD_BYTES
-    if _lib is None:
-        out[offset:offset + n] = _aead_encrypt(plaintext, nonce, key)
-        return n
-    dst = _ffi.from_buffer(out, require_writable=True)
-    rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        dst + offset, _ffi.NULL, _c_in(plaintext), len(plaintext), _ffi.NULL, 0, _ffi.NULL,
-        nonce, key)
-    del dst
-    if rc != 0:
-        raise ProtocolError("frame encryption failed")
-    return n
+def local_aeads(env: Mapping[str, str] | None = None,
+                hardware_aes: bool | None = None) -> tuple[str, ...]:
+    """The frame AEADs this node offers, best first (see the module docstring)."""
+    env = os.environ if env is None else env
+    forced = env.get(AEAD_ENV_VAR, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in _AEAD_ALIASES:
+            raise ConfigError(f"{AEAD_ENV_VAR}={forced[:40]!r}: use auto, "
+                              f"{AEAD_AES256GCM} or {AEAD_CHACHA20POLY1305}")
+        return _AEAD_ALIASES[forced]
+    aes = _hardware_aes() if hardware_aes is None else hardware_aes
+    return (AEAD_AES256GCM, AEAD_CHACHA20POLY1305) if aes else (AEAD_CHACHA20POLY1305,)
 
 
-def _aead_decrypt(ciphertext: Buffer, nonce: bytes, key: bytes) -> bytes | None:
-    """The plaintext, or None when the frame does not authenticate."""
-    if _lib is None:
-        try:
-            return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(ciphertext), None,
-                                                                     nonce, key)
-        except (nacl.exceptions.CryptoError, ValueError, TypeError):
-            return None
-    n = len(ciphertext) - FRAME_OVERHEAD_BYTES
-    out = _scratch_buffer(n)
-    rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        out, _ffi.NULL, _ffi.NULL, _c_in(ciphertext), len(ciphertext), _ffi.NULL, 0, nonce, key)
-    if rc != 0:
-        return None
-    return _ffi.buffer(out, n)[:]
+def _check_aead_offer(aeads: tuple[str, ...]) -> tuple[str, ...]:
+    if not aeads or any(a not in KNOWN_AEADS for a in aeads):
+        raise ValueError(f"offered AEADs must be a non-empty subset of {list(KNOWN_AEADS)}")
+    return tuple(aeads)
 
 
-def _aead_decrypt_in_place(frame: bytearray, nonce: bytes, key: bytes) -> bool:
-    """Decrypt frame[:-16] over itself; False (frame zeroed) when it does not authenticate.
+# ---------------------------------------------------------------------------
+# key schedule of the frames (HKDF-SHA-256 from cryptography)
 
-    libsodium checks the tag before it decrypts anything, and supports m == c.
-    """
-    if _lib is None:
-        plain = _aead_decrypt(frame, nonce, key)
-        if plain is None:
-            return False
-        frame[:len(plain)] = plain
-        return True
-    buf = _ffi.from_buffer(frame, require_writable=True)
-    rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        buf, _ffi.NULL, _ffi.NULL, buf, len(frame), _ffi.NULL, 0, nonce, key)
-    del buf
-    return rc == 0
+
+def expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    """TLS 1.3 HKDF-Expand-Label (RFC 8446 §7.1) with an empty context and prefix ``p2pfs ``."""
+    full = _LABEL_PREFIX + label
+    info = struct.pack(">HB", length, len(full)) + full + b"\x00"
+    return HKDFExpand(hashes.SHA256(), length, info).derive(secret)
+
+
+def frame_key_iv(secret: bytes) -> tuple[bytes, bytes]:
+    return (expand_label(secret, b"key", KEY_LEN_BYTES),
+            expand_label(secret, b"iv", FRAME_IV_LEN_BYTES))
+
+
+def next_traffic_secret(secret: bytes) -> bytes:
+    return expand_label(secret, b"traffic upd", KEY_LEN_BYTES)
 
 
 # ---------------------------------------------------------------------------
 # messages
 
 
-@message("hs1")
+def _small_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION
+
+
+def _check_aead_list(what: str, aeads: tuple[Any, ...]) -> None:
+    if not aeads or not all(
+        isinstance(a, str) and 0 < len(a.encode("utf-8", "surrogatepass")) <= MAX_AEAD_NAME_BYTES
+        for a in aeads
+    ):
+        raise HandshakeError(f"{what}: the AEAD list must hold short names")
+
+
+@message("hs1", version=PROTOCOL_VERSION)
 class Hello(Message):
     protocol: str = field(metadata=bound(max_len=32))
     versions: tuple = field(metadata=bound(max_len=MAX_OFFERED_VERSIONS))  # type: ignore[type-arg]
+    aeads: tuple = field(metadata=bound(max_len=MAX_OFFERED_AEADS))  # type: ignore[type-arg]
     ephemeral: bytes = field(metadata=bound(max_len=EPHEMERAL_LEN_BYTES))
     nonce: bytes = field(metadata=bound(max_len=NONCE_LEN_BYTES))
 
     def validate(self) -> None:
         if self.protocol != PROTOCOL_NAME:
             raise HandshakeError(f"peer speaks {self.protocol[:32]!r}, not {PROTOCOL_NAME!r}")
-        if not self.versions or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION
-            for v in self.versions
-        ):
+        if not self.versions or not all(_small_int(v) for v in self.versions):
             raise HandshakeError("hello: the version list must hold small integers")
+        _check_aead_list("hello", self.aeads)
         _exact_len("hello.ephemeral", self.ephemeral, EPHEMERAL_LEN_BYTES)
         _exact_len("hello.nonce", self.nonce, NONCE_LEN_BYTES)
 
 
-@message("hs2")
+@message("hs2", version=PROTOCOL_VERSION)
 class HelloReply(Message):
     version: int = field(metadata=bound(max_val=MAX_VERSION))
+    aead: str = field(metadata=bound(max_len=MAX_AEAD_NAME_BYTES))
+    aeads: tuple = field(metadata=bound(max_len=MAX_OFFERED_AEADS))  # type: ignore[type-arg]
     ephemeral: bytes = field(metadata=bound(max_len=EPHEMERAL_LEN_BYTES))
     box: bytes = field(metadata=bound(max_len=MAX_BOX_BYTES))
 
     def validate(self) -> None:
+        _check_aead_list("reply", self.aeads)
         _exact_len("reply.ephemeral", self.ephemeral, EPHEMERAL_LEN_BYTES)
 
 
@@ -221,8 +268,31 @@ def _exact_len(what: str, value: bytes, n: int) -> None:
         raise HandshakeError(f"{what} must be {n} bytes, got {len(value)}")
 
 
+def _version_mismatch(theirs: Any, ours: tuple[int, ...]) -> HandshakeError:
+    peer = max((v for v in theirs if _small_int(v)), default=0)
+    return HandshakeError(f"peer speaks protocol v{peer}, this node v{max(ours)}; "
+                          "both nodes need the same p2pfs protocol version")
+
+
+def _legacy_hello_versions(data: bytes) -> tuple[int, ...] | None:
+    """The version list of an older node's hello (``["hs1", 1, name, [versions], ...]``)."""
+    try:
+        obj = unpackb(bytes(data), max_bytes=MAX_HANDSHAKE_MSG_BYTES)
+    except ProtocolError:
+        return None
+    if (isinstance(obj, list) and len(obj) >= 4 and obj[0] == "hs1" and obj[1] != PROTOCOL_VERSION
+            and obj[2] == PROTOCOL_NAME and isinstance(obj[3], list)
+            and 0 < len(obj[3]) <= MAX_OFFERED_VERSIONS and all(_small_int(v) for v in obj[3])):
+        return tuple(obj[3])
+    return None
+
+
+# what a version-1 responder answers to our version-2 hello
+_LEGACY_REFUSAL = "hs1: unsupported version"
+
+
 # ---------------------------------------------------------------------------
-# primitives (all libsodium through pynacl)
+# handshake primitives (all libsodium through pynacl)
 
 
 def _hash(data: bytes, *, key: bytes = b"", person: bytes = _HS_PERSON_TRANSCRIPT) -> bytes:
@@ -238,15 +308,16 @@ def _derive(kx_key: bytes, transcript: bytes, purpose: bytes) -> bytes:
 
 def _seal_box(key: bytes, aad: bytes, plaintext: bytes) -> bytes:
     # each handshake key encrypts exactly one box, so a zero nonce is safe
-    return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, _ZERO_NONCE, key)
+    return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, _ZERO_HS_NONCE, key)
 
 
 def _open_box(key: bytes, aad: bytes, box: bytes, who: str) -> bytes:
     try:
-        return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(box, aad, _ZERO_NONCE, key)
+        return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(box, aad, _ZERO_HS_NONCE, key)
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise HandshakeError(
-            f"{who}'s handshake message failed to decrypt (tampered, or a man in the middle)"
+            f"{who}'s handshake message failed to decrypt (tampered, a man in the middle, "
+            "or relayed from another connection)"
         ) from None
 
 
@@ -286,6 +357,17 @@ def _decode(data: bytes, expect: tuple[type[Message], ...]) -> Message:
         raise HandshakeError(f"malformed handshake message: {exc}") from None
 
 
+def _check_binding(binding: bytes) -> bytes:
+    if len(binding) not in (0, CHANNEL_BINDING_LEN_BYTES):
+        raise ValueError(f"channel binding must be empty or {CHANNEL_BINDING_LEN_BYTES} bytes")
+    return bytes(binding)
+
+
+def _t2(t1: bytes, version: int, aead: str, r_aeads: tuple[str, ...], e_r: bytes,
+        binding: bytes) -> bytes:
+    return _hash(t1 + packb([version, aead, list(r_aeads), e_r, binding]))
+
+
 # ---------------------------------------------------------------------------
 # session (frame crypto)
 
@@ -295,21 +377,83 @@ class SessionState(enum.Enum):
     DEAD = "dead"
 
 
+@dataclass(slots=True)
+class _Direction:
+    """One direction's key epoch: the AEAD under the current key and what it has done."""
+
+    secret: bytes
+    cipher: AESGCM | ChaCha20Poly1305 | None
+    iv: int
+    epoch: int = 0
+    frames: int = 0  # frames sealed/opened under this key = the next nonce counter
+    octets: int = 0  # plaintext bytes under this key
+    total_frames: int = 0
+
+
 class Session:
-    """Frame encryption for one established channel. Not thread-safe; one per channel."""
+    """Frame protection for one established channel. Not thread-safe; one per channel."""
 
     def __init__(self, *, peer: PeerId, peer_name: str, version: int, transcript_hash: bytes,
-                 send_key: bytes, recv_key: bytes) -> None:
+                 aead: str, send_secret: bytes, recv_secret: bytes,
+                 encrypt_frames: bool = True, key_update_frames: int | None = None,
+                 key_update_bytes: int | None = None) -> None:
+        if aead not in _AEAD_CLASSES:
+            raise ValueError(f"unknown frame AEAD {aead!r}")
         self.peer = peer
         self.peer_name = peer_name
         self.version = version
         self.transcript_hash = transcript_hash
-        self._send_key = send_key
-        self._recv_key = recv_key
-        self._send_counter = 0
-        self._recv_counter = 0
+        self.aead = aead
+        self.frames_encrypted = encrypt_frames
+        self.overhead_bytes = FRAME_OVERHEAD_BYTES if encrypt_frames else 0
+        # read at construction so tests can shrink the limits for a whole channel
+        self._limit_frames = KEY_UPDATE_FRAMES if key_update_frames is None else key_update_frames
+        self._limit_bytes = KEY_UPDATE_BYTES if key_update_bytes is None else key_update_bytes
+        if not 1 <= self._limit_frames <= 2**64 or self._limit_bytes < 1:
+            raise ValueError("key update limits must be positive (frames at most 2^64)")
+        self._aead_class = _AEAD_CLASSES[aead]
+        self._send = self._direction(send_secret)
+        self._recv = self._direction(recv_secret)
         self.state = SessionState.OPEN
         self.failure = ""
+
+    @property
+    def protection(self) -> str:
+        """What protects frames, for logs: the AEAD, or the QUIC connection they are bound to."""
+        return self.aead if self.frames_encrypted else "QUIC TLS 1.3 (bound, no second AEAD)"
+
+    @property
+    def send_epoch(self) -> int:
+        return self._send.epoch
+
+    @property
+    def recv_epoch(self) -> int:
+        return self._recv.epoch
+
+    def _direction(self, secret: bytes) -> _Direction:
+        if not self.frames_encrypted:
+            return _Direction(secret=b"", cipher=None, iv=0)
+        key, iv = frame_key_iv(secret)
+        return _Direction(secret=secret, cipher=self._aead_class(key),
+                          iv=int.from_bytes(iv, "big"))
+
+    def _advance(self, d: _Direction, plaintext_len: int) -> None:
+        """Count one frame; move to the next key epoch at the limits (implicit KeyUpdate)."""
+        d.frames += 1
+        d.octets += plaintext_len
+        d.total_frames += 1
+        if d.cipher is not None and (d.frames >= self._limit_frames
+                                     or d.octets >= self._limit_bytes):
+            d.secret = next_traffic_secret(d.secret)
+            key, iv = frame_key_iv(d.secret)
+            d.cipher = self._aead_class(key)
+            d.iv = int.from_bytes(iv, "big")
+            d.epoch += 1
+            d.frames = d.octets = 0
+
+    @staticmethod
+    def _nonce(d: _Direction) -> bytes:
+        return (d.iv ^ d.frames).to_bytes(FRAME_IV_LEN_BYTES, "big")
 
     def _check_open(self) -> None:
         if self.state is not SessionState.OPEN:
@@ -320,61 +464,68 @@ class Session:
             log.debug("session with %s: %s -> dead (%s)", self.peer.short, self.state.value, reason)
         self.state = SessionState.DEAD
         self.failure = reason
-        self._send_key = self._recv_key = b""
+        for d in (self._send, self._recv):
+            d.secret, d.cipher = b"", None
 
-    def _next_send_nonce(self) -> bytes:
+    def _check_recv(self, frame_len: int) -> _Direction:
         self._check_open()
-        if self._send_counter >= MAX_FRAME_COUNTER:
-            self._kill("send counter exhausted")
-            raise ProtocolError("the session is dead (send counter exhausted)")
-        nonce = _NONCE_PREFIX + _COUNTER.pack(self._send_counter)
-        self._send_counter += 1
-        return nonce
-
-    def _recv_nonce(self, frame_len: int) -> bytes:
-        self._check_open()
-        if frame_len < FRAME_OVERHEAD_BYTES:
+        if frame_len < self.overhead_bytes:
             self._kill("truncated frame")
             raise ProtocolError(
                 f"frame of {frame_len} bytes is shorter than its "
                 f"{FRAME_OVERHEAD_BYTES}-byte tag (truncated)"
             )
-        if self._recv_counter >= MAX_FRAME_COUNTER:
-            self._kill("receive counter exhausted")
-            raise ProtocolError("the session is dead (receive counter exhausted)")
-        return _NONCE_PREFIX + _COUNTER.pack(self._recv_counter)
+        return self._recv
 
     def _auth_failed(self) -> ProtocolError:
-        self._kill(f"frame {self._recv_counter} failed authentication")
+        n = self._recv.total_frames
+        self._kill(f"frame {n} failed authentication")
         return ProtocolError(
-            f"frame {self._recv_counter} from {self.peer.short} failed authentication "
+            f"frame {n} from {self.peer.short} failed authentication "
             "(forged, replayed, reordered or truncated); channel closed"
         )
 
     def seal(self, plaintext: Buffer) -> bytes:
         """The next frame (``ciphertext || tag``) as new bytes."""
-        nonce = self._next_send_nonce()
-        return _aead_encrypt(plaintext, nonce, self._send_key)
+        self._check_open()
+        d = self._send
+        if d.cipher is None:
+            frame = plaintext if type(plaintext) is bytes else bytes(plaintext)
+        else:
+            frame = d.cipher.encrypt(self._nonce(d), plaintext, None)
+        self._advance(d, len(plaintext))
+        return frame
 
     def seal_into(self, plaintext: Buffer, out: bytearray | memoryview, offset: int = 0) -> int:
-        """Write the next frame into ``out[offset:offset + len(plaintext) + 16]``; its length.
+        """Write the next frame into ``out[offset:offset + len(plaintext) + overhead]``; its length.
 
         The same frame ``seal`` would return, without allocating it; ``out`` must
         not overlap ``plaintext``.
         """
-        n = len(plaintext) + FRAME_OVERHEAD_BYTES
+        n = len(plaintext) + self.overhead_bytes
         if offset < 0 or len(out) - offset < n:
             raise ValueError(f"seal_into: {len(out) - offset} bytes of room, need {n}")
-        nonce = self._next_send_nonce()
-        return _aead_encrypt_into(plaintext, out, offset, nonce, self._send_key)
+        self._check_open()
+        d = self._send
+        with memoryview(out) as view:
+            if d.cipher is None:
+                view[offset:offset + n] = plaintext
+            else:
+                d.cipher.encrypt_into(self._nonce(d), plaintext, None, view[offset:offset + n])
+        self._advance(d, len(plaintext))
+        return n
 
     def open(self, ciphertext: Buffer) -> bytes:
         """The plaintext of the next frame, as new bytes; ProtocolError kills the session."""
-        nonce = self._recv_nonce(len(ciphertext))
-        plain = _aead_decrypt(ciphertext, nonce, self._recv_key)
-        if plain is None:
-            raise self._auth_failed()
-        self._recv_counter += 1
+        d = self._check_recv(len(ciphertext))
+        if d.cipher is None:
+            plain = ciphertext if type(ciphertext) is bytes else bytes(ciphertext)
+        else:
+            try:
+                plain = d.cipher.decrypt(self._nonce(d), ciphertext, None)
+            except InvalidTag:
+                raise self._auth_failed() from None
+        self._advance(d, len(plain))
         return plain
 
     def open_in_place(self, frame: bytearray) -> bytearray:
@@ -383,21 +534,29 @@ class Session:
         For a buffer the caller owns outright (no copy of a large frame); on
         failure the frame is wiped and ProtocolError kills the session.
         """
-        nonce = self._recv_nonce(len(frame))
-        if not _aead_decrypt_in_place(frame, nonce, self._recv_key):
-            raise self._auth_failed()
-        self._recv_counter += 1
+        d = self._check_recv(len(frame))
+        n = len(frame) - self.overhead_bytes
+        if d.cipher is not None:
+            with memoryview(frame) as view:
+                try:  # OpenSSL decrypts in place (out == in); the tag is checked at the end
+                    d.cipher.decrypt_into(self._nonce(d), view, None, view[:n])
+                except InvalidTag:
+                    view[:] = bytes(len(view))  # no unauthenticated plaintext left behind
+                    raise self._auth_failed() from None
+        self._advance(d, n)
+        if not self.overhead_bytes:
+            return frame
         try:
-            del frame[len(frame) - FRAME_OVERHEAD_BYTES:]
+            del frame[n:]
         except BufferError:  # someone holds a view of it: hand out a copy instead
-            return bytearray(memoryview(frame)[:len(frame) - FRAME_OVERHEAD_BYTES])
+            return bytearray(memoryview(frame)[:n])
         return frame
 
     def close(self) -> None:
         self._kill("closed")
 
     def __repr__(self) -> str:
-        return f"Session(peer={self.peer.short}, state={self.state.value})"
+        return f"Session(peer={self.peer.short}, {self.protection}, state={self.state.value})"
 
 
 # ---------------------------------------------------------------------------
@@ -429,15 +588,23 @@ def _transition(machine: Any, expected: enum.Enum, new: enum.Enum) -> None:
 
 
 class InitiatorHandshake:
-    """The connecting side. ``start()`` -> msg1; ``receive(msg2)`` -> (msg3, Session)."""
+    """The connecting side. ``start()`` -> msg1; ``receive(msg2)`` -> (msg3, Session).
+
+    ``aeads``: the frame AEADs offered, best first (default ``local_aeads()``);
+    ``channel_binding``: the QUIC connection's TLS exporter value, or empty.
+    """
 
     def __init__(self, identity: Identity, *, expected_peer: PeerId | None = None,
                  rand: Rand = nacl.utils.random,
-                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+                 aeads: tuple[str, ...] | None = None,
+                 channel_binding: bytes = b"") -> None:
         self._identity = identity
         self._expected = expected_peer
         self._rand = rand
         self._versions = versions
+        self._aeads = _check_aead_offer(local_aeads() if aeads is None else aeads)
+        self._binding = _check_binding(channel_binding)
         self.state = InitiatorState.NEW
         self._eph_pk = b""
         self._eph_sk = b""
@@ -448,7 +615,7 @@ class InitiatorHandshake:
         self._eph_pk, self._eph_sk = sodium.crypto_kx_seed_keypair(
             self._rand(sodium.crypto_kx_SEED_BYTES)
         )
-        msg1 = Hello(PROTOCOL_NAME, tuple(self._versions), self._eph_pk,
+        msg1 = Hello(PROTOCOL_NAME, tuple(self._versions), self._aeads, self._eph_pk,
                      self._rand(NONCE_LEN_BYTES)).encode()
         self._t1 = _hash(PROTOCOL_NAME.encode() + msg1)
         return msg1
@@ -468,6 +635,10 @@ class InitiatorHandshake:
     def _receive(self, msg2: bytes) -> tuple[bytes, Session]:
         reply = _decode(msg2, (HelloReply, HandshakeAbort))
         if isinstance(reply, HandshakeAbort):
+            if _LEGACY_REFUSAL in reply.reason:
+                raise HandshakeError(
+                    f"peer speaks protocol v1, this node v{max(self._versions)}; both nodes "
+                    f"need the same p2pfs protocol version (peer said: {reply.reason})")
             raise HandshakeError(f"peer refused the handshake: {reply.reason}")
         assert isinstance(reply, HelloReply)
         if reply.version not in self._versions:
@@ -475,13 +646,19 @@ class InitiatorHandshake:
                 f"peer chose protocol version {reply.version}, which we did not offer "
                 f"(we support {list(self._versions)})"
             )
-        e_i, e_r, version = self._eph_pk, reply.ephemeral, reply.version
+        expected_aead = next((a for a in self._aeads if a in reply.aeads), None)
+        if reply.aead != expected_aead:
+            raise HandshakeError(
+                f"peer chose frame AEAD {reply.aead[:MAX_AEAD_NAME_BYTES]!r}, but the first "
+                f"of ours {list(self._aeads)} that it offers is {expected_aead!r}"
+            )
+        e_i, e_r, version, aead = self._eph_pk, reply.ephemeral, reply.version, reply.aead
         try:
             rx, tx = sodium.crypto_kx_client_session_keys(e_i, self._eph_sk, e_r)
         except (nacl.exceptions.CryptoError, ValueError, TypeError):
             raise HandshakeError("peer sent an invalid ephemeral key") from None
         self._eph_sk = b""  # forward secrecy: the ephemeral secret is no longer needed
-        t2 = _hash(self._t1 + packb([version, e_r]))
+        t2 = _t2(self._t1, version, aead, reply.aeads, e_r, self._binding)
         plain = _open_box(_derive(rx, t2, b"p2pfs-hs-r2i"), t2, reply.box, "the responder")
         responder, r_name, sig_r = _parse_identity_box(plain, "the responder")
         signed_r = packb([_LABEL_SIG_R, t2, e_i, e_r, version, responder.key, r_name])
@@ -498,26 +675,35 @@ class InitiatorHandshake:
         msg3 = Finish(box_i).encode()
         t4 = _hash(t3 + msg3)
         session = Session(peer=responder, peer_name=_display_name(r_name), version=version,
-                          transcript_hash=t4,
-                          send_key=_derive(tx, t4, b"p2pfs-app-i2r"),
-                          recv_key=_derive(rx, t4, b"p2pfs-app-r2i"))
+                          transcript_hash=t4, aead=aead,
+                          send_secret=_derive(tx, t4, b"p2pfs-app-i2r"),
+                          recv_secret=_derive(rx, t4, b"p2pfs-app-r2i"),
+                          encrypt_frames=not self._binding)
         return msg3, session
 
 
 class ResponderHandshake:
-    """The accepting side. ``receive_hello(msg1)`` -> msg2; ``receive_finish(msg3)`` -> Session."""
+    """The accepting side. ``receive_hello(msg1)`` -> msg2; ``receive_finish(msg3)`` -> Session.
+
+    ``aeads`` and ``channel_binding`` as for ``InitiatorHandshake``.
+    """
 
     def __init__(self, identity: Identity, *, rand: Rand = nacl.utils.random,
-                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+                 aeads: tuple[str, ...] | None = None,
+                 channel_binding: bytes = b"") -> None:
         self._identity = identity
         self._rand = rand
         self._versions = versions
+        self._aeads = _check_aead_offer(local_aeads() if aeads is None else aeads)
+        self._binding = _check_binding(channel_binding)
         self.state = ResponderState.NEW
         self._e_i = b""
         self._e_r = b""
         self._rx = b""
         self._tx = b""
         self._version = 0
+        self._aead = ""
         self._t3 = b""
 
     @staticmethod
@@ -538,15 +724,23 @@ class ResponderHandshake:
         return msg2
 
     def _receive_hello(self, msg1: bytes) -> bytes:
-        hello = _decode(msg1, (Hello,))
+        try:
+            hello = _decode(msg1, (Hello,))
+        except HandshakeError:
+            legacy = _legacy_hello_versions(msg1) if isinstance(msg1, (bytes, bytearray)) else None
+            if legacy is not None:
+                raise _version_mismatch(legacy, self._versions) from None
+            raise
         assert isinstance(hello, Hello)
         common = set(hello.versions) & set(self._versions)
         if not common:
-            raise HandshakeError(
-                f"no common protocol version: peer offers {list(hello.versions)}, "
-                f"we support {list(self._versions)}"
-            )
+            raise _version_mismatch(hello.versions, self._versions)
         version = max(common)
+        aead = next((a for a in hello.aeads if a in self._aeads), None)
+        if aead is None:
+            offered = [a[:MAX_AEAD_NAME_BYTES] for a in hello.aeads]
+            raise HandshakeError(f"no common frame AEAD: peer offers {offered}, "
+                                 f"this node {list(self._aeads)}")
         e_r, sk_r = sodium.crypto_kx_seed_keypair(self._rand(sodium.crypto_kx_SEED_BYTES))
         e_i = hello.ephemeral
         try:
@@ -555,14 +749,15 @@ class ResponderHandshake:
             raise HandshakeError("peer sent an invalid ephemeral key") from None
         del sk_r  # forward secrecy
         t1 = _hash(PROTOCOL_NAME.encode() + bytes(msg1))
-        t2 = _hash(t1 + packb([version, e_r]))
+        t2 = _t2(t1, version, aead, self._aeads, e_r, self._binding)
         me = self._identity
         sig_r = me.sign(packb([_LABEL_SIG_R, t2, e_i, e_r, version, me.public_key, me.name]))
         box_r = _seal_box(_derive(tx, t2, b"p2pfs-hs-r2i"), t2,
                           packb([me.public_key, me.name, sig_r]))
-        self._e_i, self._e_r, self._rx, self._tx, self._version = e_i, e_r, rx, tx, version
+        self._e_i, self._e_r, self._rx, self._tx = e_i, e_r, rx, tx
+        self._version, self._aead = version, aead
         self._t3 = _hash(t2 + box_r)
-        return HelloReply(version, e_r, box_r).encode()
+        return HelloReply(version, aead, self._aeads, e_r, box_r).encode()
 
     def receive_finish(self, msg3: bytes) -> Session:
         if self.state is not ResponderState.REPLY_SENT:
@@ -590,6 +785,7 @@ class ResponderHandshake:
             raise HandshakeError("the initiator's transcript signature is invalid")
         t4 = _hash(t3 + bytes(msg3))
         return Session(peer=initiator, peer_name=_display_name(i_name), version=self._version,
-                       transcript_hash=t4,
-                       send_key=_derive(self._tx, t4, b"p2pfs-app-r2i"),
-                       recv_key=_derive(self._rx, t4, b"p2pfs-app-i2r"))
+                       transcript_hash=t4, aead=self._aead,
+                       send_secret=_derive(self._tx, t4, b"p2pfs-app-r2i"),
+                       recv_secret=_derive(self._rx, t4, b"p2pfs-app-i2r"),
+                       encrypt_frames=not self._binding)

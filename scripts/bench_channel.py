@@ -3,11 +3,14 @@
 In ONE run, on 127.0.0.1 with uvloop, it measures:
 
 * plain asyncio TCP, no crypto (the ceiling of the machine's loopback + asyncio);
-* one-core secretstream encryption (crypto_secretstream_xchacha20poly1305_push)
-  and one-core AEAD seal (Session.seal: XChaCha20-Poly1305-IETF, what the channel
-  really uses) over the same message size;
+* one-core secretstream encryption (crypto_secretstream_xchacha20poly1305_push),
+  one-core libsodium XChaCha20-Poly1305-IETF seal (the frame AEAD of protocol v1)
+  and one-core Session.seal for each frame AEAD of protocol v2 (OpenSSL
+  AES-256-GCM and ChaCha20-Poly1305 through ``cryptography``), same message size;
 * the SecureChannel (handshake + sealed frames) over every transport the
-  registry can load; UDP also at 1 % and 5 % simulated loss and with 60 KB
+  registry can load, over tcp and udp once per frame AEAD (``--aeads``; both
+  nodes forced with P2PFS_AEAD), over quic once (bound to the QUIC connection,
+  no second AEAD); UDP also at 1 % and 5 % simulated loss and with 60 KB
   datagrams when ``node.transports.udp`` accepts ``loss_rate`` / ``datagram_bytes``;
 * the bare qh3/aioquic stream (1452-byte datagrams) from scripts/bench_quic_libs.py
   when that script exists.
@@ -25,6 +28,7 @@ reaches when each side has a core to itself (the "cpu-bound" ratio).
 
     .venv/bin/python scripts/bench_channel.py                       # 256 MiB, all
     .venv/bin/python scripts/bench_channel.py --size-mib 64 --transports tcp --repeat 3
+    .venv/bin/python scripts/bench_channel.py --aeads chacha20poly1305   # one AEAD only
     .venv/bin/python scripts/bench_channel.py --json
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
@@ -42,7 +47,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +58,13 @@ import nacl.bindings as sodium
 from node.channel import accept_channel, open_channel
 from node.errors import ChannelClosed, ConfigError
 from node.identity import Identity
-from node.secure import InitiatorHandshake, ResponderHandshake
+from node.secure import (
+    AEAD_ENV_VAR,
+    KNOWN_AEADS,
+    InitiatorHandshake,
+    ResponderHandshake,
+    local_aeads,
+)
 from node.transports import TRANSPORT_NAMES, get_transport
 
 HOST = "127.0.0.1"
@@ -131,6 +142,21 @@ async def _serve(kind: str, transport: str, kwargs: dict[str, Any]) -> None:
     await listener.close()
 
 
+@contextlib.contextmanager
+def forced_aead(aead: str | None) -> Iterator[None]:
+    """Make this process offer only `aead` (None: what it would offer anyway)."""
+    old = os.environ.get(AEAD_ENV_VAR)
+    if aead is not None:
+        os.environ[AEAD_ENV_VAR] = aead
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(AEAD_ENV_VAR, None)
+        else:
+            os.environ[AEAD_ENV_VAR] = old
+
+
 class ServerProcess:
     """This script in --serve mode; ended by its own pid when the row is done."""
 
@@ -140,6 +166,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> int:
+        # the server inherits this process's P2PFS_AEAD (see forced_aead)
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -187,8 +214,9 @@ class ChannelRun:
     """One channel transfer: wall-clock rate, and CPU and page faults per MiB per side."""
 
     def __init__(self, mib_s: float, sender: tuple[float, int], receiver: tuple[float, int],
-                 mib: float) -> None:
+                 mib: float, protection: str) -> None:
         self.mib_s = mib_s
+        self.protection = protection
         self.sender_ms_per_mib = sender[0] * 1e3 / mib
         self.receiver_ms_per_mib = receiver[0] * 1e3 / mib
         self.sender_faults_per_mib = sender[1] / mib
@@ -214,6 +242,7 @@ async def channel_run(size: int, msg: int, transport: str, kwargs: dict[str, Any
             report = await asyncio.wait_for(ch.recv(), RUN_TIMEOUT_S)
             elapsed = time.perf_counter() - start
             cpu1, faults1 = _usage()
+            protection = ch._session.protection
         finally:
             await ch.close()
     got, recv_cpu_us, recv_faults = REPORT.unpack(report)
@@ -221,7 +250,7 @@ async def channel_run(size: int, msg: int, transport: str, kwargs: dict[str, Any
         raise RuntimeError(f"{transport} channel: server got {got} of {size} bytes")
     mib = size / (1 << 20)
     return ChannelRun(mib / elapsed, (cpu1 - cpu0, faults1 - faults0),
-                      (recv_cpu_us / 1e6, recv_faults), mib)
+                      (recv_cpu_us / 1e6, recv_faults), mib, protection)
 
 
 async def channel_mib_s(size: int, msg: int, transport: str, kwargs: dict[str, Any]) -> float:
@@ -248,14 +277,32 @@ def secretstream_mib_s(size: int, msg: int) -> float:
     return secretstream_run(size, msg)[0]
 
 
-def aead_seal_mib_s(size: int, msg: int) -> float:
-    i, r = InitiatorHandshake(Identity.generate()), ResponderHandshake(Identity.generate())
-    _, session = i.receive(r.receive_hello(i.start()))
+def _one_core(size: int, msg: int, seal: Callable[[bytes], object]) -> tuple[float, float]:
+    """(MiB/s wall clock, CPU ms per MiB) of `seal` over `size` bytes of `msg`-byte blocks."""
     block = os.urandom(msg)
-    start = time.perf_counter()
-    for _ in range(max(1, size // msg)):
-        session.seal(block)
-    return max(1, size // msg) * msg / (time.perf_counter() - start) / (1 << 20)
+    count = max(1, size // msg)
+    start, cpu0 = time.perf_counter(), time.thread_time()
+    for _ in range(count):
+        seal(block)
+    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu0
+    mib = count * msg / (1 << 20)
+    return mib / wall, cpu * 1e3 / mib
+
+
+def aead_seal_run(size: int, msg: int, aead: str) -> tuple[float, float]:
+    """One-core Session.seal with frame AEAD `aead` (protocol v2)."""
+    i = InitiatorHandshake(Identity.generate(), aeads=(aead,))
+    r = ResponderHandshake(Identity.generate(), aeads=(aead,))
+    _, session = i.receive(r.receive_hello(i.start()))
+    return _one_core(size, msg, session.seal)
+
+
+def libsodium_seal_run(size: int, msg: int) -> tuple[float, float]:
+    """One-core libsodium XChaCha20-Poly1305-IETF seal: the frame AEAD of protocol v1."""
+    key = os.urandom(32)
+    nonce = bytes(24)
+    return _one_core(size, msg, lambda block: sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        block, None, nonce, key))
 
 
 def _accepts(fn: Callable[..., Any], kw: str) -> bool:
@@ -289,7 +336,8 @@ async def _median(repeat: int, fn: Callable[[], Awaitable[float]]) -> tuple[floa
     return statistics.median(runs), runs
 
 
-async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[str, Any]:
+async def run(size: int, msg: int, transports: list[str], repeat: int,
+              aeads: list[str]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
 
@@ -300,14 +348,17 @@ async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[s
                      **{k: round(v, 3) for k, v in cpu.items()}})
 
     async def add_channel(key: str, label: str, transport: str,
-                          kwargs: dict[str, Any]) -> None:
-        runs = [await channel_run(size, msg, transport, kwargs) for _ in range(repeat)]
+                          kwargs: dict[str, Any], aead: str | None = None) -> None:
+        with forced_aead(aead):
+            runs = [await channel_run(size, msg, transport, kwargs) for _ in range(repeat)]
         med = statistics.median
+        label = f"{label} [{runs[0].protection}]"
         add(key, label, med(r.mib_s for r in runs), [r.mib_s for r in runs],
             sender_cpu_ms_per_mib=med(r.sender_ms_per_mib for r in runs),
             receiver_cpu_ms_per_mib=med(r.receiver_ms_per_mib for r in runs),
             sender_faults_per_mib=med(r.sender_faults_per_mib for r in runs),
             receiver_faults_per_mib=med(r.receiver_faults_per_mib for r in runs))
+        rows[-1]["protection"] = runs[0].protection
 
     add("plain_tcp", "plain asyncio TCP, no crypto", *await _median(
         repeat, lambda: plain_tcp_mib_s(size, msg)))
@@ -315,8 +366,19 @@ async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[s
     add("secretstream", "secretstream push, one core",
         statistics.median(r[0] for r in ss_runs), [r[0] for r in ss_runs],
         cpu_ms_per_mib=statistics.median(r[1] for r in ss_runs))
-    ae = [aead_seal_mib_s(size, msg) for _ in range(repeat)]
-    add("aead_seal", "AEAD seal (Session.seal), one core", statistics.median(ae), ae)
+    def add_one_core(key: str, label: str, fn: Callable[[], tuple[float, float]]) -> None:
+        runs = [fn() for _ in range(repeat)]
+        add(key, label, statistics.median(r[0] for r in runs), [r[0] for r in runs],
+            cpu_ms_per_mib=statistics.median(r[1] for r in runs))
+
+    add_one_core("libsodium_seal", "libsodium xchacha20poly1305 seal (v1), one core",
+                 lambda: libsodium_seal_run(size, msg))
+    for aead in aeads:
+        add_one_core(f"aead_seal_{aead}", f"Session.seal {aead}, one core",
+                     lambda aead=aead: aead_seal_run(size, msg, aead))  # type: ignore[misc]
+    negotiated = local_aeads()[0]
+    notes.append(f"this machine negotiates {negotiated} with a peer like itself "
+                 f"(offers {list(local_aeads())}); 'channel_<transport>' is that row")
 
     for name in transports:
         try:
@@ -324,7 +386,12 @@ async def run(size: int, msg: int, transports: list[str], repeat: int) -> dict[s
         except ConfigError as exc:
             notes.append(f"{name}: {exc}; no channel row")
             continue
-        await add_channel(f"channel_{name}", f"SecureChannel over {name}", name, {})
+        if name == "quic":  # bound to the QUIC connection: the frame AEAD plays no part
+            await add_channel("channel_quic", "SecureChannel over quic", name, {})
+            continue
+        for aead in aeads:
+            key = f"channel_{name}" if aead == negotiated else f"channel_{name}_{aead}"
+            await add_channel(key, f"SecureChannel over {name}", name, {}, aead)
         if name != "udp":
             continue
         if _accepts(t.connect, "loss_rate") and _accepts(t.listen, "loss_rate"):
@@ -405,7 +472,7 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"SecureChannel benchmark: {result['size_mib']:g} MiB per row, "
           f"{result['message_bytes'] // 1024} KiB messages, 127.0.0.1, uvloop, "
           f"median of {result['repeat']}")
-    print(f"{'row':<44} {'MiB/s':>8} {'tx ms/MiB':>9} {'rx ms/MiB':>9} "
+    print(f"{'row':<72} {'MiB/s':>8} {'tx ms/MiB':>9} {'rx ms/MiB':>9} "
           f"{'tx flt/MiB':>10} {'rx flt/MiB':>10}  runs (MiB/s)")
 
     def col(r: dict[str, Any], key: str, width: int, fmt: str) -> str:
@@ -415,7 +482,7 @@ def _print_table(result: dict[str, Any]) -> None:
         tx = col(r, "sender_cpu_ms_per_mib", 9, ".3f")
         if "cpu_ms_per_mib" in r:
             tx = col(r, "cpu_ms_per_mib", 9, ".3f")
-        print(f"{r['row']:<44} {r['median_mib_s']:>8.1f} {tx} "
+        print(f"{r['row']:<72} {r['median_mib_s']:>8.1f} {tx} "
               f"{col(r, 'receiver_cpu_ms_per_mib', 9, '.3f')} "
               f"{col(r, 'sender_faults_per_mib', 10, '.1f')} "
               f"{col(r, 'receiver_faults_per_mib', 10, '.1f')}  {r['runs_mib_s']}")
@@ -442,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default=",".join(TRANSPORT_NAMES),
                     help="comma-separated; default tcp,udp,quic (those that load)")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--aeads", default=",".join(KNOWN_AEADS),
+                    help="comma-separated frame AEADs for the tcp/udp channel rows")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--serve", choices=("plain", "channel"), help=argparse.SUPPRESS)
     ap.add_argument("--transport", default="tcp", help=argparse.SUPPRESS)
@@ -451,8 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         _run_loop(_serve(args.serve, args.transport, json.loads(args.serve_kwargs)))
         return 0
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    aeads = [a.strip() for a in args.aeads.split(",") if a.strip()]
+    unknown = [a for a in aeads if a not in KNOWN_AEADS]
+    if unknown or not aeads:
+        ap.error(f"--aeads: choose from {','.join(KNOWN_AEADS)}")
     result = _run_loop(run(int(args.size_mib * (1 << 20)), args.message_kib * 1024,
-                           transports, max(1, args.repeat)))
+                           transports, max(1, args.repeat), aeads))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

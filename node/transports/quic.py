@@ -26,9 +26,16 @@ SEND_LOW_WATER_BYTES, so a bulk writer wakes a few times per MiB, not per packet
 The client does not verify the server's certificate (verify_mode=CERT_NONE):
 peer identity is proven by the p2pfs handshake that node/channel.py runs over
 this pipe, and a fresh self-signed certificate per node (node/transports/certs.py)
-only lets TLS complete.
+only lets TLS complete. That handshake is bound to this very QUIC connection:
+``QuicPipe.channel_binding`` is the connection's RFC 8446 §7.5 TLS exporter
+(node/transports/tls_exporter.py), equal at both ends of one connection and
+unknown to anyone else; node/secure.py signs it in the transcript, so a relay or
+man in the middle that terminates QUIC (two connections, two exporters) is
+refused, and the channel's frames then ride inside QUIC's TLS 1.3 without a
+second AEAD.
 
-Imports only errors, wire-level constants, transports.base and transports.certs;
+Imports only errors, wire-level constants, transports.base, transports.certs and
+transports.tls_exporter;
 must not import identity, trust, channel, transfer or gossip.
 """
 
@@ -57,6 +64,7 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
 from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
 from node.transports.certs import load_or_create_cert
+from node.transports.tls_exporter import ExporterTap, tap
 
 log = logging.getLogger(__name__)
 # qh3 logs every peer CONNECTION_CLOSE, even a normal one, at WARNING on the "quic" logger;
@@ -81,6 +89,11 @@ RECV_WINDOW_BYTES = 16 * 1024 * 1024
 CREDIT_GRANT_BYTES = RECV_WINDOW_BYTES // 4
 SEND_HIGH_WATER_BYTES = 2 * 1024 * 1024
 SEND_LOW_WATER_BYTES = 512 * 1024
+
+# RFC 8446 §7.5 exporter label (RFC 5705 "EXPORTER-" prefix) of the channel binding that
+# node/channel.py puts into the p2pfs handshake transcript (node/secure.py)
+CHANNEL_BINDING_LABEL = b"EXPORTER-p2pfs-channel-binding"
+CHANNEL_BINDING_BYTES = 32
 
 CLOSE_LINGER_S = 2.0  # how long close() waits for sent data to be acknowledged
 STREAM_OPEN_TIMEOUT_S = 10.0  # server drops a handshaken connection that opens no stream
@@ -132,6 +145,7 @@ class QuicPipe:
         self._quic = proto._quic
         self._owns_socket = owns_socket
         self._sid = PIPE_STREAM_ID
+        self._binding = b""
         # receive side
         self._rbuf = bytearray()
         self._rneed = -1  # payload length of the record being received; -1: reading a header
@@ -158,6 +172,15 @@ class QuicPipe:
     @property
     def closed(self) -> bool:
         return self._closing or self._terminated
+
+    @property
+    def channel_binding(self) -> bytes:
+        """This connection's TLS exporter value: the same on both ends of one QUIC connection,
+        different on any other. Empty (frames then keep their own AEAD) if qh3 hid it."""
+        if not self._binding:
+            self._binding = self._proto.exporter.export(CHANNEL_BINDING_LABEL, b"",
+                                                        CHANNEL_BINDING_BYTES)
+        return self._binding
 
     async def send(self, data: bytes) -> None:
         n = len(data)
@@ -349,6 +372,7 @@ class _PipeProtocol(QuicConnectionProtocol):
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic)
+        self.exporter: ExporterTap = tap(quic)  # before any TLS message is processed
         self.pipe: QuicPipe | None = None
         self.remote_addr: tuple[str, int] | None = None
         self.connect_error: BaseException | None = None

@@ -5,6 +5,12 @@ quic once they exist). The relay is built on the same transport's Pipe API, so
 it can drop, duplicate, reorder, alter or truncate whole messages, or run its
 own handshakes (man in the middle). After each attack the server's listener
 must still serve an honest client.
+
+Over QUIC such a relay terminates two QUIC connections, and the channel handshake
+is bound to each one's TLS exporter: even an honest relay is refused at the
+handshake (test_handshake_relayed_onto_another_quic_connection_fails), so the
+attacks on frames, which need a relay that got past the handshake, run over tcp
+and udp only; over QUIC, QUIC's own TLS 1.3 protects the frames.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import msgpack
 import nacl.bindings as sodium
 import pytest
 
+from node import secure
 from node.channel import SecureChannel, accept_channel, open_channel
 from node.errors import (
     ChannelClosed,
@@ -147,6 +154,15 @@ async def open_via(relay: Relay, *, me: Identity = ALICE) -> SecureChannel:
                               timeout_s=WAIT_S)
 
 
+# transports whose channels are bound to the connection: no relay gets past the handshake
+BOUND_TRANSPORTS = {"quic"}
+
+
+def needs_transparent_relay(server: EchoServer) -> None:
+    if server.transport in BOUND_TRANSPORTS:
+        pytest.skip(f"a {server.transport} relay is refused at the handshake (channel binding)")
+
+
 def at(direction: str, index: int, fn: Callable[[bytes], list[bytes]]) -> Mutate:
     def mutate(d: str, i: int, msg: bytes) -> list[bytes]:
         return fn(msg) if (d, i) == (direction, index) else [msg]
@@ -168,6 +184,7 @@ def flip_middle(msg: bytes) -> list[bytes]:
 
 
 async def test_honest_relay_passes(server: EchoServer) -> None:
+    needs_transparent_relay(server)
     relay, lst = await through_relay(server, lambda d, i, m: [m])
     try:
         ch = await open_via(relay)
@@ -179,6 +196,26 @@ async def test_honest_relay_passes(server: EchoServer) -> None:
         assert (await server.next_event())[0] == "ended"
     finally:
         await lst.close()
+
+
+async def test_handshake_relayed_onto_another_quic_connection_fails() -> None:
+    """An honest relay forwards every handshake message unchanged, but over two QUIC
+    connections: each side signs its own connection's TLS exporter, so both refuse."""
+    if "quic" not in TRANSPORTS:
+        pytest.skip("quic transport not available")
+    server = EchoServer("quic")
+    server.listener = await get_transport("quic").listen(HOST, 0, server.handler)
+    relay, lst = await through_relay(server, lambda d, i, m: [m])
+    try:
+        with pytest.raises(HandshakeError, match="relayed from another connection"):
+            await open_via(relay)
+        kind, exc = await server.next_event()
+        assert kind == "handshake-failed"
+        assert isinstance(exc, (HandshakeError, ChannelClosed)), exc
+        await server.expect_honest_client_served()  # direct, one connection: bound and fine
+    finally:
+        await lst.close()
+        await server.listener.close()
 
 
 # --- frames after the handshake -------------------------------------------------------
@@ -203,6 +240,7 @@ FRAME_PAYLOADS = {"small": b"first data frame", "large": bytes(range(256)) * 800
 @pytest.mark.parametrize("attack", sorted(FRAME_ATTACKS))
 async def test_bad_frame_kills_channel_cleanly(server: EchoServer, attack: str,
                                                payload: str) -> None:
+    needs_transparent_relay(server)
     data = FRAME_PAYLOADS[payload]
     relay, lst = await through_relay(server, FRAME_ATTACKS[attack])
     try:
@@ -223,6 +261,7 @@ async def test_bad_frame_kills_channel_cleanly(server: EchoServer, attack: str,
 
 
 async def test_reordered_frames_kill_channel(server: EchoServer) -> None:
+    needs_transparent_relay(server)
     held: list[bytes] = []
 
     def swap(d: str, i: int, msg: bytes) -> list[bytes]:
@@ -249,9 +288,51 @@ async def test_reordered_frames_kill_channel(server: EchoServer) -> None:
         await lst.close()
 
 
+async def test_frame_replayed_after_key_updates_kills_channel(
+        server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tiny key-update limits, the relay replays the first data frame (key epoch 0,
+    counter 1) in place of the frame with the same counter three key updates later
+    (epoch 3, counter 1): only the changed key can tell them apart, and it does."""
+    needs_transparent_relay(server)
+    monkeypatch.setattr(secure, "KEY_UPDATE_FRAMES", 3)
+    monkeypatch.setattr(secure, "KEY_UPDATE_BYTES", 1 << 20)
+    first: list[bytes] = []
+    # client frames: the verdict is frame 0, the first data frame frame 1, so relay index
+    # FIRST_DATA_C2S + 9 carries frame 10 = epoch 3, counter 1
+    replay_at = FIRST_DATA_C2S + 9
+
+    def replay(d: str, i: int, msg: bytes) -> list[bytes]:
+        if d == C2S and i == FIRST_DATA_C2S:
+            first.append(msg)
+        if d == C2S and i == replay_at:
+            return [first[0]]
+        return [msg]
+
+    relay, lst = await through_relay(server, replay)
+    try:
+        ch = await open_via(relay)
+        kind, server_ch = await server.next_event()
+        assert kind == "accepted"
+        for n in range(replay_at - FIRST_DATA_C2S):
+            await ch.send(b"message %d" % n)
+            assert await asyncio.wait_for(ch.recv(), WAIT_S) == b"message %d" % n
+        assert server_ch._session.recv_epoch >= 3  # several key updates happened
+        await ch.send(b"the frame the relay swaps for an old one")
+        kind, exc = await server.next_event()
+        assert kind == "ended" and isinstance(exc, ProtocolError)
+        assert "failed authentication" in str(exc)
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(ch.recv(), WAIT_S)
+        await ch.close()
+        await server.expect_honest_client_served()
+    finally:
+        await lst.close()
+
+
 @pytest.mark.parametrize("payload", sorted(FRAME_PAYLOADS))
 async def test_tampered_frame_towards_client_raises_protocol_error(server: EchoServer,
                                                                    payload: str) -> None:
+    needs_transparent_relay(server)
     relay, lst = await through_relay(server, at(S2C, 2, flip_middle))
     try:
         ch = await open_via(relay)
@@ -295,7 +376,7 @@ async def test_tampered_handshake_fails_on_both_sides(server: EchoServer, attack
         if attack in ("msg2-tampered", "verdict-tampered"):
             assert isinstance(info.value, ProtocolError)
         kind, _ = await server.next_event()
-        if attack != "verdict-tampered":
+        if attack != "verdict-tampered" or server.transport in BOUND_TRANSPORTS:
             assert kind == "handshake-failed"
         else:  # the server finished; its channel ends when the relay hangs up
             assert kind == "accepted"
@@ -311,8 +392,7 @@ async def test_relay_swapping_ephemeral_keys_fails(server: EchoServer) -> None:
     def swap_eph(d: str, i: int, msg: bytes) -> list[bytes]:
         if i == 0:
             obj = msgpack.unpackb(msg)
-            slot = 4 if d == C2S else 3
-            obj[slot] = sodium.crypto_kx_keypair()[0]
+            obj[5] = sodium.crypto_kx_keypair()[0]  # e_I in msg1, e_R in msg2
             return [msgpack.packb(obj)]
         return [msg]
 

@@ -6,8 +6,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 
+from node import channel as channel_module
+from node import secure
 from node.channel import MAX_PLAINTEXT_BYTES, SecureChannel, accept_channel, open_channel
 from node.errors import (
     ChannelClosed,
@@ -21,6 +24,7 @@ from node.errors import (
 from node.identity import Identity, PeerId
 from node.transports import TRANSPORT_NAMES, get_transport
 from node.transports.base import Pipe
+from node.wire import packb
 from tests.helpers import trusting
 
 ALICE = Identity.generate("alice")
@@ -458,3 +462,84 @@ async def test_closing_the_last_pipe_empties_the_buffer_pool() -> None:
         await srv.close()
     assert tcp._pool()._bufs == [] and tcp._pool().users == 0
     assert kept == b"p" * (1 << 20)  # a buffer still held stays valid for its holder
+
+
+# --- frame crypto over every transport: key updates, old peers -----------------------
+
+
+def _loadable(name: str) -> bool:
+    try:
+        get_transport(name)
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("transport", [t for t in TRANSPORT_NAMES if _loadable(t)])
+async def test_long_exchange_crosses_many_key_updates(transport: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(secure, "KEY_UPDATE_FRAMES", 5)
+    monkeypatch.setattr(secure, "KEY_UPDATE_BYTES", 100_000)
+    srv = EchoServer(BOB, trusting(ALICE))
+    port = await srv.start(transport)
+    try:
+        pipe = await get_transport(transport).connect(HOST, port)
+        ch = await open_channel(pipe, ALICE, expected_peer=BOB.peer_id, authorize=trusting(BOB))
+        kind, server_ch = await srv.next_event()
+        assert kind == "accepted"
+        for n in range(120):
+            msg = bytes([n]) * (70_000 if n % 10 == 0 else n * 7)  # in-place path too
+            await ch.send(msg)
+            assert await asyncio.wait_for(ch.recv(), WAIT_S) == msg
+        session, peer_session = ch._session, server_ch._session
+        if transport == "quic":  # bound to the QUIC connection: no frame AEAD, no epochs
+            assert not session.frames_encrypted and session.send_epoch == 0
+        else:
+            assert session.frames_encrypted and session.aead == peer_session.aead
+            assert session.send_epoch == peer_session.recv_epoch >= 24
+            assert session.recv_epoch == peer_session.send_epoch >= 24
+        await ch.close()
+        assert (await srv.next_event())[0] == "ended"
+    finally:
+        await srv.close()
+
+
+async def test_version_1_initiator_is_told_the_versions(server: EchoServer) -> None:
+    pipe = await get_transport("tcp").connect(HOST, server.listener.port)
+    try:
+        await pipe.send(packb(["hs1", 1, secure.PROTOCOL_NAME, [1], bytes(32), bytes(32)]))
+        reply = msgpack.unpackb(await asyncio.wait_for(pipe.recv(), WAIT_S))
+        assert reply[0] == "hs-abort" and "peer speaks protocol v1, this node v2" in reply[2]
+    finally:
+        await pipe.close()
+    kind, exc = await server.next_event()
+    assert kind == "handshake-failed" and "peer speaks protocol v1, this node v2" in str(exc)
+
+
+async def test_version_1_responder_refusal_is_a_clear_version_error() -> None:
+    async def old_node(pipe: Pipe) -> None:  # what a version-1 node answers to our hello
+        await pipe.recv()
+        await pipe.send(secure.ResponderHandshake.abort_message(
+            "malformed handshake message: hs1: unsupported version 2"))
+
+    listener = await get_transport("tcp").listen(HOST, 0, old_node)
+    try:
+        with pytest.raises(HandshakeError, match="peer speaks protocol v1, this node v2"):
+            await connect(listener.port)
+    finally:
+        await listener.close()
+
+
+async def test_peer_offering_no_common_aead_is_refused_cleanly_on_both_sides(
+        server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    class ChachaOnlyResponder(secure.ResponderHandshake):
+        def __init__(self, identity: Identity, **kw: Any) -> None:
+            super().__init__(identity, aeads=(secure.AEAD_CHACHA20POLY1305,), **kw)
+
+    monkeypatch.setattr(channel_module, "ResponderHandshake", ChachaOnlyResponder)
+    monkeypatch.setenv(secure.AEAD_ENV_VAR, "aes256gcm")  # the initiator offers AES only
+    with pytest.raises(HandshakeError, match=r"peer refused the handshake: no common frame "
+                       r"AEAD: peer offers \['aes256gcm'\], this node \['chacha20poly1305'\]"):
+        await connect(server.listener.port)
+    kind, exc = await server.next_event()
+    assert kind == "handshake-failed" and "no common frame AEAD" in str(exc)

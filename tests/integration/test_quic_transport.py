@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from node.channel import SecureChannel, accept_channel, open_channel
 from node.errors import ChannelClosed, PeerUnreachable, ProtocolError
+from node.identity import Identity
 from node.transports import quic
 from node.transports.base import MAX_MESSAGE_BYTES, Pipe
+from tests.helpers import trusting
 
 Handler = Callable[[Pipe], Awaitable[None]]
 
@@ -414,3 +417,72 @@ async def test_vanished_peer_ends_the_pipe_after_the_idle_timeout(
         await asyncio.wait_for(pipe.recv(), 5)
     assert time.monotonic() - t0 < 3.0
     server.listener._server._transport.resume_reading()
+
+
+# --- channel binding: the handshake is bound to the QUIC connection --------------------
+
+
+async def test_both_ends_export_the_same_binding_and_other_connections_differ(
+        start_server, pipes) -> None:
+    server = await start_server(echo)
+    one = await quic.connect("127.0.0.1", server.port)
+    two = await quic.connect("127.0.0.1", server.port)
+    pipes.extend([one, two])
+    for p in (one, two):
+        await p.send(b"open")
+        assert await p.recv() == b"open"
+    assert len(one.channel_binding) == quic.CHANNEL_BINDING_BYTES
+    assert {bytes(p.channel_binding) for p in server.pipes} == {one.channel_binding,
+                                                                two.channel_binding}
+    assert one.channel_binding != two.channel_binding
+
+
+async def test_secure_channel_over_quic_is_bound_and_not_encrypted_twice(start_server,
+                                                                         pipes) -> None:
+    alice, bob = Identity.generate("alice"), Identity.generate("bob")
+    seen: list[bytes] = []
+    accepted: asyncio.Queue[SecureChannel] = asyncio.Queue()
+
+    class Recording:
+        """Wraps the server's pipe to record what actually crosses it after the handshake."""
+
+        def __init__(self, pipe: Pipe) -> None:
+            self._pipe = pipe
+            self.transport, self.remote = pipe.transport, pipe.remote
+            self.channel_binding = pipe.channel_binding  # type: ignore[attr-defined]
+
+        async def send(self, data: bytes) -> None:
+            await self._pipe.send(data)
+
+        async def recv(self) -> bytes:
+            data = await self._pipe.recv()
+            seen.append(bytes(data))
+            return data
+
+        async def close(self) -> None:
+            await self._pipe.close()
+
+        @property
+        def closed(self) -> bool:
+            return self._pipe.closed
+
+    async def serve(pipe: Pipe) -> None:
+        ch = await accept_channel(Recording(pipe), bob, authorize=trusting(alice))
+        accepted.put_nowait(ch)
+        try:
+            while True:
+                await ch.send(await ch.recv())
+        except ChannelClosed:
+            pass
+
+    server = await start_server(serve)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    ch = await open_channel(pipe, alice, expected_peer=bob.peer_id, authorize=trusting(bob))
+    secret = b"payload travels only inside QUIC's own TLS 1.3"
+    await ch.send(secret)
+    assert await asyncio.wait_for(ch.recv(), 5) == secret
+    server_ch = await asyncio.wait_for(accepted.get(), 5)
+    assert not ch._session.frames_encrypted and not server_ch._session.frames_encrypted
+    assert seen[-1] == secret  # no second AEAD on the frame
+    await ch.close()
