@@ -15,6 +15,13 @@ Fighting per-datagram cost:
   back to one syscall per datagram where the kernel refuses.
 * ``loss_rate`` drops that fraction of outgoing datagrams (tests, benchmarks).
 
+The listener keeps nothing for an INIT: the machine's ``Acceptor`` answers it
+with a cookie, and only a COOKIE_ECHO with a valid cookie from the same address
+creates a connection (bounded by ``MAX_CONNECTIONS``). Spoofed INITs therefore
+cannot fill any table; their replies are dropped rather than queued when the
+socket is busy. An INIT from a peer speaking an older wire version is logged,
+at most once per ``VERSION_LOG_INTERVAL_S``, with both versions named.
+
 Must not import channel, secure, trust or anything above the transports.
 """
 
@@ -25,6 +32,7 @@ import logging
 import random
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -36,13 +44,16 @@ from node.transports.udp_machine import (
     DEFAULT_DATAGRAM_BYTES,
     HEADER_BYTES,
     MAGIC,
+    T_COOKIE_ECHO,
     T_INIT,
+    WIRE_VERSION,
+    Acceptor,
     Closed,
     Connected,
     MessageReceived,
     State,
     UdpConnection,
-    parse_init,
+    old_wire_version,
 )
 
 log = logging.getLogger(__name__)
@@ -59,8 +70,8 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 READS_PER_WAKEUP = 256
 SEND_HIGH_WATER_BYTES = 4 * 1024 * 1024
 SEND_LOW_WATER_BYTES = 2 * 1024 * 1024
-MAX_HALF_OPEN = 256  # connections that sent INIT but nothing since
-MAX_CONNECTIONS = 4096
+MAX_CONNECTIONS = 4096  # created only from a returned cookie: each proved its address
+VERSION_LOG_INTERVAL_S = 60.0
 _GRO_SIZE = struct.Struct("=i")
 
 
@@ -124,6 +135,12 @@ class _Endpoint:
         finally:
             if not self.closed:
                 self._on_batch_end()
+
+    def send_or_drop(self, dgrams: list[bytes], addr: Any) -> None:
+        """Send if nothing waits for the socket, else drop: for stateless replies, which
+        the peer's retransmission replaces, so a flood of them never queues up."""
+        if not self._backlog:
+            self.send(dgrams, addr)
 
     def send(self, dgrams: list[bytes], addr: Any) -> None:
         if self.closed or not dgrams:
@@ -414,11 +431,12 @@ class UdpListener:
         self._handler = handler
         self._datagram_bytes = datagram_bytes
         self._by_cid: dict[bytes, UdpPipe] = {}
-        self._by_init: dict[tuple[Any, bytes], UdpPipe] = {}
-        self._half_open = 0
+        self._acceptor = Acceptor(loop.time(), datagram_bytes=datagram_bytes)
         self._dirty: set[UdpPipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.dropped_datagrams = 0
+        self.inits_answered = 0
+        self._last_version_log = -VERSION_LOG_INTERVAL_S
         self._port = int(sock.getsockname()[1])
         self._endpoint = _Endpoint(loop, sock, connected=False, loss_rate=loss_rate,
                                    on_datagrams=self._on_datagrams,
@@ -434,6 +452,11 @@ class UdpListener:
     def connections(self) -> int:
         return len(self._by_cid)
 
+    @property
+    def rejected_cookies(self) -> int:
+        """COOKIE_ECHOs refused: forged, for another address, or expired."""
+        return self._acceptor.forged_cookies + self._acceptor.expired_cookies
+
     def _on_datagrams(self, dgrams: list[bytes], addr: Any) -> None:
         if len(dgrams) > 1:
             pipe = self._by_cid.get(dgrams[0][2:10])
@@ -448,48 +471,53 @@ class UdpListener:
     def _on_datagram(self, data: bytes, addr: Any) -> None:
         if len(data) < HEADER_BYTES or data[0] != MAGIC:
             self.dropped_datagrams += 1
+            old = old_wire_version(data)
+            if old is not None:
+                self._log_old_version(old, addr)
             return
         pipe = self._by_cid.get(data[2:10])
         if pipe is None:
-            if data[1] != T_INIT:
-                self.dropped_datagrams += 1
+            ptype = data[1]
+            if ptype == T_INIT and not self._closing:
+                reply = self._acceptor.answer_init(data, addr, self._loop.time())
+                if reply is not None:
+                    self.inits_answered += 1
+                    self._endpoint.send_or_drop([reply], addr)
+                    return
+            elif ptype == T_COOKIE_ECHO:
+                self._accept(data, addr)
                 return
-            parsed = parse_init(data)
-            if parsed is None:
-                self.dropped_datagrams += 1
-                return
-            key = (addr, parsed[2])
-            pipe = self._by_init.get(key)
-            if pipe is None:
-                self._accept(data, addr, key)
-                return
+            self.dropped_datagrams += 1
+            return
         elif pipe._addr != addr:
             self.dropped_datagrams += 1  # no migration: a cid is bound to its address
             return
         pipe.feed([data])
         self._dirty.add(pipe)
 
-    def _accept(self, data: bytes, addr: Any, key: tuple[Any, bytes]) -> None:
-        if self._closing or self._half_open >= MAX_HALF_OPEN or \
-                len(self._by_cid) >= MAX_CONNECTIONS:
+    def _accept(self, data: bytes, addr: Any) -> None:
+        """A COOKIE_ECHO for no connection we have: create it if the cookie is good."""
+        if self._closing or len(self._by_cid) >= MAX_CONNECTIONS:
             self.dropped_datagrams += 1
             return
-        machine = UdpConnection.server(data, self._loop.time(),
-                                       datagram_bytes=self._datagram_bytes)
+        machine = self._acceptor.accept_echo(data, addr, self._loop.time())
+        if machine is None:
+            self.dropped_datagrams += 1
+            return
         pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
         pipe.on_connected = self._on_connected
         self._by_cid[machine.local_cid] = pipe
-        self._by_init[key] = pipe
-        pipe._init_key = key  # type: ignore[attr-defined]
-        pipe._half_open = True  # type: ignore[attr-defined]
-        self._half_open += 1
-        self._dirty.add(pipe)
+        self._dirty.add(pipe)  # the flush reports Connected and sends the confirming ACK
+
+    def _log_old_version(self, version: int, addr: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_version_log >= VERSION_LOG_INTERVAL_S:
+            self._last_version_log = now
+            log.warning("udp INIT from %s:%s speaks udp wire version %d; this node speaks "
+                        "version %d, so it cannot connect until it is upgraded", addr[0],
+                        addr[1], version, WIRE_VERSION)
 
     def _on_connected(self, pipe: UdpPipe) -> None:
-        # the INIT key stays mapped until the pipe closes, so a late duplicate INIT
-        # reaches this connection instead of opening a ghost one
-        pipe._half_open = False  # type: ignore[attr-defined]
-        self._half_open -= 1
         task = self._loop.create_task(self._run_handler(pipe))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -507,13 +535,8 @@ class UdpListener:
             await pipe.close()
 
     def _forget(self, pipe: UdpPipe) -> None:
-        self._by_cid.pop(pipe.machine.local_cid, None)
-        key = getattr(pipe, "_init_key", None)
-        if key is not None and self._by_init.get(key) is pipe:
-            del self._by_init[key]
-        if getattr(pipe, "_half_open", False):
-            pipe._half_open = False  # type: ignore[attr-defined]
-            self._half_open -= 1
+        if self._by_cid.get(pipe.machine.local_cid) is pipe:
+            del self._by_cid[pipe.machine.local_cid]
         self._dirty.discard(pipe)
 
     def _on_batch_end(self) -> None:
@@ -603,7 +626,8 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
             return pipe
         if why == "timeout":
             raise PeerUnreachable(f"udp connect to {host}:{port} timed out after {timeout:g} s "
-                                  "(no answer; is the peer listening on udp?)")
+                                  "(no answer; is the peer listening on udp, and does it "
+                                  f"speak udp wire version {WIRE_VERSION}?)")
     raise PeerUnreachable(f"cannot reach {host}:{port} over udp: {why}")
 
 
