@@ -22,6 +22,13 @@ cannot fill any table; their replies are dropped rather than queued when the
 socket is busy. An INIT from a peer speaking an older wire version is logged,
 at most once per ``VERSION_LOG_INTERVAL_S``, with both versions named.
 
+A connection made from a cookie is pre-auth until the channel layer calls
+``pipe.authenticated()``: its machine takes only handshake-sized messages into a
+small receive window, at most ``MAX_PREAUTH_PER_IP`` such connections per remote
+address exist (more cookies from it are ignored) and ``MAX_PREAUTH_TOTAL`` in all
+(a new one evicts the oldest of the address holding the most), and each must
+authenticate within ``PREAUTH_DEADLINE_S``, as on TCP.
+
 Must not import channel, secure, trust or anything above the transports.
 """
 
@@ -71,6 +78,10 @@ READS_PER_WAKEUP = 256
 SEND_HIGH_WATER_BYTES = 4 * 1024 * 1024
 SEND_LOW_WATER_BYTES = 2 * 1024 * 1024
 MAX_CONNECTIONS = 4096  # created only from a returned cookie: each proved its address
+MAX_PREAUTH_PER_IP = 32  # connections not yet authenticated, per remote address
+MAX_PREAUTH_TOTAL = 256
+# longer than the channel's own 10 s handshake timeout, whose error is the clearer one
+PREAUTH_DEADLINE_S = 15.0
 VERSION_LOG_INTERVAL_S = 60.0
 _GRO_SIZE = struct.Struct("=i")
 
@@ -271,6 +282,8 @@ class UdpPipe:
         self._closed = False
         self.close_reason = ""
         self.on_connected: Callable[[UdpPipe], None] | None = None
+        # set by the listener while this accepted pipe is pre-auth
+        self._on_authenticated: Callable[[UdpPipe], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -363,6 +376,20 @@ class UdpPipe:
         self.flush()
 
     # --- Pipe API -----------------------------------------------------------------------
+    @property
+    def preauth(self) -> bool:
+        """True while pre-authentication limits apply to what the peer sends."""
+        return self._m.preauth
+
+    def authenticated(self) -> None:
+        """The channel layer's word that the peer is authenticated and trusted: lifts the
+        pre-auth limits and frees its pre-auth slot. Idempotent."""
+        hook, self._on_authenticated = self._on_authenticated, None
+        if hook is not None:
+            hook(self)
+        if self._m.end_preauth():
+            self.schedule_flush()  # advertise the full window now
+
     def _closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"udp channel to {self.remote[0]}:{self.remote[1]} closed: "
                              f"{self.close_reason or 'closed'}")
@@ -426,8 +453,10 @@ class UdpListener:
     transport = "udp"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 handler: PipeHandler, datagram_bytes: int, loss_rate: float) -> None:
+                 handler: PipeHandler, datagram_bytes: int, loss_rate: float,
+                 preauth: bool = True) -> None:
         self._loop = loop
+        self._preauth_on = preauth
         self._handler = handler
         self._datagram_bytes = datagram_bytes
         self._by_cid: dict[bytes, UdpPipe] = {}
@@ -437,6 +466,12 @@ class UdpListener:
         self.dropped_datagrams = 0
         self.inits_answered = 0
         self._last_version_log = -VERSION_LOG_INTERVAL_S
+        # pre-auth pipes by remote address, oldest first, with their deadline timers
+        self._preauth: dict[str, dict[UdpPipe, asyncio.TimerHandle]] = {}
+        self._preauth_count = 0
+        self.refused_connections = 0  # valid cookie, but its address is at MAX_PREAUTH_PER_IP
+        self.evicted_connections = 0
+        self.expired_connections = 0
         self._port = int(sock.getsockname()[1])
         self._endpoint = _Endpoint(loop, sock, connected=False, loss_rate=loss_rate,
                                    on_datagrams=self._on_datagrams,
@@ -451,6 +486,11 @@ class UdpListener:
     @property
     def connections(self) -> int:
         return len(self._by_cid)
+
+    @property
+    def preauth_connections(self) -> int:
+        """Connections whose peer has not authenticated yet."""
+        return self._preauth_count
 
     @property
     def rejected_cookies(self) -> int:
@@ -500,14 +540,64 @@ class UdpListener:
         if self._closing or len(self._by_cid) >= MAX_CONNECTIONS:
             self.dropped_datagrams += 1
             return
-        machine = self._acceptor.accept_echo(data, addr, self._loop.time())
+        if not self._preauth_on:
+            machine = self._acceptor.accept_echo(data, addr, self._loop.time())
+            if machine is None:
+                self.dropped_datagrams += 1
+                return
+            pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
+            pipe.on_connected = self._on_connected
+            self._by_cid[machine.local_cid] = pipe
+            self._dirty.add(pipe)
+            return
+        ip = str(addr[0])
+        same = self._preauth.get(ip)
+        if same is not None and len(same) >= MAX_PREAUTH_PER_IP:
+            # checked before the MAC: a full address costs no hashing; its client's
+            # retransmitted echo gets in once a slot frees
+            self.refused_connections += 1
+            self.dropped_datagrams += 1
+            return
+        machine = self._acceptor.accept_echo(data, addr, self._loop.time(), preauth=True)
         if machine is None:
             self.dropped_datagrams += 1
             return
+        if self._preauth_count >= MAX_PREAUTH_TOTAL:
+            self._evict()
         pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
         pipe.on_connected = self._on_connected
+        pipe._on_authenticated = self._leave_preauth
+        timer = self._loop.call_later(PREAUTH_DEADLINE_S, self._expire, pipe)
+        self._preauth.setdefault(ip, {})[pipe] = timer
+        self._preauth_count += 1
         self._by_cid[machine.local_cid] = pipe
         self._dirty.add(pipe)  # the flush reports Connected and sends the confirming ACK
+
+    def _evict(self) -> None:
+        # the address holding the most slots pays, oldest connection first
+        ip = max(self._preauth, key=lambda k: len(self._preauth[k]))
+        victim = next(iter(self._preauth[ip]))
+        self.evicted_connections += 1
+        self._leave_preauth(victim)
+        victim.abort("too many unauthenticated connections")
+
+    def _expire(self, pipe: UdpPipe) -> None:
+        self.expired_connections += 1
+        log.info("udp connection from %s:%d did not authenticate within %g s; reset",
+                 *pipe.remote, PREAUTH_DEADLINE_S)
+        self._leave_preauth(pipe)
+        pipe.abort("did not authenticate in time")
+
+    def _leave_preauth(self, pipe: UdpPipe) -> None:
+        pipe._on_authenticated = None
+        ip = pipe.remote[0]
+        same = self._preauth.get(ip)
+        if same is None or pipe not in same:
+            return
+        same.pop(pipe).cancel()
+        if not same:
+            del self._preauth[ip]
+        self._preauth_count -= 1
 
     def _log_old_version(self, version: int, addr: Any) -> None:
         now = time.monotonic()
@@ -535,6 +625,7 @@ class UdpListener:
             await pipe.close()
 
     def _forget(self, pipe: UdpPipe) -> None:
+        self._leave_preauth(pipe)
         if self._by_cid.get(pipe.machine.local_cid) is pipe:
             del self._by_cid[pipe.machine.local_cid]
         self._dirty.discard(pipe)
@@ -562,7 +653,9 @@ class UdpListener:
 
 async def listen(host: str, port: int, handler: PipeHandler, *,
                  datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
-                 loss_rate: float = 0.0) -> UdpListener:
+                 loss_rate: float = 0.0, preauth: bool = True) -> UdpListener:
+    """Accept connections; with ``preauth`` (the default) each is held to the pre-auth
+    limits until ``pipe.authenticated()``; ``preauth=False`` is for raw-pipe tools."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -571,7 +664,7 @@ async def listen(host: str, port: int, handler: PipeHandler, *,
     except OSError as exc:
         raise LocalIOError(f"cannot listen on udp {host}:{port}: "
                            f"{exc.strerror or exc}") from None
-    return UdpListener(loop, sock, handler, datagram_bytes, loss_rate)
+    return UdpListener(loop, sock, handler, datagram_bytes, loss_rate, preauth)
 
 
 class _ClientEndpoint:

@@ -107,6 +107,12 @@ PROBE_TIMEOUTS = 2  # the first timeouts only probe (tail loss probe); later one
 
 # --- windows -------------------------------------------------------------------------
 RECV_WINDOW_BYTES = 4 * 1024 * 1024  # out-of-order + delivered-but-unread bytes; <= socket buffer
+# before the channel layer says the peer authenticated (``end_preauth``), a server
+# connection takes handshake-sized messages into a small window: its memory is bounded
+# by about 2 x the window + the message limit, whatever the peer sends
+MAX_PREAUTH_MESSAGE_BYTES = 4 * 1024
+PREAUTH_RECV_WINDOW_BYTES = 16 * 1024
+PREAUTH_WINDOW_DATAGRAMS = 2  # the window holds at least this many full datagrams
 INITIAL_CWND_PACKETS = 32
 MIN_CWND_PACKETS = 4
 MAX_PEER_WINDOW_PACKETS = 65536
@@ -251,10 +257,12 @@ class Acceptor:
         tag = self._tag(self._secret, addr, init.client_cid, server_cid, size, issued)
         return _INIT_ACK.pack(MAGIC, T_INIT_ACK, init.client_cid, server_cid, size, issued, tag)
 
-    def accept_echo(self, data: bytes, addr: Any, now: float,
-                    **kw: float) -> UdpConnection | None:
+    def accept_echo(self, data: bytes, addr: Any, now: float, *, preauth: bool = False,
+                    idle_timeout_s: float = IDLE_TIMEOUT_S,
+                    keepalive_s: float = KEEPALIVE_S) -> UdpConnection | None:
         """A new established server connection if `data` is a COOKIE_ECHO whose cookie
-        this acceptor issued to `addr` less than ``lifetime_s`` ago, else None."""
+        this acceptor issued to `addr` less than ``lifetime_s`` ago, else None.
+        ``preauth`` starts it with the pre-authentication receive limits."""
         if len(data) != _ECHO.size:
             return None
         magic, ptype, server_cid, client_cid, size, issued, tag, tries = _ECHO.unpack(data)
@@ -277,7 +285,9 @@ class Acceptor:
             return None
         return UdpConnection(is_client=False, local_cid=server_cid, peer_cid=client_cid,
                              datagram_bytes=size, now=now,
-                             handshake_rtt_s=age_ms / 1000 if tries == 0 else None, **kw)
+                             handshake_rtt_s=age_ms / 1000 if tries == 0 else None,
+                             preauth=preauth, idle_timeout_s=idle_timeout_s,
+                             keepalive_s=keepalive_s)
 
 
 class UdpConnection:
@@ -286,7 +296,7 @@ class UdpConnection:
     def __init__(self, *, is_client: bool, local_cid: bytes, peer_cid: bytes,
                  datagram_bytes: int, now: float, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  keepalive_s: float = KEEPALIVE_S,
-                 handshake_rtt_s: float | None = None) -> None:
+                 handshake_rtt_s: float | None = None, preauth: bool = False) -> None:
         if not MIN_DATAGRAM_BYTES <= datagram_bytes <= MAX_DATAGRAM_BYTES:
             raise ValueError(f"datagram size must be {MIN_DATAGRAM_BYTES}..{MAX_DATAGRAM_BYTES}")
         self.is_client = is_client
@@ -356,7 +366,8 @@ class UdpConnection:
         self._payload_max = datagram_bytes - DATA_HEADER_BYTES
         self._data_prefix = bytes((MAGIC, T_DATA)) + peer_cid
         self._data_header_in = bytes((MAGIC, T_DATA)) + local_cid
-        self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
+        self.preauth = preauth
+        self._set_receive_limits()
         self._cookie = b""  # client: the server's cookie (issue time + tag) to echo
         if is_client:
             self._queue_init(now)
@@ -370,10 +381,36 @@ class UdpConnection:
     # --- construction -----------------------------------------------------------------
     @classmethod
     def client(cls, now: float, *, datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
-               **kw: float) -> UdpConnection:
+               idle_timeout_s: float = IDLE_TIMEOUT_S,
+               keepalive_s: float = KEEPALIVE_S) -> UdpConnection:
         return cls(is_client=True, local_cid=new_cid(), peer_cid=bytes(CID_BYTES),
-                   datagram_bytes=datagram_bytes, now=now, **kw)
+                   datagram_bytes=datagram_bytes, now=now, idle_timeout_s=idle_timeout_s,
+                   keepalive_s=keepalive_s)
 
+
+    def _set_receive_limits(self) -> None:
+        if self.preauth:
+            self._recv_window = max(PREAUTH_RECV_WINDOW_BYTES,
+                                    PREAUTH_WINDOW_DATAGRAMS * self._payload_max)
+            self._max_message = MAX_PREAUTH_MESSAGE_BYTES
+        else:
+            self._recv_window = RECV_WINDOW_BYTES
+            self._max_message = MAX_MESSAGE_BYTES
+        self._window_packets = max(16, self._recv_window // self._payload_max)
+
+    def end_preauth(self) -> bool:
+        """The peer authenticated: full-size messages and the full receive window.
+
+        Returns True when the larger window should be advertised now (call
+        datagrams_to_send)."""
+        if not self.preauth:
+            return False
+        self.preauth = False
+        self._set_receive_limits()
+        if self.state is State.CLOSED:
+            return False
+        self._ack_now = True
+        return True
 
     # --- state ------------------------------------------------------------------------
     def _set_state(self, new: State) -> None:
@@ -478,7 +515,7 @@ class UdpConnection:
         unpack_seq = _SEQ.unpack_from
         starts = self._range_starts
         stream = self._stream
-        limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES - self._unread_bytes
+        limit = self._recv_window + self._max_message - self._unread_bytes
         rcv_next = self._rcv_next
         in_order = 0
         for d in dgrams:
@@ -505,7 +542,7 @@ class UdpConnection:
                     return
             rcv_next = self._rcv_next
             stream = self._stream
-            limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES - self._unread_bytes
+            limit = self._recv_window + self._max_message - self._unread_bytes
         if in_order:
             self._note_in_order(in_order, rcv_next, now)
 
@@ -598,7 +635,7 @@ class UdpConnection:
             self._data_prefix = bytes((MAGIC, T_DATA)) + scid
             self.datagram_bytes = size
             self._payload_max = size - DATA_HEADER_BYTES
-            self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
+            self._set_receive_limits()
             if self._ctrl_tries == 0:  # Karn: time the handshake only if INIT went once
                 self._rtt_sample(now - self._created, 0.0)
             self._ctrl_tries = 0
@@ -620,7 +657,7 @@ class UdpConnection:
         if self._ack_deadline is None:
             self._ack_deadline = now + MAX_ACK_DELAY_S
         if seq == rcv_next:
-            if self._unread_bytes + len(self._stream) > RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES:
+            if self._unread_bytes + len(self._stream) > self._recv_window + self._max_message:
                 self.dropped_datagrams += 1  # the peer ignores our window
                 return
             self._stream += payload
@@ -645,10 +682,10 @@ class UdpConnection:
         if seq < rcv_next or seq in self._ooo:
             self._ack_now = True  # duplicate: our ack was probably lost
             return
-        # memory bound: out-of-order bytes <= RECV_WINDOW_BYTES; unread + partial message
+        # memory bound: out-of-order bytes <= the receive window; unread + partial message
         # bytes are bounded separately on the in-order path (window races stay loss-free)
         if seq - rcv_next >= self._window_packets or \
-                self._ooo_bytes + len(payload) > RECV_WINDOW_BYTES:
+                self._ooo_bytes + len(payload) > self._recv_window:
             self.dropped_datagrams += 1
             return
         self._ooo[seq] = payload
@@ -679,9 +716,10 @@ class UdpConnection:
                 if len(stream) < 4:
                     return
                 length = MESSAGE_LENGTH.unpack_from(stream)[0]
-                if length > MAX_MESSAGE_BYTES:
-                    raise ProtocolError(f"peer sent a {length}-byte message; limit is "
-                                        f"{MAX_MESSAGE_BYTES}")
+                if length > self._max_message:
+                    before = " before authenticating" if self.preauth else ""
+                    raise ProtocolError(f"peer sent a {length}-byte message{before}; limit "
+                                        f"is {self._max_message}")
                 need = self._msg_need = 4 + length
             if len(stream) < need:
                 return
@@ -944,7 +982,7 @@ class UdpConnection:
 
     def _rwnd_packets(self) -> int:
         # counted from rcv_next, so out-of-order packets already lie inside it
-        free = RECV_WINDOW_BYTES - self._unread_bytes
+        free = self._recv_window - self._unread_bytes
         return max(0, min(self._window_packets, free // self._payload_max))
 
     def _build_ack(self, now: float) -> bytes:

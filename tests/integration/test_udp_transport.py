@@ -65,7 +65,7 @@ async def test_echo_and_message_boundaries() -> None:
         while True:
             await pipe.send(await pipe.recv())
 
-    listener = await udp.listen("127.0.0.1", 0, echo)
+    listener = await udp.listen("127.0.0.1", 0, echo, preauth=False)
     pipe = await udp.connect("127.0.0.1", listener.port)
     try:
         assert pipe.transport == "udp" and pipe.remote == ("127.0.0.1", listener.port)
@@ -98,7 +98,7 @@ async def test_20_mb_exchange_through_lossy_reordering_relay_is_byte_identical()
             await pipe.send(payload[off:off + 250_000])
         await pipe.recv()  # until the client closes
 
-    listener = await udp.listen("127.0.0.1", 0, server)
+    listener = await udp.listen("127.0.0.1", 0, server, preauth=False)
     relay_tr, relay = await start_relay(listener.port, loss=0.05, reorder=0.05)
     port = relay_tr.get_extra_info("sockname")[1]
     pipe = await udp.connect("127.0.0.1", port)
@@ -152,7 +152,7 @@ async def test_close_semantics() -> None:
         except ChannelClosed as exc:
             assert "closed by peer" in str(exc)
 
-    listener = await udp.listen("127.0.0.1", 0, handler)
+    listener = await udp.listen("127.0.0.1", 0, handler, preauth=False)
     pipe = await udp.connect("127.0.0.1", listener.port)
     try:
         big = os.urandom(3_000_000)
@@ -186,7 +186,7 @@ async def test_abort_resets_peer_and_listener_close_ends_pipes() -> None:
         except ChannelClosed as exc:
             reasons.append(str(exc))
 
-    listener = await udp.listen("127.0.0.1", 0, handler)
+    listener = await udp.listen("127.0.0.1", 0, handler, preauth=False)
     p1 = await udp.connect("127.0.0.1", listener.port)
     p1.abort()
     p2 = await udp.connect("127.0.0.1", listener.port)
@@ -249,7 +249,7 @@ async def test_backpressure_bounds_the_send_buffer() -> None:
         while True:
             await pipe.recv()
 
-    listener = await udp.listen("127.0.0.1", 0, slow)
+    listener = await udp.listen("127.0.0.1", 0, slow, preauth=False)
     pipe = await udp.connect("127.0.0.1", listener.port)
     try:
         chunk = b"b" * 1_000_000
@@ -278,7 +278,7 @@ async def test_large_datagrams_on_loopback() -> None:
         while True:
             await pipe.send(await pipe.recv())
 
-    listener = await udp.listen("127.0.0.1", 0, echo, datagram_bytes=60000)
+    listener = await udp.listen("127.0.0.1", 0, echo, datagram_bytes=60000, preauth=False)
     pipe = await udp.connect("127.0.0.1", listener.port, datagram_bytes=60000, loss_rate=0.05)
     try:
         assert pipe.machine.datagram_bytes == 60000
@@ -298,7 +298,7 @@ def test_works_on_uvloop() -> None:
             while True:
                 await pipe.send(await pipe.recv())
 
-        listener = await udp.listen("127.0.0.1", 0, echo)
+        listener = await udp.listen("127.0.0.1", 0, echo, preauth=False)
         pipe = await udp.connect("127.0.0.1", listener.port, loss_rate=0.05)
         try:
             await pipe.send(b"u" * 2_000_000)
@@ -315,7 +315,7 @@ async def test_late_duplicate_init_does_not_open_a_ghost_connection() -> None:
         while True:
             await pipe.send(await pipe.recv())
 
-    listener = await udp.listen("127.0.0.1", 0, echo)
+    listener = await udp.listen("127.0.0.1", 0, echo, preauth=False)
     pipe = await udp.connect("127.0.0.1", listener.port)
     try:
         await pipe.send(b"hi")
@@ -338,7 +338,7 @@ async def test_connect_by_name_tries_each_address() -> None:
     async def echo(pipe: udp.UdpPipe) -> None:
         await pipe.send(await pipe.recv())
 
-    listener = await udp.listen("127.0.0.1", 0, echo)
+    listener = await udp.listen("127.0.0.1", 0, echo, preauth=False)
     try:
         pipe = await udp.connect("localhost", listener.port, timeout=3.0)
         try:

@@ -527,3 +527,48 @@ def test_init_from_an_older_wire_version_is_named() -> None:
     init[0] = 0xD1
     assert um.old_wire_version(bytes(init)) == 1
     assert um.Acceptor(0.0).answer_init(bytes(init), CLIENT_ADDR, 0.0) is None
+
+
+# --- before authentication ------------------------------------------------------------
+
+
+def _preauth_link() -> Link:
+    link = Link(server_kw={"preauth": True})
+    connect(link)
+    assert link.server.preauth
+    return link
+
+
+def test_preauth_connection_refuses_messages_above_handshake_size() -> None:
+    link = _preauth_link()
+    link.client.send_message(b"x" * (um.MAX_PREAUTH_MESSAGE_BYTES + 1))
+    link.run_until(lambda: link.server.is_closed, limit_s=5)
+    assert "before authenticating" in link.server.close_reason
+    link.run_until(lambda: link.client.is_closed, limit_s=5)
+    assert link.client.close_reason == "reset by peer"
+
+
+def test_preauth_window_is_small_and_opens_once_authenticated() -> None:
+    link = _preauth_link()
+    s = link.server
+    link.client.send_message(b"hello")
+    link.run_until(lambda: link.received("server") == [b"hello"], limit_s=5)
+    s.message_consumed(5)
+    assert s._rwnd_packets() * s._payload_max <= max(
+        um.PREAUTH_RECV_WINDOW_BYTES, um.PREAUTH_WINDOW_DATAGRAMS * s._payload_max)
+    assert s.end_preauth() and not s.end_preauth()  # idempotent
+    assert s.datagrams_to_send(link.now)[-1][1] == um.T_ACK  # the larger window, at once
+    big = b"B" * 3_000_000
+    link.client.send_message(big)
+    link.run_until(lambda: link.received("server")[-1:] == [big], limit_s=30)
+
+
+def test_preauth_out_of_order_bytes_stay_within_the_small_window() -> None:
+    link = _preauth_link()
+    s = link.server
+    payload = b"o" * (s._payload_max)
+    for seq in range(1, 200):  # a hole at 0: everything else is out of order
+        d = bytes([um.MAGIC, um.T_DATA]) + s.local_cid + struct.pack(">Q", seq) + payload
+        s.receive_datagram(d, link.now)
+    assert 0 < s._ooo_bytes <= max(um.PREAUTH_RECV_WINDOW_BYTES,
+                                   um.PREAUTH_WINDOW_DATAGRAMS * s._payload_max)
