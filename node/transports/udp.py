@@ -696,11 +696,13 @@ class _ClientEndpoint:
 
 async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
                   datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
-                  loss_rate: float = 0.0) -> UdpPipe:
+                  loss_rate: float = 0.0,
+                  local_addr: tuple[str, int] | None = None) -> UdpPipe:
     """Open a pipe; PeerUnreachable on timeout, ICMP refusal or a bad address.
 
     Each address of ``host`` is tried in turn while the peer refuses (so
-    "localhost" reaches a listener on 127.0.0.1 even if ::1 comes first)."""
+    "localhost" reaches a listener on 127.0.0.1 even if ::1 comes first).
+    ``local_addr`` binds the socket first (tests and benchmarks pick a source)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -714,7 +716,8 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
         if addr in seen:
             continue
         seen.add(addr)
-        pipe, why = await _connect_one(loop, family, addr, deadline, datagram_bytes, loss_rate)
+        pipe, why = await _connect_one(loop, family, addr, deadline, datagram_bytes, loss_rate,
+                                       local_addr)
         if pipe is not None:
             return pipe
         if why == "timeout":
@@ -725,10 +728,10 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
 
 
 async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
-                       deadline: float, datagram_bytes: int,
-                       loss_rate: float) -> tuple[UdpPipe | None, str]:
+                       deadline: float, datagram_bytes: int, loss_rate: float,
+                       local_addr: tuple[str, int] | None) -> tuple[UdpPipe | None, str]:
     try:
-        sock = _make_socket(family, None)
+        sock = _make_socket(family, local_addr)
         try:
             sock.connect(addr)
         except OSError:

@@ -13,11 +13,18 @@ new udp channel failed for ~10 s. Measured: whether the ping succeeds during the
 flood, its handshake time and median round trip, the victim's RSS before and at
 its peak, and the bytes the victim sent back per byte of INIT (amplification).
 
+Then two floods from attackers that own their addresses and so complete the cookie
+exchange (the node's own udp client, bound to 127.0.0.2 and up): connections that
+each send an 8 MiB message before authenticating, and connections that send
+nothing and only hold a pre-auth slot, spread over 200 addresses. Measured as for
+TCP: RSS before and at peak, the trusted ping during each flood.
+
     .venv/bin/python scripts/attacks/udp.py [--quick]
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -35,6 +42,7 @@ from testnet_lib import Testnet  # noqa: E402
 from attacks import Row  # noqa: E402
 from attacks.tcp import (  # noqa: E402
     RSS_TARGET_MB,
+    SETTLE_S,
     PingResult,
     RssSampler,
     loopback_sources,
@@ -57,6 +65,10 @@ INIT_MAGIC = 0xD2
 INIT_TYPE = 1
 INIT_BYTES = 64
 DATAGRAM_SIZE = 1452
+COOKIE_CONNECTIONS = 1000
+QUICK_COOKIE_CONNECTIONS = 300
+ANNOUNCED_MESSAGE_BYTES = 8 * 1024 * 1024
+CONNECT_BATCH = 50
 
 
 def spoofed_init(i: int) -> bytes:
@@ -175,9 +187,88 @@ def measure(net: Testnet, quick: bool = False) -> list[Row]:
     return rows
 
 
+async def _open_cookie_flood(port: int, n: int, sources: list[str],
+                             message: bytes | None) -> tuple[list, int]:
+    """n udp connections that complete the cookie exchange from `sources`, each sending
+    `message` (or nothing). Returns the open pipes and how many failed to connect."""
+    from node.errors import P2PError  # the attacker uses the node's client: real cookies
+    from node.transports import udp as udp_transport
+
+    pipes: list = []
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        try:
+            pipe = await udp_transport.connect(HOST, port, timeout=5.0,
+                                               local_addr=(sources[i % len(sources)], 0))
+        except P2PError:
+            failed += 1
+            return
+        pipes.append(pipe)
+        if message is not None:
+            try:
+                await pipe.send(message)
+            except P2PError:
+                pass  # reset by the victim already
+
+    for start in range(0, n, CONNECT_BATCH):
+        await asyncio.gather(*(one(i) for i in range(start, min(n, start + CONNECT_BATCH))))
+    return pipes, failed
+
+
+def _cookie_flood_rows(net: Testnet, label: str, n: int, sources: list[str],
+                       message: bytes | None) -> list[Row]:
+    victim = net.node("victim")
+    assert victim.pid is not None
+    rss0, _ = rss_kib(victim.pid)
+
+    async def flood_and_ping() -> tuple[PingResult, int, int, float]:
+        t0 = time.monotonic()
+        pipes, failed = await _open_cookie_flood(victim.ports["udp"], n, sources, message)
+        open_s = time.monotonic() - t0
+        try:
+            await asyncio.sleep(SETTLE_S)
+            ping = await asyncio.to_thread(trusted_ping, net, "udp")
+            return ping, n - failed, sum(1 for p in pipes if p.closed), open_s
+        finally:
+            for p in pipes:
+                p.abort("attack over")
+
+    with RssSampler(victim.pid) as sampler:
+        ping, opened, reset, open_s = asyncio.run(flood_and_ping())
+        rss1, _ = rss_kib(victim.pid)
+    grew_mb = max(0, max(sampler.peak_kib, rss1) - rss0) / 1024
+    attack = f"udp {label}: {n} conns"
+    rows = [
+        Row(attack, "victim RSS before", rss0 / 1024, "MB"),
+        Row(attack, "victim RSS increase (peak)", grew_mb, "MB", f"< {RSS_TARGET_MB:g} MB",
+            grew_mb < RSS_TARGET_MB),
+        Row(attack, "flood connections opened", opened, "conns"),
+        Row(attack, "of those closed by the victim", reset, "conns"),
+        Row(attack, "flood open time", open_s, "s"),
+        Row(attack, "trusted ping during flood", 1.0 if ping.ok else 0.0, "ok", "succeeds",
+            ping.ok),
+    ]
+    if ping.ok:
+        rows += [Row(attack, "trusted handshake during flood", ping.handshake_ms, "ms"),
+                 Row(attack, "trusted ping rtt p50 during flood", ping.rtt_p50_ms, "ms")]
+    else:
+        print(f"{attack}: trusted ping failed: {ping.error}", file=sys.stderr)
+    return rows
+
+
+def measure_cookie_floods(net: Testnet, quick: bool = False) -> list[Row]:
+    """Floods from attackers that own their addresses (past the cookie)."""
+    n = QUICK_COOKIE_CONNECTIONS if quick else COOKIE_CONNECTIONS
+    return (_cookie_flood_rows(net, "announce 8 MiB messages", n, loopback_sources(8),
+                               bytes(ANNOUNCED_MESSAGE_BYTES))
+            + _cookie_flood_rows(net, "silent, 200 addrs", n, loopback_sources(200), None))
+
+
 def run(quick: bool = False) -> list[Row]:
     with victim_and_friend() as net:
-        return measure(net, quick=quick)
+        return measure(net, quick=quick) + measure_cookie_floods(net, quick=quick)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,12 @@ def test_udp_spoofed_init_flood_does_not_stop_trusted_ping(net: Testnet) -> None
     assert not _failed(rows), _failed(rows)
     assert _value(rows, "udp spoofed", "trusted ping during flood") == 1.0
     assert _value(rows, "udp spoofed", "INITs sent") >= udp.QUICK_INITS * 0.9
+
+
+def test_udp_floods_past_the_cookie_cost_little_memory(net: Testnet) -> None:
+    # attackers that own their addresses: 8 MiB messages before authenticating, and
+    # silent connections holding pre-auth slots from 200 addresses
+    rows = udp.measure_cookie_floods(net, quick=True)
+    assert not _failed(rows), _failed(rows)
+    assert _value(rows, "udp announce", "of those closed by the victim") == \
+        _value(rows, "udp announce", "flood connections opened")
