@@ -456,7 +456,7 @@ class UdpListener:
                  handler: PipeHandler, datagram_bytes: int, loss_rate: float,
                  preauth: bool = True) -> None:
         self._loop = loop
-        self._preauth_on = preauth
+        self._limit_preauth = preauth
         self._handler = handler
         self._datagram_bytes = datagram_bytes
         self._by_cid: dict[bytes, UdpPipe] = {}
@@ -540,36 +540,28 @@ class UdpListener:
         if self._closing or len(self._by_cid) >= MAX_CONNECTIONS:
             self.dropped_datagrams += 1
             return
-        if not self._preauth_on:
-            machine = self._acceptor.accept_echo(data, addr, self._loop.time())
-            if machine is None:
-                self.dropped_datagrams += 1
-                return
-            pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
-            pipe.on_connected = self._on_connected
-            self._by_cid[machine.local_cid] = pipe
-            self._dirty.add(pipe)
-            return
+        limited = self._limit_preauth
         ip = str(addr[0])
         same = self._preauth.get(ip)
-        if same is not None and len(same) >= MAX_PREAUTH_PER_IP:
+        if limited and same is not None and len(same) >= MAX_PREAUTH_PER_IP:
             # checked before the MAC: a full address costs no hashing; its client's
             # retransmitted echo gets in once a slot frees
             self.refused_connections += 1
             self.dropped_datagrams += 1
             return
-        machine = self._acceptor.accept_echo(data, addr, self._loop.time(), preauth=True)
+        machine = self._acceptor.accept_echo(data, addr, self._loop.time(), preauth=limited)
         if machine is None:
             self.dropped_datagrams += 1
             return
-        if self._preauth_count >= MAX_PREAUTH_TOTAL:
-            self._evict()
         pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
         pipe.on_connected = self._on_connected
-        pipe._on_authenticated = self._leave_preauth
-        timer = self._loop.call_later(PREAUTH_DEADLINE_S, self._expire, pipe)
-        self._preauth.setdefault(ip, {})[pipe] = timer
-        self._preauth_count += 1
+        if limited:
+            if self._preauth_count >= MAX_PREAUTH_TOTAL:
+                self._evict()
+            pipe._on_authenticated = self._leave_preauth
+            timer = self._loop.call_later(PREAUTH_DEADLINE_S, self._expire, pipe)
+            self._preauth.setdefault(ip, {})[pipe] = timer
+            self._preauth_count += 1
         self._by_cid[machine.local_cid] = pipe
         self._dirty.add(pipe)  # the flush reports Connected and sends the confirming ACK
 
