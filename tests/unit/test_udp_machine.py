@@ -572,3 +572,21 @@ def test_preauth_out_of_order_bytes_stay_within_the_small_window() -> None:
         s.receive_datagram(d, link.now)
     assert 0 < s._ooo_bytes <= max(um.PREAUTH_RECV_WINDOW_BYTES,
                                    um.PREAUTH_WINDOW_DATAGRAMS * s._payload_max)
+
+
+def test_lost_init_is_retransmitted_and_not_timed() -> None:
+    client = UdpConnection.client(0.0)
+    first = client.datagrams_to_send(0.0)
+    assert [d[1] for d in first] == [um.T_INIT]  # lost
+    t = client.get_timer()
+    assert t == pytest.approx(um.INITIAL_RTO_S)
+    client.handle_timer(t)
+    again = client.datagrams_to_send(t)
+    assert again == first  # the same INIT, again
+    reply = um.Acceptor(0.0).answer_init(again[0], CLIENT_ADDR, t + 0.01)
+    assert reply is not None
+    client.receive_datagram(reply, t + 0.02)
+    assert client.state is State.ESTABLISHED
+    assert client.srtt is None  # Karn: the handshake went twice, so it is not timed
+    echo = client.datagrams_to_send(t + 0.02)
+    assert [d[1] for d in echo] == [um.T_COOKIE_ECHO]
