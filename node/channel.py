@@ -204,6 +204,14 @@ def _handshake_timeout(pipe: Pipe, timeout_s: float) -> PeerUnreachable:
                            f"{pipe.transport} timed out after {timeout_s:g} s")
 
 
+def _end_preauth(pipe: Pipe) -> None:
+    """Tell the transport the peer is authenticated and trusted: its pre-auth limits
+    (handshake-sized frames, a half-open slot) end. Optional for a transport."""
+    authenticated = getattr(pipe, "authenticated", None)
+    if authenticated is not None:
+        authenticated()
+
+
 async def open_channel(pipe: Pipe, identity: Identity, *, expected_peer: PeerId | None,
                        authorize: Authorize,
                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> SecureChannel:
@@ -247,6 +255,7 @@ async def accept_channel(pipe: Pipe, identity: Identity, *, authorize: Authorize
             session = hs.receive_finish(await _recv_handshake(pipe))
             await _read_verdict(pipe, session, identity)
             await _send_verdict(pipe, session, identity, authorize)
+        _end_preauth(pipe)
     except TimeoutError:
         await pipe.close()
         raise _handshake_timeout(pipe, timeout_s) from None

@@ -37,7 +37,7 @@ async def one_run(total_bytes: int, datagram_bytes: int, loss: float,
         await asyncio.sleep(0.2)
 
     listener = await udp.listen("127.0.0.1", 0, handler, datagram_bytes=datagram_bytes,
-                                loss_rate=loss)
+                                loss_rate=loss, preauth=False)  # raw pipe: no handshake
     pipe = await udp.connect("127.0.0.1", listener.port, datagram_bytes=datagram_bytes,
                              loss_rate=loss)
     msg = os.urandom(message_bytes)

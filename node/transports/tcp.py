@@ -25,6 +25,24 @@ append and no slice copy per message, which streams cost at 1 MiB messages.
 * Receiving pauses the socket while more than ``READ_HIGH_WATER_BYTES`` of
   complete messages wait for ``recv()``: memory per pipe stays bounded.
 * A handler's exception is logged and its pipe closed; the listener keeps serving.
+
+Before authentication an accepted connection costs a bounded amount of memory
+and holds a bounded slot (DESIGN.md, "Before authentication"):
+
+* it may announce frames of at most ``MAX_PREAUTH_FRAME_BYTES`` (the handshake's
+  messages are far smaller), reads through a small buffer and stops reading
+  once ``PREAUTH_READ_HIGH_WATER_BYTES`` wait unread;
+* at most ``MAX_HALF_OPEN_PER_IP`` such connections per remote address (more
+  are closed at once) and ``MAX_HALF_OPEN_TOTAL`` in all; when the total is
+  reached, a new connection evicts the oldest half-open one of the address that
+  holds the most, so a flood from a few addresses cannot crowd out a peer
+  connecting from another one;
+* it must finish within ``PREAUTH_DEADLINE_S`` or is closed.
+
+The channel layer ends this phase by calling ``pipe.authenticated()`` once the
+peer proved its identity and is trusted; from then on the normal limits apply.
+Pipes from ``connect()`` (we chose to dial) and listeners opened with
+``preauth=False`` (raw-pipe tools and tests) have no pre-auth phase.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +76,16 @@ POOLED_MIN_BYTES = 64 * 1024
 POOL_MAX_BUFFERS = 16
 POOL_MAX_BYTES = 32 * 1024 * 1024
 _ZEROS = memoryview(bytes(64 * 1024))
+# --- before authentication (accepted connections only) ---------------------------------
+# handshake messages are at most secure.MAX_HANDSHAKE_MSG_BYTES (512) and verdicts smaller
+MAX_PREAUTH_FRAME_BYTES = 4 * 1024
+PREAUTH_READ_CHUNK_BYTES = 8 * 1024
+PREAUTH_READ_HIGH_WATER_BYTES = 16 * 1024
+MAX_HALF_OPEN_PER_IP = 32
+MAX_HALF_OPEN_TOTAL = 256
+# longer than the channel's own 10 s handshake timeout, whose error is the clearer one
+PREAUTH_DEADLINE_S = 15.0
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 # Fills buf[offset:offset + size] in place and returns the number of bytes written.
 FrameFiller = Callable[[bytearray, int], int]
@@ -155,9 +184,12 @@ def take_buffer(n: int) -> bytearray:
 class _FrameProtocol(asyncio.BufferedProtocol):
     """Parses length-prefixed frames into a bounded queue; tracks write pausing."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, preauth: bool = False) -> None:
         self.transport: asyncio.Transport | None = None
-        self._chunk = bytearray(READ_CHUNK_BYTES)
+        self.preauth = preauth
+        self.max_frame_bytes = MAX_PREAUTH_FRAME_BYTES if preauth else MAX_MESSAGE_BYTES
+        self._high_water = PREAUTH_READ_HIGH_WATER_BYTES if preauth else READ_HIGH_WATER_BYTES
+        self._chunk = bytearray(PREAUTH_READ_CHUNK_BYTES if preauth else READ_CHUNK_BYTES)
         self._chunk_view = memoryview(self._chunk)
         self._hdr = bytearray()
         self._body: bytearray | None = None
@@ -218,7 +250,11 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                     return
                 (n,) = HEADER.unpack(self._hdr)
                 self._hdr.clear()
-                if n > MAX_MESSAGE_BYTES:
+                if n > self.max_frame_bytes:
+                    if self.preauth:
+                        raise ProtocolError(
+                            f"peer announced a {n}-byte message before authenticating "
+                            f"(limit {self.max_frame_bytes})")
                     raise ProtocolError(
                         f"peer announced a {n}-byte message (limit {MAX_MESSAGE_BYTES})"
                     )
@@ -252,7 +288,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def _deliver(self, msg: bytes) -> None:
         self.queue.append(msg)
         self.queued_bytes += len(msg)
-        if self.queued_bytes > READ_HIGH_WATER_BYTES and not self._reading_paused:
+        if self.queued_bytes > self._high_water and not self._reading_paused:
             self._reading_paused = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -292,13 +328,30 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._write_paused = False
         self._wake()
 
+    def end_preauth(self) -> None:
+        """The peer authenticated: full-size frames, the large read buffer, the full queue.
+
+        Called from a coroutine, never between get_buffer() and buffer_updated(),
+        so swapping the read buffer is safe."""
+        if not self.preauth:
+            return
+        self.preauth = False
+        self.max_frame_bytes = MAX_MESSAGE_BYTES
+        self._high_water = READ_HIGH_WATER_BYTES
+        self._chunk = bytearray(READ_CHUNK_BYTES)
+        self._chunk_view = memoryview(self._chunk)
+        if self._reading_paused and self.queued_bytes <= self._high_water // 2:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
     # -- used by TcpPipe -------------------------------------------------------------
     def pop(self) -> bytes | None:
         if not self.queue:
             return None
         msg = self.queue.popleft()
         self.queued_bytes -= len(msg)
-        if self._reading_paused and self.queued_bytes <= READ_HIGH_WATER_BYTES // 2:
+        if self._reading_paused and self.queued_bytes <= self._high_water // 2:
             self._reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -332,6 +385,8 @@ class TcpPipe:
         self._proto = proto
         self._transport = proto.transport
         self._closed = False
+        # set by the listener while this accepted pipe is half-open (pre-auth)
+        self._on_authenticated: Callable[[TcpPipe], None] | None = None
         self._pool = _pool()
         self._pool.retain()
         peer: Any = self._transport.get_extra_info("peername")
@@ -405,6 +460,19 @@ class TcpPipe:
                 raise ChannelClosed(f"{self._where()} closed by the peer")
             await proto.wait_readable()
 
+    @property
+    def preauth(self) -> bool:
+        """True while pre-authentication limits apply to what the peer sends."""
+        return self._proto.preauth
+
+    def authenticated(self) -> None:
+        """The channel layer's word that the peer is authenticated and trusted: lifts the
+        pre-auth limits and frees the half-open slot. Idempotent."""
+        hook, self._on_authenticated = self._on_authenticated, None
+        if hook is not None:
+            hook(self)
+        self._proto.end_preauth()
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -414,15 +482,37 @@ class TcpPipe:
         self._proto._wake()
         await asyncio.sleep(0)  # let the loop run the close callbacks
 
+    def abort(self) -> None:
+        """Drop the connection at once (RST), discarding anything unsent. Never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.release()
+        self._transport.abort()
+        self._proto._wake()
+
 
 class TcpListener:
     transport = "tcp"
 
-    def __init__(self, handler: PipeHandler) -> None:
+    def __init__(self, handler: PipeHandler, *, preauth: bool = True) -> None:
         self._handler = handler
+        self._preauth = preauth
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipes: set[TcpPipe] = set()
+        # half-open (accepted, not yet authenticated) pipes by remote address, oldest first
+        self._half_open: dict[str, dict[TcpPipe, asyncio.TimerHandle]] = {}
+        self._half_open_count = 0
+        self.refused_connections = 0  # over MAX_HALF_OPEN_PER_IP
+        self.evicted_connections = 0  # pushed out by a newer one at MAX_HALF_OPEN_TOTAL
+        self.expired_connections = 0  # did not authenticate within PREAUTH_DEADLINE_S
+        self._last_refusal_log = -REFUSAL_LOG_INTERVAL_S
+
+    @property
+    def half_open(self) -> int:
+        """Accepted connections that have not authenticated yet."""
+        return self._half_open_count
 
     @property
     def port(self) -> int:
@@ -430,7 +520,7 @@ class TcpListener:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _make_protocol(self) -> _FrameProtocol:
-        proto = _FrameProtocol()
+        proto = _FrameProtocol(preauth=self._preauth)
         task = asyncio.get_running_loop().create_task(self._serve(proto))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -442,6 +532,9 @@ class TcpListener:
         except ChannelClosed:
             return
         pipe = TcpPipe(proto)
+        if self._preauth and not self._admit(pipe):
+            pipe.abort()
+            return
         self._pipes.add(pipe)
         try:
             await self._handler(pipe)
@@ -452,8 +545,65 @@ class TcpListener:
         except Exception:  # a handler bug or a hostile peer must not kill the listener
             log.warning("tcp handler for %s:%d failed", *pipe.remote, exc_info=True)
         finally:
+            self._leave_half_open(pipe)
             await pipe.close()
             self._pipes.discard(pipe)
+
+    # -- half-open accounting ----------------------------------------------------------
+    def _admit(self, pipe: TcpPipe) -> bool:
+        """Take a half-open slot for `pipe`, evicting another at the total cap; False if
+        its address holds MAX_HALF_OPEN_PER_IP already."""
+        ip = pipe.remote[0]
+        same = self._half_open.get(ip)
+        if same is not None and len(same) >= MAX_HALF_OPEN_PER_IP:
+            self.refused_connections += 1
+            self._log_refusal(f"refused tcp connection from {ip}: {len(same)} connections "
+                              f"from it are still unauthenticated (limit "
+                              f"{MAX_HALF_OPEN_PER_IP})")
+            return False
+        if self._half_open_count >= MAX_HALF_OPEN_TOTAL:
+            self._evict()
+        timer = asyncio.get_running_loop().call_later(PREAUTH_DEADLINE_S, self._expire, pipe)
+        self._half_open.setdefault(ip, {})[pipe] = timer
+        self._half_open_count += 1
+        pipe._on_authenticated = self._leave_half_open
+        return True
+
+    def _evict(self) -> None:
+        # the address holding the most slots pays, oldest connection first
+        ip = max(self._half_open, key=lambda k: len(self._half_open[k]))
+        victim = next(iter(self._half_open[ip]))
+        self.evicted_connections += 1
+        self._log_refusal(f"{MAX_HALF_OPEN_TOTAL} tcp connections are unauthenticated; "
+                          f"dropping the oldest from {ip}")
+        self._leave_half_open(victim)
+        victim.abort()
+
+    def _expire(self, pipe: TcpPipe) -> None:
+        self.expired_connections += 1
+        log.info("tcp connection from %s:%d did not authenticate within %g s; closed",
+                 *pipe.remote, PREAUTH_DEADLINE_S)
+        self._leave_half_open(pipe)
+        pipe.abort()
+
+    def _leave_half_open(self, pipe: TcpPipe) -> None:
+        pipe._on_authenticated = None
+        ip = pipe.remote[0]
+        same = self._half_open.get(ip)
+        if same is None or pipe not in same:
+            return
+        same.pop(pipe).cancel()
+        if not same:
+            del self._half_open[ip]
+        self._half_open_count -= 1
+
+    def _log_refusal(self, message: str) -> None:
+        # a flood must not become a flood of log lines: one line per interval
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:
+            self._last_refusal_log = now
+            log.warning("%s (further refusals for %g s are only counted)", message,
+                        REFUSAL_LOG_INTERVAL_S)
 
     async def close(self) -> None:
         if self._server is None:
@@ -469,8 +619,11 @@ class TcpListener:
         await server.wait_closed()
 
 
-async def listen(host: str, port: int, handler: PipeHandler) -> TcpListener:
-    listener = TcpListener(handler)
+async def listen(host: str, port: int, handler: PipeHandler, *,
+                 preauth: bool = True) -> TcpListener:
+    """Accept connections; with ``preauth`` (the default) each is held to the pre-auth
+    limits until ``pipe.authenticated()`` (see the module docstring)."""
+    listener = TcpListener(handler, preauth=preauth)
     loop = asyncio.get_running_loop()
     with bind_errors("tcp", host, port):
         listener._server = await loop.create_server(listener._make_protocol, host, port)

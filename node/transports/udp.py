@@ -15,6 +15,20 @@ Fighting per-datagram cost:
   back to one syscall per datagram where the kernel refuses.
 * ``loss_rate`` drops that fraction of outgoing datagrams (tests, benchmarks).
 
+The listener keeps nothing for an INIT: the machine's ``Acceptor`` answers it
+with a cookie, and only a COOKIE_ECHO with a valid cookie from the same address
+creates a connection (bounded by ``MAX_CONNECTIONS``). Spoofed INITs therefore
+cannot fill any table; their replies are dropped rather than queued when the
+socket is busy. An INIT from a peer speaking an older wire version is logged,
+at most once per ``VERSION_LOG_INTERVAL_S``, with both versions named.
+
+A connection made from a cookie is pre-auth until the channel layer calls
+``pipe.authenticated()``: its machine takes only handshake-sized messages into a
+small receive window, at most ``MAX_PREAUTH_PER_IP`` such connections per remote
+address exist (more cookies from it are ignored) and ``MAX_PREAUTH_TOTAL`` in all
+(a new one evicts the oldest of the address holding the most), and each must
+authenticate within ``PREAUTH_DEADLINE_S``, as on TCP.
+
 Must not import channel, secure, trust or anything above the transports.
 """
 
@@ -25,6 +39,7 @@ import logging
 import random
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -36,13 +51,16 @@ from node.transports.udp_machine import (
     DEFAULT_DATAGRAM_BYTES,
     HEADER_BYTES,
     MAGIC,
+    T_COOKIE_ECHO,
     T_INIT,
+    WIRE_VERSION,
+    Acceptor,
     Closed,
     Connected,
     MessageReceived,
     State,
     UdpConnection,
-    parse_init,
+    old_wire_version,
 )
 
 log = logging.getLogger(__name__)
@@ -59,8 +77,12 @@ SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 READS_PER_WAKEUP = 256
 SEND_HIGH_WATER_BYTES = 4 * 1024 * 1024
 SEND_LOW_WATER_BYTES = 2 * 1024 * 1024
-MAX_HALF_OPEN = 256  # connections that sent INIT but nothing since
-MAX_CONNECTIONS = 4096
+MAX_CONNECTIONS = 4096  # created only from a returned cookie: each proved its address
+MAX_PREAUTH_PER_IP = 32  # connections not yet authenticated, per remote address
+MAX_PREAUTH_TOTAL = 256
+# longer than the channel's own 10 s handshake timeout, whose error is the clearer one
+PREAUTH_DEADLINE_S = 15.0
+VERSION_LOG_INTERVAL_S = 60.0
 _GRO_SIZE = struct.Struct("=i")
 
 
@@ -124,6 +146,12 @@ class _Endpoint:
         finally:
             if not self.closed:
                 self._on_batch_end()
+
+    def send_or_drop(self, dgrams: list[bytes], addr: Any) -> None:
+        """Send if nothing waits for the socket, else drop: for stateless replies, which
+        the peer's retransmission replaces, so a flood of them never queues up."""
+        if not self._backlog:
+            self.send(dgrams, addr)
 
     def send(self, dgrams: list[bytes], addr: Any) -> None:
         if self.closed or not dgrams:
@@ -254,6 +282,8 @@ class UdpPipe:
         self._closed = False
         self.close_reason = ""
         self.on_connected: Callable[[UdpPipe], None] | None = None
+        # set by the listener while this accepted pipe is pre-auth
+        self._on_authenticated: Callable[[UdpPipe], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -346,6 +376,20 @@ class UdpPipe:
         self.flush()
 
     # --- Pipe API -----------------------------------------------------------------------
+    @property
+    def preauth(self) -> bool:
+        """True while pre-authentication limits apply to what the peer sends."""
+        return self._m.preauth
+
+    def authenticated(self) -> None:
+        """The channel layer's word that the peer is authenticated and trusted: lifts the
+        pre-auth limits and frees its pre-auth slot. Idempotent."""
+        hook, self._on_authenticated = self._on_authenticated, None
+        if hook is not None:
+            hook(self)
+        if self._m.end_preauth():
+            self.schedule_flush()  # advertise the full window now
+
     def _closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"udp channel to {self.remote[0]}:{self.remote[1]} closed: "
                              f"{self.close_reason or 'closed'}")
@@ -409,16 +453,25 @@ class UdpListener:
     transport = "udp"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 handler: PipeHandler, datagram_bytes: int, loss_rate: float) -> None:
+                 handler: PipeHandler, datagram_bytes: int, loss_rate: float,
+                 preauth: bool = True) -> None:
         self._loop = loop
+        self._limit_preauth = preauth
         self._handler = handler
         self._datagram_bytes = datagram_bytes
         self._by_cid: dict[bytes, UdpPipe] = {}
-        self._by_init: dict[tuple[Any, bytes], UdpPipe] = {}
-        self._half_open = 0
+        self._acceptor = Acceptor(loop.time(), datagram_bytes=datagram_bytes)
         self._dirty: set[UdpPipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.dropped_datagrams = 0
+        self.inits_answered = 0
+        self._last_version_log = -VERSION_LOG_INTERVAL_S
+        # pre-auth pipes by remote address, oldest first, with their deadline timers
+        self._preauth: dict[str, dict[UdpPipe, asyncio.TimerHandle]] = {}
+        self._preauth_count = 0
+        self.refused_connections = 0  # valid cookie, but its address is at MAX_PREAUTH_PER_IP
+        self.evicted_connections = 0
+        self.expired_connections = 0
         self._port = int(sock.getsockname()[1])
         self._endpoint = _Endpoint(loop, sock, connected=False, loss_rate=loss_rate,
                                    on_datagrams=self._on_datagrams,
@@ -434,6 +487,16 @@ class UdpListener:
     def connections(self) -> int:
         return len(self._by_cid)
 
+    @property
+    def preauth_connections(self) -> int:
+        """Connections whose peer has not authenticated yet."""
+        return self._preauth_count
+
+    @property
+    def rejected_cookies(self) -> int:
+        """COOKIE_ECHOs refused: forged, for another address, or expired."""
+        return self._acceptor.forged_cookies + self._acceptor.expired_cookies
+
     def _on_datagrams(self, dgrams: list[bytes], addr: Any) -> None:
         if len(dgrams) > 1:
             pipe = self._by_cid.get(dgrams[0][2:10])
@@ -448,48 +511,95 @@ class UdpListener:
     def _on_datagram(self, data: bytes, addr: Any) -> None:
         if len(data) < HEADER_BYTES or data[0] != MAGIC:
             self.dropped_datagrams += 1
+            old = old_wire_version(data)
+            if old is not None:
+                self._log_old_version(old, addr)
             return
         pipe = self._by_cid.get(data[2:10])
         if pipe is None:
-            if data[1] != T_INIT:
-                self.dropped_datagrams += 1
+            ptype = data[1]
+            if ptype == T_INIT and not self._closing:
+                reply = self._acceptor.answer_init(data, addr, self._loop.time())
+                if reply is not None:
+                    self.inits_answered += 1
+                    self._endpoint.send_or_drop([reply], addr)
+                    return
+            elif ptype == T_COOKIE_ECHO:
+                self._accept(data, addr)
                 return
-            parsed = parse_init(data)
-            if parsed is None:
-                self.dropped_datagrams += 1
-                return
-            key = (addr, parsed[2])
-            pipe = self._by_init.get(key)
-            if pipe is None:
-                self._accept(data, addr, key)
-                return
+            self.dropped_datagrams += 1
+            return
         elif pipe._addr != addr:
             self.dropped_datagrams += 1  # no migration: a cid is bound to its address
             return
         pipe.feed([data])
         self._dirty.add(pipe)
 
-    def _accept(self, data: bytes, addr: Any, key: tuple[Any, bytes]) -> None:
-        if self._closing or self._half_open >= MAX_HALF_OPEN or \
-                len(self._by_cid) >= MAX_CONNECTIONS:
+    def _accept(self, data: bytes, addr: Any) -> None:
+        """A COOKIE_ECHO for no connection we have: create it if the cookie is good."""
+        if self._closing or len(self._by_cid) >= MAX_CONNECTIONS:
             self.dropped_datagrams += 1
             return
-        machine = UdpConnection.server(data, self._loop.time(),
-                                       datagram_bytes=self._datagram_bytes)
+        limited = self._limit_preauth
+        ip = str(addr[0])
+        same = self._preauth.get(ip)
+        if limited and same is not None and len(same) >= MAX_PREAUTH_PER_IP:
+            # checked before the MAC: a full address costs no hashing; its client's
+            # retransmitted echo gets in once a slot frees
+            self.refused_connections += 1
+            self.dropped_datagrams += 1
+            return
+        machine = self._acceptor.accept_echo(data, addr, self._loop.time(), preauth=limited)
+        if machine is None:
+            self.dropped_datagrams += 1
+            return
         pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
         pipe.on_connected = self._on_connected
+        if limited:
+            if self._preauth_count >= MAX_PREAUTH_TOTAL:
+                self._evict()
+            pipe._on_authenticated = self._leave_preauth
+            timer = self._loop.call_later(PREAUTH_DEADLINE_S, self._expire, pipe)
+            self._preauth.setdefault(ip, {})[pipe] = timer
+            self._preauth_count += 1
         self._by_cid[machine.local_cid] = pipe
-        self._by_init[key] = pipe
-        pipe._init_key = key  # type: ignore[attr-defined]
-        pipe._half_open = True  # type: ignore[attr-defined]
-        self._half_open += 1
-        self._dirty.add(pipe)
+        self._dirty.add(pipe)  # the flush reports Connected and sends the confirming ACK
+
+    def _evict(self) -> None:
+        # the address holding the most slots pays, oldest connection first
+        ip = max(self._preauth, key=lambda k: len(self._preauth[k]))
+        victim = next(iter(self._preauth[ip]))
+        self.evicted_connections += 1
+        self._leave_preauth(victim)
+        victim.abort("too many unauthenticated connections")
+
+    def _expire(self, pipe: UdpPipe) -> None:
+        self.expired_connections += 1
+        log.info("udp connection from %s:%d did not authenticate within %g s; reset",
+                 *pipe.remote, PREAUTH_DEADLINE_S)
+        self._leave_preauth(pipe)
+        pipe.abort("did not authenticate in time")
+
+    def _leave_preauth(self, pipe: UdpPipe) -> None:
+        pipe._on_authenticated = None
+        ip = pipe.remote[0]
+        same = self._preauth.get(ip)
+        if same is None or pipe not in same:
+            return
+        same.pop(pipe).cancel()
+        if not same:
+            del self._preauth[ip]
+        self._preauth_count -= 1
+
+    def _log_old_version(self, version: int, addr: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_version_log >= VERSION_LOG_INTERVAL_S:
+            self._last_version_log = now
+            log.warning("udp INIT from %s:%s speaks udp wire version %d; this node speaks "
+                        "version %d, so it cannot connect until it is upgraded", addr[0],
+                        addr[1], version, WIRE_VERSION)
 
     def _on_connected(self, pipe: UdpPipe) -> None:
-        # the INIT key stays mapped until the pipe closes, so a late duplicate INIT
-        # reaches this connection instead of opening a ghost one
-        pipe._half_open = False  # type: ignore[attr-defined]
-        self._half_open -= 1
         task = self._loop.create_task(self._run_handler(pipe))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -507,13 +617,9 @@ class UdpListener:
             await pipe.close()
 
     def _forget(self, pipe: UdpPipe) -> None:
-        self._by_cid.pop(pipe.machine.local_cid, None)
-        key = getattr(pipe, "_init_key", None)
-        if key is not None and self._by_init.get(key) is pipe:
-            del self._by_init[key]
-        if getattr(pipe, "_half_open", False):
-            pipe._half_open = False  # type: ignore[attr-defined]
-            self._half_open -= 1
+        self._leave_preauth(pipe)
+        if self._by_cid.get(pipe.machine.local_cid) is pipe:
+            del self._by_cid[pipe.machine.local_cid]
         self._dirty.discard(pipe)
 
     def _on_batch_end(self) -> None:
@@ -539,13 +645,15 @@ class UdpListener:
 
 async def listen(host: str, port: int, handler: PipeHandler, *,
                  datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
-                 loss_rate: float = 0.0) -> UdpListener:
+                 loss_rate: float = 0.0, preauth: bool = True) -> UdpListener:
+    """Accept connections; with ``preauth`` (the default) each is held to the pre-auth
+    limits until ``pipe.authenticated()``; ``preauth=False`` is for raw-pipe tools."""
     loop = asyncio.get_running_loop()
     with bind_errors("udp", host, port):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
         sock = _make_socket(family, addr)
-    return UdpListener(loop, sock, handler, datagram_bytes, loss_rate)
+    return UdpListener(loop, sock, handler, datagram_bytes, loss_rate, preauth)
 
 
 class _ClientEndpoint:
@@ -577,11 +685,13 @@ class _ClientEndpoint:
 
 async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
                   datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
-                  loss_rate: float = 0.0) -> UdpPipe:
+                  loss_rate: float = 0.0,
+                  local_addr: tuple[str, int] | None = None) -> UdpPipe:
     """Open a pipe; PeerUnreachable on timeout, ICMP refusal or a bad address.
 
     Each address of ``host`` is tried in turn while the peer refuses (so
-    "localhost" reaches a listener on 127.0.0.1 even if ::1 comes first)."""
+    "localhost" reaches a listener on 127.0.0.1 even if ::1 comes first).
+    ``local_addr`` binds the socket first (tests and benchmarks pick a source)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
@@ -595,20 +705,22 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
         if addr in seen:
             continue
         seen.add(addr)
-        pipe, why = await _connect_one(loop, family, addr, deadline, datagram_bytes, loss_rate)
+        pipe, why = await _connect_one(loop, family, addr, deadline, datagram_bytes, loss_rate,
+                                       local_addr)
         if pipe is not None:
             return pipe
         if why == "timeout":
             raise PeerUnreachable(f"udp connect to {host}:{port} timed out after {timeout:g} s "
-                                  "(no answer; is the peer listening on udp?)")
+                                  "(no answer; is the peer listening on udp, and does it "
+                                  f"speak udp wire version {WIRE_VERSION}?)")
     raise PeerUnreachable(f"cannot reach {host}:{port} over udp: {why}")
 
 
 async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
-                       deadline: float, datagram_bytes: int,
-                       loss_rate: float) -> tuple[UdpPipe | None, str]:
+                       deadline: float, datagram_bytes: int, loss_rate: float,
+                       local_addr: tuple[str, int] | None) -> tuple[UdpPipe | None, str]:
     try:
-        sock = _make_socket(family, None)
+        sock = _make_socket(family, local_addr)
         try:
             sock.connect(addr)
         except OSError:

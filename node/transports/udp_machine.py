@@ -1,8 +1,8 @@
 """Reliable, ordered, message-oriented transport over datagrams, as a sans-IO state machine.
 
 This is the whole UDP protocol of p2pfs (see the README, "The udp transport"): connection setup
-with connection ids, sequence numbers, selective acknowledgements, an RTO from
-measured RTT (RFC 6298 + Karn), SACK-based fast retransmit, a loss-tolerant AIMD
+with connection ids and a stateless cookie, sequence numbers, selective acknowledgements, an
+RTO from measured RTT (RFC 6298 + Karn), SACK-based fast retransmit, a loss-tolerant AIMD
 congestion window with pacing, a bounded receive window (flow control),
 keepalive, idle timeout, graceful close and reset.
 
@@ -10,6 +10,24 @@ Like aioquic's ``QuicConnection`` it never touches a socket or a clock: bytes
 enter through ``receive_datagram(data, now)``, leave through
 ``datagrams_to_send(now)``, time enters only as an argument (``get_timer()``,
 ``handle_timer(now)``) and what happened comes out of ``next_event()``.
+
+Connection setup keeps the server stateless until the client proved it owns its
+address (SCTP's INIT / INIT-ACK / COOKIE-ECHO; QUIC's Retry and TCP's SYN cookies
+do the same): the ``Acceptor`` answers an INIT with an INIT_ACK carrying a cookie,
+a keyed blake2b tag over (client address, port, both connection ids, datagram
+size, issue time) under a secret it rotates every ``COOKIE_SECRET_ROTATION_S``.
+Only a COOKIE_ECHO that returns a valid tag from the same address within
+``COOKIE_LIFETIME_S`` creates a connection, already established. Spoofed INITs
+therefore cost one MAC and one 40-byte reply each and leave nothing behind::
+
+    client                                   server (Acceptor, then UdpConnection)
+    INIT(scid, size), padded to 64 bytes ->  no state
+                                          <- INIT_ACK(cids, size, issued, tag): 40 bytes
+    COOKIE_ECHO(cids, size, issued, tag) ->  tag valid: connection created, ESTABLISHED
+                                          <- ACK (the client is confirmed)
+
+The client retransmits INIT until an INIT_ACK arrives, then COOKIE_ECHO until the
+server answers; the server never retransmits during setup.
 
 Must not import asyncio, socket, or any higher layer of the project; it imports
 only ``node.errors`` and the size limit from ``node.transports.base``.
@@ -19,13 +37,16 @@ from __future__ import annotations
 
 import bisect
 import enum
+import hashlib
+import hmac
 import logging
 import math
 import os
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from node.errors import ProtocolError
 from node.transports.base import MAX_MESSAGE_BYTES
@@ -33,17 +54,31 @@ from node.transports.base import MAX_MESSAGE_BYTES
 log = logging.getLogger(__name__)
 
 # --- packet format -------------------------------------------------------------------
-MAGIC = 0xD1  # "p2pfs udp, version 1"; anything else is dropped
+# the first byte of every packet names the wire version; anything else is dropped
+# (version 1, 0xD1, had a stateful INIT_ACK and no cookie)
+WIRE_VERSION = 2
+MAGIC = 0xD0 + WIRE_VERSION
+OLD_MAGICS: dict[int, int] = {0xD1: 1}  # magic -> wire version, to name an old peer's version
 CID_BYTES = 8
-T_INIT, T_INIT_ACK, T_DATA, T_ACK, T_PING, T_CLOSE, T_CLOSE_ACK, T_RESET = range(1, 9)
+(T_INIT, T_INIT_ACK, T_DATA, T_ACK, T_PING, T_CLOSE, T_CLOSE_ACK, T_RESET,
+ T_COOKIE_ECHO) = range(1, 10)
 
 _HDR = struct.Struct(">BB8s")  # magic, type, destination connection id
 HEADER_BYTES = _HDR.size  # 10
 _INIT = struct.Struct(">BB8s8sH")  # + source cid, datagram size
-# INIT is zero-padded to more than any unsolicited reply it can cause (at most
-# 1 + INIT_ACK_RETRIES INIT_ACKs), so spoofed INITs cannot use us as an amplifier
+COOKIE_TAG_BYTES = 16
+# INIT_ACK: magic, type, client cid, server cid, datagram size, issue time (ms), tag
+_INIT_ACK = struct.Struct(f">BB8s8sHI{COOKIE_TAG_BYTES}s")  # 40 bytes
+# COOKIE_ECHO: magic, type, server cid, client cid, size, issue time, tag, retransmissions
+_ECHO = struct.Struct(f">BB8s8sHI{COOKIE_TAG_BYTES}sB")  # 41 bytes
+# INIT is zero-padded to more than the one reply it can cause (an INIT_ACK),
+# so spoofed INITs cannot use us as an amplifier
 INIT_BYTES = 64
-INIT_ACK_RETRIES = 2
+COOKIE_SECRET_BYTES = 32
+COOKIE_LIFETIME_S = 10.0  # a cookie older than this is refused (the client then gives up)
+COOKIE_SECRET_ROTATION_S = 60.0  # the secret before the current one is still accepted
+_COOKIE_PERSON = b"p2pfs-udp-cookie"
+_MS_MASK = 0xFFFFFFFF
 _SEQ = struct.Struct(">Q")
 DATA_HEADER_BYTES = HEADER_BYTES + _SEQ.size  # 18
 _ACK = struct.Struct(">BB8sQIIQH")  # + cumulative, rwnd packets, ack delay us, largest, n ranges
@@ -72,6 +107,12 @@ PROBE_TIMEOUTS = 2  # the first timeouts only probe (tail loss probe); later one
 
 # --- windows -------------------------------------------------------------------------
 RECV_WINDOW_BYTES = 4 * 1024 * 1024  # out-of-order + delivered-but-unread bytes; <= socket buffer
+# before the channel layer says the peer authenticated (``end_preauth``), a server
+# connection takes handshake-sized messages into a small window: its memory is bounded
+# by about 2 x the window + the message limit, whatever the peer sends
+MAX_PREAUTH_MESSAGE_BYTES = 4 * 1024
+PREAUTH_RECV_WINDOW_BYTES = 16 * 1024
+PREAUTH_WINDOW_DATAGRAMS = 2  # the window holds at least this many full datagrams
 INITIAL_CWND_PACKETS = 32
 MIN_CWND_PACKETS = 4
 MAX_PEER_WINDOW_PACKETS = 65536
@@ -85,15 +126,13 @@ PACING_BURST_PACKETS = 64
 
 class State(enum.Enum):
     INIT_SENT = "init-sent"  # client: INIT sent, waiting for INIT_ACK
-    INIT_RECEIVED = "init-received"  # server: INIT_ACK sent, waiting for the client's first packet
-    ESTABLISHED = "established"
+    ESTABLISHED = "established"  # (a server connection starts here: its cookie came back)
     CLOSING = "closing"  # we asked to close: drain our data, then CLOSE, wait CLOSE_ACK
     CLOSED = "closed"
 
 
 _ALLOWED: dict[State, frozenset[State]] = {
     State.INIT_SENT: frozenset({State.ESTABLISHED, State.CLOSED}),
-    State.INIT_RECEIVED: frozenset({State.ESTABLISHED, State.CLOSING, State.CLOSED}),
     State.ESTABLISHED: frozenset({State.CLOSING, State.CLOSED}),
     State.CLOSING: frozenset({State.CLOSED}),
     State.CLOSED: frozenset(),
@@ -122,17 +161,133 @@ def new_cid() -> bytes:
     return os.urandom(CID_BYTES)
 
 
-def parse_init(data: bytes) -> tuple[int, bytes, bytes, int] | None:
-    """(type, dcid, scid, datagram size) of an INIT/INIT_ACK, or None if it is not one."""
-    n = len(data)
-    if n != _INIT.size and n != INIT_BYTES:
+@dataclass(frozen=True, slots=True)
+class Init:
+    """A client's INIT: its connection id and the largest datagram it accepts."""
+
+    client_cid: bytes
+    datagram_bytes: int
+
+
+def parse_init(data: bytes) -> Init | None:
+    """The INIT in `data`, or None if it is not one (unpadded INITs are not)."""
+    if len(data) != INIT_BYTES:
         return None
-    magic, ptype, dcid, scid, size = _INIT.unpack_from(data)
-    if magic != MAGIC or ptype != (T_INIT if n == INIT_BYTES else T_INIT_ACK):
+    magic, ptype, _dcid, scid, size = _INIT.unpack_from(data)
+    if magic != MAGIC or ptype != T_INIT:
         return None
     if not MIN_DATAGRAM_BYTES <= size <= MAX_DATAGRAM_BYTES:
         return None
-    return ptype, dcid, scid, size
+    return Init(scid, size)
+
+
+def old_wire_version(data: bytes) -> int | None:
+    """The wire version of an INIT from a peer speaking an older version, else None."""
+    if len(data) == INIT_BYTES and data[1] == T_INIT:
+        return OLD_MAGICS.get(data[0])
+    return None
+
+
+def _ms(now: float) -> int:
+    return int(now * 1000) & _MS_MASK
+
+
+def _addr_bytes(addr: Any) -> bytes:
+    """The (host, port) of a socket address as bytes; IPv6 flow info and scope are not."""
+    return f"{addr[0]}|{int(addr[1])}".encode()
+
+
+class Acceptor:
+    """Server side of connection setup: answers INITs without keeping any state and
+    creates a connection only when a valid cookie comes back from the same address.
+
+    Its only state is the secret pair, which is not per connection: however many
+    INITs it answered, it holds the same few bytes. ``random_bytes`` is injectable
+    for known-answer tests.
+    """
+
+    __slots__ = ("datagram_bytes", "lifetime_s", "rotation_s", "_random", "_secret",
+                 "_previous", "_rotated_at", "forged_cookies", "expired_cookies")
+
+    def __init__(self, now: float, *, datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                 lifetime_s: float = COOKIE_LIFETIME_S,
+                 rotation_s: float = COOKIE_SECRET_ROTATION_S,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        if not MIN_DATAGRAM_BYTES <= datagram_bytes <= MAX_DATAGRAM_BYTES:
+            raise ValueError(f"datagram size must be {MIN_DATAGRAM_BYTES}..{MAX_DATAGRAM_BYTES}")
+        if not 0 < lifetime_s <= rotation_s:
+            raise ValueError("a cookie must expire before its secret is forgotten")
+        self.datagram_bytes = datagram_bytes
+        self.lifetime_s = lifetime_s
+        self.rotation_s = rotation_s
+        self._random = random_bytes
+        self._secret = random_bytes(COOKIE_SECRET_BYTES)
+        self._previous: bytes | None = None
+        self._rotated_at = now
+        self.forged_cookies = 0  # COOKIE_ECHOs whose tag did not verify (or wrong address)
+        self.expired_cookies = 0
+
+    def _rotate(self, now: float) -> None:
+        if now - self._rotated_at < self.rotation_s:
+            return
+        # after a long quiet spell the old secret is useless too: its cookies have expired
+        stale = now - self._rotated_at >= 2 * self.rotation_s
+        self._previous = None if stale else self._secret
+        self._secret = self._random(COOKIE_SECRET_BYTES)
+        self._rotated_at = now
+
+    @staticmethod
+    def _tag(secret: bytes, addr: Any, client_cid: bytes, server_cid: bytes, size: int,
+             issued_ms: int) -> bytes:
+        msg = b"".join((_addr_bytes(addr), b"\0", client_cid, server_cid,
+                        struct.pack(">HI", size, issued_ms)))
+        return hashlib.blake2b(msg, key=secret, digest_size=COOKIE_TAG_BYTES,
+                               person=_COOKIE_PERSON).digest()
+
+    def answer_init(self, data: bytes, addr: Any, now: float) -> bytes | None:
+        """The INIT_ACK (with its cookie) for an INIT from `addr`, or None if `data` is
+        not an INIT. Nothing is remembered."""
+        init = parse_init(data)
+        if init is None:
+            return None
+        self._rotate(now)
+        server_cid = self._random(CID_BYTES)
+        size = min(init.datagram_bytes, self.datagram_bytes)
+        issued = _ms(now)
+        tag = self._tag(self._secret, addr, init.client_cid, server_cid, size, issued)
+        return _INIT_ACK.pack(MAGIC, T_INIT_ACK, init.client_cid, server_cid, size, issued, tag)
+
+    def accept_echo(self, data: bytes, addr: Any, now: float, *, preauth: bool = False,
+                    idle_timeout_s: float = IDLE_TIMEOUT_S,
+                    keepalive_s: float = KEEPALIVE_S) -> UdpConnection | None:
+        """A new established server connection if `data` is a COOKIE_ECHO whose cookie
+        this acceptor issued to `addr` less than ``lifetime_s`` ago, else None.
+        ``preauth`` starts it with the pre-authentication receive limits."""
+        if len(data) != _ECHO.size:
+            return None
+        magic, ptype, server_cid, client_cid, size, issued, tag, tries = _ECHO.unpack(data)
+        if magic != MAGIC or ptype != T_COOKIE_ECHO:
+            return None
+        if not MIN_DATAGRAM_BYTES <= size <= self.datagram_bytes:
+            self.forged_cookies += 1
+            return None
+        self._rotate(now)
+        age_ms = (_ms(now) - issued) & _MS_MASK  # a time from the future reads as very old
+        if age_ms > self.lifetime_s * 1000:
+            self.expired_cookies += 1
+            return None
+        for secret in (self._secret, self._previous):
+            if secret is not None and hmac.compare_digest(
+                    tag, self._tag(secret, addr, client_cid, server_cid, size, issued)):
+                break
+        else:
+            self.forged_cookies += 1
+            return None
+        return UdpConnection(is_client=False, local_cid=server_cid, peer_cid=client_cid,
+                             datagram_bytes=size, now=now,
+                             handshake_rtt_s=age_ms / 1000 if tries == 0 else None,
+                             preauth=preauth, idle_timeout_s=idle_timeout_s,
+                             keepalive_s=keepalive_s)
 
 
 class UdpConnection:
@@ -140,7 +295,8 @@ class UdpConnection:
 
     def __init__(self, *, is_client: bool, local_cid: bytes, peer_cid: bytes,
                  datagram_bytes: int, now: float, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                 keepalive_s: float = KEEPALIVE_S) -> None:
+                 keepalive_s: float = KEEPALIVE_S,
+                 handshake_rtt_s: float | None = None, preauth: bool = False) -> None:
         if not MIN_DATAGRAM_BYTES <= datagram_bytes <= MAX_DATAGRAM_BYTES:
             raise ValueError(f"datagram size must be {MIN_DATAGRAM_BYTES}..{MAX_DATAGRAM_BYTES}")
         self.is_client = is_client
@@ -149,7 +305,7 @@ class UdpConnection:
         self.datagram_bytes = datagram_bytes
         self.idle_timeout_s = idle_timeout_s
         self.keepalive_s = keepalive_s
-        self.state = State.INIT_SENT if is_client else State.INIT_RECEIVED
+        self.state = State.INIT_SENT if is_client else State.ESTABLISHED
         self.close_reason = ""
         self.dropped_datagrams = 0  # garbage / unexpected / out-of-window datagrams
         self.retransmitted_packets = 0
@@ -210,29 +366,51 @@ class UdpConnection:
         self._payload_max = datagram_bytes - DATA_HEADER_BYTES
         self._data_prefix = bytes((MAGIC, T_DATA)) + peer_cid
         self._data_header_in = bytes((MAGIC, T_DATA)) + local_cid
-        self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
+        self.preauth = preauth
+        self._set_receive_limits()
+        self._cookie = b""  # client: the server's cookie (issue time + tag) to echo
         if is_client:
             self._queue_init(now)
         else:
-            self._queue_init_ack(now)
+            # created from a returned cookie: established at once; the ACK confirms the client
+            if handshake_rtt_s is not None:
+                self._rtt_sample(handshake_rtt_s, 0.0)
+            self._ack_now = True
+            self._events.append(Connected())
 
     # --- construction -----------------------------------------------------------------
     @classmethod
     def client(cls, now: float, *, datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
-               **kw: float) -> UdpConnection:
+               idle_timeout_s: float = IDLE_TIMEOUT_S,
+               keepalive_s: float = KEEPALIVE_S) -> UdpConnection:
         return cls(is_client=True, local_cid=new_cid(), peer_cid=bytes(CID_BYTES),
-                   datagram_bytes=datagram_bytes, now=now, **kw)
+                   datagram_bytes=datagram_bytes, now=now, idle_timeout_s=idle_timeout_s,
+                   keepalive_s=keepalive_s)
 
-    @classmethod
-    def server(cls, init_datagram: bytes, now: float, *,
-               datagram_bytes: int = DEFAULT_DATAGRAM_BYTES, **kw: float) -> UdpConnection:
-        """Accept a client's INIT; raises ProtocolError if it is not a valid INIT."""
-        parsed = parse_init(init_datagram)
-        if parsed is None or parsed[0] != T_INIT:
-            raise ProtocolError("not a udp INIT packet")
-        _, _, scid, size = parsed
-        return cls(is_client=False, local_cid=new_cid(), peer_cid=scid,
-                   datagram_bytes=min(size, datagram_bytes), now=now, **kw)
+
+    def _set_receive_limits(self) -> None:
+        if self.preauth:
+            self._recv_window = max(PREAUTH_RECV_WINDOW_BYTES,
+                                    PREAUTH_WINDOW_DATAGRAMS * self._payload_max)
+            self._max_message = MAX_PREAUTH_MESSAGE_BYTES
+        else:
+            self._recv_window = RECV_WINDOW_BYTES
+            self._max_message = MAX_MESSAGE_BYTES
+        self._window_packets = max(16, self._recv_window // self._payload_max)
+
+    def end_preauth(self) -> bool:
+        """The peer authenticated: full-size messages and the full receive window.
+
+        Returns True when the larger window should be advertised now (call
+        datagrams_to_send)."""
+        if not self.preauth:
+            return False
+        self.preauth = False
+        self._set_receive_limits()
+        if self.state is State.CLOSED:
+            return False
+        self._ack_now = True
+        return True
 
     # --- state ------------------------------------------------------------------------
     def _set_state(self, new: State) -> None:
@@ -337,7 +515,7 @@ class UdpConnection:
         unpack_seq = _SEQ.unpack_from
         starts = self._range_starts
         stream = self._stream
-        limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES - self._unread_bytes
+        limit = self._recv_window + self._max_message - self._unread_bytes
         rcv_next = self._rcv_next
         in_order = 0
         for d in dgrams:
@@ -364,7 +542,7 @@ class UdpConnection:
                     return
             rcv_next = self._rcv_next
             stream = self._stream
-            limit = RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES - self._unread_bytes
+            limit = self._recv_window + self._max_message - self._unread_bytes
         if in_order:
             self._note_in_order(in_order, rcv_next, now)
 
@@ -394,19 +572,20 @@ class UdpConnection:
         ptype = data[1]
         if self.state is State.CLOSED:
             return False
-        if ptype == T_INIT_ACK or ptype == T_INIT:
-            return self._receive_init(data, now)
+        if ptype == T_INIT_ACK:
+            return self._receive_init_ack(data, now)
         if data[2:10] != self.local_cid:
             return False
         if self.state is State.INIT_SENT:
             return False  # the server cannot know our cid's pairing before INIT_ACK
-        if self.state is State.INIT_RECEIVED:
-            if self._ctrl_tries == 0:
-                self._rtt_sample(now - self._created, 0.0)
-            self._ctrl_deadline = None
-            self._set_state(State.ESTABLISHED)
-            self._events.append(Connected())
-        elif not self._confirmed:
+        if ptype == T_COOKIE_ECHO:
+            # a repeated echo (our ACK was lost): the Acceptor made us from the first one
+            if self.is_client or n != _ECHO.size:
+                return False
+            self._last_recv = now
+            self._ack_now = True
+            return True
+        if not self._confirmed:
             # anything from the server under our cid proves it reached ESTABLISHED
             self._confirmed = True
             if self.state is State.ESTABLISHED:
@@ -442,28 +621,21 @@ class UdpConnection:
             return False
         return True
 
-    def _receive_init(self, data: bytes, now: float) -> bool:
-        parsed = parse_init(data)
-        if parsed is None:
+    def _receive_init_ack(self, data: bytes, now: float) -> bool:
+        if len(data) != _INIT_ACK.size or not self.is_client:
             return False
-        ptype, dcid, scid, size = parsed
-        if ptype == T_INIT:
-            # a retransmitted INIT: our INIT_ACK was lost
-            if self.is_client or scid != self.peer_cid:
-                return False
-            if self.state is State.INIT_RECEIVED:
-                self._queue_init_ack(now)
-            return True
-        if not self.is_client or dcid != self.local_cid:
+        _, _, dcid, scid, size, issued, tag = _INIT_ACK.unpack(data)
+        if dcid != self.local_cid or not MIN_DATAGRAM_BYTES <= size <= MAX_DATAGRAM_BYTES:
             return False
         if self.state is State.INIT_SENT:
             if size > self.datagram_bytes:
                 return False
             self.peer_cid = scid
+            self._cookie = struct.pack(">I", issued) + tag
             self._data_prefix = bytes((MAGIC, T_DATA)) + scid
             self.datagram_bytes = size
             self._payload_max = size - DATA_HEADER_BYTES
-            self._window_packets = max(16, RECV_WINDOW_BYTES // self._payload_max)
+            self._set_receive_limits()
             if self._ctrl_tries == 0:  # Karn: time the handshake only if INIT went once
                 self._rtt_sample(now - self._created, 0.0)
             self._ctrl_tries = 0
@@ -485,7 +657,7 @@ class UdpConnection:
         if self._ack_deadline is None:
             self._ack_deadline = now + MAX_ACK_DELAY_S
         if seq == rcv_next:
-            if self._unread_bytes + len(self._stream) > RECV_WINDOW_BYTES + MAX_MESSAGE_BYTES:
+            if self._unread_bytes + len(self._stream) > self._recv_window + self._max_message:
                 self.dropped_datagrams += 1  # the peer ignores our window
                 return
             self._stream += payload
@@ -510,10 +682,10 @@ class UdpConnection:
         if seq < rcv_next or seq in self._ooo:
             self._ack_now = True  # duplicate: our ack was probably lost
             return
-        # memory bound: out-of-order bytes <= RECV_WINDOW_BYTES; unread + partial message
+        # memory bound: out-of-order bytes <= the receive window; unread + partial message
         # bytes are bounded separately on the in-order path (window races stay loss-free)
         if seq - rcv_next >= self._window_packets or \
-                self._ooo_bytes + len(payload) > RECV_WINDOW_BYTES:
+                self._ooo_bytes + len(payload) > self._recv_window:
             self.dropped_datagrams += 1
             return
         self._ooo[seq] = payload
@@ -544,9 +716,10 @@ class UdpConnection:
                 if len(stream) < 4:
                     return
                 length = MESSAGE_LENGTH.unpack_from(stream)[0]
-                if length > MAX_MESSAGE_BYTES:
-                    raise ProtocolError(f"peer sent a {length}-byte message; limit is "
-                                        f"{MAX_MESSAGE_BYTES}")
+                if length > self._max_message:
+                    before = " before authenticating" if self.preauth else ""
+                    raise ProtocolError(f"peer sent a {length}-byte message{before}; limit "
+                                        f"is {self._max_message}")
                 need = self._msg_need = 4 + length
             if len(stream) < need:
                 return
@@ -734,13 +907,6 @@ class UdpConnection:
                 self._finish("handshake timeout")
             else:
                 self._queue_init(now)
-        elif self.state is State.INIT_RECEIVED:
-            if now - self._created >= HANDSHAKE_TIMEOUT_S:
-                self._finish("handshake timeout")
-            elif self._ctrl_tries <= INIT_ACK_RETRIES:
-                self._queue_init_ack(now)
-            else:  # only a retransmitted INIT gets another INIT_ACK now
-                self._ctrl_deadline = self._created + HANDSHAKE_TIMEOUT_S
         elif self.state is State.CLOSING:
             if self._close_sent and self._ctrl_tries <= CLOSE_RETRIES:
                 self._out.append(_HDR.pack(MAGIC, T_CLOSE, self.peer_cid))
@@ -755,10 +921,12 @@ class UdpConnection:
             self._ctrl_deadline = None
 
     def _queue_confirm(self, now: float) -> None:
-        """Client: a PING under the server's cid moves it to ESTABLISHED, and its ACK tells
-        us so; repeated until something arrives, since a lost confirmation would otherwise
-        leave the server half-open until its handshake timeout."""
-        self._out.append(_HDR.pack(MAGIC, T_PING, self.peer_cid))
+        """Client: the COOKIE_ECHO makes the server create its connection, and its ACK
+        tells us so; repeated until something arrives from the server (the server keeps
+        nothing before it, so only we can repeat it)."""
+        self._out.append(_ECHO.pack(MAGIC, T_COOKIE_ECHO, self.peer_cid, self.local_cid,
+                                    self.datagram_bytes, *struct.unpack(">I", self._cookie[:4]),
+                                    self._cookie[4:], min(self._ctrl_tries, 255)))
         self._ctrl_deadline = now + min(MAX_RTO_S, self.rto * 2 ** min(self._ctrl_tries, 8))
 
     def _on_rto(self, now: float) -> None:
@@ -802,11 +970,6 @@ class UdpConnection:
         self._out.append(init + bytes(INIT_BYTES - len(init)))
         self._ctrl_deadline = now + min(MAX_RTO_S, INITIAL_RTO_S * 2 ** self._ctrl_tries)
 
-    def _queue_init_ack(self, now: float) -> None:
-        self._out.append(_INIT.pack(MAGIC, T_INIT_ACK, self.peer_cid, self.local_cid,
-                                    self.datagram_bytes))
-        self._ctrl_deadline = now + min(MAX_RTO_S, INITIAL_RTO_S * 2 ** self._ctrl_tries)
-
     def _maybe_send_close(self, now: float) -> None:
         if self._close_sent or self.state is not State.CLOSING:
             return
@@ -819,7 +982,7 @@ class UdpConnection:
 
     def _rwnd_packets(self) -> int:
         # counted from rcv_next, so out-of-order packets already lie inside it
-        free = RECV_WINDOW_BYTES - self._unread_bytes
+        free = self._recv_window - self._unread_bytes
         return max(0, min(self._window_packets, free // self._payload_max))
 
     def _build_ack(self, now: float) -> bytes:

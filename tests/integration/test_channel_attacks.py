@@ -144,7 +144,10 @@ async def server(request: pytest.FixtureRequest) -> Any:
 
 async def through_relay(server: EchoServer, mutate: Mutate) -> tuple[Relay, Any]:
     relay = Relay(server.transport, server.port, mutate)
-    relay.listener = await get_transport(server.transport).listen(HOST, 0, relay.handler)
+    # the relay forwards whole frames without a handshake of its own: no pre-auth phase
+    extra = {"preauth": False} if server.transport in ("tcp", "udp") else {}
+    relay.listener = await get_transport(server.transport).listen(HOST, 0, relay.handler,
+                                                                  **extra)
     return relay, relay.listener
 
 

@@ -252,7 +252,7 @@ async def test_tcp_pipe_roundtrip_and_backpressure() -> None:
             pass
 
     tcp = get_transport("tcp")
-    lst = await tcp.listen(HOST, 0, slow)
+    lst = await tcp.listen(HOST, 0, slow, preauth=False)  # a raw pipe: no handshake
     pipe = await tcp.connect(HOST, lst.port)
     try:
         chunk = b"z" * (1 << 20)

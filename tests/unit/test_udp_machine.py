@@ -15,6 +15,8 @@ from node.errors import ProtocolError
 from node.transports import udp_machine as um
 from node.transports.udp_machine import Closed, Connected, MessageReceived, State, UdpConnection
 
+CLIENT_ADDR = ("127.0.0.1", 40000)
+
 
 class Link:
     """Two machines joined by a simulated network with loss, jitter (reordering), duplication."""
@@ -28,6 +30,7 @@ class Link:
         self.client = UdpConnection.client(self.now, datagram_bytes=datagram_bytes,
                                            **(client_kw or {}))
         self.server: UdpConnection | None = None
+        self.acceptor: um.Acceptor | None = None
         self.server_kw = server_kw or {}
         self.datagram_bytes = datagram_bytes
         self.queue: list[tuple[float, int, str, bytes]] = []
@@ -74,9 +77,7 @@ class Link:
             _, _, dst, d = heapq.heappop(self.queue)
             if dst == "server":
                 if self.server is None:
-                    self.server = UdpConnection.server(d, self.now,
-                                                       datagram_bytes=self.datagram_bytes,
-                                                       **self.server_kw)
+                    self._to_acceptor(d)
                 else:
                     self.server.receive_datagram(d, self.now)
             else:
@@ -84,6 +85,16 @@ class Link:
         else:
             dict(self.machines())[name].handle_timer(self.now)
         return True
+
+    def _to_acceptor(self, d: bytes) -> None:
+        """The server side before its connection exists: the stateless Acceptor."""
+        if self.acceptor is None:
+            self.acceptor = um.Acceptor(self.now, datagram_bytes=self.datagram_bytes)
+        reply = self.acceptor.answer_init(d, CLIENT_ADDR, self.now)
+        if reply is not None:
+            self._transmit("server", [reply])
+            return
+        self.server = self.acceptor.accept_echo(d, CLIENT_ADDR, self.now, **self.server_kw)
 
     def run_until(self, cond, limit_s: float = 600.0) -> None:
         end = self.now + limit_s
@@ -320,19 +331,13 @@ def test_server_does_not_amplify_spoofed_inits() -> None:
     client = UdpConnection.client(0.0)
     init = client.datagrams_to_send(0.0)[0]
     assert len(init) == um.INIT_BYTES
-    server = UdpConnection.server(init, 0.0)
-    now, out_bytes = 0.0, 0
-    while not server.is_closed:  # the "client" never answers (spoofed source)
-        out_bytes += sum(len(d) for d in server.datagrams_to_send(now))
-        t = server.get_timer()
-        assert t is not None
-        now = t
-        server.handle_timer(now)
-    assert out_bytes <= len(init)
-    assert server.close_reason == "handshake timeout"
-    # an unpadded INIT is not accepted at all
-    with pytest.raises(ProtocolError):
-        UdpConnection.server(init[:20], 0.0)
+    acceptor = um.Acceptor(0.0)
+    # the "client" never answers (spoofed source): one reply, smaller than the INIT, and
+    # nothing is ever retransmitted, since there is no connection to do it
+    reply = acceptor.answer_init(init, CLIENT_ADDR, 0.0)
+    assert reply is not None and len(reply) < len(init)
+    # an unpadded INIT gets no answer at all
+    assert acceptor.answer_init(init[:20], CLIENT_ADDR, 0.0) is None
 
 
 def test_reading_sends_a_window_update_when_the_window_grew_by_a_quarter() -> None:
@@ -376,13 +381,16 @@ def test_lost_handshake_confirmation_is_repeated() -> None:
     assert c.srtt == pytest.approx(2 * link.delay, rel=0.01)  # timed from the handshake
     # the confirmation is lost on the way
     lost = [q for q in link.queue if q[2] == "server"]
-    assert [q[3][1] for q in lost] == [um.T_PING]
+    assert [q[3][1] for q in lost] == [um.T_COOKIE_ECHO]
     link.queue = [q for q in link.queue if q[2] != "server"]
     heapq.heapify(link.queue)
     start = link.now
-    link.run_until(lambda: link.server.state is State.ESTABLISHED, limit_s=5)
+    link.run_until(lambda: link.server is not None and c._confirmed, limit_s=5)
     assert link.now - start < 1.0  # not the 10 s handshake timeout
+    assert link.server.state is State.ESTABLISHED
     assert any(isinstance(e, Connected) for e in link.events["server"])
+    # the server was made from the repeated echo: Karn, no handshake RTT sample from it
+    assert link.server.srtt is None
 
 
 def test_probe_goes_out_even_when_the_window_shrank_below_the_flight() -> None:
@@ -422,3 +430,163 @@ def test_harsh_links_converge(seed: int) -> None:
     assert link.received("server") == a2b and link.received("client") == b2a
     link.client.close(link.now)
     link.run_until(lambda: link.client.is_closed and link.server.is_closed)
+
+
+# --- stateless cookie -----------------------------------------------------------------
+
+
+def _fixed_random(n: int) -> bytes:
+    return bytes(range(n))
+
+
+def _client_echo(acceptor: um.Acceptor, addr: tuple[str, int], now: float
+                 ) -> tuple[UdpConnection, bytes]:
+    """A client's COOKIE_ECHO for an INIT_ACK that `acceptor` gave `addr` at `now`."""
+    client = UdpConnection.client(now)
+    init = client.datagrams_to_send(now)[0]
+    reply = acceptor.answer_init(init, addr, now)
+    assert reply is not None
+    client.receive_datagram(reply, now + 0.002)
+    out = client.datagrams_to_send(now + 0.002)
+    assert [d[1] for d in out] == [um.T_COOKIE_ECHO]
+    return client, out[0]
+
+
+def test_cookie_round_trip_needs_no_state_on_the_server() -> None:
+    issuer = um.Acceptor(0.0, random_bytes=_fixed_random)
+    client, echo = _client_echo(issuer, CLIENT_ADDR, 1.0)
+    # an acceptor that never saw the INIT, holding only the same secret, accepts it
+    fresh = um.Acceptor(0.0, random_bytes=_fixed_random)
+    server = fresh.accept_echo(echo, CLIENT_ADDR, 1.004)
+    assert server is not None and server.state is State.ESTABLISHED
+    assert server.local_cid == client.peer_cid and server.peer_cid == client.local_cid
+    assert isinstance(server.next_event(), Connected)
+    assert server.srtt == pytest.approx(0.004)  # INIT_ACK out -> echo in
+    # its ACK confirms the client, and data flows both ways
+    for d in server.datagrams_to_send(1.004):
+        client.receive_datagram(d, 1.006)
+    assert client._confirmed
+    client.send_message(b"hello")
+    for d in client.datagrams_to_send(1.006):
+        server.receive_datagram(d, 1.008)
+    assert server.next_event() == MessageReceived(b"hello")
+
+
+def test_answering_inits_keeps_no_per_connection_state() -> None:
+    acceptor = um.Acceptor(0.0)
+    before = {k: getattr(acceptor, k) for k in um.Acceptor.__slots__}
+    assert not hasattr(acceptor, "__dict__")  # nowhere to put per-connection state
+    init = UdpConnection.client(0.0).datagrams_to_send(0.0)[0]
+    for i in range(10_000):
+        assert acceptor.answer_init(init, ("127.0.0.1", 1024 + i % 60000), 1.0) is not None
+    assert {k: getattr(acceptor, k) for k in um.Acceptor.__slots__} == before
+
+
+def test_forged_cookie_is_refused() -> None:
+    acceptor = um.Acceptor(0.0)
+    _, echo = _client_echo(acceptor, CLIENT_ADDR, 1.0)
+    forged = bytearray(echo)
+    forged[30] ^= 0x01  # one bit of the tag
+    assert acceptor.accept_echo(bytes(forged), CLIENT_ADDR, 1.01) is None
+    other_secret = um.Acceptor(0.0)  # a different node's cookie
+    assert other_secret.accept_echo(echo, CLIENT_ADDR, 1.01) is None
+    bigger = bytearray(echo)
+    bigger[18:20] = (1500).to_bytes(2, "big")  # a datagram size the cookie did not grant
+    assert acceptor.accept_echo(bytes(bigger), CLIENT_ADDR, 1.01) is None
+    assert acceptor.forged_cookies == 2 and other_secret.forged_cookies == 1
+    assert acceptor.accept_echo(echo, CLIENT_ADDR, 1.01) is not None  # the real one still works
+
+
+def test_cookie_from_another_address_is_refused() -> None:
+    acceptor = um.Acceptor(0.0)
+    _, echo = _client_echo(acceptor, CLIENT_ADDR, 1.0)
+    assert acceptor.accept_echo(echo, (CLIENT_ADDR[0], CLIENT_ADDR[1] + 1), 1.01) is None
+    assert acceptor.accept_echo(echo, ("127.0.0.2", CLIENT_ADDR[1]), 1.01) is None
+    assert acceptor.forged_cookies == 2
+
+
+def test_expired_cookie_is_refused_and_a_rotated_secret_still_counts() -> None:
+    acceptor = um.Acceptor(0.0, lifetime_s=1.0, rotation_s=1.0)
+    _, echo = _client_echo(acceptor, CLIENT_ADDR, 0.5)
+    assert acceptor.accept_echo(echo, CLIENT_ADDR, 1.6) is None  # 1.1 s old
+    assert acceptor.expired_cookies == 1
+    # issued just before a rotation, echoed just after it: the previous secret verifies
+    _, echo = _client_echo(acceptor, CLIENT_ADDR, 1.9)
+    assert acceptor.accept_echo(echo, CLIENT_ADDR, 2.2) is not None
+    # an issue time from the future reads as very old
+    _, echo = _client_echo(acceptor, CLIENT_ADDR, 5.0)
+    assert acceptor.accept_echo(echo, CLIENT_ADDR, 4.0) is None
+    assert acceptor.expired_cookies == 2
+    with pytest.raises(ValueError):
+        um.Acceptor(0.0, lifetime_s=61.0, rotation_s=60.0)
+
+
+def test_init_from_an_older_wire_version_is_named() -> None:
+    init = bytearray(UdpConnection.client(0.0).datagrams_to_send(0.0)[0])
+    assert um.old_wire_version(bytes(init)) is None
+    init[0] = 0xD1
+    assert um.old_wire_version(bytes(init)) == 1
+    assert um.Acceptor(0.0).answer_init(bytes(init), CLIENT_ADDR, 0.0) is None
+
+
+# --- before authentication ------------------------------------------------------------
+
+
+def _preauth_link() -> Link:
+    link = Link(server_kw={"preauth": True})
+    connect(link)
+    assert link.server.preauth
+    return link
+
+
+def test_preauth_connection_refuses_messages_above_handshake_size() -> None:
+    link = _preauth_link()
+    link.client.send_message(b"x" * (um.MAX_PREAUTH_MESSAGE_BYTES + 1))
+    link.run_until(lambda: link.server.is_closed, limit_s=5)
+    assert "before authenticating" in link.server.close_reason
+    link.run_until(lambda: link.client.is_closed, limit_s=5)
+    assert link.client.close_reason == "reset by peer"
+
+
+def test_preauth_window_is_small_and_opens_once_authenticated() -> None:
+    link = _preauth_link()
+    s = link.server
+    link.client.send_message(b"hello")
+    link.run_until(lambda: link.received("server") == [b"hello"], limit_s=5)
+    s.message_consumed(5)
+    assert s._rwnd_packets() * s._payload_max <= max(
+        um.PREAUTH_RECV_WINDOW_BYTES, um.PREAUTH_WINDOW_DATAGRAMS * s._payload_max)
+    assert s.end_preauth() and not s.end_preauth()  # idempotent
+    assert s.datagrams_to_send(link.now)[-1][1] == um.T_ACK  # the larger window, at once
+    big = b"B" * 3_000_000
+    link.client.send_message(big)
+    link.run_until(lambda: link.received("server")[-1:] == [big], limit_s=30)
+
+
+def test_preauth_out_of_order_bytes_stay_within_the_small_window() -> None:
+    link = _preauth_link()
+    s = link.server
+    payload = b"o" * (s._payload_max)
+    for seq in range(1, 200):  # a hole at 0: everything else is out of order
+        d = bytes([um.MAGIC, um.T_DATA]) + s.local_cid + struct.pack(">Q", seq) + payload
+        s.receive_datagram(d, link.now)
+    assert 0 < s._ooo_bytes <= max(um.PREAUTH_RECV_WINDOW_BYTES,
+                                   um.PREAUTH_WINDOW_DATAGRAMS * s._payload_max)
+
+
+def test_lost_init_is_retransmitted_and_not_timed() -> None:
+    client = UdpConnection.client(0.0)
+    first = client.datagrams_to_send(0.0)
+    assert [d[1] for d in first] == [um.T_INIT]  # lost
+    t = client.get_timer()
+    assert t == pytest.approx(um.INITIAL_RTO_S)
+    client.handle_timer(t)
+    again = client.datagrams_to_send(t)
+    assert again == first  # the same INIT, again
+    reply = um.Acceptor(0.0).answer_init(again[0], CLIENT_ADDR, t + 0.01)
+    assert reply is not None
+    client.receive_datagram(reply, t + 0.02)
+    assert client.state is State.ESTABLISHED
+    assert client.srtt is None  # Karn: the handshake went twice, so it is not timed
+    echo = client.datagrams_to_send(t + 0.02)
+    assert [d[1] for d in echo] == [um.T_COOKIE_ECHO]
