@@ -102,14 +102,14 @@ def test_keyset_paging_covers_every_online_row_once(store: RegistryStore) -> Non
         seen += [r.device_id for r in page]
         if len(page) < 40:
             break
-        after = page[-1].device_id
+        after = (page[-1].slot, page[-1].device_id)
     expected = sorted(d for d, _, _, exp in rows if exp > T0 + 10)
     assert seen == expected
 
 
-def test_page_query_uses_the_primary_key(store: RegistryStore) -> None:
+def test_page_query_uses_the_order_index(store: RegistryStore) -> None:
     plan = store.explain_page()
-    assert "PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
+    assert "registrations_order" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_others_excludes_self_newest_first(store: RegistryStore) -> None:
@@ -229,7 +229,8 @@ def test_registrations_are_written_behind_and_flushed(tmp_path: Path) -> None:
         s.close()
     s = RegistryStore(path)
     try:
-        assert [r.device_id for r in s.page(10, None, now=T0)] == ["at-close", "queued"]
+        # slots of one source in registration order
+        assert [r.device_id for r in s.page(10, None, now=T0)] == ["queued", "at-close"]
         # the in-memory state is rebuilt from the file: refresh and ring
         assert s.register("queued", None, now=T0 + 1, expires_at=T0 + 100) \
             is RegisterOutcome.REFRESHED
