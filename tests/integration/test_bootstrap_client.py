@@ -54,6 +54,7 @@ async def test_register_list_unregister_roundtrip(real: tuple[str, Any]) -> None
     url, _ = real
     a, b, c = Identity.generate("a"), Identity.generate("b"), Identity.generate("c")
     async with BootstrapClient(url) as client:
+        # the server lists the registrant too (seed contract); the client drops itself
         assert await client.register(record_for(a)) == []
         assert [r.peer_id for r in await client.register(record_for(b))] == [a.peer_id]
         others = await client.register(record_for(c, port=7000))

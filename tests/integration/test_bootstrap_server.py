@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from bootstrap import unregister_message
+from bootstrap.limits import ServerLimits
 from bootstrap.server import MSG_REFRESHED, MSG_REGISTERED, STORE_KEY, start_server
 from node.contact import ContactRecord
 from node.identity import Identity
@@ -23,14 +24,15 @@ from node.identity import Identity
 class Server:
     """A running bootstrap server plus one HTTP session to it."""
 
-    def __init__(self, db: Path, ttl_s: float) -> None:
-        self.db, self.ttl_s = db, ttl_s
+    def __init__(self, db: Path, ttl_s: float, limits: ServerLimits | None = None) -> None:
+        self.db, self.ttl_s, self.limits = db, ttl_s, limits
         self.runner: Any = None
         self.url = ""
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self.runner, port = await start_server("127.0.0.1", 0, self.db, self.ttl_s)
+        self.runner, port = await start_server("127.0.0.1", 0, self.db, self.ttl_s,
+                                               limits=self.limits)
         self.url = f"http://127.0.0.1:{port}"
         self.http = aiohttp.ClientSession()
 

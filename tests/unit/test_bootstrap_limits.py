@@ -1,0 +1,68 @@
+"""Unit tests of the bootstrap server's per-address limits (pure, injected clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bootstrap.limits import RateLimiter, ServerLimits, source_key
+
+
+def test_bucket_allows_burst_then_refills_at_rate() -> None:
+    rl = RateLimiter(rate_per_s=10.0, burst=5)
+    assert [rl.take("a", 100.0) for _ in range(5)] == [0.0] * 5
+    retry = rl.take("a", 100.0)
+    assert retry == pytest.approx(0.1)  # one token every 0.1 s
+    assert rl.refused == 1
+    assert rl.take("a", 100.05) > 0  # half a token is not a token
+    assert rl.take("a", 100.2) == 0.0
+    # another address has its own bucket
+    assert rl.take("b", 100.2) == 0.0
+
+
+def test_bucket_never_holds_more_than_burst() -> None:
+    rl = RateLimiter(rate_per_s=1.0, burst=3)
+    rl.take("a", 0.0)
+    taken = sum(rl.take("a", 1_000_000.0) == 0.0 for _ in range(10))
+    assert taken == 3
+
+
+def test_rate_zero_is_unlimited() -> None:
+    rl = RateLimiter(rate_per_s=0.0, burst=0)
+    assert not rl.enabled
+    assert all(rl.take("a", 0.0) == 0.0 for _ in range(10_000))
+    assert len(rl) == 0
+
+
+def test_tracked_sources_are_bounded() -> None:
+    rl = RateLimiter(rate_per_s=1.0, burst=1, max_sources=100)
+    for i in range(1000):
+        rl.take(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(rl) == 100
+
+
+def test_source_key_ipv4_ipv6_prefix_and_mapped() -> None:
+    assert source_key("127.0.0.2") == "127.0.0.2"
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::9") \
+        == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_key(None) == ""
+
+
+@pytest.mark.parametrize("field,value", [
+    ("register_rate_per_s", -1.0), ("list_rate_per_s", float("inf")),
+    ("register_burst", -1), ("legacy_ids_per_source", -5),
+    ("header_timeout_s", 0.0), ("body_timeout_s", float("nan")),
+])
+def test_limits_refuse_bad_values(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        ServerLimits(**{field: value})  # type: ignore[arg-type]
+
+
+def test_default_limits_leave_room_for_a_50_node_testnet_on_one_address() -> None:
+    # a testnet node re-registers every ~3 s and lists peers as often (daemon's loop with
+    # testnet_lib's register_interval_s=3): 50 of them must stay well inside the buckets
+    lim = ServerLimits()
+    per_s = 50 / 2.7  # jitter 0.9-1.1 of 3 s
+    assert per_s < lim.register_rate_per_s / 2 and per_s < lim.list_rate_per_s / 2
+    assert lim.register_burst >= 50 and lim.list_burst >= 50
