@@ -573,6 +573,12 @@ def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None 
         url_host = f"[{host}]" if ":" in host else host
         log.info("bootstrap server listening on http://%s:%d (registry %s, ttl %.0f s)",
                  url_host, bound, db, ttl_s)
+        lim = limits or ServerLimits()
+        log.info("per-address limits: register %g/s burst %d, list %g/s burst %d, "
+                 "legacy ids %d (0 = unlimited); header/body timeouts %g/%g s",
+                 lim.register_rate_per_s, lim.register_burst, lim.list_rate_per_s,
+                 lim.list_burst, lim.legacy_ids_per_source, lim.header_timeout_s,
+                 lim.body_timeout_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

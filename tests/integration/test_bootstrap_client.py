@@ -218,3 +218,6 @@ def test_python_m_bootstrap_rejects_bad_flags(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "bootstrap", "--ttl", "0"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode != 0 and "--ttl" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "bootstrap", "--register-rate", "-1"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 2 and "register_rate_per_s must be" in res.stderr

@@ -66,3 +66,21 @@ def test_default_limits_leave_room_for_a_50_node_testnet_on_one_address() -> Non
     per_s = 50 / 2.7  # jitter 0.9-1.1 of 3 s
     assert per_s < lim.register_rate_per_s / 2 and per_s < lim.list_rate_per_s / 2
     assert lim.register_burst >= 50 and lim.list_burst >= 50
+
+
+def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
+    import typer.main
+
+    from node.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands["bootstrap"]  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in cmd.params}
+    lim = ServerLimits()
+    assert defaults["register_rate"] == lim.register_rate_per_s
+    assert defaults["register_burst"] == lim.register_burst
+    assert defaults["list_rate"] == lim.list_rate_per_s
+    assert defaults["list_burst"] == lim.list_burst
+    assert defaults["legacy_per_ip"] == lim.legacy_ids_per_source
+    assert defaults["header_timeout"] == lim.header_timeout_s
+    assert defaults["body_timeout"] == lim.body_timeout_s
