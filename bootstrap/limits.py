@@ -28,9 +28,16 @@ from dataclasses import dataclass
 # POST /register and DELETE /register/<id> per source: sustained rate and burst
 REGISTER_RATE_PER_S = 50.0
 REGISTER_BURST = 500
-# GET /peers per source
+# GET /peers per source, in pages of LIST_PAGE_ROWS rows (a page of 1,000 rows costs 10)
 LIST_RATE_PER_S = 50.0
 LIST_BURST = 500
+LIST_PAGE_ROWS = 100
+# a refused request is answered (429) after this delay, so a client that ignores
+# Retry-After and asks again at once (a closed-loop flood) sends at most one request a
+# second per connection instead of thousands; at most TARPIT_MAX_WAITING wait at once,
+# beyond that the 429 goes out immediately
+TARPIT_DELAY_S = 1.0
+TARPIT_MAX_WAITING = 1024
 # legacy (unsigned, made-up) device ids one source may hold at once; expired ones
 # count until the next purge (at most 60 s later)
 LEGACY_IDS_PER_SOURCE = 64
@@ -134,6 +141,15 @@ class RateLimiter:
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)
         return retry_s
+
+    def charge(self, source: str, tokens: float, now: float) -> None:
+        """Spend ``tokens`` more after the fact (a large answer): the bucket may go into debt
+        (down to -burst), and the source waits until it is repaid."""
+        if not self.enabled or tokens <= 0:
+            return
+        held, at = self._buckets.pop(source, (self.burst, now))
+        held = min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
+        self._buckets[source] = (max(-self.burst, held - tokens), now)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -60,7 +60,14 @@ from bootstrap import (
     UNREGISTER_WINDOW_S,
     unregister_message,
 )
-from bootstrap.limits import RateLimiter, ServerLimits, source_key
+from bootstrap.limits import (
+    LIST_PAGE_ROWS,
+    TARPIT_DELAY_S,
+    TARPIT_MAX_WAITING,
+    RateLimiter,
+    ServerLimits,
+    source_key,
+)
 from bootstrap.store import (
     FLUSH_INTERVAL_S,
     FLUSH_MAX_ROWS,
@@ -101,6 +108,8 @@ TTL_KEY: web.AppKey[float] = web.AppKey("ttl_s", float)
 LIMITS_KEY: web.AppKey[ServerLimits] = web.AppKey("limits", ServerLimits)
 REGISTER_LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("register_limiter", RateLimiter)
 LIST_LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("list_limiter", RateLimiter)
+# requests refused and waiting out TARPIT_DELAY_S before their 429 goes out
+TARPIT_KEY: web.AppKey[list[int]] = web.AppKey("tarpit_waiting", list)
 
 _B32_RE = re.compile(r"^[A-Z2-7]+$")
 _CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -115,12 +124,13 @@ class ApiError(Exception):
     """
 
     def __init__(self, status: int, message: str, *, retry_after_s: float | None = None,
-                 close: bool = False) -> None:
+                 close: bool = False, delay_s: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after_s = retry_after_s
         self.close = close
+        self.delay_s = delay_s
 
 
 class ClientGone(Exception):
@@ -142,7 +152,7 @@ def _rate_check(request: web.Request, key: web.AppKey[RateLimiter], what: str) -
     retry_s = request.app[key].take(source, time.monotonic())
     if retry_s > 0:
         raise ApiError(429, f"too many {what} from this address; retry in "
-                            f"{retry_s:.1f} s", retry_after_s=retry_s)
+                            f"{retry_s:.1f} s", retry_after_s=retry_s, delay_s=TARPIT_DELAY_S)
     return source
 
 
@@ -381,6 +391,11 @@ async def handle_peers(request: web.Request) -> web.Response:
     cursor = request.query.get("cursor")
     after = _decode_cursor(cursor) if cursor else None
     rows = request.app[STORE_KEY].page(limit, after, now=time.time())
+    # the first page of rows was paid for by _rate_check; a big answer costs more
+    extra_pages = (len(rows) - 1) // LIST_PAGE_ROWS
+    if extra_pages > 0:
+        request.app[LIST_LIMITER_KEY].charge(source_key(request.remote), extra_pages,
+                                              time.monotonic())
     items = [
         f'{{"device_id":{json.dumps(r.device_id)},"record":{r.record_json or "null"},'
         f'"last_seen":{json.dumps(round(r.last_seen, 3))}}}'
@@ -443,6 +458,13 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
+        waiting = request.app[TARPIT_KEY]
+        if exc.delay_s > 0 and waiting[0] < TARPIT_MAX_WAITING:
+            waiting[0] += 1
+            try:
+                await asyncio.sleep(exc.delay_s)
+            finally:
+                waiting[0] -= 1
         resp = _error(exc.status, exc.message)
         if exc.retry_after_s is not None:
             resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
@@ -503,6 +525,7 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
     app[LIMITS_KEY] = limits
     app[REGISTER_LIMITER_KEY] = RateLimiter(limits.register_rate_per_s, limits.register_burst)
     app[LIST_LIMITER_KEY] = RateLimiter(limits.list_rate_per_s, limits.list_burst)
+    app[TARPIT_KEY] = [0]
 
     async def registry(app: web.Application) -> AsyncIterator[None]:
         store = RegistryStore(db_path, max_registrations=max_registrations,

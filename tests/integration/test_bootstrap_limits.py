@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bootstrap.limits import ServerLimits
+from bootstrap.limits import TARPIT_DELAY_S, ServerLimits
 from bootstrap.server import start_server
 
 FLOOD_IP, HONEST_IP = "127.0.0.2", "127.0.0.3"
@@ -77,9 +77,12 @@ async def test_registrations_are_rate_limited_per_address(limited: Srv) -> None:
     for i in range(3):
         status, _, _ = await limited.call(FLOOD_IP, "POST", "/register", {"device_id": f"f{i}"})
         assert status == 200
+    t0 = time.monotonic()
     status, body, headers = await limited.call(FLOOD_IP, "POST", "/register",
                                                {"device_id": "f3"})
     assert status == 429 and "too many registrations" in body["error"]
+    # the refusal is tarpitted: a client that asks again at once waits a second first
+    assert time.monotonic() - t0 >= TARPIT_DELAY_S * 0.9
     assert int(headers["Retry-After"]) >= 1
     # another address is not affected, and listing has its own bucket
     status, body, _ = await limited.call(HONEST_IP, "POST", "/register", {"device_id": "h0"})

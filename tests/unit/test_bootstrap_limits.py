@@ -26,6 +26,15 @@ def test_bucket_never_holds_more_than_burst() -> None:
     assert taken == 3
 
 
+def test_charge_puts_a_big_answer_into_debt() -> None:
+    rl = RateLimiter(rate_per_s=10.0, burst=10)
+    assert rl.take("a", 0.0) == 0.0
+    rl.charge("a", 9, 0.0)  # e.g. a 1,000-row page: 10 pages in all
+    assert rl.take("a", 0.0) > 0
+    rl.charge("a", 1000, 0.0)  # debt is bounded by one burst
+    assert rl.take("a", 2.0) == 0.0  # 20 tokens refilled repay at most a burst of debt
+
+
 def test_rate_zero_is_unlimited() -> None:
     rl = RateLimiter(rate_per_s=0.0, burst=0)
     assert not rl.enabled
