@@ -173,7 +173,9 @@ async def peers_latency(url: str, ids: list[str], requests: int,
         for i in range(requests + 20):
             params = {"limit": str(limit)}
             if i % 2:  # half first pages, half deep pages at a random keyset cursor
-                cur = rng.choice(ids).encode()
+                # bulk_load placed ids[k] in slot k: the server's cursor is "slot:device_id"
+                k = rng.randrange(len(ids))
+                cur = f"{k}:{ids[k]}".encode()
                 params["cursor"] = base64.urlsafe_b64encode(cur).decode().rstrip("=")
             t = time.perf_counter()
             async with session.get(url + "/peers", params=params) as resp:
