@@ -11,6 +11,16 @@ import sys
 from pathlib import Path
 
 from bootstrap import DEFAULT_PORT, DEFAULT_TTL_S
+from bootstrap.limits import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    LEGACY_IDS_PER_SOURCE,
+    LIST_BURST,
+    LIST_RATE_PER_S,
+    REGISTER_BURST,
+    REGISTER_RATE_PER_S,
+    ServerLimits,
+)
 from node.errors import LocalIOError, P2PError, describe_os_error
 
 
@@ -26,6 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttl", type=float, default=DEFAULT_TTL_S,
                         help=f"seconds a registration stays online unless refreshed "
                              f"(default {DEFAULT_TTL_S:.0f})")
+    limits = parser.add_argument_group(
+        "per-address limits (an IPv4 address or an IPv6 /64; 0 = unlimited; loopback is not "
+        "exempt, the defaults fit ~50 nodes behind one address)")
+    limits.add_argument("--register-rate", type=float, default=REGISTER_RATE_PER_S,
+                        metavar="PER_S", help="POST/DELETE /register per second "
+                        f"(default {REGISTER_RATE_PER_S:g})")
+    limits.add_argument("--register-burst", type=int, default=REGISTER_BURST, metavar="N",
+                        help=f"registrations at once before the rate applies "
+                             f"(default {REGISTER_BURST})")
+    limits.add_argument("--list-rate", type=float, default=LIST_RATE_PER_S, metavar="PER_S",
+                        help=f"GET /peers per second (default {LIST_RATE_PER_S:g})")
+    limits.add_argument("--list-burst", type=int, default=LIST_BURST, metavar="N",
+                        help=f"listings at once (default {LIST_BURST})")
+    limits.add_argument("--legacy-per-ip", type=int, default=LEGACY_IDS_PER_SOURCE,
+                        metavar="N", help="unsigned legacy device ids one address may hold "
+                        f"(default {LEGACY_IDS_PER_SOURCE})")
+    limits.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                        metavar="S", help="seconds to send request headers, and idle "
+                        f"keep-alive timeout (default {HEADER_TIMEOUT_S:g})")
+    limits.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="S",
+                        help=f"seconds to send a request body (default {BODY_TIMEOUT_S:g})")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
@@ -33,12 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--port must be 0-65535")
     if not args.ttl > 0:
         parser.error("--ttl must be positive")
+    try:
+        server_limits = ServerLimits(
+            register_rate_per_s=args.register_rate, register_burst=args.register_burst,
+            list_rate_per_s=args.list_rate, list_burst=args.list_burst,
+            legacy_ids_per_source=args.legacy_per_ip, header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from bootstrap.server import run
 
     try:
-        run(args.host, args.port, args.db, args.ttl)
+        run(args.host, args.port, args.db, args.ttl, server_limits)
     except P2PError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,11 +6,22 @@ HTTP API (JSON bodies, every error is ``{"error": "..."}`` with a 4xx status):
   ``{"device_id": PEER_ID, "record": CONTACT_RECORD_JSON}`` (p2pfs nodes).
   A device id that parses as a p2pfs peer id must come with a contact record
   signed by that peer (403 otherwise); a record older than the stored one is
-  a replay (409). Answers ``{"message", "peers": [ids], "records": [...]}``.
-* ``GET /peers?limit=N&cursor=C``: online registrations, keyset-paged.
+  a replay (409). Answers ``{"message", "peers": [ids], "records": [...]}``:
+  up to REGISTER_REPLY_PEERS_MAX online peers, the registrant itself last (as the
+  seed did: ``["device_001", "device_002"]`` after device_002 registered), the
+  others picked round-robin across client addresses.
+* ``GET /peers?limit=N&cursor=C``: online registrations, keyset-paged, in the
+  store's fair order (each address's first id, then each address's second, ...).
 * ``DELETE /register/<id>``: signed ``{"timestamp", "signature"}`` for a peer
   id, unsigned for a legacy id.
 * ``GET /health``: ``{"status": "ok", "online": N}``.
+
+Per client address (bootstrap.limits.source_key): registrations and listings
+each spend a token bucket (429 with ``Retry-After`` when empty, checked before
+the body is read), unsigned legacy ids are capped (429), and a connection that
+does not deliver its headers within ``header_timeout_s`` or its body within
+``body_timeout_s`` is closed. A client's own faults (a malformed request line,
+a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
 store's in-memory state and are written behind in batched transactions every
@@ -28,6 +39,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import re
 import signal
 import time
@@ -36,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bootstrap import (
     DEFAULT_PAGE_LIMIT,
@@ -47,6 +60,14 @@ from bootstrap import (
     UNREGISTER_WINDOW_S,
     unregister_message,
 )
+from bootstrap.limits import (
+    LIST_PAGE_ROWS,
+    TARPIT_DELAY_S,
+    TARPIT_MAX_WAITING,
+    RateLimiter,
+    ServerLimits,
+    source_key,
+)
 from bootstrap.store import (
     FLUSH_INTERVAL_S,
     FLUSH_MAX_ROWS,
@@ -55,6 +76,7 @@ from bootstrap.store import (
     RegistryFull,
     RegistryStore,
     StaleRegistration,
+    TooManyLegacyIds,
     UnregisterOutcome,
 )
 from node.contact import MAX_CLOCK_SKEW_S, ContactRecord
@@ -62,11 +84,16 @@ from node.errors import IdentityError, P2PError, ProtocolError, bind_errors
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
 log = logging.getLogger("p2pfs.bootstrap")
+# aiohttp's own connection-level log (bad request lines and the like) goes here
+http_log = logging.getLogger("p2pfs.bootstrap.http")
 
-# how many other peers a registration answer lists (most recently seen first): a
-# Kademlia bucket's worth (k = 20) is plenty to join the DHT, and keeps the answer
-# small (~8 KiB with records) so registrations stay cheap; GET /peers pages the rest
+# how many peers a registration answer lists (the registrant included): a Kademlia
+# bucket's worth (k = 20) is plenty to join the DHT, and keeps the answer small
+# (~8 KiB with records) so registrations stay cheap; GET /peers pages the rest
 REGISTER_REPLY_PEERS_MAX = 20
+# after answering a request whose body was not read (429, 413), read and drop the
+# rest of it this long before closing, instead of aiohttp's 10 s
+LINGERING_TIME_S = 1.0
 PURGE_INTERVAL_MAX_S = 60.0
 PURGE_INTERVAL_MIN_S = 0.5
 MAX_CURSOR_LEN = 256
@@ -78,6 +105,11 @@ MSG_REFRESHED = "Device already registered."
 
 STORE_KEY: web.AppKey[RegistryStore] = web.AppKey("store", RegistryStore)
 TTL_KEY: web.AppKey[float] = web.AppKey("ttl_s", float)
+LIMITS_KEY: web.AppKey[ServerLimits] = web.AppKey("limits", ServerLimits)
+REGISTER_LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("register_limiter", RateLimiter)
+LIST_LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("list_limiter", RateLimiter)
+# requests refused and waiting out TARPIT_DELAY_S before their 429 goes out
+TARPIT_KEY: web.AppKey[list[int]] = web.AppKey("tarpit_waiting", list)
 
 _B32_RE = re.compile(r"^[A-Z2-7]+$")
 _CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -85,12 +117,24 @@ _JSON_TYPE = "application/json"
 
 
 class ApiError(Exception):
-    """An answer to the client: HTTP status and a one-line reason."""
+    """An answer to the client: HTTP status and a one-line reason.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``retry_after_s`` adds a Retry-After header (429); ``close`` ends the
+    connection after the answer (the request was not read to its end).
+    """
+
+    def __init__(self, status: int, message: str, *, retry_after_s: float | None = None,
+                 close: bool = False, delay_s: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
+        self.close = close
+        self.delay_s = delay_s
+
+
+class ClientGone(Exception):
+    """The client hung up before its request was read: nobody to answer, nothing to log."""
 
 
 def _json_response(text: str, status: int = 200) -> web.Response:
@@ -99,6 +143,38 @@ def _json_response(text: str, status: int = 200) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return _json_response(json.dumps({"error": message}), status)
+
+
+def _rate_check(request: web.Request, key: web.AppKey[RateLimiter], what: str) -> str:
+    """Spend one token of the client's bucket; ApiError 429 when it is empty. Returns the
+    client's source key."""
+    source = source_key(request.remote)
+    retry_s = request.app[key].take(source, time.monotonic())
+    if retry_s > 0:
+        raise ApiError(429, f"too many {what} from this address; retry in "
+                            f"{retry_s:.1f} s", retry_after_s=retry_s, delay_s=TARPIT_DELAY_S)
+    return source
+
+
+class _ClientFaultFilter(logging.Filter):
+    """Turn aiohttp's ERROR traceback for a client's own fault into one DEBUG line.
+
+    A malformed request line, an oversize header or a reset connection is the
+    client's business: on a public server a traceback per bad request would let
+    anyone fill the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (HttpProcessingError, ConnectionError)):
+            reason = getattr(exc, "message", "") or exc.__class__.__name__
+            log.debug("%s: %s", record.getMessage(), str(reason).splitlines()[0][:200]
+                      if str(reason) else exc.__class__.__name__)
+            return False
+        return True
+
+
+http_log.addFilter(_ClientFaultFilter())
 
 
 # -- input validation -------------------------------------------------------
@@ -203,8 +279,18 @@ def parse_record(raw: Any, peer_id: PeerId, now: float, peer_text: str | None = 
 
 async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    body = await request.read()  # aiohttp enforces client_max_size while reading
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", close=True)
+    timeout_s = request.app[LIMITS_KEY].body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await request.read()  # aiohttp enforces client_max_size while reading
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout_s:g} s",
+                       close=True) from None
+    except ConnectionError:  # the client hung up mid-body
+        raise ClientGone() from None
+    except web.RequestPayloadError as exc:  # e.g. broken chunked encoding
+        raise ApiError(400, f"bad request body: {exc}", close=True) from None
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
     if not body:
@@ -215,11 +301,12 @@ async def read_json(request: web.Request) -> Any:
         raise ApiError(400, "request body is not valid JSON") from None
 
 
-def _encode_cursor(device_id: str) -> str:
-    return base64.urlsafe_b64encode(device_id.encode("utf-8")).decode("ascii").rstrip("=")
+def _encode_cursor(slot: int, device_id: str) -> str:
+    raw = f"{slot}:{device_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> str:
+def _decode_cursor(cursor: str) -> tuple[int, str]:
     if len(cursor) > MAX_CURSOR_LEN:
         raise ApiError(400, "cursor too long")
     bad = ApiError(400, "cursor is not one this server handed out")
@@ -227,12 +314,13 @@ def _decode_cursor(cursor: str) -> str:
         raise bad
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        after = raw.decode("utf-8")
+        slot_text, sep, after = raw.decode("utf-8").partition(":")
     except (binascii.Error, ValueError):
         raise bad from None
-    if not 0 < len(after) <= MAX_DEVICE_ID_LEN or not after.isprintable():
+    if (not sep or not slot_text.isascii() or not slot_text.isdigit() or len(slot_text) > 12
+            or not 0 < len(after) <= MAX_DEVICE_ID_LEN or not after.isprintable()):
         raise bad
-    return after
+    return int(slot_text), after
 
 
 def _parse_limit(text: str | None) -> int:
@@ -250,6 +338,7 @@ def _parse_limit(text: str | None) -> int:
 
 
 async def handle_register(request: web.Request) -> web.Response:
+    source = _rate_check(request, REGISTER_LIMITER_KEY, "registrations")
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -262,7 +351,11 @@ async def handle_register(request: web.Request) -> web.Response:
     if peer_id is None:
         if raw_record is not None:
             raise ApiError(400, "a contact record needs the peer id it belongs to as device_id")
-        outcome = store.register(device_id, None, now=now, expires_at=now + ttl_s)
+        try:
+            outcome = store.register(device_id, None, now=now, expires_at=now + ttl_s,
+                                     source=source)
+        except TooManyLegacyIds as exc:
+            raise ApiError(429, str(exc), retry_after_s=ttl_s) from None
         record_json = None
     else:
         if raw_record is None:
@@ -272,37 +365,49 @@ async def handle_register(request: web.Request) -> web.Response:
         try:
             outcome = store.register(device_id, record_json, now=now,
                                      expires_at=min(now + ttl_s, float(record.expires)),
-                                     seq=record.seq, timestamp=record.timestamp)
+                                     seq=record.seq, timestamp=record.timestamp,
+                                     source=source)
         except StaleRegistration as exc:
             raise ApiError(409, str(exc)) from None
     if store.pending_rows >= FLUSH_MAX_ROWS:
         store.flush()
     log.debug("register %s: %s", device_id, outcome.value)
-    others = store.others(device_id, REGISTER_REPLY_PEERS_MAX, now=now)
+    # the seed's contract: the connected peers, the registrant included (last); a node
+    # drops its own entry (bootstrap.client does)
+    others = store.others(device_id, REGISTER_REPLY_PEERS_MAX - 1, now=now)
+    listed = [*reversed(others), (device_id, record_json)]
     message = MSG_REFRESHED if outcome is RegisterOutcome.REFRESHED else MSG_REGISTERED
-    parts = ['{"message":', json.dumps(message), ',"peers":', json.dumps([d for d, _ in others])]
+    parts = ['{"message":', json.dumps(message), ',"peers":', json.dumps([d for d, _ in listed])]
     if record_json is not None:
         # stored records are our own canonical JSON: splice them without re-encoding
-        parts += [',"records":[', ",".join(r for _, r in others if r is not None), "]"]
+        parts += [',"records":[', ",".join(r for _, r in listed if r is not None), "]"]
     parts.append("}")
     return _json_response("".join(parts))
 
 
 async def handle_peers(request: web.Request) -> web.Response:
+    _rate_check(request, LIST_LIMITER_KEY, "listings")
     limit = _parse_limit(request.query.get("limit"))
     cursor = request.query.get("cursor")
     after = _decode_cursor(cursor) if cursor else None
     rows = request.app[STORE_KEY].page(limit, after, now=time.time())
+    # the first page of rows was paid for by _rate_check; a big answer costs more
+    extra_pages = (len(rows) - 1) // LIST_PAGE_ROWS
+    if extra_pages > 0:
+        request.app[LIST_LIMITER_KEY].charge(source_key(request.remote), extra_pages,
+                                              time.monotonic())
     items = [
         f'{{"device_id":{json.dumps(r.device_id)},"record":{r.record_json or "null"},'
         f'"last_seen":{json.dumps(round(r.last_seen, 3))}}}'
         for r in rows
     ]
-    next_cursor = json.dumps(_encode_cursor(rows[-1].device_id)) if len(rows) == limit else "null"
+    next_cursor = (json.dumps(_encode_cursor(rows[-1].slot, rows[-1].device_id))
+                   if len(rows) == limit else "null")
     return _json_response(f'{{"peers":[{",".join(items)}],"next_cursor":{next_cursor}}}')
 
 
 async def handle_unregister(request: web.Request) -> web.Response:
+    _rate_check(request, REGISTER_LIMITER_KEY, "registrations")
     device_id, peer_id = parse_device_id(request.match_info["device_id"])
     store = request.app[STORE_KEY]
     now = time.time()
@@ -353,7 +458,25 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error(exc.status, exc.message)
+        waiting = request.app[TARPIT_KEY]
+        if exc.delay_s > 0 and waiting[0] < TARPIT_MAX_WAITING:
+            waiting[0] += 1
+            try:
+                await asyncio.sleep(exc.delay_s)
+            finally:
+                waiting[0] -= 1
+        resp = _error(exc.status, exc.message)
+        if exc.retry_after_s is not None:
+            resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        if exc.close:
+            resp.force_close()
+        return resp
+    except ClientGone:
+        log.debug("client %s hung up during %s %s", request.remote, request.method,
+                  request.path)
+        resp = _error(400, "connection closed by the client")
+        resp.force_close()
+        return resp
     except RegistryFull as exc:
         return _error(503, str(exc))
     except web.HTTPException as exc:  # 404/405 from the router, 413 from client_max_size
@@ -391,15 +514,22 @@ async def _maintenance_loop(store: RegistryStore, ttl_s: float) -> None:
 
 
 def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
-               max_registrations: int = MAX_REGISTRATIONS) -> web.Application:
+               max_registrations: int = MAX_REGISTRATIONS,
+               limits: ServerLimits | None = None) -> web.Application:
     """The bootstrap app; opens the registry on startup and closes it on cleanup."""
     if not ttl_s > 0:
         raise ValueError("ttl_s must be positive")
+    limits = limits or ServerLimits()
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
     app[TTL_KEY] = float(ttl_s)
+    app[LIMITS_KEY] = limits
+    app[REGISTER_LIMITER_KEY] = RateLimiter(limits.register_rate_per_s, limits.register_burst)
+    app[LIST_LIMITER_KEY] = RateLimiter(limits.list_rate_per_s, limits.list_burst)
+    app[TARPIT_KEY] = [0]
 
     async def registry(app: web.Application) -> AsyncIterator[None]:
-        store = RegistryStore(db_path, max_registrations=max_registrations)
+        store = RegistryStore(db_path, max_registrations=max_registrations,
+                              max_legacy_per_source=limits.legacy_ids_per_source)
         app[STORE_KEY] = store
         purger = asyncio.create_task(_maintenance_loop(store, ttl_s))
         try:
@@ -420,11 +550,20 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
 
 async def start_server(host: str, port: int, db_path: Path,
                        ttl_s: float = DEFAULT_TTL_S, *,
-                       access_log: bool = False) -> tuple[web.AppRunner, int]:
+                       access_log: bool = False,
+                       limits: ServerLimits | None = None) -> tuple[web.AppRunner, int]:
     """Start serving on host:port (0 = any free port); returns the runner and bound port."""
-    runner = web.AppRunner(create_app(db_path, ttl_s),
+    limits = limits or ServerLimits()
+    # aiohttp arms keepalive_timeout when a connection opens and again after each answer,
+    # and closes the connection when it fires while no request has been parsed: a client
+    # that sends no request, or half a header (slowloris), is dropped after it, however
+    # slowly it trickles bytes (tests/integration/test_bootstrap_server.py proves it)
+    runner = web.AppRunner(create_app(db_path, ttl_s, limits=limits),
                            access_log=log if access_log else None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           keepalive_timeout=limits.header_timeout_s,
+                           lingering_time=min(LINGERING_TIME_S, limits.body_timeout_s),
+                           logger=http_log)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
@@ -448,16 +587,22 @@ def default_db_path() -> Path:
 
 
 def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None = None,
-        ttl_s: float = DEFAULT_TTL_S) -> None:
+        ttl_s: float = DEFAULT_TTL_S, limits: ServerLimits | None = None) -> None:
     """Serve until SIGINT/SIGTERM (blocking); used by `node bootstrap` and `python -m bootstrap`."""
     db = db_path if db_path is not None else default_db_path()
 
     async def main() -> None:
-        runner, bound = await start_server(host, port, db, ttl_s,
+        runner, bound = await start_server(host, port, db, ttl_s, limits=limits,
                                            access_log=log.isEnabledFor(logging.DEBUG))
         url_host = f"[{host}]" if ":" in host else host
         log.info("bootstrap server listening on http://%s:%d (registry %s, ttl %.0f s)",
                  url_host, bound, db, ttl_s)
+        lim = limits or ServerLimits()
+        log.info("per-address limits: register %g/s burst %d, list %g/s burst %d, "
+                 "legacy ids %d (0 = unlimited); header/body timeouts %g/%g s",
+                 lim.register_rate_per_s, lim.register_burst, lim.list_rate_per_s,
+                 lim.list_burst, lim.legacy_ids_per_source, lim.header_timeout_s,
+                 lim.body_timeout_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -210,16 +210,37 @@ def bootstrap(
     db: Annotated[Path | None, typer.Option(help="SQLite registry file.")] = None,
     ttl: Annotated[float, typer.Option(help="Seconds a registration lives unless refreshed.")]
     = 300.0,
+    register_rate: Annotated[float, typer.Option(
+        help="Registrations per second per address (0 = unlimited).")] = 50.0,
+    register_burst: Annotated[int, typer.Option(help="Registrations at once per address.")]
+    = 500,
+    list_rate: Annotated[float, typer.Option(
+        help="GET /peers per second per address (0 = unlimited).")] = 50.0,
+    list_burst: Annotated[int, typer.Option(help="Listings at once per address.")] = 500,
+    legacy_per_ip: Annotated[int, typer.Option(
+        help="Unsigned legacy ids one address may hold (0 = unlimited).")] = 64,
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a client has to send request headers (and idle keep-alive).")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="Seconds a client has to send a request body.")] = 10.0,
 ) -> None:
     """Run the bootstrap registration server in the foreground (Ctrl-C stops it)."""
+    from bootstrap.limits import ServerLimits
     from bootstrap.server import run
 
     if not 0 <= port <= MAX_PORT:
         raise ConfigError(f"option --port must be 0-{MAX_PORT}, got {port}")
     if not ttl > 0:
         raise ConfigError(f"option --ttl must be a positive number of seconds, got {ttl:g}")
+    try:
+        limits = ServerLimits(register_rate_per_s=register_rate, register_burst=register_burst,
+                              list_rate_per_s=list_rate, list_burst=list_burst,
+                              legacy_ids_per_source=legacy_per_ip,
+                              header_timeout_s=header_timeout, body_timeout_s=body_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"node bootstrap: {exc}") from None
     _setup_logging(None)
-    run(host=host, port=port, db_path=db, ttl_s=ttl)
+    run(host=host, port=port, db_path=db, ttl_s=ttl, limits=limits)
 
 
 @app.command()

@@ -54,6 +54,7 @@ async def test_register_list_unregister_roundtrip(real: tuple[str, Any]) -> None
     url, _ = real
     a, b, c = Identity.generate("a"), Identity.generate("b"), Identity.generate("c")
     async with BootstrapClient(url) as client:
+        # the server lists the registrant too (seed contract); the client drops itself
         assert await client.register(record_for(a)) == []
         assert [r.peer_id for r in await client.register(record_for(b))] == [a.peer_id]
         others = await client.register(record_for(c, port=7000))
@@ -217,3 +218,6 @@ def test_python_m_bootstrap_rejects_bad_flags(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "bootstrap", "--ttl", "0"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode != 0 and "--ttl" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "bootstrap", "--register-rate", "-1"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 2 and "register_rate_per_s must be" in res.stderr

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from bootstrap import unregister_message
+from bootstrap.limits import ServerLimits
 from bootstrap.server import MSG_REFRESHED, MSG_REGISTERED, STORE_KEY, start_server
 from node.contact import ContactRecord
 from node.identity import Identity
@@ -23,14 +24,15 @@ from node.identity import Identity
 class Server:
     """A running bootstrap server plus one HTTP session to it."""
 
-    def __init__(self, db: Path, ttl_s: float) -> None:
-        self.db, self.ttl_s = db, ttl_s
+    def __init__(self, db: Path, ttl_s: float, limits: ServerLimits | None = None) -> None:
+        self.db, self.ttl_s, self.limits = db, ttl_s, limits
         self.runner: Any = None
         self.url = ""
         self.http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self.runner, port = await start_server("127.0.0.1", 0, self.db, self.ttl_s)
+        self.runner, port = await start_server("127.0.0.1", 0, self.db, self.ttl_s,
+                                               limits=self.limits)
         self.url = f"http://127.0.0.1:{port}"
         self.http = aiohttp.ClientSession()
 
@@ -83,12 +85,15 @@ def signed_delete(ident: Identity, timestamp: int | None = None) -> dict[str, An
 
 
 async def test_seed_contract_legacy_device_ids(server: Server) -> None:
-    status, body = await server.call("POST", "/register", {"device_id": "alpha"})
-    assert status == 200 and body == {"message": MSG_REGISTERED, "peers": []}
-    status, body = await server.call("POST", "/register", {"device_id": "beta"})
-    assert status == 200 and body == {"message": MSG_REGISTERED, "peers": ["alpha"]}
-    status, body = await server.call("POST", "/register", {"device_id": "alpha"})
-    assert status == 200 and body == {"message": MSG_REFRESHED, "peers": ["beta"]}
+    # the seed answered every connected peer, the one that just registered included
+    status, body = await server.call("POST", "/register", {"device_id": "device_001"})
+    assert status == 200 and body == {"message": MSG_REGISTERED, "peers": ["device_001"]}
+    status, body = await server.call("POST", "/register", {"device_id": "device_002"})
+    assert status == 200 and body == {"message": MSG_REGISTERED,
+                                      "peers": ["device_001", "device_002"]}
+    status, body = await server.call("POST", "/register", {"device_id": "device_001"})
+    assert status == 200 and body == {"message": MSG_REFRESHED,
+                                      "peers": ["device_002", "device_001"]}
     assert await server.call("GET", "/health") == (200, {"status": "ok", "online": 2})
 
 
@@ -97,12 +102,14 @@ async def test_signed_registration_lists_other_records(server: Server) -> None:
     await server.call("POST", "/register", {"device_id": "legacy"})
     status, body = await server.call("POST", "/register", reg_body(record_for(a)))
     assert status == 200 and body["message"] == MSG_REGISTERED
-    assert body["peers"] == ["legacy"] and body["records"] == []
+    assert body["peers"] == ["legacy", str(a.peer_id)]
+    assert [ContactRecord.from_json(r).verify().peer_id for r in body["records"]] == [a.peer_id]
     rec_b = record_for(b, port=9001)
     status, body = await server.call("POST", "/register", reg_body(rec_b))
     assert status == 200
-    assert set(body["peers"]) == {"legacy", str(a.peer_id)}
-    assert [ContactRecord.from_json(r).verify().peer_id for r in body["records"]] == [a.peer_id]
+    assert body["peers"] == ["legacy", str(a.peer_id), str(b.peer_id)]
+    assert [ContactRecord.from_json(r).verify().peer_id for r in body["records"]] == \
+        [a.peer_id, b.peer_id]
     # lower-case, ungrouped spelling of the id names the same registration
     status, body = await server.call("POST", "/register",
                                      reg_body(rec_b, rec_b.peer_id.compact.lower()))
@@ -152,7 +159,7 @@ async def test_ttl_expiry_and_purge(tmp_path: Path) -> None:
         assert (await srv.call("GET", "/health"))[1]["online"] == 0
         assert (await srv.call("GET", "/peers"))[1]["peers"] == []
         _, body = await srv.call("POST", "/register", {"device_id": "fresh"})
-        assert body == {"message": MSG_REGISTERED, "peers": []}
+        assert body == {"message": MSG_REGISTERED, "peers": ["fresh"]}
         deadline = time.monotonic() + 3.0
         while srv.store.count_rows() > 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

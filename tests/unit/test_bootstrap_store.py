@@ -17,6 +17,7 @@ from bootstrap.store import (
     RegistryFull,
     RegistryStore,
     StaleRegistration,
+    TooManyLegacyIds,
     UnregisterOutcome,
 )
 from node.contact import ContactRecord
@@ -102,14 +103,14 @@ def test_keyset_paging_covers_every_online_row_once(store: RegistryStore) -> Non
         seen += [r.device_id for r in page]
         if len(page) < 40:
             break
-        after = page[-1].device_id
+        after = (page[-1].slot, page[-1].device_id)
     expected = sorted(d for d, _, _, exp in rows if exp > T0 + 10)
     assert seen == expected
 
 
-def test_page_query_uses_the_primary_key(store: RegistryStore) -> None:
+def test_page_query_uses_the_order_index(store: RegistryStore) -> None:
     plan = store.explain_page()
-    assert "PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
+    assert "registrations_order" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_others_excludes_self_newest_first(store: RegistryStore) -> None:
@@ -229,7 +230,8 @@ def test_registrations_are_written_behind_and_flushed(tmp_path: Path) -> None:
         s.close()
     s = RegistryStore(path)
     try:
-        assert [r.device_id for r in s.page(10, None, now=T0)] == ["at-close", "queued"]
+        # slots of one source in registration order
+        assert [r.device_id for r in s.page(10, None, now=T0)] == ["queued", "at-close"]
         # the in-memory state is rebuilt from the file: refresh and ring
         assert s.register("queued", None, now=T0 + 1, expires_at=T0 + 100) \
             is RegisterOutcome.REFRESHED
@@ -264,5 +266,111 @@ def test_registry_cap_refuses_new_ids_but_refreshes_known_ones(tmp_path: Path) -
         while s.purge_expired(T0 + 2):
             pass
         assert s.register("c", None, now=T0 + 2, expires_at=T0 + 100) is RegisterOutcome.NEW
+    finally:
+        s.close()
+
+
+# -- fair order across sources -------------------------------------------------
+
+
+def test_flooding_source_cannot_push_others_out_of_the_first_page(store: RegistryStore) -> None:
+    honest = [f"zz-honest-{i}" for i in range(10)]  # sort after every flood id
+    for i, d in enumerate(honest):
+        store.register(d, None, now=T0 + i, expires_at=T0 + 1000, source="127.0.0.3")
+    store.bulk_load([(f"aa-flood-{i:05d}", None, T0, T0 + 1000) for i in range(5000)],
+                    source="127.0.0.2")
+    first = [r.device_id for r in store.page(100, None, now=T0 + 20)]
+    assert set(honest) <= set(first)
+    # round robin: every slot level holds one id of each source
+    assert first[:4] == ["aa-flood-00000", "zz-honest-0", "aa-flood-00001", "zz-honest-1"]
+    # and the registration answer is shared as fairly
+    got = [d for d, _ in store.others("new", 20, now=T0 + 20)]
+    assert sum(d.startswith("zz-honest") for d in got) == 10
+
+
+def test_paging_in_fair_order_covers_every_row_once(store: RegistryStore) -> None:
+    for i in range(120):
+        store.register(f"d{i:03d}", None, now=T0, expires_at=T0 + 100,
+                       source=f"10.0.0.{i % 7}")
+    seen: list[str] = []
+    after = None
+    while True:
+        page = store.page(13, after, now=T0 + 1)
+        seen += [r.device_id for r in page]
+        if len(page) < 13:
+            break
+        after = (page[-1].slot, page[-1].device_id)
+    assert sorted(seen) == [f"d{i:03d}" for i in range(120)] and len(seen) == 120
+
+
+def test_freed_slots_are_reused_first(store: RegistryStore) -> None:
+    for d in ("a", "b", "c"):
+        store.register(d, None, now=T0, expires_at=T0 + 100, source="s")
+    store.unregister("b", now=T0 + 1)
+    store.register("d", None, now=T0 + 1, expires_at=T0 + 100, source="s")
+    slots = {d: store.placement(d).slot for d in ("a", "c", "d")}  # type: ignore[union-attr]
+    assert slots == {"a": 0, "c": 2, "d": 1}
+    assert store.source_rows("s") == (3, 3)
+
+
+def test_legacy_ids_are_capped_per_source(tmp_path: Path) -> None:
+    s = RegistryStore(tmp_path / "r.sqlite3", max_legacy_per_source=3)
+    try:
+        for i in range(3):
+            s.register(f"l{i}", None, now=T0, expires_at=T0 + 1, source="flood")
+        with pytest.raises(TooManyLegacyIds):
+            s.register("l3", None, now=T0, expires_at=T0 + 100, source="flood")
+        # refreshing a held id is fine; other sources and signed ids are not affected
+        assert s.register("l0", None, now=T0, expires_at=T0 + 1,
+                          source="flood") is RegisterOutcome.REFRESHED
+        s.register("x", None, now=T0, expires_at=T0 + 100, source="other")
+        s.register("p", "{}", now=T0, expires_at=T0 + 100, seq=1, timestamp=1, source="flood")
+        assert s.count_online(now=T0) == 5
+        while s.purge_expired(T0 + 2):  # expired ones free their place at the purge
+            pass
+        s.register("l3", None, now=T0 + 2, expires_at=T0 + 100, source="flood")
+    finally:
+        s.close()
+
+
+def test_replayed_record_from_elsewhere_does_not_move_it(store: RegistryStore) -> None:
+    store.register("p", "{}", now=T0, expires_at=T0 + 100, seq=3, timestamp=10, source="home")
+    store.register("p", "{}", now=T0 + 1, expires_at=T0 + 100, seq=3, timestamp=10,
+                   source="attacker")
+    assert store.placement("p") is not None and store.placement("p").source == "home"  # type: ignore[union-attr]
+    store.register("p", "{}", now=T0 + 2, expires_at=T0 + 100, seq=4, timestamp=11,
+                   source="roamed")
+    assert store.placement("p").source == "roamed"  # type: ignore[union-attr]
+    assert store.source_rows("home") == (0, 0)
+
+
+def test_placements_survive_reopen_and_v1_files_migrate(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite3"
+    s = RegistryStore(path)
+    s.register("a", None, now=T0, expires_at=T0 + 100, source="x")
+    s.register("b", None, now=T0, expires_at=T0 + 100, source="x")
+    s.close()
+    s = RegistryStore(path)
+    try:
+        assert s.placement("b") is not None and s.placement("b").slot == 1  # type: ignore[union-attr]
+        s.register("c", None, now=T0, expires_at=T0 + 100, source="x")
+        assert s.placement("c").slot == 2  # type: ignore[union-attr]
+    finally:
+        s.close()
+    v1 = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(v1)
+    db.executescript("""
+        CREATE TABLE registrations (device_id TEXT PRIMARY KEY, record TEXT,
+            last_seen REAL NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        INSERT INTO registrations VALUES ('old-b', NULL, 1.0, 1e12), ('old-a', NULL, 1.0, 1e12);
+    """)
+    db.commit()
+    db.close()
+    s = RegistryStore(v1)
+    try:
+        assert [(r.device_id, r.slot) for r in s.page(10, None, now=T0)] == \
+            [("old-a", 0), ("old-b", 1)]
     finally:
         s.close()

@@ -1,0 +1,155 @@
+"""Per-client limits of the bootstrap server: token buckets per source address, and the knobs.
+
+Pure: no sockets, no clock inside (``now`` comes from the caller, monotonic
+seconds), no aiohttp. Imported by the server and by ``python -m bootstrap``;
+imports nothing of the project.
+
+A *source* is the key a limit is counted under: the full address for IPv4,
+the /64 prefix for IPv6 (one host usually owns a whole /64, so per-address
+counting would be no limit at all there).
+
+Defaults are sized so that ~50 nodes behind one address (a testnet on
+127.0.0.1, a household or office behind one NAT) never meet a limit: such a
+node registers at most every few seconds and lists peers every 5 s, so 50 of
+them send under 20 requests/s; the buckets allow 50/s sustained and 500 at
+once. Loopback is deliberately NOT exempt: the floods in
+``scripts/attacks/bootstrap.py`` come from 127.0.0.2+ and must be limited.
+Every rate or cap set to 0 turns that limit off (benchmarks of raw capacity
+do that explicitly).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+# POST /register and DELETE /register/<id> per source: sustained rate and burst
+REGISTER_RATE_PER_S = 50.0
+REGISTER_BURST = 500
+# GET /peers per source, in pages of LIST_PAGE_ROWS rows (a page of 1,000 rows costs 10)
+LIST_RATE_PER_S = 50.0
+LIST_BURST = 500
+LIST_PAGE_ROWS = 100
+# a refused request is answered (429) after this delay, so a client that ignores
+# Retry-After and asks again at once (a closed-loop flood) sends at most one request a
+# second per connection instead of thousands; at most TARPIT_MAX_WAITING wait at once,
+# beyond that the 429 goes out immediately
+TARPIT_DELAY_S = 1.0
+TARPIT_MAX_WAITING = 1024
+# legacy (unsigned, made-up) device ids one source may hold at once; expired ones
+# count until the next purge (at most 60 s later)
+LEGACY_IDS_PER_SOURCE = 64
+# a connection must deliver a request's headers this long after it opened (or after the
+# previous answer, when kept alive), else it is closed: the slowloris defence. Also the
+# idle keep-alive timeout: a bootstrap client polls every few seconds or reconnects.
+HEADER_TIMEOUT_S = 10.0
+# a request body (at most MAX_BODY_BYTES) must arrive this long after its headers
+BODY_TIMEOUT_S = 10.0
+# how many sources the limiter remembers; beyond it, the least recently seen is forgotten
+# (a forgotten source starts again with a full bucket: only a flood from this many
+# addresses at once could use that, and one IP is what the limits are for)
+MAX_TRACKED_SOURCES = 65536
+IPV6_PREFIX_BITS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one client may cost the server; 0 for a rate or a cap means unlimited."""
+
+    register_rate_per_s: float = REGISTER_RATE_PER_S
+    register_burst: int = REGISTER_BURST
+    list_rate_per_s: float = LIST_RATE_PER_S
+    list_burst: int = LIST_BURST
+    legacy_ids_per_source: int = LEGACY_IDS_PER_SOURCE
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name in ("register_rate_per_s", "list_rate_per_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0 (0 = unlimited)")
+        for name in ("register_burst", "list_burst", "legacy_ids_per_source"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds")
+
+    @classmethod
+    def unlimited(cls) -> ServerLimits:
+        """No rate limits and no legacy cap (timeouts stay): for capacity benchmarks."""
+        return cls(register_rate_per_s=0.0, list_rate_per_s=0.0, legacy_ids_per_source=0)
+
+
+def source_key(remote: str | None) -> str:
+    """The key a client's requests count under: its IPv4 address or its IPv6 /64."""
+    if not remote:
+        return ""
+    try:
+        addr = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        net = ipaddress.IPv6Network((addr, IPV6_PREFIX_BITS), strict=False)
+        return str(net)
+    return str(addr)
+
+
+class RateLimiter:
+    """Token buckets keyed by source: ``rate_per_s`` tokens a second, at most ``burst``.
+
+    ``take(source, now)`` spends one token and returns 0.0, or returns how many
+    seconds until a token is back (the request is refused). ``rate_per_s == 0``
+    never refuses. Memory is bounded by ``max_sources`` buckets.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, *,
+                 max_sources: int = MAX_TRACKED_SOURCES) -> None:
+        self.rate_per_s = float(rate_per_s)
+        self.burst = float(max(1, burst))
+        self.max_sources = max_sources
+        # source -> (tokens, at): tokens the bucket held at monotonic time `at`
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.refused = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate_per_s > 0
+
+    def take(self, source: str, now: float) -> float:
+        if not self.enabled:
+            return 0.0
+        state = self._buckets.pop(source, None)
+        if state is None:
+            tokens = self.burst
+        else:
+            held, at = state
+            tokens = min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
+        if tokens >= 1.0:
+            self._buckets[source] = (tokens - 1.0, now)
+            retry_s = 0.0
+        else:
+            self._buckets[source] = (tokens, now)
+            retry_s = (1.0 - tokens) / self.rate_per_s
+            self.refused += 1
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return retry_s
+
+    def charge(self, source: str, tokens: float, now: float) -> None:
+        """Spend ``tokens`` more after the fact (a large answer): the bucket may go into debt
+        (down to -burst), and the source waits until it is repaid."""
+        if not self.enabled or tokens <= 0:
+            return
+        held, at = self._buckets.pop(source, (self.burst, now))
+        held = min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
+        self._buckets[source] = (max(-self.burst, held - tokens), now)
+
+    def __len__(self) -> int:
+        return len(self._buckets)

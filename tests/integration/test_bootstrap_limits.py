@@ -1,0 +1,203 @@
+"""The bootstrap server's per-address limits and timeouts, over real sockets on 127.0.0.0/8.
+
+"Different addresses" are distinct loopback addresses (127.0.0.2, 127.0.0.3):
+client sockets are bound to them, the server listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bootstrap.limits import TARPIT_DELAY_S, ServerLimits
+from bootstrap.server import start_server
+
+FLOOD_IP, HONEST_IP = "127.0.0.2", "127.0.0.3"
+
+
+async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Srv:
+    def __init__(self, runner: Any, port: int) -> None:
+        self.runner, self.port = runner, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def http(self, local_ip: str) -> aiohttp.ClientSession:
+        if local_ip not in self.sessions:
+            self.sessions[local_ip] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(local_addr=(local_ip, 0)))
+        return self.sessions[local_ip]
+
+    async def call(self, local_ip: str, method: str, path: str, body: Any = None
+                   ) -> tuple[int, Any, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        async with self.http(local_ip).request(method, self.url + path, data=data) as resp:
+            return resp.status, json.loads(await resp.text()), resp.headers
+
+    async def close(self) -> None:
+        for s in self.sessions.values():
+            await s.close()
+        await self.runner.cleanup()
+
+
+def server_fixture(**limits: Any) -> Any:
+    @pytest.fixture
+    async def fixture(tmp_path: Path) -> AsyncIterator[Srv]:
+        runner, port = await start_server("127.0.0.1", 0, tmp_path / "reg.sqlite3", 300.0,
+                                          limits=ServerLimits(**limits))
+        srv = Srv(runner, port)
+        try:
+            yield srv
+        finally:
+            await srv.close()
+    return fixture
+
+
+limited = server_fixture(register_rate_per_s=1.0, register_burst=3, list_rate_per_s=1.0,
+                         list_burst=2, legacy_ids_per_source=4)
+short_timeouts = server_fixture(header_timeout_s=0.5, body_timeout_s=0.5)
+
+
+async def test_registrations_are_rate_limited_per_address(limited: Srv) -> None:
+    for i in range(3):
+        status, _, _ = await limited.call(FLOOD_IP, "POST", "/register", {"device_id": f"f{i}"})
+        assert status == 200
+    t0 = time.monotonic()
+    status, body, headers = await limited.call(FLOOD_IP, "POST", "/register",
+                                               {"device_id": "f3"})
+    assert status == 429 and "too many registrations" in body["error"]
+    # the refusal is tarpitted: a client that asks again at once waits a second first
+    assert time.monotonic() - t0 >= TARPIT_DELAY_S * 0.9
+    assert int(headers["Retry-After"]) >= 1
+    # another address is not affected, and listing has its own bucket
+    status, body, _ = await limited.call(HONEST_IP, "POST", "/register", {"device_id": "h0"})
+    assert status == 200 and body["peers"][-1] == "h0"
+    assert (await limited.call(FLOOD_IP, "GET", "/peers"))[0] == 200
+    assert (await limited.call(FLOOD_IP, "GET", "/peers"))[0] == 200
+    status, body, headers = await limited.call(FLOOD_IP, "GET", "/peers")
+    assert status == 429 and "Retry-After" in headers
+    assert (await limited.call(HONEST_IP, "GET", "/peers"))[0] == 200
+    # a refused registration changed nothing
+    assert (await limited.call(HONEST_IP, "GET", "/health"))[1]["online"] == 4
+
+
+async def test_legacy_ids_are_capped_per_address(tmp_path: Path) -> None:
+    runner, port = await start_server("127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+                                      limits=ServerLimits(legacy_ids_per_source=4))
+    srv = Srv(runner, port)
+    try:
+        for i in range(4):
+            assert (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": f"x{i}"}))[0] \
+                == 200
+        status, body, headers = await srv.call(FLOOD_IP, "POST", "/register",
+                                               {"device_id": "x4"})
+        assert status == 429 and "unsigned device ids" in body["error"]
+        assert "Retry-After" in headers
+        assert (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": "x0"}))[0] == 200
+        assert (await srv.call(HONEST_IP, "POST", "/register", {"device_id": "x4"}))[0] == 200
+    finally:
+        await srv.close()
+
+
+async def _open_slowloris(port: int, n: int) -> list[tuple[asyncio.StreamReader,
+                                                             asyncio.StreamWriter]]:
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=(FLOOD_IP, 0))
+        writer.write(b"POST /register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        conns.append((reader, writer))
+    return conns
+
+
+async def test_slowloris_connections_are_closed_within_the_header_timeout(
+        short_timeouts: Srv) -> None:
+    conns = await _open_slowloris(short_timeouts.port, 50)
+    t0 = time.monotonic()
+    closed = [False] * len(conns)
+
+    async def trickle_until_closed(i: int) -> None:
+        reader, writer = conns[i]
+        # one more header byte every 0.1 s: a trickle must not keep the connection open
+        while not reader.at_eof():
+            try:
+                writer.write(b"n")
+                await asyncio.wait_for(reader.read(1024), 0.1)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+        closed[i] = True
+
+    tasks = [asyncio.create_task(trickle_until_closed(i)) for i in range(len(conns))]
+    try:
+        await wait_for(lambda: all(closed), 5.0, "the server to close 50 slowloris connections")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _, w in conns:
+            w.close()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 0.5 + 2.0, elapsed
+    # the server still answers everybody else
+    assert (await short_timeouts.call(HONEST_IP, "GET", "/health"))[0] == 200
+
+
+async def test_slow_body_is_answered_408_and_closed(short_timeouts: Srv) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", short_timeouts.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    try:
+        writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 200\r\n\r\n{\"devi")
+        t0 = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(), 5.0)  # until the server closes
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        writer.close()
+
+
+async def test_client_faults_leave_no_error_traceback(
+        short_timeouts: Srv, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="p2pfs.bootstrap")
+    port = short_timeouts.port
+
+    async def send_and_hang_up(data: bytes, read: bool) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        got = await asyncio.wait_for(reader.read(), 5.0) if read else b""
+        writer.close()
+        return got
+
+    # malformed request lines and headers get aiohttp's 400
+    for bad in (b"GET  HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nHost x\r\n\r\n",
+                b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n"):
+        answer = await send_and_hang_up(bad, read=True)
+        assert answer.startswith(b"HTTP/1.") and answer[9:12] == b"400", answer[:60]
+    # hang up in the middle of a body, plain and chunked
+    await send_and_hang_up(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                           b"\r\n{\"dev", read=False)
+    await send_and_hang_up(b"POST /register HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                           b"chunked\r\n\r\n5\r\n{\"dev", read=False)
+    await wait_for(lambda: sum("hung up" in r.getMessage() for r in caplog.records) >= 2,
+                   5.0, "the server to notice both hang-ups")
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert loud == [], [r.getMessage() for r in loud]
+    assert (await short_timeouts.call(HONEST_IP, "GET", "/health"))[0] == 200

@@ -1,0 +1,118 @@
+"""Unit tests of the bootstrap server's per-address limits (pure, injected clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bootstrap.limits import RateLimiter, ServerLimits, source_key
+
+
+def test_bucket_allows_burst_then_refills_at_rate() -> None:
+    rl = RateLimiter(rate_per_s=10.0, burst=5)
+    assert [rl.take("a", 100.0) for _ in range(5)] == [0.0] * 5
+    retry = rl.take("a", 100.0)
+    assert retry == pytest.approx(0.1)  # one token every 0.1 s
+    assert rl.refused == 1
+    assert rl.take("a", 100.05) > 0  # half a token is not a token
+    assert rl.take("a", 100.2) == 0.0
+    # another address has its own bucket
+    assert rl.take("b", 100.2) == 0.0
+
+
+def test_bucket_never_holds_more_than_burst() -> None:
+    rl = RateLimiter(rate_per_s=1.0, burst=3)
+    rl.take("a", 0.0)
+    taken = sum(rl.take("a", 1_000_000.0) == 0.0 for _ in range(10))
+    assert taken == 3
+
+
+def test_charge_puts_a_big_answer_into_debt() -> None:
+    rl = RateLimiter(rate_per_s=10.0, burst=10)
+    assert rl.take("a", 0.0) == 0.0
+    rl.charge("a", 9, 0.0)  # e.g. a 1,000-row page: 10 pages in all
+    assert rl.take("a", 0.0) > 0
+    rl.charge("a", 1000, 0.0)  # debt is bounded by one burst
+    assert rl.take("a", 2.0) == 0.0  # 20 tokens refilled repay at most a burst of debt
+
+
+def test_rate_zero_is_unlimited() -> None:
+    rl = RateLimiter(rate_per_s=0.0, burst=0)
+    assert not rl.enabled
+    assert all(rl.take("a", 0.0) == 0.0 for _ in range(10_000))
+    assert len(rl) == 0
+
+
+def test_tracked_sources_are_bounded() -> None:
+    rl = RateLimiter(rate_per_s=1.0, burst=1, max_sources=100)
+    for i in range(1000):
+        rl.take(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(rl) == 100
+
+
+def test_source_key_ipv4_ipv6_prefix_and_mapped() -> None:
+    assert source_key("127.0.0.2") == "127.0.0.2"
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::9") \
+        == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_key(None) == ""
+
+
+@pytest.mark.parametrize("field,value", [
+    ("register_rate_per_s", -1.0), ("list_rate_per_s", float("inf")),
+    ("register_burst", -1), ("legacy_ids_per_source", -5),
+    ("header_timeout_s", 0.0), ("body_timeout_s", float("nan")),
+])
+def test_limits_refuse_bad_values(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        ServerLimits(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("nodes", [50, 100])
+def test_default_limits_never_refuse_a_testnet_on_one_address(nodes: int) -> None:
+    """The daemon's bootstrap loop (node/daemon.py _register_loop) with testnet_lib's
+    register_interval_s=3, every node on 127.0.0.1, all started at once: 10 virtual
+    minutes without a single refusal, with room for twice the ~50 nodes a testnet runs."""
+    import random
+
+    from node.daemon import PEER_POLL_S
+
+    register_interval_s = 3.0
+    lim = ServerLimits()
+    reg = RateLimiter(lim.register_rate_per_s, lim.register_burst)
+    lst = RateLimiter(lim.list_rate_per_s, lim.list_burst)
+    rng = random.Random(1)
+    # (next request time, node, registered_at)
+    nodes_state = [(rng.uniform(0, 0.5), i, -1e9) for i in range(nodes)]
+    refused = 0
+    while nodes_state:
+        nodes_state.sort()
+        now, i, registered_at = nodes_state.pop(0)
+        if now > 600:
+            continue
+        if now - registered_at >= register_interval_s:
+            refused += reg.take("127.0.0.1", now) > 0
+            registered_at = now
+        else:
+            refused += lst.take("127.0.0.1", now) > 0
+        delay = min(PEER_POLL_S, register_interval_s) * rng.uniform(0.9, 1.1)
+        nodes_state.append((now + delay, i, registered_at))
+    assert refused == 0
+
+
+def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
+    import typer.main
+
+    from node.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands["bootstrap"]  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in cmd.params}
+    lim = ServerLimits()
+    assert defaults["register_rate"] == lim.register_rate_per_s
+    assert defaults["register_burst"] == lim.register_burst
+    assert defaults["list_rate"] == lim.list_rate_per_s
+    assert defaults["list_burst"] == lim.list_burst
+    assert defaults["legacy_per_ip"] == lim.legacy_ids_per_source
+    assert defaults["header_timeout"] == lim.header_timeout_s
+    assert defaults["body_timeout"] == lim.body_timeout_s
