@@ -527,6 +527,19 @@ class PrivateSshd:
         self.proc = None
 
 
+def _fs_of(path: Path) -> str:
+    """"TYPE DEVICE on MOUNTPOINT" of the file system holding PATH (from /proc/mounts)."""
+    best = ("", "?", "?")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            if (str(path) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best[0]):
+                best = (mnt, dev, fstype)
+    except OSError:
+        pass
+    return f"{best[2]} {best[1]} on {best[0] or '?'}"
+
+
 def _fresh_file(workdir: Path, size: int, serial: int) -> Path:
     """A new random file under a new name: the node has never hashed it."""
     path = workdir / f"fresh-{size // MIB}m-{serial}.bin"
@@ -608,7 +621,8 @@ def run_vs_scp(sizes: list[int], transports: list[str], repeat: int, workdir: Pa
     rows = [_vs_row(size, key, v) for (size, key), v in runs.items()]
     return {"mode": "vs-scp", "sizes_mib": [s / MIB for s in sizes], "repeat": repeat,
             "rows": rows, "targets": _vs_targets(rows, sizes, transports), "skipped": skipped,
-            "machine": {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg())}}
+            "machine": {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
+                        "workdir_fs": _fs_of(workdir)}}
 
 
 VS_LABELS = {"dd": "dd conv=fdatasync (disk limit)", "scp": f"scp -O -c {SCP_CIPHER}",
@@ -685,7 +699,7 @@ def _vs_targets(rows: list[dict[str, Any]], sizes: list[int],
 def _print_vs_table(result: dict[str, Any]) -> None:
     print(f"\nmedian of {result['repeat']}, a fresh file per run, wall time of the client "
           f"command; load {result['machine']['loadavg'][0]:.2f} on "
-          f"{result['machine']['cpus']} cpus\n")
+          f"{result['machine']['cpus']} cpus; work dir on {result['machine']['workdir_fs']}\n")
     print(f"| {'size':>6} | {'what':<38} | {'s':>7} | {'MiB/s':>7} | {'runs s':<20} | "
           f"{'CPU ms/MiB snd/rcv':>18} | {'peak RSS snd/rcv':>16} |")
     print(f"|{'-' * 8}|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 22}|{'-' * 20}|{'-' * 18}|")
