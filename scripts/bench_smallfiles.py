@@ -62,7 +62,7 @@ from typing import Any
 SCRIPTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS_DIR))
 
-from testnet_lib import Testnet  # noqa: E402
+from testnet_lib import Testnet, TestnetError  # noqa: E402
 
 HOST = "127.0.0.1"
 DEFAULT_FILES = 2000
@@ -474,6 +474,10 @@ def _print_table(result: dict[str, Any]) -> None:
               f"{t['detail']})")
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=DEFAULT_FILES,
@@ -488,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="work dir (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop sshd/Syncthing and the nodes
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if not 1 <= args.files <= MAX_FILES or args.timeout <= 0:
         ap.error(f"--files must be 1..{MAX_FILES} and --timeout positive")
 
@@ -515,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
                 echo(skipped[-1])
             else:
                 rows.append(run_syncthing(binary, drop, workdir, args.timeout, echo))
+    except KeyboardInterrupt:
+        print("interrupted; every process this run started is stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError,
+            TestnetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -87,7 +87,7 @@ sys.path.insert(0, str(SCRIPTS_DIR))
 sys.path.insert(0, str(SCRIPTS_DIR.parent))
 
 import bench_channel  # noqa: E402
-from testnet_lib import Testnet  # noqa: E402
+from testnet_lib import Testnet, TestnetError  # noqa: E402
 
 HOST = "127.0.0.1"
 MIB = 1 << 20
@@ -732,6 +732,10 @@ def _sizes_mib(text: str) -> list[float]:
     return sizes
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=_sizes_mib, default=[DEFAULT_SIZE_MIB],
@@ -750,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--file-sink", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop sshd/Syncthing and the nodes
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.file_sink:
         asyncio.run(_file_sink(args.file_sink))
         return 0
@@ -780,6 +786,13 @@ def main(argv: list[str] | None = None) -> int:
             baseline = min(int(args.baseline_mib * MIB), size)
             result = run(size, max(MESSAGE_BYTES, baseline), transports,
                          args.repeat, workdir, not args.no_verify, echo)
+    except KeyboardInterrupt:
+        print("interrupted; every process this run started is stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError,
+            TestnetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
