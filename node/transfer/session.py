@@ -72,7 +72,7 @@ from node.transfer.protocol import (
     offer_batches,
     parse_chunk_data,
 )
-from node.transfer.store import PartialFile, PlanKind, ReceiveStore
+from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
 from node.wire import Message
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,24 @@ REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
 MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
 MAX_PENDING_WRITES = 4  # received chunks waiting for the writer thread (memory: 4 chunks)
 READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
+SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
+
+
+class StopSignal(asyncio.Event):
+    """A cancel event that can say why the transfer stops.
+
+    ``set()`` is a user's cancel (Cancelled); ``stop(error)`` ends the transfer
+    with ``error`` instead (trust revoked, superseded by a newer session).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: P2PError | None = None
+
+    def stop(self, error: P2PError) -> None:
+        if not self.is_set():
+            self.error = error
+            self.set()
 
 
 class TransferState(Enum):
@@ -215,7 +233,7 @@ class _Session:
                         chunk_views: bool = False) -> Message | ChunkView:
         """One message; also wakes up for cancel, idle timeout or a dead worker."""
         if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("transfer cancelled")
+            raise self._stop_error()
         self._check_worker()
         try:
             if self.cancel is None and self._worker is None:
@@ -243,7 +261,7 @@ class _Session:
                         await recv_task
                     self._check_worker()
                     if self._cancel_task is not None and self._cancel_task in done:
-                        raise Cancelled("transfer cancelled")
+                        raise self._stop_error()
                     raise TimeoutError
                 data = recv_task.result()
         except TimeoutError:
@@ -263,6 +281,10 @@ class _Session:
             err.code = msg.code  # type: ignore[attr-defined]
             raise err
         return msg
+
+    def _stop_error(self) -> P2PError:
+        error = getattr(self.cancel, "error", None)
+        return error if isinstance(error, P2PError) else Cancelled("transfer cancelled")
 
     def _check_worker(self) -> None:
         """Re-raise the failure of a background worker (the source's chunk sender)."""
@@ -606,8 +628,10 @@ class _Sink(_Session):
 
     def __init__(self, channel: Any, store: ReceiveStore, progress: ProgressFn | None,
                  cancel: asyncio.Event | None) -> None:
-        super().__init__(channel, progress, cancel)
+        # a sink can always be stopped: a newer session for the same file supersedes it
+        super().__init__(channel, progress, cancel if cancel is not None else StopSignal())
         self.store = store
+        self._ended = asyncio.Event()  # set once every partial file is released
         self.entries: list[FileEntry] = []
         self._partials: dict[int, PartialFile] = {}
         self._results: list[FileResult] = []
@@ -629,10 +653,48 @@ class _Sink(_Session):
         try:
             return await self._guard(body)
         finally:
-            await self._stop_writer()
-            for partial in self._partials.values():
-                self.store.release(partial)  # saves resume state; waits for a busy writer
-            self._partials.clear()
+            try:
+                await self._stop_writer()
+            finally:
+                for partial in self._partials.values():
+                    self.store.release(partial)  # saves resume state; waits for a busy writer
+                self._partials.clear()
+                self._ended.set()
+
+    async def supersede(self, by: _Sink) -> bool:
+        """Stop this session because `by` (same peer, same file) replaces it; True once
+        it let go of its partial files (their verified chunks are saved for `by`)."""
+        error = ChannelClosed(f"superseded by a newer transfer from {self.peer}")
+        if isinstance(self.cancel, StopSignal):
+            self.cancel.stop(error)
+        elif self.cancel is not None:
+            self.cancel.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUPERSEDE_WAIT_S):
+                await self._ended.wait()
+        return self._ended.is_set()
+
+    async def _plan(self, folder: Path, entry: FileEntry) -> Any:
+        """store.plan; a stale session of the same peer holding the file is superseded.
+
+        A sender that crashed and restarted looks alive to us until the transport's
+        idle timeout (30 s over udp and quic): its new session for the same file,
+        from the same authenticated peer, takes over the partial file and resumes.
+        """
+        try:
+            return await self._local(self.store.plan, folder, entry, self,
+                                     cleanup=self._release_plan)
+        except PartialBusy as exc:
+            holder = exc.holder
+            if (not isinstance(holder, _Sink) or holder is self
+                    or holder.channel.peer != self.channel.peer):
+                raise
+            log.info("a new transfer from %s supersedes the one still receiving %s",
+                     self.peer, entry.path)
+            if not await holder.supersede(self):
+                raise
+        return await self._local(self.store.plan, folder, entry, self,
+                                 cleanup=self._release_plan)
 
     async def _collect_offers(self) -> None:
         files: set[str] = set()
@@ -773,8 +835,7 @@ class _Sink(_Session):
         entry = self.entries[index]
         self.current = entry.path
         try:
-            plan = await self._local(self.store.plan, folder, entry,
-                                     cleanup=self._release_plan)
+            plan = await self._plan(folder, entry)
         except PathBlocked as exc:
             self._failures.append((entry.path, str(exc)))
             self.files_done += 1
