@@ -46,6 +46,7 @@ DAEMON_STATE_FILE = "daemon.json"
 ONE_OFF_FOLDER = "_shared"
 MAX_ANNOUNCED_FILES = 1000
 LOCK_FILE = "daemon.lock"
+TRUST_WATCH_S = 0.2  # how often the trust store is checked for revocations (one PRAGMA)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -152,6 +153,7 @@ class Daemon:
         await self.control.start()
         self._closers.append(self.control.close)
         self._spawn(self._dht_join())
+        self._spawn(self._watch_trust())
         for url in s.bootstrap:
             self._spawn(self._register_loop(url))
         self._write_state()
@@ -321,6 +323,26 @@ class Daemon:
         tmp = self.home / (DAEMON_STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.home / DAEMON_STATE_FILE)
+
+    async def _watch_trust(self) -> None:
+        """`node untrust` runs in another process: notice it and close the peer's channels."""
+        import sqlite3
+
+        version = self.trust.data_version()
+        trusted = self.trust.trusted_ids()
+        while True:
+            await asyncio.sleep(TRUST_WATCH_S)
+            try:
+                now = self.trust.data_version()
+                if now == version:
+                    continue
+                current = self.trust.trusted_ids()
+            except sqlite3.Error as exc:  # busy for a moment: check again next time
+                log.debug("trust store not readable right now: %s", exc)
+                continue
+            version = now
+            revoked, trusted = trusted - current, current
+            await asyncio.gather(*(self.peering.revoke(peer) for peer in revoked))
 
     # ------------------------------------------------------------------ records
     def _new_record(self) -> ContactRecord:

@@ -81,12 +81,14 @@ WINDOW_BYTES = 16 << 20  # chunk bytes requested and not yet received (pipelinin
 MAX_CHUNK_FAILURES = 3  # the same chunk failing verification this often aborts the transfer
 IDLE_TIMEOUT_S = 60.0  # no message from the peer for this long: it is unreachable
 ABORT_SEND_TIMEOUT_S = 2.0
+ABORT_LINGER_S = 0.5  # after an Abort, how long we wait for the peer to close first
 PROGRESS_INTERVAL_S = 0.1
 KEEPALIVE_INTERVAL_S = 10.0  # while hashing or re-checking locally, tell the peer we are alive
 REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
 MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
 MAX_PENDING_WRITES = 4  # received chunks waiting for the writer thread (memory: 4 chunks)
 READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
+SEND_CANCEL_LOSES_FRAME = frozenset({"udp", "quic"})  # see _Session._stop_worker_first
 SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
 
 
@@ -320,11 +322,22 @@ class _Session:
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
 
-    async def _abort(self, code: str, reason: str) -> None:
-        """Tell the peer why we stop; best effort, bounded in time."""
+    async def _abort(self, code: str, reason: str, *, linger: bool = False) -> None:
+        """Tell the peer why we stop; best effort, bounded in time.
+
+        With `linger`, wait (up to ABORT_LINGER_S) for the peer to close after it read
+        the Abort, discarding what it still sends: closing a TCP socket with unread
+        data resets it, and the reset would throw away the Abort queued behind our
+        last chunks, so the peer would see "connection lost" instead of the reason.
+        """
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send(Abort(clip(code, 32), clip(reason))),
                                    ABORT_SEND_TIMEOUT_S)
+        if linger:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ABORT_LINGER_S):
+                    while True:
+                        await self.channel.recv()
 
     async def _guard(self, body: Callable[[], Any]) -> Any:
         """Run the session body; on failure tell the peer and re-raise a node.errors type."""
@@ -334,7 +347,8 @@ class _Session:
             self.state = TransferState.CANCELLED
             raise
         except Cancelled as exc:
-            await self._abort("Cancelled", "cancelled by the user")
+            await self._stop_worker_first()
+            await self._abort("Cancelled", "cancelled by the user", linger=True)
             self._set_state(TransferState.CANCELLED)
             raise Cancelled(str(exc) or "transfer cancelled") from None
         except (RemoteError, ChannelClosed, PeerUnreachable):
@@ -342,24 +356,40 @@ class _Session:
             raise
         except ProtocolError as exc:
             log.warning("cutting off %s: %s", self.peer, exc)
+            await self._stop_worker_first()
             await self._abort("ProtocolError", str(exc))
             self._set_state(TransferState.FAILED)
             raise ProtocolError(f"{self.peer} broke the transfer protocol: {exc}") from None
         except P2PError as exc:
-            await self._abort(type(exc).__name__, str(exc))
+            await self._stop_worker_first()
+            await self._abort(type(exc).__name__, str(exc), linger=True)
             self._set_state(TransferState.FAILED)
             raise
         finally:
-            if self._worker is not None:
-                self._worker.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._worker
-                self._worker = None
+            await self._stop_worker()
             if self._cancel_task is not None:
                 self._cancel_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._cancel_task
                 self._cancel_task = None
+
+    async def _stop_worker_first(self) -> None:
+        """Before an Abort: stop the chunk sender, so the Abort is not held back while it
+        waits on a full pipe with the channel's send lock (a revocation must reach the
+        peer at once). Only where a cancelled send loses nothing: over tcp a frame is
+        queued before the wait; over udp and quic it is sealed first and queued after
+        the wait, so cancelling there would leave a gap the peer rejects."""
+        if getattr(self.channel, "transport", "") not in SEND_CANCEL_LOSES_FRAME:
+            await self._stop_worker()
+
+    async def _stop_worker(self) -> None:
+        """Cancel the source's chunk sender (it may wait on a full pipe while holding the
+        channel's send lock, which would hold an Abort back behind it)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(BaseException):
+                await worker
 
     def _result(self, files: list[FileResult], failures: list[tuple[str, str]],
                 sent: int, received: int) -> TransferResult:
