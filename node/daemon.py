@@ -531,13 +531,18 @@ class Daemon:
             self.peering.authorize(peer)
         results = await self.sharing.share([Path(p) for p in paths], to or None,
                                            transport=args.get("transport"), emit=emit)
+        if to:
+            # shared with the named peers only: the push itself tells them, and a gossip
+            # event would tell every trusted peer the path, size and hash
+            return {"transfers": results, "announced": []}
         # hashing for the announcement costs ~1 s per GiB: do it after answering the CLI
         for p in paths:
             self._spawn(self._announce_share(Path(p)))
         return {"transfers": results, "announced": paths}
 
     async def _announce_share(self, path: Path) -> None:
-        """Emit a signed "shared" event per file so every peer is notified."""
+        """Emit a signed "shared" event per file so every peer is notified (a share
+        without --to, which went to every trusted peer online)."""
         from node.watcher import hash_file
 
         path = path.expanduser().resolve()
