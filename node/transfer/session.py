@@ -92,6 +92,10 @@ SEND_CANCEL_LOSES_FRAME = frozenset({"udp", "quic"})  # see _Session._stop_worke
 SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
 
 
+class Superseded(P2PError):
+    """A newer session from the same peer took over the file this one was receiving."""
+
+
 class StopSignal(asyncio.Event):
     """A cancel event that can say why the transfer stops.
 
@@ -694,7 +698,9 @@ class _Sink(_Session):
     async def supersede(self, by: _Sink) -> bool:
         """Stop this session because `by` (same peer, same file) replaces it; True once
         it let go of its partial files (their verified chunks are saved for `by`)."""
-        error = ChannelClosed(f"superseded by a newer transfer from {self.peer}")
+        # the sender is told (Abort): an old sender still alive gives up instead of retrying
+        error = Superseded(f"superseded: a newer transfer of the same file from {self.peer} "
+                           "replaced this one")
         if isinstance(self.cancel, StopSignal):
             self.cancel.stop(error)
         elif self.cancel is not None:
@@ -980,6 +986,8 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
 
 __all__ = [
     "FileResult",
+    "StopSignal",
+    "Superseded",
     "TransferProgress",
     "TransferResult",
     "TransferState",

@@ -257,8 +257,37 @@ async def test_new_session_from_the_same_peer_supersedes_a_stale_one(
     assert (recv / "alice" / "f.bin").read_bytes() == data
     # the verified chunks of the stale session were kept and not fetched again
     assert r_sink.bytes_received_payload <= len(data) - 3 * MiB
-    with pytest.raises(ChannelClosed, match="superseded"):
+    with pytest.raises(sess.Superseded, match="superseded"):
         await stale
+
+
+async def test_superseded_sender_still_alive_is_told_and_gives_up(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(12 * MiB)
+    (src / "f.bin").write_bytes(data)
+    store = ReceiveStore(recv)
+    got = asyncio.Event()
+
+    async def slowly(msg: bytes) -> bytes:
+        got.set()
+        await asyncio.sleep(0.05)  # a slow link: the first transfer is still running
+        return msg
+
+    a1, b1 = memory_channel_pair("alice", "bob", peer_a="alice-key")
+    first = asyncio.ensure_future(
+        run_pair(send_files(a1, src, [src]), receive_files(Tap(b1, slowly), store), (a1, b1)))
+    await asyncio.wait_for(got.wait(), 10)
+    await asyncio.sleep(0.3)  # a few chunks in
+    a2, b2 = memory_channel_pair("alice", "bob", peer_a="alice-key")
+    r_src, r_sink = await asyncio.wait_for(
+        run_pair(send_files(a2, src, [src]), receive_files(b2, store), (a2, b2)), 20)
+    assert r_sink.state == TransferState.DONE, r_sink
+    old_src, old_sink = await asyncio.wait_for(first, 10)
+    assert isinstance(old_sink, sess.Superseded), old_sink
+    # the old sender learns why, and RemoteError is not retried by the daemon
+    assert isinstance(old_src, RemoteError) and "superseded" in str(old_src), old_src
+    assert (recv / "alice" / "f.bin").read_bytes() == data
 
 
 async def test_another_peer_cannot_supersede_a_session(dirs: tuple[Path, Path]) -> None:
