@@ -390,7 +390,8 @@ def untrust(
     peer: Annotated[str, typer.Argument(help="Peer id, unique prefix or alias.")],
     home: HomeOpt = None,
 ) -> None:
-    """Stop trusting a peer; new channels from or to it are refused."""
+    """Stop trusting a peer: new channels from or to it are refused, and a running node
+    closes the open ones within a second (transfers with it fail, partials are kept)."""
     h = _home(home)
     peer_id = _resolve_offline(h, peer)
     store = TrustStore.in_home(h)

@@ -53,6 +53,7 @@ DAEMON_STATE_FILE = "daemon.json"
 ONE_OFF_FOLDER = "_shared"
 MAX_ANNOUNCED_FILES = 1000
 LOCK_FILE = "daemon.lock"
+TRUST_WATCH_S = 0.2  # how often the trust store is checked for revocations (one PRAGMA)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -165,6 +166,7 @@ class Daemon:
         await self.control.start()
         self._closers.append(self.control.close)
         self._spawn(self._dht_join())
+        self._spawn(self._watch_trust())
         for url in s.bootstrap:
             self._spawn(self._register_loop(url))
         self._write_state()
@@ -341,6 +343,26 @@ class Daemon:
             "started_at": self.started_at,
         }
         write_private(self.home / DAEMON_STATE_FILE, json.dumps(state, indent=2).encode())
+
+    async def _watch_trust(self) -> None:
+        """`node untrust` runs in another process: notice it and close the peer's channels."""
+        import sqlite3
+
+        version = self.trust.data_version()
+        trusted = self.trust.trusted_ids()
+        while True:
+            await asyncio.sleep(TRUST_WATCH_S)
+            try:
+                now = self.trust.data_version()
+                if now == version:
+                    continue
+                current = self.trust.trusted_ids()
+            except sqlite3.Error as exc:  # busy for a moment: check again next time
+                log.debug("trust store not readable right now: %s", exc)
+                continue
+            version = now
+            revoked, trusted = trusted - current, current
+            await asyncio.gather(*(self.peering.revoke(peer) for peer in revoked))
 
     # ------------------------------------------------------------------ records
     def _new_record(self) -> ContactRecord:
@@ -532,13 +554,18 @@ class Daemon:
             self.peering.authorize(peer)
         results = await self.sharing.share([Path(p) for p in paths], to or None,
                                            transport=args.get("transport"), emit=emit)
+        if to:
+            # shared with the named peers only: the push itself tells them, and a gossip
+            # event would tell every trusted peer the path, size and hash
+            return {"transfers": results, "announced": []}
         # hashing for the announcement costs ~1 s per GiB: do it after answering the CLI
         for p in paths:
             self._spawn(self._announce_share(Path(p)))
         return {"transfers": results, "announced": paths}
 
     async def _announce_share(self, path: Path) -> None:
-        """Emit a signed "shared" event per file so every peer is notified."""
+        """Emit a signed "shared" event per file so every peer is notified (a share
+        without --to, which went to every trusted peer online)."""
         from node.watcher import hash_file, shareable_files
 
         path = path.expanduser().resolve()

@@ -5,6 +5,11 @@ check the trust list, and then the opener names the service it wants in one
 ``ServiceRequest`` message (``ping``, ``transfer``, ``fetch``, ``gossip``).
 The accepting side hands the channel to the handler registered for it.
 
+Every open channel is kept in a registry per peer, so that ``revoke(peer)``
+(trust withdrawn) closes all of them at once: services registered with
+``on_revoke`` first stop their work with that peer (a transfer tells the peer
+why), then every remaining channel to the peer is closed.
+
 The peer book (node/peerbook.py) says where a peer is; if it does not know,
 the injected ``locate`` (a DHT lookup) is asked. Transports know nothing of
 this module.
@@ -16,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import field
 from typing import Any
@@ -40,6 +46,12 @@ log = logging.getLogger("p2pfs.peering")
 
 SERVICE_REQUEST_TIMEOUT_S = 10.0
 PING_PAYLOAD_MAX_BYTES = 65536
+# on revocation, services whose work must tell the peer why (a transfer's Abort) get
+# this long before their channels are closed under them; the rest close at once
+REVOKE_GRACE_S = 0.6  # > the transfer session's ABORT_LINGER_S
+REVOKE_CLOSE_TIMEOUT_S = 0.5  # a graceful close that takes longer is cut short (reset)
+REVOKE_POLL_S = 0.02
+SERVICES_TOLD_FIRST = frozenset({"transfer", "fetch"})
 
 
 @message("svc")
@@ -61,6 +73,12 @@ class Pong(Message):
 
 ChannelHandler = Callable[[SecureChannel], Awaitable[None]]
 Locate = Callable[[PeerId], Awaitable[ContactRecord | None]]
+OnRevoke = Callable[[PeerId, PeerNotTrusted], None]
+
+
+def revoked_error(peer: PeerId) -> PeerNotTrusted:
+    """What a transfer with a peer whose trust was just withdrawn fails with."""
+    return PeerNotTrusted(f"peer {peer.short} is not trusted any more (trust revoked)")
 
 
 class Peering:
@@ -78,6 +96,9 @@ class Peering:
         self._locate = locate
         self._on_refused = on_refused
         self._tasks: set[asyncio.Task[Any]] = set()
+        # peer -> its open channels and the service each one serves
+        self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
+        self._revoke_listeners: list[OnRevoke] = []
         self.register("ping", self._serve_ping)
 
     # -- trust -----------------------------------------------------------
@@ -87,6 +108,54 @@ class Peering:
 
     def register(self, service: str, handler: ChannelHandler) -> None:
         self._handlers[service] = handler
+
+    def on_revoke(self, listener: OnRevoke) -> None:
+        """`listener(peer, error)` stops a service's work with `peer` when trust in it ends."""
+        self._revoke_listeners.append(listener)
+
+    def _track(self, channel: SecureChannel, service: str) -> None:
+        """Register an open channel; re-check trust, which a revocation may have just ended
+        (between the handshake's check and this registration)."""
+        self._open.setdefault(channel.peer, weakref.WeakKeyDictionary())[channel] = service
+        self.authorize(channel.peer)
+
+    def open_channels(self, peer: PeerId) -> list[tuple[SecureChannel, str]]:
+        """The channels to `peer` that are open now, with their service."""
+        entries = self._open.get(peer)
+        if entries is None:
+            return []
+        live = [(ch, svc) for ch, svc in list(entries.items()) if not ch.closed]
+        if not live:
+            self._open.pop(peer, None)
+        return live
+
+    async def revoke(self, peer: PeerId) -> int:
+        """Trust in `peer` ended: stop every service's work with it and close every open
+        channel to it, within about REVOKE_GRACE_S + REVOKE_CLOSE_TIMEOUT_S. Returns how
+        many channels were open."""
+        error = revoked_error(peer)
+        channels = self.open_channels(peer)
+        for listener in self._revoke_listeners:
+            try:
+                listener(peer, error)
+            except P2PError as exc:
+                log.warning("stopping work with %s after revocation: %s", peer.short, exc)
+        told = [ch for ch, svc in channels if svc in SERVICES_TOLD_FIRST]
+        rest = [ch for ch, svc in channels if svc not in SERVICES_TOLD_FIRST]
+        await asyncio.gather(*(self._close_now(ch) for ch in rest))
+        deadline = time.monotonic() + REVOKE_GRACE_S
+        while any(not ch.closed for ch in told) and time.monotonic() < deadline:
+            await asyncio.sleep(REVOKE_POLL_S)
+        await asyncio.gather(*(self._close_now(ch) for ch in told))
+        self._open.pop(peer, None)
+        log.info("trust in %s revoked: closed its %d open channel(s)", peer.short, len(channels))
+        return len(channels)
+
+    @staticmethod
+    async def _close_now(channel: SecureChannel) -> None:
+        # a udp/quic close waits for the peer to acknowledge; cancelling it resets the pipe
+        with contextlib.suppress(P2PError, OSError, TimeoutError):
+            await asyncio.wait_for(channel.close(), REVOKE_CLOSE_TIMEOUT_S)
 
     # -- listening ---------------------------------------------------------
     async def start(self) -> dict[str, int]:
@@ -139,6 +208,7 @@ class Peering:
             handler = self._handlers.get(request.service)
             if handler is None:
                 raise ProtocolError(f"unknown service {request.service!r}")
+            self._track(channel, request.service)
             await handler(channel)
         except (TimeoutError, ChannelClosed):
             pass
@@ -175,6 +245,7 @@ class Peering:
             channel = await open_channel(pipe, self.identity, expected_peer=peer,
                                          authorize=self.authorize)
             await channel.send(ServiceRequest(service).encode())
+            self._track(channel, service)
         except BaseException:
             await pipe.close()
             raise

@@ -36,6 +36,7 @@ from node.errors import (
 from node.identity import PeerId
 from node.peering import Peering
 from node.transfer.session import (
+    StopSignal,
     TransferProgress,
     TransferResult,
     TransferState,
@@ -77,7 +78,8 @@ class Transfer:
     bytes_on_wire: int = 0
     started_at: float = field(default_factory=time.time)
     ended_at: float = 0.0
-    cancel: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # set() is the user's cancel; stop(error) ends it for another reason (trust revoked)
+    cancel: StopSignal = field(default_factory=StopSignal, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         elapsed = (self.ended_at or time.time()) - self.started_at
@@ -111,6 +113,7 @@ class ShareService:
         self.transfers: OrderedDict[str, Transfer] = OrderedDict()
         peering.register("transfer", self.handle_transfer)
         peering.register("fetch", self.handle_fetch)
+        peering.on_revoke(self.revoke)
 
     # -- bookkeeping ---------------------------------------------------------------
     def _new(self, direction: str, peer: PeerId, paths: list[str], transport: str = "") -> Transfer:
@@ -140,6 +143,10 @@ class ShareService:
     def _finish(self, t: Transfer, result: TransferResult | None, error: BaseException | None
                 ) -> None:
         t.ended_at = time.time()
+        finished = error is None and result is not None and result.state is TransferState.DONE
+        if t.cancel.error is not None and not finished:
+            # stopped on purpose: whatever broke next (a closed channel) is not the reason
+            error = t.cancel.error
         if result is not None:
             t.bytes_on_wire += result.bytes_sent_on_wire or result.bytes_received_payload
         if error is None and result is not None and result.state is TransferState.DONE:
@@ -158,6 +165,13 @@ class ShareService:
 
     def list(self) -> list[dict[str, Any]]:
         return [t.to_json() for t in reversed(self.transfers.values())]
+
+    def revoke(self, peer: PeerId, error: P2PError) -> None:
+        """Trust in `peer` ended: its running transfers fail with `error`; the peer is told
+        (Abort), partial files are kept as partials."""
+        for t in self.transfers.values():
+            if t.peer == peer and t.state == "running":
+                t.cancel.stop(error)
 
     def cancel(self, transfer_id: str) -> dict[str, Any]:
         matches = [t for t in self.transfers.values() if t.id.startswith(transfer_id)]
@@ -250,7 +264,7 @@ class ShareService:
                 if t.state == "running":
                     self._finish(t, result, exc)
                 raise
-        error = Cancelled("cancelled") if t.cancel.is_set() else last_error
+        error = (t.cancel.error or Cancelled("cancelled")) if t.cancel.is_set() else last_error
         self._finish(t, None, error)
         assert error is not None
         raise error

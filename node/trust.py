@@ -3,7 +3,9 @@
 Trust is explicit: only peers in this store may open a channel to us, be
 connected to by us, send us files or have their change events acted on.
 The store is an SQLite file in the home dir; the daemon reads it on every
-check, so `node trust` takes effect in a running node without a restart.
+check, so `node trust` takes effect in a running node without a restart, and
+it watches ``data_version`` so that `node untrust` (from any process) closes
+the peer's open channels at once.
 
 ``resolve_peer`` turns what a person typed (a full peer id, any unique prefix
 of one, or an alias) into a PeerId, with clear errors for unknown and
@@ -79,6 +81,14 @@ class TrustStore:
         found = self.get(peer_id)
         assert found is not None
         return found
+
+    def data_version(self) -> int:
+        """Changes when another connection (`node trust`/`untrust` in another process)
+        commits to the store: a cheap way for the daemon to notice revocations."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def trusted_ids(self) -> set[PeerId]:
+        return {PeerId(row[0]) for row in self._db.execute("SELECT peer_key FROM trusted")}
 
     def untrust(self, peer_id: PeerId) -> bool:
         cur = self._db.execute("DELETE FROM trusted WHERE peer_key = ?", (peer_id.key,))

@@ -72,7 +72,7 @@ from node.transfer.protocol import (
     offer_batches,
     parse_chunk_data,
 )
-from node.transfer.store import PartialFile, PlanKind, ReceiveStore
+from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
 from node.wire import Message
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,36 @@ WINDOW_BYTES = 16 << 20  # chunk bytes requested and not yet received (pipelinin
 MAX_CHUNK_FAILURES = 3  # the same chunk failing verification this often aborts the transfer
 IDLE_TIMEOUT_S = 60.0  # no message from the peer for this long: it is unreachable
 ABORT_SEND_TIMEOUT_S = 2.0
+ABORT_LINGER_S = 0.5  # after an Abort, how long we wait for the peer to close first
 PROGRESS_INTERVAL_S = 0.1
 KEEPALIVE_INTERVAL_S = 10.0  # while hashing or re-checking locally, tell the peer we are alive
 REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
 MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
 MAX_PENDING_WRITES = 4  # received chunks waiting for the writer thread (memory: 4 chunks)
 READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
+SEND_CANCEL_LOSES_FRAME = frozenset({"udp", "quic"})  # see _Session._stop_worker_first
+SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
+
+
+class Superseded(P2PError):
+    """A newer session from the same peer took over the file this one was receiving."""
+
+
+class StopSignal(asyncio.Event):
+    """A cancel event that can say why the transfer stops.
+
+    ``set()`` is a user's cancel (Cancelled); ``stop(error)`` ends the transfer
+    with ``error`` instead (trust revoked, superseded by a newer session).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: P2PError | None = None
+
+    def stop(self, error: P2PError) -> None:
+        if not self.is_set():
+            self.error = error
+            self.set()
 
 
 class TransferState(Enum):
@@ -215,7 +239,7 @@ class _Session:
                         chunk_views: bool = False) -> Message | ChunkView:
         """One message; also wakes up for cancel, idle timeout or a dead worker."""
         if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("transfer cancelled")
+            raise self._stop_error()
         self._check_worker()
         try:
             if self.cancel is None and self._worker is None:
@@ -243,7 +267,7 @@ class _Session:
                         await recv_task
                     self._check_worker()
                     if self._cancel_task is not None and self._cancel_task in done:
-                        raise Cancelled("transfer cancelled")
+                        raise self._stop_error()
                     raise TimeoutError
                 data = recv_task.result()
         except TimeoutError:
@@ -263,6 +287,10 @@ class _Session:
             err.code = msg.code  # type: ignore[attr-defined]
             raise err
         return msg
+
+    def _stop_error(self) -> P2PError:
+        error = getattr(self.cancel, "error", None)
+        return error if isinstance(error, P2PError) else Cancelled("transfer cancelled")
 
     def _check_worker(self) -> None:
         """Re-raise the failure of a background worker (the source's chunk sender)."""
@@ -298,11 +326,22 @@ class _Session:
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
 
-    async def _abort(self, code: str, reason: str) -> None:
-        """Tell the peer why we stop; best effort, bounded in time."""
+    async def _abort(self, code: str, reason: str, *, linger: bool = False) -> None:
+        """Tell the peer why we stop; best effort, bounded in time.
+
+        With `linger`, wait (up to ABORT_LINGER_S) for the peer to close after it read
+        the Abort, discarding what it still sends: closing a TCP socket with unread
+        data resets it, and the reset would throw away the Abort queued behind our
+        last chunks, so the peer would see "connection lost" instead of the reason.
+        """
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send(Abort(clip(code, 32), clip(reason))),
                                    ABORT_SEND_TIMEOUT_S)
+        if linger:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ABORT_LINGER_S):
+                    while True:
+                        await self.channel.recv()
 
     async def _guard(self, body: Callable[[], Any]) -> Any:
         """Run the session body; on failure tell the peer and re-raise a node.errors type."""
@@ -312,7 +351,8 @@ class _Session:
             self.state = TransferState.CANCELLED
             raise
         except Cancelled as exc:
-            await self._abort("Cancelled", "cancelled by the user")
+            await self._stop_worker_first()
+            await self._abort("Cancelled", "cancelled by the user", linger=True)
             self._set_state(TransferState.CANCELLED)
             raise Cancelled(str(exc) or "transfer cancelled") from None
         except (RemoteError, ChannelClosed, PeerUnreachable):
@@ -320,24 +360,40 @@ class _Session:
             raise
         except ProtocolError as exc:
             log.warning("cutting off %s: %s", self.peer, exc)
+            await self._stop_worker_first()
             await self._abort("ProtocolError", str(exc))
             self._set_state(TransferState.FAILED)
             raise ProtocolError(f"{self.peer} broke the transfer protocol: {exc}") from None
         except P2PError as exc:
-            await self._abort(type(exc).__name__, str(exc))
+            await self._stop_worker_first()
+            await self._abort(type(exc).__name__, str(exc), linger=True)
             self._set_state(TransferState.FAILED)
             raise
         finally:
-            if self._worker is not None:
-                self._worker.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._worker
-                self._worker = None
+            await self._stop_worker()
             if self._cancel_task is not None:
                 self._cancel_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._cancel_task
                 self._cancel_task = None
+
+    async def _stop_worker_first(self) -> None:
+        """Before an Abort: stop the chunk sender, so the Abort is not held back while it
+        waits on a full pipe with the channel's send lock (a revocation must reach the
+        peer at once). Only where a cancelled send loses nothing: over tcp a frame is
+        queued before the wait; over udp and quic it is sealed first and queued after
+        the wait, so cancelling there would leave a gap the peer rejects."""
+        if getattr(self.channel, "transport", "") not in SEND_CANCEL_LOSES_FRAME:
+            await self._stop_worker()
+
+    async def _stop_worker(self) -> None:
+        """Cancel the source's chunk sender (it may wait on a full pipe while holding the
+        channel's send lock, which would hold an Abort back behind it)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(BaseException):
+                await worker
 
     def _result(self, files: list[FileResult], failures: list[tuple[str, str]],
                 sent: int, received: int) -> TransferResult:
@@ -606,8 +662,10 @@ class _Sink(_Session):
 
     def __init__(self, channel: Any, store: ReceiveStore, progress: ProgressFn | None,
                  cancel: asyncio.Event | None) -> None:
-        super().__init__(channel, progress, cancel)
+        # a sink can always be stopped: a newer session for the same file supersedes it
+        super().__init__(channel, progress, cancel if cancel is not None else StopSignal())
         self.store = store
+        self._ended = asyncio.Event()  # set once every partial file is released
         self.entries: list[FileEntry] = []
         self._partials: dict[int, PartialFile] = {}
         self._results: list[FileResult] = []
@@ -629,10 +687,50 @@ class _Sink(_Session):
         try:
             return await self._guard(body)
         finally:
-            await self._stop_writer()
-            for partial in self._partials.values():
-                self.store.release(partial)  # saves resume state; waits for a busy writer
-            self._partials.clear()
+            try:
+                await self._stop_writer()
+            finally:
+                for partial in self._partials.values():
+                    self.store.release(partial)  # saves resume state; waits for a busy writer
+                self._partials.clear()
+                self._ended.set()
+
+    async def supersede(self, by: _Sink) -> bool:
+        """Stop this session because `by` (same peer, same file) replaces it; True once
+        it let go of its partial files (their verified chunks are saved for `by`)."""
+        # the sender is told (Abort): an old sender still alive gives up instead of retrying
+        error = Superseded(f"superseded: a newer transfer of the same file from {self.peer} "
+                           "replaced this one")
+        if isinstance(self.cancel, StopSignal):
+            self.cancel.stop(error)
+        elif self.cancel is not None:
+            self.cancel.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUPERSEDE_WAIT_S):
+                await self._ended.wait()
+        return self._ended.is_set()
+
+    async def _plan(self, folder: Path, entry: FileEntry) -> Any:
+        """store.plan; a stale session of the same peer holding the file is superseded.
+
+        A sender that crashed and restarted looks alive to us until the transport's
+        idle timeout (30 s over udp and quic): its new session for the same file,
+        from the same authenticated peer, takes over the partial file and resumes.
+        """
+        try:
+            return await self._local(self.store.plan, folder, entry, self,
+                                     cleanup=self._release_plan)
+        except PartialBusy as exc:
+            holder = exc.holder
+            if (not isinstance(holder, _Sink) or holder is self
+                    or holder.channel.peer != self.channel.peer):
+                raise
+            log.info("a new transfer from %s supersedes the one still receiving %s",
+                     self.peer, entry.path)
+            if not await holder.supersede(self):
+                raise
+        return await self._local(self.store.plan, folder, entry, self,
+                                 cleanup=self._release_plan)
 
     async def _collect_offers(self) -> None:
         files: set[str] = set()
@@ -773,8 +871,7 @@ class _Sink(_Session):
         entry = self.entries[index]
         self.current = entry.path
         try:
-            plan = await self._local(self.store.plan, folder, entry,
-                                     cleanup=self._release_plan)
+            plan = await self._plan(folder, entry)
         except PathBlocked as exc:
             self._failures.append((entry.path, str(exc)))
             self.files_done += 1
@@ -889,6 +986,8 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
 
 __all__ = [
     "FileResult",
+    "StopSignal",
+    "Superseded",
     "TransferProgress",
     "TransferResult",
     "TransferState",

@@ -62,6 +62,14 @@ MAX_STATE_FILE_BYTES = 64 << 10
 RECEIVED_NEVER_BITS = 0o022
 
 
+class PartialBusy(PathBlocked):
+    """Another session is receiving this partial file; ``holder`` is whoever planned it."""
+
+    def __init__(self, message: str, holder: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class PlanKind(Enum):
     NEED = "need"
     HAVE = "have"
@@ -370,7 +378,7 @@ class ReceiveStore:
     def __init__(self, received_dir: Path, *, umask: int | None = None) -> None:
         self.received_dir = Path(received_dir)
         self.umask = current_umask() if umask is None else umask
-        self._active: set[Path] = set()
+        self._active: dict[Path, object] = {}  # partial file -> the session holding it
         self._lock = threading.Lock()
 
     def _write_at(self, fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -443,11 +451,12 @@ class ReceiveStore:
             return None
         return st.f_bavail * st.f_frsize
 
-    def plan(self, folder: Path, entry: FileEntry) -> FilePlan:
+    def plan(self, folder: Path, entry: FileEntry, holder: object = None) -> FilePlan:
         """Decide what to fetch for `entry`: HAVE (identical file there) or NEED + partial.
 
         LocalIOError when the path is blocked locally (symlink, file in the way),
-        the disk is full or not writable.
+        the disk is full or not writable; PartialBusy (naming its holder) while
+        another session holds the partial file. `holder` marks this one's.
         """
         rel = safe_relpath(entry.path)
         final = resolve_under(folder, rel)
@@ -460,8 +469,9 @@ class ReceiveStore:
         partial = PartialFile(self, folder, rel, entry, final)
         with self._lock:
             if partial.part_path in self._active:
-                raise PathBlocked(f"{final} is already being received")
-            self._active.add(partial.part_path)
+                raise PartialBusy(f"{final} is already being received",
+                                  self._active[partial.part_path])
+            self._active[partial.part_path] = holder
         try:
             partial.open()
             need = entry.size - partial.resumed_bytes
@@ -477,7 +487,7 @@ class ReceiveStore:
     def release(self, partial: PartialFile) -> None:
         partial.close()
         with self._lock:
-            self._active.discard(partial.part_path)
+            self._active.pop(partial.part_path, None)
 
 
 def _lstat_or_none(path: Path) -> os.stat_result | None:

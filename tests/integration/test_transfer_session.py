@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import tracemalloc
@@ -213,6 +214,98 @@ async def test_resume_after_sink_task_cancelled(dirs: tuple[Path, Path]) -> None
     assert r_sink.state == TransferState.DONE
     assert r_sink.bytes_received_payload <= len(data) - 3 * MiB
     assert (recv / "alice" / "f.bin").read_bytes() == data
+
+
+async def _stale_sink(src: Path, store: ReceiveStore, peer: object, data: bytes) -> Any:
+    """A sink left holding f.bin by a sender that died mid-transfer without closing the
+    channel (a sender killed over udp or quic looks like this until the idle timeout)."""
+    (src / "f.bin").write_bytes(data)
+    a, b = memory_channel_pair("alice", "bob", peer_a=peer)
+    count = 0
+    stalled = asyncio.Event()
+
+    def stall_midway(msg: bytes) -> bytes:
+        nonlocal count
+        count += 1
+        if count == 7:  # the offer and 6 chunks arrived
+            stalled.set()
+        return msg
+
+    sink = asyncio.ensure_future(receive_files(Tap(b, stall_midway), store))
+    source = asyncio.ensure_future(send_files(a, src, [src]))
+    await asyncio.wait_for(stalled.wait(), 10)
+    source.cancel()  # the sender process is gone; its channel is never closed
+    with pytest.raises(asyncio.CancelledError):
+        await source
+    await asyncio.sleep(0.05)  # the sink settles the chunks it already got
+    assert not sink.done()
+    return sink
+
+
+async def test_new_session_from_the_same_peer_supersedes_a_stale_one(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(12 * MiB)
+    store = ReceiveStore(recv)
+    stale = await _stale_sink(src, store, "alice-key", data)
+
+    a, b = memory_channel_pair("alice", "bob", peer_a="alice-key")
+    r_src, r_sink = await asyncio.wait_for(
+        run_pair(send_files(a, src, [src]), receive_files(b, store), (a, b)), 20)
+    assert r_sink.state == TransferState.DONE, r_sink
+    assert r_src.state == TransferState.DONE, r_src
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+    # the verified chunks of the stale session were kept and not fetched again
+    assert r_sink.bytes_received_payload <= len(data) - 3 * MiB
+    with pytest.raises(sess.Superseded, match="superseded"):
+        await stale
+
+
+async def test_superseded_sender_still_alive_is_told_and_gives_up(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    data = os.urandom(12 * MiB)
+    (src / "f.bin").write_bytes(data)
+    store = ReceiveStore(recv)
+    got = asyncio.Event()
+
+    async def slowly(msg: bytes) -> bytes:
+        got.set()
+        await asyncio.sleep(0.05)  # a slow link: the first transfer is still running
+        return msg
+
+    a1, b1 = memory_channel_pair("alice", "bob", peer_a="alice-key")
+    first = asyncio.ensure_future(
+        run_pair(send_files(a1, src, [src]), receive_files(Tap(b1, slowly), store), (a1, b1)))
+    await asyncio.wait_for(got.wait(), 10)
+    await asyncio.sleep(0.3)  # a few chunks in
+    a2, b2 = memory_channel_pair("alice", "bob", peer_a="alice-key")
+    r_src, r_sink = await asyncio.wait_for(
+        run_pair(send_files(a2, src, [src]), receive_files(b2, store), (a2, b2)), 20)
+    assert r_sink.state == TransferState.DONE, r_sink
+    old_src, old_sink = await asyncio.wait_for(first, 10)
+    assert isinstance(old_sink, sess.Superseded), old_sink
+    # the old sender learns why, and RemoteError is not retried by the daemon
+    assert isinstance(old_src, RemoteError) and "superseded" in str(old_src), old_src
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+
+
+async def test_another_peer_cannot_supersede_a_session(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    store = ReceiveStore(recv)
+    stale = await _stale_sink(src, store, "alice-key", os.urandom(12 * MiB))
+    try:
+        # same folder label, another authenticated key: refused as before
+        a, b = memory_channel_pair("alice", "bob", peer_a="mallory-key")
+        _r_src, r_sink = await asyncio.wait_for(
+            run_pair(send_files(a, src, [src]), receive_files(b, store), (a, b)), 20)
+        assert r_sink.state == TransferState.FAILED
+        assert "already being received" in (r_sink.error or "")
+        assert not stale.done()
+    finally:
+        stale.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stale
 
 
 def flip_chunk(index_filter: Any) -> Any:

@@ -59,6 +59,23 @@ def test_share_without_to_goes_to_every_trusted_online_peer(net: Testnet, tmp_pa
     assert sent_to == {normalize_peer_id(net.peer_id(p)) for p in ("b", "c")}
 
 
+def test_share_to_one_peer_tells_no_one_else(net: Testnet, tmp_path: Path) -> None:
+    private = tmp_path / "only-for-b.bin"
+    private.write_bytes(os.urandom(50_000))
+    res = net.cli("a", "share", str(private), "--to", "b", json=False)
+    assert res.returncode == 0, res.stderr
+    assert _sha(_received(net, "b", "a", private.name)) == _sha(private)
+    # a later share to everyone is announced by gossip; once c has logged that one,
+    # it would have logged an announcement of the first one too
+    public = tmp_path / "for-everyone.bin"
+    public.write_bytes(os.urandom(1000))
+    net.cli("a", "share", str(public), json=False, check=True)
+    net.wait_until(lambda: net.cli("c", "log", "--path", public.name), 30,
+                   what="c logs the share to everyone")
+    for peer in ("b", "c"):
+        assert net.cli(peer, "log", "--path", private.name) == [], peer
+
+
 def test_events_follow_streams_live(net: Testnet, tmp_path: Path) -> None:
     last = net.cli("b", "events", "--json", json=False).stdout.strip().splitlines()
     since = json.loads(last[-1])["id"] if last else 0
