@@ -27,6 +27,7 @@ import importlib.util
 import inspect
 import json as jsonlib
 import os
+import random
 import re
 import shlex
 import signal
@@ -104,28 +105,48 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 class PortAllocator:
     """Hands out ports that are free for both TCP and UDP on 127.0.0.1, never twice.
 
-    The OS picks them (bind to port 0), so parallel testnets rarely collide; the
-    harness keeps them for the node's lifetime so a restarted node keeps its ports.
+    Ports come from below the kernel's ephemeral range (``ip_local_port_range``),
+    so no client socket of any process (a DNS query, an outgoing connection, a
+    UDP socket bound to port 0) can take a port between the moment it is handed
+    out and the moment the node binds it; the harness keeps them for the node's
+    lifetime so a restarted node keeps its ports.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._given: set[int] = set()
+        self._rng = rng or random.Random()
+        low, _high = _ephemeral_range()
+        # a window under the ephemeral range, clear of the well-known ports
+        self._range = (max(10000, low - 20000), low)
 
     def allocate(self) -> int:
-        for _ in range(200):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                tcp.bind((LOCALHOST, 0))
-                port = int(tcp.getsockname()[1])
-                if port in self._given:
-                    continue
-                try:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                        udp.bind((LOCALHOST, port))
-                except OSError:
-                    continue
+        for _ in range(500):
+            port = self._rng.randrange(*self._range)
+            if port in self._given or not _bindable(port):
+                continue
             self._given.add(port)
             return port
         raise TestnetError("could not find a free port on 127.0.0.1")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    """Free for TCP and UDP on 127.0.0.1 right now."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((LOCALHOST, port))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((LOCALHOST, port))
+    except OSError:
+        return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:
