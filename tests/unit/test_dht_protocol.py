@@ -312,7 +312,7 @@ async def test_unsolicited_datagram_from_a_new_id_does_not_enter_the_table() -> 
     fake, addr = b"\x42" * 20, ("127.0.0.1", 4100)
     proto.datagram_received(request("ping", [fake]), addr)
     # stock kademlia added the sender here, before it ever answered anything
-    assert proto.router.find_neighbors(Node(fake)) == []
+    assert proto.router.find_neighbors(Node(bytes(19) + b"\x01")) == []
     assert not proto.router.contains(Node(fake, *addr))
     # it only earned one verification ping, even if it keeps sending
     for _ in range(5):
