@@ -258,8 +258,8 @@ async def run_fake_contacts(count: int, honest: int, lookups: int, seed: int) ->
                        if cid in fake_ids)
         stats = {k: sum(node.stats[k] for node in nodes) for k in nodes[0].stats}
     finally:
-        for t in transports:
-            t.close()
+        for fake in transports:
+            fake.close()
         for node in nodes:
             await node.stop()
     p99 = percentile(lat_ms, 99)
