@@ -14,6 +14,8 @@ keeps ``alpha`` queries in flight and drives them one answer at a time:
 * FAILED LAST: contacts that failed to answer us recently
   (``protocol.failed_recently``) rank after every other candidate, so they are
   asked only when nobody else is left in the window.
+* REFILL: when every candidate failed or stalled, the next-closest contacts of
+  our own routing table join the lookup (kademlia gave up after its first k).
 * BOUNDED: at most ``MAX_LOOKUP_QUERIES`` queries per lookup, whatever the
   answers contain.
 
@@ -176,10 +178,19 @@ class Crawl:
     def _searching(self) -> bool:
         return True
 
+    def _refill(self) -> bool:
+        """Out of candidates: take the next-closest contacts from our own routing table."""
+        known = len(self.peers)
+        more = self.protocol.router.find_neighbors(self.node, k=known + self.ksize)
+        self._hear(more, hop=1)
+        return len(self.peers) > known
+
     async def _crawl(self) -> None:
         while not self._done():
             if self._searching():
                 self._launch(self.alpha - self._waiting())
+                if self._waiting() == 0 and self.queries < self.max_queries and self._refill():
+                    continue
             if self._waiting() == 0:
                 window = self.window()
                 # the k closest live contacts all answered: stalled ones cannot change that

@@ -90,9 +90,12 @@ MAX_PENDING_VERIFICATIONS = 64
 # ids that failed to answer: remembered this long, at most this many
 FAILED_MEMORY_S = 600.0
 MAX_FAILED_REMEMBERED = 4096
-# a lookup stops waiting for a contact after srtt + 4 rttvar (RFC 6298), clamped
+# a lookup stops waiting for a contact after srtt + 4 rttvar (RFC 6298), clamped;
+# sampled from find_node/find_value answers only: pings are what a flood of fake
+# senders makes us send (and what they can answer as slowly as they like)
 STALL_MIN_S = 0.05
-STALL_MAX_S = 1.0
+STALL_MAX_S = 0.5
+RTT_SAMPLED_METHODS = frozenset({"find_node", "find_value"})
 INITIAL_RTT_S = 0.1
 
 STAT_KEYS = (
@@ -346,7 +349,8 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             return
         future, timer, _, method, sent_at = self._pending.pop(msg.msg_id)
         timer.cancel()
-        self._sample_rtt(time.monotonic() - sent_at)
+        if method in RTT_SAMPLED_METHODS:
+            self._sample_rtt(time.monotonic() - sent_at)
         try:
             value = REPLY_CHECKS[method](msg.value)
         except ProtocolError as exc:

@@ -181,17 +181,33 @@ def table(rows: list[dict[str, Any]], loop_name: str) -> str:
 
 
 class SilentPeer(asyncio.DatagramProtocol):
-    """A socket that sends what it is told and never answers anything."""
+    """A socket that sends what it is told and never answers anything.
 
-    def __init__(self) -> None:
+    With `answer_pings`, it answers pings (so it passes the admission check)
+    under `fake_id`, and nothing else: a contact that is alive but useless.
+    """
+
+    def __init__(self, fake_id: bytes = b"", answer_pings: bool = False) -> None:
         self.transport: asyncio.DatagramTransport | None = None
+        self.fake_id = fake_id
+        self.answer_pings = answer_pings
         self.received = 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        from node.wire import packb, unpackb
+
         self.received += 1
+        if not self.answer_pings or self.transport is None or data[:1] != b"\x00":
+            return
+        try:
+            method = unpackb(data[21:], max_bytes=8192)[0]
+        except Exception:  # noqa: BLE001  (an attacker does not care)
+            return
+        if method == "ping":
+            self.transport.sendto(b"\x01" + data[1:21] + packb(self.fake_id), addr)
 
 
 def fake_ping(fake_id: bytes, rng: random.Random) -> bytes:
@@ -200,7 +216,8 @@ def fake_ping(fake_id: bytes, rng: random.Random) -> bytes:
     return b"\x00" + rng.randbytes(20) + packb(["ping", [fake_id]])
 
 
-async def inject_fakes(nodes: list[DhtNode], count: int, rng: random.Random
+async def inject_fakes(nodes: list[DhtNode], count: int, rng: random.Random,
+                       answer_pings: bool = False
                        ) -> tuple[list[asyncio.DatagramTransport], set[bytes]]:
     """`count` silent sockets, each pinging every node once under its own random id."""
     loop = asyncio.get_running_loop()
@@ -209,10 +226,11 @@ async def inject_fakes(nodes: list[DhtNode], count: int, rng: random.Random
     sent = 0
     try:
         for _ in range(count):
-            transport, _proto = await loop.create_datagram_endpoint(SilentPeer,
-                                                                    local_addr=(HOST, 0))
-            transports.append(transport)
             fake_id = rng.randbytes(20)
+            transport, _proto = await loop.create_datagram_endpoint(
+                lambda fid=fake_id: SilentPeer(fid, answer_pings),  # type: ignore[misc]
+                local_addr=(HOST, 0))
+            transports.append(transport)
             ids.add(fake_id)
             for node in nodes:
                 transport.sendto(fake_ping(fake_id, rng), (HOST, node.port))
@@ -227,7 +245,8 @@ async def inject_fakes(nodes: list[DhtNode], count: int, rng: random.Random
     return transports, ids
 
 
-async def run_fake_contacts(count: int, honest: int, lookups: int, seed: int) -> dict[str, Any]:
+async def run_fake_contacts(count: int, honest: int, lookups: int, seed: int,
+                            answer_pings: bool = False) -> dict[str, Any]:
     rng = random.Random(seed * 1_000_003 + count)
     nodes: list[DhtNode] = []
     transports: list[asyncio.DatagramTransport] = []
@@ -239,7 +258,7 @@ async def run_fake_contacts(count: int, honest: int, lookups: int, seed: int) ->
         for node in nodes:  # again, now that everyone is in
             await node.set_record(record(node, seq=2))
         t_inject = time.perf_counter()
-        transports, fake_ids = await inject_fakes(nodes, count, rng)
+        transports, fake_ids = await inject_fakes(nodes, count, rng, answer_pings)
         inject_s = time.perf_counter() - t_inject
         ok = 0
         lat_ms: list[float] = []
@@ -265,6 +284,7 @@ async def run_fake_contacts(count: int, honest: int, lookups: int, seed: int) ->
     p99 = percentile(lat_ms, 99)
     return {
         "fake_contacts": count,
+        "fakes_answer_pings": answer_pings,
         "honest_nodes": honest,
         "lookups": lookups,
         "success_pct": 100.0 * ok / lookups if lookups else float("nan"),
@@ -487,6 +507,8 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, help="keep the real-process testnets' homes and logs here")
     ap.add_argument("--fake-contacts", type=int, nargs="+", metavar="F",
                     help="measure lookups after F never-answering fake contacts were injected")
+    ap.add_argument("--answer-pings", action="store_true",
+                    help="in --fake-contacts mode, fakes answer pings (and nothing else)")
     ap.add_argument("--honest", type=int, default=FAKE_HONEST_NODES,
                     help="honest nodes in --fake-contacts mode")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
@@ -507,7 +529,8 @@ def main() -> int:
 
     async def all_sizes() -> list[dict[str, Any]]:
         if args.fake_contacts is not None:
-            return [await run_fake_contacts(f, args.honest, args.lookups, args.seed)
+            return [await run_fake_contacts(f, args.honest, args.lookups, args.seed,
+                                            args.answer_pings)
                     for f in args.fake_contacts]
         if args.processes:
             return [await run_processes(n, args.lookups, args.seed, args.dir, echo)

@@ -19,6 +19,7 @@ from dht.node import DhtServer
 from dht.protocol import (
     MAX_DATAGRAM_BYTES,
     REPLICATE_WINDOW_KEYS,
+    STALL_MAX_S,
     HardenedProtocol,
     Request,
     Response,
@@ -416,4 +417,32 @@ async def test_a_silent_address_does_not_evict_the_same_id_known_elsewhere() -> 
     proto.handle_call_response((False, None), Node(a.id, "127.0.0.1", 4999))
     assert a.id in bucket_of(proto, a).nodes
     assert not proto.failed_recently(a)
+    await proto.close()
+
+
+async def test_slow_ping_answers_do_not_stretch_the_lookup_stall_timeout() -> None:
+    # fake senders earn verification pings and may answer them as slowly as they like;
+    # only find_node/find_value answers (what lookups wait for) set the stall timeout
+    proto = HardenedProtocol(Node(ID_A), RecordStorage(), 20, rpc_timeout_s=5.0)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    base = proto.stall_timeout_s()
+    addr = ("127.0.0.1", 4300)
+
+    async def slow_answer(call: Any, value: Any) -> None:
+        n_sent = len(transport.sent)
+        fut = asyncio.ensure_future(call)
+        await wait_until(lambda: len(transport.sent) > n_sent)
+        msg_id = transport.sent[-1][0][1:21]
+        f, timer, a, m, _ = proto._pending[msg_id]
+        proto._pending[msg_id] = (f, timer, a, m, time.monotonic() - 0.9)  # sent 0.9 s ago
+        answer(proto, transport, addr, value)
+        assert (await fut)[0] is True
+
+    for _ in range(10):
+        await slow_answer(proto.ping(addr, ID_A), b"\x47" * 20)
+    assert proto.stall_timeout_s() == base
+    for _ in range(10):
+        await slow_answer(proto.find_node(addr, ID_A, ID_A), [])
+    assert base < proto.stall_timeout_s() <= STALL_MAX_S
     await proto.close()
