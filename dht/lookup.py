@@ -14,6 +14,11 @@ keeps ``alpha`` queries in flight and drives them one answer at a time:
 * FAILED LAST: contacts that failed to answer us recently
   (``protocol.failed_recently``) rank after every other candidate, so they are
   asked only when nobody else is left in the window.
+* PROVEN FIRST: within the k-closest window (chosen by distance alone, so the
+  lookup still converges), contacts that answered a lookup query of ours
+  before (``protocol.answered_lookups``) are asked before contacts that only
+  answered a ping: a fake that answers pings and nothing else costs a stall
+  only when nobody proven is left to ask.
 * REFILL: when every candidate failed or stalled, the next-closest contacts of
   our own routing table join the lookup (kademlia gave up after its first k).
 * BOUNDED: at most ``MAX_LOOKUP_QUERIES`` queries per lookup, whatever the
@@ -71,11 +76,15 @@ class LookupPeer:
     distance: int
     hop: int
     failed_before: bool
+    proven: bool  # answered a lookup query of ours before
     state: PeerState = PeerState.HEARD
     stall_at: float = 0.0
 
     def rank(self) -> tuple[bool, int]:
         return (self.failed_before, self.distance)
+
+    def ask_order(self) -> tuple[bool, bool, int]:
+        return (self.failed_before, not self.proven, self.distance)
 
 
 class Crawl:
@@ -104,7 +113,8 @@ class Crawl:
             if n.id == self.protocol.source_node.id or n.id in self.peers:
                 continue
             self.peers[n.id] = LookupPeer(n, n.distance_to(self.node), hop,
-                                          self.protocol.failed_recently(n))
+                                          self.protocol.failed_recently(n),
+                                          self.protocol.answered_lookups(n))
 
     def window(self) -> list[LookupPeer]:
         """The k best candidates that are neither failed nor stalled, best first."""
@@ -134,9 +144,13 @@ class Crawl:
         return sum(1 for p in self._running.values() if p.state is PeerState.WAITING)
 
     def _launch(self, limit: int) -> int:
-        """Ask up to `limit` of the best unasked candidates in the window."""
+        """Ask up to `limit` of the best unasked candidates in the window.
+
+        The window (which contacts count) is by distance; within it, contacts
+        that answered lookups before are asked first.
+        """
         started = 0
-        for peer in self.window():
+        for peer in sorted(self.window(), key=LookupPeer.ask_order):
             if started >= limit or self.queries >= self.max_queries:
                 break
             if peer.state is PeerState.HEARD:
@@ -193,9 +207,11 @@ class Crawl:
                     continue
             if self._waiting() == 0:
                 window = self.window()
-                # the k closest live contacts all answered: stalled ones cannot change that
-                if not self._running or (len(window) >= self.ksize and all(
-                        p.state is PeerState.ANSWERED for p in window)):
+                # the k closest live contacts all answered: stalled ones cannot change that;
+                # out of queries: nobody a stalled answer names could be asked anyway
+                if (not self._running or self.queries >= self.max_queries
+                        or (len(window) >= self.ksize
+                            and all(p.state is PeerState.ANSWERED for p in window))):
                     return
                 # otherwise only stalled queries are left: wait for them (RPC timeout)
             await self._step()

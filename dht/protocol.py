@@ -44,6 +44,9 @@ rpcudp's datagram handling. Each fix names the defect it addresses:
   lookups ask them only after everyone else (``failed_recently``), and the RTT
   of answers is tracked so a lookup stops waiting for a slow contact after
   ``stall_timeout_s()`` while its answer is still taken if it comes (dht.lookup).
+  Contacts that answered a lookup query of ours, not just a ping, are
+  remembered too (``answered_lookups``): among equally eligible candidates a
+  lookup asks them first, so fakes that answer pings only are asked later.
 
 Must not import node.daemon, the CLI or any transport.
 """
@@ -90,6 +93,8 @@ MAX_PENDING_VERIFICATIONS = 64
 # ids that failed to answer: remembered this long, at most this many
 FAILED_MEMORY_S = 600.0
 MAX_FAILED_REMEMBERED = 4096
+# contacts that answered a find_node/find_value of ours (not just a ping), at most this many
+MAX_USEFUL_REMEMBERED = 4096
 # a lookup stops waiting for a contact after srtt + 4 rttvar (RFC 6298), clamped;
 # sampled from find_node/find_value answers only: pings are what a flood of fake
 # senders makes us send (and what they can answer as slowly as they like)
@@ -298,6 +303,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self._verifying_ids: set[bytes] = set()
         self._head_checks: set[bytes] = set()
         self._failed: OrderedDict[tuple[bytes, str, int], float] = OrderedDict()
+        self._useful: OrderedDict[tuple[bytes, str, int], None] = OrderedDict()
         self.srtt_s: float | None = None
         self.rttvar_s = INITIAL_RTT_S / 2
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -399,6 +405,20 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
     async def find_value(self, address: tuple[str, int], nodeid: bytes, key: bytes) -> RpcResult:
         return await self._call(address, "find_value", nodeid, key)
 
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> RpcResult:
+        ok, reply = await self.find_node((node_to_ask.ip, node_to_ask.port),
+                                         self.source_node.id, node_to_find.id)
+        if ok:
+            self._note_useful(node_to_ask)
+        return self.handle_call_response((ok, reply), node_to_ask)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> RpcResult:
+        ok, reply = await self.find_value((node_to_ask.ip, node_to_ask.port),
+                                          self.source_node.id, node_to_find.id)
+        if ok:
+            self._note_useful(node_to_ask)
+        return self.handle_call_response((ok, reply), node_to_ask)
+
     async def call_ping(self, node_to_ask: Node) -> RpcResult:
         ok, reply = await self.ping((node_to_ask.ip, node_to_ask.port), self.source_node.id)
         # a ping answer names the responder: another id there means ours is gone
@@ -412,6 +432,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         """
         if not result[0]:
             self._note_failure(node)
+            self._useful.pop(_contact_key(node), None)
             self.router.remove_contact(node)
             return result
         self._failed.pop(_contact_key(node), None)
@@ -428,6 +449,17 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self._failed[key] = time.monotonic()
         while len(self._failed) > MAX_FAILED_REMEMBERED:
             self._failed.popitem(last=False)
+
+    def _note_useful(self, node: Node) -> None:
+        key = _contact_key(node)
+        self._useful.pop(key, None)
+        self._useful[key] = None
+        while len(self._useful) > MAX_USEFUL_REMEMBERED:
+            self._useful.popitem(last=False)
+
+    def answered_lookups(self, node: Node) -> bool:
+        """Has this contact answered a find_node/find_value of ours (not only a ping)?"""
+        return _contact_key(node) in self._useful
 
     def failed_recently(self, node: Node) -> bool:
         """Did this id at this address fail to answer us within the last FAILED_MEMORY_S?"""

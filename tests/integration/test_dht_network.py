@@ -470,3 +470,36 @@ async def test_contacts_that_failed_are_asked_last(net: Net) -> None:
     finally:
         for t in dead:
             t.close()
+
+
+async def test_contacts_that_answered_lookups_are_asked_before_ping_only_ones(net: Net) -> None:
+    nodes = await build(net, 8)  # building made every node ask the others find_node
+    target, gossip, asker = nodes[5], nodes[1], nodes[0]
+    silent = await silent_sockets(6)
+    try:
+        # contacts only known to answer pings (or not even that), closest of all to the key
+        unproven = [Node(near(target.dht_id, i + 1), HOST, _port(t))
+                    for i, t in enumerate(silent)]
+        for n in unproven:
+            gossip.protocol.router.add_contact(n)
+        gossip.storage._remove(target.dht_id)
+        start = [Node(gossip.dht_id, HOST, gossip.port)]
+        unproven_ids = {n.id for n in unproven}
+        assert asker.protocol.answered_lookups(start[0])
+
+        async def crawl() -> RecordCrawl:
+            c = RecordCrawl(asker.protocol, Node(target.dht_id), start, 20, 2)
+            found = await c.find()
+            assert any(rec == target.record for rec, _, _ in found)
+            return c
+
+        proven_first = await crawl()
+        assert not unproven_ids & {n.id for n in proven_first.asked}
+        assert proven_first.stalls == 0
+        # control: with nobody proven, the closest (silent) contacts are asked first
+        asker.protocol._useful.clear()
+        control = await crawl()
+        assert unproven_ids & {n.id for n in control.asked}
+    finally:
+        for t in silent:
+            t.close()
