@@ -420,20 +420,23 @@ async def test_lookup_does_not_wait_for_dead_contacts_in_the_table(net: Net) -> 
     try:
         for i, t in enumerate(dead):
             asker.protocol.router.add_contact(Node(near(target.dht_id, i + 1), HOST, _port(t)))
-        # and the target itself is not in our table: the k closest we know are all dead
+        # the target itself is not in our table, and no contact is known to answer
+        # lookups, so the dead come first: (nearly) all k closest we know are dead
         asker.protocol.router.remove_contact(Node(target.dht_id, HOST, target.port))
+        asker.protocol._useful.clear()
         dead_ports = {_port(t) for t in dead}
         nearest = asker.protocol.router.find_neighbors(Node(target.dht_id))
-        assert len(nearest) == asker.server.ksize
-        assert all(n.port in dead_ports for n in nearest)
+        dead_first = sum(1 for n in nearest if n.port in dead_ports)
+        # (their shared bucket holds k; a live contact may take the last place)
+        assert dead_first >= asker.server.ksize - 1
         before = asker.stats["rpc_timeouts"]
         # kademlia waited a full RPC timeout per round with a dead contact in it: the
         # deadline is shorter than one, so passing proves no dead contact was waited for
         res = await asyncio.wait_for(asker.lookup(target.identity.peer_id), long_timeout_s * 0.8)
         assert res is not None and res.record == target.record
         assert asker.stats["rpc_timeouts"] == before
-        # it met (at least) all k of them and went on past them (kademlia gave up there)
-        assert asker.server.ksize <= asker.stats["lookup_stalls"] <= MAX_LOOKUP_QUERIES
+        # it met all of them and went on past them (kademlia gave up there)
+        assert dead_first <= asker.stats["lookup_stalls"] <= MAX_LOOKUP_QUERIES
     finally:
         await asker.stop()
         for t in dead:
