@@ -240,6 +240,11 @@ class HardenedRoutingTable(RoutingTable):  # type: ignore[misc]
     def contains(self, node: Node) -> bool:
         return node.id in self.buckets[self.get_bucket_for(node)].nodes
 
+    def knows(self, node: Node) -> bool:
+        """A contact, or verified and waiting in its bucket's replacement cache."""
+        bucket = self.buckets[self.get_bucket_for(node)]
+        return node.id in bucket.nodes or node.id in bucket.replacement_nodes
+
     def remove_contact(self, node: Node) -> None:
         # a silent address says nothing about the same id known at another address
         # (a liar can list a real id with a bogus address)
@@ -474,7 +479,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def consider(self, node: Node) -> None:
         """Fix ADMISSION: an unknown sender gets a verification ping, never a table slot."""
-        if node.id == self.source_node.id or self._closed or self.router.contains(node):
+        if node.id == self.source_node.id or self._closed or self.router.knows(node):
             return
         address = (node.ip, node.port)
         if address in self._verifying or node.id in self._verifying_ids:

@@ -446,3 +446,14 @@ async def test_slow_ping_answers_do_not_stretch_the_lookup_stall_timeout() -> No
         await slow_answer(proto.find_node(addr, ID_A, ID_A), [])
     assert base < proto.stall_timeout_s() <= STALL_MAX_S
     await proto.close()
+
+
+async def test_a_verified_contact_waiting_for_a_slot_is_not_pinged_again() -> None:
+    proto, transport, a, b, c = full_bucket_protocol()
+    proto.handle_call_response((True, []), c)  # C answered us; it waits as a replacement
+    assert c.id in bucket_of(proto, a).replacement_nodes
+    for _ in range(3):
+        proto.datagram_received(request("find_node", [c.id, ID_A]), (c.ip, c.port))
+    await wait_until(lambda: sent_requests(transport, (a.ip, a.port)))  # the head check
+    assert sent_requests(transport, (c.ip, c.port)) == []
+    await proto.close()
