@@ -15,6 +15,8 @@ protocol is ``dht.protocol.HardenedProtocol`` and whose storage is
   when every contact was dead; ours returns 0 stored.
 * TASKS: the hourly table refresh ran as an untracked task; ours is tracked and
   cancelled on stop.
+* CRAWLS: joining and publishing use ``dht.lookup.NodeCrawl`` and lookups
+  ``RecordCrawl``, which wait for no dead contact (issue 7; see dht/lookup.py).
 
 The node publishes its own record under its DHT id, republishes it every
 ``republish_s`` (re-signing with seq + 1 before it expires), verifies every
@@ -33,11 +35,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
 
-from dht.lookup import RecordCrawl
+from dht.lookup import NodeCrawl, RecordCrawl
 from dht.peercache import PeerCache
 from dht.protocol import RPC_TIMEOUT_S, HardenedProtocol, new_stats
 from dht.storage import RecordStorage
@@ -107,7 +108,7 @@ class DhtServer(Server):  # type: ignore[misc]
         nearest = self.protocol.router.find_neighbors(node)
         if not nearest:
             return 0
-        nodes = await NodeSpiderCrawl(self.protocol, node, nearest, self.ksize,
+        nodes = await NodeCrawl(self.protocol, node, nearest, self.ksize,
                                       self.alpha).find()
         if not nodes:
             log.warning("no DHT contact answered; %s not published", dkey.hex()[:12])
@@ -193,7 +194,7 @@ class DhtNode:
         pinged = await asyncio.gather(*(self.server.bootstrap_node(a) for a in resolved))
         nodes = [n for n in pinged if n is not None]
         if nodes:
-            await NodeSpiderCrawl(self.protocol, self.server.node, nodes, self.server.ksize,
+            await NodeCrawl(self.protocol, self.server.node, nodes, self.server.ksize,
                                   self.server.alpha).find()
         return len(nodes)
 

@@ -27,6 +27,26 @@ rpcudp's datagram handling. Each fix names the defect it addresses:
   table traversal could return none at all (see ``HardenedRoutingTable``).
 * TASKS: fire-and-forget tasks (replication stores, bucket-head pings) are
   tracked and cancelled on ``close()``, so stopping leaves nothing pending.
+* ADMISSION: kademlia put the node id of every request's sender into the
+  routing table, so one fake id that never answers raised a lookup from 1 ms to
+  2 s, 100 fake ids to 14 s (issue 7). Here a sender we do not know yet only
+  earns a verification ping (one at a time per address, at most
+  ``MAX_PENDING_VERIFICATIONS`` at once, not again soon after it failed); a
+  contact enters the table only when it answered a request of ours, with the id
+  it claimed (``stats["verified_contacts"]`` / ``["unverified_contacts"]``).
+* EVICTION: a full bucket keeps its least-recently-seen contact if that one
+  answers a ping and only then moves it to the tail (the stock code never
+  refreshed a contact that answered, so it pinged the same head forever); the
+  newcomer waits in the replacement cache and replaces the head only if the
+  head fails (paper section 2.2). An answer from another address does not
+  move a known id.
+* FAILED LAST: contacts that failed to answer are remembered (bounded), so
+  lookups ask them only after everyone else (``failed_recently``), and the RTT
+  of answers is tracked so a lookup stops waiting for a slow contact after
+  ``stall_timeout_s()`` while its answer is still taken if it comes (dht.lookup).
+  Contacts that answered a lookup query of ours, not just a ping, are
+  remembered too (``answered_lookups``): among equally eligible candidates a
+  lookup asks them first, so fakes that answer pings only are asked later.
 
 Must not import node.daemon, the CLI or any transport.
 """
@@ -39,6 +59,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,11 +88,27 @@ RPC_TIMEOUT_S = 2.0
 REPLICATE_WINDOW_KEYS = 16
 REPLICATE_STORES_PER_S = 200.0
 REPLICATE_BURST_STORES = 400.0
+# admission: verification pings for senders we do not know yet
+MAX_PENDING_VERIFICATIONS = 64
+# ids that failed to answer: remembered this long, at most this many
+FAILED_MEMORY_S = 600.0
+MAX_FAILED_REMEMBERED = 4096
+# contacts that answered a find_node/find_value of ours (not just a ping), at most this many
+MAX_USEFUL_REMEMBERED = 4096
+# a lookup stops waiting for a contact after srtt + 4 rttvar (RFC 6298), clamped;
+# sampled from find_node/find_value answers only: pings are what a flood of fake
+# senders makes us send (and what they can answer as slowly as they like)
+STALL_MIN_S = 0.05
+STALL_MAX_S = 0.5
+RTT_SAMPLED_METHODS = frozenset({"find_node", "find_value"})
+INITIAL_RTT_S = 0.1
 
 STAT_KEYS = (
     "dropped_datagrams", "bad_responses", "unmatched_responses", "rpc_timeouts",
     "handler_errors", "accepted_stores", "rejected_stores", "stale_stores", "full_stores",
     "rejected_records", "replications", "replications_skipped",
+    "verified_contacts", "unverified_contacts", "verifications_skipped",
+    "lookup_stalls",
 )
 
 
@@ -196,7 +233,33 @@ class HardenedRoutingTable(RoutingTable):  # type: ignore[misc]
       is exhausted, so `find_neighbors` could return [] (or far nodes) with a table
       full of contacts, and lookups failed (~0.2 % at N = 200). Ours returns the
       exact k closest contacts (the table holds at most a few thousand).
+    * EVICTION: see the module docstring; `touch` moves a contact that answered to
+      its bucket's tail, so the head really is the least recently seen.
     """
+
+    def contains(self, node: Node) -> bool:
+        return node.id in self.buckets[self.get_bucket_for(node)].nodes
+
+    def knows(self, node: Node) -> bool:
+        """A contact, or verified and waiting in its bucket's replacement cache."""
+        bucket = self.buckets[self.get_bucket_for(node)]
+        return node.id in bucket.nodes or node.id in bucket.replacement_nodes
+
+    def remove_contact(self, node: Node) -> None:
+        # a silent address says nothing about the same id known at another address
+        # (a liar can list a real id with a bogus address)
+        known = self.buckets[self.get_bucket_for(node)].nodes.get(node.id)
+        if known is None or known.same_home_as(node):
+            super().remove_contact(node)
+
+    def touch(self, node: Node) -> None:
+        """`node` answered us: it becomes its bucket's most recently seen contact."""
+        bucket = self.buckets[self.get_bucket_for(node)]
+        known = bucket.nodes.get(node.id)
+        # an answer from another address proves nothing about the known contact
+        if known is not None and known.same_home_as(node):
+            bucket.nodes.move_to_end(node.id)
+            bucket.touch_last_updated()
 
     def find_neighbors(self, node: Node, k: int | None = None,
                        exclude: Node | None = None) -> list[Node]:
@@ -214,10 +277,16 @@ class HardenedRoutingTable(RoutingTable):  # type: ignore[misc]
             self.split_bucket(index)
             self.add_contact(node)
         else:
-            self.protocol.spawn(self.protocol.call_ping(bucket.head()))
+            # the newcomer waits in the replacement cache; it replaces the head only
+            # if the head fails this ping (remove_node promotes the newest replacement)
+            self.protocol.check_head(bucket.head())
 
 
 RpcResult = tuple[bool, Any]
+
+
+def _contact_key(node: Node) -> tuple[bytes, str, int]:
+    return (node.id, node.ip, node.port)
 
 
 class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
@@ -232,10 +301,17 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         for k in STAT_KEYS:
             self.stats.setdefault(k, 0)
         self.on_stored = on_stored
-        # msg_id -> (future, timeout handle, address, method)
+        # msg_id -> (future, timeout handle, address, method, sent at (monotonic s))
         self._pending: dict[bytes, tuple[asyncio.Future[RpcResult], asyncio.TimerHandle,
-                                         tuple[str, int], str]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+                                         tuple[str, int], str, float]] = {}
+        self._verifying: set[tuple[str, int]] = set()
+        self._verifying_ids: set[bytes] = set()
+        self._head_checks: set[bytes] = set()
+        self._failed: OrderedDict[tuple[bytes, str, int], float] = OrderedDict()
+        self._useful: OrderedDict[tuple[bytes, str, int], None] = OrderedDict()
+        self.srtt_s: float | None = None
+        self.rttvar_s = INITIAL_RTT_S / 2
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._tokens = REPLICATE_BURST_STORES
         self._tokens_at = time.monotonic()
         self._closed = False
@@ -282,8 +358,10 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         if pending is None or pending[2] != address:
             self.stats["unmatched_responses"] += 1
             return
-        future, timer, _, method = self._pending.pop(msg.msg_id)
+        future, timer, _, method, sent_at = self._pending.pop(msg.msg_id)
         timer.cancel()
+        if method in RTT_SAMPLED_METHODS:
+            self._sample_rtt(time.monotonic() - sent_at)
         try:
             value = REPLY_CHECKS[method](msg.value)
         except ProtocolError as exc:
@@ -308,7 +386,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         msg_id = os.urandom(MSG_ID_LEN_BYTES)
         address = (address[0], address[1])
         timer = loop.call_later(self._wait_timeout, self._on_timeout, msg_id)
-        self._pending[msg_id] = (future, timer, address, method)
+        self._pending[msg_id] = (future, timer, address, method, time.monotonic())
         self.transport.sendto(bytes([KIND_REQUEST]) + msg_id + payload, address)
         return future
 
@@ -332,17 +410,124 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
     async def find_value(self, address: tuple[str, int], nodeid: bytes, key: bytes) -> RpcResult:
         return await self._call(address, "find_value", nodeid, key)
 
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> RpcResult:
+        ok, reply = await self.find_node((node_to_ask.ip, node_to_ask.port),
+                                         self.source_node.id, node_to_find.id)
+        if ok:
+            self._note_useful(node_to_ask)
+        return self.handle_call_response((ok, reply), node_to_ask)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> RpcResult:
+        ok, reply = await self.find_value((node_to_ask.ip, node_to_ask.port),
+                                          self.source_node.id, node_to_find.id)
+        if ok:
+            self._note_useful(node_to_ask)
+        return self.handle_call_response((ok, reply), node_to_ask)
+
+    async def call_ping(self, node_to_ask: Node) -> RpcResult:
+        ok, reply = await self.ping((node_to_ask.ip, node_to_ask.port), self.source_node.id)
+        # a ping answer names the responder: another id there means ours is gone
+        result: RpcResult = (True, reply) if ok and reply == node_to_ask.id else (False, None)
+        return self.handle_call_response(result, node_to_ask)
+
     def handle_call_response(self, result: RpcResult, node: Node) -> RpcResult:
+        """Every answer to a request of ours (or its absence) passes here.
+
+        Fix ADMISSION: this is the only way into the routing table.
+        """
         if not result[0]:
+            self._note_failure(node)
+            self._useful.pop(_contact_key(node), None)
             self.router.remove_contact(node)
             return result
-        self.welcome_if_new(node)
+        self._failed.pop(_contact_key(node), None)
+        if self.router.contains(node):
+            self.router.touch(node)
+        else:
+            self.welcome_if_new(node)
         return result
+
+    # -- admission, eviction, failures, RTT ---------------------------------------
+    def _note_failure(self, node: Node) -> None:
+        key = _contact_key(node)
+        self._failed.pop(key, None)
+        self._failed[key] = time.monotonic()
+        while len(self._failed) > MAX_FAILED_REMEMBERED:
+            self._failed.popitem(last=False)
+
+    def _note_useful(self, node: Node) -> None:
+        key = _contact_key(node)
+        self._useful.pop(key, None)
+        self._useful[key] = None
+        while len(self._useful) > MAX_USEFUL_REMEMBERED:
+            self._useful.popitem(last=False)
+
+    def answered_lookups(self, node: Node) -> bool:
+        """Has this contact answered a find_node/find_value of ours (not only a ping)?"""
+        return _contact_key(node) in self._useful
+
+    def failed_recently(self, node: Node) -> bool:
+        """Did this id at this address fail to answer us within the last FAILED_MEMORY_S?"""
+        key = _contact_key(node)
+        at = self._failed.get(key)
+        if at is None:
+            return False
+        if time.monotonic() - at > FAILED_MEMORY_S:
+            del self._failed[key]
+            return False
+        return True
+
+    def consider(self, node: Node) -> None:
+        """Fix ADMISSION: an unknown sender gets a verification ping, never a table slot."""
+        if node.id == self.source_node.id or self._closed or self.router.knows(node):
+            return
+        address = (node.ip, node.port)
+        if address in self._verifying or node.id in self._verifying_ids:
+            return
+        if len(self._verifying) >= MAX_PENDING_VERIFICATIONS or self.failed_recently(node):
+            self.stats["verifications_skipped"] += 1
+            return
+        self._verifying.add(address)
+        self._verifying_ids.add(node.id)
+        self.spawn(self._verify(node))
+
+    async def _verify(self, node: Node) -> None:
+        try:
+            ok, _ = await self.call_ping(node)  # an answer admits it (handle_call_response)
+            self.stats["verified_contacts" if ok else "unverified_contacts"] += 1
+        finally:
+            self._verifying.discard((node.ip, node.port))
+            self._verifying_ids.discard(node.id)
+
+    def check_head(self, head: Node) -> None:
+        """Fix EVICTION: ping a full bucket's least-recently-seen contact, once at a time."""
+        if head.id in self._head_checks:
+            return
+        self._head_checks.add(head.id)
+        self.spawn(self._check_head(head))
+
+    async def _check_head(self, head: Node) -> None:
+        try:
+            await self.call_ping(head)  # answer: touched to the tail; none: replaced
+        finally:
+            self._head_checks.discard(head.id)
+
+    def _sample_rtt(self, rtt_s: float) -> None:
+        if self.srtt_s is None:
+            self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
+        else:
+            self.rttvar_s = 0.75 * self.rttvar_s + 0.25 * abs(self.srtt_s - rtt_s)
+            self.srtt_s = 0.875 * self.srtt_s + 0.125 * rtt_s
+
+    def stall_timeout_s(self) -> float:
+        """How long a lookup waits for one contact before it asks another instead."""
+        srtt = INITIAL_RTT_S if self.srtt_s is None else self.srtt_s
+        return min(max(srtt + 4 * self.rttvar_s, STALL_MIN_S), STALL_MAX_S, self._wait_timeout)
 
     # -- serving ------------------------------------------------------------------
     def _sender(self, address: tuple[str, int], nodeid: bytes) -> Node:
         node = Node(nodeid, address[0], address[1])
-        self.welcome_if_new(node)
+        self.consider(node)
         return node
 
     def rpc_stun(self, sender: tuple[str, int]) -> tuple[str, int]:
@@ -429,16 +614,18 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         return True
 
     # -- background tasks and shutdown ---------------------------------------------------
-    def spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any] | None:
+        """Run `coro` as a tracked task (cancelled on close); None once closed."""
         if self._closed:
             if asyncio.iscoroutine(coro):
                 coro.close()
-            return
+            return None
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.stats["handler_errors"] += 1
@@ -447,7 +634,7 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
     async def close(self) -> None:
         """Resolve every pending RPC as failed and cancel background tasks."""
         self._closed = True
-        for future, timer, _, _ in self._pending.values():
+        for future, timer, _, _, _ in self._pending.values():
             timer.cancel()
             if not future.done():
                 future.set_result((False, None))

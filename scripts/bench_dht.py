@@ -20,6 +20,14 @@ findable, from spawning its process until another node's lookup returns it.
 
     .venv/bin/python scripts/bench_dht.py --processes 50 [--lookups 300] [--json]
 
+With ``--fake-contacts F [F ...]`` it measures the fake-contact attack (issue 7): for
+each F, a fresh in-process network of ``--honest`` nodes (default 20), then F
+sockets on 127.0.0.1 that never answer each send one ping with a random fake node
+id to every honest node; then random lookups of real peers, p50/p99, and how many
+fake ids made it into any routing table. Target: p99 < 500 ms at F = 1,000.
+
+    .venv/bin/python scripts/bench_dht.py --fake-contacts 0 100 1000 [--lookups 200]
+
 Targets (issue 3): 100 % success, median hops <= log2(N), p99 < 200 ms at N = 200.
 Imports dht, node.contact/identity/control/errors and scripts/testnet_lib only.
 """
@@ -52,6 +60,12 @@ from node.identity import Identity
 
 HOST = "127.0.0.1"
 RPC_TIMEOUT_S = 2.0
+# fake-contact mode
+FAKE_HONEST_NODES = 20
+FAKE_SEND_BATCH = 200  # datagrams sent between yields, so no socket buffer overflows
+FAKE_SETTLE_S = 0.2
+FAKE_LOOKUP_LIMIT_S = 30.0
+FAKE_P99_TARGET_MS = 500.0
 FINDABLE_TRIALS = 5
 FINDABLE_POLL_S = 0.005
 # real-process mode
@@ -158,6 +172,144 @@ def table(rows: list[dict[str, Any]], loop_name: str) -> str:
             f"{r['hops_median']}/{r['hops_max']}", f"{r['hops_target']:.1f}",
             f"{r['queries_median']}", f"{r['latency_p50_ms']:.1f}",
             f"{r['latency_p99_ms']:.1f}", f"{r['findable_median_ms']:.0f}",
+        ]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# fake contacts (issue 7)
+
+
+class SilentPeer(asyncio.DatagramProtocol):
+    """A socket that sends what it is told and never answers anything.
+
+    With `answer_pings`, it answers pings (so it passes the admission check)
+    under `fake_id`, and nothing else: a contact that is alive but useless.
+    """
+
+    def __init__(self, fake_id: bytes = b"", answer_pings: bool = False) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.fake_id = fake_id
+        self.answer_pings = answer_pings
+        self.received = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        from node.wire import packb, unpackb
+
+        self.received += 1
+        if not self.answer_pings or self.transport is None or data[:1] != b"\x00":
+            return
+        try:
+            method = unpackb(data[21:], max_bytes=8192)[0]
+        except Exception:  # noqa: BLE001  (an attacker does not care)
+            return
+        if method == "ping":
+            self.transport.sendto(b"\x01" + data[1:21] + packb(self.fake_id), addr)
+
+
+def fake_ping(fake_id: bytes, rng: random.Random) -> bytes:
+    from node.wire import packb
+
+    return b"\x00" + rng.randbytes(20) + packb(["ping", [fake_id]])
+
+
+async def inject_fakes(nodes: list[DhtNode], count: int, rng: random.Random,
+                       answer_pings: bool = False
+                       ) -> tuple[list[asyncio.DatagramTransport], set[bytes]]:
+    """`count` silent sockets, each pinging every node once under its own random id."""
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.DatagramTransport] = []
+    ids: set[bytes] = set()
+    sent = 0
+    try:
+        for _ in range(count):
+            fake_id = rng.randbytes(20)
+            transport, _proto = await loop.create_datagram_endpoint(
+                lambda fid=fake_id: SilentPeer(fid, answer_pings),  # type: ignore[misc]
+                local_addr=(HOST, 0))
+            transports.append(transport)
+            ids.add(fake_id)
+            for node in nodes:
+                transport.sendto(fake_ping(fake_id, rng), (HOST, node.port))
+                sent += 1
+                if sent % FAKE_SEND_BATCH == 0:
+                    await asyncio.sleep(0.001)
+    except BaseException:
+        for t in transports:
+            t.close()
+        raise
+    await asyncio.sleep(FAKE_SETTLE_S)
+    return transports, ids
+
+
+async def run_fake_contacts(count: int, honest: int, lookups: int, seed: int,
+                            answer_pings: bool = False) -> dict[str, Any]:
+    rng = random.Random(seed * 1_000_003 + count)
+    nodes: list[DhtNode] = []
+    transports: list[asyncio.DatagramTransport] = []
+    try:
+        for _ in range(honest):
+            nodes.append(await new_node(rng, nodes))
+        for node in nodes:
+            await node.set_record(record(node))
+        for node in nodes:  # again, now that everyone is in
+            await node.set_record(record(node, seq=2))
+        t_inject = time.perf_counter()
+        transports, fake_ids = await inject_fakes(nodes, count, rng, answer_pings)
+        inject_s = time.perf_counter() - t_inject
+        ok = 0
+        lat_ms: list[float] = []
+        for _ in range(lookups):
+            asker, target = rng.sample(nodes, 2)
+            t = time.perf_counter()
+            try:
+                res = await asyncio.wait_for(asker.lookup(target.identity.peer_id),
+                                             FAKE_LOOKUP_LIMIT_S)
+            except TimeoutError:
+                res = None
+            lat_ms.append((time.perf_counter() - t) * 1000)
+            if res is not None and res.record == target.record:
+                ok += 1
+        admitted = sum(1 for node in nodes for cid, _ip, _port in node.contact_ids()
+                       if cid in fake_ids)
+        stats = {k: sum(node.stats[k] for node in nodes) for k in nodes[0].stats}
+    finally:
+        for fake in transports:
+            fake.close()
+        for node in nodes:
+            await node.stop()
+    p99 = percentile(lat_ms, 99)
+    return {
+        "fake_contacts": count,
+        "fakes_answer_pings": answer_pings,
+        "honest_nodes": honest,
+        "lookups": lookups,
+        "success_pct": 100.0 * ok / lookups if lookups else float("nan"),
+        "latency_p50_ms": percentile(lat_ms, 50),
+        "latency_p99_ms": p99,
+        "latency_max_ms": max(lat_ms) if lat_ms else float("nan"),
+        "p99_target_ms": FAKE_P99_TARGET_MS,
+        "p99_ok": p99 < FAKE_P99_TARGET_MS,
+        "fake_ids_in_tables": admitted,
+        "inject_s": inject_s,
+        "stats": stats,
+    }
+
+
+def fake_table(rows: list[dict[str, Any]], loop_name: str) -> str:
+    head = ("fake contacts", "success", "p50 ms", "p99 ms", "max ms", "fakes in tables")
+    lines = [f"DHT lookups under fake contacts: {rows[0]['honest_nodes'] if rows else 0} "
+             f"in-process nodes on {HOST}, loop={loop_name}, target p99 < "
+             f"{FAKE_P99_TARGET_MS:.0f} ms",
+             " | ".join(head), " | ".join("-" * len(h) for h in head)]
+    for r in rows:
+        lines.append(" | ".join([
+            str(r["fake_contacts"]), f"{r['success_pct']:.1f} %",
+            f"{r['latency_p50_ms']:.1f}", f"{r['latency_p99_ms']:.1f}",
+            f"{r['latency_max_ms']:.1f}", str(r["fake_ids_in_tables"]),
         ]))
     return "\n".join(lines)
 
@@ -353,6 +505,12 @@ def main() -> int:
     ap.add_argument("--processes", type=int, nargs="+", metavar="N",
                     help="measure networks of N real `node start` processes instead")
     ap.add_argument("--dir", type=Path, help="keep the real-process testnets' homes and logs here")
+    ap.add_argument("--fake-contacts", type=int, nargs="+", metavar="F",
+                    help="measure lookups after F never-answering fake contacts were injected")
+    ap.add_argument("--answer-pings", action="store_true",
+                    help="in --fake-contacts mode, fakes answer pings (and nothing else)")
+    ap.add_argument("--honest", type=int, default=FAKE_HONEST_NODES,
+                    help="honest nodes in --fake-contacts mode")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = ap.parse_args()
     loop_name = "asyncio"
@@ -370,15 +528,22 @@ def main() -> int:
             print(f"[bench_dht {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     async def all_sizes() -> list[dict[str, Any]]:
+        if args.fake_contacts is not None:
+            return [await run_fake_contacts(f, args.honest, args.lookups, args.seed,
+                                            args.answer_pings)
+                    for f in args.fake_contacts]
         if args.processes:
             return [await run_processes(n, args.lookups, args.seed, args.dir, echo)
                     for n in args.processes]
         return [await run_size(n, args.lookups, args.seed) for n in args.sizes]
 
     rows = asyncio.run(all_sizes())
-    mode = "processes" if args.processes else "in-process"
+    mode = ("fake-contacts" if args.fake_contacts is not None
+            else "processes" if args.processes else "in-process")
     if args.json:
         print(json.dumps({"loop": loop_name, "mode": mode, "results": rows}, indent=2))
+    elif mode == "fake-contacts":
+        print(fake_table(rows, loop_name))
     else:
         print(process_table(rows, loop_name) if args.processes else table(rows, loop_name))
     return 0

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kademlia.node import Node
 
+from dht.lookup import MAX_LOOKUP_QUERIES, RecordCrawl
 from dht.node import DhtNode
 from dht.peercache import PeerCache
 from dht.protocol import HardenedProtocol
@@ -353,3 +355,154 @@ async def test_republish_restores_and_resigns_the_record(net: Net) -> None:
     assert publisher.record.seq >= 2
     res = await nodes[1].lookup(publisher.identity.peer_id)
     assert res is not None and res.record.seq >= 2
+
+
+# -- fake and dead contacts (issue 7) ------------------------------------------------------
+
+class Silent(asyncio.DatagramProtocol):
+    """A socket on 127.0.0.1 that never answers anything."""
+
+
+async def silent_sockets(n: int) -> list[asyncio.DatagramTransport]:
+    loop = asyncio.get_running_loop()
+    out = []
+    for _ in range(n):
+        transport, _ = await loop.create_datagram_endpoint(Silent, local_addr=(HOST, 0))
+        out.append(transport)
+    return out
+
+
+def _port(t: asyncio.DatagramTransport) -> int:
+    return int(t.get_extra_info("sockname")[1])
+
+
+def near(key: bytes, i: int) -> bytes:
+    """An id that differs from `key` only in its last bits: closer than any real node."""
+    return (int.from_bytes(key, "big") ^ i).to_bytes(20, "big")
+
+
+async def wait_until(predicate: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.02)
+
+
+async def test_fake_ids_sent_by_datagrams_never_enter_a_routing_table(net: Net) -> None:
+    nodes = await build(net, 6)
+    fakes = await silent_sockets(30)
+    fake_ids = {near(nodes[2].dht_id, i + 1) for i in range(len(fakes))}
+    try:
+        for t, fake_id in zip(fakes, sorted(fake_ids), strict=True):
+            for node in nodes:
+                t.sendto(raw_request("ping", [fake_id]), (HOST, node.port))
+        # every fake earned one verification ping on every node, and failed it
+        await wait_until(lambda: sum(n.stats["unverified_contacts"] for n in nodes)
+                         == len(fakes) * len(nodes))
+        assert not {cid for n in nodes for cid, _, _ in n.contact_ids()} & fake_ids
+        res = await nodes[0].lookup(nodes[2].identity.peer_id)
+        assert res is not None and res.record == nodes[2].record
+    finally:
+        for t in fakes:
+            t.close()
+
+
+async def test_lookup_does_not_wait_for_dead_contacts_in_the_table(net: Net) -> None:
+    nodes = await build(net, 8)
+    target = nodes[5]
+    long_timeout_s = 10.0
+    asker = DhtNode(Identity.generate(), host=HOST, port=0, rpc_timeout_s=long_timeout_s)
+    await asker.start()
+    net.nodes.append(asker)
+    assert await asker.bootstrap([(HOST, nodes[0].port)]) == 1
+    # contacts that answered once and died since, all closer to the target than anyone
+    dead = await silent_sockets(30)
+    try:
+        for i, t in enumerate(dead):
+            asker.protocol.router.add_contact(Node(near(target.dht_id, i + 1), HOST, _port(t)))
+        # the target itself is not in our table, and no contact is known to answer
+        # lookups, so the dead come first: (nearly) all k closest we know are dead
+        asker.protocol.router.remove_contact(Node(target.dht_id, HOST, target.port))
+        asker.protocol._useful.clear()
+        dead_ports = {_port(t) for t in dead}
+        nearest = asker.protocol.router.find_neighbors(Node(target.dht_id))
+        dead_first = sum(1 for n in nearest if n.port in dead_ports)
+        # (their shared bucket holds k; a live contact may take the last place)
+        assert dead_first >= asker.server.ksize - 1
+        before = asker.stats["rpc_timeouts"]
+        # kademlia waited a full RPC timeout per round with a dead contact in it: the
+        # deadline is shorter than one, so passing proves no dead contact was waited for
+        res = await asyncio.wait_for(asker.lookup(target.identity.peer_id), long_timeout_s * 0.8)
+        assert res is not None and res.record == target.record
+        assert asker.stats["rpc_timeouts"] == before
+        # it met all of them and went on past them (kademlia gave up there)
+        assert dead_first <= asker.stats["lookup_stalls"] <= MAX_LOOKUP_QUERIES
+    finally:
+        await asker.stop()
+        for t in dead:
+            t.close()
+
+
+async def test_contacts_that_failed_are_asked_last(net: Net) -> None:
+    nodes = await build(net, 8)
+    target, gossip, asker = nodes[5], nodes[1], nodes[0]
+    dead = await silent_sockets(6)
+    try:
+        dead_nodes = [Node(near(target.dht_id, i + 1), HOST, _port(t))
+                      for i, t in enumerate(dead)]
+        for n in dead_nodes:  # the gossip node still lists them, closest of all
+            gossip.protocol.router.add_contact(n)
+        gossip.storage._remove(target.dht_id)  # so it answers with contacts, not the record
+        start = [Node(gossip.dht_id, HOST, gossip.port)]
+        dead_ids = {n.id for n in dead_nodes}
+
+        async def crawl() -> RecordCrawl:
+            c = RecordCrawl(asker.protocol, Node(target.dht_id), start, 4, 2)
+            found = await c.find()
+            assert any(rec == target.record for rec, _, _ in found)
+            return c
+
+        # control: not known to have failed, the closest come first
+        fresh = await crawl()
+        assert dead_ids & {n.id for n in fresh.asked}
+        for n in dead_nodes:  # the asker saw each of them fail earlier
+            asker.protocol.handle_call_response((False, None), n)
+        again = await crawl()
+        assert not dead_ids & {n.id for n in again.asked}
+        assert again.stalls == 0
+    finally:
+        for t in dead:
+            t.close()
+
+
+async def test_contacts_that_answered_lookups_are_asked_before_ping_only_ones(net: Net) -> None:
+    nodes = await build(net, 8)  # building made every node ask the others find_node
+    target, gossip, asker = nodes[5], nodes[1], nodes[0]
+    silent = await silent_sockets(6)
+    try:
+        # contacts only known to answer pings (or not even that), closest of all to the key
+        unproven = [Node(near(target.dht_id, i + 1), HOST, _port(t))
+                    for i, t in enumerate(silent)]
+        for n in unproven:
+            gossip.protocol.router.add_contact(n)
+        gossip.storage._remove(target.dht_id)
+        start = [Node(gossip.dht_id, HOST, gossip.port)]
+        unproven_ids = {n.id for n in unproven}
+        assert asker.protocol.answered_lookups(start[0])
+
+        async def crawl() -> RecordCrawl:
+            c = RecordCrawl(asker.protocol, Node(target.dht_id), start, 20, 2)
+            found = await c.find()
+            assert any(rec == target.record for rec, _, _ in found)
+            return c
+
+        proven_first = await crawl()
+        assert not unproven_ids & {n.id for n in proven_first.asked}
+        assert proven_first.stalls == 0
+        # control: with nobody proven, the closest (silent) contacts are asked first
+        asker.protocol._useful.clear()
+        control = await crawl()
+        assert unproven_ids & {n.id for n in control.asked}
+    finally:
+        for t in silent:
+            t.close()

@@ -19,6 +19,7 @@ from dht.node import DhtServer
 from dht.protocol import (
     MAX_DATAGRAM_BYTES,
     REPLICATE_WINDOW_KEYS,
+    STALL_MAX_S,
     HardenedProtocol,
     Request,
     Response,
@@ -280,3 +281,179 @@ async def test_find_neighbors_returns_the_true_closest_contacts() -> None:
             assert [n.id for n in proto.router.find_neighbors(target, k=8)] == [
                 n.id for n in want]
         await proto.close()
+
+
+# -- admission and eviction (issue 7) ------------------------------------------------
+
+async def wait_until(predicate: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def sent_requests(transport: FakeTransport, addr: tuple[str, int]) -> list[Request]:
+    out = []
+    for data, to in transport.sent:
+        msg = parse_datagram(data)
+        if to == addr and isinstance(msg, Request):
+            out.append(msg)
+    return out
+
+
+def answer(proto: HardenedProtocol, transport: FakeTransport, addr: tuple[str, int],
+           value: Any) -> None:
+    """Answer the last request we sent to `addr` with `value`, from `addr`."""
+    msg_id = [d for d, to in transport.sent if to == addr and d[0] == 0][-1][1:21]
+    proto.datagram_received(b"\x01" + msg_id + packb(value), addr)
+
+
+async def test_unsolicited_datagram_from_a_new_id_does_not_enter_the_table() -> None:
+    proto, transport = make_protocol()
+    fake, addr = b"\x42" * 20, ("127.0.0.1", 4100)
+    proto.datagram_received(request("ping", [fake]), addr)
+    # stock kademlia added the sender here, before it ever answered anything
+    assert proto.router.find_neighbors(Node(bytes(19) + b"\x01")) == []
+    assert not proto.router.contains(Node(fake, *addr))
+    # it only earned one verification ping, even if it keeps sending
+    for _ in range(5):
+        proto.datagram_received(request("find_node", [fake, fake]), addr)
+    await wait_until(lambda: sent_requests(transport, addr))
+    assert [m.method for m in sent_requests(transport, addr)] == ["ping"]
+    await wait_until(lambda: proto.stats["unverified_contacts"] == 1)
+    assert not proto.router.contains(Node(fake, *addr))
+    assert proto.failed_recently(Node(fake, *addr))
+    # a sender that just failed is not pinged again at once
+    proto.datagram_received(request("ping", [fake]), addr)
+    assert len(sent_requests(transport, addr)) == 1
+    assert proto.stats["verifications_skipped"] == 1
+    await proto.close()
+
+
+async def test_contact_enters_after_it_answered_our_request() -> None:
+    proto, transport = make_protocol()
+    real, addr = b"\x43" * 20, ("127.0.0.1", 4101)
+    proto.datagram_received(request("ping", [real]), addr)
+    assert not proto.router.contains(Node(real, *addr))
+    await wait_until(lambda: sent_requests(transport, addr))
+    answer(proto, transport, addr, real)  # it answers our verification ping
+    await wait_until(lambda: proto.stats["verified_contacts"] == 1)
+    assert proto.router.contains(Node(real, *addr))
+    # a verification answered with another id admits nobody
+    liar, liar_addr = b"\x44" * 20, ("127.0.0.1", 4102)
+    proto.datagram_received(request("ping", [liar]), liar_addr)
+    await wait_until(lambda: sent_requests(transport, liar_addr))
+    answer(proto, transport, liar_addr, b"\x45" * 20)
+    await wait_until(lambda: proto.stats["unverified_contacts"] == 1)
+    assert not proto.router.contains(Node(liar, *liar_addr))
+    # and a contact that answers a find_node of ours enters directly
+    other, other_addr = b"\x46" * 20, ("127.0.0.1", 4103)
+    call = asyncio.ensure_future(proto.call_find_node(Node(other, *other_addr), Node(ID_A)))
+    await wait_until(lambda: sent_requests(transport, other_addr))
+    answer(proto, transport, other_addr, [])
+    assert (await call)[0] is True
+    assert proto.router.contains(Node(other, *other_addr))
+    await proto.close()
+
+
+def full_bucket_protocol() -> tuple[HardenedProtocol, FakeTransport, Node, Node, Node]:
+    """ksize 2; A and B share 5 leading bits, so their bucket is full and never splits."""
+    proto = HardenedProtocol(Node(ID_A), RecordStorage(), 2, rpc_timeout_s=0.2)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    a = Node(b"\x80" + b"\x00" * 18 + b"\x01", "127.0.0.1", 4201)  # not the split point
+    b = Node(b"\x84" + b"\x00" * 19, "127.0.0.1", 4202)
+    c = Node(b"\x82" + b"\x00" * 19, "127.0.0.1", 4203)
+    proto.router.add_contact(a)  # contacts that answered us earlier
+    proto.router.add_contact(b)
+    return proto, transport, a, b, c
+
+
+def bucket_of(proto: HardenedProtocol, node: Node) -> Any:
+    return proto.router.buckets[proto.router.get_bucket_for(node)]
+
+
+async def test_full_bucket_keeps_a_live_least_recently_seen_contact() -> None:
+    proto, transport, a, b, c = full_bucket_protocol()
+    assert bucket_of(proto, a).head().id == a.id
+    proto.handle_call_response((True, []), c)  # C answered us; its bucket is full
+    await wait_until(lambda: sent_requests(transport, (a.ip, a.port)))
+    assert [m.method for m in sent_requests(transport, (a.ip, a.port))] == ["ping"]
+    proto.handle_call_response((True, []), Node(b"\x83" + b"\x00" * 19, "127.0.0.1", 4204))
+    assert len(sent_requests(transport, (a.ip, a.port))) == 1  # one head check at a time
+    answer(proto, transport, (a.ip, a.port), a.id)
+    await wait_until(lambda: not proto._head_checks)
+    bucket = bucket_of(proto, a)
+    assert set(bucket.nodes) == {a.id, b.id}
+    assert c.id in bucket.replacement_nodes
+    # A answered, so it is now the most recently seen; B is the next to be checked
+    assert bucket.head().id == b.id
+    await proto.close()
+
+
+async def test_full_bucket_replaces_a_least_recently_seen_contact_that_fails() -> None:
+    proto, transport, a, b, c = full_bucket_protocol()
+    proto.handle_call_response((True, []), c)
+    await wait_until(lambda: sent_requests(transport, (a.ip, a.port)))
+    await wait_until(lambda: not proto._head_checks)  # A never answers (0.2 s)
+    assert set(bucket_of(proto, a).nodes) == {b.id, c.id}
+    await proto.close()
+
+
+async def test_an_unverified_newcomer_never_replaces_anyone() -> None:
+    proto, transport, a, b, c = full_bucket_protocol()
+    # C only sent us a datagram; A is dead. Stock kademlia queued C as A's replacement.
+    proto.datagram_received(request("ping", [c.id]), (c.ip, c.port))
+    await wait_until(lambda: proto.stats["unverified_contacts"] == 1)
+    assert sent_requests(transport, (a.ip, a.port)) == []
+    assert set(bucket_of(proto, a).nodes) == {a.id, b.id}
+    assert c.id not in bucket_of(proto, a).replacement_nodes
+    await proto.close()
+
+
+async def test_a_silent_address_does_not_evict_the_same_id_known_elsewhere() -> None:
+    proto, _, a, b, _ = full_bucket_protocol()
+    # a liar listed A's id at its own address; that address not answering says nothing
+    proto.handle_call_response((False, None), Node(a.id, "127.0.0.1", 4999))
+    assert a.id in bucket_of(proto, a).nodes
+    assert not proto.failed_recently(a)
+    await proto.close()
+
+
+async def test_slow_ping_answers_do_not_stretch_the_lookup_stall_timeout() -> None:
+    # fake senders earn verification pings and may answer them as slowly as they like;
+    # only find_node/find_value answers (what lookups wait for) set the stall timeout
+    proto = HardenedProtocol(Node(ID_A), RecordStorage(), 20, rpc_timeout_s=5.0)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    base = proto.stall_timeout_s()
+    addr = ("127.0.0.1", 4300)
+
+    async def slow_answer(call: Any, value: Any) -> None:
+        n_sent = len(transport.sent)
+        fut = asyncio.ensure_future(call)
+        await wait_until(lambda: len(transport.sent) > n_sent)
+        msg_id = transport.sent[-1][0][1:21]
+        f, timer, a, m, _ = proto._pending[msg_id]
+        proto._pending[msg_id] = (f, timer, a, m, time.monotonic() - 0.9)  # sent 0.9 s ago
+        answer(proto, transport, addr, value)
+        assert (await fut)[0] is True
+
+    for _ in range(10):
+        await slow_answer(proto.ping(addr, ID_A), b"\x47" * 20)
+    assert proto.stall_timeout_s() == base
+    for _ in range(10):
+        await slow_answer(proto.find_node(addr, ID_A, ID_A), [])
+    assert base < proto.stall_timeout_s() <= STALL_MAX_S
+    await proto.close()
+
+
+async def test_a_verified_contact_waiting_for_a_slot_is_not_pinged_again() -> None:
+    proto, transport, a, b, c = full_bucket_protocol()
+    proto.handle_call_response((True, []), c)  # C answered us; it waits as a replacement
+    assert c.id in bucket_of(proto, a).replacement_nodes
+    for _ in range(3):
+        proto.datagram_received(request("find_node", [c.id, ID_A]), (c.ip, c.port))
+    await wait_until(lambda: sent_requests(transport, (a.ip, a.port)))  # the head check
+    assert sent_requests(transport, (c.ip, c.port)) == []
+    await proto.close()
