@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from node.config import (
     MAX_PORT,
@@ -44,7 +45,34 @@ from node.errors import (
 from node.identity import Identity, PeerId, load_identity
 from node.trust import TrustStore, resolve_peer
 
+
+def _flags_without_placeholder(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows no `<bool>` placeholder.
+
+    typer 0.29's rich help prints the value type of every option, flags included
+    (`--json <bool>`); an empty metavar is what it prints instead.
+    """
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _NodeGroup(TyperGroup):
+    """The root group: flags in every command's help (and its own) show no placeholder."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_placeholder(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _flags_without_placeholder(cmd.get_params(ctx))
+        return cmd
+
+
 app = typer.Typer(
+    cls=_NodeGroup,
     name="node",
     help="p2pfs: direct, end-to-end encrypted, serverless file sharing between trusted peers.",
     no_args_is_help=True,
