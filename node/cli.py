@@ -42,7 +42,7 @@ from node.errors import (
     UnknownPeer,
     describe_os_error,
 )
-from node.identity import Identity, PeerId, load_identity
+from node.identity import Identity, PeerId, is_full_length_id, load_identity
 from node.trust import TrustStore, resolve_peer
 
 
@@ -394,12 +394,17 @@ def trust(
     h = _home(home)
     try:
         peer_id = PeerId.parse(peer)
-    except P2PError:
+    except P2PError as exc:
+        if is_full_length_id(peer):  # a typo in a full id: say which, resolve nothing
+            raise UnknownPeer(str(exc)) from None
         try:
             peer_id = PeerId.parse(_call(home, "resolve", {"peer": peer}))
         except NodeNotRunning:
-            raise UnknownPeer(f"{peer!r} is not a full peer id, and no node is running to "
-                              "resolve a prefix; give the full 56-character id") from None
+            try:  # already trusted (a new alias for it): the trust store knows it
+                peer_id = _resolve_offline(h, peer)
+            except UnknownPeer as offline:
+                raise UnknownPeer(f"{offline}; no node is running to look up other peers it "
+                                  "knows, so give the full peer id") from None
     identity = load_identity(h)
     if peer_id == identity.peer_id:
         raise UnknownPeer("that is this node's own id")

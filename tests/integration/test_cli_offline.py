@@ -79,3 +79,21 @@ def test_start_help_shows_the_default_ports() -> None:
     assert res.exit_code == 0
     for default in ("8471", "8472", "8473", "8468", "P+3"):
         assert default in res.output, (default, res.output)
+
+
+def test_trust_with_a_typo_says_what_is_wrong(tmp_path) -> None:
+    home = str(tmp_path)
+    run("init", "--home", home)
+    other = str(Identity.generate("bob").peer_id)
+    typo = other[:3] + ("A" if other[3] != "A" else "B") + other[4:]
+    res = run("trust", typo, "--home", home)
+    assert res.exit_code != 0
+    out = " ".join(res.output.split())
+    assert "looks like a full peer id but its checksum does not match" in out, out
+    assert "not a full peer id" not in out and "56-character" not in out
+    short = run("trust", other[:-1], "--home", home)  # grouped, one character missing
+    assert "has 62 with its dashes" in " ".join(short.output.split()), short.output
+    assert run("trust", other, "--home", home, "--name", "bob").exit_code == 0
+    near = run("trust", "bbo", "--home", home, "--name", "b2")
+    assert near.exit_code != 0
+    assert "did you mean 'bob'?" in " ".join(near.output.split()), near.output
