@@ -606,17 +606,23 @@ def show_log(
     since: Annotated[str | None, typer.Option(
         "--since", help="Epoch ms, or a duration like 10m, 2h, 3d.")] = None,
     path: Annotated[str | None, typer.Option("--path", help="Glob on the path.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000)] = 1000,
+    limit: Annotated[int, typer.Option(
+        min=1, max=10000, help="Show the newest N matching events.")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
-    """Query the change log: every accepted create/edit/delete/move/share event."""
+    """Query the change log: every accepted create/edit/delete/move/share event.
+    When more events match than --limit, the newest are shown and stderr says how many
+    were left out (with --json too, as a JSON line)."""
     if since is not None:
         from node.gossip.log import ms_from_text
 
         ms_from_text(since)  # a bad --since is the user's error, said before asking the node
-    rows = _call(home, "log", {"peer": peer, "since": since, "path": path, "limit": limit})
+    res = _call(home, "log", {"peer": peer, "since": since, "path": path, "limit": limit})
+    rows, cut = _log_page(res)
     if as_json:
         _print_json(rows)
+        if cut is not None:
+            sys.stderr.write(json.dumps(cut) + "\n")
         return
     if not rows:
         out.print("no events")
@@ -628,6 +634,25 @@ def show_log(
         table.add_row(when, r["origin_label"], str(r["seq"]), r["kind"], r["folder"], shown,
                       _size(r["size"]) if r["kind"] != "deleted" else "")
     out.print(table)
+    if cut is not None:
+        err.print(cut["message"], markup=False)
+
+
+def _log_page(res: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The rows of a `log` reply, and a note on what was cut (None when nothing was)."""
+    if isinstance(res, list):  # a node of an older version: no paging information
+        return res, None
+    rows: list[dict[str, Any]] = res.get("events") or []
+    total = int(res.get("total") or len(rows))
+    if not res.get("more"):
+        return rows, None
+    limit_max = int(res.get("limit_max") or 10000)
+    if total <= limit_max:
+        how = f"show them all with --limit {total}"
+    else:
+        how = f"--limit goes up to {limit_max:,}; narrow with --since, --peer or --path"
+    message = (f"... {len(rows):,} of {total:,} events shown (the newest); {how}")
+    return rows, {"more": True, "shown": len(rows), "total": total, "message": message}
 
 
 @app.command()
@@ -636,35 +661,56 @@ def events(
     home: HomeOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming.")] = False,
     since: Annotated[int | None, typer.Option(
-        "--since", help="Only notifications with id > N (ids go up by exactly one).")] = None,
+        "--since", help="Only notifications with id > N (ids go up by exactly one). "
+                        "Default: the newest 100.")] = None,
+    limit: Annotated[int, typer.Option(
+        min=1, max=10000, help="At most N notifications (a page; not with --follow).")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Stream notifications: file shared/updated/deleted/moved/received, transfer failed,
-    peer joined/left, event rejected. Use --since with the last id you saw to miss nothing."""
+    peer joined/left, event rejected. Use --since with the last id you saw to miss nothing;
+    when output was cut, stderr says so and gives the --since of the next page."""
 
     def on_event(ev: dict[str, Any]) -> None:
         if as_json:
             sys.stdout.write(json.dumps(ev) + "\n")
         else:
-            when = time.strftime("%H:%M:%S", time.localtime(ev.get("at_ms", 0) / 1000))
-            sys.stdout.write(f"{ev.get('id'):>6} {when} {ev.get('kind'):<15} "
-                             f"{_describe(ev)}\n")
+            sys.stdout.write(_event_line(ev) + "\n")
         sys.stdout.flush()
 
-    _call(home, "events", {"follow": follow, "since": since}, on_event=on_event)
+    res = _call(home, "events", {"follow": follow, "since": since, "limit": limit},
+                on_event=on_event)
+    cut = _events_cut(res, since)
+    if cut is not None:
+        sys.stderr.write((json.dumps(cut) if as_json else cut["message"]) + "\n")
 
 
-def _describe(ev: dict[str, Any]) -> str:
-    d = ev.get("data") or {}
-    who = d.get("peer") or d.get("origin_label") or (d.get("origin") or d.get("peer_id") or "")[:7]
-    path = d.get("path") or ",".join(d.get("paths") or [])
-    if ev.get("kind") == "file_received":
-        return f"received {path} ({_size(d.get('size', 0))}) from {who}"
-    if ev.get("kind") == "transfer_failed":
-        return f"{path} with {who}: {d.get('error')}"
-    if d.get("local"):
-        who = "me"
-    return f"{path} by {who}" if path else f"{who} {d.get('name', '')}".strip()
+def _event_line(ev: dict[str, Any]) -> str:
+    from node.notifications import render
+
+    when = time.strftime("%H:%M:%S", time.localtime(ev.get("at_ms", 0) / 1000))
+    kind = str(ev.get("kind", "?"))
+    return f"{ev.get('id'):>6} {when} {kind:<15} {render(kind, ev.get('data'), ev.get('labels'))}"
+
+
+def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
+    """What an `events` reply left out: newer ones past --limit, or older ones before the
+    default window. None when nothing was cut (or the node is too old to say)."""
+    if not isinstance(res, dict) or "shown" not in res:
+        return None
+    shown, newer, older = int(res["shown"]), int(res.get("newer", 0)), int(res.get("older", 0))
+    total = shown + newer + (older if since is None else 0)
+    if newer > 0:
+        message = (f"... {shown:,} of {shown + newer:,} shown; page with "
+                   f"--since {res['next_since']}")
+        return {"more": True, "shown": shown, "total": shown + newer,
+                "next_since": res["next_since"], "message": message}
+    if since is None and older > 0:
+        message = (f"... the newest {shown:,} of {total:,} shown; see the older ones with "
+                   "--since 0")
+        return {"more": True, "shown": shown, "total": total, "next_since": 0,
+                "message": message}
+    return None
 
 
 def main() -> None:

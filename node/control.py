@@ -40,6 +40,8 @@ log = logging.getLogger("p2pfs.control")
 MAX_CONTROL_FRAME_BYTES = 4 * 1024 * 1024
 # AF_UNIX paths are limited to ~107 bytes; deeper home dirs get a socket in the temp dir
 MAX_SOCKET_PATH_LEN = 100
+STOP_NOTICE_TIMEOUT_S = 0.2
+NODE_STOPPING_MESSAGE = "the node stopped, so nothing more will come"
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
@@ -100,6 +102,13 @@ class ControlServer:
             await self._serve_one(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the CLI went away (Ctrl-C): the work it started goes on
+        except asyncio.CancelledError:
+            # close(): the node is stopping. Tell the client (a `node events --follow`
+            # waits here) and end quietly: a cancelled connection task is logged by
+            # asyncio's stream callback as an ERROR with a traceback.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                writer.write(frame(packb(_error_reply(NodeNotRunning(NODE_STOPPING_MESSAGE)))))
+                await asyncio.wait_for(writer.drain(), STOP_NOTICE_TIMEOUT_S)
         finally:
             self._clients.discard(task)
             writer.close()
