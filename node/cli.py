@@ -29,6 +29,7 @@ from node.config import (
     MAX_PORT,
     TRANSPORTS,
     Settings,
+    absolute_paths,
     default_home,
     load_settings,
     port_overrides,
@@ -410,11 +411,43 @@ def trust(
         raise UnknownPeer("that is this node's own id")
     store = TrustStore.in_home(h)
     try:
+        before = store.get(peer_id)
         entry = store.trust(peer_id, name)
     finally:
         store.close()
     label = f" as {entry.alias!r}" if entry.alias else ""
     out.print(f"trusted {peer_id}{label} (fingerprint {peer_id.fingerprint})")
+    old_label = (before.alias if before else "") or peer_id.short
+    if old_label != (entry.alias or peer_id.short):
+        _keep_received_together(h, peer_id, old_label, entry.alias or peer_id.short)
+
+
+def _keep_received_together(home: Path, peer_id: PeerId, old_label: str, new_label: str) -> None:
+    """A peer's received files live in a folder named by its label: when the label
+    changes (a new alias), move the folder, so its files do not split in two."""
+    from node.transfer.paths import sanitize_label
+
+    try:
+        received = absolute_paths(load_settings(home)).received_path
+    except P2PError as exc:
+        err.print(f"warning: files received from it stay where they are ({exc})", markup=False)
+        return
+    old = received / sanitize_label(old_label, peer_id.short)
+    new = received / sanitize_label(new_label, peer_id.short)
+    if old == new or not old.is_dir():
+        return
+    if new.exists():
+        err.print(f"warning: files received from it so far stay in {old}; new ones go to "
+                  f"{new} (that folder exists already, so nothing was moved)", markup=False)
+        return
+    try:
+        old.rename(new)
+    except OSError as exc:
+        err.print(f"warning: could not move {old} to {new} ({describe_os_error(exc)}); files "
+                  "received from it so far stay there, new ones go to the new folder",
+                  markup=False)
+        return
+    out.print(f"moved the files received from it: {old} -> {new}", markup=False)
 
 
 @app.command()

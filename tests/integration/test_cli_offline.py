@@ -37,7 +37,7 @@ def test_trust_untrust_trusted(tmp_path) -> None:
     assert run("trust", str(other), "--home", home, "--name", "bob").exit_code == 0
     rows = json.loads(run("trusted", "--home", home, "--json").output)
     assert [(r["peer_id"], r["alias"]) for r in rows] == [(str(other), "bob")]
-    bad = run("trust", str(other)[:-1] + "Q", "--home", home)
+    bad = run("trust", str(other)[:-1] + ("Q" if str(other)[-1] != "Q" else "R"), "--home", home)
     assert bad.exit_code != 0
     assert run("untrust", "bob", "--home", home).exit_code == 0
     assert json.loads(run("trusted", "--home", home, "--json").output) == []
@@ -97,3 +97,27 @@ def test_trust_with_a_typo_says_what_is_wrong(tmp_path) -> None:
     near = run("trust", "bbo", "--home", home, "--name", "b2")
     assert near.exit_code != 0
     assert "did you mean 'bob'?" in " ".join(near.output.split()), near.output
+
+
+def test_retrust_under_a_new_alias_keeps_received_files_together(tmp_path) -> None:
+    home = tmp_path / "h"
+    run("init", "--home", str(home))
+    bob = Identity.generate("bob").peer_id
+    assert run("trust", str(bob), "--home", str(home), "--name", "bob").exit_code == 0
+    (home / "received" / "bob" / "docs").mkdir(parents=True)
+    (home / "received" / "bob" / "docs" / "a.txt").write_text("kept")
+    res = run("trust", str(bob), "--home", str(home), "--name", "robert")
+    assert res.exit_code == 0, res.output
+    assert "moved the files received from it" in res.output
+    assert (home / "received" / "robert" / "docs" / "a.txt").read_text() == "kept"
+    assert not (home / "received" / "bob").exists()
+    # back to no alias: the folder follows to the short id
+    assert run("trust", str(bob), "--home", str(home)).exit_code == 0
+    assert (home / "received" / bob.short / "docs" / "a.txt").read_text() == "kept"
+    # the target exists already: nothing is merged, the user is told where things are
+    (home / "received" / "rob").mkdir()
+    res = run("trust", str(bob), "--home", str(home), "--name", "rob")
+    assert res.exit_code == 0
+    said = " ".join(res.output.split())
+    assert "files received from it so far stay in" in said and "nothing was moved" in said
+    assert (home / "received" / bob.short / "docs" / "a.txt").exists()
