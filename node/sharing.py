@@ -301,13 +301,18 @@ class ShareService:
         """A trusted peer asks for a file we announced (service "fetch")."""
         t = self._new("serve", channel.peer, [], channel.transport)
         result: TransferResult | None = None
+
+        def resolve(rel_path: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
+            t.paths = [rel_path]  # what was asked for, so a failure can name it
+            return self._resolve_shared(rel_path, root_hash)
+
         try:
-            result = await serve_fetch(channel, self._resolve_shared,
+            result = await serve_fetch(channel, resolve,
                                        progress=self._progress_fn(t, None), cancel=t.cancel)
         except P2PError as exc:
             self._finish(t, result, exc)
             return
-        t.paths = [f.rel_path for f in result.files]
+        t.paths = [f.rel_path for f in result.files] or t.paths
         self._finish(t, result, None)
 
     async def fetch(self, peer: PeerId, rel_path: str, root_hash: bytes | None, *,
