@@ -34,7 +34,7 @@ from node.config import (
     load_settings,
     port_overrides,
 )
-from node.control import ControlClient
+from node.control import ControlClient, EventsPage, LogPage
 from node.errors import (
     ConfigError,
     LocalIOError,
@@ -673,19 +673,16 @@ def show_log(
 
 def _log_page(res: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The rows of a `log` reply, and a note on what was cut (None when nothing was)."""
-    if isinstance(res, list):  # a node of an older version: no paging information
-        return res, None
-    rows: list[dict[str, Any]] = res.get("events") or []
-    total = int(res.get("total") or len(rows))
-    if not res.get("more"):
-        return rows, None
-    limit_max = int(res.get("limit_max") or 10000)
-    if total <= limit_max:
-        how = f"show them all with --limit {total}"
+    page = LogPage.from_json(res)
+    if not page.more:
+        return page.events, None
+    if page.total <= page.limit_max:
+        how = f"show them all with --limit {page.total}"
     else:
-        how = f"--limit goes up to {limit_max:,}; narrow with --since, --peer or --path"
-    message = (f"... {len(rows):,} of {total:,} events shown (the newest); {how}")
-    return rows, {"more": True, "shown": len(rows), "total": total, "message": message}
+        how = f"--limit goes up to {page.limit_max:,}; narrow with --since, --peer or --path"
+    message = f"... {len(page.events):,} of {page.total:,} events shown (the newest); {how}"
+    return page.events, {"more": True, "shown": len(page.events), "total": page.total,
+                         "message": message}
 
 
 @app.command()
@@ -728,20 +725,18 @@ def _event_line(ev: dict[str, Any]) -> str:
 
 def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
     """What an `events` reply left out: newer ones past --limit, or older ones before the
-    default window. None when nothing was cut (or the node is too old to say)."""
-    if not isinstance(res, dict) or "shown" not in res:
-        return None
-    shown, newer, older = int(res["shown"]), int(res.get("newer", 0)), int(res.get("older", 0))
-    total = shown + newer + (older if since is None else 0)
-    if newer > 0:
-        message = (f"... {shown:,} of {shown + newer:,} shown; page with "
-                   f"--since {res['next_since']}")
-        return {"more": True, "shown": shown, "total": shown + newer,
-                "next_since": res["next_since"], "message": message}
-    if since is None and older > 0:
-        message = (f"... the newest {shown:,} of {total:,} shown; see the older ones with "
-                   "--since 0")
-        return {"more": True, "shown": shown, "total": total, "next_since": 0,
+    default window. None when nothing was cut."""
+    page = EventsPage.from_json(res)
+    if page.more:
+        total = page.shown + page.newer
+        message = f"... {page.shown:,} of {total:,} shown; page with --since {page.last_id}"
+        return {"more": True, "shown": page.shown, "total": total,
+                "next_since": page.last_id, "message": message}
+    if since is None and page.older > 0:
+        total = page.shown + page.older
+        message = (f"... the newest {page.shown:,} of {total:,} shown; see the older ones "
+                   "with --since 0")
+        return {"more": True, "shown": page.shown, "total": total, "next_since": 0,
                 "message": message}
     return None
 

@@ -25,7 +25,14 @@ from typing import Any
 
 from node.config import Settings, absolute_paths, port_option
 from node.contact import ContactRecord
-from node.control import NODE_STOPPING_MESSAGE, ControlServer, Emit, socket_path_for
+from node.control import (
+    NODE_STOPPING_MESSAGE,
+    ControlServer,
+    Emit,
+    EventsPage,
+    LogPage,
+    socket_path_for,
+)
 from node.errors import (
     NodeAlreadyRunning,
     NodeNotRunning,
@@ -618,8 +625,7 @@ class Daemon:
                 ev.origin)
             rows.append(row)
         # the newest `limit` are shown: what was cut is older
-        return {"events": rows, "total": total, "more": total > len(rows),
-                "limit": limit, "limit_max": LOG_LIMIT_MAX}
+        return LogPage(rows, total, limit, LOG_LIMIT_MAX).to_json()
 
     def peer_label(self, peer_id: str) -> str:
         """The one label a peer gets in notifications and the log: "me", its alias, or
@@ -662,9 +668,8 @@ class Daemon:
                 sent = note.id
                 shown += 1
             if not follow:
-                newer = self.events.count_notifications(sent)
-                return {"last_id": sent, "shown": shown, "older": older, "newer": newer,
-                        "more": newer > 0, "next_since": sent}
+                return EventsPage(sent, shown, older,
+                                  self.events.count_notifications(sent)).to_json()
             if self._stop.is_set():
                 raise NodeNotRunning(NODE_STOPPING_MESSAGE)
             await self.events.wait_for_notification(sent, timeout=30.0)
