@@ -26,8 +26,8 @@ from node.trust import TrustStore
 
 pytestmark = pytest.mark.slow
 
-NOTES = 1234
-CHANGES = 1100
+NOTES = 1050
+CHANGES = 1010
 BOB = Identity.generate("bob", seed=b"B" * 32).peer_id
 
 
