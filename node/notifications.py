@@ -20,7 +20,7 @@ this one, never the other way round.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from node.errors import ProtocolError
@@ -387,7 +387,3 @@ def render(kind: str, data: object, labels: Labels | None = None) -> str:
         return decode(kind, data).render(labels)
     except ProtocolError as exc:
         return f"(unreadable {kind} notification: {exc})"
-
-
-def field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
