@@ -23,16 +23,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from node.config import (
     MAX_PORT,
     TRANSPORTS,
     Settings,
+    absolute_paths,
     default_home,
     load_settings,
     port_overrides,
 )
-from node.control import ControlClient
+from node.control import ControlClient, EventsPage, LogPage
 from node.errors import (
     ConfigError,
     LocalIOError,
@@ -41,10 +43,37 @@ from node.errors import (
     UnknownPeer,
     describe_os_error,
 )
-from node.identity import Identity, PeerId, load_identity
+from node.identity import Identity, PeerId, is_full_length_id, load_identity
 from node.trust import TrustStore, resolve_peer
 
+
+def _flags_without_placeholder(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows no `<bool>` placeholder.
+
+    typer 0.29's rich help prints the value type of every option, flags included
+    (`--json <bool>`); an empty metavar is what it prints instead.
+    """
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _NodeGroup(TyperGroup):
+    """The root group: flags in every command's help (and its own) show no placeholder."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_placeholder(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _flags_without_placeholder(cmd.get_params(ctx))
+        return cmd
+
+
 app = typer.Typer(
+    cls=_NodeGroup,
     name="node",
     help="p2pfs: direct, end-to-end encrypted, serverless file sharing between trusted peers.",
     no_args_is_help=True,
@@ -366,22 +395,59 @@ def trust(
     h = _home(home)
     try:
         peer_id = PeerId.parse(peer)
-    except P2PError:
+    except P2PError as exc:
+        if is_full_length_id(peer):  # a typo in a full id: say which, resolve nothing
+            raise UnknownPeer(str(exc)) from None
         try:
             peer_id = PeerId.parse(_call(home, "resolve", {"peer": peer}))
         except NodeNotRunning:
-            raise UnknownPeer(f"{peer!r} is not a full peer id, and no node is running to "
-                              "resolve a prefix; give the full 56-character id") from None
+            try:  # already trusted (a new alias for it): the trust store knows it
+                peer_id = _resolve_offline(h, peer)
+            except UnknownPeer as offline:
+                raise UnknownPeer(f"{offline}; no node is running to look up other peers it "
+                                  "knows, so give the full peer id") from None
     identity = load_identity(h)
     if peer_id == identity.peer_id:
         raise UnknownPeer("that is this node's own id")
     store = TrustStore.in_home(h)
     try:
+        before = store.get(peer_id)
         entry = store.trust(peer_id, name)
     finally:
         store.close()
     label = f" as {entry.alias!r}" if entry.alias else ""
     out.print(f"trusted {peer_id}{label} (fingerprint {peer_id.fingerprint})")
+    old_label = (before.alias if before else "") or peer_id.short
+    if old_label != (entry.alias or peer_id.short):
+        _keep_received_together(h, peer_id, old_label, entry.alias or peer_id.short)
+
+
+def _keep_received_together(home: Path, peer_id: PeerId, old_label: str, new_label: str) -> None:
+    """A peer's received files live in a folder named by its label: when the label
+    changes (a new alias), move the folder, so its files do not split in two."""
+    from node.transfer.paths import sanitize_label
+
+    try:
+        received = absolute_paths(load_settings(home)).received_path
+    except P2PError as exc:
+        err.print(f"warning: files received from it stay where they are ({exc})", markup=False)
+        return
+    old = received / sanitize_label(old_label, peer_id.short)
+    new = received / sanitize_label(new_label, peer_id.short)
+    if old == new or not old.is_dir():
+        return
+    if new.exists():
+        err.print(f"warning: files received from it so far stay in {old}; new ones go to "
+                  f"{new} (that folder exists already, so nothing was moved)", markup=False)
+        return
+    try:
+        old.rename(new)
+    except OSError as exc:
+        err.print(f"warning: could not move {old} to {new} ({describe_os_error(exc)}); files "
+                  "received from it so far stay there, new ones go to the new folder",
+                  markup=False)
+        return
+    out.print(f"moved the files received from it: {old} -> {new}", markup=False)
 
 
 @app.command()
@@ -573,17 +639,23 @@ def show_log(
     since: Annotated[str | None, typer.Option(
         "--since", help="Epoch ms, or a duration like 10m, 2h, 3d.")] = None,
     path: Annotated[str | None, typer.Option("--path", help="Glob on the path.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000)] = 1000,
+    limit: Annotated[int, typer.Option(
+        min=1, max=10000, help="Show the newest N matching events.")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
-    """Query the change log: every accepted create/edit/delete/move/share event."""
+    """Query the change log: every accepted create/edit/delete/move/share event.
+    When more events match than --limit, the newest are shown and stderr says how many
+    were left out (with --json too, as a JSON line)."""
     if since is not None:
         from node.gossip.log import ms_from_text
 
         ms_from_text(since)  # a bad --since is the user's error, said before asking the node
-    rows = _call(home, "log", {"peer": peer, "since": since, "path": path, "limit": limit})
+    res = _call(home, "log", {"peer": peer, "since": since, "path": path, "limit": limit})
+    rows, cut = _log_page(res)
     if as_json:
         _print_json(rows)
+        if cut is not None:
+            sys.stderr.write(json.dumps(cut) + "\n")
         return
     if not rows:
         out.print("no events")
@@ -595,6 +667,22 @@ def show_log(
         table.add_row(when, r["origin_label"], str(r["seq"]), r["kind"], r["folder"], shown,
                       _size(r["size"]) if r["kind"] != "deleted" else "")
     out.print(table)
+    if cut is not None:
+        err.print(cut["message"], markup=False)
+
+
+def _log_page(res: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The rows of a `log` reply, and a note on what was cut (None when nothing was)."""
+    page = LogPage.from_json(res)
+    if not page.more:
+        return page.events, None
+    if page.total <= page.limit_max:
+        how = f"show them all with --limit {page.total}"
+    else:
+        how = f"--limit goes up to {page.limit_max:,}; narrow with --since, --peer or --path"
+    message = f"... {len(page.events):,} of {page.total:,} events shown (the newest); {how}"
+    return page.events, {"more": True, "shown": len(page.events), "total": page.total,
+                         "message": message}
 
 
 @app.command()
@@ -603,35 +691,54 @@ def events(
     home: HomeOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming.")] = False,
     since: Annotated[int | None, typer.Option(
-        "--since", help="Only notifications with id > N (ids go up by exactly one).")] = None,
+        "--since", help="Only notifications with id > N (ids go up by exactly one). "
+                        "Default: the newest 100.")] = None,
+    limit: Annotated[int, typer.Option(
+        min=1, max=10000, help="At most N notifications (a page; not with --follow).")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Stream notifications: file shared/updated/deleted/moved/received, transfer failed,
-    peer joined/left, event rejected. Use --since with the last id you saw to miss nothing."""
+    peer joined/left, event rejected. Use --since with the last id you saw to miss nothing;
+    when output was cut, stderr says so and gives the --since of the next page."""
 
     def on_event(ev: dict[str, Any]) -> None:
         if as_json:
             sys.stdout.write(json.dumps(ev) + "\n")
         else:
-            when = time.strftime("%H:%M:%S", time.localtime(ev.get("at_ms", 0) / 1000))
-            sys.stdout.write(f"{ev.get('id'):>6} {when} {ev.get('kind'):<15} "
-                             f"{_describe(ev)}\n")
+            sys.stdout.write(_event_line(ev) + "\n")
         sys.stdout.flush()
 
-    _call(home, "events", {"follow": follow, "since": since}, on_event=on_event)
+    res = _call(home, "events", {"follow": follow, "since": since, "limit": limit},
+                on_event=on_event)
+    cut = _events_cut(res, since)
+    if cut is not None:
+        sys.stderr.write((json.dumps(cut) if as_json else cut["message"]) + "\n")
 
 
-def _describe(ev: dict[str, Any]) -> str:
-    d = ev.get("data") or {}
-    who = d.get("peer") or d.get("origin_label") or (d.get("origin") or d.get("peer_id") or "")[:7]
-    path = d.get("path") or ",".join(d.get("paths") or [])
-    if ev.get("kind") == "file_received":
-        return f"received {path} ({_size(d.get('size', 0))}) from {who}"
-    if ev.get("kind") == "transfer_failed":
-        return f"{path} with {who}: {d.get('error')}"
-    if d.get("local"):
-        who = "me"
-    return f"{path} by {who}" if path else f"{who} {d.get('name', '')}".strip()
+def _event_line(ev: dict[str, Any]) -> str:
+    from node.notifications import render
+
+    when = time.strftime("%H:%M:%S", time.localtime(ev.get("at_ms", 0) / 1000))
+    kind = str(ev.get("kind", "?"))
+    return f"{ev.get('id'):>6} {when} {kind:<15} {render(kind, ev.get('data'), ev.get('labels'))}"
+
+
+def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
+    """What an `events` reply left out: newer ones past --limit, or older ones before the
+    default window. None when nothing was cut."""
+    page = EventsPage.from_json(res)
+    if page.more:
+        total = page.shown + page.newer
+        message = f"... {page.shown:,} of {total:,} shown; page with --since {page.last_id}"
+        return {"more": True, "shown": page.shown, "total": total,
+                "next_since": page.last_id, "message": message}
+    if since is None and page.older > 0:
+        total = page.shown + page.older
+        message = (f"... the newest {page.shown:,} of {total:,} shown; see the older ones "
+                   "with --since 0")
+        return {"more": True, "shown": page.shown, "total": total, "next_since": 0,
+                "message": message}
+    return None
 
 
 def main() -> None:

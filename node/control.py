@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ log = logging.getLogger("p2pfs.control")
 MAX_CONTROL_FRAME_BYTES = 4 * 1024 * 1024
 # AF_UNIX paths are limited to ~107 bytes; deeper home dirs get a socket in the temp dir
 MAX_SOCKET_PATH_LEN = 100
+STOP_NOTICE_TIMEOUT_S = 0.2
+NODE_STOPPING_MESSAGE = "the node stopped, so nothing more will come"
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
@@ -100,6 +103,13 @@ class ControlServer:
             await self._serve_one(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the CLI went away (Ctrl-C): the work it started goes on
+        except asyncio.CancelledError:
+            # close(): the node is stopping. Tell the client (a `node events --follow`
+            # waits here) and end quietly: a cancelled connection task is logged by
+            # asyncio's stream callback as an ERROR with a traceback.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                writer.write(frame(packb(_error_reply(NodeNotRunning(NODE_STOPPING_MESSAGE)))))
+                await asyncio.wait_for(writer.drain(), STOP_NOTICE_TIMEOUT_S)
         finally:
             self._clients.discard(task)
             writer.close()
@@ -142,6 +152,68 @@ class ControlServer:
             log.exception("control command failed")
             await send(_error_reply(
                 P2PError(f"internal error: {exc.__class__.__name__}: {exc}")))
+
+
+# -- typed replies ---------------------------------------------------------------------
+def _count(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"control reply field {key!r} must be a count")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    """The reply of `events` without --follow: what was sent, and what was left out."""
+
+    last_id: int  # the id of the last notification sent (the --since of the next page)
+    shown: int
+    older: int  # stored notifications before the first one sent
+    newer: int  # stored notifications after the last one sent (cut by the limit)
+
+    @property
+    def more(self) -> bool:
+        return self.newer > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"last_id": self.last_id, "shown": self.shown, "older": self.older,
+                "newer": self.newer, "more": self.more, "next_since": self.last_id}
+
+    @classmethod
+    def from_json(cls, obj: object) -> EventsPage:
+        if not isinstance(obj, dict):
+            raise ProtocolError("events reply must be a map")
+        return cls(_count(obj, "last_id"), _count(obj, "shown"), _count(obj, "older"),
+                   _count(obj, "newer"))
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    """The reply of `log`: the newest `limit` matching rows, oldest first, and the total."""
+
+    events: list[dict[str, Any]]
+    total: int
+    limit: int
+    limit_max: int
+
+    @property
+    def more(self) -> bool:
+        return self.total > len(self.events)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"events": self.events, "total": self.total, "more": self.more,
+                "limit": self.limit, "limit_max": self.limit_max}
+
+    @classmethod
+    def from_json(cls, obj: object) -> LogPage:
+        if isinstance(obj, list):  # a node of an older version: rows only
+            return cls(obj, len(obj), len(obj), len(obj))
+        if not isinstance(obj, dict) or not isinstance(obj.get("events"), list):
+            raise ProtocolError("log reply must be a map with a list of events")
+        rows = obj["events"]
+        if not all(isinstance(r, dict) for r in rows):
+            raise ProtocolError("log reply rows must be maps")
+        return cls(rows, _count(obj, "total"), _count(obj, "limit"), _count(obj, "limit_max"))
 
 
 def _error_reply(exc: P2PError) -> dict[str, Any]:

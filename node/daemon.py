@@ -25,8 +25,22 @@ from typing import Any
 
 from node.config import Settings, absolute_paths, port_option
 from node.contact import ContactRecord
-from node.control import ControlServer, Emit, socket_path_for
-from node.errors import NodeAlreadyRunning, P2PError, PeerUnreachable, PortUnavailable, UnknownPeer
+from node.control import (
+    NODE_STOPPING_MESSAGE,
+    ControlServer,
+    Emit,
+    EventsPage,
+    LogPage,
+    socket_path_for,
+)
+from node.errors import (
+    NodeAlreadyRunning,
+    NodeNotRunning,
+    P2PError,
+    PeerUnreachable,
+    PortUnavailable,
+    UnknownPeer,
+)
 from node.identity import Identity, PeerId, load_identity
 from node.peerbook import PeerBook
 from node.peering import Peering
@@ -53,7 +67,14 @@ DAEMON_STATE_FILE = "daemon.json"
 ONE_OFF_FOLDER = "_shared"
 MAX_ANNOUNCED_FILES = 1000
 LOCK_FILE = "daemon.lock"
-TRUST_WATCH_S = 0.2  # how often the trust store is checked for revocations (one PRAGMA)
+TRUST_WATCH_S = 0.2
+# `node events` without --since shows the newest few; a page is at most EVENTS_PAGE_MAX
+EVENTS_RECENT_DEFAULT = 100
+EVENTS_FOLLOW_BACKLOG = 10
+EVENTS_PAGE_DEFAULT = 1000
+EVENTS_PAGE_MAX = 10_000
+LOG_LIMIT_DEFAULT = 1000
+LOG_LIMIT_MAX = 10_000  # how often the trust store is checked for revocations (one PRAGMA)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -192,7 +213,7 @@ class Daemon:
         self.events = EventLog(self.home / "events.db")
         self._closers.append(_async(self.events.close))
         self.sharing = ShareService(
-            self.peering, received, notify=self.events.notify, label_for=self.label_for,
+            self.peering, received, notify=self.events.emit, label_for=self.label_for,
             resolve_shared=self._resolve_shared, default_transport=s.transport,
             targets=self._online_trusted,
         )
@@ -276,10 +297,11 @@ class Daemon:
         except P2PError as exc:
             log.warning("could not apply %s of %s/%s from %s: %s", event.kind, event.folder,
                         event.path, self.label_for(event.origin), exc)
-            self.events.notify("transfer_failed", {
-                "peer_id": str(event.origin), "peer": self.label_for(event.origin),
-                "paths": [f"{event.folder}/{event.path}"], "direction": "sync",
-                "error": str(exc)})
+            from node.notifications import TransferFailed
+
+            self.events.emit(TransferFailed(
+                peer_id=str(event.origin), direction="sync", error=str(exc),
+                paths=(f"{event.folder}/{event.path}",), event_id=event.id.hex()))
 
     def _gossip_peers(self) -> list[PeerId]:
         return [t.peer_id for t in self.trust.all() if self.book.get(t.peer_id) is not None]
@@ -586,37 +608,70 @@ class Daemon:
             raise P2PError("cancel needs a transfer id")
         return self.sharing.cancel(tid)
 
-    async def _cmd_log(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+    async def _cmd_log(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         from node.gossip.log import ms_from_text
 
         peer = self._peer_arg(args) if args.get("peer") else None
         since = args.get("since")
         since_ms = ms_from_text(since) if isinstance(since, str) and since else None
         glob = args.get("path") if isinstance(args.get("path"), str) else None
-        limit = max(1, min(int(args.get("limit") or 1000), 10000))
+        limit = max(1, min(int(args.get("limit") or LOG_LIMIT_DEFAULT), LOG_LIMIT_MAX))
+        events, total = self.events.query_page(peer, since_ms, glob, limit)
         rows = []
-        for ev in self.events.query(peer, since_ms, glob, limit):
+        for ev in events:
             row = ev.summary()
-            row["origin_label"] = ("me" if ev.origin == self.identity.peer_id
-                                   else self.label_for(ev.origin))
+            row["origin_label"] = self.peer_label(str(ev.origin))
             row["trusted"] = ev.origin == self.identity.peer_id or self.trust.is_trusted(
                 ev.origin)
             rows.append(row)
-        return rows
+        # the newest `limit` are shown: what was cut is older
+        return LogPage(rows, total, limit, LOG_LIMIT_MAX).to_json()
+
+    def peer_label(self, peer_id: str) -> str:
+        """The one label a peer gets in notifications and the log: "me", its alias, or
+        its short id (the same name its received folder has)."""
+        try:
+            pid = PeerId.parse(peer_id)
+        except P2PError:
+            return peer_id[:7]
+        return "me" if pid == self.identity.peer_id else self.label_for(pid)
+
+    def _note_json(self, note: Any) -> dict[str, Any]:
+        from node.errors import ProtocolError
+        from node.notifications import decode
+
+        out: dict[str, Any] = note.to_json()
+        try:
+            peers = decode(note.kind, note.data).peers()
+        except ProtocolError:
+            peers = ()
+        out["labels"] = {p: self.peer_label(p) for p in peers}
+        return out
 
     async def _cmd_events(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         follow = bool(args.get("follow"))
         since = args.get("since")
+        limit = args.get("limit")
+        limit = max(1, min(limit if isinstance(limit, int) else EVENTS_PAGE_DEFAULT,
+                           EVENTS_PAGE_MAX))
         last = self.events.last_notification_id
-        if not isinstance(since, int) or since < 0:
-            since = max(0, last - (10 if follow else 100))
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            since = max(0, last - (EVENTS_FOLLOW_BACKLOG if follow else EVENTS_RECENT_DEFAULT))
+        older = self.events.count_notifications(0) - self.events.count_notifications(since)
         sent = since
+        shown = 0
         while True:
-            for note in self.events.notifications(sent, 1000):
-                await emit(note.to_json())
+            batch = self.events.notifications(sent, EVENTS_PAGE_MAX if follow
+                                              else min(EVENTS_PAGE_MAX, limit - shown))
+            for note in batch:
+                await emit(self._note_json(note))
                 sent = note.id
+                shown += 1
             if not follow:
-                return {"last_id": sent}
+                return EventsPage(sent, shown, older,
+                                  self.events.count_notifications(sent)).to_json()
+            if self._stop.is_set():
+                raise NodeNotRunning(NODE_STOPPING_MESSAGE)
             await self.events.wait_for_notification(sent, timeout=30.0)
 
     def _peer_arg(self, args: dict[str, Any]) -> PeerId:

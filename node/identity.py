@@ -33,6 +33,7 @@ PUBKEY_LEN_BYTES = 32
 CHECKSUM_LEN_BYTES = 3
 PEER_ID_TEXT_LEN = 56
 GROUP_LEN = 7
+PEER_ID_GROUPED_LEN = PEER_ID_TEXT_LEN + PEER_ID_TEXT_LEN // GROUP_LEN - 1  # 63 with dashes
 DHT_ID_LEN_BYTES = 20
 KEY_FILE_NAME = "identity.key"
 KEY_FILE_VERSION = 1
@@ -46,6 +47,21 @@ def _checksum(pubkey: bytes) -> bytes:
     return nacl.hash.blake2b(
         pubkey, digest_size=CHECKSUM_LEN_BYTES, person=_CHECKSUM_PERSON, encoder=RawEncoder
     )
+
+
+def _typed_length(text: str) -> str:
+    """How long the id the user typed is, counted the way they typed it."""
+    typed = text.strip()
+    letters = len(normalize_id_text(typed))
+    if "-" in typed:
+        return f"this one has {len(typed)} with its dashes ({letters} without)"
+    return f"this one has {letters}"
+
+
+def is_full_length_id(text: str) -> bool:
+    """True when `text` has a full peer id's length and alphabet (checksum not checked)."""
+    compact = normalize_id_text(text)
+    return len(compact) == PEER_ID_TEXT_LEN and bool(_B32_CHARS.match(compact))
 
 
 def normalize_id_text(text: str) -> str:
@@ -83,15 +99,16 @@ class PeerId:
         """Parse a full peer id; raises IdentityError naming what is wrong."""
         compact = normalize_id_text(text)
         if len(compact) != PEER_ID_TEXT_LEN:
-            raise IdentityError(
-                f"a peer id has {PEER_ID_TEXT_LEN} characters (A-Z, 2-7), got {len(compact)}"
-            )
+            raise IdentityError(f"a peer id has {PEER_ID_TEXT_LEN} characters (A-Z, 2-7), "
+                                f"{PEER_ID_GROUPED_LEN} in the grouped form with dashes; "
+                                f"{_typed_length(text)}")
         if not _B32_CHARS.match(compact):
             raise IdentityError("a peer id uses only the letters A-Z and digits 2-7")
         raw = base64.b32decode(compact)
         key, check = raw[:PUBKEY_LEN_BYTES], raw[PUBKEY_LEN_BYTES:]
         if _checksum(key) != check:
-            raise IdentityError(f"peer id {text!r} has a bad checksum (mistyped?)")
+            raise IdentityError(f"{text.strip()!r} looks like a full peer id but its checksum "
+                                "does not match: a character is mistyped")
         return cls(key)
 
     @staticmethod

@@ -34,6 +34,7 @@ from node.errors import (
     UnknownPeer,
 )
 from node.identity import PeerId
+from node.notifications import FileReceived, Notice, TransferFailed
 from node.peering import Peering
 from node.transfer.session import (
     StopSignal,
@@ -55,7 +56,7 @@ RETRY_BACKOFF_S = 1.0
 RETRYABLE = (PeerUnreachable, ChannelClosed, asyncio.TimeoutError, ConnectionError)
 PROGRESS_MIN_INTERVAL_S = 0.2
 
-Notify = Callable[[str, dict[str, Any]], Any]
+Notify = Callable[[Notice], Any]
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -157,9 +158,9 @@ class ShareService:
         t.state = "cancelled" if isinstance(error, Cancelled) or (
             result is not None and result.state is TransferState.CANCELLED) else "failed"
         t.error = str(error) if error is not None else (result.error if result else "") or ""
-        self._notify("transfer_failed", {
-            "transfer_id": t.id, "direction": t.direction, "peer_id": str(t.peer),
-            "peer": t.label, "paths": t.paths, "state": t.state, "error": t.error})
+        self._notify(TransferFailed(peer_id=str(t.peer), direction=t.direction,
+                                    error=t.error or t.state, paths=tuple(t.paths),
+                                    state=t.state, transfer_id=t.id))
         log.warning("%s transfer %s with %s %s: %s", t.direction, t.id, t.label, t.state,
                     t.error)
 
@@ -289,10 +290,9 @@ class ShareService:
         if result.state is not TransferState.DONE:
             return
         for f in result.files:
-            self._notify("file_received", {
-                "peer_id": str(peer), "peer": t.label, "path": f.rel_path, "size": f.size,
-                "hash": f.root_hex, "saved_as": str(f.path) if f.path else "",
-                "transfer_id": t.id})
+            self._notify(FileReceived(peer_id=str(peer), path=f.rel_path, size=f.size,
+                                      hash=f.root_hex, saved_as=str(f.path) if f.path else "",
+                                      transfer_id=t.id))
             log.info("received %s (%s) from %s", f.rel_path, _human(f.size), t.label)
         if self._on_received is not None:
             await self._on_received(peer, result)
@@ -301,13 +301,18 @@ class ShareService:
         """A trusted peer asks for a file we announced (service "fetch")."""
         t = self._new("serve", channel.peer, [], channel.transport)
         result: TransferResult | None = None
+
+        def resolve(rel_path: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
+            t.paths = [rel_path]  # what was asked for, so a failure can name it
+            return self._resolve_shared(rel_path, root_hash)
+
         try:
-            result = await serve_fetch(channel, self._resolve_shared,
+            result = await serve_fetch(channel, resolve,
                                        progress=self._progress_fn(t, None), cancel=t.cancel)
         except P2PError as exc:
             self._finish(t, result, exc)
             return
-        t.paths = [f.rel_path for f in result.files]
+        t.paths = [f.rel_path for f in result.files] or t.paths
         self._finish(t, result, None)
 
     async def fetch(self, peer: PeerId, rel_path: str, root_hash: bytes | None, *,

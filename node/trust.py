@@ -14,6 +14,7 @@ ambiguous names. Imports identity and errors only.
 
 from __future__ import annotations
 
+import difflib
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -21,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import IdentityError, UnknownPeer
-from node.identity import PeerId, normalize_id_text, validate_name
+from node.identity import (
+    GROUP_LEN,
+    PEER_ID_TEXT_LEN,
+    PeerId,
+    normalize_id_text,
+    validate_name,
+)
 from node.statefiles import private_dir, private_file
 
 TRUST_DB_NAME = "trust.db"
@@ -121,12 +128,14 @@ def resolve_peer(text: str, known: Iterable[tuple[PeerId, Iterable[str]]]) -> Pe
     """Resolve a full id, a unique prefix (>= 4 chars) or an alias/name among `known` peers.
 
     `known` yields (peer id, names) pairs, names being aliases or advertised names.
+    A full-length id with a bad checksum says a character is mistyped; a text that
+    matches nothing says so and suggests close aliases.
     """
     text = text.strip()
     if not text:
         raise UnknownPeer("no peer given")
     compact = normalize_id_text(text)
-    if len(compact) == 56:
+    if len(compact) == PEER_ID_TEXT_LEN:
         try:
             return PeerId.parse(text)
         except IdentityError as exc:
@@ -141,15 +150,27 @@ def resolve_peer(text: str, known: Iterable[tuple[PeerId, Iterable[str]]]) -> Pe
     if len(by_alias) > 1:
         raise UnknownPeer(f"name {text!r} is ambiguous: {len(by_alias)} peers use it; "
                           "give a peer id prefix instead")
-    if not PeerId.looks_like_prefix(text):
-        raise UnknownPeer(f"{text!r} is neither a known name nor a peer id (A-Z, 2-7)")
-    if len(compact) < MIN_PREFIX_LEN:
-        raise UnknownPeer(f"peer id prefix {text!r} is too short; give at least "
-                          f"{MIN_PREFIX_LEN} characters")
-    matches = {pid for pid, _ in known_list if pid.compact.startswith(compact)}
-    if not matches:
-        raise UnknownPeer(f"no known peer matches {text!r}; give the full peer id")
+    matches: set[PeerId] = set()
+    if PeerId.looks_like_prefix(text) and len(compact) >= MIN_PREFIX_LEN:
+        matches = {pid for pid, _ in known_list if pid.compact.startswith(compact)}
     if len(matches) > 1:
         shown = ", ".join(sorted(p.short for p in matches))
         raise UnknownPeer(f"peer id prefix {text!r} is ambiguous ({shown}); type more of it")
-    return matches.pop()
+    if matches:
+        return matches.pop()
+    if PeerId.looks_like_prefix(text) and len(compact) > PEER_ID_TEXT_LEN - GROUP_LEN:
+        try:  # nearly a whole id: the length is what is wrong, say so
+            PeerId.parse(text)
+        except IdentityError as exc:
+            raise UnknownPeer(str(exc)) from None
+    raise UnknownPeer(no_match_message(text, [n for _pid, names in known_list for n in names]))
+
+
+def no_match_message(text: str, names: Iterable[str]) -> str:
+    """What to say when `text` names no known peer: close aliases, else how to name one."""
+    close = difflib.get_close_matches(text, sorted(set(names)), n=3, cutoff=0.6)
+    msg = f"no trusted peer or alias matches {text!r}"
+    if close:
+        return msg + "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return (msg + f"; give an alias, a peer id prefix (at least {MIN_PREFIX_LEN} characters) "
+            "or the full peer id")

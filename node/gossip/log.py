@@ -27,7 +27,8 @@ only (each call is a short local transaction). Tables:
   (AUTOINCREMENT, never rolled back without the row), so a client that
   reconnects with ``since=N`` can tell whether it missed something.
 
-Imports node.gossip.events, node.identity, node.wire and node.errors only; it
+Imports node.gossip.events, node.identity, node.notifications, node.wire and
+node.errors only; it
 must not import the engine, the service or any transport.
 """
 
@@ -46,16 +47,13 @@ from typing import Any
 from node.errors import ConfigError, LocalIOError, ProtocolError
 from node.gossip.events import MAX_SEQ, ChangeEvent, now_ms
 from node.identity import Identity, PeerId
+from node.notifications import NOTIFICATION_KINDS, Notice
 from node.statefiles import private_file
 from node.wire import packb, unpackb
 
 MISSING_BATCH_MAX = 256
 QUERY_LIMIT_MAX = 10_000
 NOTIFICATION_LIMIT_MAX = 10_000
-NOTIFICATION_KINDS = (
-    "file_shared", "file_updated", "file_deleted", "file_moved", "file_received",
-    "transfer_failed", "peer_joined", "peer_left", "event_rejected",
-)
 MAX_NOTIFICATION_BYTES = 8192
 # bounded audit/notification tables: old rows are pruned, ids keep counting up
 NOTIFICATIONS_KEEP = 100_000
@@ -487,6 +485,35 @@ class EventLog:
         out.reverse()
         return out
 
+    def query_page(self, peer: PeerId | None = None, since_ms: int | None = None,
+                   path_glob: str | None = None, limit: int = 100,
+                   include_relay_only: bool = False) -> tuple[list[ChangeEvent], int]:
+        """``query`` plus how many events match in all (so a caller can say what it cut)."""
+        limit = max(0, min(limit, QUERY_LIMIT_MAX))
+        where: list[str] = [] if include_relay_only else ["relay_only=0"]
+        args: list[Any] = []
+        if peer is not None:
+            where.append("origin=?")
+            args.append(peer.key)
+        if since_ms is not None:
+            where.append("wall_ms>=?")
+            args.append(since_ms)
+        sql = "SELECT raw, path, old_path FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY wall_ms DESC, lamport DESC"
+        out: list[ChangeEvent] = []
+        total = 0
+        for raw, path, old_path in self._db.execute(sql, args):
+            if path_glob is not None and not (fnmatch.fnmatchcase(path, path_glob) or (
+                    old_path and fnmatch.fnmatchcase(old_path, path_glob))):
+                continue
+            total += 1
+            if len(out) < limit:
+                out.append(ChangeEvent.decode(raw))
+        out.reverse()
+        return out, total
+
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
@@ -548,6 +575,15 @@ class EventLog:
         return event
 
     # -- notifications ---------------------------------------------------------
+    def emit(self, notice: Notice) -> int:
+        """Store one typed notification (node/notifications.py); returns its id."""
+        return self.notify(notice.KIND, notice.encode())
+
+    def count_notifications(self, since_id: int = 0) -> int:
+        """How many stored notifications have id > since_id."""
+        return int(self._db.execute("SELECT COUNT(*) FROM notifications WHERE id>?",
+                                    (since_id,)).fetchone()[0])
+
     def notify(self, kind: str, data: dict[str, Any]) -> int:
         """Append a notification; returns its id (previous id + 1)."""
         if kind not in NOTIFICATION_KINDS:

@@ -46,6 +46,13 @@ from node.gossip.engine import (
 from node.gossip.events import ChangeEvent, Heartbeat
 from node.gossip.log import EventLog
 from node.identity import Identity, PeerId
+from node.notifications import (
+    EventRejected,
+    PeerJoined,
+    PeerLeft,
+    TransferFailed,
+    file_change,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,6 @@ TICK_MAX_S = 0.25
 STOP_CANCEL_RETRY_S = 0.5
 REJECT_NOTIFY_WINDOW_S = 60.0
 REJECT_NOTIFY_MAX_PER_WINDOW = 20
-NOTIFY_KIND = {"created": "file_shared", "shared": "file_shared", "modified": "file_updated",
-               "deleted": "file_deleted", "moved": "file_moved"}
 
 
 class Channel(Protocol):
@@ -160,7 +165,7 @@ class GossipService:
         """Sign, log, notify and gossip a change of our own shared folder."""
         event = self.log.append_local(self.identity, kind=kind, folder=folder, path=path,
                                       size=size, hash=hash, old_path=old_path)
-        self.log.notify(NOTIFY_KIND[kind], {**event.summary(), "local": True})
+        self.log.emit(file_change(event, local=True))
         self.engine.set_peers(self._peers())
         self._dispatch(self.engine.publish(event, time.time()))
         return event
@@ -207,8 +212,8 @@ class GossipService:
             elif isinstance(action, Reject):
                 self._rejected(action)
             elif isinstance(action, PresenceChanged) and action.trusted:
-                self.log.notify("peer_joined" if action.online else "peer_left",
-                                    {"peer": str(action.peer), "name": action.name})
+                presence = PeerJoined if action.online else PeerLeft
+                self.log.emit(presence(str(action.peer), action.name))
 
     def _accepted(self, action: Accept) -> None:
         event = action.event
@@ -218,14 +223,11 @@ class GossipService:
             log.info("relaying event %s#%d from untrusted origin without acting on it",
                      event.origin.short, event.seq)
             return
-        data = event.summary()
-        data["via"] = str(action.via) if action.via else ""
-        self.log.notify(NOTIFY_KIND[event.kind], data)
+        self.log.emit(file_change(event, via=action.via))
         try:
             self._apply_queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.log.notify("transfer_failed", {"event": event.id.hex(), "path": event.path,
-                                                "reason": "sync queue full"})
+            self._apply_failed(event, "sync queue full")
 
     def _rejected(self, action: Reject) -> None:
         now = time.monotonic()
@@ -237,13 +239,11 @@ class GossipService:
             return  # a flood from one peer: the audit table has the rows, the stream does not
         log.warning("rejected event from %s: %s",
                     action.via.short if action.via else "?", action.reason)
-        self.log.notify("event_rejected", {
-            "reason": action.reason[:300],
-            "via": str(action.via) if action.via else "",
-            "origin": str(action.origin) if action.origin else "",
-            "seq": action.seq if action.seq is not None else -1,
-            "event": action.event_id.hex() if action.event_id else "",
-        })
+        self.log.emit(EventRejected(
+            reason=action.reason[:300], via=str(action.via) if action.via else "",
+            origin=str(action.origin) if action.origin else "",
+            seq=action.seq if action.seq is not None else -1,
+            event_id=action.event_id.hex() if action.event_id else ""))
 
     # -- tasks ------------------------------------------------------------------------
     async def _ticker(self) -> None:
@@ -264,17 +264,17 @@ class GossipService:
                 await self._on_event(event)
             except P2PError as exc:
                 log.warning("could not apply %s %s: %s", event.kind, event.path, exc)
-                self.log.notify("transfer_failed", {"event": event.id.hex(),
-                                                    "origin": str(event.origin),
-                                                    "path": event.path, "reason": str(exc)})
+                self._apply_failed(event, str(exc))
             except OSError as exc:
                 log.warning("could not apply %s %s: %s", event.kind, event.path, exc)
-                self.log.notify("transfer_failed", {"event": event.id.hex(),
-                                                    "origin": str(event.origin),
-                                                    "path": event.path,
-                                                    "reason": f"local I/O: {exc}"})
+                self._apply_failed(event, f"local I/O: {exc}")
             except Exception:  # a bug in one apply must not stop every later sync
                 log.exception("applying %s %s failed unexpectedly", event.kind, event.path)
+
+    def _apply_failed(self, event: ChangeEvent, error: str) -> None:
+        self.log.emit(TransferFailed(peer_id=str(event.origin), direction="sync", error=error,
+                                     paths=(f"{event.folder}/{event.path}",),
+                                     event_id=event.id.hex()))
 
     def _link(self, peer: PeerId) -> _Link:
         link = self._links.get(peer)

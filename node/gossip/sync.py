@@ -40,6 +40,7 @@ from node.errors import IntegrityError, LocalIOError
 from node.gossip.events import ChangeEvent
 from node.gossip.log import EventLog
 from node.identity import PeerId
+from node.notifications import FileReceived
 from node.transfer.paths import (
     PARTIAL_SUFFIX,
     VERSIONS_DIR_NAME,
@@ -121,10 +122,10 @@ class SyncEngine:
         if event.kind == "moved":
             self._applied[(event.origin.key, event.folder, event.old_path)] = event.seq
         if self._log is not None and outcome in (SyncOutcome.FETCHED, SyncOutcome.COPIED):
-            data = event.summary()
-            data["how"] = outcome.value
-            data["local_path"] = str(self.target_for(event))
-            self._log.notify("file_received", data)
+            self._log.emit(FileReceived(
+                peer_id=str(event.origin), path=event.path, size=event.size,
+                hash=event.hash.hex(), saved_as=str(self.target_for(event)),
+                folder=event.folder, event_id=event.id.hex(), how=outcome.value))
         return outcome
 
     # -- kinds ------------------------------------------------------------------------

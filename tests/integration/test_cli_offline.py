@@ -37,7 +37,7 @@ def test_trust_untrust_trusted(tmp_path) -> None:
     assert run("trust", str(other), "--home", home, "--name", "bob").exit_code == 0
     rows = json.loads(run("trusted", "--home", home, "--json").output)
     assert [(r["peer_id"], r["alias"]) for r in rows] == [(str(other), "bob")]
-    bad = run("trust", str(other)[:-1] + "Q", "--home", home)
+    bad = run("trust", str(other)[:-1] + ("Q" if str(other)[-1] != "Q" else "R"), "--home", home)
     assert bad.exit_code != 0
     assert run("untrust", "bob", "--home", home).exit_code == 0
     assert json.loads(run("trusted", "--home", home, "--json").output) == []
@@ -79,3 +79,45 @@ def test_start_help_shows_the_default_ports() -> None:
     assert res.exit_code == 0
     for default in ("8471", "8472", "8473", "8468", "P+3"):
         assert default in res.output, (default, res.output)
+
+
+def test_trust_with_a_typo_says_what_is_wrong(tmp_path) -> None:
+    home = str(tmp_path)
+    run("init", "--home", home)
+    other = str(Identity.generate("bob").peer_id)
+    typo = other[:3] + ("A" if other[3] != "A" else "B") + other[4:]
+    res = run("trust", typo, "--home", home)
+    assert res.exit_code != 0
+    out = " ".join(res.output.split())
+    assert "looks like a full peer id but its checksum does not match" in out, out
+    assert "not a full peer id" not in out and "56-character" not in out
+    short = run("trust", other[:-1], "--home", home)  # grouped, one character missing
+    assert "has 62 with its dashes" in " ".join(short.output.split()), short.output
+    assert run("trust", other, "--home", home, "--name", "bob").exit_code == 0
+    near = run("trust", "bbo", "--home", home, "--name", "b2")
+    assert near.exit_code != 0
+    assert "did you mean 'bob'?" in " ".join(near.output.split()), near.output
+
+
+def test_retrust_under_a_new_alias_keeps_received_files_together(tmp_path) -> None:
+    home = tmp_path / "h"
+    run("init", "--home", str(home))
+    bob = Identity.generate("bob").peer_id
+    assert run("trust", str(bob), "--home", str(home), "--name", "bob").exit_code == 0
+    (home / "received" / "bob" / "docs").mkdir(parents=True)
+    (home / "received" / "bob" / "docs" / "a.txt").write_text("kept")
+    res = run("trust", str(bob), "--home", str(home), "--name", "robert")
+    assert res.exit_code == 0, res.output
+    assert "moved the files received from it" in res.output
+    assert (home / "received" / "robert" / "docs" / "a.txt").read_text() == "kept"
+    assert not (home / "received" / "bob").exists()
+    # back to no alias: the folder follows to the short id
+    assert run("trust", str(bob), "--home", str(home)).exit_code == 0
+    assert (home / "received" / bob.short / "docs" / "a.txt").read_text() == "kept"
+    # the target exists already: nothing is merged, the user is told where things are
+    (home / "received" / "rob").mkdir()
+    res = run("trust", str(bob), "--home", str(home), "--name", "rob")
+    assert res.exit_code == 0
+    said = " ".join(res.output.split())
+    assert "files received from it so far stay in" in said and "nothing was moved" in said
+    assert (home / "received" / bob.short / "docs" / "a.txt").exists()

@@ -534,7 +534,7 @@ def test_full_disk_is_reported_and_leaves_no_finished_file(tn: Net) -> None:
     failed = [e for e in events_of(net, "n4") if e["kind"] == "transfer_failed"]
     assert failed and want in failed[-1]["data"]["error"], failed
     sender_failed = [e for e in events_of(net, "n1") if e["kind"] == "transfer_failed"
-                     and e["data"].get("peer") == "n4"]
+                     and e.get("labels", {}).get(e["data"].get("peer_id", "")) == "n4"]
     assert sender_failed, "the sender shows no transfer_failed notification"
 
 

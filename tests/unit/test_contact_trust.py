@@ -4,7 +4,7 @@ import pytest
 
 from node.contact import ContactRecord
 from node.errors import IdentityError, ProtocolError, UnknownPeer
-from node.identity import Identity, PeerId
+from node.identity import PEER_ID_GROUPED_LEN, Identity, PeerId, normalize_id_text
 from node.trust import TrustStore, resolve_peer
 
 
@@ -55,9 +55,9 @@ def test_trust_store_and_resolution(tmp_path) -> None:
     assert resolve_peer("alice", known) == a.peer_id
     assert resolve_peer(b.peer_id.compact[:6].lower(), known) == b.peer_id
     assert resolve_peer(str(b.peer_id), []) == b.peer_id
-    with pytest.raises(UnknownPeer, match="too short"):
+    with pytest.raises(UnknownPeer, match="no trusted peer or alias matches 'AB'"):
         resolve_peer("AB", known)
-    with pytest.raises(UnknownPeer, match="no known peer"):
+    with pytest.raises(UnknownPeer, match="no trusted peer or alias matches"):
         resolve_peer("QQQQQQ" if not a.peer_id.compact.startswith("QQ") else "RRRRRR", [])
     with pytest.raises(UnknownPeer, match="checksum"):
         bad = b.peer_id.compact[:-1] + ("A" if b.peer_id.compact[-1] != "A" else "B")
@@ -78,3 +78,44 @@ def test_ambiguous_prefix() -> None:
     with pytest.raises(UnknownPeer, match="ambiguous"):
         resolve_peer(pid.compact[:4], [(pid, []), (other, [])])
     assert resolve_peer(pid.compact[:20], [(pid, []), (other, [])]) == pid
+
+
+def _typo(pid: PeerId) -> str:
+    """The grouped id with one character (not a dash) changed."""
+    text = str(pid)
+    return text[:3] + ("A" if text[3] != "A" else "B") + text[4:]
+
+
+def test_full_id_with_a_typo_says_checksum_not_length() -> None:
+    pid = Identity.generate().peer_id
+    for typed in (_typo(pid), normalize_id_text(_typo(pid)).lower()):
+        with pytest.raises(UnknownPeer) as info:
+            resolve_peer(typed, [])
+        msg = str(info.value)
+        assert "looks like a full peer id but its checksum does not match" in msg, msg
+        assert "mistyped" in msg and "prefix" not in msg
+
+
+def test_wrong_length_counts_characters_as_typed() -> None:
+    pid = Identity.generate().peer_id
+    grouped = str(pid)
+    assert len(grouped) == PEER_ID_GROUPED_LEN == 63
+    with pytest.raises(IdentityError, match=r"63 in the grouped form.*has 62 with its dashes "
+                                            r"\(55 without\)"):
+        PeerId.parse(grouped[:-1])
+    with pytest.raises(UnknownPeer, match=r"has 62 with its dashes"):
+        resolve_peer(grouped[:-1], [])
+    with pytest.raises(IdentityError, match=r"this one has 57$"):
+        PeerId.parse(pid.compact + "A")
+
+
+def test_short_unknown_name_suggests_close_aliases() -> None:
+    a, b = Identity.generate(), Identity.generate()
+    known = [(a.peer_id, ["bob"]), (b.peer_id, ["carol"])]
+    with pytest.raises(UnknownPeer) as info:
+        resolve_peer("bbo", known)
+    msg = str(info.value)
+    assert msg == "no trusted peer or alias matches 'bbo'; did you mean 'bob'?"
+    with pytest.raises(UnknownPeer, match="no trusted peer or alias matches 'zzzzzz'; give an "
+                                          "alias, a peer id prefix"):
+        resolve_peer("zzzzzz" if not a.peer_id.compact.startswith("ZZ") else "yyyyyy", known)
