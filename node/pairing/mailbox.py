@@ -81,13 +81,13 @@ class MailboxClient:
         if 200 <= status < 300:
             return payload
         text = str(payload.get("error", ""))[:MAX_ERROR_TEXT_LEN]
-        reason = payload.get("reason")
-        if status == 410 and reason == "failed":
+        why = payload.get("reason")
+        if status == 410 and why == "failed":
             raise WrongCode()
-        if status == 410 and reason == "expired":
+        if status == 410 and why == "expired":
             raise CodeExpired("this code has expired; make a new one with `node invite`")
-        if (status == 410 and reason == "used") or (status == 409 and reason == "used") \
-                or status == 404 and path.startswith("/pair/") and reason == "unknown":
+        if (status == 410 and why == "used") or (status == 409 and why == "used") \
+                or status == 404 and path.startswith("/pair/") and why == "unknown":
             raise CodeUsed("this code was already used, or never existed (each code works "
                            "once); make a new one with `node invite`")
         if status == 404:

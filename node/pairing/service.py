@@ -188,3 +188,12 @@ class PairingService:
             "verification": verification_words(self.identity.public_key, offer.peer_id.key),
             "my_fingerprint": self.identity.peer_id.fingerprint,
         }
+
+
+def parse_ttl(value: Any) -> float:
+    """The control API's ``expires_s``: seconds, or the default when absent."""
+    if value is None:
+        return float(DEFAULT_INVITE_TTL_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError("--expires must be a number of seconds")
+    return float(value)
