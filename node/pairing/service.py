@@ -102,23 +102,28 @@ class PairingService:
 
     async def accept(self, text: str, *, alias: str = "", rendezvous: str | None = None,
                      emit: Emit) -> dict[str, Any]:
+        started = time.monotonic()
         code = parse_code(text)
         alias = self._check_alias(alias)
         async with MailboxClient(self._url(rendezvous)) as mailbox:
             token, expires_at = await mailbox.claim(code.nameplate)
             deadline = min(expires_at, time.time() + self.exchange_timeout_s)
-            return await self._run(mailbox, code, token, SIDE_B, alias, deadline, emit)
+            result = await self._run(mailbox, code, token, SIDE_B, alias, deadline, emit)
+        result["accept_ms"] = round((time.monotonic() - started) * 1000, 1)
+        return result
 
     async def _run(self, mailbox: MailboxClient, code: Code, token: str, side: str,
                    alias: str, deadline: float, emit: Emit) -> dict[str, Any]:
         pake = PakeSide(code, side, self._entropy)
         failed, release = True, True
+        met_at = 0.0
         try:
             await mailbox.post(code.nameplate, token, "pake", pake.outbound)
             step = Step.SENT_PAKE
             inbox: list[tuple[str, bytes]] = []
             theirs = await self._wait_for(mailbox, code, token, inbox, "pake", deadline, emit)
             step = Step.GOT_PAKE
+            met_at = time.monotonic()
             await emit({"type": "connected"})
             deadline = time.time() + self.exchange_timeout_s
             keys = pake.finish(theirs)
@@ -146,7 +151,10 @@ class PairingService:
                 with contextlib.suppress(P2PError):
                     await mailbox.release(code.nameplate, token, failed=failed)
         log.info("pairing on nameplate %d: %s", code.nameplate, step.value)
-        return self._adopt(offer, alias)
+        result = self._adopt(offer, alias)
+        # from the moment both PAKE messages were here to this side trusting the other
+        result["exchange_ms"] = round((time.monotonic() - met_at) * 1000, 1)
+        return result
 
     async def _wait_for(self, mailbox: MailboxClient, code: Code, token: str,
                         inbox: list[tuple[str, bytes]], phase: str, deadline: float,
