@@ -10,12 +10,13 @@ HTTP API (JSON; binary bodies are base64; every error is ``{"error", "reason"}``
   posts each phase once, at most MAX_MESSAGE_BYTES.
 * ``GET /pair/{nameplate}/fetch?after=K&wait=S`` (header ``X-Pair-Token``): the other
   side's messages after the first K, waiting up to S seconds for one to arrive.
-* ``POST /pair/{nameplate}/release`` ``{"token", "outcome": "ok"|"failed"}``.
+* ``POST /pair/{nameplate}/release`` ``{"token", "outcome": "ok"|"failed"|"cancelled"}``.
 
 The mailbox forgets a nameplate's messages once both sides have fetched both boxes (the
 first complete exchange), when either side reports a failed PAKE, and at expiry; a
-forgotten nameplate answers 410 with ``reason`` ``used``, ``failed`` or ``expired`` until
-its expiry has passed, so the other side learns why. Per source address, allocations,
+forgotten nameplate answers 410 with ``reason`` ``used``, ``failed``, ``expired`` or
+``cancelled`` (the inviter gave up: its CLI was interrupted) for TOMBSTONE_KEEP_S after
+it is forgotten, so the other side learns why. Per source address, allocations,
 claims (the guessing budget) and fetches each spend a token bucket (429).
 
 The server sees only nameplates, SPAKE2 messages and ciphertext, never a code's words, a
@@ -67,6 +68,7 @@ class Gone(Enum):
     USED = "used"
     FAILED = "failed"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
 
 class MailboxError(Exception):
@@ -134,7 +136,8 @@ class MailboxStore:
         if stone is not None:
             text = {Gone.USED: "this code was already used",
                     Gone.FAILED: "a wrong code was tried on this nameplate; it is closed",
-                    Gone.EXPIRED: "this code has expired"}[stone.reason]
+                    Gone.EXPIRED: "this code has expired",
+                    Gone.CANCELLED: "this code was cancelled"}[stone.reason]
             raise MailboxError(410, text, stone.reason.value)
         raise MailboxError(404, "no such code (expired, used or never made)", "unknown")
 
@@ -186,7 +189,8 @@ class MailboxStore:
                 self._forget(number, Gone.USED, now)
         return out
 
-    def release(self, number: int, token: str, failed: bool, now: float) -> None:
+    def release(self, number: int, token: str, failed: bool, now: float, *,
+                cancelled: bool = False) -> None:
         stone = self._gone.get(number)
         if failed and stone is not None and stone.reason is Gone.USED:
             # both boxes were fetched, then a side found the MAC wrong: say so to latecomers
@@ -196,7 +200,9 @@ class MailboxStore:
             return
         plate = self._get(number, now)
         plate.side_of(token)
-        if failed:
+        if cancelled:
+            self._forget(number, Gone.CANCELLED, now)
+        elif failed:
             self._forget(number, Gone.FAILED, now)
         elif len(plate.fetched_box) == 2 or "B" not in plate.tokens:
             self._forget(number, Gone.USED, now)
@@ -354,9 +360,10 @@ async def handle_release(request: web.Request, box: Mailbox) -> dict[str, Any]:
     number = _nameplate(request)
     body = await _body(request)
     outcome = body.get("outcome")
-    if outcome not in ("ok", "failed"):
-        raise MailboxError(400, "outcome must be 'ok' or 'failed'", "outcome")
-    box.store.release(number, _token(body.get("token")), outcome == "failed", time.time())
+    if outcome not in ("ok", "failed", "cancelled"):
+        raise MailboxError(400, "outcome must be 'ok', 'failed' or 'cancelled'", "outcome")
+    box.store.release(number, _token(body.get("token")), outcome == "failed", time.time(),
+                      cancelled=outcome == "cancelled")
     return {"ok": True}
 
 

@@ -84,6 +84,8 @@ class MailboxClient:
         why = payload.get("reason")
         if status == 410 and why == "failed":
             raise WrongCode()
+        if status == 410 and why == "cancelled":
+            raise CodeExpired("the inviter cancelled this code; ask for a new one")
         if status == 410 and why == "expired":
             raise CodeExpired("this code has expired; make a new one with `node invite`")
         if (status == 410 and why == "used") or (status == 409 and why == "used") \
@@ -133,9 +135,11 @@ class MailboxClient:
                 raise ProtocolError(f"rendezvous {self.url} sent a malformed message") from None
         return out
 
-    async def release(self, nameplate: int, token: str, *, failed: bool) -> None:
+    async def release(self, nameplate: int, token: str, *, failed: bool,
+                      cancelled: bool = False) -> None:
+        outcome = "cancelled" if cancelled else "failed" if failed else "ok"
         await self._request("POST", f"/pair/{nameplate}/release",
-                            body={"token": token, "outcome": "failed" if failed else "ok"})
+                            body={"token": token, "outcome": outcome})
 
 
 def _token(value: Any, url: str) -> str:

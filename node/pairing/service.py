@@ -13,6 +13,7 @@ book adder); the daemon wires it. Imports node.pairing, identity, contact, trust
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -48,6 +49,7 @@ EXCHANGE_TIMEOUT_S = 30.0
 # a long poll lasts at most this; between polls the CLI gets a heartbeat (a CLI gone
 # away, Ctrl-C, ends the invitation within one poll)
 POLL_WAIT_S = 5.0
+RELEASE_TIMEOUT_S = 2.0
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -115,7 +117,7 @@ class PairingService:
     async def _run(self, mailbox: MailboxClient, code: Code, token: str, side: str,
                    alias: str, deadline: float, emit: Emit) -> dict[str, Any]:
         pake = PakeSide(code, side, self._entropy)
-        failed, release = True, True
+        failed, release, cancelled = True, True, False
         met_at = 0.0
         try:
             await mailbox.post(code.nameplate, token, "pake", pake.outbound)
@@ -146,10 +148,17 @@ class PairingService:
         except ProtocolError as exc:
             log.warning("pairing on nameplate %d failed: %s", code.nameplate, exc)
             raise
+        except (ConnectionError, asyncio.CancelledError):
+            # the CLI went away (Ctrl-C) or the node stops: the code dies with it
+            log.info("pairing on nameplate %d cancelled", code.nameplate)
+            cancelled = True
+            raise
         finally:
             if release:
-                with contextlib.suppress(P2PError):
-                    await mailbox.release(code.nameplate, token, failed=failed)
+                with contextlib.suppress(P2PError, OSError, asyncio.CancelledError):
+                    await asyncio.wait_for(mailbox.release(code.nameplate, token,
+                                                           failed=failed, cancelled=cancelled),
+                                           RELEASE_TIMEOUT_S)
         log.info("pairing on nameplate %d: %s", code.nameplate, step.value)
         result = self._adopt(offer, alias)
         # from the moment both PAKE messages were here to this side trusting the other

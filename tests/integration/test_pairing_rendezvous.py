@@ -270,3 +270,18 @@ async def test_claims_are_rate_limited_per_address(tmp_path: Path) -> None:
             assert refused == 4
     finally:
         await runner.cleanup()
+
+
+async def test_an_interrupted_invite_cancels_its_code(tmp_path: Path,
+                                                      real: tuple[str, MailboxStore]) -> None:
+    url, store = real
+    a, b = Side(tmp_path, "alice", url), Side(tmp_path, "bob", url)
+    inviting = asyncio.ensure_future(a.service.invite(ttl_s=60, emit=a.emit))
+    code = await asyncio.wait_for(a.codes.get(), 10)
+    inviting.cancel()  # what a Ctrl-C'd CLI (ConnectionError on emit) also leads to
+    with pytest.raises(asyncio.CancelledError):
+        await inviting
+    assert len(store) == 0
+    with pytest.raises(CodeExpired, match="cancelled"):
+        await b.service.accept(code, emit=b.emit)
+    assert b.trust.all() == []
