@@ -225,7 +225,7 @@ class Daemon:
 
         self.pairing = PairingService(
             self.identity, self.trust, record=lambda: self.record,
-            add_record=lambda record: self.book.add(record, "manual") and None,
+            add_record=lambda record: self.book.add(record, "manual"),
             rendezvous=list(self.settings.bootstrap))
 
     # -- glue between watchers, gossip, sync and transfers ------------------------------

@@ -64,7 +64,7 @@ class Step(Enum):
 class PairingService:
     def __init__(self, identity: Identity, trust: TrustStore, *,
                  record: Callable[[], ContactRecord | None],
-                 add_record: Callable[[ContactRecord], None],
+                 add_record: Callable[[ContactRecord], object],
                  rendezvous: list[str], entropy: Entropy = os.urandom,
                  exchange_timeout_s: float = EXCHANGE_TIMEOUT_S) -> None:
         self.identity = identity
