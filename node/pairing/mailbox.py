@@ -85,7 +85,8 @@ class MailboxClient:
         if status == 410 and why == "failed":
             raise WrongCode()
         if status == 410 and why == "cancelled":
-            raise CodeExpired("the inviter cancelled this code; ask for a new one")
+            raise CodeExpired("the other side gave up on this code (interrupted or timed out); "
+                              "make a new one with `node invite`")
         if status == 410 and why == "expired":
             raise CodeExpired("this code has expired; make a new one with `node invite`")
         if (status == 410 and why == "used") or (status == 409 and why == "used") \

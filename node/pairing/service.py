@@ -148,6 +148,9 @@ class PairingService:
         except ProtocolError as exc:
             log.warning("pairing on nameplate %d failed: %s", code.nameplate, exc)
             raise
+        except PairingError:
+            cancelled = True  # a timeout: the other side is told we gave up, not "wrong code"
+            raise
         except (ConnectionError, asyncio.CancelledError):
             # the CLI went away (Ctrl-C) or the node stops: the code dies with it
             log.info("pairing on nameplate %d cancelled", code.nameplate)

@@ -244,9 +244,11 @@ async def test_dropped_messages_time_out_and_trust_nobody(tmp_path: Path) -> Non
         a = Side(tmp_path, "alice", url, exchange_timeout_s=1.0)
         b = Side(tmp_path, "bob", url, exchange_timeout_s=1.0)
         ra, rb = await pair(a, b)
-        # each side times out, or learns from the mailbox that the nameplate is gone
+        # the first side to time out cancels the code, so the other may learn that from the
+        # mailbox instead of timing out itself; neither is told "wrong code"
         assert isinstance(ra, PairingError) and isinstance(rb, PairingError)
-        assert all("stopped answering" in str(r) for r in (ra, rb))
+        assert any("stopped answering" in str(r) for r in (ra, rb))
+        assert all("stopped answering" in str(r) or "gave up" in str(r) for r in (ra, rb))
         assert a.trust.all() == [] and b.trust.all() == []
     finally:
         await runner.cleanup()
@@ -282,6 +284,41 @@ async def test_an_interrupted_invite_cancels_its_code(tmp_path: Path,
     with pytest.raises(asyncio.CancelledError):
         await inviting
     assert len(store) == 0
-    with pytest.raises(CodeExpired, match="cancelled"):
+    with pytest.raises(CodeExpired, match="gave up"):
         await b.service.accept(code, emit=b.emit)
     assert b.trust.all() == []
+
+
+async def test_bad_requests_get_clear_errors_and_change_nothing(
+        tmp_path: Path, real: tuple[str, MailboxStore]) -> None:
+    import aiohttp
+
+    url, store = real
+    async with MailboxClient(url) as client:
+        number, token, _ = await client.allocate(60)
+    before = (len(store), store.version)
+    cases: list[tuple[str, str, Any, dict[str, str], int]] = [
+        ("POST", "/pair/allocate", {"ttl_s": 10**9}, {}, 400),
+        ("POST", "/pair/allocate", "not an object", {}, 400),
+        ("POST", f"/pair/{number}/post", {"token": token, "phase": "pake",
+                                          "body": "!!not base64!!"}, {}, 400),
+        ("POST", f"/pair/{number}/post", {"token": token, "phase": "pake",
+                                          "body": "A" * 20000}, {}, 413),
+        ("POST", f"/pair/{number}/post", {"token": "0" * 32, "phase": "pake",
+                                          "body": ""}, {}, 403),
+        ("POST", f"/pair/{number}/post", {"phase": "pake", "body": ""}, {}, 403),
+        ("POST", "/pair/abc/claim", {}, {}, 400),
+        ("POST", "/pair/99999999/claim", {}, {}, 400),
+        ("GET", f"/pair/{number}/fetch?after=x", None, {"X-Pair-Token": token}, 400),
+        ("GET", f"/pair/{number}/fetch", None, {}, 403),
+        ("POST", f"/pair/{number}/release", {"token": token, "outcome": "maybe"}, {}, 400),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for method, path, body, headers, status in cases:
+            data = None if body is None else __import__("json").dumps(body)
+            async with session.request(method, url + path, data=data,
+                                       headers=headers) as resp:
+                payload = await resp.json()
+                assert resp.status == status, (path, body, payload)
+                assert isinstance(payload.get("error"), str) and payload["error"]
+    assert (len(store), store.version) == before

@@ -6,6 +6,8 @@ import hashlib
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.contact import ContactRecord
 from node.errors import ProtocolError
@@ -178,3 +180,23 @@ def test_verification_words_are_the_same_on_both_sides() -> None:
     assert words == verification_words(y, x)
     assert len(words.split("-")) == 3
     assert words != verification_words(x, Identity.generate().public_key)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=120))
+def test_parse_code_raises_only_bad_code(text: str) -> None:
+    try:
+        code = parse_code(text)
+    except BadCode:
+        return
+    assert parse_code(str(code)) == code
+
+
+def test_a_box_cut_or_flipped_anywhere_is_refused() -> None:
+    alice = Identity.generate("alice")
+    ka, kb = keys_for(CODE, CODE)
+    box = seal(ka, alice, "alice", ContactRecord.create(alice, ["127.0.0.1"], {"tcp": 9}, 1))
+    for i in range(len(box)):
+        for bad in (box[:i], box[:i] + bytes([box[i] ^ 0x80]) + box[i + 1:]):
+            with pytest.raises((ProtocolError, WrongCode)):
+                open_box(kb, bad)
