@@ -322,3 +322,14 @@ async def test_bad_requests_get_clear_errors_and_change_nothing(
                 assert resp.status == status, (path, body, payload)
                 assert isinstance(payload.get("error"), str) and payload["error"]
     assert (len(store), store.version) == before
+
+
+async def test_no_rendezvous_configured_is_a_config_error(tmp_path: Path) -> None:
+    from node.errors import ConfigError
+
+    a = Side(tmp_path, "alice", "http://127.0.0.1:1")
+    a.service._rendezvous = []
+    with pytest.raises(ConfigError, match="--bootstrap URL or pass --rendezvous"):
+        await a.service.invite(emit=a.emit)
+    with pytest.raises(ConfigError, match="--rendezvous"):
+        await a.service.accept("7-crossover-eyetooth", emit=a.emit)
