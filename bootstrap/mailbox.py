@@ -52,6 +52,7 @@ DEFAULT_TTL_S = 600
 MIN_TTL_S = 5
 MAX_TTL_S = 3600
 MAX_WAIT_S = 30.0
+BODY_TIMEOUT_S = 10.0
 # a forgotten nameplate keeps only its number and why, this long, so a late side is told
 # "used", "failed" or "expired" instead of "unknown"
 TOMBSTONE_KEEP_S = 600.0
@@ -261,7 +262,14 @@ def _limit(limiter: RateLimiter, request: web.Request, what: str) -> None:
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
         raise MailboxError(413, f"request body over {MAX_REQUEST_BYTES} bytes", "size")
-    raw = await request.content.read(MAX_REQUEST_BYTES + 1)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            raw = await request.read()  # the app's client_max_size bounds what is buffered
+    except TimeoutError:
+        raise MailboxError(408, f"request body not received within {BODY_TIMEOUT_S:g} s",
+                           "timeout") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise MailboxError(413, f"request body over {MAX_REQUEST_BYTES} bytes", "size") from None
     if len(raw) > MAX_REQUEST_BYTES:
         raise MailboxError(413, f"request body over {MAX_REQUEST_BYTES} bytes", "size")
     if not raw:

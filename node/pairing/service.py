@@ -49,7 +49,7 @@ EXCHANGE_TIMEOUT_S = 30.0
 # a long poll lasts at most this; between polls the CLI gets a heartbeat (a CLI gone
 # away, Ctrl-C, ends the invitation within one poll)
 POLL_WAIT_S = 5.0
-RELEASE_TIMEOUT_S = 2.0
+RELEASE_TIMEOUT_S = 1.0
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
