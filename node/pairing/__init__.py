@@ -34,8 +34,12 @@ class CodeExpired(PairingError):
     """The code's time ran out before the other side used it."""
 
 
+class CodeCancelled(PairingError):
+    """The other side gave up on the code (its CLI was interrupted, or it timed out)."""
+
+
 class CodeUsed(PairingError):
     """The code was already used (or never existed): each code works once."""
 
 
-__all__ = ["CodeExpired", "CodeUsed", "PairingError", "WrongCode"]
+__all__ = ["CodeCancelled", "CodeExpired", "CodeUsed", "PairingError", "WrongCode"]

@@ -3,7 +3,7 @@
 Everything the mailbox says is untrusted: answers are size-capped and shape-checked,
 and nothing it relays is believed until the PAKE confirmation checks out (protocol.py).
 Refusals map to the pairing errors once, here: 410 ``failed`` -> WrongCode, ``used`` or
-an unknown nameplate -> CodeUsed, ``expired`` -> CodeExpired; a network failure or 5xx
+an unknown nameplate -> CodeUsed, ``expired`` -> CodeExpired, ``cancelled`` -> CodeCancelled; a network failure or 5xx
 -> PeerUnreachable naming the URL; any other 4xx -> ProtocolError.
 Imports errors and node.pairing only; must not import the server module.
 """
@@ -19,7 +19,7 @@ import aiohttp
 
 from node.config import is_bootstrap_url
 from node.errors import PeerUnreachable, ProtocolError
-from node.pairing import CodeExpired, CodeUsed, WrongCode
+from node.pairing import CodeCancelled, CodeExpired, CodeUsed, WrongCode
 
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_MESSAGES = 4
@@ -85,7 +85,7 @@ class MailboxClient:
         if status == 410 and why == "failed":
             raise WrongCode()
         if status == 410 and why == "cancelled":
-            raise CodeExpired("the other side gave up on this code (interrupted or timed out); "
+            raise CodeCancelled("the other side gave up on this code (interrupted or timed out); "
                               "make a new one with `node invite`")
         if status == 410 and why == "expired":
             raise CodeExpired("this code has expired; make a new one with `node invite`")
