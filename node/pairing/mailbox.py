@@ -3,8 +3,9 @@
 Everything the mailbox says is untrusted: answers are size-capped and shape-checked,
 and nothing it relays is believed until the PAKE confirmation checks out (protocol.py).
 Refusals map to the pairing errors once, here: 410 ``failed`` -> WrongCode, ``used`` or
-an unknown nameplate -> CodeUsed, ``expired`` -> CodeExpired, ``cancelled`` -> CodeCancelled; a network failure or 5xx
--> PeerUnreachable naming the URL; any other 4xx -> ProtocolError.
+an unknown nameplate -> CodeUsed, ``expired`` -> CodeExpired, ``cancelled`` ->
+CodeCancelled; a network failure or 5xx -> PeerUnreachable naming the URL; any other
+4xx -> ProtocolError.
 Imports errors and node.pairing only; must not import the server module.
 """
 
