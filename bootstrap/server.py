@@ -545,6 +545,9 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
     app.router.add_delete("/register/{device_id}", handle_unregister)
     app.router.add_get("/peers", handle_peers)
     app.router.add_get("/health", handle_health)
+    from bootstrap.mailbox import add_mailbox_routes
+
+    add_mailbox_routes(app)  # the pairing mailbox: /pair/* (bootstrap/mailbox.py)
     return app
 
 

@@ -359,8 +359,9 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         return
     table = Table("peer", "name", "trusted", "address", "transports", "last seen", "source")
     for r in rows:
+        via = f" ({r['added_via']})" if r.get("added_via") else ""
         table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
-                      "yes" if r["trusted"] else "no", ",".join(r["hosts"]),
+                      ("yes" + via) if r["trusted"] else "no", ",".join(r["hosts"]),
                       " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
                       ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"])
     out.print(table)
@@ -391,8 +392,14 @@ def trust(
     home: HomeOpt = None,
     name: Annotated[str, typer.Option("--name", "-n", help="Local alias for the peer.")] = "",
 ) -> None:
-    """Trust a peer: it may open channels, send files and sync with this node."""
+    """Trust a peer: it may open channels, send files and sync with this node.
+    PEER may also be a pairing code from `node invite` (the same as `node accept CODE`)."""
     h = _home(home)
+    from node.pairing.code import looks_like_code
+
+    if looks_like_code(peer):
+        _accept(home, peer, name, None, as_json=False)
+        return
     try:
         peer_id = PeerId.parse(peer)
     except P2PError as exc:
@@ -485,11 +492,95 @@ def trusted(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if not rows:
         out.print("no trusted peers; add one with `node trust PEER_ID --name NAME`")
         return
-    table = Table("peer id", "alias", "fingerprint", "since")
+    table = Table("peer id", "alias", "fingerprint", "since", "added via")
     for r in rows:
         table.add_row(r["peer_id"], r["alias"] or "-", r["fingerprint"],
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["added_at"])))
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["added_at"])),
+                      r.get("added_via", "id"))
     out.print(table)
+
+
+# ---------------------------------------------------------------------------- pairing
+
+RendezvousOpt = Annotated[
+    str | None,
+    typer.Option("--rendezvous", help="Pairing mailbox URL (default: the node's first "
+                                      "--bootstrap server)."),
+]
+
+
+def _print_paired(res: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(res)
+        return
+    label = f" as {res['alias']!r}" if res.get("alias") else ""
+    out.print(f"paired: now trusting {res['peer_id']}{label} "
+              f"(calls itself {res.get('name') or '-'!r})")
+    out.print(f"its fingerprint:   {res['fingerprint']}")
+    out.print(f"verification:      {res['verification']}  (the other device shows the same "
+              "words; compare them if you like)")
+
+
+@app.command()
+@handle_errors
+def invite(
+    home: HomeOpt = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Local alias for the peer that "
+                                                           "accepts.")] = "",
+    expires: Annotated[str, typer.Option("--expires", help="How long the code works: 90s, "
+                                                           "10m, 1h.")] = "10m",
+    rendezvous: RendezvousOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a one-time pairing code and wait until another device runs `node accept CODE`;
+    then both trust each other. A wrong code trusts nobody."""
+    from node.pairing.code import parse_duration_s
+
+    try:
+        expires_s = parse_duration_s(expires)
+    except ValueError as exc:
+        raise ConfigError(f"option --expires: {exc}") from None
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev.get("type") != "code":
+            return
+        if as_json:
+            sys.stdout.write(json.dumps({"event": ev}) + "\n")
+            sys.stdout.flush()
+            return
+        left = max(0.0, float(ev.get("expires_at", 0)) - time.time())
+        out.print(f"pairing code: [bold]{escape(str(ev['code']))}[/]", markup=True)
+        out.print(f"on the other device run: node accept {ev['code']}   "
+                  f"(works once, for {left / 60:.0f} min)")
+        sys.stdout.flush()
+
+    res = _call(home, "invite", {"name": name, "expires_s": expires_s,
+                                 "rendezvous": rendezvous}, on_event=on_event)
+    _print_paired(res, as_json)
+
+
+def _accept(home: Path | None, code: str, name: str, rendezvous: str | None, *,
+            as_json: bool) -> None:
+    from node.pairing.code import parse_code
+
+    parse_code(code)  # a mistyped code is said before asking the node
+    res = _call(home, "accept", {"code": code, "name": name, "rendezvous": rendezvous})
+    _print_paired(res, as_json)
+
+
+@app.command()
+@handle_errors
+def accept(
+    code: Annotated[str, typer.Argument(help="The code `node invite` printed, e.g. "
+                                             "7-crossover-eyetooth.")],
+    home: HomeOpt = None,
+    name: Annotated[str, typer.Option("--name", "-n", help="Local alias for the inviting "
+                                                           "peer.")] = "",
+    rendezvous: RendezvousOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Use a pairing code from `node invite`: both devices trust each other."""
+    _accept(home, code, name, rendezvous, as_json=as_json)
 
 
 @app.command()

@@ -183,6 +183,7 @@ class Daemon:
 
         self.record = self._new_record()
         await self._start_services()
+        self._start_pairing()
         self._register_control()
         await self.control.start()
         self._closers.append(self.control.close)
@@ -238,6 +239,15 @@ class Daemon:
             changes = await watcher.start(scan=True)
             log.info("sharing folder %s as %r (%d change(s) since last run)", folder, label,
                      len(changes))
+
+    def _start_pairing(self) -> None:
+        """`node invite` / `node accept`: SPAKE2 codes through the bootstrap mailbox."""
+        from node.pairing.service import PairingService
+
+        self.pairing = PairingService(
+            self.identity, self.trust, record=lambda: self.record,
+            add_record=lambda record: self.book.add(record, "manual"),
+            rendezvous=list(self.settings.bootstrap))
 
     # -- glue between watchers, gossip, sync and transfers ------------------------------
     def label_for(self, peer: PeerId) -> str:
@@ -511,6 +521,8 @@ class Daemon:
         c.register("cancel", self._cmd_cancel)
         c.register("log", self._cmd_log)
         c.register("events", self._cmd_events)
+        c.register("invite", self._cmd_invite)
+        c.register("accept", self._cmd_accept)
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {
@@ -533,9 +545,24 @@ class Daemon:
         self._refresh_presence()
         out = []
         for pid, entry in sorted(self.book.entries().items(), key=lambda kv: kv[0].key):
-            out.append(entry.to_json(alias=self.trust.alias_of(pid),
-                                     trusted=self.trust.is_trusted(pid)))
+            row = entry.to_json(alias=self.trust.alias_of(pid),
+                                trusted=self.trust.is_trusted(pid))
+            added = self.trust.get(pid)
+            row["added_via"] = added.added_via if added is not None else ""
+            out.append(row)
         return out
+
+    async def _cmd_invite(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        from node.pairing.service import parse_ttl
+
+        return await self.pairing.invite(
+            alias=_text_arg(args, "name"), ttl_s=parse_ttl(args.get("expires_s")),
+            rendezvous=_text_arg(args, "rendezvous") or None, emit=emit)
+
+    async def _cmd_accept(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.pairing.accept(
+            _text_arg(args, "code"), alias=_text_arg(args, "name"),
+            rendezvous=_text_arg(args, "rendezvous") or None, emit=emit)
 
     async def _cmd_lookup(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         peer = self._peer_arg(args)
@@ -679,6 +706,15 @@ class Daemon:
         if not isinstance(text, str):
             raise UnknownPeer("no peer given")
         return self.resolve(text)
+
+
+def _text_arg(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise P2PError(f"{key} must be text")
+    return value
 
 
 def received_folder(path: Path) -> Path:

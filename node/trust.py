@@ -33,6 +33,8 @@ from node.statefiles import private_dir, private_file
 
 TRUST_DB_NAME = "trust.db"
 MIN_PREFIX_LEN = 4
+# how a peer was added: `node trust PEER_ID` or a pairing code (`node invite`/`accept`)
+ADDED_VIA = ("id", "invite")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class TrustedPeer:
     peer_id: PeerId
     alias: str
     added_at: float
+    added_via: str = "id"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +50,7 @@ class TrustedPeer:
             "alias": self.alias,
             "fingerprint": self.peer_id.fingerprint,
             "added_at": self.added_at,
+            "added_via": self.added_via,
         }
 
 
@@ -60,6 +64,14 @@ class TrustStore:
             "CREATE TABLE IF NOT EXISTS trusted ("
             " peer_key BLOB PRIMARY KEY, alias TEXT NOT NULL DEFAULT '', added_at REAL NOT NULL)"
         )
+        # additive migration: stores made before pairing existed were all filled by id
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(trusted)")}
+        if "added_via" not in columns:
+            try:
+                self._db.execute(
+                    "ALTER TABLE trusted ADD COLUMN added_via TEXT NOT NULL DEFAULT 'id'")
+            except sqlite3.OperationalError:  # another process migrated it a moment ago
+                pass
 
     @classmethod
     def in_home(cls, home: Path) -> TrustStore:
@@ -68,7 +80,10 @@ class TrustStore:
     def close(self) -> None:
         self._db.close()
 
-    def trust(self, peer_id: PeerId, alias: str = "") -> TrustedPeer:
+    def trust(self, peer_id: PeerId, alias: str = "", *, added_via: str = "id") -> TrustedPeer:
+        """Trust a peer (again: the alias changes, when and how it was first added stay)."""
+        if added_via not in ADDED_VIA:
+            raise ValueError(f"added_via must be one of {ADDED_VIA}")
         alias = validate_name(alias)
         if alias:
             if PeerId.looks_like_prefix(alias) and len(normalize_id_text(alias)) >= 52:
@@ -81,9 +96,9 @@ class TrustStore:
                 raise IdentityError(f"alias {alias!r} already names {PeerId(clash[0])}")
         now = time.time()
         self._db.execute(
-            "INSERT INTO trusted(peer_key, alias, added_at) VALUES (?, ?, ?)"
+            "INSERT INTO trusted(peer_key, alias, added_at, added_via) VALUES (?, ?, ?, ?)"
             " ON CONFLICT(peer_key) DO UPDATE SET alias = excluded.alias",
-            (peer_id.key, alias, now),
+            (peer_id.key, alias, now, added_via),
         )
         found = self.get(peer_id)
         assert found is not None
@@ -109,15 +124,16 @@ class TrustStore:
 
     def get(self, peer_id: PeerId) -> TrustedPeer | None:
         row = self._db.execute(
-            "SELECT peer_key, alias, added_at FROM trusted WHERE peer_key = ?", (peer_id.key,)
+            "SELECT peer_key, alias, added_at, added_via FROM trusted WHERE peer_key = ?",
+            (peer_id.key,)
         ).fetchone()
-        return TrustedPeer(PeerId(row[0]), row[1], row[2]) if row else None
+        return TrustedPeer(PeerId(row[0]), row[1], row[2], row[3]) if row else None
 
     def all(self) -> list[TrustedPeer]:
         rows = self._db.execute(
-            "SELECT peer_key, alias, added_at FROM trusted ORDER BY added_at"
+            "SELECT peer_key, alias, added_at, added_via FROM trusted ORDER BY added_at"
         ).fetchall()
-        return [TrustedPeer(PeerId(k), a, t) for k, a, t in rows]
+        return [TrustedPeer(PeerId(k), a, t, v) for k, a, t, v in rows]
 
     def alias_of(self, peer_id: PeerId) -> str:
         found = self.get(peer_id)
