@@ -165,6 +165,7 @@ class Daemon:
         self._register_control()
         await self.control.start()
         self._closers.append(self.control.close)
+        await self._start_gui()
         self._spawn(self._dht_join())
         self._spawn(self._watch_trust())
         for url in s.bootstrap:
@@ -624,6 +625,74 @@ class Daemon:
         if not isinstance(text, str):
             raise UnknownPeer("no peer given")
         return self.resolve(text)
+
+    # ------------------------------------------------------------------ dashboard
+    async def _start_gui(self) -> None:
+        """The commands only the dashboard uses so far, and the dashboard itself
+        (node/gui), which drives the node through `self.control.dispatch` alone."""
+        c = self.control
+        c.register("gui", self._cmd_gui)
+        c.register("folders", self._cmd_folders)
+        c.register("trust", self._cmd_trust)
+        c.register("untrust", self._cmd_untrust)
+        self.gui: Any = None
+        s = self.settings
+        if not s.gui_port:
+            return
+        from node.gui.server import GuiServer
+
+        gui = GuiServer(c.dispatch, home=self.home, host=s.gui_host, port=s.gui_port,
+                        commands=c.commands)
+        try:
+            await gui.start()
+        except PortUnavailable as exc:
+            raise exc.naming(port_option("gui", bad_address=exc.bad_address)) from None
+        self._closers.append(gui.stop)
+        self.gui = gui
+
+    async def _cmd_gui(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        if self.gui is None:
+            from node.errors import ConfigError
+
+            raise ConfigError("the dashboard is off (gui_port = 0); start the node with "
+                              "--gui-port P (config key gui_port)")
+        return dict(self.gui.info())
+
+    async def _cmd_folders(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        """The --share folders: one-way, send-only, watched (no pause or rescan yet)."""
+        out = []
+        for watcher in getattr(self, "watchers", []):
+            files, size = watcher.index.totals()  # one COUNT on an indexed table
+            out.append({"label": watcher.label, "path": str(watcher.folder), "kind": "share",
+                        "mode": "send-only", "state": "watching" if watcher.running
+                        else "stopped", "files": files, "bytes": size})
+        return out
+
+    async def _cmd_trust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`node trust` for the dashboard. It writes through a connection of its own, as
+        the CLI does, so `_watch_trust` sees every change the same way."""
+        peer = self._peer_arg(args)
+        if peer == self.identity.peer_id:
+            raise UnknownPeer("that is this node's own id")
+        name = args.get("name") or ""
+        if not isinstance(name, str):
+            raise UnknownPeer("an alias must be a string")
+        store = TrustStore.in_home(self.home)
+        try:
+            return store.trust(peer, name).to_json()
+        finally:
+            store.close()
+
+    async def _cmd_untrust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        peer = self._peer_arg(args)
+        store = TrustStore.in_home(self.home)
+        try:
+            removed = store.untrust(peer)
+        finally:
+            store.close()
+        if not removed:
+            raise UnknownPeer(f"{peer.short} was not trusted")
+        return {"peer_id": str(peer), "trusted": False}
 
 
 def received_folder(path: Path) -> Path:
