@@ -60,17 +60,23 @@ function ago(ts) {
 
 function yesNo(v) { return el("span", { class: v ? "yes" : "no" }, v ? "yes" : "no"); }
 
-function fill(table, rows, emptyId) {
-  const body = $(`${table} tbody`);
-  body.replaceChildren(...rows);
-  $(emptyId).hidden = rows.length > 0;
+// a table is rebuilt only when its data changed: a button under the pointer stays put
+const shown = {};
+
+function fill(table, data, render, emptyId) {
+  const key = JSON.stringify(data);
+  if (shown[table] === key) return;
+  shown[table] = key;
+  $(`${table} tbody`).replaceChildren(...data.map(render));
+  $(emptyId).hidden = data.length > 0;
 }
 
 // -- pages -------------------------------------------------------------------------
 
 async function refreshPeers() {
   const peers = await api("GET", "/api/peers");
-  fill("#peers-table", peers.map((p) => el("tr", { dataset: { peerId: p.peer_id } },
+  const now = Math.floor(Date.now() / 10000);  // "last seen" text moves on every 10 s
+  fill("#peers-table", peers.map((p) => ({ ...p, now })), (p) => el("tr", { dataset: { peerId: p.peer_id } },
     el("td", {}, p.alias || p.name || "-"),
     el("td", { class: "id", title: p.peer_id }, p.short_id),
     el("td", { class: "trusted" }, yesNo(p.trusted)),
@@ -81,7 +87,7 @@ async function refreshPeers() {
     el("td", {}, p.trusted
       ? el("button", { class: "secondary untrust", onclick: () => untrust(p.peer_id) }, "Untrust")
       : el("button", { class: "trust", onclick: () => trust(p.peer_id, p.name || "") }, "Trust")),
-  )), "#peers-empty");
+  ), "#peers-empty");
 }
 
 async function trust(peer, name) {
@@ -96,15 +102,15 @@ async function untrust(peer) {
 
 async function refreshFolders() {
   const folders = await api("GET", "/api/folders");
-  fill("#folders-table", folders.map((f) => el("tr", { dataset: { label: f.label } },
+  fill("#folders-table", folders, (f) => el("tr", { dataset: { label: f.label } },
     el("td", {}, f.label), el("td", { class: "id" }, f.path), el("td", {}, f.mode),
     el("td", {}, f.state), el("td", {}, f.files), el("td", {}, size(f.bytes)),
-  )), "#folders-empty");
+  ), "#folders-empty");
 }
 
 async function refreshTransfers() {
   const rows = await api("GET", "/api/transfers");
-  fill("#transfers-table", rows.map((t) => {
+  fill("#transfers-table", rows, (t) => {
     const pct = t.bytes_total > 0 ? Math.floor((100 * t.bytes_done) / t.bytes_total)
       : (t.state === "done" ? 100 : 0);
     return el("tr", { dataset: { transferId: t.id, state: t.state } },
@@ -117,7 +123,7 @@ async function refreshTransfers() {
       el("td", {}, `${size(t.rate_bps)}/s`),
       el("td", {}, t.state === "running"
         ? el("button", { class: "secondary cancel", onclick: () => cancel(t.id) }, "Cancel") : ""));
-  }), "#transfers-empty");
+  }, "#transfers-empty");
 }
 
 async function cancel(id) {
@@ -135,12 +141,12 @@ async function searchLog(ev) {
   q.set("limit", "500");
   const rows = await act(() => api("GET", `/api/log?${q}`));
   if (!rows) return;
-  fill("#log-table", rows.map((r) => el("tr", {},
+  fill("#log-table", rows, (r) => el("tr", {},
     el("td", {}, new Date(r.wall_ms).toLocaleString()), el("td", {}, r.origin_label),
     el("td", {}, r.seq), el("td", {}, r.kind), el("td", {}, r.folder),
     el("td", {}, r.old_path ? `${r.old_path} -> ${r.path}` : r.path),
     el("td", {}, r.kind === "deleted" ? "" : size(r.size)),
-  )), "#log-empty");
+  ), "#log-empty");
 }
 
 // -- events: server-sent, rendered generically from whatever JSON a kind carries ----------
