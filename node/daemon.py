@@ -112,6 +112,7 @@ class Daemon:
         self.control = ControlServer(socket_path_for(self.home))
         self._bootstrap_clients: list[Any] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._trusted_seen: set[PeerId] = set()  # see _watch_trust
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -350,7 +351,9 @@ class Daemon:
         import sqlite3
 
         version = self.trust.data_version()
-        trusted = self.trust.trusted_ids()
+        # what the last check saw; the dashboard's trust/untrust (our own connection, so
+        # no data_version change) keep it current too
+        self._trusted_seen = self.trust.trusted_ids()
         while True:
             await asyncio.sleep(TRUST_WATCH_S)
             try:
@@ -362,7 +365,7 @@ class Daemon:
                 log.debug("trust store not readable right now: %s", exc)
                 continue
             version = now
-            revoked, trusted = trusted - current, current
+            revoked, self._trusted_seen = self._trusted_seen - current, current
             await asyncio.gather(*(self.peering.revoke(peer) for peer in revoked))
 
     # ------------------------------------------------------------------ records
@@ -669,29 +672,28 @@ class Daemon:
         return out
 
     async def _cmd_trust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """`node trust` for the dashboard. It writes through a connection of its own, as
-        the CLI does, so `_watch_trust` sees every change the same way."""
+        """`node trust` for the dashboard, through the daemon's own store connection: a
+        second connection to trust.db in this process would be unsafe (closing any fd of
+        a database file drops this process's POSIX locks on it, and another process may
+        then delete the WAL under us: "database disk image is malformed")."""
         peer = self._peer_arg(args)
         if peer == self.identity.peer_id:
             raise UnknownPeer("that is this node's own id")
         name = args.get("name") or ""
         if not isinstance(name, str):
             raise UnknownPeer("an alias must be a string")
-        store = TrustStore.in_home(self.home)
-        try:
-            return store.trust(peer, name).to_json()
-        finally:
-            store.close()
+        entry = self.trust.trust(peer, name)
+        self._trusted_seen.add(peer)
+        return entry.to_json()
 
     async def _cmd_untrust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`node untrust`: the peer's open channels close now (as `_watch_trust` does for
+        an untrust from another process)."""
         peer = self._peer_arg(args)
-        store = TrustStore.in_home(self.home)
-        try:
-            removed = store.untrust(peer)
-        finally:
-            store.close()
-        if not removed:
+        if not self.trust.untrust(peer):
             raise UnknownPeer(f"{peer.short} was not trusted")
+        self._trusted_seen.discard(peer)
+        await self.peering.revoke(peer)
         return {"peer_id": str(peer), "trusted": False}
 
 

@@ -4,13 +4,17 @@ Node A's dashboard is driven by the browser; node B is its peer. One testnet and
 browser serve the whole module. Every wait is a WebDriverWait (or the harness's
 wait_until) on a condition; a `window.__stay` marker set before an action and read
 after proves the page changed without a reload. A screenshot of each page is written
-under the module's temp dir (the path is printed).
+under the module's temp dir (the path is printed), or in $P2PFS_SCREENSHOT_DIR.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +49,19 @@ def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     root = tmp_path_factory.mktemp("dashboard")
     with Testnet(root / "net", gui=True) as net:
         net.start_bootstrap(ttl_s=60)
-        net.add_nodes(["A", "B"])
+        docs = root / "docs"
+        docs.mkdir()
+        (docs / "plan.txt").write_text("the plan\n")
+        net.add_node("A", share=[docs], start=False)
+        net.add_node("B", start=False)
+        net.start_many(["A", "B"])
         net.wait_all_see_each_other(["A", "B"], timeout=JOIN_TIMEOUT_S)
         # B trusts A; A does not trust B yet (the page does that)
         net.cli("B", "trust", net.peer_id("A"), "--name", "A", json=False)
         url = net.gui_url("A")
-        shots = root / "screenshots"
-        shots.mkdir()
+        # P2PFS_SCREENSHOT_DIR keeps them (docs/dashboard.png is one of them)
+        shots = Path(os.environ.get("P2PFS_SCREENSHOT_DIR") or root / "screenshots")
+        shots.mkdir(parents=True, exist_ok=True)
         data = root / "data"
         data.mkdir()
         print(f"dashboard screenshots in {shots}")
@@ -220,12 +230,39 @@ def test_a_new_event_appears_without_reload(browser: Any, tn: Net) -> None:
 
 def test_folders_and_log_pages_render(browser: Any, tn: Net) -> None:
     _open(browser, tn, "folders")
-    _wait(browser, lambda d: d.find_element("id", "folders-empty").is_displayed(),
-          "A shares no --share folder, and says so")
+
+    def docs_row(d: Any) -> list[str] | None:
+        rows = [r for r in _css(d, "#folders-table tbody tr")
+                if r.get_attribute("data-label") == "docs"]
+        return [c.text for c in rows[0].find_elements("tag name", "td")] if rows else None
+
+    cells = _wait(browser, docs_row, "A's --share folder is listed")
+    assert cells[2:5] == ["send-only", "watching", "1"]  # mode, state, files in the index
     browser.save_screenshot(str(tn.shots / "folders.png"))
     _open(browser, tn, "log")
     _wait(browser, lambda d: any("note.txt" in r.text for r in
-                                 _css(d, "#log-table tbody tr")) or
-          d.find_element("id", "log-empty").is_displayed(), "the log search answered")
+                                 _css(d, "#log-table tbody tr")), "the log lists the share")
+    browser.find_element("id", "log-path").send_keys("docs*")
+    browser.find_element("css selector", "#log-form button").click()
+    _wait(browser, lambda d: not any("note.txt" in r.text for r in
+                                     _css(d, "#log-table tbody tr")), "the search filters")
     browser.save_screenshot(str(tn.shots / "log.png"))
-    assert {p.name for p in tn.shots.iterdir()} >= {"folders.png", "log.png"}
+
+
+def test_untrust_through_the_api_with_curl_style_bearer(tn: Net) -> None:
+    """The API the page uses works without a browser; DELETE untrusts in the node."""
+    _trust_a_to_b(tn)
+    token = (tn.net.node("A").home / "gui.token").read_text().strip()
+    b_id = tn.net.peer_id("B")
+    request = urllib.request.Request(f"{tn.base}api/trust/{b_id}", method="DELETE",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=WAIT_S) as r:
+        assert r.status == 200 and json.loads(r.read())["trusted"] is False
+    assert not any(normalize_peer_id(t["peer_id"]) == normalize_peer_id(b_id)
+                   for t in tn.net.cli("A", "trusted"))
+    res = tn.net.cli("A", "ping", "B", "--count", "1", json=False, check=False)
+    assert res.returncode != 0 and "trust" in res.stderr.lower()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{tn.base}api/peers", timeout=WAIT_S)
+    refused.value.close()
+    assert refused.value.code == 401

@@ -153,7 +153,9 @@ async function searchLog(ev) {
 
 function describe(ev) {
   const d = (ev && typeof ev.data === "object" && ev.data) ? ev.data : ev;
-  const who = d.peer || d.origin_label || (d.origin || d.peer_id || "").slice(0, 7);
+  let who = String(d.peer || d.origin_label || d.origin || d.peer_id || "");
+  if (who.length > 20) who = who.slice(0, 7);  // a full peer id: its short form
+  if (d.name && who) who = `${d.name} (${who})`;
   const path = d.path || (Array.isArray(d.paths) ? d.paths.join(",") : "");
   const parts = [];
   if (path) parts.push(path);
