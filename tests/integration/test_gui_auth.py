@@ -173,6 +173,12 @@ async def test_bearer_works_for_curl_without_csrf(gui: Gui) -> None:
             assert r.status == 200
         async with http.get(f"{gui.base}/api/session", headers=bearer) as r:
             assert (await r.json())["csrf_token"] is None
+        async with http.post(f"{gui.base}/api/transfers/t1/cancel", headers=bearer) as r:
+            assert r.status == 200
+        async with http.delete(f"{gui.base}/api/trust/bob", headers=bearer) as r:
+            assert r.status == 200
+    assert ("cancel", {"id": "t1"}) in gui.node.calls
+    assert ("untrust", {"peer": "bob"}) in gui.node.calls
 
 
 async def test_share_answers_once_started_and_refuses_bad_paths(gui: Gui,
