@@ -283,8 +283,9 @@ def start(
     share: Annotated[list[Path], typer.Option(
         "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
     port: Annotated[int | None, typer.Option(
-        "--port", "-p", help="Base port P: TCP P, UDP P+1, QUIC P+2, DHT P+3 (a --*-port "
-                             "given on its own wins; 0 = any free ports).")] = None,
+        "--port", "-p", help="Base port P: TCP P, UDP P+1, QUIC P+2, DHT P+3, dashboard "
+                             "P+4 (a --*-port given on its own wins; 0 = any free ports "
+                             "and no dashboard).")] = None,
     tcp_port: Annotated[int | None, typer.Option(
         help=f"TCP transport port (default {Settings.tcp_port}).")] = None,
     udp_port: Annotated[int | None, typer.Option(
@@ -293,6 +294,12 @@ def start(
         help=f"QUIC transport port, UDP (default {Settings.quic_port}).")] = None,
     dht_port: Annotated[int | None, typer.Option(
         help=f"Kademlia DHT port, UDP (default {Settings.dht_port}).")] = None,
+    gui_port: Annotated[int | None, typer.Option(
+        help=f"Dashboard port on --gui-host (default {Settings.gui_port}; 0 = no "
+             "dashboard). `node gui` prints its address.")] = None,
+    gui_host: Annotated[str | None, typer.Option(
+        help="Address the dashboard listens on (default 127.0.0.1: this machine only).")]
+    = None,
     listen_host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     advertise_host: Annotated[str | None, typer.Option(
         help="Address to advertise to peers (default: the listen address).")] = None,
@@ -306,7 +313,9 @@ def start(
         "bootstrap": bootstrap_url, "bootstrap_peers": bootstrap_peer,
         "shared_dirs": [str(p) for p in share],
         **port_overrides(port, {"tcp_port": tcp_port, "udp_port": udp_port,
-                                "quic_port": quic_port, "dht_port": dht_port}),
+                                "quic_port": quic_port, "dht_port": dht_port,
+                                "gui_port": gui_port}),
+        "gui_host": gui_host,
         "listen_host": listen_host, "advertise_host": advertise_host,
         "received_dir": str(received_dir) if received_dir else None,
         "transport": transport, "log_level": log_level,
@@ -317,6 +326,18 @@ def start(
     from node.daemon import run_daemon
 
     run_daemon(settings)
+
+
+@app.command()
+@handle_errors
+def gui(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the address of the running node's dashboard, with its token (HOME/gui.token,
+    mode 0600: whoever has the address can drive the node)."""
+    info = _call(home, "gui")
+    if as_json:
+        _print_json(info)
+        return
+    out.print(f"dashboard: {info['url']}")
 
 
 @app.command()

@@ -28,7 +28,8 @@ TRANSPORTS = ("tcp", "udp", "quic")
 ENV_PREFIX = "P2PFS_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # `--port P` sets every port of the node, each one given on its own wins
-PORT_OFFSETS = {"tcp_port": 0, "udp_port": 1, "quic_port": 2, "dht_port": 3}
+# (the dashboard's gui_port too: P+4, and `--port 0` turns the dashboard off)
+PORT_OFFSETS = {"tcp_port": 0, "udp_port": 1, "quic_port": 2, "dht_port": 3, "gui_port": 4}
 MAX_PORT = 65535
 
 
@@ -54,6 +55,9 @@ class Settings:
     log_level: str = "INFO"
     # UDP transport datagram size (bytes); loopback can go far larger
     udp_datagram_bytes: int = 1452
+    # the local dashboard (node/gui): TCP port on gui_host, 0 = no dashboard
+    gui_port: int = 8474
+    gui_host: str = "127.0.0.1"
 
     @property
     def control_socket(self) -> Path:
@@ -150,8 +154,9 @@ def is_bootstrap_url(url: str) -> bool:
 
 
 def port_overrides(port: int | None, given: Mapping[str, int | None]) -> dict[str, int | None]:
-    """The port flags of `node start`: `--port P` gives tcp P, udp P+1, quic P+2 and
-    dht P+3, except where a port is given on its own (in `given`, None = not given)."""
+    """The port flags of `node start`: `--port P` gives tcp P, udp P+1, quic P+2, dht
+    P+3 and the dashboard P+4, except where a port is given on its own (in `given`,
+    None = not given). `--port 0` means any free ports, and no dashboard."""
     span = max(PORT_OFFSETS.values())
     if port is not None and not 0 <= port <= MAX_PORT - span:
         raise ConfigError(f"option --port must be 0-{MAX_PORT - span} (it also sets the next "
@@ -168,7 +173,9 @@ def port_option(service: str, *, bad_address: bool = False) -> str:
     """What changes the port of a service (tcp, udp, quic, dht), or the address all of
     them listen on, for error messages."""
     if bad_address:
-        return f"--listen-host (config key listen_host, env {ENV_PREFIX}LISTEN_HOST)"
+        host = "gui_host" if service == "gui" else "listen_host"
+        return (f"--{host.replace('_', '-')} (config key {host}, "
+                f"env {ENV_PREFIX}{host.upper()})")
     key = f"{service}_port"
     return f"--{service}-port or --port (config key {key}, env {ENV_PREFIX}{key.upper()})"
 

@@ -74,6 +74,31 @@ class ControlServer:
     def register(self, cmd: str, handler: Handler) -> None:
         self._handlers[cmd] = handler
 
+    def commands(self) -> list[str]:
+        """The names of the registered commands (the dashboard shows actions by them)."""
+        return sorted(self._handlers)
+
+    async def dispatch(self, cmd: str, args: dict[str, Any], emit: Emit) -> Any:
+        """Run one command in-process, as a socket client would (the dashboard's way in).
+
+        Raises P2PError only: an unknown command is a ProtocolError, an OSError of our
+        own disk or socket a LocalIOError, any other failure of a handler is logged and
+        becomes a one-line "internal error"."""
+        handler = self._handlers.get(cmd)
+        if handler is None:
+            raise ProtocolError(f"unknown control command {cmd!r}")
+        try:
+            return await handler(args, emit)
+        except (P2PError, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # a handler's failure must not kill the daemon
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                # our own disk or socket: the user's to fix, not a bug
+                log.warning("control command failed: %s", describe_os_error(exc))
+                raise LocalIOError(describe_os_error(exc)) from None
+            log.exception("control command failed")
+            raise P2PError(f"internal error: {exc.__class__.__name__}: {exc}") from None
+
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # stale socket: the daemon lock proved nobody owns it
@@ -128,30 +153,14 @@ class ControlServer:
             args = request.get("args") or {}
             if not isinstance(args, dict):
                 raise ProtocolError("control request args must be a map")
-            handler = self._handlers.get(request["cmd"])
-            if handler is None:
-                raise ProtocolError(f"unknown control command {request['cmd']!r}")
 
             async def emit(event: dict[str, Any]) -> None:
                 await send({"event": event})
 
-            result = await handler(args, emit)
+            result = await self.dispatch(request["cmd"], args, emit)
             await send({"ok": result})
         except P2PError as exc:
             await send(_error_reply(exc))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a handler's failure must not kill the daemon
-            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                # our own disk or socket: the user's to fix, not a bug
-                log.warning("control command failed: %s", describe_os_error(exc))
-                await send(_error_reply(LocalIOError(describe_os_error(exc))))
-                return
-            log.exception("control command failed")
-            await send(_error_reply(
-                P2PError(f"internal error: {exc.__class__.__name__}: {exc}")))
 
 
 # -- typed replies ---------------------------------------------------------------------

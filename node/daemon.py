@@ -133,6 +133,7 @@ class Daemon:
         self.control = ControlServer(socket_path_for(self.home))
         self._bootstrap_clients: list[Any] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._trusted_seen: set[PeerId] = set()  # see _watch_trust
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -187,6 +188,7 @@ class Daemon:
         self._register_control()
         await self.control.start()
         self._closers.append(self.control.close)
+        await self._start_gui()
         self._spawn(self._dht_join())
         self._spawn(self._watch_trust())
         for url in s.bootstrap:
@@ -381,7 +383,9 @@ class Daemon:
         import sqlite3
 
         version = self.trust.data_version()
-        trusted = self.trust.trusted_ids()
+        # what the last check saw; the dashboard's trust/untrust (our own connection, so
+        # no data_version change) keep it current too
+        self._trusted_seen = self.trust.trusted_ids()
         while True:
             await asyncio.sleep(TRUST_WATCH_S)
             try:
@@ -393,7 +397,7 @@ class Daemon:
                 log.debug("trust store not readable right now: %s", exc)
                 continue
             version = now
-            revoked, trusted = trusted - current, current
+            revoked, self._trusted_seen = self._trusted_seen - current, current
             await asyncio.gather(*(self.peering.revoke(peer) for peer in revoked))
 
     # ------------------------------------------------------------------ records
@@ -706,6 +710,73 @@ class Daemon:
         if not isinstance(text, str):
             raise UnknownPeer("no peer given")
         return self.resolve(text)
+
+    # ------------------------------------------------------------------ dashboard
+    async def _start_gui(self) -> None:
+        """The commands only the dashboard uses so far, and the dashboard itself
+        (node/gui), which drives the node through `self.control.dispatch` alone."""
+        c = self.control
+        c.register("gui", self._cmd_gui)
+        c.register("folders", self._cmd_folders)
+        c.register("trust", self._cmd_trust)
+        c.register("untrust", self._cmd_untrust)
+        self.gui: Any = None
+        s = self.settings
+        if not s.gui_port:
+            return
+        from node.gui.server import GuiServer
+
+        gui = GuiServer(c.dispatch, home=self.home, host=s.gui_host, port=s.gui_port,
+                        commands=c.commands)
+        try:
+            await gui.start()
+        except PortUnavailable as exc:
+            raise exc.naming(port_option("gui", bad_address=exc.bad_address)) from None
+        self._closers.append(gui.stop)
+        self.gui = gui
+
+    async def _cmd_gui(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        if self.gui is None:
+            from node.errors import ConfigError
+
+            raise ConfigError("the dashboard is off (gui_port = 0); start the node with "
+                              "--gui-port P (config key gui_port)")
+        return dict(self.gui.info())
+
+    async def _cmd_folders(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        """The --share folders: one-way, send-only, watched (no pause or rescan yet)."""
+        out = []
+        for watcher in getattr(self, "watchers", []):
+            files, size = watcher.index.totals()  # one COUNT on an indexed table
+            out.append({"label": watcher.label, "path": str(watcher.folder), "kind": "share",
+                        "mode": "send-only", "state": "watching" if watcher.running
+                        else "stopped", "files": files, "bytes": size})
+        return out
+
+    async def _cmd_trust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`node trust` for the dashboard, through the daemon's own store connection: a
+        second connection to trust.db in this process would be unsafe (closing any fd of
+        a database file drops this process's POSIX locks on it, and another process may
+        then delete the WAL under us: "database disk image is malformed")."""
+        peer = self._peer_arg(args)
+        if peer == self.identity.peer_id:
+            raise UnknownPeer("that is this node's own id")
+        name = args.get("name") or ""
+        if not isinstance(name, str):
+            raise UnknownPeer("an alias must be a string")
+        entry = self.trust.trust(peer, name)
+        self._trusted_seen.add(peer)
+        return entry.to_json()
+
+    async def _cmd_untrust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`node untrust`: the peer's open channels close now (as `_watch_trust` does for
+        an untrust from another process)."""
+        peer = self._peer_arg(args)
+        if not self.trust.untrust(peer):
+            raise UnknownPeer(f"{peer.short} was not trusted")
+        self._trusted_seen.discard(peer)
+        await self.peering.revoke(peer)
+        return {"peer_id": str(peer), "trusted": False}
 
 
 def _text_arg(args: dict[str, Any], key: str) -> str:

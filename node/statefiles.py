@@ -32,14 +32,15 @@ PRIVATE_FILE_MODE = 0o600
 # the node's own files, by name (see node/identity.py, trust.py, daemon.py, ...)
 STATE_FILE_NAMES = frozenset({
     "identity.key", "trust.db", "peers.db", "events.db", "daemon.json", "daemon.lock",
-    "node.log", "control.sock", "quic-key.pem", "quic-cert.pem",
+    "node.log", "control.sock", "quic-key.pem", "quic-cert.pem", "gui.token",
 })
 # file indexes (watcher, sync) end so, wherever they are
 INDEX_SUFFIX = ".p2pfs-index"
 SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 # rotated logs, per-folder indexes, temp files of atomic writes, SQLite side files
 _STATE_NAME_RE = re.compile(
-    r"^(?:node\.log\.\d+|index-[^/]+\.db|(?:identity\.key|daemon\.json)\.tmp)"
+    r"^(?:node\.log\.\d+|index-[^/]+\.db|(?:identity\.key|daemon\.json)\.tmp"
+    r"|\.gui\.token\.[^/]*\.tmp)"
     r"(?:-wal|-shm|-journal)?$")
 
 

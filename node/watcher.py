@@ -214,6 +214,12 @@ class FileIndex:
     def find_by_hash(self, hash: bytes) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT path FROM files WHERE hash=?", (hash,))]
 
+    def totals(self) -> tuple[int, int]:
+        """(number of files, their bytes), without loading the index."""
+        count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
+                                       ).fetchone()
+        return int(count), int(size)
+
     def all(self) -> dict[str, IndexEntry]:
         return {r[0]: IndexEntry(*r) for r in
                 self._db.execute("SELECT path, size, mtime_ns, hash FROM files")}
@@ -292,6 +298,10 @@ class FolderWatcher:
         self.index.close()
 
     # -- public helpers -----------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running
+
     def rel(self, path: Path | str) -> str | None:
         """Folder-relative posix path, or None when `path` is outside the folder."""
         p = Path(path)

@@ -59,7 +59,9 @@ TRANSPORTS = ("tcp", "udp", "quic")
 # node settings (P2PFS_<KEY> env vars) every testnet node gets unless overridden:
 # re-register every few seconds so that the first node to register, which the
 # bootstrap server answered with an empty peer list, learns of later ones quickly
-DEFAULT_NODE_SETTINGS: dict[str, str] = {"register_interval_s": "3"}
+# and no dashboard (gui_port 0): many nodes on one machine would all want port 8474;
+# a testnet made with `gui=True` gives each node a free dashboard port instead
+DEFAULT_NODE_SETTINGS: dict[str, str] = {"register_interval_s": "3", "gui_port": "0"}
 # only these variables of the caller's environment reach node processes untouched;
 # P2PFS_* settings of the user's own node must not leak into testnet nodes
 _ENV_DROP_PREFIX = "P2PFS_"
@@ -300,6 +302,7 @@ class NodeHandle:
     extra_args: list[str] = field(default_factory=list)
     process: ManagedProcess | None = None
     peer_id: str | None = None
+    gui_port: int = 0  # the dashboard's port; 0 = no dashboard
 
     @property
     def pid(self) -> int | None:
@@ -323,7 +326,7 @@ class NodeHandle:
             "peer_id": self.peer_id, "share": [str(p) for p in self.share],
             "received_dir": str(self.received_dir) if self.received_dir else None,
             "bootstrap": self.bootstrap, "bootstrap_peers": self.bootstrap_peers,
-            "extra_args": self.extra_args,
+            "extra_args": self.extra_args, "gui_port": self.gui_port,
         }
 
     @classmethod
@@ -336,6 +339,7 @@ class NodeHandle:
             bootstrap=bool(d.get("bootstrap", True)),
             bootstrap_peers=list(d.get("bootstrap_peers", [])),
             extra_args=list(d.get("extra_args", [])), peer_id=d.get("peer_id"),
+            gui_port=int(d.get("gui_port") or 0),
         )
         if d.get("pid"):
             h.process = ManagedProcess(pid=int(d["pid"]))
@@ -378,7 +382,7 @@ class Testnet:
                  startup_timeout_s: float = STARTUP_TIMEOUT_S, stop_grace_s: float = STOP_GRACE_S,
                  env: dict[str, str] | None = None,
                  node_settings: dict[str, str] | None = None, detached: bool = False,
-                 echo: Callable[[str], None] | None = None) -> None:
+                 echo: Callable[[str], None] | None = None, gui: bool = False) -> None:
         if transport not in TRANSPORTS:
             raise TestnetError(
                 f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -398,6 +402,7 @@ class Testnet:
         self.stop_grace_s = stop_grace_s
         self.env = _child_env(transport, env, node_settings)
         self.detached = detached
+        self.gui = gui  # each node gets a dashboard on a free port (`gui_url(name)`)
         self.echo = echo or (lambda _msg: None)
         self.ports = PortAllocator()
         self.nodes: dict[str, NodeHandle] = {}
@@ -505,6 +510,7 @@ class Testnet:
                 received_dir=Path(received_dir).resolve() if received_dir else None,
                 bootstrap=bootstrap, bootstrap_peers=list(bootstrap_peers),
                 extra_args=list(extra_args),
+                gui_port=self.ports.allocate() if self.gui else 0,
             )
             self.nodes[name] = h
             res = self.cli(name, "init", "--name", name, json=False, check=False)
@@ -540,6 +546,13 @@ class Testnet:
     def dht_addr(self, name: str) -> str:
         return self.node(name).dht_addr
 
+    def gui_url(self, name: str) -> str:
+        """The node's dashboard address with its token (`node gui`); needs `gui=True`."""
+        info = self.cli(name, "gui", json=True)
+        if not isinstance(info, dict) or not info.get("url"):
+            raise TestnetError(f"`node gui --json` for {name} printed no url: {info!r}")
+        return str(info["url"])
+
     def name_of(self, peer_id: str) -> str | None:
         """The node name for a peer id, or None for a peer outside this testnet."""
         want = normalize_peer_id(peer_id)
@@ -552,6 +565,8 @@ class Testnet:
         cmd = [*self.node_cmd, "start", "--home", str(h.home), "--listen-host", LOCALHOST,
                "--tcp-port", str(h.ports["tcp"]), "--udp-port", str(h.ports["udp"]),
                "--quic-port", str(h.ports["quic"]), "--dht-port", str(h.ports["dht"])]
+        if h.gui_port:  # else P2PFS_GUI_PORT=0 (DEFAULT_NODE_SETTINGS): no dashboard
+            cmd += ["--gui-port", str(h.gui_port)]
         if h.bootstrap and self.bootstrap_port is not None:
             cmd += ["--bootstrap", self.bootstrap_url]
         for peer in h.bootstrap_peers:

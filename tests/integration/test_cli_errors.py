@@ -14,7 +14,8 @@ import pytest
 
 from node.errors import ConfigError, PortUnavailable
 
-EPHEMERAL = ["--tcp-port", "0", "--udp-port", "0", "--quic-port", "0", "--dht-port", "0"]
+EPHEMERAL = ["--tcp-port", "0", "--udp-port", "0", "--quic-port", "0", "--dht-port", "0",
+             "--gui-port", "0"]
 RUN_TIMEOUT_S = 30
 
 
@@ -63,10 +64,10 @@ def busy_udp() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-@pytest.mark.parametrize("service", ["tcp", "udp", "quic", "dht"])
+@pytest.mark.parametrize("service", ["tcp", "udp", "quic", "dht", "gui"])
 def test_busy_port_at_start_is_one_line(home: Path, service: str, request: pytest.FixtureRequest,
                                         ) -> None:
-    port = request.getfixturevalue("busy_tcp" if service == "tcp" else "busy_udp")
+    port = request.getfixturevalue("busy_tcp" if service in ("tcp", "gui") else "busy_udp")
     flag = f"--{service}-port"
     args = list(EPHEMERAL)
     args[args.index(flag) + 1] = str(port)

@@ -1,5 +1,6 @@
-"""`--port P` sets every port of a node (tcp P, udp P+1, quic P+2, dht P+3), so two nodes
-that differ only in --home and --port run side by side on one machine (issue 3, item 15)."""
+"""`--port P` sets every port of a node (tcp P, udp P+1, quic P+2, dht P+3, dashboard P+4),
+so two nodes that differ only in --home and --port run side by side on one machine
+(issue 3, item 15)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ from testnet_lib import Testnet, TestnetError, normalize_peer_id  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-PORTS_PER_NODE = 4
+PORTS_PER_NODE = 5  # tcp, udp, quic, dht and the dashboard
 STOP_TIMEOUT_S = 10
 
 
 def _free_port_run(avoid: set[int]) -> int:
-    """A port P such that P..P+3 are free for TCP and UDP on 127.0.0.1 right now."""
+    """A port P such that P..P+4 are free for TCP and UDP on 127.0.0.1 right now."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("127.0.0.1", 0))
@@ -47,7 +48,7 @@ def _free_port_run(avoid: set[int]) -> int:
             for s in held:
                 s.close()
         return base
-    raise RuntimeError("no run of 4 free ports on 127.0.0.1")
+    raise RuntimeError(f"no run of {PORTS_PER_NODE} free ports on 127.0.0.1")
 
 
 def test_two_nodes_differing_only_in_home_and_port(tmp_path: Path) -> None:
@@ -60,7 +61,8 @@ def test_two_nodes_differing_only_in_home_and_port(tmp_path: Path) -> None:
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
             for name in names:
-                taken = {p for b in bases.values() for p in range(b - 3, b + PORTS_PER_NODE)}
+                taken = {p for b in bases.values()
+                         for p in range(b - PORTS_PER_NODE + 1, b + PORTS_PER_NODE)}
                 bases[name] = _free_port_run(taken)
                 log = (tmp_path / f"{name}.out").open("wb")
                 procs[name] = subprocess.Popen(
@@ -83,6 +85,8 @@ def test_two_nodes_differing_only_in_home_and_port(tmp_path: Path) -> None:
                                         what=f"node {name} is up")
                 p = bases[name]
                 assert status["ports"] == {"tcp": p, "udp": p + 1, "quic": p + 2, "dht": p + 3}
+                # the dashboard is not in the (advertised) ports: it listens on P+4, locally
+                assert net.cli(name, "gui")["port"] == p + 4
 
             net.wait_all_see_each_other(names, timeout=30)
             net.trust_all(names)

@@ -7,20 +7,28 @@ import pytest
 from node.config import is_bootstrap_url, load_settings, port_option, port_overrides
 from node.errors import ConfigError
 
-NONE_GIVEN = {"tcp_port": None, "udp_port": None, "quic_port": None, "dht_port": None}
+NONE_GIVEN = {"tcp_port": None, "udp_port": None, "quic_port": None, "dht_port": None,
+              "gui_port": None}
 
 
 def test_port_sets_every_port_and_each_given_alone_wins() -> None:
     assert port_overrides(9000, NONE_GIVEN) == {
-        "tcp_port": 9000, "udp_port": 9001, "quic_port": 9002, "dht_port": 9003}
+        "tcp_port": 9000, "udp_port": 9001, "quic_port": 9002, "dht_port": 9003,
+        "gui_port": 9004}
     assert port_overrides(9000, {**NONE_GIVEN, "dht_port": 7000, "udp_port": 0}) == {
-        "tcp_port": 9000, "udp_port": 0, "quic_port": 9002, "dht_port": 7000}
+        "tcp_port": 9000, "udp_port": 0, "quic_port": 9002, "dht_port": 7000, "gui_port": 9004}
+    # --port 0: any free ports, and (gui_port 0) no dashboard
     assert port_overrides(0, NONE_GIVEN) == dict.fromkeys(NONE_GIVEN, 0)
+    assert port_overrides(9000, {**NONE_GIVEN, "gui_port": 0})["gui_port"] == 0
     assert port_overrides(None, {**NONE_GIVEN, "tcp_port": 1}) == {**NONE_GIVEN, "tcp_port": 1}
     with pytest.raises(ConfigError, match="--port"):
         port_overrides(65533, NONE_GIVEN)
+    with pytest.raises(ConfigError, match="--port"):
+        port_overrides(65532, NONE_GIVEN)  # its dashboard would be on 65536
     assert "--dht-port" in port_option("dht") and "dht_port" in port_option("dht")
     assert port_option("udp", bad_address=True).startswith("--listen-host")
+    assert "--gui-port" in port_option("gui") and "gui_port" in port_option("gui")
+    assert port_option("gui", bad_address=True).startswith("--gui-host")
 
 
 def test_port_flags_beat_config_and_env(tmp_path) -> None:
