@@ -17,6 +17,7 @@ Imports nothing of the project except errors.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging.handlers
 import os
@@ -107,12 +108,23 @@ def private_file(path: Path | str) -> Path | str:
     if str(path) in ("", ":memory:"):
         return path
     p = Path(path)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                 | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+    # An existing file is never opened here: closing any fd of a database file drops
+    # this process's POSIX locks on it, which would break a connection already open.
     try:
-        _tighten_fd(fd)
-    finally:
-        os.close(fd)
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    if st is None:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), PRIVATE_FILE_MODE)
+        try:
+            _tighten_fd(fd)
+        finally:
+            os.close(fd)
+    elif stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "refusing a symlink as a private file", str(p))
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(p, PRIVATE_FILE_MODE)
     for suffix in SQLITE_SIDE_SUFFIXES:
         side = p.with_name(p.name + suffix)
         try:

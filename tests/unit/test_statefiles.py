@@ -190,3 +190,33 @@ def test_a_traceback_keeps_its_lines() -> None:
                                    sys.exc_info())
     text = fmt.format(record)
     assert text.startswith("a\\nb\nTraceback")
+
+
+def test_private_file_never_opens_an_existing_file(tmp_path: Path, monkeypatch) -> None:
+    """Closing any fd of a database file drops this process's POSIX locks on it, so an
+    existing file (maybe a database open in this process) is only chmod-ed, never opened."""
+    import os as os_mod
+
+    from node import statefiles
+
+    db = tmp_path / "trust.db"
+    db.write_bytes(b"x")
+    db.chmod(0o644)
+    opened: list[str] = []
+    real_open = os_mod.open
+
+    def spy(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(statefiles.os, "open", spy)
+    statefiles.private_file(db)
+    assert str(db) not in opened
+    assert db.stat().st_mode & 0o777 == 0o600
+    fresh = tmp_path / "new.db"
+    statefiles.private_file(fresh)  # a missing file is created, 0600
+    assert fresh.stat().st_mode & 0o777 == 0o600
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    with pytest.raises(OSError):
+        statefiles.private_file(link)
