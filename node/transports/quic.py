@@ -62,7 +62,12 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
-from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
+from node.transports.base import (
+    CONNECT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    Pipe,
+    trim_freed_memory_soon,
+)
 from node.transports.certs import load_or_create_cert
 from node.transports.tls_exporter import ExporterTap, tap
 
@@ -251,6 +256,7 @@ class QuicPipe:
         finally:
             self._proto.release(self._owns_socket)
             self._closed_event.set()
+            trim_freed_memory_soon()
 
     # -- driven by the protocol --------------------------------------------------
     def _closed_message(self) -> str:

@@ -59,7 +59,12 @@ from collections.abc import Callable
 from typing import Any
 
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
-from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, PipeHandler
+from node.transports.base import (
+    CONNECT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    PipeHandler,
+    trim_freed_memory_soon,
+)
 
 log = logging.getLogger(__name__)
 
@@ -481,6 +486,7 @@ class TcpPipe:
             return
         self._closed = True
         self._pool.release()
+        trim_freed_memory_soon()
         self._transport.close()  # flushes what is buffered, then closes
         self._proto._wake()
         await asyncio.sleep(0)  # let the loop run the close callbacks
@@ -491,6 +497,7 @@ class TcpPipe:
             return
         self._closed = True
         self._pool.release()
+        trim_freed_memory_soon()
         self._transport.abort()
         self._proto._wake()
 
