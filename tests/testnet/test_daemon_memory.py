@@ -2,8 +2,9 @@
 
 * `node start` execs the daemon's own entry (node/daemon_main.py): the daemon
   process never loads the CLI's typer/rich/pydantic/click;
-* an idle node that listens on tcp only never loads qh3 (QUIC) nor aiohttp
-  (bootstrap client) when it has no bootstrap server.
+* an idle node never loads qh3 (QUIC), even while it listens on QUIC
+  (node/transports/quic_lazy.py), nor aiohttp (bootstrap client) when it has no
+  bootstrap server.
 
 A module loaded in another process cannot be read from ``sys.modules``, so the
 real-process checks read /proc/PID/maps: each of these libraries maps its own
@@ -49,15 +50,15 @@ def _mapped(pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_idle_tcp_only_node_loads_no_cli_quic_or_http_library(tmp_path: Path) -> None:
-    with Testnet(tmp_path, node_settings={"transports": "tcp"}) as net:
+def test_idle_node_loads_no_cli_quic_or_http_library(tmp_path: Path) -> None:
+    with Testnet(tmp_path) as net:
         node = net.add_node("a", bootstrap=False)
         status = net.cli("a", "status")
-        assert status["ports"]["tcp"]
+        assert status["ports"]["tcp"] and status["ports"]["quic"]  # listening on QUIC too
         assert node.pid is not None
         cmdline = Path(f"/proc/{node.pid}/cmdline").read_bytes().split(b"\0")
         assert b"node.daemon_main" in cmdline, cmdline
         maps = _mapped(node.pid)
         assert "/blake3" in maps and "cryptography" in maps  # the check can see libraries
         for lib in ("pydantic_core", "qh3", "aiohttp"):
-            assert f"/{lib}/" not in maps, f"an idle tcp-only node loaded {lib}"
+            assert f"/{lib}/" not in maps, f"an idle node loaded {lib}"
