@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
-import logging.handlers
 import sys
 import time
 from collections.abc import Callable
@@ -213,22 +211,9 @@ def show_id(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _setup_logging(settings: Settings | None, level: str = "INFO") -> None:
-    from node.logfmt import SafeFormatter
-    from node.statefiles import PrivateRotatingFileHandler, private_dir
+    from node.daemon_main import setup_logging
 
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if settings is not None:
-        private_dir(settings.home)
-        handlers.append(PrivateRotatingFileHandler(
-            settings.log_file, maxBytes=5 * 1024 * 1024, backupCount=3))
-        level = settings.log_level
-    # file names reach log messages: escaped, so a name cannot forge a log line
-    for handler in handlers:
-        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
-    # kademlia logs every RPC at DEBUG/INFO; keep it quiet unless asked
-    for noisy in ("kademlia", "rpcudp", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    setup_logging(settings, level)
 
 
 @app.command()
@@ -322,6 +307,11 @@ def start(
     }
     settings = load_settings(_home(home), overrides)
     load_identity(settings.home)  # fail early and clearly without an identity
+    from node import daemon_main
+
+    if _reexec_daemon and daemon_main.can_reexec():
+        # the daemon runs in a fresh interpreter, without typer/rich/pydantic (~10 MB)
+        daemon_main.reexec(_home(home), overrides)
     _setup_logging(settings)
     from node.daemon import run_daemon
 
@@ -853,7 +843,14 @@ def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
     return None
 
 
+# set by main(), the real program entry: `node start` then execs the daemon's own entry
+# (node/daemon_main.py); an in-process caller (typer's CliRunner) keeps its process
+_reexec_daemon = False
+
+
 def main() -> None:
+    global _reexec_daemon
+    _reexec_daemon = True
     app()
 
 

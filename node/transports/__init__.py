@@ -2,8 +2,9 @@
 
 Each ``node/transports/<name>.py`` exposes ``name``, ``async listen(host, port,
 handler) -> Listener`` and ``async connect(host, port, *, timeout=...) -> Pipe``
-(see ``base.py``). Importing this package imports no transport, so a node that
-never uses QUIC never loads a QUIC library. Must not import channel, trust or
+(see ``base.py``). Importing this package imports no transport, and "quic" maps
+to ``quic_lazy.py``, so a node that never uses QUIC never loads a QUIC library,
+even while it listens on QUIC. Must not import channel, trust or
 anything above the transports.
 """
 
@@ -16,6 +17,8 @@ from node.errors import ConfigError
 from node.transports.base import Transport
 
 TRANSPORT_NAMES: tuple[str, ...] = ("tcp", "udp", "quic")
+# the module behind each name: quic_lazy imports qh3 only once QUIC is used
+_MODULES = {"tcp": "tcp", "udp": "udp", "quic": "quic_lazy"}
 
 
 def get_transport(name: str) -> Transport:
@@ -24,7 +27,7 @@ def get_transport(name: str) -> Transport:
         raise ConfigError(
             f"unknown transport {str(name)[:32]!r}; choose one of {', '.join(TRANSPORT_NAMES)}"
         )
-    module_name = f"{__name__}.{name}"
+    module_name = f"{__name__}.{_MODULES[name]}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -62,7 +62,12 @@ from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
-from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, Pipe
+from node.transports.base import (
+    CONNECT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    Pipe,
+    trim_freed_memory_soon,
+)
 from node.transports.certs import load_or_create_cert
 from node.transports.tls_exporter import ExporterTap, tap
 
@@ -251,6 +256,7 @@ class QuicPipe:
         finally:
             self._proto.release(self._owns_socket)
             self._closed_event.set()
+            trim_freed_memory_soon()
 
     # -- driven by the protocol --------------------------------------------------
     def _closed_message(self) -> str:
@@ -606,9 +612,6 @@ async def listen(host: str, port: int, handler: PipeHandler, *,
     The pipe is closed when the handler returns. `home` holds the node's certificate
     (in-memory one per process when None).
     """
-    listener = QuicListener(handler)
-    config = _configuration(is_client=False, home=home)
-    loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     with bind_errors("quic", host, port):
@@ -617,6 +620,20 @@ async def listen(host: str, port: int, handler: PipeHandler, *,
         except OSError:
             sock.close()
             raise
+    try:
+        return await listen_on_socket(sock, handler, home=home)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def listen_on_socket(sock: socket.socket, handler: PipeHandler, *,
+                           home: Path | None = None) -> QuicListener:
+    """Accept QUIC connections on an already bound UDP socket (node/transports/quic_lazy.py
+    binds first and starts QUIC at the first datagram); the listener owns `sock`."""
+    listener = QuicListener(handler)
+    config = _configuration(is_client=False, home=home)
+    loop = asyncio.get_running_loop()
     # qh3's socket layer: batched receive (recvmmsg/GRO) and GSO sends
     transport, server_any = await create_optimized_datagram_transport(
         loop, lambda: _Server(listener, config), sock=sock)

@@ -45,7 +45,12 @@ from collections.abc import Callable
 from typing import Any
 
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
-from node.transports.base import CONNECT_TIMEOUT_S, MAX_MESSAGE_BYTES, PipeHandler
+from node.transports.base import (
+    CONNECT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    PipeHandler,
+    trim_freed_memory_soon,
+)
 from node.transports.udp_machine import (
     CLOSE_TIMEOUT_S,
     DEFAULT_DATAGRAM_BYTES,
@@ -75,8 +80,8 @@ GSO_MAX_BYTES = 65000
 RECV_BUFFER_BYTES = 65536
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 READS_PER_WAKEUP = 256
-SEND_HIGH_WATER_BYTES = 4 * 1024 * 1024
-SEND_LOW_WATER_BYTES = 2 * 1024 * 1024
+SEND_HIGH_WATER_BYTES = 2 * 1024 * 1024
+SEND_LOW_WATER_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 4096  # created only from a returned cookie: each proved its address
 MAX_PREAUTH_PER_IP = 32  # connections not yet authenticated, per remote address
 MAX_PREAUTH_TOTAL = 256
@@ -359,6 +364,7 @@ class UdpPipe:
         self._closed = True
         self.close_reason = reason
         self._cancel_timer()
+        trim_freed_memory_soon()
         for w in (self._recv_waiter, self._send_waiter):
             if w is not None and not w.done():
                 w.set_result(None)
