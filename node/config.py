@@ -48,6 +48,8 @@ class Settings:
     transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
     bootstrap: list[str] = field(default_factory=list)
     bootstrap_peers: list[str] = field(default_factory=list)
+    # HOST:PORT of relays to keep a reservation at (bootstrap/relay.py), for a node behind NAT
+    relays: list[str] = field(default_factory=list)
     register_interval_s: float = 60.0
     shared_dirs: list[str] = field(default_factory=list)
     received_dir: str = ""
@@ -99,6 +101,8 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
             bad = [v for v in value if not is_bootstrap_url(v)] if key == "bootstrap" else []
             if bad:
                 raise ValueError(f"URLs like http://host:port ({bad[0]!r} is not one)")
+            if key == "relays":
+                _check_relay_addrs(value)
             return value
         if kind == "int":
             if isinstance(value, bool):
@@ -137,6 +141,20 @@ def _validate(s: Settings, source: str) -> None:
     bad = [t for t in s.transports if t not in TRANSPORTS]
     if bad:
         raise ConfigError(f"{source}: key 'transports' has unknown transport(s) {bad}")
+
+
+def _check_relay_addrs(values: list[str]) -> None:
+    from node.contact import MAX_RELAYS
+    from node.errors import ProtocolError
+    from node.reach.relay_client import parse_relay_addr
+
+    if len(values) > MAX_RELAYS:
+        raise ValueError(f"at most {MAX_RELAYS} relays")
+    for v in values:
+        try:
+            parse_relay_addr(v)
+        except ProtocolError:
+            raise ValueError(f"HOST:PORT addresses ({v!r} is not one)") from None
 
 
 def is_bootstrap_url(url: str) -> bool:

@@ -167,6 +167,7 @@ class Daemon:
         self._closers.append(self.control.close)
         self._spawn(self._dht_join())
         self._spawn(self._watch_trust())
+        self._start_relay_reservations()
         for url in s.bootstrap:
             self._spawn(self._register_loop(url))
         self._write_state()
@@ -364,12 +365,21 @@ class Daemon:
             revoked, trusted = trusted - current, current
             await asyncio.gather(*(self.peering.revoke(peer) for peer in revoked))
 
+    def _start_relay_reservations(self) -> None:
+        from node.reach.relay_client import RelayReservation
+
+        self.reservations = [RelayReservation(self.identity, addr, self.peering.accept_pipe)
+                             for addr in self.settings.relays]
+        for reservation in self.reservations:
+            self._spawn(reservation.run())
+
     # ------------------------------------------------------------------ records
     def _new_record(self) -> ContactRecord:
         # milliseconds since the epoch: always higher than any record of an earlier run
         self._record_seq = max(self._record_seq + 1, int(time.time() * 1000))
         return ContactRecord.create(self.identity, [self.settings.advertised_host],
-                                    self.ports, self._record_seq, ttl_s=RECORD_TTL_S)
+                                    self.ports, self._record_seq, ttl_s=RECORD_TTL_S,
+                                    relays=self.settings.relays)
 
     async def locate(self, peer: PeerId) -> ContactRecord | None:
         record = self.book.get(peer)
@@ -505,14 +515,18 @@ class Daemon:
             "trusted": len(self.trust.all()),
             "dht_contacts": len(self.dht.contacts()) if self.dht else 0,
             "gossip": self.gossip.stats() if getattr(self, "gossip", None) else {},
+            "relays": [r.status() for r in getattr(self, "reservations", [])],
         }
 
     async def _cmd_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         self._refresh_presence()
         out = []
         for pid, entry in sorted(self.book.entries().items(), key=lambda kv: kv[0].key):
-            out.append(entry.to_json(alias=self.trust.alias_of(pid),
-                                     trusted=self.trust.is_trusted(pid)))
+            row = entry.to_json(alias=self.trust.alias_of(pid),
+                                trusted=self.trust.is_trusted(pid))
+            # how the open channels reach the peer (node/reach): direct / relayed
+            row["paths"] = sorted({ch.path for ch, _ in self.peering.open_channels(pid)})
+            out.append(row)
         return out
 
     async def _cmd_lookup(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
