@@ -339,3 +339,69 @@ async def test_silent_client_is_closed_after_the_handshake_timeout() -> None:
 def test_relay_protocol_error_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         decode_message(Reserve(b"k" * 32).encode()[:-1])
+
+
+async def test_direct_address_wins_when_it_answers(tmp_path: Path) -> None:
+    relay = CapturingRelay()
+    async with lab(tmp_path, relay) as (alice, bob, addr):
+        # bob also listens now and advertises it: the dialer never touches the relay
+        ports = await bob.peering.start()
+        record = ContactRecord.create(bob.identity, ["127.0.0.1"], ports, 2, relays=[addr])
+        channel = await alice.peering.connect(bob.identity.peer_id, "sink", record=record,
+                                              timeout_s=5.0)
+        assert channel.path == "direct" and channel.relay is None
+        assert channel.remote == ("127.0.0.1", ports["tcp"])
+        await channel.close()
+    assert relay.captured == [bytearray(), bytearray()]
+
+
+async def test_unreachable_everywhere_names_every_attempt(tmp_path: Path) -> None:
+    relay = CapturingRelay()
+    async with lab(tmp_path, relay) as (alice, bob, addr):
+        dead = await _closed_port()
+        record = ContactRecord.create(bob.identity, ["127.0.0.1"], {"tcp": dead}, 3,
+                                      relays=[f"127.0.0.1:{await _closed_port()}"])
+        with pytest.raises(PeerUnreachable, match="tcp 127.0.0.1.*relay 127.0.0.1"):
+            await alice.peering.connect(bob.identity.peer_id, "sink", record=record,
+                                        timeout_s=2.0)
+
+
+def test_relays_config_key_is_validated(tmp_path: Path) -> None:
+    from node.config import load_settings
+    from node.errors import ConfigError
+
+    assert load_settings(tmp_path, {"relays": ["198.18.0.1:8474"]}).relays == \
+        ["198.18.0.1:8474"]
+    with pytest.raises(ConfigError, match="relays"):
+        load_settings(tmp_path, {"relays": ["no-port"]})
+
+
+@pytest.mark.slow
+async def test_node_relay_command_serves_reservations(tmp_path: Path) -> None:
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node", "relay", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 15.0)).decode()
+        assert line.startswith("relay listening on 127.0.0.1:"), line
+        addr = line.rsplit(" ", 1)[1].strip()
+        reservation = RelayReservation(Identity.generate("n"), addr, _no_pipe)
+        task = asyncio.create_task(reservation.run())
+        try:
+            await asyncio.wait_for(reservation.reserved.wait(), 10.0)
+            assert reservation.status()["state"] == "reserved"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10.0) == 0
+        assert proc.stderr is not None
+        rest = (await proc.stderr.read()).decode()
+        assert "reservation for" in rest and "Traceback" not in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
