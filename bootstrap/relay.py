@@ -76,7 +76,7 @@ DEFAULT_RELAY_PORT = 8474
 HEADER = struct.Struct(">I")
 SPLICE_CHUNK_BYTES = 256 * 1024
 # StreamReader stops reading from the socket above 2x this: the per-leg read buffer
-STREAM_LIMIT_BYTES = 256 * 1024
+STREAM_LIMIT_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +87,7 @@ class RelayLimits:
     max_reservations_total: int = 1024
     max_reservations_per_ip: int = 16
     max_circuits_per_reservation: int = 16
-    max_circuits_total: int = 1024
+    max_circuits_total: int = 256
     max_circuit_bytes: int = 4 * 1024**3
     max_circuit_s: int = 3600
     max_connections_per_ip: int = 128

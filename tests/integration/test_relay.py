@@ -405,3 +405,16 @@ async def test_node_relay_command_serves_reservations(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_circuit_duration_limit_closes_both_legs(tmp_path: Path) -> None:
+    relay = CapturingRelay(RelayLimits(max_circuit_s=1))
+    async with lab(tmp_path, relay) as (alice, bob, _addr):
+        channel = await alice.peering.connect(bob.identity.peer_id, "sink", timeout_s=5.0)
+        await channel.send(b"hello")
+        assert await channel.recv() == b"ack"
+        started = time.monotonic()
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(channel.recv(), 5.0)  # nothing more comes: the relay cuts
+        assert 0.3 < time.monotonic() - started < 3.0
+        await until(lambda: relay.refusals["circuit-duration"] == 1)
