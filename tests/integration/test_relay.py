@@ -418,3 +418,28 @@ async def test_circuit_duration_limit_closes_both_legs(tmp_path: Path) -> None:
             await asyncio.wait_for(channel.recv(), 5.0)  # nothing more comes: the relay cuts
         assert 0.3 < time.monotonic() - started < 3.0
         await until(lambda: relay.refusals["circuit-duration"] == 1)
+
+
+async def test_a_relay_that_splices_to_someone_else_is_caught_by_the_handshake(
+        tmp_path: Path) -> None:
+    relay = CapturingRelay()
+    async with lab(tmp_path, relay) as (alice, bob, addr):
+        # mallory is trusted by alice too, and holds a reservation at the same relay
+        mallory = Node(tmp_path, Identity.generate("mallory"), {})
+        mallory.trust.trust(alice.identity.peer_id, "alice")
+        alice.trust.trust(mallory.identity.peer_id, "mallory")
+        res = RelayReservation(mallory.identity, addr, mallory.peering.accept_pipe)
+        task = asyncio.create_task(res.run())
+        try:
+            await asyncio.wait_for(res.reserved.wait(), 5.0)
+            # the relay lies: circuits for bob go to mallory
+            relay._reservations[bob.identity.peer_id] = relay._reservations[
+                mallory.identity.peer_id]
+            with pytest.raises(ProtocolError, match="different key than its record"):
+                await alice.peering.connect(bob.identity.peer_id, "sink", timeout_s=5.0)
+            assert mallory.received == []
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await mallory.peering.stop()
+            mallory.trust.close()
