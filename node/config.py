@@ -143,6 +143,10 @@ def _validate(s: Settings, source: str) -> None:
         raise ConfigError(f"{source}: key 'transports' has unknown transport(s) {bad}")
 
 
+# settings whose command-line flag is not the key's name (a repeatable flag is singular)
+_OPTION_NAMES = {"relays": "--relay"}
+
+
 def _check_relay_addrs(values: list[str]) -> None:
     from node.contact import MAX_RELAYS
     from node.errors import ProtocolError
@@ -224,8 +228,8 @@ def load_settings(home: Path | None = None, overrides: Mapping[str, Any] | None 
             continue
         if key not in _FIELDS:
             raise ConfigError(f"unknown setting {key!r}")
-        setattr(settings, key, _coerce(key, value, f"option --{key.replace('_', '-')}",
-                                       from_text=False))
+        option = _OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
+        setattr(settings, key, _coerce(key, value, f"option {option}", from_text=False))
     _validate(settings, "command-line options")
     return absolute_paths(settings)
 

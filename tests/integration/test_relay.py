@@ -374,6 +374,8 @@ def test_relays_config_key_is_validated(tmp_path: Path) -> None:
         ["198.18.0.1:8474"]
     with pytest.raises(ConfigError, match="relays"):
         load_settings(tmp_path, {"relays": ["no-port"]})
+    with pytest.raises(ConfigError, match="option --relay: "):
+        load_settings(tmp_path, {"relays": ["h:1", "h:2", "h:3", "h:4", "h:5"]})
 
 
 @pytest.mark.slow
