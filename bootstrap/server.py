@@ -79,7 +79,7 @@ from bootstrap.store import (
     TooManyLegacyIds,
     UnregisterOutcome,
 )
-from node.contact import MAX_CLOCK_SKEW_S, ContactRecord
+from node.contact import EXT_RELAYS, MAX_CLOCK_SKEW_S, ContactRecord
 from node.errors import IdentityError, P2PError, ProtocolError, bind_errors
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
@@ -238,6 +238,8 @@ def record_from_json(raw: Any, peer_id: PeerId, peer_text: str) -> ContactRecord
         sig = base64.b64decode(raw["signature"], validate=True)
         wire = [peer_id.key, raw["name"], raw["hosts"], sorted(ports.items()),
                 raw["seq"], raw["timestamp"], raw["expires"], sig]
+        if EXT_RELAYS in raw:  # the record's signed extension map (node/contact.py)
+            wire.append({EXT_RELAYS: raw[EXT_RELAYS]})
         return ContactRecord.from_wire(wire)
     except KeyError as exc:
         raise ApiError(400, f"bad contact record: missing field {exc}") from None
@@ -256,6 +258,7 @@ def record_json_text(record: ContactRecord, peer_text: str) -> str:
         "timestamp": record.timestamp,
         "expires": record.expires,
         "signature": base64.b64encode(record.signature).decode("ascii"),
+        **({EXT_RELAYS: list(record.relays)} if record.relays else {}),
     }, separators=(",", ":"))
 
 

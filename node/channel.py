@@ -60,6 +60,9 @@ class SecureChannel:
         self.peer_name: str = session.peer_name
         self.transport: str = pipe.transport
         self.remote: tuple[str, int] = pipe.remote
+        # how the pipe reached the peer (node/reach): "direct" | "hole-punched" | "relayed"
+        self.path: str = getattr(pipe, "path", None) or "direct"
+        self.relay: str | None = getattr(pipe, "relay", None)
         self.state = ChannelState.OPEN
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()

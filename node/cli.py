@@ -259,12 +259,48 @@ def bootstrap(
 
 @app.command()
 @handle_errors
+def relay(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free one).")] = 8479,
+    max_reservations_per_ip: Annotated[int, typer.Option(
+        help="Reservations one address may hold.")] = 16,
+    max_circuits: Annotated[int, typer.Option(
+        help="Circuits one reservation may have open at once.")] = 16,
+    max_circuit_mib: Annotated[int, typer.Option(
+        help="MiB one circuit may carry (both directions).")] = 4096,
+    max_circuit_s: Annotated[int, typer.Option(help="Seconds one circuit may live.")] = 3600,
+    reservation_ttl: Annotated[int, typer.Option(
+        help="Seconds a reservation lives unless renewed.")] = 120,
+) -> None:
+    """Run a relay in the foreground: nodes behind NAT stay reachable through it (Ctrl-C stops)."""
+    from bootstrap.relay import RelayLimits
+    from bootstrap.relay import run as run_relay
+
+    if not 0 <= port <= MAX_PORT:
+        raise ConfigError(f"option --port must be 0-{MAX_PORT}, got {port}")
+    try:
+        limits = RelayLimits(reservation_ttl_s=reservation_ttl,
+                             max_reservations_per_ip=max_reservations_per_ip,
+                             max_circuits_per_reservation=max_circuits,
+                             max_circuit_bytes=max_circuit_mib * 1024 * 1024,
+                             max_circuit_s=max_circuit_s)
+    except ValueError as exc:
+        raise ConfigError(f"node relay: {exc}") from None
+    _setup_logging(None)
+    run_relay(host, port, limits)
+
+
+@app.command()
+@handle_errors
 def start(
     home: HomeOpt = None,
     bootstrap_url: Annotated[list[str], typer.Option(
         "--bootstrap", "-b", help="Bootstrap server URL (repeatable).")] = [],
     bootstrap_peer: Annotated[list[str], typer.Option(
         "--bootstrap-peer", help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
+    relay: Annotated[list[str], typer.Option(
+        "--relay", help="HOST:PORT of a relay to stay reachable through, behind NAT "
+                        "(repeatable; config key relays).")] = [],
     share: Annotated[list[Path], typer.Option(
         "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
     port: Annotated[int | None, typer.Option(
@@ -295,7 +331,7 @@ def start(
 ) -> None:
     """Run the node in the foreground: listen, join the DHT, register, serve the CLI."""
     overrides: dict[str, Any] = {
-        "bootstrap": bootstrap_url, "bootstrap_peers": bootstrap_peer,
+        "bootstrap": bootstrap_url, "bootstrap_peers": bootstrap_peer, "relays": relay,
         "shared_dirs": [str(p) for p in share],
         **port_overrides(port, {"tcp_port": tcp_port, "udp_port": udp_port,
                                 "quic_port": quic_port, "dht_port": dht_port,
@@ -352,6 +388,10 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         if key == "uptime_s":
             value = f"{value:.0f} s"
         out.print(f"{key:<13} {value}")
+    for r in info.get("relays") or []:  # reservations at relays (node/reach)
+        out.print(f"{'relay':<13} {r['relay']}: {r['state']}"
+                  + (f", {r['expires_in_s']:.0f} s left" if r["state"] == "reserved" else "")
+                  + (f" ({r['last_error']})" if r.get("last_error") else ""))
 
 
 # ---------------------------------------------------------------------------- peers
@@ -368,13 +408,15 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if not rows:
         out.print("no peers known yet")
         return
-    table = Table("peer", "name", "trusted", "address", "transports", "last seen", "source")
+    table = Table("peer", "name", "trusted", "address", "transports", "last seen", "source",
+                  "path")
     for r in rows:
         via = f" ({r['added_via']})" if r.get("added_via") else ""
         table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
                       ("yes" + via) if r["trusted"] else "no", ",".join(r["hosts"]),
                       " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
-                      ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"])
+                      ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"],
+                      ",".join(r.get("paths") or []) or "-")
     out.print(table)
 
 
@@ -616,8 +658,10 @@ def ping(
         _print_json(res)
         return
     rtts = sorted(res["rtt_ms"])
+    via = f" via relay {res['relay']}" if res.get("relay") else ""
     out.print(f"{res['transport']} channel to {res['peer_id'][:7]} at "
-              f"{res['remote'][0]}:{res['remote'][1]}: handshake {res['handshake_ms']:.1f} ms, "
+              f"{res['remote'][0]}:{res['remote'][1]}{via}: "
+              f"handshake {res['handshake_ms']:.1f} ms, "
               f"rtt min/median/max {rtts[0]:.2f}/{rtts[len(rtts) // 2]:.2f}/{rtts[-1]:.2f} ms")
 
 

@@ -49,6 +49,8 @@ class Settings:
     transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
     bootstrap: list[str] = field(default_factory=list)
     bootstrap_peers: list[str] = field(default_factory=list)
+    # HOST:PORT of relays to keep a reservation at (bootstrap/relay.py), for a node behind NAT
+    relays: list[str] = field(default_factory=list)
     register_interval_s: float = 60.0
     shared_dirs: list[str] = field(default_factory=list)
     received_dir: str = ""
@@ -103,6 +105,8 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
             bad = [v for v in value if not is_bootstrap_url(v)] if key == "bootstrap" else []
             if bad:
                 raise ValueError(f"URLs like http://host:port ({bad[0]!r} is not one)")
+            if key == "relays":
+                _check_relay_addrs(value)
             return value
         if kind == "int":
             if isinstance(value, bool):
@@ -141,6 +145,24 @@ def _validate(s: Settings, source: str) -> None:
     bad = [t for t in s.transports if t not in TRANSPORTS]
     if bad:
         raise ConfigError(f"{source}: key 'transports' has unknown transport(s) {bad}")
+
+
+# settings whose command-line flag is not the key's name (a repeatable flag is singular)
+_OPTION_NAMES = {"relays": "--relay"}
+
+
+def _check_relay_addrs(values: list[str]) -> None:
+    from node.contact import MAX_RELAYS
+    from node.errors import ProtocolError
+    from node.reach.relay_client import parse_relay_addr
+
+    if len(values) > MAX_RELAYS:
+        raise ValueError(f"at most {MAX_RELAYS} relays")
+    for v in values:
+        try:
+            parse_relay_addr(v)
+        except ProtocolError:
+            raise ValueError(f"HOST:PORT addresses ({v!r} is not one)") from None
 
 
 def is_bootstrap_url(url: str) -> bool:
@@ -213,8 +235,8 @@ def load_settings(home: Path | None = None, overrides: Mapping[str, Any] | None 
             continue
         if key not in _FIELDS:
             raise ConfigError(f"unknown setting {key!r}")
-        setattr(settings, key, _coerce(key, value, f"option --{key.replace('_', '-')}",
-                                       from_text=False))
+        option = _OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
+        setattr(settings, key, _coerce(key, value, f"option {option}", from_text=False))
     _validate(settings, "command-line options")
     return absolute_paths(settings)
 

@@ -7,6 +7,13 @@ list ``[DOMAIN, key, name, hosts, ports-as-sorted-pairs, seq, timestamp, expires
 so a record cannot be forged, altered or re-attributed, and a higher ``seq``
 always wins (replays of old records are recognisable).
 
+Extensions (additive, so every record written before them still verifies): a
+record may carry one more, signed, trailing field, a map of optional entries.
+It is present only when an entry is, so a record without extensions signs and
+encodes exactly as before. Entries: ``relays``, at most ``MAX_RELAYS``
+``HOST:PORT`` strings of relays this peer holds a reservation at
+(bootstrap/relay.py; the dialer tries them after the direct addresses).
+
 Both the bootstrap server (JSON) and the DHT (msgpack) carry records; this
 module is pure and imports only identity, wire and errors.
 """
@@ -31,6 +38,9 @@ MAX_RECORD_TTL_S = 7 * 24 * 3600
 MAX_RECORD_BYTES = 2048
 # clocks differ; a record "from the future" by more than this is refused
 MAX_CLOCK_SKEW_S = 300
+MAX_RELAYS = 4
+MAX_RELAY_ADDR_LEN = 80
+EXT_RELAYS = "relays"
 
 
 @dataclass(frozen=True)
@@ -43,24 +53,36 @@ class ContactRecord:
     timestamp: int
     expires: int
     signature: bytes
+    relays: tuple[str, ...] = ()
 
     # -- construction -----------------------------------------------------
     @classmethod
     def create(cls, identity: Identity, hosts: list[str] | tuple[str, ...],
                ports: dict[str, int], seq: int, *, now: float | None = None,
-               ttl_s: int = DEFAULT_RECORD_TTL_S) -> ContactRecord:
+               ttl_s: int = DEFAULT_RECORD_TTL_S,
+               relays: list[str] | tuple[str, ...] = ()) -> ContactRecord:
         now_i = int(time.time() if now is None else now)
         hosts_t = tuple(hosts)
         ports_d = {k: int(v) for k, v in ports.items() if v}
+        relays_t = tuple(relays)
         _check_fields(identity.name, hosts_t, ports_d, seq, now_i, now_i + ttl_s)
+        _check_relays(relays_t)
         unsigned = cls(identity.peer_id, identity.name, hosts_t, ports_d, seq, now_i,
-                       now_i + ttl_s, b"")
+                       now_i + ttl_s, b"", relays_t)
         return cls(identity.peer_id, identity.name, hosts_t, ports_d, seq, now_i,
-                   now_i + ttl_s, identity.sign(unsigned.signed_bytes()))
+                   now_i + ttl_s, identity.sign(unsigned.signed_bytes()), relays_t)
+
+    def _extensions(self) -> list[Any]:
+        """[] or [the extension map]: absent when empty, so older records sign as before."""
+        ext: dict[str, Any] = {}
+        if self.relays:
+            ext[EXT_RELAYS] = list(self.relays)
+        return [ext] if ext else []
 
     def signed_bytes(self) -> bytes:
         return packb([DOMAIN, self.peer_id.key, self.name, list(self.hosts),
-                      sorted(self.ports.items()), self.seq, self.timestamp, self.expires])
+                      sorted(self.ports.items()), self.seq, self.timestamp, self.expires,
+                      *self._extensions()])
 
     # -- checks -----------------------------------------------------------
     def verify(self, now: float | None = None) -> ContactRecord:
@@ -84,16 +106,17 @@ class ContactRecord:
     # -- codecs -----------------------------------------------------------
     def to_wire(self) -> list[Any]:
         return [self.peer_id.key, self.name, list(self.hosts), sorted(self.ports.items()),
-                self.seq, self.timestamp, self.expires, self.signature]
+                self.seq, self.timestamp, self.expires, self.signature, *self._extensions()]
 
     def encode(self) -> bytes:
         return packb(self.to_wire())
 
     @classmethod
     def from_wire(cls, obj: Any) -> ContactRecord:
-        if not isinstance(obj, list) or len(obj) != 8:
-            raise ProtocolError("contact record: expected a list of 8 fields")
-        key, name, hosts, ports, seq, ts, expires, sig = obj
+        if not isinstance(obj, list) or len(obj) not in (8, 9):
+            raise ProtocolError("contact record: expected a list of 8 or 9 fields")
+        key, name, hosts, ports, seq, ts, expires, sig = obj[:8]
+        relays = _relays_from_ext(obj[8]) if len(obj) == 9 else ()
         if not isinstance(key, bytes) or len(key) != 32:
             raise ProtocolError("contact record: bad public key")
         if not isinstance(sig, bytes) or len(sig) != 64:
@@ -114,13 +137,14 @@ class ContactRecord:
         if not isinstance(name, str) or not all(isinstance(h, str) for h in hosts):
             raise ProtocolError("contact record: name and hosts must be text")
         _check_fields(name, tuple(hosts), ports_d, seq, ts, expires)
-        return cls(PeerId(key), name, tuple(hosts), ports_d, seq, ts, expires, sig)
+        return cls(PeerId(key), name, tuple(hosts), ports_d, seq, ts, expires, sig, relays)
 
     @classmethod
     def decode(cls, data: bytes) -> ContactRecord:
         return cls.from_wire(unpackb(data, max_bytes=MAX_RECORD_BYTES))
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {EXT_RELAYS: list(self.relays)} if self.relays else {}
         return {
             "peer_id": str(self.peer_id),
             "name": self.name,
@@ -130,6 +154,7 @@ class ContactRecord:
             "timestamp": self.timestamp,
             "expires": self.expires,
             "signature": base64.b64encode(self.signature).decode("ascii"),
+            **extra,
         }
 
     @classmethod
@@ -144,6 +169,8 @@ class ContactRecord:
                 raise ProtocolError("contact record: ports must be an object")
             wire = [peer_id.key, obj["name"], obj["hosts"], sorted(ports.items()),
                     obj["seq"], obj["timestamp"], obj["expires"], sig]
+            if EXT_RELAYS in obj:
+                wire.append({EXT_RELAYS: obj[EXT_RELAYS]})
         except KeyError as exc:
             raise ProtocolError(f"contact record: missing field {exc}") from None
         except (ValueError, TypeError, AttributeError, IdentityError) as exc:
@@ -166,3 +193,24 @@ def _check_fields(name: str, hosts: tuple[str, ...], ports: dict[str, int], seq:
         raise ProtocolError("contact record: seq/timestamp out of range")
     if not ts < expires <= ts + MAX_RECORD_TTL_S:
         raise ProtocolError("contact record: expiry out of range")
+
+
+def _check_relays(relays: tuple[str, ...]) -> None:
+    if len(relays) > MAX_RELAYS or any(
+            not isinstance(r, str) or not 0 < len(r) <= MAX_RELAY_ADDR_LEN or ":" not in r
+            or any(c.isspace() for c in r) for r in relays):
+        raise ProtocolError(f"contact record: at most {MAX_RELAYS} relays, each HOST:PORT "
+                            f"of at most {MAX_RELAY_ADDR_LEN} chars")
+
+
+def _relays_from_ext(ext: Any) -> tuple[str, ...]:
+    """The relays of the extension map; an empty or unknown extension is refused, so the
+    same record has one encoding (signatures are over the encoding)."""
+    if not isinstance(ext, dict) or not ext or set(ext) - {EXT_RELAYS}:
+        raise ProtocolError("contact record: bad extension map")
+    relays = ext.get(EXT_RELAYS)
+    if not isinstance(relays, list) or not relays:
+        raise ProtocolError("contact record: relays must be a non-empty list")
+    relays_t = tuple(relays)
+    _check_relays(relays_t)
+    return relays_t

@@ -191,6 +191,7 @@ class Daemon:
         await self._start_gui()
         self._spawn(self._dht_join())
         self._spawn(self._watch_trust())
+        self._start_relay_reservations()
         for url in s.bootstrap:
             self._spawn(self._register_loop(url))
         self._write_state()
@@ -400,12 +401,21 @@ class Daemon:
             revoked, self._trusted_seen = self._trusted_seen - current, current
             await asyncio.gather(*(self.peering.revoke(peer) for peer in revoked))
 
+    def _start_relay_reservations(self) -> None:
+        from node.reach.relay_client import RelayReservation
+
+        self.reservations = [RelayReservation(self.identity, addr, self.peering.accept_pipe)
+                             for addr in self.settings.relays]
+        for reservation in self.reservations:
+            self._spawn(reservation.run())
+
     # ------------------------------------------------------------------ records
     def _new_record(self) -> ContactRecord:
         # milliseconds since the epoch: always higher than any record of an earlier run
         self._record_seq = max(self._record_seq + 1, int(time.time() * 1000))
         return ContactRecord.create(self.identity, [self.settings.advertised_host],
-                                    self.ports, self._record_seq, ttl_s=RECORD_TTL_S)
+                                    self.ports, self._record_seq, ttl_s=RECORD_TTL_S,
+                                    relays=self.settings.relays)
 
     async def locate(self, peer: PeerId) -> ContactRecord | None:
         record = self.book.get(peer)
@@ -543,6 +553,7 @@ class Daemon:
             "trusted": len(self.trust.all()),
             "dht_contacts": len(self.dht.contacts()) if self.dht else 0,
             "gossip": self.gossip.stats() if getattr(self, "gossip", None) else {},
+            "relays": [r.status() for r in getattr(self, "reservations", [])],
         }
 
     async def _cmd_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
@@ -553,6 +564,8 @@ class Daemon:
                                 trusted=self.trust.is_trusted(pid))
             added = self.trust.get(pid)
             row["added_via"] = added.added_via if added is not None else ""
+            # how the open channels reach the peer (node/reach): direct / relayed
+            row["paths"] = sorted({ch.path for ch, _ in self.peering.open_channels(pid)})
             out.append(row)
         return out
 

@@ -37,6 +37,7 @@ from node.errors import (
     ProtocolError,
 )
 from node.identity import Identity, PeerId
+from node.reach.dialer import dial
 from node.transports import TRANSPORT_NAMES, get_transport
 from node.transports.base import Listener, Pipe
 from node.trust import TrustStore
@@ -182,6 +183,10 @@ class Peering:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def accept_pipe(self, pipe: Pipe) -> None:
+        """Serve a pipe that reached us some other way (a relay circuit) like an accepted one."""
+        await self._on_pipe(pipe)
+
     async def _on_pipe(self, pipe: Pipe) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -235,12 +240,8 @@ class Peering:
         if record is None:
             raise PeerUnreachable(f"peer {peer.short} is offline or unknown: no contact record "
                                   "from the bootstrap server, the DHT or the peer cache")
-        endpoint = record.endpoint(transport)
-        if endpoint is None:
-            offered = ", ".join(t for t in TRANSPORT_NAMES if t in record.ports) or "none"
-            raise PeerUnreachable(f"peer {peer.short} does not offer transport {transport!r} "
-                                  f"(it offers: {offered})")
-        pipe = await get_transport(transport).connect(*endpoint, timeout=timeout_s)
+        # direct addresses first, then the peer's relays (node/reach/dialer.py)
+        pipe = await dial(record, transport, timeout_s=timeout_s)
         try:
             channel = await open_channel(pipe, self.identity, expected_peer=peer,
                                          authorize=self.authorize)
@@ -283,4 +284,5 @@ class Peering:
         finally:
             await channel.close()
         return {"peer_id": str(peer), "transport": channel.transport,
-                "remote": list(channel.remote), "handshake_ms": handshake_ms, "rtt_ms": rtts}
+                "remote": list(channel.remote), "path": channel.path,
+                "relay": channel.relay, "handshake_ms": handshake_ms, "rtt_ms": rtts}
