@@ -271,6 +271,9 @@ def start(
         help="Where received files go (default HOME/received).")] = None,
     transport: TransportOpt = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    no_lan_discovery: Annotated[bool, typer.Option(
+        "--no-lan-discovery", help="Do not announce or listen on the local network "
+                                   "(config key lan_discovery = false).")] = False,
 ) -> None:
     """Run the node in the foreground: listen, join the DHT, register, serve the CLI."""
     overrides: dict[str, Any] = {
@@ -281,6 +284,7 @@ def start(
         "listen_host": listen_host, "advertise_host": advertise_host,
         "received_dir": str(received_dir) if received_dir else None,
         "transport": transport, "log_level": log_level,
+        "lan_discovery": False if no_lan_discovery else None,
     }
     settings = load_settings(_home(home), overrides)
     load_identity(settings.home)  # fail early and clearly without an identity
@@ -312,6 +316,21 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         if key == "uptime_s":
             value = f"{value:.0f} s"
         out.print(f"{key:<13} {value}")
+    _print_discovery(info)
+
+
+def _print_discovery(info: dict[str, Any]) -> None:
+    """The advertised hosts, observed addresses and LAN discovery of `node status`."""
+    out.print(f"{'hosts':<13} {', '.join(info.get('hosts') or []) or '-'}")
+    seen = [f"{o['host']}:{o['port']} (via {o['via']} {o['reporter']})"
+            for o in info.get("observed") or []]
+    out.print(f"{'observed':<13} {'; '.join(seen) or 'none yet'}")
+    if info.get("advertised_observed"):
+        out.print(f"{'advertised':<13} {', '.join(info['advertised_observed'])}")
+    lan = info.get("lan_discovery") or {}
+    lan_text = (f"on, UDP port {lan.get('port')}, {lan.get('peers', 0)} peer(s) heard"
+                if lan.get("enabled") else "off")
+    out.print(f"{'lan':<13} {lan_text}")
 
 
 # ---------------------------------------------------------------------------- peers

@@ -30,6 +30,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # `--port P` sets every port of the node, each one given on its own wins
 PORT_OFFSETS = {"tcp_port": 0, "udp_port": 1, "quic_port": 2, "dht_port": 3}
 MAX_PORT = 65535
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 
 
 @dataclass
@@ -54,6 +56,11 @@ class Settings:
     log_level: str = "INFO"
     # UDP transport datagram size (bytes); loopback can go far larger
     udp_datagram_bytes: int = 1452
+    # signed announcements by UDP broadcast/multicast (node/discovery/lan.py)
+    lan_discovery: bool = True
+    lan_discovery_port: int = 21029
+    # HOST:PORT destinations instead of broadcast + multicast (tests: 127.0.0.1 ports)
+    lan_announce_targets: list[str] = field(default_factory=list)
 
     @property
     def control_socket(self) -> Path:
@@ -99,6 +106,19 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
             bad = [v for v in value if not is_bootstrap_url(v)] if key == "bootstrap" else []
             if bad:
                 raise ValueError(f"URLs like http://host:port ({bad[0]!r} is not one)")
+            bad = ([v for v in value if not is_hostport(v)] if key == "lan_announce_targets"
+                   else [])
+            if bad:
+                raise ValueError(f"HOST:PORT entries ({bad[0]!r} is not one)")
+            return value
+        if kind == "bool":
+            if from_text and isinstance(value, str):
+                text = value.strip().lower()
+                if text not in TRUE_WORDS + FALSE_WORDS:
+                    raise TypeError("true or false")
+                value = text in TRUE_WORDS
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
             return value
         if kind == "int":
             if isinstance(value, bool):
@@ -137,6 +157,11 @@ def _validate(s: Settings, source: str) -> None:
     bad = [t for t in s.transports if t not in TRANSPORTS]
     if bad:
         raise ConfigError(f"{source}: key 'transports' has unknown transport(s) {bad}")
+
+
+def is_hostport(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= MAX_PORT)
 
 
 def is_bootstrap_url(url: str) -> bool:

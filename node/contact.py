@@ -7,6 +7,13 @@ list ``[DOMAIN, key, name, hosts, ports-as-sorted-pairs, seq, timestamp, expires
 so a record cannot be forged, altered or re-attributed, and a higher ``seq``
 always wins (replays of old records are recognisable).
 
+Optional fields travel in one trailing map (the 9th wire element, signed as a
+9th list element too), present only when one is set, so a record without them
+encodes and signs exactly as before:
+
+* ``observed``: ``[[service, host, port], ...]``, where this node was seen from
+  outside (node/discovery/observed.py), at most one entry per service.
+
 Both the bootstrap server (JSON) and the DHT (msgpack) carry records; this
 module is pure and imports only identity, wire and errors.
 """
@@ -31,6 +38,12 @@ MAX_RECORD_TTL_S = 7 * 24 * 3600
 MAX_RECORD_BYTES = 2048
 # clocks differ; a record "from the future" by more than this is refused
 MAX_CLOCK_SKEW_S = 300
+EXT_OBSERVED = "observed"
+EXTENSION_KEYS = (EXT_OBSERVED,)
+MAX_OBSERVED = len(SERVICES)
+
+# (service, host, port): where a service of this node was seen from outside
+Observed = tuple[str, str, int]
 
 
 @dataclass(frozen=True)
@@ -43,24 +56,38 @@ class ContactRecord:
     timestamp: int
     expires: int
     signature: bytes
+    observed: tuple[Observed, ...] = ()
 
     # -- construction -----------------------------------------------------
     @classmethod
     def create(cls, identity: Identity, hosts: list[str] | tuple[str, ...],
                ports: dict[str, int], seq: int, *, now: float | None = None,
-               ttl_s: int = DEFAULT_RECORD_TTL_S) -> ContactRecord:
+               ttl_s: int = DEFAULT_RECORD_TTL_S,
+               observed: list[Observed] | tuple[Observed, ...] = ()) -> ContactRecord:
         now_i = int(time.time() if now is None else now)
         hosts_t = tuple(hosts)
         ports_d = {k: int(v) for k, v in ports.items() if v}
+        observed_t = tuple(sorted((s, h, int(p)) for s, h, p in observed))
         _check_fields(identity.name, hosts_t, ports_d, seq, now_i, now_i + ttl_s)
+        _check_observed(observed_t)
         unsigned = cls(identity.peer_id, identity.name, hosts_t, ports_d, seq, now_i,
-                       now_i + ttl_s, b"")
+                       now_i + ttl_s, b"", observed_t)
         return cls(identity.peer_id, identity.name, hosts_t, ports_d, seq, now_i,
-                   now_i + ttl_s, identity.sign(unsigned.signed_bytes()))
+                   now_i + ttl_s, identity.sign(unsigned.signed_bytes()), observed_t)
+
+    def extensions(self) -> dict[str, Any]:
+        ext: dict[str, Any] = {}
+        if self.observed:
+            ext[EXT_OBSERVED] = [list(o) for o in self.observed]
+        return ext
 
     def signed_bytes(self) -> bytes:
-        return packb([DOMAIN, self.peer_id.key, self.name, list(self.hosts),
-                      sorted(self.ports.items()), self.seq, self.timestamp, self.expires])
+        fields: list[Any] = [DOMAIN, self.peer_id.key, self.name, list(self.hosts),
+                             sorted(self.ports.items()), self.seq, self.timestamp, self.expires]
+        ext = self.extensions()
+        if ext:
+            fields.append(ext)
+        return packb(fields)
 
     # -- checks -----------------------------------------------------------
     def verify(self, now: float | None = None) -> ContactRecord:
@@ -81,19 +108,35 @@ class ContactRecord:
         port = self.ports.get(service)
         return (self.hosts[0], port) if port and self.hosts else None
 
+    def endpoints(self, service: str) -> list[tuple[str, int]]:
+        """Every advertised address of a service: the local hosts first, then where it
+        was observed from outside (a hint: see docs/protocols/discovery.md)."""
+        port = self.ports.get(service)
+        if not port:
+            return []
+        out = [(h, port) for h in self.hosts]
+        out += [(h, p) for s, h, p in self.observed if s == service and (h, p) not in out]
+        return out
+
     # -- codecs -----------------------------------------------------------
     def to_wire(self) -> list[Any]:
-        return [self.peer_id.key, self.name, list(self.hosts), sorted(self.ports.items()),
-                self.seq, self.timestamp, self.expires, self.signature]
+        wire: list[Any] = [self.peer_id.key, self.name, list(self.hosts),
+                           sorted(self.ports.items()), self.seq, self.timestamp, self.expires,
+                           self.signature]
+        ext = self.extensions()
+        if ext:
+            wire.append(ext)
+        return wire
 
     def encode(self) -> bytes:
         return packb(self.to_wire())
 
     @classmethod
     def from_wire(cls, obj: Any) -> ContactRecord:
-        if not isinstance(obj, list) or len(obj) != 8:
-            raise ProtocolError("contact record: expected a list of 8 fields")
-        key, name, hosts, ports, seq, ts, expires, sig = obj
+        if not isinstance(obj, list) or len(obj) not in (8, 9):
+            raise ProtocolError("contact record: expected a list of 8 or 9 fields")
+        key, name, hosts, ports, seq, ts, expires, sig = obj[:8]
+        observed = _parse_extensions(obj[8]) if len(obj) == 9 else ()
         if not isinstance(key, bytes) or len(key) != 32:
             raise ProtocolError("contact record: bad public key")
         if not isinstance(sig, bytes) or len(sig) != 64:
@@ -114,14 +157,14 @@ class ContactRecord:
         if not isinstance(name, str) or not all(isinstance(h, str) for h in hosts):
             raise ProtocolError("contact record: name and hosts must be text")
         _check_fields(name, tuple(hosts), ports_d, seq, ts, expires)
-        return cls(PeerId(key), name, tuple(hosts), ports_d, seq, ts, expires, sig)
+        return cls(PeerId(key), name, tuple(hosts), ports_d, seq, ts, expires, sig, observed)
 
     @classmethod
     def decode(cls, data: bytes) -> ContactRecord:
         return cls.from_wire(unpackb(data, max_bytes=MAX_RECORD_BYTES))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "peer_id": str(self.peer_id),
             "name": self.name,
             "hosts": list(self.hosts),
@@ -131,6 +174,8 @@ class ContactRecord:
             "expires": self.expires,
             "signature": base64.b64encode(self.signature).decode("ascii"),
         }
+        out.update(self.extensions())
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> ContactRecord:
@@ -144,6 +189,7 @@ class ContactRecord:
                 raise ProtocolError("contact record: ports must be an object")
             wire = [peer_id.key, obj["name"], obj["hosts"], sorted(ports.items()),
                     obj["seq"], obj["timestamp"], obj["expires"], sig]
+            wire += json_extensions(obj)
         except KeyError as exc:
             raise ProtocolError(f"contact record: missing field {exc}") from None
         except (ValueError, TypeError, AttributeError, IdentityError) as exc:
@@ -166,3 +212,42 @@ def _check_fields(name: str, hosts: tuple[str, ...], ports: dict[str, int], seq:
         raise ProtocolError("contact record: seq/timestamp out of range")
     if not ts < expires <= ts + MAX_RECORD_TTL_S:
         raise ProtocolError("contact record: expiry out of range")
+
+
+def json_extensions(obj: dict[str, Any]) -> list[Any]:
+    """The optional fields of a JSON record, as the 9th wire element (or nothing)."""
+    ext = {k: obj[k] for k in EXTENSION_KEYS if k in obj}
+    return [ext] if ext else []
+
+
+def _parse_extensions(ext: Any) -> tuple[Observed, ...]:
+    if not isinstance(ext, dict) or not ext or any(k not in EXTENSION_KEYS for k in ext):
+        raise ProtocolError(f"contact record: the optional fields are a map of "
+                            f"{', '.join(EXTENSION_KEYS)}")
+    raw = ext.get(EXT_OBSERVED, [])
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_OBSERVED:
+        raise ProtocolError(f"contact record: observed is a list of 1-{MAX_OBSERVED} entries")
+    out = []
+    for item in raw:
+        if (not isinstance(item, (list, tuple)) or len(item) != 3 or not isinstance(item[0], str)
+                or not isinstance(item[1], str) or type(item[2]) is not int):
+            raise ProtocolError("contact record: an observed entry is [service, host, port]")
+        out.append((item[0], item[1], item[2]))
+    observed = tuple(out)
+    if list(observed) != sorted(observed):
+        raise ProtocolError("contact record: observed entries must be sorted")
+    _check_observed(observed)
+    return observed
+
+
+def _check_observed(observed: tuple[Observed, ...]) -> None:
+    if len(observed) > MAX_OBSERVED:
+        raise ProtocolError(f"contact record: at most {MAX_OBSERVED} observed addresses")
+    services = [s for s, _h, _p in observed]
+    if len(set(services)) != len(services):
+        raise ProtocolError("contact record: one observed address per service")
+    for service, host, port in observed:
+        if service not in SERVICES or not 0 < port <= 65535:
+            raise ProtocolError(f"contact record: bad observed port {service}={port}")
+        if not 0 < len(host) <= MAX_HOST_LEN:
+            raise ProtocolError("contact record: bad observed host")
