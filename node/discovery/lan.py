@@ -340,7 +340,10 @@ class LanDiscovery:
         now = self._clock()
         got = self.cache.receive(data, now)
         if got.outcome is Outcome.ACCEPTED and got.record is not None:
-            log.debug("LAN: %s (%s) from %s", got.record.peer_id.short, got.record.name, addr[0])
+            (log.info if got.new_instance else log.debug)(
+                "LAN: heard %s (%s) from %s, instance %s", got.record.peer_id.short,
+                got.record.name or "unnamed", addr[0], self.cache.entries()[
+                    got.record.peer_id].instance_id.hex())
             self.sink.add(got.record)
             if got.new_instance and now - self._last_forced >= FORCED_ANNOUNCE_GAP_S:
                 self._last_forced = now
