@@ -29,7 +29,7 @@ from node.control import ControlServer, Emit, socket_path_for
 from node.discovery import addresses
 from node.discovery.bootstrap import BootstrapRegistration
 from node.discovery.dht import DhtDiscovery
-from node.discovery.lan import LanDiscovery, PeerSink, parse_targets
+from node.discovery.lan import LanDiscovery, PeerSink, bind_host_for, parse_targets
 from node.discovery.observed import ObservedAddresses
 from node.discovery.record import REFRESH_CHECK_S, LocalRecord
 from node.errors import NodeAlreadyRunning, P2PError, PeerUnreachable, PortUnavailable, UnknownPeer
@@ -218,11 +218,10 @@ class Daemon:
         if not s.lan_discovery:
             return
         targets = parse_targets(s.lan_announce_targets) if s.lan_announce_targets else None
-        if targets is None and _is_loopback(s.listen_host):
+        bind_host = bind_host_for(s.listen_host, targets)
+        if bind_host is None:
             log.info("LAN discovery off: the node listens on %s only", s.listen_host)
             return
-        bind_host = ("0.0.0.0" if targets is None or addresses.is_wildcard(s.listen_host)
-                     else s.listen_host)
         sink = PeerSink(add=self._lan_add, seen=self._lan_seen,
                         gone=lambda pid: self.book.set_online(pid, "lan", False))
         lan = LanDiscovery(self.identity.peer_id, self._current_record, sink,
@@ -605,17 +604,6 @@ class Daemon:
         if not isinstance(text, str):
             raise UnknownPeer("no peer given")
         return self.resolve(text)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def received_folder(path: Path) -> Path:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.contact import MAX_RECORD_BYTES, ContactRecord
-from node.discovery.addresses import Interface, interfaces
+from node.discovery.addresses import Interface, interfaces, is_wildcard
 from node.errors import ProtocolError
 from node.identity import PeerId
 from node.wire import packb, unpackb
@@ -209,6 +210,25 @@ def parse_targets(texts: list[str]) -> list[tuple[str, int]]:
     from node.discovery.dht import parse_hostport
 
     return [parse_hostport(t) for t in texts]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_host_for(listen_host: str, targets: list[tuple[str, int]] | None) -> str | None:
+    """Where the LAN socket binds, or None when LAN discovery is useless: listening on
+    loopback only (the default, and every testnet node) with no explicit targets, no
+    peer on the LAN could reach us. Broadcast and multicast arrive only on a socket
+    bound to the wildcard; explicit targets bind the listen host."""
+    if targets is None:
+        return None if _is_loopback(listen_host) else "0.0.0.0"
+    return "0.0.0.0" if is_wildcard(listen_host) else listen_host
 
 
 class _Protocol(asyncio.DatagramProtocol):

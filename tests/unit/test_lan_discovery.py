@@ -161,3 +161,16 @@ def test_expired_record_is_invalid() -> None:
     old = ContactRecord.create(ALICE, ["198.18.0.2"], {"tcp": 1}, 1, now=NOW - 7200, ttl_s=60)
     c = cache()
     assert c.receive(encode_announcement(old, INST), 1.0).outcome is Outcome.INVALID
+
+
+def test_where_the_lan_socket_binds() -> None:
+    from node.discovery.lan import bind_host_for
+
+    # default targets (broadcast + multicast): off on loopback, else the wildcard
+    assert bind_host_for("127.0.0.1", None) is None
+    assert bind_host_for("localhost", None) is None
+    assert bind_host_for("0.0.0.0", None) == "0.0.0.0"
+    assert bind_host_for("198.18.0.7", None) == "0.0.0.0"
+    # explicit unicast targets (tests): the listen host itself
+    assert bind_host_for("127.0.0.1", [("127.0.0.1", 1)]) == "127.0.0.1"
+    assert bind_host_for("::", [("127.0.0.1", 1)]) == "0.0.0.0"
