@@ -339,7 +339,7 @@ def _print_discovery(info: dict[str, Any]) -> None:
 @app.command()
 @handle_errors
 def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List peers this node knows (bootstrap, DHT, cache, gossip) and whether they are online."""
+    """List peers this node knows (bootstrap, DHT, LAN, cache, gossip) and if they are online."""
     rows = _call(home, "peers")
     if as_json:
         _print_json(rows)

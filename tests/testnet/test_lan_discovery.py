@@ -56,8 +56,7 @@ def test_two_nodes_without_bootstrap_find_each_other_on_the_lan(tmp_path: Path) 
                 f"lan_discovery_port = {lan_ports[h.name]}\n"
                 f"lan_announce_targets = {json.dumps(targets)}\n"
                 + ("lan_discovery = false\n" if h.name == "off" else ""))
-        net.start("off")
-        net.start("a")
+        net.start_many(["off", "a"])
         t_start = time.monotonic()
         net.start("b")
         t_ready = time.monotonic()
