@@ -25,6 +25,7 @@ WILDCARDS = ("0.0.0.0", "::", "")
 SIOCGIFADDR = 0x8915
 SIOCGIFNETMASK = 0x891B
 IF_INET6_PATH = Path("/proc/net/if_inet6")
+ROUTE_PATH = Path("/proc/net/route")
 MAX_ADVERTISED_HOSTS = 8
 
 
@@ -82,37 +83,59 @@ def interfaces() -> list[Interface]:
     return out
 
 
+def default_route_interfaces(text: str | None = None) -> set[str]:
+    """Names of the interfaces that carry an IPv4 default route (/proc/net/route)."""
+    if text is None:
+        try:
+            text = ROUTE_PATH.read_text()
+        except OSError:
+            return set()
+    out = set()
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 8 and parts[1] == "00000000" and parts[7] == "00000000":
+            out.add(parts[0])
+    return out
+
+
 def is_wildcard(host: str) -> bool:
     return host in WILDCARDS
 
 
-def _rank(iface: Interface) -> tuple[int, int]:
+def _rank(iface: Interface, default_ifaces: set[str]) -> tuple[int, int, int]:
     ip = iface.ip
-    # IPv4 before IPv6 (most LANs), global/private before link-local
+    # global/private before link-local; IPv4 before IPv6 (most LANs); the interface of
+    # the default route before others (a container bridge is rarely what peers reach)
     if ip.is_loopback:
         scope = 3
     elif ip.is_link_local:
         scope = 2
     else:
         scope = 0
-    return (scope, 0 if ip.version == 4 else 1)
+    return (scope, 0 if ip.version == 4 else 1, 0 if iface.name in default_ifaces else 1)
 
 
-def advertised_hosts(listen_host: str, advertise_host: str,
-                     ifaces: list[Interface]) -> list[str]:
+def advertised_hosts(listen_host: str, advertise_host: str, ifaces: list[Interface],
+                     default_ifaces: set[str] | None = None) -> list[str]:
     """The hosts a record advertises: the explicit ``advertise_host``; else the listen
     host when it is a real address; else (wildcard) the interface addresses of the
     wildcard's family (``::`` covers both), loopback only when nothing else exists,
-    IPv6 link-local never (useless without a scope id)."""
+    IPv6 link-local never (useless without a scope id). Dialers try hosts[0] first,
+    so the default route's interface leads (``default_ifaces``, from /proc/net/route
+    when not given)."""
     if advertise_host and not is_wildcard(advertise_host):
         return [advertise_host]
     if not is_wildcard(listen_host):
         return [listen_host]
+    routed = default_route_interfaces() if default_ifaces is None else default_ifaces
     v4_only = listen_host == "0.0.0.0"
     usable = [i for i in ifaces if not (v4_only and i.ip.version != 4)
               and not (i.ip.version == 6 and i.ip.is_link_local)]
     others = [i for i in usable if not i.ip.is_loopback]
-    chosen = sorted(others, key=_rank) if others else [i for i in usable if i.ip.is_loopback]
+    if others:
+        chosen = sorted(others, key=lambda i: _rank(i, routed))
+    else:
+        chosen = [i for i in usable if i.ip.is_loopback]
     hosts: list[str] = []
     for iface in chosen:
         if iface.address not in hosts:

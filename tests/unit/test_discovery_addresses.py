@@ -8,7 +8,12 @@ import time
 import pytest
 
 from node.contact import ContactRecord
-from node.discovery.addresses import Interface, advertised_hosts, interfaces
+from node.discovery.addresses import (
+    Interface,
+    advertised_hosts,
+    default_route_interfaces,
+    interfaces,
+)
 from node.discovery.observed import ObservedAddresses
 from node.discovery.record import LocalRecord
 from node.errors import ProtocolError
@@ -149,3 +154,21 @@ def test_bad_observed_fields_are_refused(ext: object) -> None:
         ContactRecord.from_wire(wire)
     with pytest.raises(ProtocolError):
         ContactRecord.decode(packb(wire))
+
+
+ROUTES = """Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+eth1\t00000000\t010012C6\t0003\t0\t0\t100\t00000000\t0\t0\t0
+eth1\t000012C6\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
+"""
+
+
+def test_the_default_route_interface_is_advertised_first() -> None:
+    assert default_route_interfaces(ROUTES) == {"eth1"}
+    assert default_route_interfaces("") == set()
+    bridge = Interface("docker0", "172.17.0.1", "255.255.0.0")
+    uplink = Interface("eth1", "198.18.0.9", "255.255.255.0")
+    assert advertised_hosts("0.0.0.0", "", [LO, bridge, uplink], {"eth1"}) == [
+        "198.18.0.9", "172.17.0.1"]
+    assert advertised_hosts("0.0.0.0", "", [LO, bridge, uplink], set()) == [
+        "172.17.0.1", "198.18.0.9"]
