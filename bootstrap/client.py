@@ -15,6 +15,7 @@ import the daemon, the DHT or the server module.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import time
@@ -46,6 +47,8 @@ class BootstrapClient:
         self.url = url.strip().rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        # the source address the server saw on our last registration (its "observed")
+        self.observed: tuple[str, int] | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -101,6 +104,7 @@ class BootstrapClient:
             body={"device_id": str(record.peer_id), "record": record.to_json()})
         if not isinstance(payload, dict) or not isinstance(payload.get("records"), list):
             raise ProtocolError(f"bootstrap server {self.url}: register answer has no records")
+        self.observed = _observed(payload.get("observed"))
         now = time.time()
         out: list[ContactRecord] = []
         for raw in payload["records"]:
@@ -154,6 +158,19 @@ class BootstrapClient:
                 raise ProtocolError(f"bootstrap server {self.url}: bad next_cursor")
             cursor = nxt
         return out[:limit]
+
+
+def _observed(raw: Any) -> tuple[str, int] | None:
+    """The answer's ``observed`` source address, or None when absent or malformed."""
+    if not isinstance(raw, dict):
+        return None
+    host, port = raw.get("host"), raw.get("port")
+    if not isinstance(host, str) or type(port) is not int or not 0 < port <= 65535:
+        return None
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        return None
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:

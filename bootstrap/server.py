@@ -9,7 +9,9 @@ HTTP API (JSON bodies, every error is ``{"error": "..."}`` with a 4xx status):
   a replay (409). Answers ``{"message", "peers": [ids], "records": [...]}``:
   up to REGISTER_REPLY_PEERS_MAX online peers, the registrant itself last (as the
   seed did: ``["device_001", "device_002"]`` after device_002 registered), the
-  others picked round-robin across client addresses.
+  others picked round-robin across client addresses; for a contact record also
+  ``"observed": {"host", "port"}``, the source address the request came from
+  (STUN-like; a client that does not know the field ignores it).
 * ``GET /peers?limit=N&cursor=C``: online registrations, keyset-paged, in the
   store's fair order (each address's first id, then each address's second, ...).
 * ``DELETE /register/<id>``: signed ``{"timestamp", "signature"}`` for a peer
@@ -79,7 +81,7 @@ from bootstrap.store import (
     TooManyLegacyIds,
     UnregisterOutcome,
 )
-from node.contact import EXT_RELAYS, MAX_CLOCK_SKEW_S, ContactRecord
+from node.contact import MAX_CLOCK_SKEW_S, ContactRecord, json_extensions
 from node.errors import IdentityError, P2PError, ProtocolError, bind_errors
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
@@ -237,9 +239,7 @@ def record_from_json(raw: Any, peer_id: PeerId, peer_text: str) -> ContactRecord
             raise ApiError(400, "bad contact record: ports must be an object")
         sig = base64.b64decode(raw["signature"], validate=True)
         wire = [peer_id.key, raw["name"], raw["hosts"], sorted(ports.items()),
-                raw["seq"], raw["timestamp"], raw["expires"], sig]
-        if EXT_RELAYS in raw:  # the record's signed extension map (node/contact.py)
-            wire.append({EXT_RELAYS: raw[EXT_RELAYS]})
+                raw["seq"], raw["timestamp"], raw["expires"], sig, *json_extensions(raw)]
         return ContactRecord.from_wire(wire)
     except KeyError as exc:
         raise ApiError(400, f"bad contact record: missing field {exc}") from None
@@ -258,7 +258,7 @@ def record_json_text(record: ContactRecord, peer_text: str) -> str:
         "timestamp": record.timestamp,
         "expires": record.expires,
         "signature": base64.b64encode(record.signature).decode("ascii"),
-        **({EXT_RELAYS: list(record.relays)} if record.relays else {}),
+        **record.extensions(),
     }, separators=(",", ":"))
 
 
@@ -340,6 +340,13 @@ def _parse_limit(text: str | None) -> int:
 # -- handlers ---------------------------------------------------------------
 
 
+def _observed(request: web.Request) -> dict[str, Any] | None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return None  # a Unix socket or a closed transport: nothing to report
+    return {"host": str(peer[0]), "port": int(peer[1])}
+
+
 async def handle_register(request: web.Request) -> web.Response:
     source = _rate_check(request, REGISTER_LIMITER_KEY, "registrations")
     body = await read_json(request)
@@ -381,6 +388,12 @@ async def handle_register(request: web.Request) -> web.Response:
     listed = [*reversed(others), (device_id, record_json)]
     message = MSG_REFRESHED if outcome is RegisterOutcome.REFRESHED else MSG_REGISTERED
     parts = ['{"message":', json.dumps(message), ',"peers":', json.dumps([d for d, _ in listed])]
+    observed = _observed(request) if record_json is not None else None
+    if observed is not None:
+        # p2pfs nodes only (a legacy answer stays exactly the seed's). Like STUN: the
+        # source address of this request, so a node behind a NAT learns its public
+        # address (the port is that of this HTTP connection)
+        parts += [',"observed":', json.dumps(observed, separators=(",", ":"))]
     if record_json is not None:
         # stored records are our own canonical JSON: splice them without re-encoding
         parts += [',"records":[', ",".join(r for _, r in listed if r is not None), "]"]

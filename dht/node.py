@@ -233,7 +233,8 @@ class DhtNode:
             if left_s < 2 * self.republish_s + RESIGN_MARGIN_S:
                 ttl = record.expires - record.timestamp
                 record = ContactRecord.create(self.identity, record.hosts, record.ports,
-                                              record.seq + 1, ttl_s=ttl)
+                                              record.seq + 1, ttl_s=ttl,
+                                              observed=record.observed)
                 self.record = record
             try:
                 stored = await self._publish()
@@ -280,6 +281,10 @@ class DhtNode:
             self.protocol.spawn(self.protocol.call_store(n, key, value))
         self._remember(best)
         return LookupResult(best, crawl.hops, crawl.queries, time.perf_counter() - t0)
+
+    async def stun(self, addr: tuple[str, int]) -> tuple[str, int] | None:
+        """Where the DHT peer at `addr` sees our DHT socket (host, port); None if silent."""
+        return await self.protocol.stun(addr)
 
     def contacts(self) -> list[tuple[str, int]]:
         return [(ip, port) for _, ip, port in self.contact_ids()]

@@ -26,7 +26,7 @@ from node.statefiles import private_file
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("bootstrap", "dht", "cache", "manual", "gossip")
+SOURCES = ("bootstrap", "dht", "cache", "manual", "gossip", "lan")
 MAX_CACHED_PEERS = 10_000
 DEFAULT_DHT_ADDRESSES = 64
 

@@ -150,6 +150,8 @@ REQUEST_SPECS: dict[str, tuple[Callable[[Any], Any], ...]] = {
     "store": (_dht_id, _dht_id, _value),
     "find_node": (_dht_id, _dht_id),
     "find_value": (_dht_id, _dht_id),
+    # ours, not the library's: "where do you see me?" (the caller's source address)
+    "stun": (_dht_id,),
 }
 
 
@@ -213,7 +215,24 @@ def _check_bool(value: Any) -> bool:
     return value
 
 
+def check_stun_reply(value: Any) -> tuple[str, int]:
+    """A stun reply: [IP literal, port], the source address the peer saw."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise ProtocolError("a stun reply is [ip, port]")
+    ip, port = value
+    if not isinstance(ip, str) or len(ip) > MAX_IP_LEN:
+        raise ProtocolError("a stun reply's ip is text")
+    try:
+        ip = str(ipaddress.ip_address(ip))
+    except ValueError:
+        raise ProtocolError("a stun reply's ip is not an IP address") from None
+    if type(port) is not int or not 0 < port <= 65535:
+        raise ProtocolError("a stun reply's port is out of range")
+    return ip, port
+
+
 REPLY_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "stun": check_stun_reply,
     "ping": _dht_id,
     "store": _check_bool,
     "find_node": check_node_list,
@@ -397,6 +416,11 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
             if not pending[0].done():
                 pending[0].set_result((False, None))
 
+    async def stun(self, address: tuple[str, int]) -> tuple[str, int] | None:
+        """Ask a DHT peer where it sees us from; None when it does not answer."""
+        ok, value = await self._call(address, "stun", self.source_node.id)
+        return value if ok else None
+
     async def ping(self, address: tuple[str, int], nodeid: bytes) -> RpcResult:
         return await self._call(address, "ping", nodeid)
 
@@ -530,9 +554,10 @@ class HardenedProtocol(KademliaProtocol):  # type: ignore[misc]
         self.consider(node)
         return node
 
-    def rpc_stun(self, sender: tuple[str, int]) -> tuple[str, int]:
-        # not in REQUEST_SPECS, so never reachable from the network
-        raise ProtocolError("stun is not served")
+    def rpc_stun(self, sender: tuple[str, int], nodeid: bytes) -> list[Any]:
+        # the answer is smaller than the request, so no amplification; the caller is not
+        # added to the routing table (asking where one is seen is not taking part)
+        return [sender[0], sender[1]]
 
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
         self._sender(sender, nodeid)

@@ -328,6 +328,9 @@ def start(
         help="Where received files go (default HOME/received).")] = None,
     transport: TransportOpt = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    no_lan_discovery: Annotated[bool, typer.Option(
+        "--no-lan-discovery", help="Do not announce or listen on the local network "
+                                   "(config key lan_discovery = false).")] = False,
 ) -> None:
     """Run the node in the foreground: listen, join the DHT, register, serve the CLI."""
     overrides: dict[str, Any] = {
@@ -340,6 +343,7 @@ def start(
         "listen_host": listen_host, "advertise_host": advertise_host,
         "received_dir": str(received_dir) if received_dir else None,
         "transport": transport, "log_level": log_level,
+        "lan_discovery": False if no_lan_discovery else None,
     }
     settings = load_settings(_home(home), overrides)
     load_identity(settings.home)  # fail early and clearly without an identity
@@ -392,6 +396,21 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         out.print(f"{'relay':<13} {r['relay']}: {r['state']}"
                   + (f", {r['expires_in_s']:.0f} s left" if r["state"] == "reserved" else "")
                   + (f" ({r['last_error']})" if r.get("last_error") else ""))
+    _print_discovery(info)
+
+
+def _print_discovery(info: dict[str, Any]) -> None:
+    """The advertised hosts, observed addresses and LAN discovery of `node status`."""
+    out.print(f"{'hosts':<13} {', '.join(info.get('hosts') or []) or '-'}")
+    seen = [f"{o['host']}:{o['port']} (via {o['via']} {o['reporter']})"
+            for o in info.get("observed") or []]
+    out.print(f"{'observed':<13} {'; '.join(seen) or 'none yet'}")
+    if info.get("advertised_observed"):
+        out.print(f"{'advertised':<13} {', '.join(info['advertised_observed'])}")
+    lan = info.get("lan_discovery") or {}
+    lan_text = (f"on, UDP port {lan.get('port')}, {lan.get('peers', 0)} peer(s) heard"
+                if lan.get("enabled") else "off")
+    out.print(f"{'lan':<13} {lan_text}")
 
 
 # ---------------------------------------------------------------------------- peers
@@ -400,7 +419,7 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 @handle_errors
 def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List peers this node knows (bootstrap, DHT, cache, gossip) and whether they are online."""
+    """List peers this node knows (bootstrap, DHT, LAN, cache, gossip) and if they are online."""
     rows = _call(home, "peers")
     if as_json:
         _print_json(rows)

@@ -31,6 +31,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # (the dashboard's gui_port too: P+4, and `--port 0` turns the dashboard off)
 PORT_OFFSETS = {"tcp_port": 0, "udp_port": 1, "quic_port": 2, "dht_port": 3, "gui_port": 4}
 MAX_PORT = 65535
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 
 
 @dataclass
@@ -60,6 +62,11 @@ class Settings:
     # the local dashboard (node/gui): TCP port on gui_host, 0 = no dashboard
     gui_port: int = 8474
     gui_host: str = "127.0.0.1"
+    # signed announcements by UDP broadcast/multicast (node/discovery/lan.py)
+    lan_discovery: bool = True
+    lan_discovery_port: int = 21029
+    # HOST:PORT destinations instead of broadcast + multicast (tests: 127.0.0.1 ports)
+    lan_announce_targets: list[str] = field(default_factory=list)
 
     @property
     def control_socket(self) -> Path:
@@ -107,6 +114,19 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
                 raise ValueError(f"URLs like http://host:port ({bad[0]!r} is not one)")
             if key == "relays":
                 _check_relay_addrs(value)
+            bad = ([v for v in value if not is_hostport(v)] if key == "lan_announce_targets"
+                   else [])
+            if bad:
+                raise ValueError(f"HOST:PORT entries ({bad[0]!r} is not one)")
+            return value
+        if kind == "bool":
+            if from_text and isinstance(value, str):
+                text = value.strip().lower()
+                if text not in TRUE_WORDS + FALSE_WORDS:
+                    raise TypeError("true or false")
+                value = text in TRUE_WORDS
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
             return value
         if kind == "int":
             if isinstance(value, bool):
@@ -163,6 +183,11 @@ def _check_relay_addrs(values: list[str]) -> None:
             parse_relay_addr(v)
         except ProtocolError:
             raise ValueError(f"HOST:PORT addresses ({v!r} is not one)") from None
+
+
+def is_hostport(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= MAX_PORT)
 
 
 def is_bootstrap_url(url: str) -> bool:

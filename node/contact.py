@@ -7,12 +7,15 @@ list ``[DOMAIN, key, name, hosts, ports-as-sorted-pairs, seq, timestamp, expires
 so a record cannot be forged, altered or re-attributed, and a higher ``seq``
 always wins (replays of old records are recognisable).
 
-Extensions (additive, so every record written before them still verifies): a
-record may carry one more, signed, trailing field, a map of optional entries.
-It is present only when an entry is, so a record without extensions signs and
-encodes exactly as before. Entries: ``relays``, at most ``MAX_RELAYS``
-``HOST:PORT`` strings of relays this peer holds a reservation at
-(bootstrap/relay.py; the dialer tries them after the direct addresses).
+Optional fields travel in one trailing map (the 9th wire element, signed as a
+9th list element too), present only when one is set, so a record without them
+encodes and signs exactly as before:
+
+* ``observed``: ``[[service, host, port], ...]``, where this node was seen from
+  outside (node/discovery/observed.py), at most one entry per service.
+* ``relays``: at most ``MAX_RELAYS`` ``HOST:PORT`` strings of relays this peer
+  holds a reservation at (bootstrap/relay.py; the dialer tries them after the
+  direct addresses).
 
 Both the bootstrap server (JSON) and the DHT (msgpack) carry records; this
 module is pure and imports only identity, wire and errors.
@@ -38,9 +41,15 @@ MAX_RECORD_TTL_S = 7 * 24 * 3600
 MAX_RECORD_BYTES = 2048
 # clocks differ; a record "from the future" by more than this is refused
 MAX_CLOCK_SKEW_S = 300
+EXT_OBSERVED = "observed"
+EXT_RELAYS = "relays"
+EXTENSION_KEYS = (EXT_OBSERVED, EXT_RELAYS)
 MAX_RELAYS = 4
 MAX_RELAY_ADDR_LEN = 80
-EXT_RELAYS = "relays"
+MAX_OBSERVED = len(SERVICES)
+
+# (service, host, port): where a service of this node was seen from outside
+Observed = tuple[str, str, int]
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class ContactRecord:
     timestamp: int
     expires: int
     signature: bytes
+    observed: tuple[Observed, ...] = ()
     relays: tuple[str, ...] = ()
 
     # -- construction -----------------------------------------------------
@@ -60,29 +70,36 @@ class ContactRecord:
     def create(cls, identity: Identity, hosts: list[str] | tuple[str, ...],
                ports: dict[str, int], seq: int, *, now: float | None = None,
                ttl_s: int = DEFAULT_RECORD_TTL_S,
+               observed: list[Observed] | tuple[Observed, ...] = (),
                relays: list[str] | tuple[str, ...] = ()) -> ContactRecord:
         now_i = int(time.time() if now is None else now)
         hosts_t = tuple(hosts)
         ports_d = {k: int(v) for k, v in ports.items() if v}
-        relays_t = tuple(relays)
+        observed_t = tuple(sorted((s, h, int(p)) for s, h, p in observed))
         _check_fields(identity.name, hosts_t, ports_d, seq, now_i, now_i + ttl_s)
+        relays_t = tuple(relays)
+        _check_observed(observed_t)
         _check_relays(relays_t)
         unsigned = cls(identity.peer_id, identity.name, hosts_t, ports_d, seq, now_i,
-                       now_i + ttl_s, b"", relays_t)
+                       now_i + ttl_s, b"", observed_t, relays_t)
         return cls(identity.peer_id, identity.name, hosts_t, ports_d, seq, now_i,
-                   now_i + ttl_s, identity.sign(unsigned.signed_bytes()), relays_t)
+                   now_i + ttl_s, identity.sign(unsigned.signed_bytes()), observed_t, relays_t)
 
-    def _extensions(self) -> list[Any]:
-        """[] or [the extension map]: absent when empty, so older records sign as before."""
+    def extensions(self) -> dict[str, Any]:
         ext: dict[str, Any] = {}
+        if self.observed:
+            ext[EXT_OBSERVED] = [list(o) for o in self.observed]
         if self.relays:
             ext[EXT_RELAYS] = list(self.relays)
-        return [ext] if ext else []
+        return ext
 
     def signed_bytes(self) -> bytes:
-        return packb([DOMAIN, self.peer_id.key, self.name, list(self.hosts),
-                      sorted(self.ports.items()), self.seq, self.timestamp, self.expires,
-                      *self._extensions()])
+        fields: list[Any] = [DOMAIN, self.peer_id.key, self.name, list(self.hosts),
+                             sorted(self.ports.items()), self.seq, self.timestamp, self.expires]
+        ext = self.extensions()
+        if ext:
+            fields.append(ext)
+        return packb(fields)
 
     # -- checks -----------------------------------------------------------
     def verify(self, now: float | None = None) -> ContactRecord:
@@ -103,10 +120,25 @@ class ContactRecord:
         port = self.ports.get(service)
         return (self.hosts[0], port) if port and self.hosts else None
 
+    def endpoints(self, service: str) -> list[tuple[str, int]]:
+        """Every advertised address of a service: the local hosts first, then where it
+        was observed from outside (a hint: see docs/protocols/discovery.md)."""
+        port = self.ports.get(service)
+        if not port:
+            return []
+        out = [(h, port) for h in self.hosts]
+        out += [(h, p) for s, h, p in self.observed if s == service and (h, p) not in out]
+        return out
+
     # -- codecs -----------------------------------------------------------
     def to_wire(self) -> list[Any]:
-        return [self.peer_id.key, self.name, list(self.hosts), sorted(self.ports.items()),
-                self.seq, self.timestamp, self.expires, self.signature, *self._extensions()]
+        wire: list[Any] = [self.peer_id.key, self.name, list(self.hosts),
+                           sorted(self.ports.items()), self.seq, self.timestamp, self.expires,
+                           self.signature]
+        ext = self.extensions()
+        if ext:
+            wire.append(ext)
+        return wire
 
     def encode(self) -> bytes:
         return packb(self.to_wire())
@@ -116,7 +148,7 @@ class ContactRecord:
         if not isinstance(obj, list) or len(obj) not in (8, 9):
             raise ProtocolError("contact record: expected a list of 8 or 9 fields")
         key, name, hosts, ports, seq, ts, expires, sig = obj[:8]
-        relays = _relays_from_ext(obj[8]) if len(obj) == 9 else ()
+        observed, relays = _parse_extensions(obj[8]) if len(obj) == 9 else ((), ())
         if not isinstance(key, bytes) or len(key) != 32:
             raise ProtocolError("contact record: bad public key")
         if not isinstance(sig, bytes) or len(sig) != 64:
@@ -137,15 +169,15 @@ class ContactRecord:
         if not isinstance(name, str) or not all(isinstance(h, str) for h in hosts):
             raise ProtocolError("contact record: name and hosts must be text")
         _check_fields(name, tuple(hosts), ports_d, seq, ts, expires)
-        return cls(PeerId(key), name, tuple(hosts), ports_d, seq, ts, expires, sig, relays)
+        return cls(PeerId(key), name, tuple(hosts), ports_d, seq, ts, expires, sig, observed,
+                   relays)
 
     @classmethod
     def decode(cls, data: bytes) -> ContactRecord:
         return cls.from_wire(unpackb(data, max_bytes=MAX_RECORD_BYTES))
 
     def to_json(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {EXT_RELAYS: list(self.relays)} if self.relays else {}
-        return {
+        out: dict[str, Any] = {
             "peer_id": str(self.peer_id),
             "name": self.name,
             "hosts": list(self.hosts),
@@ -154,8 +186,9 @@ class ContactRecord:
             "timestamp": self.timestamp,
             "expires": self.expires,
             "signature": base64.b64encode(self.signature).decode("ascii"),
-            **extra,
         }
+        out.update(self.extensions())
+        return out
 
     @classmethod
     def from_json(cls, obj: Any) -> ContactRecord:
@@ -169,8 +202,7 @@ class ContactRecord:
                 raise ProtocolError("contact record: ports must be an object")
             wire = [peer_id.key, obj["name"], obj["hosts"], sorted(ports.items()),
                     obj["seq"], obj["timestamp"], obj["expires"], sig]
-            if EXT_RELAYS in obj:
-                wire.append({EXT_RELAYS: obj[EXT_RELAYS]})
+            wire += json_extensions(obj)
         except KeyError as exc:
             raise ProtocolError(f"contact record: missing field {exc}") from None
         except (ValueError, TypeError, AttributeError, IdentityError) as exc:
@@ -195,6 +227,47 @@ def _check_fields(name: str, hosts: tuple[str, ...], ports: dict[str, int], seq:
         raise ProtocolError("contact record: expiry out of range")
 
 
+def json_extensions(obj: dict[str, Any]) -> list[Any]:
+    """The optional fields of a JSON record, as the 9th wire element (or nothing)."""
+    ext = {k: obj[k] for k in EXTENSION_KEYS if k in obj}
+    return [ext] if ext else []
+
+
+def _parse_extensions(ext: Any) -> tuple[tuple[Observed, ...], tuple[str, ...]]:
+    """(observed, relays) of the extension map; an empty map, an empty entry or an
+    unknown key is refused, so a record has one encoding (signatures are over it)."""
+    if not isinstance(ext, dict) or not ext or any(k not in EXTENSION_KEYS for k in ext):
+        raise ProtocolError(f"contact record: the optional fields are a map of "
+                            f"{', '.join(EXTENSION_KEYS)}")
+    observed: tuple[Observed, ...] = ()
+    if EXT_OBSERVED in ext:
+        observed = _parse_observed(ext[EXT_OBSERVED])
+    relays: tuple[str, ...] = ()
+    if EXT_RELAYS in ext:
+        raw_relays = ext[EXT_RELAYS]
+        if not isinstance(raw_relays, list) or not raw_relays:
+            raise ProtocolError("contact record: relays must be a non-empty list")
+        relays = tuple(raw_relays)
+        _check_relays(relays)
+    return observed, relays
+
+
+def _parse_observed(raw: Any) -> tuple[Observed, ...]:
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_OBSERVED:
+        raise ProtocolError(f"contact record: observed is a list of 1-{MAX_OBSERVED} entries")
+    out = []
+    for item in raw:
+        if (not isinstance(item, (list, tuple)) or len(item) != 3 or not isinstance(item[0], str)
+                or not isinstance(item[1], str) or type(item[2]) is not int):
+            raise ProtocolError("contact record: an observed entry is [service, host, port]")
+        out.append((item[0], item[1], item[2]))
+    observed = tuple(out)
+    if list(observed) != sorted(observed):
+        raise ProtocolError("contact record: observed entries must be sorted")
+    _check_observed(observed)
+    return observed
+
+
 def _check_relays(relays: tuple[str, ...]) -> None:
     if len(relays) > MAX_RELAYS or any(
             not isinstance(r, str) or not 0 < len(r) <= MAX_RELAY_ADDR_LEN or ":" not in r
@@ -203,14 +276,14 @@ def _check_relays(relays: tuple[str, ...]) -> None:
                             f"of at most {MAX_RELAY_ADDR_LEN} chars")
 
 
-def _relays_from_ext(ext: Any) -> tuple[str, ...]:
-    """The relays of the extension map; an empty or unknown extension is refused, so the
-    same record has one encoding (signatures are over the encoding)."""
-    if not isinstance(ext, dict) or not ext or set(ext) - {EXT_RELAYS}:
-        raise ProtocolError("contact record: bad extension map")
-    relays = ext.get(EXT_RELAYS)
-    if not isinstance(relays, list) or not relays:
-        raise ProtocolError("contact record: relays must be a non-empty list")
-    relays_t = tuple(relays)
-    _check_relays(relays_t)
-    return relays_t
+def _check_observed(observed: tuple[Observed, ...]) -> None:
+    if len(observed) > MAX_OBSERVED:
+        raise ProtocolError(f"contact record: at most {MAX_OBSERVED} observed addresses")
+    services = [s for s, _h, _p in observed]
+    if len(set(services)) != len(services):
+        raise ProtocolError("contact record: one observed address per service")
+    for service, host, port in observed:
+        if service not in SERVICES or not 0 < port <= 65535:
+            raise ProtocolError(f"contact record: bad observed port {service}={port}")
+        if not 0 < len(host) <= MAX_HOST_LEN:
+            raise ProtocolError("contact record: bad observed host")

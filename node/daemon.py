@@ -1,8 +1,9 @@
 """The node daemon: the composition root, the only module that knows every service.
 
 Start order: lock the home dir -> identity -> trust store, peer cache, peer
-book -> transports (listeners) -> DHT -> contact record -> bootstrap
-registration loops -> transfers, gossip, watchers -> control API. Stop runs in
+book -> transports (listeners) -> DHT -> contact record -> discovery (DHT join,
+bootstrap registration loops, LAN announcements; node/discovery/) -> transfers,
+gossip, watchers -> control API. Stop runs in
 reverse, and the whole stop is bounded so SIGINT/SIGTERM end the process
 within 2 s.
 """
@@ -16,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +33,12 @@ from node.control import (
     LogPage,
     socket_path_for,
 )
+from node.discovery import addresses
+from node.discovery.bootstrap import BootstrapRegistration
+from node.discovery.dht import DhtDiscovery
+from node.discovery.lan import LanDiscovery, PeerSink, bind_host_for, parse_targets
+from node.discovery.observed import ObservedAddresses
+from node.discovery.record import REFRESH_CHECK_S, LocalRecord
 from node.errors import (
     NodeAlreadyRunning,
     NodeNotRunning,
@@ -56,32 +62,19 @@ from node.trust import TrustStore, resolve_peer
 log = logging.getLogger("p2pfs.daemon")
 
 STOP_BUDGET_S = 1.5
-REGISTER_BACKOFF_MAX_S = 60.0
-# how often the online list is fetched from each bootstrap server between registrations
-PEER_POLL_S = 5.0
-DHT_DISCOVER_S = 5.0
-DHT_DISCOVER_BATCH = 32
-RECORD_TTL_S = 3600
 DAEMON_STATE_FILE = "daemon.json"
 # `node share` of a file outside the shared folders is announced under this folder label
 ONE_OFF_FOLDER = "_shared"
 MAX_ANNOUNCED_FILES = 1000
 LOCK_FILE = "daemon.lock"
-TRUST_WATCH_S = 0.2
+TRUST_WATCH_S = 0.2  # how often the trust store is checked for revocations (one PRAGMA)
 # `node events` without --since shows the newest few; a page is at most EVENTS_PAGE_MAX
 EVENTS_RECENT_DEFAULT = 100
 EVENTS_FOLLOW_BACKLOG = 10
 EVENTS_PAGE_DEFAULT = 1000
 EVENTS_PAGE_MAX = 10_000
 LOG_LIMIT_DEFAULT = 1000
-LOG_LIMIT_MAX = 10_000  # how often the trust store is checked for revocations (one PRAGMA)
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise P2PError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+LOG_LIMIT_MAX = 10_000
 
 
 class HomeLock:
@@ -123,15 +116,17 @@ class Daemon:
         self._lock = HomeLock(self.home)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._record_seq = 0
-        self.record: ContactRecord | None = None
+        self.local_record: LocalRecord | None = None
+        self.observed = ObservedAddresses()
+        self.lan: LanDiscovery | None = None
+        self.registration: BootstrapRegistration | None = None
+        self.discovery: DhtDiscovery | None = None
         self.trust = TrustStore.in_home(self.home)
         self.cache: Any = None
         self.book: PeerBook
         self.dht: Any = None
         self.peering: Peering
         self.control = ControlServer(socket_path_for(self.home))
-        self._bootstrap_clients: list[Any] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._trusted_seen: set[PeerId] = set()  # see _watch_trust
 
@@ -182,19 +177,99 @@ class Daemon:
         self._closers.append(self.dht.stop)
         self.ports = ports
 
-        self.record = self._new_record()
+        self._wire_discovery()
         await self._start_services()
         self._start_pairing()
         self._register_control()
         await self.control.start()
         self._closers.append(self.control.close)
         await self._start_gui()
-        self._spawn(self._dht_join())
+        assert self.discovery is not None and self.registration is not None
+        self._spawn(self.discovery.run())
         self._spawn(self._watch_trust())
+        self._spawn(self._refresh_record_loop())
         self._start_relay_reservations()
         for url in s.bootstrap:
-            self._spawn(self._register_loop(url))
+            self._spawn(self.registration.run(url))
+        await self._start_lan()
         self._write_state()
+
+    @property
+    def record(self) -> ContactRecord | None:
+        return self.local_record.current if self.local_record is not None else None
+
+    def _wire_discovery(self) -> None:
+        s = self.settings
+        self.local_record = LocalRecord(
+            self.identity, ports=self.ports, observed=self.observed,
+            hosts=lambda: addresses.advertised_hosts(s.listen_host, s.advertise_host,
+                                                     addresses.interfaces()),
+            relays=s.relays)
+        current = self._current_record
+        self.registration = BootstrapRegistration(
+            self.identity, self.book, current, interval_s=s.register_interval_s,
+            observed=self.observed, on_observed=self._observed_changed)
+        self.discovery = DhtDiscovery(
+            self.dht, self.book, current, manual_peers=list(s.bootstrap_peers),
+            cache=self.cache, bootstrap_addrs=self.registration.dht_addrs,
+            observed=self.observed, on_observed=self._observed_changed)
+        self.local_record.on_change(self._record_changed)
+
+    def _current_record(self) -> ContactRecord:
+        assert self.local_record is not None
+        return self.local_record.current
+
+    def _observed_changed(self) -> None:
+        assert self.local_record is not None
+        self.local_record.refresh()
+
+    def _record_changed(self, record: ContactRecord) -> None:
+        """Our record was re-signed: tell the DHT, the bootstrap servers and the LAN."""
+        assert self.discovery is not None and self.registration is not None
+        self._spawn(self.discovery.publish(record))
+        self.registration.reregister_soon()
+        if self.lan is not None:
+            self.lan.wake()
+
+    async def _refresh_record_loop(self) -> None:
+        assert self.local_record is not None
+        while True:
+            await asyncio.sleep(REFRESH_CHECK_S)
+            self.local_record.refresh()
+
+    async def _start_lan(self) -> None:
+        """LAN discovery: on unless turned off, or useless (listening on loopback only
+        with no explicit targets, as every testnet node does)."""
+        s = self.settings
+        if not s.lan_discovery:
+            return
+        targets = parse_targets(s.lan_announce_targets) if s.lan_announce_targets else None
+        bind_host = bind_host_for(s.listen_host, targets)
+        if bind_host is None:
+            log.info("LAN discovery off: the node listens on %s only", s.listen_host)
+            return
+        sink = PeerSink(add=self._lan_add, seen=self._lan_seen,
+                        gone=lambda pid: self.book.set_online(pid, "lan", False))
+        lan = LanDiscovery(self.identity.peer_id, self._current_record, sink,
+                           port=s.lan_discovery_port, bind_host=bind_host, targets=targets)
+        try:
+            port = await lan.start()
+        except OSError as exc:
+            log.warning("LAN discovery off: cannot bind UDP port %d (%s); set another with "
+                        "lan_discovery_port", s.lan_discovery_port, exc.strerror or exc)
+            return
+        self.lan = lan
+        self._closers.append(lan.stop)
+        self._spawn(lan.run())
+        log.info("LAN discovery on UDP port %d", port)
+
+    def _lan_add(self, record: ContactRecord) -> None:
+        self.book.add(record, "lan")
+        self.book.set_online(record.peer_id, "lan", True)
+
+    def _lan_seen(self, peer: PeerId) -> None:
+        self.book.mark_seen(peer, "lan")
+        self.book.set_online(peer, "lan", True)
 
     def _shared_folders(self) -> dict[str, Path]:
         """The --share folders, refused (ConfigError) when one would publish our own state."""
@@ -338,9 +413,10 @@ class Daemon:
 
     async def stop(self) -> None:
         deadline = time.monotonic() + STOP_BUDGET_S
-        if self._bootstrap_clients:
+        if self.registration is not None and self.registration.clients:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._unregister_all(), max(0.1, STOP_BUDGET_S / 3))
+                await asyncio.wait_for(self.registration.unregister_all(),
+                                       max(0.1, STOP_BUDGET_S / 3))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -351,9 +427,8 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - stop must finish whatever a step raises
                 log.warning("shutdown step %s did not finish cleanly: %r",
                             getattr(close, "__qualname__", close), exc)
-        for client in self._bootstrap_clients:
-            with contextlib.suppress(Exception):
-                await client.close()
+        if self.registration is not None:
+            await self.registration.close()
         if self.cache is not None:
             self.cache.close()
         self.trust.close()
@@ -409,110 +484,10 @@ class Daemon:
         for reservation in self.reservations:
             self._spawn(reservation.run())
 
-    # ------------------------------------------------------------------ records
-    def _new_record(self) -> ContactRecord:
-        # milliseconds since the epoch: always higher than any record of an earlier run
-        self._record_seq = max(self._record_seq + 1, int(time.time() * 1000))
-        return ContactRecord.create(self.identity, [self.settings.advertised_host],
-                                    self.ports, self._record_seq, ttl_s=RECORD_TTL_S,
-                                    relays=self.settings.relays)
-
     async def locate(self, peer: PeerId) -> ContactRecord | None:
-        record = self.book.get(peer)
-        if record is not None:
-            return record
-        if self.dht is not None:
-            found = await self.dht.lookup(peer)
-            if found is not None:
-                self.book.add(found.record, "dht")
-                return found.record
-        return None
-
-    # ------------------------------------------------------------------ discovery
-    async def _dht_join(self) -> None:
-        """Join the DHT from manual peers, the cache and bootstrap answers; republish."""
-        manual = []
-        for text in self.settings.bootstrap_peers:
-            try:
-                manual.append(parse_hostport(text))
-            except P2PError as exc:
-                log.warning("ignoring --bootstrap-peer: %s", exc)
-        delay = 0.5
-        while True:
-            addrs = manual + self.cache.dht_addresses() + self._bootstrap_dht_addrs()
-            if addrs:
-                answered = await self.dht.bootstrap(addrs)
-                if answered:
-                    stored = await self.dht.set_record(self.record)
-                    log.info("joined the DHT through %d contact(s); record stored on %d node(s)",
-                             answered, stored)
-                    break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-        await self._dht_discover_loop()
-
-    async def _dht_discover_loop(self) -> None:
-        """Learn the records of the DHT's routing-table contacts, so peers found only
-        through the DHT (the bootstrap server gone, or never used) appear in `node peers`."""
-        while True:
-            known = {pid.dht_id for pid in self.book.entries()}
-            unknown = [cid for cid, _ip, _port in self.dht.contact_ids() if cid not in known]
-            for cid in unknown[:DHT_DISCOVER_BATCH]:
-                with contextlib.suppress(P2PError, OSError, asyncio.TimeoutError):
-                    found = await self.dht.lookup_id(cid)
-                    if found is not None:
-                        self.book.add(found.record, "dht")
-            await asyncio.sleep(DHT_DISCOVER_S)
-
-    def _bootstrap_dht_addrs(self) -> list[tuple[str, int]]:
-        out = []
-        for entry in self.book.entries().values():
-            ep = entry.record.endpoint("dht")
-            if ep is not None and "bootstrap" in entry.sources:
-                out.append(ep)
-        return out
-
-    async def _register_loop(self, url: str) -> None:
-        """Register (and re-register before the TTL) with one bootstrap server, and poll
-        its online list in between so peers that joined after us show up quickly."""
-        from bootstrap.client import BootstrapClient
-
-        client = BootstrapClient(url)
-        self._bootstrap_clients.append(client)
-        backoff = 1.0
-        registered_at = 0.0
-        while True:
-            try:
-                assert self.record is not None
-                if time.monotonic() - registered_at >= self.settings.register_interval_s:
-                    records = await client.register(self.record)
-                    registered_at = time.monotonic()
-                else:
-                    records = [e["record"] for e in await client.list_peers()
-                               if e.get("record") is not None
-                               and e["record"].peer_id != self.identity.peer_id]
-                backoff = 1.0
-                self._bootstrap_online(records)
-                delay = min(PEER_POLL_S, self.settings.register_interval_s)
-            except P2PError as exc:
-                log.warning("%s; retrying in %.0f s", exc, backoff)
-                self.book.forget_source("bootstrap")
-                registered_at = 0.0
-                delay = backoff
-                backoff = min(backoff * 2, REGISTER_BACKOFF_MAX_S)
-            await asyncio.sleep(delay * random.uniform(0.9, 1.1))
-
-    def _bootstrap_online(self, records: list[ContactRecord]) -> None:
-        seen = {r.peer_id for r in records}
-        for entry_id in list(self.book.entries()):
-            self.book.set_online(entry_id, "bootstrap", entry_id in seen)
-        for record in records:
-            self.book.add(record, "bootstrap")
-            self.book.set_online(record.peer_id, "bootstrap", True)
-
-    async def _unregister_all(self) -> None:
-        await asyncio.gather(*(c.unregister(self.identity) for c in self._bootstrap_clients),
-                             return_exceptions=True)
+        if self.discovery is None:
+            return self.book.get(peer)
+        return await self.discovery.locate(peer)
 
     # ------------------------------------------------------------------ control API
     def resolve(self, text: str) -> PeerId:
@@ -546,6 +521,11 @@ class Daemon:
             "pid": os.getpid(),
             "home": str(self.home),
             "host": self.settings.advertised_host,
+            "hosts": list(self.record.hosts) if self.record else [],
+            "observed": [o.to_json() for o in self.observed.observations(time.time())],
+            "advertised_observed": ([f"{svc} {h}:{p}" for svc, h, p in self.record.observed]
+                                    if self.record else []),
+            "lan_discovery": self.lan.status() if self.lan else {"enabled": False},
             "ports": self.ports,
             "uptime_s": time.time() - self.started_at,
             "bootstrap": list(self.settings.bootstrap),

@@ -1,6 +1,6 @@
 """The peer book: everything this node knows about other peers, and from where.
 
-Knowledge comes from the bootstrap server's answers, DHT lookups, the
+Knowledge comes from the bootstrap server's answers, DHT lookups, LAN announcements, the
 persistent peer cache (dht/peercache.py) and gossip presence heartbeats. Each
 entry keeps the newest verified contact record, the set of sources and when
 the peer was last seen. ``node peers`` shows this union with a source column.
@@ -19,7 +19,7 @@ from node.contact import ContactRecord
 from node.errors import ProtocolError
 from node.identity import PeerId
 
-SOURCES = ("bootstrap", "dht", "cache", "gossip", "manual")
+SOURCES = ("bootstrap", "dht", "lan", "cache", "gossip", "manual")
 
 
 class RecordCache(Protocol):

@@ -350,7 +350,7 @@ def _malformed_datagrams(node_id: bytes) -> list[bytes]:
         req + packb(["find_value", [node_id, "text-key-of-20-chars"]]),
         req + packb(["store", [node_id, node_id, [1, 2, 3]]]),  # the old poisoning value
         req + packb(["store", [node_id, node_id, b"x" * 5000]]),
-        req + packb(["stun", []]),                        # library RPCs we do not serve
+        req + packb(["stun", []]),                        # wrong arity (stun takes an id)
         req + packb(["__init__", [node_id]]),
         req + packb(["no_such_rpc", [node_id]]),
         bytes([KIND_RESPONSE]) + mid + packb(node_id),    # unsolicited reply

@@ -70,12 +70,12 @@ def test_limits_refuse_bad_values(field: str, value: float) -> None:
 
 @pytest.mark.parametrize("nodes", [50, 100])
 def test_default_limits_never_refuse_a_testnet_on_one_address(nodes: int) -> None:
-    """The daemon's bootstrap loop (node/daemon.py _register_loop) with testnet_lib's
+    """The daemon's bootstrap loop (node/discovery/bootstrap.py) with testnet_lib's
     register_interval_s=3, every node on 127.0.0.1, all started at once: 10 virtual
     minutes without a single refusal, with room for twice the ~50 nodes a testnet runs."""
     import random
 
-    from node.daemon import PEER_POLL_S
+    from node.discovery.bootstrap import PEER_POLL_S
 
     register_interval_s = 3.0
     lim = ServerLimits()

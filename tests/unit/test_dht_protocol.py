@@ -87,7 +87,7 @@ BAD_DATAGRAMS = [
     request("store", [ID_A, ID_A, b"x" * 5000]),             # oversize value
     request("find_node", [ID_A, b"short"]),
     request("find_value", ["a" * 20, ID_A]),
-    request("stun", []),                                     # not served
+    request("stun", []),                                     # wrong arity
     request("save_state", ["x"]),                            # no such RPC
     b"\x00" + b"\x11" * 20 + packb({"ping": [ID_A]}),       # not a list
     b"\x00" + b"\x11" * 20 + packb(["ping", ID_A]),         # args not a list
