@@ -547,6 +547,42 @@ class EventLog:
         self._events_total += 1
         return event
 
+    def append_local_many(self, identity: Identity, folder: str,
+                          changes: list[tuple[str, str, int, bytes, str]]) -> list[ChangeEvent]:
+        """Sign and store our next events, one per (kind, path, size, hash, old_path),
+        each with its own seq and Lamport time (each verifiable alone), in one transaction."""
+        own = identity.peer_id.key
+        events: list[ChangeEvent] = []
+        with self._tx():
+            row = self._db.execute("SELECT highest FROM watermarks WHERE origin=?",
+                                   (own,)).fetchone()
+            seq = max(self._get_local("seq"), row[0] if row else 0)
+            lamport = self._get_local("lamport")
+            for kind, path, size, hash, old_path in changes:
+                seq += 1
+                lamport = min(lamport + 1, MAX_SEQ)
+                event = ChangeEvent.create(identity, folder=folder, seq=seq, lamport=lamport,
+                                           kind=kind, path=path, size=size, hash=hash,
+                                           old_path=old_path)
+                self._db.execute(
+                    "INSERT INTO events (id, origin, seq, lamport, wall_ms, folder, kind, path,"
+                    " old_path, raw, relay_only, received_ms) VALUES (?,?,?,?,?,?,?,?,?,?,0,?)",
+                    (event.id, own, seq, lamport, event.wall_ms, folder, kind, path, old_path,
+                     event.encode(), event.wall_ms))
+                self._advance_watermark(own, seq)
+                events.append(event)
+            if events:
+                self._set_local("seq", seq)
+                self._set_local("lamport", lamport)
+        self._events_total += len(events)
+        return events
+
+    def notify_many(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """Several notifications in one transaction (listeners see each, in order)."""
+        with self._tx():
+            for kind, data in items:
+                self.notify(kind, data)
+
     # -- notifications ---------------------------------------------------------
     def notify(self, kind: str, data: dict[str, Any]) -> int:
         """Append a notification; returns its id (previous id + 1)."""

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MAX_MESSAGES = 1024
 APPLY_QUEUE_MAX = 10_000
+APPLY_BATCH_MAX = 1024  # accepted events handed to on_events at once (queued ones only)
 CONNECT_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = 1.0
@@ -94,6 +95,7 @@ class GossipService:
                  open_channel: Callable[[PeerId], Awaitable[Channel]],
                  is_trusted: Callable[[PeerId], bool],
                  on_event: Callable[[ChangeEvent], Awaitable[Any]],
+                 on_events: Callable[[list[ChangeEvent]], Awaitable[Any]] | None = None,
                  fanout: int = DEFAULT_FANOUT, anti_entropy_s: float = 2.0,
                  heartbeat_s: float = 5.0,
                  rand: random.Random | None = None,
@@ -105,6 +107,7 @@ class GossipService:
         self._open_channel = open_channel
         self._is_trusted = is_trusted
         self._on_event = on_event
+        self._on_events = on_events
         self.heartbeat_s = heartbeat_s
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
@@ -164,6 +167,21 @@ class GossipService:
         self.engine.set_peers(self._peers())
         self._dispatch(self.engine.publish(event, time.time()))
         return event
+
+    async def publish_local_many(self, folder: str, changes: list[tuple[str, str, int, bytes,
+                                                                          str]]
+                                 ) -> list[ChangeEvent]:
+        """``publish_local`` for a batch of (kind, path, size, hash, old_path): one log
+        transaction, one notification transaction, pushes of many events each."""
+        for kind, *_rest in changes:
+            if kind not in NOTIFY_KIND:
+                raise ValueError(f"unknown change kind {kind!r}")
+        events = self.log.append_local_many(self.identity, folder, changes)
+        self.log.notify_many([(NOTIFY_KIND[e.kind], {**e.summary(), "local": True})
+                              for e in events])
+        self.engine.set_peers(self._peers())
+        self._dispatch(self.engine.publish_many(events, time.time()))
+        return events
 
     async def handle_channel(self, channel: Channel) -> None:
         """Serve a channel the peer opened to us; returns when it closes."""
@@ -260,6 +278,15 @@ class GossipService:
     async def _applier(self) -> None:
         while True:
             event = await self._apply_queue.get()
+            if self._on_events is not None:
+                batch = [event]
+                while len(batch) < APPLY_BATCH_MAX and not self._apply_queue.empty():
+                    batch.append(self._apply_queue.get_nowait())
+                try:
+                    await self._on_events(batch)
+                except Exception:  # a bug in one batch must not stop every later sync
+                    log.exception("applying %d events failed unexpectedly", len(batch))
+                continue
             try:
                 await self._on_event(event)
             except P2PError as exc:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 
-from node.errors import IntegrityError, LocalIOError
+from node.errors import IntegrityError, LocalIOError, P2PError
 from node.gossip.events import ChangeEvent
 from node.gossip.log import EventLog
 from node.identity import PeerId
@@ -54,6 +54,11 @@ from node.watcher import FileIndex, hash_file
 log = logging.getLogger(__name__)
 
 FetchFn = Callable[[PeerId, str, str, bytes], Awaitable[Path]]
+# (origin, folder, [(path, hash)]) -> path -> the fetched file, or why it was not fetched
+FetchManyFn = Callable[[PeerId, str, list[tuple[str, bytes]]],
+                       Awaitable[dict[str, "Path | P2PError"]]]
+# content events of one origin whose fetches go out as one batch (one transfer session)
+MAX_FETCH_BATCH = 512
 SYNC_INDEX_NAME = ".p2pfs-sync.p2pfs-index"
 
 
@@ -74,11 +79,13 @@ class SyncEngine:
                  origin_label: Callable[[PeerId], str] | None = None,
                  suppress: Callable[[Path, bytes], None] | None = None,
                  local_lookup: Callable[[bytes], Path | None] | None = None,
-                 log: EventLog | None = None, index_path: Path | None = None) -> None:
+                 log: EventLog | None = None, index_path: Path | None = None,
+                 fetch_many: FetchManyFn | None = None) -> None:
         self.root = Path(received_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.self_id = self_id
         self._fetch = fetch
+        self._fetch_many = fetch_many
         self._label = origin_label or (lambda p: p.short)
         self._suppress = suppress or (lambda _p, _h: None)
         self._local_lookup = local_lookup or (lambda _h: None)
@@ -117,6 +124,101 @@ class SyncEngine:
                 outcome = await self._ensure_content(event, self.target_for(event))
         except OSError as exc:
             raise local_io_error(exc, f"cannot apply {event.kind} of {event.path}") from None
+        self._applied_ok(event, outcome)
+        return outcome
+
+    async def apply_batch(self, events: list[ChangeEvent]
+                          ) -> list[tuple[ChangeEvent, SyncOutcome | P2PError]]:
+        """Apply events in order, with the fetches of consecutive content events going
+        out together (one ``fetch_many`` per origin and folder, not one session per file).
+
+        Each event gets its own outcome or error (one failed file does not fail the
+        rest). Deletions and moves first wait for the fetches queued before them, and a
+        second event for a path with a fetch pending does too, so the order of events
+        per path is kept. Without ``fetch_many`` this is ``apply`` per event.
+        """
+        out: list[tuple[ChangeEvent, SyncOutcome | P2PError]] = []
+        pending: dict[tuple[bytes, str, str], tuple[ChangeEvent, Path]] = {}
+
+        async def flush() -> None:
+            if pending:
+                items = list(pending.values())
+                pending.clear()
+                out.extend(await self._fetch_pending(items))
+
+        for event in events:
+            key = (event.origin.key, event.folder, event.path)
+            content = event.kind not in ("deleted", "moved")
+            if (self._fetch_many is None or not content or key in pending
+                    or len(pending) >= MAX_FETCH_BATCH):
+                await flush()
+            if self._fetch_many is None or not content:
+                try:
+                    out.append((event, await self.apply(event)))
+                except P2PError as exc:
+                    out.append((event, exc))
+                continue
+            if event.origin == self.self_id:
+                out.append((event, SyncOutcome.SKIPPED))
+                continue
+            if self._applied.get(key, 0) >= event.seq:
+                out.append((event, SyncOutcome.STALE))
+                continue
+            try:
+                target = self.target_for(event)
+                ready = await self._prepare_content(event, target)
+            except P2PError as exc:
+                out.append((event, exc))
+                continue
+            except OSError as exc:
+                out.append((event, local_io_error(exc, f"cannot apply {event.kind} of "
+                                                       f"{event.path}")))
+                continue
+            if ready is not None:
+                self._applied_ok(event, ready)
+                out.append((event, ready))
+            else:
+                pending[key] = (event, target)
+        await flush()
+        return out
+
+    async def _fetch_pending(self, items: list[tuple[ChangeEvent, Path]]
+                             ) -> list[tuple[ChangeEvent, SyncOutcome | P2PError]]:
+        assert self._fetch_many is not None
+        groups: dict[tuple[PeerId, str], list[tuple[ChangeEvent, Path]]] = {}
+        for event, target in items:
+            groups.setdefault((event.origin, event.folder), []).append((event, target))
+        results: dict[int, SyncOutcome | P2PError] = {}
+        for (origin, folder), group in groups.items():
+            try:
+                fetched = await self._fetch_many(origin, folder,
+                                                 [(e.path, e.hash) for e, _t in group])
+            except P2PError as exc:
+                fetched = {e.path: exc for e, _t in group}
+            with self.index.transaction():
+                for event, target in group:
+                    got = fetched.get(event.path)
+                    if got is None:
+                        got = P2PError(f"fetching {event.folder}/{event.path} from "
+                                       f"{origin.short} gave no file")
+                    if isinstance(got, P2PError):
+                        results[id(event)] = got
+                        continue
+                    try:
+                        outcome = await self._finish_fetch(event, target, Path(got))
+                    except P2PError as exc:
+                        results[id(event)] = exc
+                        continue
+                    except OSError as exc:
+                        results[id(event)] = local_io_error(
+                            exc, f"cannot apply {event.kind} of {event.path}")
+                        continue
+                    self._applied_ok(event, outcome)
+                    results[id(event)] = outcome
+        return [(event, results[id(event)]) for event, _t in items]
+
+    def _applied_ok(self, event: ChangeEvent, outcome: SyncOutcome) -> None:
+        key = (event.origin.key, event.folder, event.path)
         self._applied[key] = event.seq
         if event.kind == "moved":
             self._applied[(event.origin.key, event.folder, event.old_path)] = event.seq
@@ -125,7 +227,6 @@ class SyncEngine:
             data["how"] = outcome.value
             data["local_path"] = str(self.target_for(event))
             self._log.notify("file_received", data)
-        return outcome
 
     # -- kinds ------------------------------------------------------------------------
     def _delete(self, event: ChangeEvent) -> SyncOutcome:
@@ -160,6 +261,15 @@ class SyncEngine:
         return SyncOutcome.MOVED
 
     async def _ensure_content(self, event: ChangeEvent, target: Path) -> SyncOutcome:
+        ready = await self._prepare_content(event, target)
+        if ready is not None:
+            return ready
+        fetched = await self._fetch(event.origin, event.folder, event.path, event.hash)
+        return await self._finish_fetch(event, target, Path(fetched))
+
+    async def _prepare_content(self, event: ChangeEvent, target: Path) -> SyncOutcome | None:
+        """UNCHANGED / COPIED when no transfer is needed; None when the caller must fetch
+        (the copy being replaced is already in the versions folder, the write suppressed)."""
         if target.is_file():
             entry = self.index.get(self._index_key(target))
             st = target.stat()
@@ -186,7 +296,11 @@ class SyncEngine:
         # the transfer layer writes straight to `target`: a watcher on the received dir
         # (it may be shared too) must not announce that write as our own change
         self._suppress(target, event.hash)
-        fetched = await self._fetch(event.origin, event.folder, event.path, event.hash)
+        return None
+
+    async def _finish_fetch(self, event: ChangeEvent, target: Path, fetched: Path
+                            ) -> SyncOutcome:
+        """Check what the transfer wrote against the event's hash, then show it."""
         digest = (await asyncio.to_thread(hash_file, fetched))[2]
         if digest != event.hash:
             raise IntegrityError(f"{event.path} from {event.origin.short} does not match the "

@@ -10,6 +10,7 @@ Public API (called by the daemon):
     send_files(channel, root, paths, *, progress, cancel, transfer_id) -> TransferResult
     receive_files(channel, store, *, progress, cancel) -> TransferResult
     fetch_file(channel, rel_path, root_hash, store, *, progress, cancel) -> TransferResult
+    fetch_files(channel, items, store, *, progress, cancel) -> TransferResult   (one session)
     serve_fetch(channel, resolve, *, progress, cancel) -> TransferResult
 
 Errors raised: ChannelClosed / PeerUnreachable (channel died or peer silent for
@@ -51,6 +52,7 @@ from node.transfer.manifest import FileEntry, SourceFile, build_manifest, hash_c
 from node.transfer.paths import PathBlocked, safe_relpath, sanitize_label
 from node.transfer.protocol import (
     MAX_CHUNKS_PER_TRANSFER,
+    MAX_FILES_PER_FETCH,
     MAX_FILES_PER_TRANSFER,
     TO_SINK,
     TO_SOURCE,
@@ -60,6 +62,7 @@ from node.transfer.protocol import (
     ChunkRequest,
     ChunkView,
     Complete,
+    FetchManyRequest,
     FetchRequest,
     FileDone,
     FileStatus,
@@ -90,6 +93,10 @@ MAX_PENDING_WRITES = 4  # received chunks waiting for the writer thread (memory:
 READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
 SEND_CANCEL_LOSES_FRAME = frozenset({"udp", "quic"})  # see _Session._stop_worker_first
 SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
+# files finalized (fsync, rename) at once: concurrent fsyncs share the file system's journal
+# commits (measured here: 4.5 ms per file one after another, 0.26 ms with 16 at once)
+FINALIZE_THREADS = 16
+MAX_OPEN_PARTIALS = 256  # partial files a sink holds open (many small files in the window)
 
 
 class Superseded(P2PError):
@@ -671,6 +678,11 @@ class _Sink(_Session):
         self._results: list[FileResult] = []
         self._failures: list[tuple[str, str]] = []
         self.expect: tuple[str, bytes | None] | None = None  # fetch: the one file we asked for
+        # fetch of a batch: the files we asked for (the offer may leave some out)
+        self.expect_many: dict[str, bytes | None] | None = None
+        self._finals: list[Path] = []  # renamed into place; their folders not yet fsynced
+        self._finalizer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._finishing: list[asyncio.Task[None]] = []  # files being finalized
         # chunks handed to the writer thread (hash + pwrite), settled in order by the loop
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: collections.deque[
@@ -689,10 +701,15 @@ class _Sink(_Session):
         finally:
             try:
                 await self._stop_writer()
+                await self._stop_finalizer()
             finally:
                 for partial in self._partials.values():
                     self.store.release(partial)  # saves resume state; waits for a busy writer
                 self._partials.clear()
+                if self._finals:  # interrupted: make the renames done so far durable too
+                    finals, self._finals = self._finals, []
+                    with contextlib.suppress(P2PError, OSError):
+                        await asyncio.to_thread(self.store.finish_batch, finals)
                 self._ended.set()
 
     async def supersede(self, by: _Sink) -> bool:
@@ -764,6 +781,15 @@ class _Sink(_Session):
             if [e.path for e in self.entries] != [path] or (
                     root is not None and self.entries[0].root != root):
                 raise ProtocolError(f"answered a fetch of {path[:80]!r} with another file")
+        if self.expect_many is not None:
+            for e in self.entries:
+                if e.path not in self.expect_many:
+                    raise ProtocolError(f"answered a fetch with {e.path[:80]!r}, not asked for")
+                want = self.expect_many[e.path]
+                if want is not None and e.root != want:
+                    raise ProtocolError(f"answered a fetch of {e.path[:80]!r} with other content")
+            for path in self.expect_many.keys() - files:
+                self._failures.append((path, f"{self.peer} no longer has it (or it changed)"))
         self.files_total = len(self.entries)
         self.bytes_total = sum(e.size for e in self.entries)
 
@@ -777,9 +803,11 @@ class _Sink(_Session):
         self._report(force=True)
         while True:
             # keep the window full: open the next file when its chunks are all requested
+            self._reap_finished()
             while True:
                 if not pending:
-                    if next_file >= len(self.entries):
+                    if next_file >= len(self.entries) or (
+                            len(self._partials) >= MAX_OPEN_PARTIALS and in_flight):
                         break
                     index = next_file
                     next_file += 1
@@ -794,6 +822,8 @@ class _Sink(_Session):
                 in_flight_bytes += clen
                 await self._send(ChunkRequest(index, c))
             if not in_flight and not self._writes:
+                if next_file < len(self.entries) or pending:
+                    continue  # the open-partials bound held the next files back
                 break
             if self._writes and (len(self._writes) >= MAX_PENDING_WRITES or not in_flight
                                  or self._writes[0][2].done()):
@@ -819,6 +849,13 @@ class _Sink(_Session):
             fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
             self._writes.append((key, clen, fut))
             self._file_writes[msg.index] += 1
+        while self._finishing:
+            await asyncio.wait(self._finishing, return_when=asyncio.FIRST_COMPLETED)
+            self._reap_finished()
+        if self._finals:
+            # one fsync per folder for the whole batch, before the source hears Complete
+            finals, self._finals = self._finals, []
+            await self._local(self.store.finish_batch, finals)
         await self._send(Complete(self.tid))
         return self._result(self._results, self._failures, self.bytes_on_wire,
                             self.bytes_payload)
@@ -898,20 +935,53 @@ class _Sink(_Session):
             self.store.release(plan.partial)
 
     async def _finish_file(self, index: int) -> None:
-        entry = self.entries[index]
+        """Finalize a complete file (fsync, rename) in the finalizer pool; FileDone follows
+        when it is done. Several files are finalized at once, so their fsyncs overlap."""
         partial = self._partials.pop(index)
+        if self._finalizer is None:
+            self._finalizer = concurrent.futures.ThreadPoolExecutor(
+                FINALIZE_THREADS, thread_name_prefix="p2pfs-final")
+        fut = asyncio.wrap_future(self._finalizer.submit(partial.finalize, True))
+        self._finishing.append(asyncio.ensure_future(self._finished_file(index, partial, fut)))
+
+    async def _finished_file(self, index: int, partial: PartialFile,
+                             fut: asyncio.Future[Path]) -> None:
+        entry = self.entries[index]
         try:
-            final = await self._local(partial.finalize)
+            final = await fut
         except PathBlocked as exc:
             self._failures.append((entry.path, str(exc)))
             await self._send(FileDone(index, False, clip(str(exc))))
         else:
+            self._finals.append(final)
             self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), final))
             await self._send(FileDone(index, True, ""))
         finally:
             self.store.release(partial)
         self.files_done += 1
         self._report(force=True)
+
+    def _reap_finished(self) -> None:
+        """Raise the failure of a finished finalize task (disk error, channel gone)."""
+        still: list[asyncio.Task[None]] = []
+        for task in self._finishing:
+            if task.done():
+                task.result()
+            else:
+                still.append(task)
+        self._finishing = still
+
+    async def _stop_finalizer(self) -> None:
+        """Let finalizes in progress end (their threads cannot be stopped), then the pool."""
+        tasks, self._finishing = self._finishing, []
+        if tasks:
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()  # collected: a failure after the one that stopped us
+        pool, self._finalizer = self._finalizer, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------------------
@@ -952,13 +1022,68 @@ async def fetch_file(channel: Any, rel_path: str, root_hash: bytes | None, store
     return await sink.run(ask)
 
 
+async def fetch_files(channel: Any, items: list[tuple[str, bytes | None]], store: ReceiveStore,
+                      *, progress: ProgressFn | None = None,
+                      cancel: asyncio.Event | None = None) -> TransferResult:
+    """Ask the peer for several announced files (at most MAX_FILES_PER_FETCH) in one session.
+
+    The result lists the files received; ``failures`` names each one that was not
+    (the peer no longer has it, a local error, ...), so the caller can retry per file.
+    A peer with the older protocol aborts with code "ProtocolError" before any offer.
+    """
+    if not 0 < len(items) <= MAX_FILES_PER_FETCH:
+        raise ValueError(f"fetch_files takes 1 to {MAX_FILES_PER_FETCH} files")
+    for rel_path, root_hash in items:
+        safe_relpath(rel_path)
+        if root_hash is not None and len(root_hash) != 32:
+            raise ValueError("root_hash must be 32 bytes")
+    request = FetchManyRequest(os.urandom(TRANSFER_ID_BYTES),
+                               tuple([path, root] for path, root in items))
+    request.validate()  # duplicates are the caller's bug: refuse before anything is sent
+    sink = _Sink(channel, store, progress, cancel)
+    sink.tid = request.transfer_id
+    sink.expect_many = dict(items)
+
+    async def ask() -> None:
+        await sink._send(request)
+
+    return await sink.run(ask)
+
+
+def _manifests_for(found: list[tuple[str, bytes | None, Path, Path]]) -> list[SourceFile]:
+    """One manifest entry per resolved (path, root, folder root, file); a file that vanished,
+    was renamed or changed since it was announced is left out of the offer (blocking)."""
+    out: list[SourceFile] = []
+    for path, want, root, file in found:
+        try:
+            files = build_manifest(root, [file])
+        except P2PError:
+            continue
+        if (len(files) == 1 and files[0].entry.path == path
+                and (want is None or files[0].entry.root == want)):
+            out.append(files[0])
+    return out
+
+
 async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn | None = None,
                       cancel: asyncio.Event | None = None) -> TransferResult:
-    """Answer one FetchRequest: resolve(rel_path, root_hash) -> (root, file) or None."""
+    """Answer one FetchRequest or FetchManyRequest: resolve(rel_path, root_hash) ->
+    (root, file) or None."""
     session = _Session(channel, progress, cancel)
 
     async def first() -> TransferResult | list[SourceFile]:
-        msg = await session._recv((FetchRequest, Abort))
+        msg = await session._recv((FetchRequest, FetchManyRequest, Abort))
+        if isinstance(msg, FetchManyRequest):
+            session.tid = msg.transfer_id
+            hits: list[tuple[str, bytes | None, Path, Path]] = []
+            for wanted_path, want in msg.wanted():
+                safe_relpath(wanted_path)  # a hostile path never reaches resolve()
+                hit = resolve(wanted_path, want)
+                if hit is not None:
+                    hits.append((wanted_path, want, hit[0], hit[1]))
+            offered: list[SourceFile] = (await session._local(_manifests_for, hits)
+                                         if hits else [])
+            return offered
         assert isinstance(msg, FetchRequest)
         session.tid = msg.transfer_id
         safe_relpath(msg.path)  # a hostile path never reaches resolve()
@@ -992,6 +1117,7 @@ __all__ = [
     "TransferResult",
     "TransferState",
     "fetch_file",
+    "fetch_files",
     "receive_files",
     "send_files",
     "serve_fetch",

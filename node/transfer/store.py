@@ -191,11 +191,16 @@ class PartialFile:
             self._join_saver()
             self._save_state_locked()
 
-    def finalize(self) -> Path:
-        """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
+    def finalize(self, batch: bool = False) -> Path:
+        """Check, fsync, apply mode/mtime, keep an old version, rename into place.
+
+        With `batch`, the folder's fsync and the sweep of stale partials are left to
+        ``ReceiveStore.finish_batch`` (once per folder for many files). The file itself
+        is always fsynced before the rename, so its final name never shows a torn file.
+        """
         with self._lock:
             self._join_saver()
-            return self._finalize_locked()
+            return self._finalize_locked(batch)
 
     def close(self) -> None:
         with self._lock:
@@ -296,7 +301,7 @@ class PartialFile:
         os.replace(tmp, self.state_path)
 
     # -- finishing ----------------------------------------------------------
-    def _finalize_locked(self) -> Path:
+    def _finalize_locked(self, batch: bool = False) -> Path:
         """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
         e = self.entry
         if not self.complete:
@@ -305,6 +310,7 @@ class PartialFile:
             if os.fstat(self.fd).st_size != e.size:
                 raise LocalIOError(f"{self.part_path} changed size on disk while receiving")
             os.fsync(self.fd)
+            self._unsaved = 0  # renamed next: no resume state to save on close
             os.fchmod(self.fd, received_mode(e.mode, self.store.umask))
             os.utime(self.fd, ns=(e.mtime_ns, e.mtime_ns))
         except OSError as exc:
@@ -319,14 +325,16 @@ class PartialFile:
                 if not self.store.same_content(final, e):
                     self.store.keep_version(self.folder, self.rel, final)
             os.rename(self.part_path, final)
-            _fsync_dir(final.parent)
+            if not batch:
+                _fsync_dir(final.parent)
         except OSError as exc:
             raise local_io_error(exc, f"cannot move {final} into place") from None
         try:
             os.unlink(self.state_path)
         except OSError:
             pass
-        self.store.remove_stale_partials(final)
+        if not batch:
+            self.store.remove_stale_partials(final)
         return final
 
     def _close_locked(self) -> None:
@@ -428,17 +436,34 @@ class ReceiveStore:
 
     def remove_stale_partials(self, final: Path) -> None:
         """Drop leftover partial/state files of older contents of `final` (not in use)."""
-        stem = re.escape(f".{_clip_name(final.name, PARTIAL_NAME_PREFIX_BYTES)}.")
-        pattern = re.compile(stem + r"[0-9a-f]{16}\.p2pfs-(part|state)$")
+        self._remove_stale_partials(final.parent, [final.name])
+
+    def finish_batch(self, finals: list[Path]) -> None:
+        """After a batch of ``finalize(batch=True)``: fsync each folder once (the renames
+        become durable) and sweep stale partials with one listing per folder (blocking)."""
+        by_dir: dict[Path, list[str]] = {}
+        for final in finals:
+            by_dir.setdefault(final.parent, []).append(final.name)
+        for parent, names in by_dir.items():
+            _fsync_dir(parent)
+            self._remove_stale_partials(parent, names)
+
+    def _remove_stale_partials(self, parent: Path, final_names: list[str]) -> None:
+        stems = {f".{_clip_name(n, PARTIAL_NAME_PREFIX_BYTES)}." for n in final_names}
+        suffix = re.compile(r"[0-9a-f]{16}\.p2pfs-(part|state)$")
         try:
-            names = os.listdir(final.parent)
+            with os.scandir(parent) as it:
+                names = [e.name for e in it if e.name.startswith(".")]
         except OSError:
             return
         with self._lock:
             active = set(self._active)
         for name in names:
-            path = final.parent / name
-            if pattern.match(name) and path.with_suffix(PARTIAL_SUFFIX) not in active:
+            m = suffix.search(name)
+            if m is None or name[:m.start()] not in stems:
+                continue
+            path = parent / name
+            if path.with_suffix(PARTIAL_SUFFIX) not in active:
                 try:
                     os.unlink(path)
                 except OSError:
