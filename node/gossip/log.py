@@ -577,12 +577,6 @@ class EventLog:
         self._events_total += len(events)
         return events
 
-    def notify_many(self, items: list[tuple[str, dict[str, Any]]]) -> None:
-        """Several notifications in one transaction (listeners see each, in order)."""
-        with self._tx():
-            for kind, data in items:
-                self.notify(kind, data)
-
     # -- notifications ---------------------------------------------------------
     def notify(self, kind: str, data: dict[str, Any]) -> int:
         """Append a notification; returns its id (previous id + 1)."""
@@ -655,16 +649,49 @@ class EventLog:
     def _tx(self) -> _Tx:
         return _Tx(self._db)
 
+    def batch(self) -> _Batch:
+        """``with log.batch():`` groups the adds and notifications of one gossip message
+        (up to PUSH_BATCH_MAX events) into one commit instead of one per write."""
+        return _Batch(self._db)
+
 
 class _Tx:
+    """One transaction; inside ``EventLog.batch()`` a savepoint, so a failed write still
+    undoes only itself."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._nested = False
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._nested = self._db.in_transaction
+        self._db.execute("SAVEPOINT tx" if self._nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self._nested:
+            if exc_type:
+                self._db.execute("ROLLBACK TO tx")
+            self._db.execute("RELEASE tx")
+        else:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class _Batch:
+    """Many writes, one commit: each write inside is its own savepoint (see _Tx) and
+    stands alone, so what was written is committed even when the block raises."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._outer = False
+
+    def __enter__(self) -> None:
+        self._outer = not self._db.in_transaction
+        if self._outer:
+            self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._outer:
+            self._db.execute("COMMIT")
 
 
 def ms_from_text(text: str) -> int:

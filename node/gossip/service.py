@@ -176,9 +176,10 @@ class GossipService:
         for kind, *_rest in changes:
             if kind not in NOTIFY_KIND:
                 raise ValueError(f"unknown change kind {kind!r}")
-        events = self.log.append_local_many(self.identity, folder, changes)
-        self.log.notify_many([(NOTIFY_KIND[e.kind], {**e.summary(), "local": True})
-                              for e in events])
+        with self.log.batch():
+            events = self.log.append_local_many(self.identity, folder, changes)
+            for e in events:
+                self.log.notify(NOTIFY_KIND[e.kind], {**e.summary(), "local": True})
         self.engine.set_peers(self._peers())
         self._dispatch(self.engine.publish_many(events, time.time()))
         return events
@@ -377,13 +378,14 @@ class GossipService:
             except ProtocolError as exc:
                 log.warning("channel from %s broke the rules: %s", peer.short, exc)
                 return
-            try:
-                actions = self.engine.receive(peer, data, time.time())
-            except ProtocolError as exc:
-                log.warning("bad gossip message from %s: %s; closing", peer.short, exc)
-                self._rejected(Reject(str(exc), peer))
-                return
-            self._dispatch(actions)
+            with self.log.batch():  # one commit per message, not per event it carries
+                try:
+                    actions = self.engine.receive(peer, data, time.time())
+                except ProtocolError as exc:
+                    log.warning("bad gossip message from %s: %s; closing", peer.short, exc)
+                    self._rejected(Reject(str(exc), peer))
+                    return
+                self._dispatch(actions)
 
     async def _drop_channel(self, channel: Channel) -> None:
         self._channels.discard(channel)

@@ -92,13 +92,20 @@ class SyncEngine:
         self._log = log
         self.index = FileIndex(index_path or self.root / SYNC_INDEX_NAME)
         self._applied: dict[tuple[bytes, str, str], int] = {}
+        self._labels: dict[PeerId, str] | None = None  # memo while a batch is applied
 
     def close(self) -> None:
         self.index.close()
 
     # -- paths ---------------------------------------------------------------
     def label_for(self, origin: PeerId) -> str:
-        return sanitize_label(self._label(origin), origin.short)
+        labels = self._labels
+        if labels is not None and origin in labels:
+            return labels[origin]
+        label = sanitize_label(self._label(origin), origin.short)
+        if labels is not None:
+            labels[origin] = label
+        return label
 
     def rel_for(self, event: ChangeEvent, path: str) -> PurePosixPath:
         return PurePosixPath(self.label_for(event.origin), event.folder) / safe_relpath(path)
@@ -137,6 +144,14 @@ class SyncEngine:
         second event for a path with a fetch pending does too, so the order of events
         per path is kept. Without ``fetch_many`` this is ``apply`` per event.
         """
+        self._labels = {}  # an alias renamed meanwhile applies from the next batch on
+        try:
+            return await self._apply_batch(events)
+        finally:
+            self._labels = None
+
+    async def _apply_batch(self, events: list[ChangeEvent]
+                           ) -> list[tuple[ChangeEvent, SyncOutcome | P2PError]]:
         out: list[tuple[ChangeEvent, SyncOutcome | P2PError]] = []
         pending: dict[tuple[bytes, str, str], tuple[ChangeEvent, Path]] = {}
 
@@ -175,7 +190,7 @@ class SyncEngine:
                                                        f"{event.path}")))
                 continue
             if ready is not None:
-                self._applied_ok(event, ready)
+                self._applied_ok(event, ready, target)
                 out.append((event, ready))
             else:
                 pending[key] = (event, target)
@@ -213,11 +228,12 @@ class SyncEngine:
                         results[id(event)] = local_io_error(
                             exc, f"cannot apply {event.kind} of {event.path}")
                         continue
-                    self._applied_ok(event, outcome)
+                    self._applied_ok(event, outcome, target)
                     results[id(event)] = outcome
         return [(event, results[id(event)]) for event, _t in items]
 
-    def _applied_ok(self, event: ChangeEvent, outcome: SyncOutcome) -> None:
+    def _applied_ok(self, event: ChangeEvent, outcome: SyncOutcome,
+                    target: Path | None = None) -> None:
         key = (event.origin.key, event.folder, event.path)
         self._applied[key] = event.seq
         if event.kind == "moved":
@@ -225,7 +241,7 @@ class SyncEngine:
         if self._log is not None and outcome in (SyncOutcome.FETCHED, SyncOutcome.COPIED):
             data = event.summary()
             data["how"] = outcome.value
-            data["local_path"] = str(self.target_for(event))
+            data["local_path"] = str(target or self.target_for(event))
             self._log.notify("file_received", data)
 
     # -- kinds ------------------------------------------------------------------------
