@@ -43,7 +43,7 @@ from node.gossip.engine import (
     Reject,
     Send,
 )
-from node.gossip.events import ChangeEvent, Heartbeat
+from node.gossip.events import ChangeEvent, Heartbeat, peer_text
 from node.gossip.log import EventLog
 from node.identity import Identity, PeerId
 
@@ -238,7 +238,7 @@ class GossipService:
                      event.origin.short, event.seq)
             return
         data = event.summary()
-        data["via"] = str(action.via) if action.via else ""
+        data["via"] = peer_text(action.via) if action.via else ""
         self.log.notify(NOTIFY_KIND[event.kind], data)
         try:
             self._apply_queue.put_nowait(event)

@@ -28,6 +28,7 @@ hash_file), identity and errors; it must not import transports or the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -93,6 +94,7 @@ class SyncEngine:
         self.index = FileIndex(index_path or self.root / SYNC_INDEX_NAME)
         self._applied: dict[tuple[bytes, str, str], int] = {}
         self._labels: dict[PeerId, str] | None = None  # memo while a batch is applied
+        self._dirs_made: set[Path] | None = None  # folders ensured while a batch is applied
 
     def close(self) -> None:
         self.index.close()
@@ -145,10 +147,12 @@ class SyncEngine:
         per path is kept. Without ``fetch_many`` this is ``apply`` per event.
         """
         self._labels = {}  # an alias renamed meanwhile applies from the next batch on
+        self._dirs_made = set()
         try:
             return await self._apply_batch(events)
         finally:
             self._labels = None
+            self._dirs_made = None
 
     async def _apply_batch(self, events: list[ChangeEvent]
                            ) -> list[tuple[ChangeEvent, SyncOutcome | P2PError]]:
@@ -210,17 +214,26 @@ class SyncEngine:
                                                  [(e.path, e.hash) for e, _t in group])
             except P2PError as exc:
                 fetched = {e.path: exc for e, _t in group}
-            with self.index.transaction():
-                for event, target in group:
-                    got = fetched.get(event.path)
-                    if got is None:
-                        got = P2PError(f"fetching {event.folder}/{event.path} from "
-                                       f"{origin.short} gave no file")
-                    if isinstance(got, P2PError):
-                        results[id(event)] = got
+            got_paths: list[Path | None] = []
+            for event, _target in group:
+                got = fetched.get(event.path)
+                if got is None:
+                    got = P2PError(f"fetching {event.folder}/{event.path} from "
+                                   f"{origin.short} gave no file")
+                if isinstance(got, P2PError):
+                    results[id(event)] = got
+                    got_paths.append(None)
+                else:
+                    got_paths.append(Path(got))
+            # every fetched file checked against its event's hash in one thread hop
+            digests = await asyncio.to_thread(_hash_each, got_paths)
+            with self.index.transaction(), self._log_batch():
+                for (event, target), got_path, digest in zip(group, got_paths, digests,
+                                                             strict=True):
+                    if got_path is None or digest is None:
                         continue
                     try:
-                        outcome = await self._finish_fetch(event, target, Path(got))
+                        outcome = self._show_fetched(event, target, got_path, digest)
                     except P2PError as exc:
                         results[id(event)] = exc
                         continue
@@ -296,7 +309,11 @@ class SyncEngine:
             if digest == event.hash:
                 self._record(target, digest)
                 return SyncOutcome.UNCHANGED
-        ensure_dirs(self.root, PurePosixPath(*target.relative_to(self.root).parent.parts))
+        made = self._dirs_made
+        if made is None or target.parent not in made:
+            ensure_dirs(self.root, PurePosixPath(*target.relative_to(self.root).parent.parts))
+            if made is not None:
+                made.add(target.parent)
         source = await self._find_local(event.hash, exclude=target)
         if source is not None:
             partial = target.with_name("." + target.name + PARTIAL_SUFFIX)
@@ -318,6 +335,15 @@ class SyncEngine:
                             ) -> SyncOutcome:
         """Check what the transfer wrote against the event's hash, then show it."""
         digest = (await asyncio.to_thread(hash_file, fetched))[2]
+        return self._show_fetched(event, target, fetched, digest)
+
+    def _log_batch(self) -> contextlib.AbstractContextManager[None]:
+        return self._log.batch() if self._log is not None else contextlib.nullcontext()
+
+    def _show_fetched(self, event: ChangeEvent, target: Path, fetched: Path,
+                      digest: bytes | OSError) -> SyncOutcome:
+        if isinstance(digest, OSError):
+            raise digest
         if digest != event.hash:
             raise IntegrityError(f"{event.path} from {event.origin.short} does not match the "
                                  "hash its change event announced")
@@ -372,6 +398,20 @@ class SyncEngine:
     def _record(self, path: Path, digest: bytes) -> None:
         st = path.stat()
         self.index.put(self._index_key(path), st.st_size, st.st_mtime_ns, digest)
+
+
+def _hash_each(paths: list[Path | None]) -> list[bytes | OSError | None]:
+    """BLAKE3 of each file (blocking); an OSError in place of a file that cannot be read."""
+    out: list[bytes | OSError | None] = []
+    for p in paths:
+        if p is None:
+            out.append(None)
+            continue
+        try:
+            out.append(hash_file(p)[2])
+        except OSError as exc:
+            out.append(exc)
+    return out
 
 
 def check_event_path(event: ChangeEvent) -> None:

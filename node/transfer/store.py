@@ -20,6 +20,7 @@ Must not import the channel, transports, session or daemon.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import errno
 import os
@@ -82,6 +83,26 @@ def _clip_name(name: str, limit: int) -> str:
 def partial_names(final_name: str, root: bytes) -> tuple[str, str]:
     stem = f".{_clip_name(final_name, PARTIAL_NAME_PREFIX_BYTES)}.{root.hex()[:16]}"
     return stem + PARTIAL_SUFFIX, stem + STATE_SUFFIX
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) on the file system holding `fd` (Linux); False where it does not exist."""
+    if not _LIBC:
+        try:
+            libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            libc = None
+        _LIBC.append(libc if libc is not None and hasattr(libc, "syncfs") else None)
+    libc = _LIBC[0]
+    if libc is None:
+        return False
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -303,18 +324,29 @@ class PartialFile:
     # -- finishing ----------------------------------------------------------
     def _finalize_locked(self, batch: bool = False) -> Path:
         """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
+        self._prepare_locked(fsync=True)
+        return self._place_locked(batch)
+
+    def _prepare_locked(self, *, fsync: bool) -> None:
+        """Check the partial is whole, apply its mode and mtime (and fsync it)."""
         e = self.entry
         if not self.complete:
             raise LocalIOError(f"{self.final}: finalize before all chunks arrived")
         try:
             if os.fstat(self.fd).st_size != e.size:
                 raise LocalIOError(f"{self.part_path} changed size on disk while receiving")
-            os.fsync(self.fd)
+            if fsync:
+                os.fsync(self.fd)
             self._unsaved = 0  # renamed next: no resume state to save on close
             os.fchmod(self.fd, received_mode(e.mode, self.store.umask))
             os.utime(self.fd, ns=(e.mtime_ns, e.mtime_ns))
         except OSError as exc:
             raise local_io_error(exc, f"cannot finish {self.final}") from None
+
+    def _place_locked(self, batch: bool) -> Path:
+        """Rename the (durable) partial into place, keeping a different old file as a version."""
+        e = self.entry
+        self._unsaved = 0
         self.close()
         final = resolve_under(self.folder, self.rel)
         st = _lstat_or_none(final)
@@ -437,6 +469,43 @@ class ReceiveStore:
     def remove_stale_partials(self, final: Path) -> None:
         """Drop leftover partial/state files of older contents of `final` (not in use)."""
         self._remove_stale_partials(final.parent, [final.name])
+
+    def commit_batch(self, partials: list[PartialFile]) -> list[Path | PathBlocked]:
+        """Finalize several complete partial files with one file-system sync (blocking).
+
+        Each is checked and gets its mode and mtime; then ONE ``syncfs`` makes all their
+        data durable (where there is no syncfs, each file is fsynced); only then are they
+        renamed into place, each folder fsynced once. So a final name never shows a torn
+        or unverified file, and a batch of small files costs one sync, not one per file.
+        A file whose final name is blocked comes back as its PathBlocked; a failing disk
+        raises LocalIOError (the files stay partial, their resume state is kept).
+        """
+        if not partials:
+            return []
+        try:
+            for partial in partials:
+                with partial._lock:
+                    partial._join_saver()
+                    partial._prepare_locked(fsync=False)
+            try:
+                if not _syncfs(partials[0].fd):
+                    for partial in partials:
+                        os.fsync(partial.fd)
+            except OSError as exc:
+                raise local_io_error(exc, f"cannot sync {partials[0].folder}") from None
+        except BaseException:
+            for partial in partials:
+                partial._unsaved = 1  # not renamed: keep the resume state on close
+            raise
+        out: list[Path | PathBlocked] = []
+        for partial in partials:
+            try:
+                with partial._lock:
+                    out.append(partial._place_locked(True))
+            except PathBlocked as exc:
+                out.append(exc)
+        self.finish_batch([p for p in out if isinstance(p, Path)])
+        return out
 
     def finish_batch(self, finals: list[Path]) -> None:
         """After a batch of ``finalize(batch=True)``: fsync each folder once (the renames

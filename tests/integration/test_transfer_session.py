@@ -906,7 +906,8 @@ async def test_fetch_files_refuses_a_corrupted_file_and_fetches_it_again(
 
 
 async def test_fetch_files_cut_midway_shows_only_whole_files_and_resumes(
-        dirs: tuple[Path, Path]) -> None:
+        dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    monkeypatch.setattr(sess, "COMMIT_BATCH_FILES", 16)  # some commits before the cut
     src, recv = dirs
     files = _small_tree(src, 200)
     a, b = memory_channel_pair("alice", "bob")
