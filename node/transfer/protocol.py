@@ -5,7 +5,9 @@ The sink (receiver) drives a transfer over one channel:
     source -> sink   Offer(tid, seq, last, entries)...   manifest, maybe in several messages
     sink -> source   FetchRequest(tid, path, root)       (pull variant, sent first, by the sink)
     sink -> source   FetchManyRequest(tid, items)        (pull of a batch of files, one session;
-                                                          the Offer lists those the source has)
+                                                          the Offer lists those the source has;
+                                                          small files then come inline: see
+                                                          inline_indices)
     sink -> source   FileStatus(index, status, missing)  per file: need / have it / refused
     sink -> source   ChunkRequest(index, chunk)          a window of several in flight
     source -> sink   ChunkData(index, chunk, data)       only for a requested chunk
@@ -285,6 +287,26 @@ def parse_chunk_data(frame: bytes | bytearray | memoryview) -> ChunkView | None:
     if at + size != len(view):
         raise ProtocolError("xfer.data: payload length disagrees with the frame")
     return ChunkView(index, chunk, view[at:])
+
+
+INLINE_MAX_FILE_BYTES = 64 << 10  # a one-chunk file this small comes without a request
+INLINE_MAX_BYTES_PER_SESSION = 8 << 20  # unrequested bytes a source may send in one session
+
+
+def inline_indices(entries: list[FileEntry]) -> set[int]:
+    """The files of a fetch-many session whose only chunk the source sends right after the
+    offer, unrequested: one-chunk files up to INLINE_MAX_FILE_BYTES, in offer order, until
+    INLINE_MAX_BYTES_PER_SESSION. Both sides compute it from the offer alone. The sink
+    answers them with FileDone (or FileStatus HAVE / REFUSED, dropping the data); a chunk
+    that fails verification is requested again with ChunkRequest as usual.
+    """
+    out: set[int] = set()
+    budget = INLINE_MAX_BYTES_PER_SESSION
+    for i, e in enumerate(entries):
+        if e.chunks == 1 and 0 < e.size <= min(INLINE_MAX_FILE_BYTES, budget):
+            out.add(i)
+            budget -= e.size
+    return out
 
 
 def offer_batches(transfer_id: bytes, entries: list[FileEntry]) -> list[Offer]:

@@ -72,6 +72,7 @@ from node.transfer.protocol import (
     chunk_header,
     clip,
     decode,
+    inline_indices,
     offer_batches,
     parse_chunk_data,
 )
@@ -96,6 +97,9 @@ SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let 
 # complete files committed together (store.commit_batch: one syncfs, then the renames);
 # an fsync per file costs 4.5 ms here one after another
 COMMIT_BATCH_FILES = 256
+# disk work this small (a small file's plan, a chunk's read or hash + write) runs on the
+# loop: a hop to a worker thread costs more CPU than the work itself
+SMALL_IO_BYTES = 64 << 10
 MAX_OPEN_PARTIALS = 256  # partial files a sink holds open (many small files in the window)
 
 
@@ -425,10 +429,13 @@ class _Source(_Session):
 
     def __init__(self, channel: Any, tid: bytes, files: list[SourceFile],
                  progress: ProgressFn | None, cancel: asyncio.Event | None,
-                 prepare: tuple[Path, list[Path]] | None = None) -> None:
+                 prepare: tuple[Path, list[Path]] | None = None, inline: bool = False) -> None:
         super().__init__(channel, progress, cancel)
         self.tid = tid
         self._prepare = prepare
+        self._inline_mode = inline  # a fetch-many session: small files go inline
+        self._inline: set[int] = set()
+        self._inline_answered: set[int] = set()
         self._set_files(files)
         # the worker thread reads through one open file at a time
         self._fd = -1
@@ -472,6 +479,12 @@ class _Source(_Session):
         self._report(force=True)
         for offer in offer_batches(self.tid, [f.entry for f in self.files]):
             await self._send(offer)
+        if self._inline_mode:
+            self._inline = inline_indices([f.entry for f in self.files])
+            for index in sorted(self._inline):  # sent unrequested, as if asked for
+                self._status[index] = FileStatusCode.NEED
+                self._request_count += 1
+                self._requests.put_nowait(ChunkRequest(index, 0))
         # requests are read here and served by a worker, so neither side ever waits
         # on a full pipe for the other (and disk reads overlap with sending)
         self._worker = asyncio.ensure_future(self._serve_requests())
@@ -507,9 +520,14 @@ class _Source(_Session):
 
     def _on_status(self, msg: FileStatus) -> None:
         sf = self._file(msg.index)
+        code = FileStatusCode(msg.status)
+        if (msg.index in self._inline and msg.index not in self._inline_answered
+                and msg.index not in self._finished and code != FileStatusCode.NEED):
+            # an inline file the sink already has (or refuses): it drops the data we sent
+            self._inline_answered.add(msg.index)
+            del self._status[msg.index]
         if msg.index in self._status:
             raise ProtocolError(f"second status for file {msg.index}")
-        code = FileStatusCode(msg.status)
         self._status[msg.index] = code
         self.current = sf.entry.path
         if code == FileStatusCode.HAVE:
@@ -588,6 +606,13 @@ class _Source(_Session):
         verify = bool(served[req.chunk])  # asked again: the sink found it bad, so check it
         served[req.chunk] = 1
         buf = self._buffers.pop() if self._buffers else None
+        if self.files[req.index].entry.chunk_len(req.chunk) <= SMALL_IO_BYTES:
+            done: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
+            try:
+                done.set_result(self._read_chunk(req.index, req.chunk, verify, buf))
+            except P2PError as exc:
+                done.set_exception(exc)
+            return done
         return asyncio.ensure_future(
             asyncio.to_thread(self._read_chunk, req.index, req.chunk, verify, buf))
 
@@ -683,6 +708,7 @@ class _Sink(_Session):
         self._finalizer: concurrent.futures.ThreadPoolExecutor | None = None
         self._finishing: list[asyncio.Task[None]] = []  # the commit in progress
         self._to_commit: list[tuple[int, PartialFile]] = []  # complete, not yet committed
+        self._inline_waiting: set[int] = set()  # fetch-many: small files coming unrequested
         # chunks handed to the writer thread (hash + pwrite), settled in order by the loop
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: collections.deque[
@@ -734,6 +760,8 @@ class _Sink(_Session):
         from the same authenticated peer, takes over the partial file and resumes.
         """
         try:
+            if entry.size <= SMALL_IO_BYTES:
+                return self.store.plan(folder, entry, self)
             return await self._local(self.store.plan, folder, entry, self,
                                      cleanup=self._release_plan)
         except PartialBusy as exc:
@@ -789,6 +817,7 @@ class _Sink(_Session):
                     raise ProtocolError(f"answered a fetch of {e.path[:80]!r} with other content")
             for path in self.expect_many.keys() - files:
                 self._failures.append((path, f"{self.peer} no longer has it (or it changed)"))
+            self._inline_waiting = inline_indices(self.entries)
         self.files_total = len(self.entries)
         self.bytes_total = sum(e.size for e in self.entries)
 
@@ -810,6 +839,8 @@ class _Sink(_Session):
                         break
                     index = next_file
                     next_file += 1
+                    if index in self._inline_waiting:
+                        continue  # opened when its data arrives
                     pending.extend((index, c) for c in await self._open_file(folder, index))
                     continue
                 index, c = pending[0]
@@ -820,7 +851,7 @@ class _Sink(_Session):
                 in_flight[(index, c)] = clen
                 in_flight_bytes += clen
                 await self._send(ChunkRequest(index, c))
-            if not in_flight and not self._writes:
+            if not in_flight and not self._writes and not self._inline_waiting:
                 if next_file < len(self.entries) or pending:
                     continue  # the open-partials bound held the next files back
                 break
@@ -835,10 +866,16 @@ class _Sink(_Session):
                 raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
             key = (msg.index, msg.chunk)
             clen = in_flight.pop(key, -1)
-            if clen < 0:
+            if clen >= 0:
+                in_flight_bytes -= clen
+            elif msg.chunk == 0 and msg.index in self._inline_waiting:
+                self._inline_waiting.discard(msg.index)
+                if not await self._open_inline(folder, msg.index):
+                    continue  # we have it already, or cannot take it: the data is dropped
+                clen = self.entries[msg.index].chunk_len(0)
+            else:
                 raise ProtocolError(f"{self.peer} sent chunk {msg.chunk} of file {msg.index} "
                                     "it was not asked for")
-            in_flight_bytes -= clen
             if len(msg.data) != clen:
                 raise ProtocolError(f"chunk {msg.chunk} of file {msg.index} has the wrong size")
             self.bytes_payload += clen
@@ -846,8 +883,16 @@ class _Sink(_Session):
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="p2pfs-write")
-            # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
-            fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
+            fut: concurrent.futures.Future[bool]
+            if clen <= SMALL_IO_BYTES:
+                fut = concurrent.futures.Future()
+                try:
+                    fut.set_result(partial.write_chunk(msg.chunk, msg.data))
+                except P2PError as exc:
+                    fut.set_exception(exc)
+            else:
+                # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
+                fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
             self._writes.append((key, clen, fut))
             self._file_writes[msg.index] += 1
         while self._finishing or self._to_commit:
@@ -928,6 +973,32 @@ class _Sink(_Session):
             await self._finish_file(index)
         return missing
 
+    async def _open_inline(self, folder: Path, index: int) -> bool:
+        """An inline file's data arrived: plan it; True when the data is to be written.
+        Only HAVE and REFUSED are told to the source (NEED is implied for inline files)."""
+        entry = self.entries[index]
+        self.current = entry.path
+        try:
+            plan = await self._plan(folder, entry)
+        except PathBlocked as exc:
+            self._failures.append((entry.path, str(exc)))
+            self.files_done += 1
+            await self._send(FileStatus(index, FileStatusCode.REFUSED, 0, clip(str(exc))))
+            return False
+        if plan.kind == PlanKind.HAVE:
+            self.files_done += 1
+            self.bytes_done += entry.size
+            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), plan.final))
+            await self._send(FileStatus(index, FileStatusCode.HAVE, 0, ""))
+            return False
+        assert plan.partial is not None
+        self._partials[index] = plan.partial
+        if not plan.missing:  # resumed complete: commit it, drop the data
+            self.bytes_done += entry.size
+            await self._finish_file(index)
+            return False
+        return True
+
     def _release_plan(self, plan: Any) -> None:
         if plan.partial is not None:
             self.store.release(plan.partial)
@@ -936,6 +1007,10 @@ class _Sink(_Session):
         """A file is complete: queue it for the next commit (one sync for many files)."""
         self._to_commit.append((index, self._partials.pop(index)))
         if len(self._to_commit) >= COMMIT_BATCH_FILES:
+            # bounded: complete files wait (each an open file) behind one running commit
+            while len(self._to_commit) >= 2 * COMMIT_BATCH_FILES and self._finishing:
+                await asyncio.wait(self._finishing)
+                self._reap_finished()
             self._start_commit()
 
     def _start_commit(self) -> None:
@@ -1078,6 +1153,7 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
     """Answer one FetchRequest or FetchManyRequest: resolve(rel_path, root_hash) ->
     (root, file) or None."""
     session = _Session(channel, progress, cancel)
+    inline = [False]
 
     async def first() -> TransferResult | list[SourceFile]:
         msg = await session._recv((FetchRequest, FetchManyRequest, Abort))
@@ -1091,6 +1167,7 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
                     hits.append((wanted_path, want, hit[0], hit[1]))
             offered: list[SourceFile] = (await session._local(_manifests_for, hits)
                                          if hits else [])
+            inline[0] = True
             return offered
         assert isinstance(msg, FetchRequest)
         session.tid = msg.transfer_id
@@ -1114,7 +1191,8 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
     outcome = await session._guard(first)
     if isinstance(outcome, TransferResult):
         return outcome
-    return await _Source(channel, session.tid, outcome, progress, cancel).run()
+    return await _Source(channel, session.tid, outcome, progress, cancel,
+                         inline=inline[0]).run()
 
 
 __all__ = [

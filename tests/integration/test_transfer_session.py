@@ -983,3 +983,37 @@ async def test_fetch_files_to_an_older_peer_fails_with_its_protocol_error(
     assert isinstance(r_sink, RemoteError)
     assert r_sink.code == "ProtocolError"  # type: ignore[attr-defined]
     assert "fetchmany" in str(r_sink)
+
+
+class SendTap(Tap):
+    """Records the type of every message this end sends."""
+
+    def __init__(self, inner: MemoryChannel) -> None:
+        super().__init__(inner, lambda d: d)
+        self.sent: list[str] = []
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append(msgpack.unpackb(data)[0])
+        await self.inner.send(data)
+
+
+async def test_small_files_come_inline_without_a_request_each(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    files = _small_tree(src, 50)
+    (src / "share" / "have.bin").write_bytes(b"already here")
+    files_all = {**files, "share/have.bin": b"already here"}
+    (recv / "alice" / "share").mkdir(parents=True)
+    (recv / "alice" / "share" / "have.bin").write_bytes(b"already here")
+    a, b = memory_channel_pair("alice", "bob")
+    tap = SendTap(b)
+    r_src, r_sink = await run_pair(serve_fetch(a, _resolver(src)),
+                                   sess.fetch_files(tap, [(p, None) for p in sorted(files_all)],
+                                                    ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE and r_src.state == TransferState.DONE
+    assert visible_files(recv / "alice") == files_all
+    # one request for the batch; per file only FileDone (or HAVE): no status + request each
+    assert tap.sent.count("xfer.fetchmany") == 1
+    assert tap.sent.count("xfer.req") == 0
+    assert tap.sent.count("xfer.done") == 50
+    assert tap.sent.count("xfer.status") == 1  # have.bin: HAVE, its inline data dropped
+    assert tap.sent[-1] == "xfer.complete"
