@@ -298,12 +298,14 @@ class Daemon:
         )
         self.sync = SyncEngine(received, self_id=self.identity.peer_id, fetch=self._sync_fetch,
                                origin_label=self.label_for, suppress=self._suppress,
-                               local_lookup=self._local_lookup, log=self.events)
+                               local_lookup=self._local_lookup, log=self.events,
+                               fetch_many=self._sync_fetch_many)
         self._closers.append(_async(self.sync.close))
         self.gossip = GossipService(
             self.identity, self.events, peers=self._gossip_peers,
             open_channel=lambda peer: self.peering.connect(peer, "gossip"),
             is_trusted=self.trust.is_trusted, on_event=self._apply_event,
+            on_events=self._apply_events,
         )
         self.peering.register("gossip", self.gossip.handle_channel)
         await self.gossip.start()
@@ -311,7 +313,8 @@ class Daemon:
         self.watchers = []
         for label, folder in self.folders.items():
             watcher = FolderWatcher(folder, label, index_path=self.home / f"index-{label}.db",
-                                    on_change=functools.partial(self._local_change, label))
+                                    on_change=functools.partial(self._local_change, label),
+                                    on_changes=functools.partial(self._local_changes, label))
             self.watchers.append(watcher)
             self._closers.append(watcher.stop)
             changes = await watcher.start(scan=True)
@@ -336,6 +339,10 @@ class Daemon:
     async def _local_change(self, label: str, change: Any) -> None:
         await self.gossip.publish_local(change.kind, label, change.path, change.size,
                                         change.hash, change.old_path)
+
+    async def _local_changes(self, label: str, changes: list[Any]) -> None:
+        await self.gossip.publish_local_many(label, [
+            (c.kind, c.path, c.size, c.hash, c.old_path) for c in changes])
 
     def _suppress(self, path: Path, digest: bytes) -> None:
         for watcher in self.watchers:
@@ -374,6 +381,27 @@ class Daemon:
         if final is None:
             raise P2PError(f"fetching {folder}/{path} from {origin.short} gave no file")
         return final
+
+    async def _sync_fetch_many(self, origin: PeerId, folder: str,
+                               items: list[tuple[str, bytes]]) -> dict[str, Any]:
+        got = await self.sharing.fetch_many(origin, [f"{folder}/{path}" for path, _h in items])
+        return {path: got.get(f"{folder}/{path}") for path, _h in items}
+
+    async def _apply_events(self, events: list[Any]) -> None:
+        """A batch of accepted events: content fetches go out together (SyncEngine)."""
+        from node.notifications import TransferFailed
+
+        events = [e for e in events if e.kind != "shared"]  # one-off shares: see below
+        for event, outcome in await self.sync.apply_batch(events):
+            if isinstance(outcome, P2PError):
+                log.warning("could not apply %s of %s/%s from %s: %s", event.kind,
+                            event.folder, event.path, self.label_for(event.origin), outcome)
+                self.events.emit(TransferFailed(
+                    peer_id=str(event.origin), direction="sync", error=str(outcome),
+                    paths=(f"{event.folder}/{event.path}",), event_id=event.id.hex()))
+            else:
+                log.debug("applied %s %s/%s from %s: %s", event.kind, event.folder,
+                          event.path, self.label_for(event.origin), outcome.value)
 
     async def _apply_event(self, event: Any) -> None:
         if event.kind == "shared":

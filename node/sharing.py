@@ -31,17 +31,20 @@ from node.errors import (
     LocalIOError,
     P2PError,
     PeerUnreachable,
+    RemoteError,
     UnknownPeer,
 )
 from node.identity import PeerId
 from node.notifications import FileReceived, Notice, TransferFailed
 from node.peering import Peering
+from node.transfer.protocol import MAX_FILES_PER_FETCH
 from node.transfer.session import (
     StopSignal,
     TransferProgress,
     TransferResult,
     TransferState,
     fetch_file,
+    fetch_files,
     receive_files,
     send_files,
     serve_fetch,
@@ -336,6 +339,69 @@ class ShareService:
         if t.state != "done":
             raise _result_error(result)
         return result
+
+
+    async def fetch_many(self, peer: PeerId, rel_paths: list[str], *,
+                         store: ReceiveStore | None = None, transport: str | None = None
+                         ) -> dict[str, Path | P2PError]:
+        """Pull several announced files from `peer`, MAX_FILES_PER_FETCH per session over
+        one channel (folder sync of many small files). Path -> final file, or its error.
+
+        A peer with the older protocol (no xfer.fetchmany) is asked one file at a time.
+        """
+        out: dict[str, Path | P2PError] = {}
+        target = store or self.store
+        for i in range(0, len(rel_paths), MAX_FILES_PER_FETCH):
+            batch = list(dict.fromkeys(rel_paths[i:i + MAX_FILES_PER_FETCH]))
+            t = self._new("fetch", peer, batch, transport or self._default_transport)
+            result: TransferResult | None = None
+            try:
+                channel = await self.peering.connect(peer, "fetch", transport=t.transport)
+                try:
+                    channel.peer_name = t.label
+                    t.transport = channel.transport
+                    result = await fetch_files(channel, [(p, None) for p in batch], target,
+                                               progress=self._progress_fn(t, None),
+                                               cancel=t.cancel)
+                finally:
+                    await channel.close()
+            except RemoteError as exc:
+                if getattr(exc, "code", "") == "ProtocolError" and "fetchmany" in str(exc):
+                    log.info("%s runs an older transfer protocol (no batched fetch); "
+                             "fetching %d files one at a time", t.label, len(batch))
+                    self._finish(t, None, exc)
+                    out.update(await self._fetch_each(peer, batch, target, transport))
+                    continue
+                self._finish(t, result, exc)
+                out.update({p: exc for p in batch})
+                continue
+            except P2PError as exc:
+                self._finish(t, result, exc)
+                out.update({p: exc for p in batch})
+                continue
+            self._finish(t, result, None)
+            for f in result.files:
+                if f.path is not None:
+                    out[f.rel_path] = f.path
+            for path, reason in result.failures:
+                out.setdefault(path, P2PError(f"fetching {path} from {t.label}: {reason}"))
+            for path in batch:
+                out.setdefault(path, P2PError(f"fetching {path} from {t.label} gave no file"))
+        return out
+
+    async def _fetch_each(self, peer: PeerId, paths: list[str], store: ReceiveStore,
+                          transport: str | None) -> dict[str, Path | P2PError]:
+        out: dict[str, Path | P2PError] = {}
+        for path in paths:
+            try:
+                result = await self.fetch(peer, path, None, store=store, transport=transport)
+            except P2PError as exc:
+                out[path] = exc
+                continue
+            final = result.files[0].path if result.files else None
+            out[path] = final if final is not None else P2PError(
+                f"fetching {path} gave no file")
+        return out
 
 
 def _result_error(result: TransferResult | None) -> P2PError:

@@ -27,13 +27,14 @@ not import the gossip service, transports or the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -64,6 +65,9 @@ SUPPRESS_TTL_S = 30.0
 DEFAULT_DEBOUNCE_S = 0.15
 # bad names a watcher remembers having warned about (one warning each, bounded memory)
 MAX_WARNED_NAMES = 10_000
+# paths settled (hashed, classified, announced) together: one thread hop, one index
+# transaction and one on_changes call per batch, not per file
+SETTLE_BATCH_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -192,12 +196,35 @@ class FileIndex:
         try:
             self._db = sqlite3.connect(str(private_file(path)), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # an index is a cache of the folder (a rescan rebuilds it): no fsync per commit
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
                 " mtime_ns INTEGER NOT NULL, hash BLOB NOT NULL)")
             self._db.execute("CREATE INDEX IF NOT EXISTS files_hash ON files (hash)")
         except (sqlite3.Error, OSError) as exc:
             raise LocalIOError(f"cannot open file index {path}: {exc}") from None
+        self._tx_depth = 0
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes into one commit (re-entrant; each write stands on its own, so
+        what was written is committed even when the block raises)."""
+        self.begin_batch()
+        try:
+            yield
+        finally:
+            self.end_batch()
+
+    def begin_batch(self) -> None:
+        if self._tx_depth == 0:
+            self._db.execute("BEGIN")
+        self._tx_depth += 1
+
+    def end_batch(self) -> None:
+        self._tx_depth -= 1
+        if self._tx_depth == 0:
+            self._db.execute("COMMIT")
 
     def get(self, path: str) -> IndexEntry | None:
         row = self._db.execute("SELECT path, size, mtime_ns, hash FROM files WHERE path=?",
@@ -243,17 +270,22 @@ class FolderWatcher:
                  on_change: Callable[[LocalChange], Awaitable[object]],
                  loop: asyncio.AbstractEventLoop | None = None,
                  debounce_s: float = DEFAULT_DEBOUNCE_S,
-                 ignore: Callable[[Path], bool] | None = None) -> None:
+                 ignore: Callable[[Path], bool] | None = None,
+                 on_changes: Callable[[list[LocalChange]], Awaitable[object]] | None = None
+                 ) -> None:
         self.folder = Path(folder).resolve()
         self.label = label
         self.index = FileIndex(index_path)
         self._on_change = on_change
+        self._on_changes = on_changes
         self._loop = loop
         self.debounce_s = debounce_s
         self._ignore = ignore
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._moves: dict[str, str] = {}  # new path -> old path, pending debounce
+        self._ready: dict[str, str] = {}  # quiet paths (-> old path of a move) to settle
+        self._settler: asyncio.Task[None] | None = None
         self._suppressed: dict[str, tuple[bytes, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -340,36 +372,45 @@ class FolderWatcher:
             known = self.index.all()
             created: list[LocalChange] = []
             changes: list[LocalChange] = []
-            for rel, (size, mtime_ns) in sorted(on_disk.items()):
-                entry = known.get(rel)
-                if entry is not None and entry.size == size and entry.mtime_ns == mtime_ns:
-                    continue
-                try:
-                    size, mtime_ns, digest = await asyncio.to_thread(hash_file,
-                                                                     self.folder / rel)
-                except OSError:
-                    continue
-                self.index.put(rel, size, mtime_ns, digest)
-                if entry is None:
-                    created.append(LocalChange("created", rel, size=size, hash=digest))
-                elif entry.hash != digest:
-                    changes.append(LocalChange("modified", rel, size=size, hash=digest))
-            gone = {rel: e for rel, e in known.items() if rel not in on_disk}
-            for c in created:
-                # a vanished file with the same content at a new path is a move
-                old = next((r for r, e in gone.items() if e.hash == c.hash), None)
-                if old is not None:
-                    del gone[old]
-                    self.index.remove(old)
-                    changes.append(LocalChange("moved", c.path, old, c.size, c.hash))
-                else:
-                    changes.append(c)
-            for rel in sorted(gone):
-                self.index.remove(rel)
-                changes.append(LocalChange("deleted", rel))
-        for change in changes:
-            await self._emit(change)
+            todo = [rel for rel, (size, mtime_ns) in sorted(on_disk.items())
+                    if (e := known.get(rel)) is None or e.size != size
+                    or e.mtime_ns != mtime_ns]
+            hashed = await asyncio.to_thread(self._hash_many, todo)
+            with self.index.transaction():
+                for rel, got in zip(todo, hashed, strict=True):
+                    entry = known.get(rel)
+                    if got is None:
+                        continue
+                    size, mtime_ns, digest = got
+                    self.index.put(rel, size, mtime_ns, digest)
+                    if entry is None:
+                        created.append(LocalChange("created", rel, size=size, hash=digest))
+                    elif entry.hash != digest:
+                        changes.append(LocalChange("modified", rel, size=size, hash=digest))
+                gone = {rel: e for rel, e in known.items() if rel not in on_disk}
+                for c in created:
+                    # a vanished file with the same content at a new path is a move
+                    old = next((r for r, e in gone.items() if e.hash == c.hash), None)
+                    if old is not None:
+                        del gone[old]
+                        self.index.remove(old)
+                        changes.append(LocalChange("moved", c.path, old, c.size, c.hash))
+                    else:
+                        changes.append(c)
+                for rel in sorted(gone):
+                    self.index.remove(rel)
+                    changes.append(LocalChange("deleted", rel))
+        await self._emit_many(changes)
         return changes
+
+    def _hash_many(self, rels: list[str]) -> list[tuple[int, int, bytes] | None]:
+        out: list[tuple[int, int, bytes] | None] = []
+        for rel in rels:
+            try:
+                out.append(hash_file(self.folder / rel))
+            except OSError:
+                out.append(None)
+        return out
 
     def _walk(self) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
@@ -449,7 +490,12 @@ class FolderWatcher:
 
     def _fire(self, rel: str) -> None:
         self._timers.pop(rel, None)
-        self._schedule_task(self._settle(rel, self._moves.pop(rel, "")))
+        old = self._moves.pop(rel, "")
+        self._ready[rel] = old or self._ready.get(rel, "")
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.ensure_future(self._settle_ready())
+            self._tasks.add(self._settler)
+            self._settler.add_done_callback(self._tasks.discard)
 
     def _schedule_task(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -461,48 +507,79 @@ class FolderWatcher:
         if self._running:
             await self.scan()
 
-    async def _settle(self, rel: str, old: str) -> None:
-        """The path has been quiet for debounce_s: compare it with the index and announce."""
-        async with self._lock:
-            change = await self._classify(rel, old)
-        if change is not None:
-            await self._emit(change)
+    async def _settle_ready(self) -> None:
+        """Settle every quiet path, a batch at a time: the paths that went quiet while a
+        batch was hashed make up the next one (2,000 files dropped at once become a few
+        batches, each one thread hop, one index commit and one ``on_changes`` call)."""
+        while self._ready and self._running:
+            batch = list(self._ready.items())[:SETTLE_BATCH_MAX]
+            for rel, _old in batch:
+                del self._ready[rel]
+            async with self._lock:
+                probes = await asyncio.to_thread(self._probe_many, [rel for rel, _ in batch])
+                changes: list[LocalChange] = []
+                with self.index.transaction():
+                    for (rel, old), probe in zip(batch, probes, strict=True):
+                        changes += self._classify(rel, old, probe)
+            await self._emit_many(changes)
 
-    async def _classify(self, rel: str, old: str) -> LocalChange | None:
-        full = self.folder / rel
+    def _probe_many(self, rels: list[str]) -> list[tuple[int, int, bytes] | None]:
+        """(size, mtime_ns, hash) of each path that is a regular file and not being written
+        (same size and mtime after hashing), () when it is still being written, None when
+        it is not a regular file (blocking)."""
+        out: list[tuple[int, int, bytes] | None] = []
+        for rel in rels:
+            if regular_file_under(self.folder, rel) is None:
+                out.append(None)
+                continue
+            full = self.folder / rel
+            try:
+                size, mtime_ns, digest = hash_file(full)
+                st = full.stat()
+            except OSError:
+                out.append(_UNREADABLE)
+                continue
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                out.append(_BUSY)
+                continue
+            out.append((size, mtime_ns, digest))
+        return out
+
+    def _classify(self, rel: str, old: str, probe: tuple[int, int, bytes] | None
+                  ) -> list[LocalChange]:
         entry = self.index.get(rel)
-        if regular_file_under(self.folder, rel) is None:
+        if probe is None:
             if entry is None:
-                return None
+                return []
             self.index.remove(rel)
             if self._is_suppressed(rel, b""):
-                return None
-            return LocalChange("deleted", rel)
-        try:
-            size, mtime_ns, digest = await asyncio.to_thread(hash_file, full)
-            st = full.stat()
-        except OSError:
-            return None
-        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                return []
+            return [LocalChange("deleted", rel)]
+        if probe is _UNREADABLE:
+            return []
+        if probe is _BUSY:
             self._debounce(rel)  # still being written: wait for it to settle
             if old:
                 self._moves[rel] = old
-            return None
+            return []
+        size, mtime_ns, digest = probe
         old_entry = self.index.get(old) if old else None
         self.index.put(rel, size, mtime_ns, digest)
         if old_entry is not None:
             self.index.remove(old)
         if self._is_suppressed(rel, digest):
-            return None
+            return []
         if old_entry is not None and old_entry.hash == digest and entry is None:
-            return LocalChange("moved", rel, old, size, digest)
+            return [LocalChange("moved", rel, old, size, digest)]
+        out: list[LocalChange] = []
         if old_entry is not None:
             # renamed over something / content changed on the way: a deletion + a write
-            await self._emit(LocalChange("deleted", old))
+            out.append(LocalChange("deleted", old))
         if entry is not None and entry.hash == digest:
-            return None  # same content (touch, or a rewrite of identical bytes)
-        return LocalChange("modified" if entry is not None else "created", rel, size=size,
-                           hash=digest)
+            return out  # same content (touch, or a rewrite of identical bytes)
+        out.append(LocalChange("modified" if entry is not None else "created", rel,
+                               size=size, hash=digest))
+        return out
 
     def _is_suppressed(self, rel: str, digest: bytes) -> bool:
         item = self._suppressed.get(rel)
@@ -522,3 +599,20 @@ class FolderWatcher:
             await self._on_change(change)
         except Exception:  # a failing consumer must not kill the watcher
             log.exception("on_change failed for %s %s", change.kind, change.path)
+
+    async def _emit_many(self, changes: list[LocalChange]) -> None:
+        if not changes:
+            return
+        if self._on_changes is None:
+            for change in changes:
+                await self._emit(change)
+            return
+        try:
+            await self._on_changes(changes)
+        except Exception:  # a failing consumer must not kill the watcher
+            log.exception("on_changes failed for %d changes", len(changes))
+
+
+# probe results besides (size, mtime_ns, hash) and None (not a regular file)
+_UNREADABLE: tuple[int, int, bytes] = (-1, -1, b"unreadable")
+_BUSY: tuple[int, int, bytes] = (-1, -1, b"busy")

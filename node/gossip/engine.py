@@ -234,6 +234,19 @@ class GossipEngine:
         self._mark_seen(event.id)
         return self._push(Push((event.encode(),)), exclude=(), count=self.origin_fanout)
 
+    def publish_many(self, events: list[ChangeEvent], now: float) -> list[Action]:
+        """Local events (already stored): the same push as ``publish``, with up to
+        PUSH_BATCH_MAX events per message (2,000 changes are ~32 pushes, not 2,000).
+        Each event stays signed on its own, so receivers validate it as before."""
+        actions: list[Action] = []
+        for i in range(0, len(events), PUSH_BATCH_MAX):
+            batch = events[i:i + PUSH_BATCH_MAX]
+            for event in batch:
+                self._mark_seen(event.id)
+            actions += self._push(Push(tuple(e.encode() for e in batch)), exclude=(),
+                                  count=self.origin_fanout)
+        return actions
+
     def publish_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
         """Send our heartbeat straight to our peers (up to `origin_fanout`); not relayed."""
         self._mark_seen(hb.id)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import nacl.hash
@@ -44,6 +44,12 @@ MAX_FILE_SIZE_BYTES = 2**53
 MAX_EVENT_BYTES = 4096
 MAX_HEARTBEAT_BYTES = 512
 _WIRE_FIELDS = 11
+
+
+@lru_cache(maxsize=1024)
+def peer_text(peer: PeerId) -> str:
+    """``str(peer)`` (base32 with checksum), memoized: every notification names a peer."""
+    return str(peer)
 
 
 def now_ms() -> int:
@@ -201,7 +207,7 @@ class ChangeEvent:
         """Plain, JSON-friendly view (for notifications, `node log --json`)."""
         return {
             "id": self.id.hex(),
-            "origin": str(self.origin),
+            "origin": peer_text(self.origin),
             "folder": self.folder,
             "seq": self.seq,
             "lamport": self.lamport,

@@ -574,6 +574,36 @@ class EventLog:
         self._events_total += 1
         return event
 
+    def append_local_many(self, identity: Identity, folder: str,
+                          changes: list[tuple[str, str, int, bytes, str]]) -> list[ChangeEvent]:
+        """Sign and store our next events, one per (kind, path, size, hash, old_path),
+        each with its own seq and Lamport time (each verifiable alone), in one transaction."""
+        own = identity.peer_id.key
+        events: list[ChangeEvent] = []
+        with self._tx():
+            row = self._db.execute("SELECT highest FROM watermarks WHERE origin=?",
+                                   (own,)).fetchone()
+            seq = max(self._get_local("seq"), row[0] if row else 0)
+            lamport = self._get_local("lamport")
+            for kind, path, size, hash, old_path in changes:
+                seq += 1
+                lamport = min(lamport + 1, MAX_SEQ)
+                event = ChangeEvent.create(identity, folder=folder, seq=seq, lamport=lamport,
+                                           kind=kind, path=path, size=size, hash=hash,
+                                           old_path=old_path)
+                self._db.execute(
+                    "INSERT INTO events (id, origin, seq, lamport, wall_ms, folder, kind, path,"
+                    " old_path, raw, relay_only, received_ms) VALUES (?,?,?,?,?,?,?,?,?,?,0,?)",
+                    (event.id, own, seq, lamport, event.wall_ms, folder, kind, path, old_path,
+                     event.encode(), event.wall_ms))
+                self._advance_watermark(own, seq)
+                events.append(event)
+            if events:
+                self._set_local("seq", seq)
+                self._set_local("lamport", lamport)
+        self._events_total += len(events)
+        return events
+
     # -- notifications ---------------------------------------------------------
     def emit(self, notice: Notice) -> int:
         """Store one typed notification (node/notifications.py); returns its id."""
@@ -655,16 +685,49 @@ class EventLog:
     def _tx(self) -> _Tx:
         return _Tx(self._db)
 
+    def batch(self) -> _Batch:
+        """``with log.batch():`` groups the adds and notifications of one gossip message
+        (up to PUSH_BATCH_MAX events) into one commit instead of one per write."""
+        return _Batch(self._db)
+
 
 class _Tx:
+    """One transaction; inside ``EventLog.batch()`` a savepoint, so a failed write still
+    undoes only itself."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._nested = False
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._nested = self._db.in_transaction
+        self._db.execute("SAVEPOINT tx" if self._nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self._nested:
+            if exc_type:
+                self._db.execute("ROLLBACK TO tx")
+            self._db.execute("RELEASE tx")
+        else:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class _Batch:
+    """Many writes, one commit: each write inside is its own savepoint (see _Tx) and
+    stands alone, so what was written is committed even when the block raises."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._outer = False
+
+    def __enter__(self) -> None:
+        self._outer = not self._db.in_transaction
+        if self._outer:
+            self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._outer:
+            self._db.execute("COMMIT")
 
 
 def ms_from_text(text: str) -> int:

@@ -47,6 +47,7 @@ from node.gossip.events import ChangeEvent, Heartbeat
 from node.gossip.log import EventLog
 from node.identity import Identity, PeerId
 from node.notifications import (
+    FILE_CHANGE_CLASS,
     EventRejected,
     PeerJoined,
     PeerLeft,
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_MAX_MESSAGES = 1024
 APPLY_QUEUE_MAX = 10_000
+APPLY_BATCH_MAX = 1024  # accepted events handed to on_events at once (queued ones only)
 CONNECT_TIMEOUT_S = 5.0
 SEND_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = 1.0
@@ -99,6 +101,7 @@ class GossipService:
                  open_channel: Callable[[PeerId], Awaitable[Channel]],
                  is_trusted: Callable[[PeerId], bool],
                  on_event: Callable[[ChangeEvent], Awaitable[Any]],
+                 on_events: Callable[[list[ChangeEvent]], Awaitable[Any]] | None = None,
                  fanout: int = DEFAULT_FANOUT, anti_entropy_s: float = 2.0,
                  heartbeat_s: float = 5.0,
                  rand: random.Random | None = None,
@@ -110,6 +113,7 @@ class GossipService:
         self._open_channel = open_channel
         self._is_trusted = is_trusted
         self._on_event = on_event
+        self._on_events = on_events
         self.heartbeat_s = heartbeat_s
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
@@ -169,6 +173,22 @@ class GossipService:
         self.engine.set_peers(self._peers())
         self._dispatch(self.engine.publish(event, time.time()))
         return event
+
+    async def publish_local_many(self, folder: str, changes: list[tuple[str, str, int, bytes,
+                                                                          str]]
+                                 ) -> list[ChangeEvent]:
+        """``publish_local`` for a batch of (kind, path, size, hash, old_path): one log
+        transaction, one notification transaction, pushes of many events each."""
+        for kind, *_rest in changes:
+            if kind not in FILE_CHANGE_CLASS:
+                raise ValueError(f"unknown change kind {kind!r}")
+        with self.log.batch():
+            events = self.log.append_local_many(self.identity, folder, changes)
+            for e in events:
+                self.log.emit(file_change(e, local=True))
+        self.engine.set_peers(self._peers())
+        self._dispatch(self.engine.publish_many(events, time.time()))
+        return events
 
     async def handle_channel(self, channel: Channel) -> None:
         """Serve a channel the peer opened to us; returns when it closes."""
@@ -260,6 +280,15 @@ class GossipService:
     async def _applier(self) -> None:
         while True:
             event = await self._apply_queue.get()
+            if self._on_events is not None:
+                batch = [event]
+                while len(batch) < APPLY_BATCH_MAX and not self._apply_queue.empty():
+                    batch.append(self._apply_queue.get_nowait())
+                try:
+                    await self._on_events(batch)
+                except Exception:  # a bug in one batch must not stop every later sync
+                    log.exception("applying %d events failed unexpectedly", len(batch))
+                continue
             try:
                 await self._on_event(event)
             except P2PError as exc:
@@ -350,13 +379,14 @@ class GossipService:
             except ProtocolError as exc:
                 log.warning("channel from %s broke the rules: %s", peer.short, exc)
                 return
-            try:
-                actions = self.engine.receive(peer, data, time.time())
-            except ProtocolError as exc:
-                log.warning("bad gossip message from %s: %s; closing", peer.short, exc)
-                self._rejected(Reject(str(exc), peer))
-                return
-            self._dispatch(actions)
+            with self.log.batch():  # one commit per message, not per event it carries
+                try:
+                    actions = self.engine.receive(peer, data, time.time())
+                except ProtocolError as exc:
+                    log.warning("bad gossip message from %s: %s; closing", peer.short, exc)
+                    self._rejected(Reject(str(exc), peer))
+                    return
+                self._dispatch(actions)
 
     async def _drop_channel(self, channel: Channel) -> None:
         self._channels.discard(channel)

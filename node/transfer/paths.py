@@ -12,6 +12,7 @@ other transfer module, the channel, transports or the daemon.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -33,6 +34,7 @@ INTERNAL_NAME_RE = re.compile(r"^\..*\.p2pfs-(part|state)(\.tmp)?$")
 _WINDOWS_DEVICE_RE = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)$",
                                 re.IGNORECASE)
 _LABEL_BAD_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class PathBlocked(LocalIOError):
@@ -58,9 +60,8 @@ def check_name_part(part: str) -> None:
         raise ProtocolError("path component is not valid UTF-8") from None
     if len(raw) > MAX_NAME_BYTES:
         raise ProtocolError(f"path component longer than {MAX_NAME_BYTES} bytes")
-    for ch in part:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise ProtocolError("path contains a control character")
+    if _CONTROL_RE.search(part):
+        raise ProtocolError("path contains a control character")
     if "\\" in part:
         raise ProtocolError("path contains a backslash")
     if "/" in part:
@@ -84,6 +85,13 @@ def safe_relpath(text: str) -> PurePosixPath:
     """
     if not isinstance(text, str):
         raise ProtocolError("path must be a string")
+    return _safe_relpath(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _safe_relpath(text: str) -> PurePosixPath:
+    """safe_relpath of a str, memoized (a batch checks each path on both sides several
+    times); only valid paths are remembered, a refused one raises every time."""
     if not text:
         raise ProtocolError("empty path")
     try:

@@ -4,6 +4,10 @@ The sink (receiver) drives a transfer over one channel:
 
     source -> sink   Offer(tid, seq, last, entries)...   manifest, maybe in several messages
     sink -> source   FetchRequest(tid, path, root)       (pull variant, sent first, by the sink)
+    sink -> source   FetchManyRequest(tid, items)        (pull of a batch of files, one session;
+                                                          the Offer lists those the source has;
+                                                          small files then come inline: see
+                                                          inline_indices)
     sink -> source   FileStatus(index, status, missing)  per file: need / have it / refused
     sink -> source   ChunkRequest(index, chunk)          a window of several in flight
     source -> sink   ChunkData(index, chunk, data)       only for a requested chunk
@@ -34,6 +38,8 @@ MAX_OFFER_MESSAGES = 10_000
 MAX_CHUNKS_PER_TRANSFER = 1 << 19  # 16 MiB of chunk hashes held by the sink
 MAX_REASON_BYTES = 300
 MAX_CODE_BYTES = 32
+# files one FetchManyRequest may name (the sink pulls a bigger batch in several sessions)
+MAX_FILES_PER_FETCH = 1024
 # an Offer is closed (next message started) past this many hash bytes, well under one frame
 OFFER_BATCH_HASH_BYTES = 4 << 20
 
@@ -75,6 +81,47 @@ class FetchRequest(Message):
             raise ProtocolError("FetchRequest: bad transfer id")
         if self.root is not None and len(self.root) != 32:
             raise ProtocolError("FetchRequest: bad root hash")
+
+
+@message("xfer.fetchmany")
+class FetchManyRequest(Message):
+    """Pull several announced files in one session: ``items`` are ``[path, root|None]``.
+
+    An old peer that does not know this type answers Abort("ProtocolError", "unknown
+    message type 'xfer.fetchmany'"); the sink then falls back to one FetchRequest per file.
+    """
+
+    transfer_id: bytes = field(metadata=bound(max_len=TRANSFER_ID_BYTES))
+    items: tuple[Any, ...] = field(metadata=bound(max_len=MAX_FILES_PER_FETCH))
+
+    def validate(self) -> None:
+        if len(self.transfer_id) != TRANSFER_ID_BYTES:
+            raise ProtocolError("FetchManyRequest: bad transfer id")
+        if not self.items:
+            raise ProtocolError("FetchManyRequest: names no file")
+        seen: set[str] = set()
+        wanted: list[tuple[str, bytes | None]] = []
+        for item in self.items:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ProtocolError("FetchManyRequest: each item is [path, root]")
+            path, root = item
+            if (not isinstance(path, str) or not path
+                    or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES):
+                raise ProtocolError("FetchManyRequest: bad path")
+            if root is not None and (not isinstance(root, bytes) or len(root) != 32):
+                raise ProtocolError("FetchManyRequest: bad root hash")
+            if path in seen:
+                raise ProtocolError("FetchManyRequest: names a file twice")
+            seen.add(path)
+            wanted.append((path, root))
+        object.__setattr__(self, "_wanted", wanted)
+
+    def wanted(self) -> list[tuple[str, bytes | None]]:
+        cached = self.__dict__.get("_wanted")
+        if cached is None:
+            self.validate()
+            cached = self.__dict__["_wanted"]
+        return list(cached)
 
 
 @message("xfer.status")
@@ -124,7 +171,8 @@ class Abort(Message):
 
 
 TO_SINK = (Offer, ChunkData, Keepalive, Abort)
-TO_SOURCE = (FetchRequest, FileStatus, ChunkRequest, FileDone, Complete, Keepalive, Abort)
+TO_SOURCE = (FetchRequest, FetchManyRequest, FileStatus, ChunkRequest, FileDone, Complete,
+             Keepalive, Abort)
 
 
 def clip(text: str, limit: int = MAX_REASON_BYTES) -> str:
@@ -239,6 +287,26 @@ def parse_chunk_data(frame: bytes | bytearray | memoryview) -> ChunkView | None:
     if at + size != len(view):
         raise ProtocolError("xfer.data: payload length disagrees with the frame")
     return ChunkView(index, chunk, view[at:])
+
+
+INLINE_MAX_FILE_BYTES = 64 << 10  # a one-chunk file this small comes without a request
+INLINE_MAX_BYTES_PER_SESSION = 8 << 20  # unrequested bytes a source may send in one session
+
+
+def inline_indices(entries: list[FileEntry]) -> set[int]:
+    """The files of a fetch-many session whose only chunk the source sends right after the
+    offer, unrequested: one-chunk files up to INLINE_MAX_FILE_BYTES, in offer order, until
+    INLINE_MAX_BYTES_PER_SESSION. Both sides compute it from the offer alone. The sink
+    answers them with FileDone (or FileStatus HAVE / REFUSED, dropping the data); a chunk
+    that fails verification is requested again with ChunkRequest as usual.
+    """
+    out: set[int] = set()
+    budget = INLINE_MAX_BYTES_PER_SESSION
+    for i, e in enumerate(entries):
+        if e.chunks == 1 and 0 < e.size <= min(INLINE_MAX_FILE_BYTES, budget):
+            out.add(i)
+            budget -= e.size
+    return out
 
 
 def offer_batches(transfer_id: bytes, entries: list[FileEntry]) -> list[Offer]:

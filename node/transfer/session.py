@@ -10,6 +10,7 @@ Public API (called by the daemon):
     send_files(channel, root, paths, *, progress, cancel, transfer_id) -> TransferResult
     receive_files(channel, store, *, progress, cancel) -> TransferResult
     fetch_file(channel, rel_path, root_hash, store, *, progress, cancel) -> TransferResult
+    fetch_files(channel, items, store, *, progress, cancel) -> TransferResult   (one session)
     serve_fetch(channel, resolve, *, progress, cancel) -> TransferResult
 
 Errors raised: ChannelClosed / PeerUnreachable (channel died or peer silent for
@@ -51,6 +52,7 @@ from node.transfer.manifest import FileEntry, SourceFile, build_manifest, hash_c
 from node.transfer.paths import PathBlocked, safe_relpath, sanitize_label
 from node.transfer.protocol import (
     MAX_CHUNKS_PER_TRANSFER,
+    MAX_FILES_PER_FETCH,
     MAX_FILES_PER_TRANSFER,
     TO_SINK,
     TO_SOURCE,
@@ -60,6 +62,7 @@ from node.transfer.protocol import (
     ChunkRequest,
     ChunkView,
     Complete,
+    FetchManyRequest,
     FetchRequest,
     FileDone,
     FileStatus,
@@ -69,6 +72,7 @@ from node.transfer.protocol import (
     chunk_header,
     clip,
     decode,
+    inline_indices,
     offer_batches,
     parse_chunk_data,
 )
@@ -90,6 +94,13 @@ MAX_PENDING_WRITES = 2  # received chunks waiting for the writer thread (memory:
 READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
 SEND_CANCEL_LOSES_FRAME = frozenset({"udp", "quic"})  # see _Session._stop_worker_first
 SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
+# complete files committed together (store.commit_batch: one syncfs, then the renames);
+# an fsync per file costs 4.5 ms here one after another
+COMMIT_BATCH_FILES = 256
+# disk work this small (a small file's plan, a chunk's read or hash + write) runs on the
+# loop: a hop to a worker thread costs more CPU than the work itself
+SMALL_IO_BYTES = 64 << 10
+MAX_OPEN_PARTIALS = 256  # partial files a sink holds open (many small files in the window)
 
 
 class Superseded(P2PError):
@@ -418,10 +429,13 @@ class _Source(_Session):
 
     def __init__(self, channel: Any, tid: bytes, files: list[SourceFile],
                  progress: ProgressFn | None, cancel: asyncio.Event | None,
-                 prepare: tuple[Path, list[Path]] | None = None) -> None:
+                 prepare: tuple[Path, list[Path]] | None = None, inline: bool = False) -> None:
         super().__init__(channel, progress, cancel)
         self.tid = tid
         self._prepare = prepare
+        self._inline_mode = inline  # a fetch-many session: small files go inline
+        self._inline: set[int] = set()
+        self._inline_answered: set[int] = set()
         self._set_files(files)
         # the worker thread reads through one open file at a time
         self._fd = -1
@@ -465,6 +479,12 @@ class _Source(_Session):
         self._report(force=True)
         for offer in offer_batches(self.tid, [f.entry for f in self.files]):
             await self._send(offer)
+        if self._inline_mode:
+            self._inline = inline_indices([f.entry for f in self.files])
+            for index in sorted(self._inline):  # sent unrequested, as if asked for
+                self._status[index] = FileStatusCode.NEED
+                self._request_count += 1
+                self._requests.put_nowait(ChunkRequest(index, 0))
         # requests are read here and served by a worker, so neither side ever waits
         # on a full pipe for the other (and disk reads overlap with sending)
         self._worker = asyncio.ensure_future(self._serve_requests())
@@ -500,9 +520,14 @@ class _Source(_Session):
 
     def _on_status(self, msg: FileStatus) -> None:
         sf = self._file(msg.index)
+        code = FileStatusCode(msg.status)
+        if (msg.index in self._inline and msg.index not in self._inline_answered
+                and msg.index not in self._finished and code != FileStatusCode.NEED):
+            # an inline file the sink already has (or refuses): it drops the data we sent
+            self._inline_answered.add(msg.index)
+            del self._status[msg.index]
         if msg.index in self._status:
             raise ProtocolError(f"second status for file {msg.index}")
-        code = FileStatusCode(msg.status)
         self._status[msg.index] = code
         self.current = sf.entry.path
         if code == FileStatusCode.HAVE:
@@ -581,6 +606,13 @@ class _Source(_Session):
         verify = bool(served[req.chunk])  # asked again: the sink found it bad, so check it
         served[req.chunk] = 1
         buf = self._buffers.pop() if self._buffers else None
+        if self.files[req.index].entry.chunk_len(req.chunk) <= SMALL_IO_BYTES:
+            done: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
+            try:
+                done.set_result(self._read_chunk(req.index, req.chunk, verify, buf))
+            except P2PError as exc:
+                done.set_exception(exc)
+            return done
         return asyncio.ensure_future(
             asyncio.to_thread(self._read_chunk, req.index, req.chunk, verify, buf))
 
@@ -671,6 +703,12 @@ class _Sink(_Session):
         self._results: list[FileResult] = []
         self._failures: list[tuple[str, str]] = []
         self.expect: tuple[str, bytes | None] | None = None  # fetch: the one file we asked for
+        # fetch of a batch: the files we asked for (the offer may leave some out)
+        self.expect_many: dict[str, bytes | None] | None = None
+        self._finalizer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._finishing: list[asyncio.Task[None]] = []  # the commit in progress
+        self._to_commit: list[tuple[int, PartialFile]] = []  # complete, not yet committed
+        self._inline_waiting: set[int] = set()  # fetch-many: small files coming unrequested
         # chunks handed to the writer thread (hash + pwrite), settled in order by the loop
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writes: collections.deque[
@@ -689,10 +727,14 @@ class _Sink(_Session):
         finally:
             try:
                 await self._stop_writer()
+                await self._stop_finalizer()
             finally:
                 for partial in self._partials.values():
                     self.store.release(partial)  # saves resume state; waits for a busy writer
                 self._partials.clear()
+                for _index, partial in self._to_commit:
+                    self.store.release(partial)  # complete, not renamed: resume finds it so
+                self._to_commit = []
                 self._ended.set()
 
     async def supersede(self, by: _Sink) -> bool:
@@ -718,6 +760,8 @@ class _Sink(_Session):
         from the same authenticated peer, takes over the partial file and resumes.
         """
         try:
+            if entry.size <= SMALL_IO_BYTES:
+                return self.store.plan(folder, entry, self)
             return await self._local(self.store.plan, folder, entry, self,
                                      cleanup=self._release_plan)
         except PartialBusy as exc:
@@ -764,6 +808,16 @@ class _Sink(_Session):
             if [e.path for e in self.entries] != [path] or (
                     root is not None and self.entries[0].root != root):
                 raise ProtocolError(f"answered a fetch of {path[:80]!r} with another file")
+        if self.expect_many is not None:
+            for e in self.entries:
+                if e.path not in self.expect_many:
+                    raise ProtocolError(f"answered a fetch with {e.path[:80]!r}, not asked for")
+                want = self.expect_many[e.path]
+                if want is not None and e.root != want:
+                    raise ProtocolError(f"answered a fetch of {e.path[:80]!r} with other content")
+            for path in self.expect_many.keys() - files:
+                self._failures.append((path, f"{self.peer} no longer has it (or it changed)"))
+            self._inline_waiting = inline_indices(self.entries)
         self.files_total = len(self.entries)
         self.bytes_total = sum(e.size for e in self.entries)
 
@@ -777,12 +831,16 @@ class _Sink(_Session):
         self._report(force=True)
         while True:
             # keep the window full: open the next file when its chunks are all requested
+            self._reap_finished()
             while True:
                 if not pending:
-                    if next_file >= len(self.entries):
+                    if next_file >= len(self.entries) or (
+                            len(self._partials) >= MAX_OPEN_PARTIALS and in_flight):
                         break
                     index = next_file
                     next_file += 1
+                    if index in self._inline_waiting:
+                        continue  # opened when its data arrives
                     pending.extend((index, c) for c in await self._open_file(folder, index))
                     continue
                 index, c = pending[0]
@@ -793,8 +851,12 @@ class _Sink(_Session):
                 in_flight[(index, c)] = clen
                 in_flight_bytes += clen
                 await self._send(ChunkRequest(index, c))
-            if not in_flight and not self._writes:
+            if not in_flight and not self._writes and not self._inline_waiting:
+                if next_file < len(self.entries) or pending:
+                    continue  # the open-partials bound held the next files back
                 break
+            if not in_flight:
+                self._start_commit()  # nothing to wait for from the peer: commit now
             if self._writes and (len(self._writes) >= MAX_PENDING_WRITES or not in_flight
                                  or self._writes[0][2].done()):
                 await self._settle_write(pending, failures)
@@ -804,10 +866,16 @@ class _Sink(_Session):
                 raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
             key = (msg.index, msg.chunk)
             clen = in_flight.pop(key, -1)
-            if clen < 0:
+            if clen >= 0:
+                in_flight_bytes -= clen
+            elif msg.chunk == 0 and msg.index in self._inline_waiting:
+                self._inline_waiting.discard(msg.index)
+                if not await self._open_inline(folder, msg.index):
+                    continue  # we have it already, or cannot take it: the data is dropped
+                clen = self.entries[msg.index].chunk_len(0)
+            else:
                 raise ProtocolError(f"{self.peer} sent chunk {msg.chunk} of file {msg.index} "
                                     "it was not asked for")
-            in_flight_bytes -= clen
             if len(msg.data) != clen:
                 raise ProtocolError(f"chunk {msg.chunk} of file {msg.index} has the wrong size")
             self.bytes_payload += clen
@@ -815,10 +883,22 @@ class _Sink(_Session):
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(
                     1, thread_name_prefix="p2pfs-write")
-            # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
-            fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
+            fut: concurrent.futures.Future[bool]
+            if clen <= SMALL_IO_BYTES:
+                fut = concurrent.futures.Future()
+                try:
+                    fut.set_result(partial.write_chunk(msg.chunk, msg.data))
+                except P2PError as exc:
+                    fut.set_exception(exc)
+            else:
+                # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
+                fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
             self._writes.append((key, clen, fut))
             self._file_writes[msg.index] += 1
+        while self._finishing or self._to_commit:
+            self._start_commit()
+            await asyncio.wait(self._finishing, return_when=asyncio.FIRST_COMPLETED)
+            self._reap_finished()
         await self._send(Complete(self.tid))
         return self._result(self._results, self._failures, self.bytes_on_wire,
                             self.bytes_payload)
@@ -893,25 +973,98 @@ class _Sink(_Session):
             await self._finish_file(index)
         return missing
 
+    async def _open_inline(self, folder: Path, index: int) -> bool:
+        """An inline file's data arrived: plan it; True when the data is to be written.
+        Only HAVE and REFUSED are told to the source (NEED is implied for inline files)."""
+        entry = self.entries[index]
+        self.current = entry.path
+        try:
+            plan = await self._plan(folder, entry)
+        except PathBlocked as exc:
+            self._failures.append((entry.path, str(exc)))
+            self.files_done += 1
+            await self._send(FileStatus(index, FileStatusCode.REFUSED, 0, clip(str(exc))))
+            return False
+        if plan.kind == PlanKind.HAVE:
+            self.files_done += 1
+            self.bytes_done += entry.size
+            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), plan.final))
+            await self._send(FileStatus(index, FileStatusCode.HAVE, 0, ""))
+            return False
+        assert plan.partial is not None
+        self._partials[index] = plan.partial
+        if not plan.missing:  # resumed complete: commit it, drop the data
+            self.bytes_done += entry.size
+            await self._finish_file(index)
+            return False
+        return True
+
     def _release_plan(self, plan: Any) -> None:
         if plan.partial is not None:
             self.store.release(plan.partial)
 
     async def _finish_file(self, index: int) -> None:
-        entry = self.entries[index]
-        partial = self._partials.pop(index)
+        """A file is complete: queue it for the next commit (one sync for many files)."""
+        self._to_commit.append((index, self._partials.pop(index)))
+        if len(self._to_commit) >= COMMIT_BATCH_FILES:
+            # bounded: complete files wait (each an open file) behind one running commit
+            while len(self._to_commit) >= 2 * COMMIT_BATCH_FILES and self._finishing:
+                await asyncio.wait(self._finishing)
+                self._reap_finished()
+            self._start_commit()
+
+    def _start_commit(self) -> None:
+        """Finalize the queued files in the background (store.commit_batch); FileDone for
+        each follows once they are renamed into place. One commit runs at a time."""
+        if not self._to_commit or any(not t.done() for t in self._finishing):
+            return
+        batch, self._to_commit = self._to_commit, []
+        if self._finalizer is None:
+            self._finalizer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="p2pfs-commit")
+        fut = asyncio.wrap_future(self._finalizer.submit(
+            self.store.commit_batch, [p for _i, p in batch]))
+        self._finishing.append(asyncio.ensure_future(self._committed(batch, fut)))
+
+    async def _committed(self, batch: list[tuple[int, PartialFile]],
+                         fut: asyncio.Future[list[Path | PathBlocked]]) -> None:
         try:
-            final = await self._local(partial.finalize)
-        except PathBlocked as exc:
-            self._failures.append((entry.path, str(exc)))
-            await self._send(FileDone(index, False, clip(str(exc))))
-        else:
-            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), final))
-            await self._send(FileDone(index, True, ""))
+            outcomes = await fut
         finally:
-            self.store.release(partial)
-        self.files_done += 1
+            for _index, partial in batch:
+                self.store.release(partial)  # keeps resume state if the commit failed
+        for (index, _partial), got in zip(batch, outcomes, strict=True):
+            entry = self.entries[index]
+            if isinstance(got, PathBlocked):
+                self._failures.append((entry.path, str(got)))
+                await self._send(FileDone(index, False, clip(str(got))))
+            else:
+                self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), got))
+                await self._send(FileDone(index, True, ""))
+            self.files_done += 1
         self._report(force=True)
+
+    def _reap_finished(self) -> None:
+        """Raise the failure of a finished finalize task (disk error, channel gone)."""
+        still: list[asyncio.Task[None]] = []
+        for task in self._finishing:
+            if task.done():
+                task.result()
+            else:
+                still.append(task)
+        self._finishing = still
+
+    async def _stop_finalizer(self) -> None:
+        """Let finalizes in progress end (their threads cannot be stopped), then the pool."""
+        tasks, self._finishing = self._finishing, []
+        if tasks:
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()  # collected: a failure after the one that stopped us
+        pool, self._finalizer = self._finalizer, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------------------
@@ -952,13 +1105,70 @@ async def fetch_file(channel: Any, rel_path: str, root_hash: bytes | None, store
     return await sink.run(ask)
 
 
+async def fetch_files(channel: Any, items: list[tuple[str, bytes | None]], store: ReceiveStore,
+                      *, progress: ProgressFn | None = None,
+                      cancel: asyncio.Event | None = None) -> TransferResult:
+    """Ask the peer for several announced files (at most MAX_FILES_PER_FETCH) in one session.
+
+    The result lists the files received; ``failures`` names each one that was not
+    (the peer no longer has it, a local error, ...), so the caller can retry per file.
+    A peer with the older protocol aborts with code "ProtocolError" before any offer.
+    """
+    if not 0 < len(items) <= MAX_FILES_PER_FETCH:
+        raise ValueError(f"fetch_files takes 1 to {MAX_FILES_PER_FETCH} files")
+    for rel_path, root_hash in items:
+        safe_relpath(rel_path)
+        if root_hash is not None and len(root_hash) != 32:
+            raise ValueError("root_hash must be 32 bytes")
+    request = FetchManyRequest(os.urandom(TRANSFER_ID_BYTES),
+                               tuple([path, root] for path, root in items))
+    request.validate()  # duplicates are the caller's bug: refuse before anything is sent
+    sink = _Sink(channel, store, progress, cancel)
+    sink.tid = request.transfer_id
+    sink.expect_many = dict(items)
+
+    async def ask() -> None:
+        await sink._send(request)
+
+    return await sink.run(ask)
+
+
+def _manifests_for(found: list[tuple[str, bytes | None, Path, Path]]) -> list[SourceFile]:
+    """One manifest entry per resolved (path, root, folder root, file); a file that vanished,
+    was renamed or changed since it was announced is left out of the offer (blocking)."""
+    out: list[SourceFile] = []
+    for path, want, root, file in found:
+        try:
+            files = build_manifest(root, [file])
+        except P2PError:
+            continue
+        if (len(files) == 1 and files[0].entry.path == path
+                and (want is None or files[0].entry.root == want)):
+            out.append(files[0])
+    return out
+
+
 async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn | None = None,
                       cancel: asyncio.Event | None = None) -> TransferResult:
-    """Answer one FetchRequest: resolve(rel_path, root_hash) -> (root, file) or None."""
+    """Answer one FetchRequest or FetchManyRequest: resolve(rel_path, root_hash) ->
+    (root, file) or None."""
     session = _Session(channel, progress, cancel)
+    inline = [False]
 
     async def first() -> TransferResult | list[SourceFile]:
-        msg = await session._recv((FetchRequest, Abort))
+        msg = await session._recv((FetchRequest, FetchManyRequest, Abort))
+        if isinstance(msg, FetchManyRequest):
+            session.tid = msg.transfer_id
+            hits: list[tuple[str, bytes | None, Path, Path]] = []
+            for wanted_path, want in msg.wanted():
+                safe_relpath(wanted_path)  # a hostile path never reaches resolve()
+                hit = resolve(wanted_path, want)
+                if hit is not None:
+                    hits.append((wanted_path, want, hit[0], hit[1]))
+            offered: list[SourceFile] = (await session._local(_manifests_for, hits)
+                                         if hits else [])
+            inline[0] = True
+            return offered
         assert isinstance(msg, FetchRequest)
         session.tid = msg.transfer_id
         safe_relpath(msg.path)  # a hostile path never reaches resolve()
@@ -981,7 +1191,8 @@ async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn 
     outcome = await session._guard(first)
     if isinstance(outcome, TransferResult):
         return outcome
-    return await _Source(channel, session.tid, outcome, progress, cancel).run()
+    return await _Source(channel, session.tid, outcome, progress, cancel,
+                         inline=inline[0]).run()
 
 
 __all__ = [
@@ -992,6 +1203,7 @@ __all__ = [
     "TransferResult",
     "TransferState",
     "fetch_file",
+    "fetch_files",
     "receive_files",
     "send_files",
     "serve_fetch",

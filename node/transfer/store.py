@@ -20,6 +20,7 @@ Must not import the channel, transports, session or daemon.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import errno
 import os
@@ -82,6 +83,26 @@ def _clip_name(name: str, limit: int) -> str:
 def partial_names(final_name: str, root: bytes) -> tuple[str, str]:
     stem = f".{_clip_name(final_name, PARTIAL_NAME_PREFIX_BYTES)}.{root.hex()[:16]}"
     return stem + PARTIAL_SUFFIX, stem + STATE_SUFFIX
+
+
+_LIBC: list[ctypes.CDLL | None] = []
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) on the file system holding `fd` (Linux); False where it does not exist."""
+    if not _LIBC:
+        try:
+            libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            libc = None
+        _LIBC.append(libc if libc is not None and hasattr(libc, "syncfs") else None)
+    libc = _LIBC[0]
+    if libc is None:
+        return False
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -191,11 +212,16 @@ class PartialFile:
             self._join_saver()
             self._save_state_locked()
 
-    def finalize(self) -> Path:
-        """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
+    def finalize(self, batch: bool = False) -> Path:
+        """Check, fsync, apply mode/mtime, keep an old version, rename into place.
+
+        With `batch`, the folder's fsync and the sweep of stale partials are left to
+        ``ReceiveStore.finish_batch`` (once per folder for many files). The file itself
+        is always fsynced before the rename, so its final name never shows a torn file.
+        """
         with self._lock:
             self._join_saver()
-            return self._finalize_locked()
+            return self._finalize_locked(batch)
 
     def close(self) -> None:
         with self._lock:
@@ -296,19 +322,31 @@ class PartialFile:
         os.replace(tmp, self.state_path)
 
     # -- finishing ----------------------------------------------------------
-    def _finalize_locked(self) -> Path:
+    def _finalize_locked(self, batch: bool = False) -> Path:
         """Check, fsync, apply mode/mtime, keep an old version, rename into place."""
+        self._prepare_locked(fsync=True)
+        return self._place_locked(batch)
+
+    def _prepare_locked(self, *, fsync: bool) -> None:
+        """Check the partial is whole, apply its mode and mtime (and fsync it)."""
         e = self.entry
         if not self.complete:
             raise LocalIOError(f"{self.final}: finalize before all chunks arrived")
         try:
             if os.fstat(self.fd).st_size != e.size:
                 raise LocalIOError(f"{self.part_path} changed size on disk while receiving")
-            os.fsync(self.fd)
+            if fsync:
+                os.fsync(self.fd)
+            self._unsaved = 0  # renamed next: no resume state to save on close
             os.fchmod(self.fd, received_mode(e.mode, self.store.umask))
             os.utime(self.fd, ns=(e.mtime_ns, e.mtime_ns))
         except OSError as exc:
             raise local_io_error(exc, f"cannot finish {self.final}") from None
+
+    def _place_locked(self, batch: bool) -> Path:
+        """Rename the (durable) partial into place, keeping a different old file as a version."""
+        e = self.entry
+        self._unsaved = 0
         self.close()
         final = resolve_under(self.folder, self.rel)
         st = _lstat_or_none(final)
@@ -319,14 +357,16 @@ class PartialFile:
                 if not self.store.same_content(final, e):
                     self.store.keep_version(self.folder, self.rel, final)
             os.rename(self.part_path, final)
-            _fsync_dir(final.parent)
+            if not batch:
+                _fsync_dir(final.parent)
         except OSError as exc:
             raise local_io_error(exc, f"cannot move {final} into place") from None
         try:
             os.unlink(self.state_path)
         except OSError:
             pass
-        self.store.remove_stale_partials(final)
+        if not batch:
+            self.store.remove_stale_partials(final)
         return final
 
     def _close_locked(self) -> None:
@@ -428,17 +468,71 @@ class ReceiveStore:
 
     def remove_stale_partials(self, final: Path) -> None:
         """Drop leftover partial/state files of older contents of `final` (not in use)."""
-        stem = re.escape(f".{_clip_name(final.name, PARTIAL_NAME_PREFIX_BYTES)}.")
-        pattern = re.compile(stem + r"[0-9a-f]{16}\.p2pfs-(part|state)$")
+        self._remove_stale_partials(final.parent, [final.name])
+
+    def commit_batch(self, partials: list[PartialFile]) -> list[Path | PathBlocked]:
+        """Finalize several complete partial files with one file-system sync (blocking).
+
+        Each is checked and gets its mode and mtime; then ONE ``syncfs`` makes all their
+        data durable (where there is no syncfs, each file is fsynced); only then are they
+        renamed into place, each folder fsynced once. So a final name never shows a torn
+        or unverified file, and a batch of small files costs one sync, not one per file.
+        A file whose final name is blocked comes back as its PathBlocked; a failing disk
+        raises LocalIOError (the files stay partial, their resume state is kept).
+        """
+        if not partials:
+            return []
         try:
-            names = os.listdir(final.parent)
+            for partial in partials:
+                with partial._lock:
+                    partial._join_saver()
+                    partial._prepare_locked(fsync=False)
+            try:
+                if not _syncfs(partials[0].fd):
+                    for partial in partials:
+                        os.fsync(partial.fd)
+            except OSError as exc:
+                raise local_io_error(exc, f"cannot sync {partials[0].folder}") from None
+        except BaseException:
+            for partial in partials:
+                partial._unsaved = 1  # not renamed: keep the resume state on close
+            raise
+        out: list[Path | PathBlocked] = []
+        for partial in partials:
+            try:
+                with partial._lock:
+                    out.append(partial._place_locked(True))
+            except PathBlocked as exc:
+                out.append(exc)
+        self.finish_batch([p for p in out if isinstance(p, Path)])
+        return out
+
+    def finish_batch(self, finals: list[Path]) -> None:
+        """After a batch of ``finalize(batch=True)``: fsync each folder once (the renames
+        become durable) and sweep stale partials with one listing per folder (blocking)."""
+        by_dir: dict[Path, list[str]] = {}
+        for final in finals:
+            by_dir.setdefault(final.parent, []).append(final.name)
+        for parent, names in by_dir.items():
+            _fsync_dir(parent)
+            self._remove_stale_partials(parent, names)
+
+    def _remove_stale_partials(self, parent: Path, final_names: list[str]) -> None:
+        stems = {f".{_clip_name(n, PARTIAL_NAME_PREFIX_BYTES)}." for n in final_names}
+        suffix = re.compile(r"[0-9a-f]{16}\.p2pfs-(part|state)$")
+        try:
+            with os.scandir(parent) as it:
+                names = [e.name for e in it if e.name.startswith(".")]
         except OSError:
             return
         with self._lock:
             active = set(self._active)
         for name in names:
-            path = final.parent / name
-            if pattern.match(name) and path.with_suffix(PARTIAL_SUFFIX) not in active:
+            m = suffix.search(name)
+            if m is None or name[:m.start()] not in stems:
+                continue
+            path = parent / name
+            if path.with_suffix(PARTIAL_SUFFIX) not in active:
                 try:
                     os.unlink(path)
                 except OSError:

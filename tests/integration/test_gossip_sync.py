@@ -152,3 +152,72 @@ async def test_symlink_in_target_is_refused(tmp_path: Path) -> None:
         assert list(outside.iterdir()) == []
     finally:
         eng.close()
+
+
+class FakeFetchMany:
+    """Plays ShareService.fetch_many: one call per batch; `fail` names paths it cannot get."""
+
+    def __init__(self, staging: Path, content: dict[str, bytes], fail: set[str] = frozenset()
+                 ) -> None:
+        self.staging = staging
+        self.content = content
+        self.fail = fail
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, origin: PeerId, folder: str, items: list[tuple[str, bytes]]
+                       ) -> dict[str, object]:
+        self.calls.append([p for p, _ in items])
+        self.staging.mkdir(exist_ok=True)
+        out: dict[str, object] = {}
+        for n, (path, _digest) in enumerate(items):
+            if path in self.fail:
+                out[path] = LocalIOError(f"cannot fetch {path}")
+                continue
+            f = self.staging / f"{len(self.calls)}-{n}.bin"
+            f.write_bytes(self.content[path])
+            out[path] = f
+        return out
+
+
+async def test_apply_batch_fetches_many_creates_in_one_call_and_keeps_order(
+        tmp_path: Path) -> None:
+    content = {f"f{i}.txt": f"v{i}".encode() for i in range(100)}
+    content["f5.txt"] = b"second"
+    many = FakeFetchMany(tmp_path / "staging", content, fail={"f7.txt"})
+    single = FakeFetch(tmp_path / "staging1", {"f5.txt": b"second"})
+    eng, _ = engine(tmp_path, single, fetch_many=many)
+    ev = Events()
+    try:
+        creates = [ev("created", f"f{i}.txt", f"v{i}".encode()) for i in range(100)]
+        delete = ev("deleted", "f3.txt")
+        again = ev("modified", "f5.txt", b"second")
+        results = await eng.apply_batch([*creates, delete, again])
+        assert [e for e, _ in results] == [*creates, delete, again]  # one outcome each, in order
+        outcomes = dict((e.path, o) for e, o in results if e is not delete)
+        assert isinstance(outcomes["f7.txt"], LocalIOError)  # one failed file fails alone
+        assert all(o is SyncOutcome.FETCHED for p, o in outcomes.items() if p != "f7.txt")
+        assert results[100][1] is SyncOutcome.VERSIONED  # the delete waited for the fetch
+        # 100 creates in one fetch; the delete and the later event for f5 come after it
+        assert many.calls[0] == [f"f{i}.txt" for i in range(100)]
+        assert many.calls[1:] == [["f5.txt"]] and single.calls == []
+        base = tmp_path / "received" / "alice" / "docs"
+        assert (base / "f5.txt").read_bytes() == b"second"
+        assert not (base / "f3.txt").exists() and not (base / "f7.txt").exists()
+        assert (base / "f99.txt").read_bytes() == b"v99"
+    finally:
+        eng.close()
+
+
+async def test_apply_batch_refuses_a_fetched_file_that_does_not_match_its_event(
+        tmp_path: Path) -> None:
+    many = FakeFetchMany(tmp_path / "staging", {"a.txt": b"tampered", "b.txt": b"fine"})
+    eng, _ = engine(tmp_path, FakeFetch(tmp_path / "s1", {}), fetch_many=many)
+    ev = Events()
+    try:
+        results = await eng.apply_batch([ev("created", "a.txt", b"announced"),
+                                         ev("created", "b.txt", b"fine")])
+        assert isinstance(results[0][1], IntegrityError)
+        assert results[1][1] is SyncOutcome.FETCHED
+        assert not (tmp_path / "received" / "alice" / "docs" / "a.txt").exists()
+    finally:
+        eng.close()

@@ -837,3 +837,183 @@ async def test_slow_local_hashing_sends_keepalives(dirs: tuple[Path, Path],
     r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
     assert r_sink.state == TransferState.DONE, r_sink
     assert (recv / "alice" / "f.bin").read_bytes() == (src / "f.bin").read_bytes()
+
+
+# -- many small files in one session (folder sync's batched fetch) ----------------------
+
+def _small_tree(src: Path, n: int, seed: int = 7) -> dict[str, bytes]:
+    import random
+    rng = random.Random(seed)
+    files = {f"share/f{i:04d}.bin": rng.randbytes(rng.randint(1, 10_000)) for i in range(n)}
+    (src / "share").mkdir()
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    return files
+
+
+def _resolver(src: Path) -> Any:
+    def resolve(rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
+        p = src / rel
+        return (src, p) if p.is_file() else None
+    return resolve
+
+
+async def test_fetch_files_brings_a_batch_of_small_files_in_one_session(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    files = _small_tree(src, 300)
+    wanted = sorted(files) + ["share/gone.bin"]  # one the source does not have
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(serve_fetch(a, _resolver(src)),
+                                   sess.fetch_files(b, [(p, None) for p in wanted],
+                                                    ReceiveStore(recv)))
+    assert r_src.state == TransferState.DONE, r_src
+    assert sorted(f.rel_path for f in r_sink.files) == sorted(files)
+    assert [p for p, _ in r_sink.failures] == ["share/gone.bin"]
+    assert visible_files(recv / "alice") == files
+    # every file fsynced before its rename; no partial or state file is left behind
+    assert sorted(os.listdir(recv / "alice" / "share")) == sorted(
+        p.split("/")[1] for p in files)
+
+
+async def test_fetch_files_refuses_a_corrupted_file_and_fetches_it_again(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    files = _small_tree(src, 40)
+    flipped: list[int] = []
+
+    def hook(data: bytes) -> bytes:
+        try:
+            msg = decode(data, (ChunkData,))
+        except P2PError:
+            return data
+        if msg.index == 17 and not flipped:  # one small file's only chunk, once
+            flipped.append(msg.index)
+            bad = bytearray(msg.data)
+            bad[0] ^= 0x01
+            return ChunkData(msg.index, msg.chunk, bytes(bad)).encode()
+        return data
+
+    a, b = memory_channel_pair("alice", "bob")
+    _r_src, r_sink = await run_pair(
+        serve_fetch(a, _resolver(src)),
+        sess.fetch_files(Tap(b, hook), [(p, None) for p in sorted(files)], ReceiveStore(recv)))
+    assert flipped == [17]
+    assert r_sink.state == TransferState.DONE
+    assert r_sink.bytes_received_payload == sum(map(len, files.values())) + len(
+        files[sorted(files)[17]])  # that file came twice
+    assert visible_files(recv / "alice") == files
+
+
+async def test_fetch_files_cut_midway_shows_only_whole_files_and_resumes(
+        dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    monkeypatch.setattr(sess, "COMMIT_BATCH_FILES", 16)  # some commits before the cut
+    src, recv = dirs
+    files = _small_tree(src, 200)
+    a, b = memory_channel_pair("alice", "bob")
+    got = 0
+
+    async def drop_midway(msg: bytes) -> bytes:
+        nonlocal got
+        got += 1
+        if got == 120:  # offers + about a hundred chunks, then the link dies
+            await b.close()
+        return msg
+
+    items = [(p, None) for p in sorted(files)]
+    r_src, r_sink = await run_pair(serve_fetch(a, _resolver(src)),
+                                   sess.fetch_files(Tap(b, drop_midway), items,
+                                                    ReceiveStore(recv)))
+    assert isinstance(r_sink, ChannelClosed), r_sink
+    shown = visible_files(recv / "alice")
+    assert 0 < len(shown) < len(files)
+    assert all(files[p] == data for p, data in shown.items())  # nothing half-written shows
+
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(serve_fetch(a, _resolver(src)),
+                                   sess.fetch_files(b, items, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE
+    assert r_sink.bytes_received_payload < sum(map(len, files.values()))  # only the rest
+    assert visible_files(recv / "alice") == files
+    assert sorted(os.listdir(recv / "alice" / "share")) == sorted(
+        p.split("/")[1] for p in files)
+
+
+async def test_fetch_files_answered_with_a_file_not_asked_for_is_refused(
+        dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    files = _small_tree(src, 3)
+    entries = [f.entry.to_wire() for f in build_manifest(src, [src / "share"])]
+    a, b = memory_channel_pair("alice", "bob")
+
+    async def source() -> list[Any]:
+        first = decode(await a.recv(), TO_SOURCE)
+        assert isinstance(first, sess.FetchManyRequest)
+        await a.send(Offer(first.transfer_id, 0, True, tuple(entries)).encode())
+        return [decode(await a.recv(), TO_SOURCE)]
+
+    # the sink asked for two of the three files; the offer lists all three
+    said, r_sink = await run_pair(source(), sess.fetch_files(
+        b, [(p, None) for p in sorted(files)[:2]], ReceiveStore(recv)))
+    assert isinstance(r_sink, ProtocolError) and "not asked for" in str(r_sink)
+    assert type(said[0]).__name__ == "Abort"  # the source is told why
+    assert not (recv / "alice" / "share").exists()
+
+
+async def test_fetch_files_to_an_older_peer_fails_with_its_protocol_error(
+        dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    """An old peer's serve_fetch knows only FetchRequest: its Abort names the unknown type,
+    which is what ShareService.fetch_many falls back to one fetch per file on."""
+    src, recv = dirs
+    _small_tree(src, 2)
+    a, b = memory_channel_pair("alice", "bob")
+    old_expect = (sess.FetchRequest, sess.Abort)
+
+    async def old_serve() -> Any:
+        session = sess._Session(a, None, None)
+
+        async def first() -> Any:
+            await session._recv(old_expect)
+
+        return await session._guard(first)
+
+    r_src, r_sink = await run_pair(old_serve(), sess.fetch_files(
+        b, [("share/f0000.bin", None)], ReceiveStore(recv)))
+    assert isinstance(r_src, ProtocolError)
+    assert isinstance(r_sink, RemoteError)
+    assert r_sink.code == "ProtocolError"  # type: ignore[attr-defined]
+    assert "fetchmany" in str(r_sink)
+
+
+class SendTap(Tap):
+    """Records the type of every message this end sends."""
+
+    def __init__(self, inner: MemoryChannel) -> None:
+        super().__init__(inner, lambda d: d)
+        self.sent: list[str] = []
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append(msgpack.unpackb(data)[0])
+        await self.inner.send(data)
+
+
+async def test_small_files_come_inline_without_a_request_each(dirs: tuple[Path, Path]) -> None:
+    src, recv = dirs
+    files = _small_tree(src, 50)
+    (src / "share" / "have.bin").write_bytes(b"already here")
+    files_all = {**files, "share/have.bin": b"already here"}
+    (recv / "alice" / "share").mkdir(parents=True)
+    (recv / "alice" / "share" / "have.bin").write_bytes(b"already here")
+    a, b = memory_channel_pair("alice", "bob")
+    tap = SendTap(b)
+    r_src, r_sink = await run_pair(serve_fetch(a, _resolver(src)),
+                                   sess.fetch_files(tap, [(p, None) for p in sorted(files_all)],
+                                                    ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE and r_src.state == TransferState.DONE
+    assert visible_files(recv / "alice") == files_all
+    # one request for the batch; per file only FileDone (or HAVE): no status + request each
+    assert tap.sent.count("xfer.fetchmany") == 1
+    assert tap.sent.count("xfer.req") == 0
+    assert tap.sent.count("xfer.done") == 50
+    assert tap.sent.count("xfer.status") == 1  # have.bin: HAVE, its inline data dropped
+    assert tap.sent[-1] == "xfer.complete"

@@ -161,3 +161,79 @@ def test_store_reads_the_process_umask() -> None:
         assert ReceiveStore(Path("unused")).umask == 0o027
     finally:
         os.umask(old)
+
+
+def _small_partials(store: ReceiveStore, folder: Path, tmp_path: Path, n: int
+                    ) -> tuple[list[PartialFile], dict[str, bytes]]:
+    partials, files = [], {}
+    for i in range(n):
+        data = os.urandom(100 + i)
+        src = tmp_path / f"s{i}"
+        src.write_bytes(data)
+        chunk, hashes, root = hash_file(src, chunk_size=CHUNK)
+        e = FileEntry(f"d/f{i}.bin", len(data), 0o644, 1_600_000_000 * 10**9, chunk, hashes,
+                      root)
+        partial = store.plan(folder, e).partial
+        assert partial is not None and partial.write_chunk(0, data)
+        partials.append(partial)
+        files[f"f{i}.bin"] = data
+    return partials, files
+
+
+@pytest.mark.parametrize("have_syncfs", [True, False])
+def test_commit_batch_syncs_once_then_renames_and_reports_a_blocked_name(
+        tmp_path: Path, monkeypatch: Any, have_syncfs: bool) -> None:
+    store = ReceiveStore(tmp_path / "received")
+    folder = store.folder("alice")
+    syncs: list[int] = []
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def fake_syncfs(fd: int) -> bool:
+        syncs.append(fd)
+        # nothing is under its final name before the sync
+        assert sorted(n for n in os.listdir(folder / "d") if not n.startswith(".")) == [
+            "f3.bin"]
+        return have_syncfs
+
+    monkeypatch.setattr(store_mod, "_syncfs", fake_syncfs)
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    partials, files = _small_partials(store, folder, tmp_path, 5)
+    (folder / "d" / "f3.bin").mkdir()  # a folder is in the way of one file
+    try:
+        out = store.commit_batch(partials)
+    finally:
+        for p in partials:
+            store.release(p)
+    assert len(syncs) == 1
+    # without syncfs each file is fsynced; with it only the folder is (once)
+    assert len(fsyncs) == (1 if have_syncfs else 5 + 1)
+    assert isinstance(out[3], store_mod.PathBlocked)
+    for i in (0, 1, 2, 4):
+        assert out[i] == folder / "d" / f"f{i}.bin"
+        assert out[i].read_bytes() == files[f"f{i}.bin"]
+        assert out[i].stat().st_mtime_ns == 1_600_000_000 * 10**9
+    names = sorted(os.listdir(folder / "d"))
+    assert [n for n in names if not n.startswith(".")] == ["f0.bin", "f1.bin", "f2.bin",
+                                                          "f3.bin", "f4.bin"]
+
+
+def test_commit_batch_that_cannot_sync_shows_nothing_and_keeps_resume_state(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    store = ReceiveStore(tmp_path / "received")
+    folder = store.folder("alice")
+
+    def failing_syncfs(fd: int) -> bool:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(store_mod, "_syncfs", failing_syncfs)
+    partials, _files = _small_partials(store, folder, tmp_path, 3)
+    try:
+        with pytest.raises(LocalIOError, match="cannot sync"):
+            store.commit_batch(partials)
+    finally:
+        for p in partials:
+            store.release(p)
+    names = os.listdir(folder / "d")
+    assert all(n.startswith(".") for n in names)  # partials and their state only
+    assert sum(n.endswith(".p2pfs-state") for n in names) == 3  # a retry resumes them

@@ -315,3 +315,39 @@ def test_find_by_hash_never_returns_a_symlink(tmp_path: Path) -> None:
         assert w.find_by_hash(digest) == folder / "real"
     finally:
         w.index.close()
+
+
+async def test_2000_files_dropped_at_once_become_a_few_batches(tmp_path: Path) -> None:
+    folder = tmp_path / "share"
+    staging = tmp_path / "staging"
+    folder.mkdir()
+    staging.mkdir()
+    singles = Recorder()
+    batches: list[list[LocalChange]] = []
+    got = asyncio.Event()
+
+    async def on_changes(changes: list[LocalChange]) -> None:
+        batches.append(changes)
+        if sum(map(len, batches)) >= 2000:
+            got.set()
+
+    w = FolderWatcher(folder, "share", index_path=tmp_path / "idx.p2pfs-index",
+                      on_change=singles, on_changes=on_changes, debounce_s=DEBOUNCE_S)
+    await w.start()
+    try:
+        for i in range(2000):
+            (staging / f"f{i:04d}.bin").write_bytes(i.to_bytes(4, "big") * 8)
+        for i in range(2000):  # one rename each, as a drop into the folder
+            os.rename(staging / f"f{i:04d}.bin", folder / f"f{i:04d}.bin")
+        await asyncio.wait_for(got.wait(), 30)
+        changes = [c for b in batches for c in b]
+        assert sorted(c.path for c in changes) == [f"f{i:04d}.bin" for i in range(2000)]
+        assert {c.kind for c in changes} == {"created"}
+        assert all(c.hash == blake3.blake3(int(c.path[1:5]).to_bytes(4, "big") * 8).digest()
+                   for c in changes)
+        assert len(batches) <= 20, [len(b) for b in batches]  # not 2,000 separate calls
+        assert max(map(len, batches)) <= 1000  # and each batch is bounded
+        assert singles.changes == []
+        assert len(w.index.all()) == 2000
+    finally:
+        await w.stop()

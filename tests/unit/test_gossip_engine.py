@@ -367,3 +367,41 @@ def test_anti_entropy_respects_the_caps_and_never_re_pulls_pruned_events(monkeyp
     assert pulled[-5:] == [0] * 5
     assert len(ids) == len(set(ids)) and sum(pulled) <= 200 * 15
     assert n_log.stats().relay_only_origins_remembered == 200
+
+
+def test_a_batch_of_2000_local_events_goes_out_in_pushes_of_64_each_verifiable() -> None:
+    me, peer = Identity.generate(), Identity.generate()
+    log = EventLog(":memory:")
+    eng = GossipEngine(me.peer_id, log, rand=random.Random(0))
+    eng.set_peers([peer.peer_id])
+    events = log.append_local_many(me, "f", [("created", f"d/f{i}.bin", i, H, "")
+                                            for i in range(2000)])
+    assert [e.seq for e in events] == list(range(1, 2001))  # one seq each, contiguous
+    assert log.highest_seqs()[me.peer_id.key] == 2000
+    sends = [a for a in eng.publish_many(events, 0.0) if isinstance(a, Send)]
+    assert len(sends) == -(-2000 // PUSH_BATCH_MAX)  # 32 messages, not 2,000
+    assert all(isinstance(s.msg, Push) and len(s.msg.events) <= PUSH_BATCH_MAX for s in sends)
+    # the peer validates every event on its own (signature, seq) and accepts all of them
+    rlog = EventLog(":memory:")
+    receiver = GossipEngine(peer.peer_id, rlog, rand=random.Random(0))
+    accepted = []
+    for s in sends:
+        accepted += [a for a in receiver.receive(me.peer_id, s.msg.encode(), 0.0)
+                     if isinstance(a, Accept)]
+    assert len(accepted) == 2000 and rlog.count() == 2000
+    assert rlog.highest_seqs()[me.peer_id.key] == 2000
+    # the next single event continues the sequence
+    nxt = log.append_local(me, kind="created", folder="f", path="z", size=1, hash=H)
+    assert nxt.seq == 2001
+
+
+def test_log_batch_commits_once_and_a_failed_add_undoes_only_itself() -> None:
+    eng, log, _me, other = _engine()
+    good = [_event(other, seq=i, path=f"p{i}") for i in (1, 2, 3)]
+    reused = _event(other, seq=2, path="different")  # (origin, seq) reused: refused
+    with log.batch():
+        for ev in (good[0], good[1], reused, good[2]):
+            eng.receive(other.peer_id, Push((ev.encode(),)).encode(), 0.0)
+        assert log._db.in_transaction  # nothing committed yet: one commit for the batch
+    assert not log._db.in_transaction
+    assert log.count() == 3 and log.highest_seqs()[other.peer_id.key] == 3

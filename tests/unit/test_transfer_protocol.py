@@ -12,15 +12,19 @@ from node.errors import ProtocolError
 from node.transfer.manifest import MAX_CHUNK_SIZE_BYTES, MAX_CHUNKS_PER_FILE
 from node.transfer.protocol import (
     MAX_CHUNK_HEADER_BYTES,
+    MAX_FILES_PER_FETCH,
     MAX_FILES_PER_TRANSFER,
     TO_SINK,
+    TO_SOURCE,
     ChunkData,
     ChunkRequest,
+    FetchManyRequest,
     Keepalive,
     chunk_header,
     decode,
     parse_chunk_data,
 )
+from node.wire import packb
 
 EDGES = [0, 1, 127, 128, 255, 256, 65535, 65536]
 
@@ -98,3 +102,74 @@ def test_hostile_frames_only_ever_raise_protocol_error(junk: bytes, cut: int) ->
         if view is not None:  # whatever it accepts, the generic codec accepts identically
             generic = decode(bytes(frame), TO_SINK)
             assert isinstance(generic, ChunkData) and generic.data == bytes(view.data)
+
+
+# -- FetchManyRequest: a batch of files pulled in one session -----------------------
+
+
+_TID = b"t" * 16
+
+
+def _fetch_many(n: int = 3) -> FetchManyRequest:
+    return FetchManyRequest(_TID, tuple([f"folder/f{i}.bin", None if i % 2 else bytes([i]) * 32]
+                                        for i in range(n)))
+
+
+def test_fetch_many_round_trips_and_lists_what_it_wants() -> None:
+    msg = _fetch_many(5)
+    got = decode(msg.encode(), TO_SOURCE)
+    assert isinstance(got, FetchManyRequest)
+    assert got.wanted() == [(f"folder/f{i}.bin", None if i % 2 else bytes([i]) * 32)
+                            for i in range(5)]
+
+
+@pytest.mark.parametrize("items, why", [
+    ((), "names no file"),
+    ((["a", None], ["a", None]), "twice"),
+    ((["a", b"x" * 31],), "root hash"),
+    ((["a"],), "each item"),
+    (("a",), "each item"),
+    (([b"a", None],), "bad path"),
+    ((["", None],), "bad path"),
+    ((["x" * 5000, None],), "bad path"),
+    ((["a", 7],), "root hash"),
+])
+def test_fetch_many_refuses_bad_items(items: tuple[object, ...], why: str) -> None:
+    raw = packb([FetchManyRequest.TYPE, FetchManyRequest.VERSION, _TID, list(items)])
+    with pytest.raises(ProtocolError, match=why):
+        decode(raw, TO_SOURCE)
+
+
+def test_fetch_many_is_bounded_in_files_and_transfer_id() -> None:
+    items = [[f"f{i}", None] for i in range(MAX_FILES_PER_FETCH + 1)]
+    with pytest.raises(ProtocolError, match="longer than"):
+        decode(packb([FetchManyRequest.TYPE, 1, _TID, items]), TO_SOURCE)
+    assert decode(packb([FetchManyRequest.TYPE, 1, _TID, items[:-1]]), TO_SOURCE)
+    with pytest.raises(ProtocolError, match="transfer id"):
+        decode(packb([FetchManyRequest.TYPE, 1, b"short", items[:1]]), TO_SOURCE)
+    with pytest.raises(ProtocolError, match="unsupported version"):
+        decode(packb([FetchManyRequest.TYPE, 2, _TID, items[:1]]), TO_SOURCE)
+
+
+def test_fetch_many_cut_at_every_offset_only_raises_protocol_error() -> None:
+    raw = _fetch_many(4).encode()
+    for cut in range(len(raw)):
+        with pytest.raises(ProtocolError):
+            decode(raw[:cut], TO_SOURCE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0), st.integers(min_value=0, max_value=255))
+def test_fetch_many_with_one_byte_changed_decodes_or_raises_protocol_error(
+        at: int, value: int) -> None:
+    raw = bytearray(_fetch_many(4).encode())
+    raw[at % len(raw)] = value
+    try:
+        msg = decode(bytes(raw), TO_SOURCE)
+    except ProtocolError:
+        return
+    if isinstance(msg, FetchManyRequest):  # whatever decodes obeys every bound
+        wanted = msg.wanted()
+        assert 0 < len(wanted) <= MAX_FILES_PER_FETCH
+        assert len({p for p, _ in wanted}) == len(wanted)
+        assert all(r is None or len(r) == 32 for _, r in wanted)
