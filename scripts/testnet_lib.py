@@ -835,8 +835,9 @@ class Testnet:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            # only our own node/bootstrap commands: an argument under our root dir
-            if any(a.decode(errors="replace").startswith(root + os.sep) for a in args) \
+            # only our own node/bootstrap commands: an argument under our root dir (a
+            # daemon re-exec'd by `node start` carries its home inside one JSON argument)
+            if any(root + os.sep in a.decode(errors="replace") for a in args) \
                     and pid_alive(int(entry.name)):
                 out.append(int(entry.name))
         return out

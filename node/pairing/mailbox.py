@@ -14,13 +14,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Self
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Self
 
 from node.config import is_bootstrap_url
 from node.errors import PeerUnreachable, ProtocolError
 from node.pairing import CodeCancelled, CodeExpired, CodeUsed, WrongCode
+
+if TYPE_CHECKING:
+    import aiohttp
 
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_MESSAGES = 4
@@ -53,6 +54,9 @@ class MailboxClient:
                        params: dict[str, str] | None = None,
                        headers: dict[str, str] | None = None,
                        extra_timeout_s: float = 0.0) -> dict[str, Any]:
+        # aiohttp is imported on first use: an idle node that never pairs does not load it
+        import aiohttp
+
         if self._session is None:
             self._session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=self._timeout_s + extra_timeout_s)

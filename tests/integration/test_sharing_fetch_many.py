@@ -56,7 +56,7 @@ def _tree(src: Path, n: int) -> dict[str, bytes]:
 def _service(tmp_path: Path, serve: Any) -> tuple[ShareService, FakePeering]:
     peering = FakePeering(serve)
     share = ShareService(peering, tmp_path / "received",  # type: ignore[arg-type]
-                         notify=lambda k, d: None, label_for=lambda p: "peer",
+                         notify=lambda notice: None, label_for=lambda p: "peer",
                          resolve_shared=lambda r, h: None,
                          default_transport="tcp", targets=lambda: [])
     return share, peering

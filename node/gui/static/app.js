@@ -139,8 +139,10 @@ async function searchLog(ev) {
     if (v) q.set(key, v);
   }
   q.set("limit", "500");
-  const rows = await act(() => api("GET", `/api/log?${q}`));
-  if (!rows) return;
+  const page = await act(() => api("GET", `/api/log?${q}`));
+  if (!page) return;
+  // the `log` control reply is a page: {events, total, more, limit, limit_max}
+  const rows = Array.isArray(page) ? page : page.events;
   fill("#log-table", rows, (r) => el("tr", {},
     el("td", {}, new Date(r.wall_ms).toLocaleString()), el("td", {}, r.origin_label),
     el("td", {}, r.seq), el("td", {}, r.kind), el("td", {}, r.folder),
