@@ -39,7 +39,7 @@ import enum
 import fnmatch
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -455,41 +455,10 @@ class EventLog:
                 group = unfinished
         return out
 
-    def query(self, peer: PeerId | None = None, since_ms: int | None = None,
-              path_glob: str | None = None, limit: int = 100,
-              include_relay_only: bool = False) -> list[ChangeEvent]:
-        """Accepted events, oldest first (by wall time, then Lamport); newest `limit`."""
-        limit = max(0, min(limit, QUERY_LIMIT_MAX))
-        where: list[str] = []
-        args: list[Any] = []
-        if not include_relay_only:
-            where.append("relay_only=0")
-        if peer is not None:
-            where.append("origin=?")
-            args.append(peer.key)
-        if since_ms is not None:
-            where.append("wall_ms>=?")
-            args.append(since_ms)
-        sql = "SELECT raw, path, old_path FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY wall_ms DESC, lamport DESC"
-        out: list[ChangeEvent] = []
-        for raw, path, old_path in self._db.execute(sql, args):
-            if path_glob is not None and not (fnmatch.fnmatchcase(path, path_glob) or (
-                    old_path and fnmatch.fnmatchcase(old_path, path_glob))):
-                continue
-            out.append(ChangeEvent.decode(raw))
-            if len(out) >= limit:
-                break
-        out.reverse()
-        return out
-
-    def query_page(self, peer: PeerId | None = None, since_ms: int | None = None,
-                   path_glob: str | None = None, limit: int = 100,
-                   include_relay_only: bool = False) -> tuple[list[ChangeEvent], int]:
-        """``query`` plus how many events match in all (so a caller can say what it cut)."""
-        limit = max(0, min(limit, QUERY_LIMIT_MAX))
+    def _matching(self, peer: PeerId | None, since_ms: int | None, path_glob: str | None,
+                  include_relay_only: bool) -> Iterator[bytes]:
+        """Raw accepted events matching the filters, newest first (by wall time, then
+        Lamport): the one query behind `query` and `query_page`."""
         where: list[str] = [] if include_relay_only else ["relay_only=0"]
         args: list[Any] = []
         if peer is not None:
@@ -502,12 +471,33 @@ class EventLog:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY wall_ms DESC, lamport DESC"
-        out: list[ChangeEvent] = []
-        total = 0
         for raw, path, old_path in self._db.execute(sql, args):
             if path_glob is not None and not (fnmatch.fnmatchcase(path, path_glob) or (
                     old_path and fnmatch.fnmatchcase(old_path, path_glob))):
                 continue
+            yield raw
+
+    def query(self, peer: PeerId | None = None, since_ms: int | None = None,
+              path_glob: str | None = None, limit: int = 100,
+              include_relay_only: bool = False) -> list[ChangeEvent]:
+        """Accepted events, oldest first (by wall time, then Lamport); newest `limit`."""
+        limit = max(0, min(limit, QUERY_LIMIT_MAX))
+        out: list[ChangeEvent] = []
+        for raw in self._matching(peer, since_ms, path_glob, include_relay_only):
+            out.append(ChangeEvent.decode(raw))
+            if len(out) >= limit:
+                break
+        out.reverse()
+        return out
+
+    def query_page(self, peer: PeerId | None = None, since_ms: int | None = None,
+                   path_glob: str | None = None, limit: int = 100,
+                   include_relay_only: bool = False) -> tuple[list[ChangeEvent], int]:
+        """``query`` plus how many events match in all (so a caller can say what it cut)."""
+        limit = max(0, min(limit, QUERY_LIMIT_MAX))
+        out: list[ChangeEvent] = []
+        total = 0
+        for raw in self._matching(peer, since_ms, path_glob, include_relay_only):
             total += 1
             if len(out) < limit:
                 out.append(ChangeEvent.decode(raw))
