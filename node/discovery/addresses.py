@@ -21,7 +21,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-WILDCARDS = ("0.0.0.0", "::", "")
+ANY_V4 = "0.0.0.0"  # the IPv4 wildcard: listen on every interface, never advertise
+WILDCARDS = (ANY_V4, "::", "")
 SIOCGIFADDR = 0x8915
 SIOCGIFNETMASK = 0x891B
 IF_INET6_PATH = Path("/proc/net/if_inet6")
@@ -128,7 +129,7 @@ def advertised_hosts(listen_host: str, advertise_host: str, ifaces: list[Interfa
     if not is_wildcard(listen_host):
         return [listen_host]
     routed = default_route_interfaces() if default_ifaces is None else default_ifaces
-    v4_only = listen_host == "0.0.0.0"
+    v4_only = listen_host == ANY_V4
     usable = [i for i in ifaces if not (v4_only and i.ip.version != 4)
               and not (i.ip.version == 6 and i.ip.is_link_local)]
     others = [i for i in usable if not i.ip.is_loopback]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.contact import MAX_RECORD_BYTES, ContactRecord
-from node.discovery.addresses import Interface, interfaces, is_wildcard
+from node.discovery.addresses import ANY_V4, Interface, interfaces, is_wildcard
 from node.errors import ProtocolError
 from node.identity import PeerId
 from node.wire import packb, unpackb
@@ -227,8 +227,8 @@ def bind_host_for(listen_host: str, targets: list[tuple[str, int]] | None) -> st
     peer on the LAN could reach us. Broadcast and multicast arrive only on a socket
     bound to the wildcard; explicit targets bind the listen host."""
     if targets is None:
-        return None if _is_loopback(listen_host) else "0.0.0.0"
-    return "0.0.0.0" if is_wildcard(listen_host) else listen_host
+        return None if _is_loopback(listen_host) else ANY_V4
+    return ANY_V4 if is_wildcard(listen_host) else listen_host
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -246,7 +246,7 @@ class LanDiscovery:
     """Announce our record on the LAN and feed what we hear into the peer book."""
 
     def __init__(self, self_id: PeerId, record: Callable[[], ContactRecord], sink: PeerSink, *,
-                 port: int = DEFAULT_PORT, bind_host: str = "0.0.0.0",
+                 port: int = DEFAULT_PORT, bind_host: str = ANY_V4,
                  targets: list[tuple[str, int]] | None = None,
                  ifaces: Callable[[], list[Interface]] = interfaces,
                  interval_s: float = ANNOUNCE_INTERVAL_S,

@@ -9,6 +9,7 @@ import pytest
 
 from node.contact import ContactRecord
 from node.discovery.addresses import (
+    ANY_V4,
     Interface,
     advertised_hosts,
     default_route_interfaces,
@@ -29,20 +30,20 @@ PORTS = {"tcp": 9000, "udp": 9001, "quic": 9002, "dht": 9003}
 
 
 def test_wildcard_advertises_interfaces_never_itself() -> None:
-    assert advertised_hosts("0.0.0.0", "", [LO, LAN, LAN6]) == ["198.18.0.7"]
+    assert advertised_hosts(ANY_V4, "", [LO, LAN, LAN6]) == ["198.18.0.7"]
     assert advertised_hosts("::", "", [LO, LINK6, LAN6, LAN]) == ["198.18.0.7", "2001:db8::7"]
-    assert "0.0.0.0" not in advertised_hosts("0.0.0.0", "", [])
+    assert ANY_V4 not in advertised_hosts(ANY_V4, "", [])
 
 
 def test_loopback_only_when_nothing_else() -> None:
-    assert advertised_hosts("0.0.0.0", "", [LO]) == ["127.0.0.1"]
-    assert advertised_hosts("0.0.0.0", "", []) == ["127.0.0.1"]
+    assert advertised_hosts(ANY_V4, "", [LO]) == ["127.0.0.1"]
+    assert advertised_hosts(ANY_V4, "", []) == ["127.0.0.1"]
 
 
 def test_explicit_addresses_win() -> None:
     assert advertised_hosts("127.0.0.1", "", [LAN]) == ["127.0.0.1"]
-    assert advertised_hosts("0.0.0.0", "node.example", [LAN]) == ["node.example"]
-    assert advertised_hosts("198.18.0.7", "0.0.0.0", [LAN]) == ["198.18.0.7"]
+    assert advertised_hosts(ANY_V4, "node.example", [LAN]) == ["node.example"]
+    assert advertised_hosts("198.18.0.7", ANY_V4, [LAN]) == ["198.18.0.7"]
 
 
 def test_directed_broadcast() -> None:
@@ -59,7 +60,7 @@ def test_this_hosts_interfaces_include_loopback() -> None:
 
 
 def test_record_of_a_wildcard_listener_has_no_wildcard() -> None:
-    rec = LocalRecord(ME, hosts=lambda: advertised_hosts("0.0.0.0", "", [LO, LAN]), ports=PORTS)
+    rec = LocalRecord(ME, hosts=lambda: advertised_hosts(ANY_V4, "", [LO, LAN]), ports=PORTS)
     assert rec.current.hosts == ("198.18.0.7",)
     assert rec.current.verify()
 
@@ -168,7 +169,7 @@ def test_the_default_route_interface_is_advertised_first() -> None:
     assert default_route_interfaces("") == set()
     bridge = Interface("docker0", "172.17.0.1", "255.255.0.0")
     uplink = Interface("eth1", "198.18.0.9", "255.255.255.0")
-    assert advertised_hosts("0.0.0.0", "", [LO, bridge, uplink], {"eth1"}) == [
+    assert advertised_hosts(ANY_V4, "", [LO, bridge, uplink], {"eth1"}) == [
         "198.18.0.9", "172.17.0.1"]
-    assert advertised_hosts("0.0.0.0", "", [LO, bridge, uplink], set()) == [
+    assert advertised_hosts(ANY_V4, "", [LO, bridge, uplink], set()) == [
         "172.17.0.1", "198.18.0.9"]

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from node.contact import ContactRecord
+from node.discovery.addresses import ANY_V4
 from node.discovery.lan import (
     INSTANCE_ID_BYTES,
     MAGIC,
@@ -169,8 +170,8 @@ def test_where_the_lan_socket_binds() -> None:
     # default targets (broadcast + multicast): off on loopback, else the wildcard
     assert bind_host_for("127.0.0.1", None) is None
     assert bind_host_for("localhost", None) is None
-    assert bind_host_for("0.0.0.0", None) == "0.0.0.0"
-    assert bind_host_for("198.18.0.7", None) == "0.0.0.0"
+    assert bind_host_for(ANY_V4, None) == ANY_V4
+    assert bind_host_for("198.18.0.7", None) == ANY_V4
     # explicit unicast targets (tests): the listen host itself
     assert bind_host_for("127.0.0.1", [("127.0.0.1", 1)]) == "127.0.0.1"
-    assert bind_host_for("::", [("127.0.0.1", 1)]) == "0.0.0.0"
+    assert bind_host_for("::", [("127.0.0.1", 1)]) == ANY_V4
