@@ -41,7 +41,8 @@ async def dial(record: ContactRecord, transport: str, *, timeout_s: float,
     failures: list[str] = []
     if port is not None:
         per_try = min(timeout_s, direct_timeout_s) if relays else timeout_s
-        for host in record.hosts:
+        # the record's local hosts, then where it was observed from outside
+        for host, port in record.endpoints(transport):
             try:
                 pipe = await get_transport(transport).connect(host, port, timeout=per_try)
             except (P2PError, OSError) as exc:
