@@ -196,12 +196,16 @@ def _flood_rows(net: Testnet, label: str, n: int, sources: list[str],
         Row(attack, "trusted ping during flood", 1.0 if ping.ok else 0.0, "ok",
             "succeeds", ping.ok),
     ]
-    if ping.ok:
-        rows += [Row(attack, "trusted handshake during flood", ping.handshake_ms, "ms"),
-                 Row(attack, "trusted ping rtt p50 during flood", ping.rtt_p50_ms, "ms")]
-    else:
+    return rows + ping_detail_rows(attack, ping)
+
+
+def ping_detail_rows(attack: str, ping: PingResult) -> list[Row]:
+    """The trusted ping's handshake and rtt during a flood, or why it failed (stderr)."""
+    if not ping.ok:
         print(f"{attack}: trusted ping failed: {ping.error}", file=sys.stderr)
-    return rows
+        return []
+    return [Row(attack, "trusted handshake during flood", ping.handshake_ms, "ms"),
+            Row(attack, "trusted ping rtt p50 during flood", ping.rtt_p50_ms, "ms")]
 
 
 def measure(net: Testnet, quick: bool = False) -> list[Row]:

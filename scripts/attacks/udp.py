@@ -46,6 +46,7 @@ from attacks.tcp import (  # noqa: E402
     PingResult,
     RssSampler,
     loopback_sources,
+    ping_detail_rows,
     rss_kib,
     trusted_ping,
     victim_and_friend,
@@ -179,12 +180,7 @@ def measure(net: Testnet, quick: bool = False) -> list[Row]:
         Row(attack, "reply bytes per INIT byte", reply_bytes / max(flood.sent_bytes, 1), "x",
             "<= 1", reply_bytes <= flood.sent_bytes),
     ]
-    if ping.ok:
-        rows += [Row(attack, "trusted handshake during flood", ping.handshake_ms, "ms"),
-                 Row(attack, "trusted ping rtt p50 during flood", ping.rtt_p50_ms, "ms")]
-    else:
-        print(f"{attack}: trusted ping failed: {ping.error}", file=sys.stderr)
-    return rows
+    return rows + ping_detail_rows(attack, ping)
 
 
 async def _open_cookie_flood(port: int, n: int, sources: list[str],
@@ -250,12 +246,7 @@ def _cookie_flood_rows(net: Testnet, label: str, n: int, sources: list[str],
         Row(attack, "trusted ping during flood", 1.0 if ping.ok else 0.0, "ok", "succeeds",
             ping.ok),
     ]
-    if ping.ok:
-        rows += [Row(attack, "trusted handshake during flood", ping.handshake_ms, "ms"),
-                 Row(attack, "trusted ping rtt p50 during flood", ping.rtt_p50_ms, "ms")]
-    else:
-        print(f"{attack}: trusted ping failed: {ping.error}", file=sys.stderr)
-    return rows
+    return rows + ping_detail_rows(attack, ping)
 
 
 def measure_cookie_floods(net: Testnet, quick: bool = False) -> list[Row]:
