@@ -906,6 +906,8 @@ def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
     return None
 
 
+import node.cli_folders  # noqa: E402,F401 - adds `node folder ...` (built on the helpers above)
+
 # set by main(), the real program entry: `node start` then execs the daemon's own entry
 # (node/daemon_main.py); an in-process caller (typer's CliRunner) keeps its process
 _reexec_daemon = False

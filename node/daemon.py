@@ -540,6 +540,9 @@ class Daemon:
         c.register("events", self._cmd_events)
         c.register("invite", self._cmd_invite)
         c.register("accept", self._cmd_accept)
+        from node.folders.commands import register as register_folder_commands
+
+        register_folder_commands(self)  # folder_add, folder_list, ... (node/folders)
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {
