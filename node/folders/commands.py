@@ -120,11 +120,11 @@ def folder_path(text: object, ctx: FolderContext) -> Path:
         raise LocalIOError(f"cannot use {given}: {exc}") from None
     if not path.is_dir():
         raise ConfigError(f"{path} is not a folder")
-    check_shared_root(path, home=ctx.home, received=ctx.received, what="folder")
     received = ctx.received.resolve()
     if path == received or received in path.parents:
-        raise ConfigError(f"folder {path} is inside this node's received dir {received}, "
-                          "where files pushed by peers land; pick a folder outside it")
+        raise ConfigError(f"folder {path} is this node's received dir {received} or inside "
+                          "it, where files pushed by peers land; pick a folder outside it")
+    check_shared_root(path, home=ctx.home, received=ctx.received, what="folder")
     return path
 
 
