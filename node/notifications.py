@@ -363,9 +363,44 @@ class EventRejected:
         return f"rejected {what}{via}: {self.reason}"
 
 
+# -- folders ------------------------------------------------------------------------------
+def _printable(text: str) -> str:
+    """Peer-chosen text for a terminal line: control characters (escapes) shown as '?'."""
+    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+
+
+@dataclass(frozen=True, slots=True)
+class FolderOffered:
+    """A trusted peer offers a folder id this node has not added with it: nothing syncs
+    until the user adds the same id with that peer (`node folder add`)."""
+
+    KIND: ClassVar[str] = "folder_offered"
+    peer_id: str  # full id of the peer that offers it
+    folder_id: str  # peer-chosen: bounded at decode, made printable at render
+    label: str = ""
+
+    def encode(self) -> dict[str, Any]:
+        return {"peer_id": self.peer_id, "folder_id": self.folder_id, "label": self.label}
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any]) -> FolderOffered:
+        return cls(peer_id=_str(data, "peer_id", "peer"), folder_id=_str(data, "folder_id"),
+                   label=_str(data, "label"))
+
+    def peers(self) -> tuple[str, ...]:
+        return (self.peer_id,) if self.peer_id else ()
+
+    def render(self, labels: Labels | None = None) -> str:
+        who = peer_label(self.peer_id, labels)
+        fid = _printable(self.folder_id) or "?"
+        label = f" ({_printable(self.label)!r})" if self.label else ""
+        return (f"{who} offers folder {fid}{label}; to sync it: "
+                f"node folder add PATH --id {fid} --peer {who}")
+
+
 KINDS: dict[str, Any] = {cls.KIND: cls for cls in (
     FileShared, FileUpdated, FileDeleted, FileMoved, FileReceived, TransferFailed,
-    PeerJoined, PeerLeft, EventRejected)}
+    PeerJoined, PeerLeft, EventRejected, FolderOffered)}
 NOTIFICATION_KINDS = tuple(KINDS)
 
 

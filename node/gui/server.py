@@ -65,6 +65,8 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_SHARE_PATHS = 100
 MAX_TEXT_CHARS = 4096
 SSE_HEARTBEAT_S = 15.0
+MAX_FOLDER_PEERS_SENT = 64
+FOLDER_ACTIONS = frozenset({"pause", "resume", "rescan", "override", "revert"})
 SHUTDOWN_S = 0.5
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 STATIC_FILES = {  # url name -> content type; nothing else under /static is served
@@ -256,6 +258,7 @@ class GuiServer:
         r.add_post("/api/share", self._share)
         r.add_get("/api/events", self._events)
         r.add_get("/api/log", self._log)
+        self._add_folder_routes(r)
         return app
 
     # -- the guard: Host, token, CSRF, Origin ---------------------------------------
@@ -460,6 +463,48 @@ class GuiServer:
         self._jobs.discard(job)
         if not job.cancelled() and job.exception() is not None:
             log.info("share from the dashboard ended: %s", job.exception())
+
+    # -- synced folders (`node folder ...`: the folder_* control commands) ------------
+    def _add_folder_routes(self, r: web.UrlDispatcher) -> None:
+        r.add_get("/api/sync-folders", self._folder_list)
+        r.add_post("/api/sync-folders", self._folder_add)
+        r.add_get("/api/sync-folders/{id}", self._folder_status)
+        r.add_delete("/api/sync-folders/{id}", self._folder_remove)
+        r.add_post("/api/sync-folders/{id}/{action}", self._folder_action)
+
+    async def _folder_list(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self._call("folder_list"))
+
+    async def _folder_status(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self._call("folder_status", {"id": request.match_info["id"]}))
+
+    async def _folder_add(self, request: web.Request) -> web.StreamResponse:
+        """`node folder add PATH --id ID [--peer P]... [--mode M] [--label L]`; the node
+        checks everything (path, id, peers trusted, mode) as for the CLI."""
+        body = await self._body(request)
+        args: dict[str, Any] = {}
+        for key in ("path", "id", "mode", "label"):
+            value = body.get(key, "")
+            if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
+                raise ConfigError(f"{key} must be a string")
+            args[key] = value
+        peers = body.get("peers") or []
+        if (not isinstance(peers, list) or len(peers) > MAX_FOLDER_PEERS_SENT
+                or not all(isinstance(p, str) and 0 < len(p) <= MAX_TEXT_CHARS
+                           for p in peers)):
+            raise ConfigError(f"peers must be a list of at most {MAX_FOLDER_PEERS_SENT} "
+                              "peer ids or aliases")
+        args["peers"] = peers
+        return _json(await self._call("folder_add", args), status=201)
+
+    async def _folder_remove(self, request: web.Request) -> web.StreamResponse:
+        return _json(await self._call("folder_remove", {"id": request.match_info["id"]}))
+
+    async def _folder_action(self, request: web.Request) -> web.StreamResponse:
+        action = request.match_info["action"]
+        if action not in FOLDER_ACTIONS:
+            raise web.HTTPNotFound()
+        return _json(await self._call(f"folder_{action}", {"id": request.match_info["id"]}))
 
     async def _log(self, request: web.Request) -> web.StreamResponse:
         q = request.query

@@ -16,6 +16,7 @@ from node.notifications import (
     FileReceived,
     FileShared,
     FileUpdated,
+    FolderOffered,
     PeerJoined,
     PeerLeft,
     TransferFailed,
@@ -46,6 +47,7 @@ SAMPLES = [
     PeerLeft(AID, "alice"),
     EventRejected("bad signature", via=BID, origin=AID, seq=7, event_id="e9"),
     EventRejected("not msgpack", via=BID),
+    FolderOffered(AID, "photos", "Family photos"),
 ]
 
 

@@ -101,11 +101,71 @@ async function untrust(peer) {
 }
 
 async function refreshFolders() {
-  const folders = await api("GET", "/api/folders");
+  const [synced, folders] = await Promise.all([
+    api("GET", "/api/sync-folders"), api("GET", "/api/folders")]);
+  refreshSyncFolders(synced);
   fill("#folders-table", folders, (f) => el("tr", { dataset: { label: f.label } },
     el("td", {}, f.label), el("td", { class: "id" }, f.path), el("td", {}, f.mode),
     el("td", {}, f.state), el("td", {}, f.files), el("td", {}, size(f.bytes)),
   ), "#folders-empty");
+}
+
+// -- synced folders (node folder ...): /api/sync-folders -------------------------------
+
+function refreshSyncFolders(rows) {
+  // "source": "config" means no engine measured anything: show "?" rather than zeros
+  $("#sync-folders-note").hidden = !rows.some((f) => f.status.source === "config");
+  fill("#sync-folders-table", rows, (f) => {
+    const st = f.status;
+    const measured = st.source !== "config";
+    const paused = f.paused;
+    return el("tr", { dataset: { folderId: f.id, state: st.state } },
+      el("td", { class: "id" }, f.id), el("td", {}, f.label || "-"),
+      el("td", { class: "id" }, f.path), el("td", {}, f.mode),
+      el("td", { class: "state", title: st.last_error || "" }, st.state),
+      el("td", { class: "pct" }, measured ? `${Math.floor(st.completion_pct)}%` : "?"),
+      el("td", { class: "conflicts" }, measured ? st.conflicts : "?"),
+      el("td", {}, (f.peer_labels || []).join(", ") || "-"),
+      el("td", {},
+        el("button", { class: `secondary ${paused ? "resume" : "pause"}`,
+          onclick: () => folderAction(f.id, paused ? "resume" : "pause") },
+          paused ? "Resume" : "Pause"), " ",
+        el("button", { class: "secondary rescan", onclick: () => folderAction(f.id, "rescan"),
+          ...(paused || !measured ? { disabled: "", title: paused ? "paused"
+            : "needs the folder engine" } : {}) }, "Rescan")));
+  }, "#sync-folders-empty");
+}
+
+async function folderAction(id, action) {
+  await act(() => api("POST", `/api/sync-folders/${encodeURIComponent(id)}/${action}`));
+  refreshPage();
+}
+
+async function addFolder(ev) {
+  ev.preventDefault();
+  const peers = $("#folder-add-peers").value.split(",").map((p) => p.trim()).filter(Boolean);
+  const res = await act(() => api("POST", "/api/sync-folders", {
+    path: $("#folder-add-path").value.trim(), id: $("#folder-add-id").value.trim(), peers,
+    mode: $("#folder-add-mode").value, label: $("#folder-add-label").value.trim() }));
+  $("#folder-add-result").textContent = res
+    ? `added folder ${res.id} at ${res.path}` + (res.live ? "" : " (applies once the folder engine runs)")
+    : "";
+  refreshPage();
+}
+
+// an offer from a peer (folder_offered) prefills the form: the user still picks the path
+function offerToForm(ev) {
+  const d = ev.data || {};
+  $("#folder-add-id").value = d.folder_id || "";
+  $("#folder-add-peers").value = offeredBy(ev);
+  $("#folder-add-label").value = d.label || "";
+  location.hash = "#folders";
+}
+
+function offeredBy(ev) {
+  const d = ev.data || {};
+  const id = String(d.peer_id || "");
+  return (ev.labels && ev.labels[id]) || id.slice(0, 7);
 }
 
 async function refreshTransfers() {
@@ -170,12 +230,21 @@ function describe(ev) {
   return parts.join("  ");
 }
 
+function describeOffer(ev) {
+  const d = ev.data || {};
+  const label = d.label ? ` (${d.label})` : "";
+  return `${offeredBy(ev)} offers folder ${d.folder_id || "?"}${label}; add it to sync `;
+}
+
 function addEvent(ev) {
   const list = $("#events-list");
   const when = ev.at_ms ? new Date(ev.at_ms).toLocaleTimeString() : "";
+  const offer = ev.kind === "folder_offered";
   list.prepend(el("li", { dataset: { eventId: ev.id, kind: ev.kind || "" } },
     el("span", { class: "muted" }, `${ev.id} ${when} `),
-    el("span", { class: "kind" }, ev.kind || "event"), " ", describe(ev)));
+    el("span", { class: "kind" }, ev.kind || "event"), " ",
+    offer ? describeOffer(ev) : describe(ev),
+    offer ? el("button", { class: "secondary offer", onclick: () => offerToForm(ev) }, "Add…") : ""));
   while (list.children.length > MAX_EVENTS_SHOWN) list.lastChild.remove();
   $("#events-empty").hidden = true;
   if (state.page !== "events") {
@@ -251,6 +320,7 @@ async function main() {
       ? `started ${res.transfers.length} transfer(s): see Transfers` : "";
   });
   $("#log-form").addEventListener("submit", searchLog);
+  $("#folder-add-form").addEventListener("submit", addFolder);
   window.addEventListener("hashchange", () => show(location.hash.slice(1)));
   connectEvents();
   show(location.hash.slice(1) || "peers");
