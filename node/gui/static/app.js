@@ -137,8 +137,9 @@ function refreshSyncFolders(rows) {
 }
 
 async function folderAction(id, action) {
-  await act(() => api("POST", `/api/sync-folders/${encodeURIComponent(id)}/${action}`));
-  refreshPage();
+  // on a refusal the error stays shown: a refresh would clear it
+  const res = await act(() => api("POST", `/api/sync-folders/${encodeURIComponent(id)}/${action}`));
+  if (res) refreshPage();
 }
 
 async function addFolder(ev) {
@@ -150,7 +151,7 @@ async function addFolder(ev) {
   $("#folder-add-result").textContent = res
     ? `added folder ${res.id} at ${res.path}` + (res.live ? "" : " (applies once the folder engine runs)")
     : "";
-  refreshPage();
+  if (res) refreshPage();
 }
 
 // an offer from a peer (folder_offered) prefills the form: the user still picks the path
