@@ -62,7 +62,7 @@ def _offline_ctx(home: Path) -> FolderContext:
     from node.identity import load_identity
     from node.trust import TrustStore
 
-    received = absolute_paths(load_settings(home)).received_path
+    settings = absolute_paths(load_settings(home))
     try:
         self_id = load_identity(home).peer_id
     except Exception:  # noqa: BLE001 - no identity yet: nothing to compare against
@@ -82,9 +82,10 @@ def _offline_ctx(home: Path) -> FolderContext:
         finally:
             store.close()
 
-    return FolderContext(home=home.resolve(), received=received, self_id=self_id,
-                         resolve=lambda text: _resolve_offline(home, text),
-                         is_trusted=is_trusted, label_for=label_for)
+    return FolderContext(home=home.resolve(), received=settings.received_path,
+                         self_id=self_id, resolve=lambda text: _resolve_offline(home, text),
+                         is_trusted=is_trusted, label_for=label_for,
+                         share_roots=tuple(Path(d) for d in settings.shared_dirs))
 
 
 def _offline_store(home: Path) -> FolderStore:

@@ -64,6 +64,7 @@ class FolderContext:
     resolve: Callable[[str], PeerId]  # alias / prefix / full id -> PeerId (UnknownPeer)
     is_trusted: Callable[[PeerId], bool]
     label_for: Callable[[PeerId], str]  # how a peer is shown: alias, else short id
+    share_roots: tuple[Path, ...] = ()  # the one-way --share folders (absolute)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -125,6 +126,12 @@ def folder_path(text: object, ctx: FolderContext) -> Path:
         raise ConfigError(f"folder {path} is this node's received dir {received} or inside "
                           "it, where files pushed by peers land; pick a folder outside it")
     check_shared_root(path, home=ctx.home, received=ctx.received, what="folder")
+    for root in ctx.share_roots:
+        root = root.resolve()
+        if path == root or root in path.parents or path in root.parents:
+            raise ConfigError(f"folder {path} overlaps the --share folder {root}, which is "
+                              "shared one-way already; pick a folder outside it, or stop "
+                              "sharing it with --share")
     return path
 
 
@@ -378,7 +385,8 @@ def register(daemon: Any) -> FolderCommands:
     trust = daemon.trust
     ctx = FolderContext(home=daemon.home, received=daemon.settings.received_path,
                         self_id=daemon.identity.peer_id, resolve=daemon.resolve,
-                        is_trusted=trust.is_trusted, label_for=daemon.label_for)
+                        is_trusted=trust.is_trusted, label_for=daemon.label_for,
+                        share_roots=tuple(Path(d) for d in daemon.settings.shared_dirs))
     commands = FolderCommands(ctx, store, lambda: _engine_of(daemon))
     commands.register(daemon.control.register)
     return commands

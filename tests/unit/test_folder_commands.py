@@ -65,6 +65,7 @@ class Node:
     def __init__(self, tmp: Path, engine: FakeHost | None) -> None:
         self.home = tmp / "home"
         self.home.mkdir()
+        self.share = tmp / "share"  # a one-way --share folder
         self.received = self.home / "received"
         self.me = Identity.generate("me").peer_id
         self.bob = Identity.generate("bob").peer_id
@@ -77,7 +78,7 @@ class Node:
             home=self.home, received=self.received, self_id=self.me,
             resolve=lambda t: resolve_peer(t, [(p, [a]) for p, a in aliases.items()]),
             is_trusted=lambda p: p in self.trusted,
-            label_for=lambda p: aliases.get(p, p.short))
+            label_for=lambda p: aliases.get(p, p.short), share_roots=(self.share,))
         self.cmds = FolderCommands(ctx, lambda: self.store, lambda: self.engine)
         self.server = ControlServer(tmp / "unused.sock")
         self.cmds.register(self.server.register)
@@ -165,6 +166,8 @@ async def test_add_refuses_a_file_the_home_and_the_received_dir(node: Node,
         await node.call("folder_add", path=str(_dir(node.home, "sub")), id="in")
     with pytest.raises(ConfigError, match="received dir"):
         await node.call("folder_add", path=str(_dir(node.received, "bob")), id="recv")
+    with pytest.raises(ConfigError, match="overlaps the --share folder"):
+        await node.call("folder_add", path=str(_dir(node.share, "sub")), id="sub")
     assert len(node.store) == 0
 
 
