@@ -116,13 +116,13 @@ def _need_node(home: Path | None, cmd: str, args: dict[str, Any], what: str) -> 
         raise NodeNotRunning(NEEDS_NODE.format(what=what)) from None
 
 
-def _applied(row: dict[str, Any], done: str) -> None:
+def _applied(row: dict[str, Any]) -> None:
     """Where the change stands: live, kept for the engine, or for the next start."""
     if row.get("offline"):
         err.print(NEXT_START.format(file=row["file"]), markup=False)
     elif not row.get("live", True):
-        err.print(f"{done}; this node runs no folder engine yet, so the change is kept in "
-                  "folders.json and applies once it does", markup=False)
+        err.print("(this node runs no folder engine yet: the change is saved in "
+                  "folders.json and applies once it does)", markup=False)
 
 
 def _print_row_json_or(row: dict[str, Any], as_json: bool, text: str) -> None:
@@ -130,7 +130,7 @@ def _print_row_json_or(row: dict[str, Any], as_json: bool, text: str) -> None:
         _print_json(row)
     else:
         out.print(text, markup=False)
-    _applied(row, text)
+    _applied(row)
 
 
 # ---------------------------------------------------------------------------- commands
