@@ -190,10 +190,13 @@ def _save(store: FolderStore) -> None:
         raise LocalIOError(f"cannot write {store.file}: {exc.strerror or exc}") from None
 
 
-def _fresh(store: FolderStore) -> None:
-    """Edits start from what the file says (another process may have written it)."""
-    if store.changed():
-        _config_error(store.reload)
+def _fresh(store: FolderStore) -> bool:
+    """Start from what the file says (someone may have edited it); True if it was read
+    again (whoever watches ``changed()`` then no longer sees it: tell the engine)."""
+    if not store.changed():
+        return False
+    _config_error(store.reload)
+    return True
 
 
 # ---------------------------------------------------------------------------- edits
@@ -291,6 +294,13 @@ class FolderCommands:
         await engine.config_changed()
         return True
 
+    async def _current(self) -> FolderStore:
+        """The store as the file has it; a reload here is passed on to the engine."""
+        store = self.store
+        if _fresh(store):
+            await self._changed()
+        return store
+
     def _row(self, cfg: FolderConfig) -> dict[str, Any]:
         return folder_row(cfg, self.ctx, self.engine())
 
@@ -299,35 +309,31 @@ class FolderCommands:
         return {**self._row(cfg), "live": live}
 
     async def _cmd_add(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        cfg = add_folder(self.store, self.ctx, args)
+        cfg = add_folder(await self._current(), self.ctx, args)
         log.info("folder %s added at %s (%s, %d peer(s))", cfg.id, cfg.path, cfg.mode.value,
                  len(cfg.peers))
         return await self._edited(cfg)
 
     async def _cmd_list(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
-        store = self.store
-        _fresh(store)
-        return [self._row(cfg) for cfg in store]
+        return [self._row(cfg) for cfg in await self._current()]
 
     async def _cmd_remove(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        cfg = remove_folder(self.store, args.get("id"))
+        cfg = remove_folder(await self._current(), args.get("id"))
         log.info("folder %s removed (its files at %s are kept)", cfg.id, cfg.path)
         live = await self._changed()
         return {**cfg.to_json(), "removed": True, "files_kept": True, "live": live}
 
     async def _cmd_pause(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self._edited(set_paused(self.store, args.get("id"), True))
+        return await self._edited(set_paused(await self._current(), args.get("id"), True))
 
     async def _cmd_resume(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self._edited(set_paused(self.store, args.get("id"), False))
+        return await self._edited(set_paused(await self._current(), args.get("id"), False))
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        store = self.store
-        _fresh(store)
-        return self._row(_require(store, args.get("id")))
+        return self._row(_require(await self._current(), args.get("id")))
 
     async def _cmd_rescan(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        cfg = _require(self.store, args.get("id"))
+        cfg = _require(await self._current(), args.get("id"))
         if cfg.paused:
             raise ConfigError(f"folder {cfg.id} is paused; `node folder resume {cfg.id}` "
                               "first")
@@ -335,14 +341,14 @@ class FolderCommands:
         return self._row(cfg)
 
     async def _cmd_override(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        cfg = _require(self.store, args.get("id"))
+        cfg = _require(await self._current(), args.get("id"))
         _need_mode(cfg, FolderMode.SEND_ONLY, "override",
                    "pushes this node's versions over remote changes")
         n = await self._need_engine(f"override folder {cfg.id}").override(cfg.id)
         return {**self._row(cfg), "overridden": int(n)}
 
     async def _cmd_revert(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        cfg = _require(self.store, args.get("id"))
+        cfg = _require(await self._current(), args.get("id"))
         _need_mode(cfg, FolderMode.RECEIVE_ONLY, "revert",
                    "restores the global version of local edits")
         n = await self._need_engine(f"revert folder {cfg.id}").revert(cfg.id)

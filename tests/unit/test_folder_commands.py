@@ -21,6 +21,7 @@ from node.folders.commands import (
     FolderContext,
     FolderEngineMissing,
     _engine_of,
+    register,
 )
 from node.folders.config import FolderConfig, FolderStore
 from node.folders.status import FolderState, FolderStatus
@@ -280,3 +281,63 @@ def test_the_share_folders_dict_is_not_taken_for_an_engine() -> None:
 
 def test_peer_ids_in_rows_parse_back(node: Node) -> None:
     assert PeerId.parse(str(node.bob)) == node.bob
+
+
+async def test_a_hand_edit_of_the_file_is_read_and_passed_on_to_the_engine(
+        node: Node, tmp_path: Path) -> None:
+    d = _dir(tmp_path, "h")
+    await node.call("folder_add", path=str(d), id="h")
+    doc = node.saved()
+    doc["folders"][0]["label"] = "by hand"
+    path = node.home / "folders.json"
+    path.write_text(json.dumps(doc))
+    os.utime(path, ns=(1, 1))  # an mtime unlike the one the store saved
+    assert node.engine is not None
+    node.engine.calls.clear()
+    rows = await node.call("folder_list")
+    assert rows[0]["label"] == "by hand"
+    assert node.engine.calls == [("config_changed", "")]  # its changed() no longer fires
+    await node.call("folder_list")
+    assert node.engine.calls == [("config_changed", "")]  # nothing new: not told again
+
+
+async def test_register_uses_the_daemons_store_and_engine(tmp_path: Path) -> None:
+    class Trust:
+        def is_trusted(self, peer: PeerId) -> bool:
+            return False
+
+    class Settings:
+        received_path = tmp_path / "home" / "received"
+        shared_dirs: list[str] = []
+
+    class Daemon:
+        home = tmp_path / "home"
+        settings = Settings()
+        identity = Identity.generate("me")
+        trust = Trust()
+        control = ControlServer(tmp_path / "unused.sock")
+        folders: Any = {}
+
+        def resolve(self, text: str) -> PeerId:
+            raise UnknownPeer(text)
+
+        def label_for(self, peer: PeerId) -> str:
+            return peer.short
+
+    Daemon.home.mkdir()
+    daemon = Daemon()
+    register(daemon)
+
+    async def emit(event: dict[str, Any]) -> None:
+        return None
+
+    row = await daemon.control.dispatch("folder_add", {"path": str(_dir(tmp_path, "x")),
+                                                       "id": "x"}, emit)
+    assert row["live"] is False and row["status"]["source"] == STATUS_SOURCE_CONFIG
+    daemon.folder_store = FolderStore.load(daemon.home)  # type: ignore[attr-defined]
+    daemon.folders = FakeHost()
+    rows = await daemon.control.dispatch("folder_list", {}, emit)
+    assert [r["status"]["source"] for r in rows] == [STATUS_SOURCE_ENGINE]
+    await daemon.control.dispatch("folder_pause", {"id": "x"}, emit)
+    assert daemon.folder_store.require("x").paused is True  # type: ignore[attr-defined]
+    assert ("config_changed", "") in daemon.folders.calls
