@@ -123,6 +123,9 @@ def test_add_a_folder_from_the_page(browser: Any, tn: Net) -> None:
     row = _listed(tn)["music"]
     assert (row["path"], row["mode"], row["peer_labels"]) == (
         str(music.resolve()), "receive-only", ["bob"])
+    # receive-only: a Revert button (disabled while no engine measures anything)
+    row = _wait(browser, lambda d: _folder_rows(d).get("music"), "the new folder is listed")
+    assert "secondary revert" in row["buttons"]
     # a refusal is shown in the node's own words
     browser.find_element("id", "folder-add-id").clear()
     browser.find_element("id", "folder-add-id").send_keys("music")

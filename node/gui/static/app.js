@@ -132,8 +132,23 @@ function refreshSyncFolders(rows) {
           paused ? "Resume" : "Pause"), " ",
         el("button", { class: "secondary rescan", onclick: () => folderAction(f.id, "rescan"),
           ...(paused || !measured ? { disabled: "", title: paused ? "paused"
-            : "needs the folder engine" } : {}) }, "Rescan")));
+            : "needs the folder engine" } : {}) }, "Rescan"), " ",
+        modeButton(f, measured)));
   }, "#sync-folders-empty");
+}
+
+// send-only: push ours over remote changes; receive-only: undo local edits
+const MODE_ACTIONS = {
+  "send-only": ["override", "Override", "push this node's versions over remote changes"],
+  "receive-only": ["revert", "Revert", "restore the global version of local edits"],
+};
+
+function modeButton(f, measured) {
+  const spec = MODE_ACTIONS[f.mode];
+  if (!spec) return "";
+  const [action, text, what] = spec;
+  return el("button", { class: `secondary ${action}`, title: measured ? what : "needs the folder engine",
+    onclick: () => folderAction(f.id, action), ...(measured ? {} : { disabled: "" }) }, text);
 }
 
 async function folderAction(id, action) {
