@@ -121,7 +121,7 @@ function refreshSyncFolders(rows) {
     const paused = f.paused;
     return el("tr", { dataset: { folderId: f.id, state: st.state } },
       el("td", { class: "id" }, f.id), el("td", {}, f.label || "-"),
-      el("td", { class: "id" }, f.path), el("td", {}, f.mode),
+      el("td", { class: "id path" }, f.path), el("td", {}, f.mode),
       el("td", { class: "state", title: st.last_error || "" }, st.state),
       el("td", { class: "pct" }, measured ? `${Math.floor(st.completion_pct)}%` : "?"),
       el("td", { class: "conflicts" }, measured ? st.conflicts : "?"),
