@@ -906,6 +906,12 @@ def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
     return None
 
 
+# `node send` / `node receive` (one-shot sends by a code) live in their own module
+from node.cli_send import register as _register_send  # noqa: E402
+
+_register_send(app)
+
+
 # set by main(), the real program entry: `node start` then execs the daemon's own entry
 # (node/daemon_main.py); an in-process caller (typer's CliRunner) keeps its process
 _reexec_daemon = False

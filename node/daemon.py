@@ -329,6 +329,15 @@ class Daemon:
             self.identity, self.trust, record=lambda: self.record,
             add_record=lambda record: self.book.add(record, "manual"),
             rendezvous=list(self.settings.bootstrap))
+        from node.pairing.send import OneShotService  # `node send` / `node receive`
+
+        self.oneshot = OneShotService(self.pairing, self.peering,
+                                      received_dir=self.settings.received_path,
+                                      check_path=self._check_send_path, notify=self.events.emit)
+
+    def _check_send_path(self, path: Path, what: str) -> None:
+        check_shared_root(path, home=self.home, received=self.settings.received_path,
+                          what=what, may_hold_received=True)
 
     # -- glue between watchers, gossip, sync and transfers ------------------------------
     def label_for(self, peer: PeerId) -> str:
@@ -540,6 +549,7 @@ class Daemon:
         c.register("events", self._cmd_events)
         c.register("invite", self._cmd_invite)
         c.register("accept", self._cmd_accept)
+        self.oneshot.register(c)  # send, receive_offer, receive_accept
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {

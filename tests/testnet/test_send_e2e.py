@@ -1,0 +1,200 @@
+"""One-shot sends with real node processes: `node send FILE` on one, `node receive CODE`
+on the other, between two nodes that do not trust each other (and still do not after);
+`node receive` without --yes on a non-terminal stdin refuses; a receiver killed with
+SIGKILL mid-transfer resumes with a new code from the same sender.
+
+The sender "s2" of the resume test sits behind a throttling loopback proxy (it
+advertises 127.0.0.2, the proxy forwards to its real port), so the kill lands
+mid-transfer; the receiver fetches, so the proxy sees the bulk data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
+if str(SCRIPTS_DIR) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS_DIR))
+
+from testnet_lib import Testnet, normalize_peer_id, tail  # noqa: E402
+
+from node.identity import PeerId  # noqa: E402
+from tests.testnet.test_transfer_e2e import (  # noqa: E402
+    PROXY_HOST,
+    LoopbackProxy,
+    random_file,
+    sha256_file,
+)
+
+pytestmark = pytest.mark.slow
+
+MIB = 1 << 20
+THROTTLE_BPS = 4_000_000
+CLI_WAIT_S = 60.0
+
+
+class Net:
+    def __init__(self, net: Testnet, proxy: LoopbackProxy, work: Path) -> None:
+        self.net, self.proxy, self.work = net, proxy, work
+
+
+@pytest.fixture(scope="module")
+def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    """bootstrap + s (sender), r (receiver), s2 (a sender behind the proxy); no trust."""
+    root = tmp_path_factory.mktemp("send")
+    work = root / "files"
+    work.mkdir()
+    with Testnet(root / "net") as net:
+        net.start_bootstrap(ttl_s=60)
+        net.add_nodes(["s", "r"])
+        net.add_node("s2", extra_args=["--advertise-host", PROXY_HOST])
+        port = net.node("s2").ports["tcp"]
+        proxy = LoopbackProxy((PROXY_HOST, port), ("127.0.0.1", port))
+        try:
+            yield Net(net, proxy, work)
+        finally:
+            proxy.close()
+            net.teardown()
+
+
+def start_send(net: Testnet, name: str, *paths: Path) -> tuple[subprocess.Popen[str], str]:
+    cmd = [*net.node_cmd, "send", *[str(p) for p in paths], "--json",
+           "--home", str(net.node(name).home)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=net.env, cwd=net.root, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if not first:
+        proc.wait(10)
+        raise AssertionError(f"send printed no code: {proc.stderr.read() if proc.stderr else ''}")
+    event = json.loads(first)["event"]
+    assert event["type"] == "code"
+    return proc, event["code"]
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, Any, str]:
+    out, err = proc.communicate(timeout=CLI_WAIT_S)
+    return proc.returncode, last_json(out), err
+
+
+def last_json(out: str) -> Any:
+    """`--json` output: event lines (`{"event": ...}`), then the result object."""
+    rest = [line for line in out.splitlines() if not line.startswith('{"event": ')]
+    text = "\n".join(rest).strip()
+    return json.loads(text) if text else None
+
+
+def receive(net: Testnet, name: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return net.cli(name, "receive", code, *args, json=False, check=False, timeout=CLI_WAIT_S)
+
+
+def from_dir(net: Testnet, receiver: str, sender: str) -> Path:
+    h = net.node(receiver)
+    base = h.received_dir or h.home / "received"
+    return base / f"from-{PeerId.parse(normalize_peer_id(net.peer_id(sender))).short}"
+
+
+def assert_no_trust(net: Testnet, *names: str) -> None:
+    for n in names:
+        assert net.cli(n, "trusted") == [], f"{n} trusts someone"
+
+
+def test_send_20mb_between_untrusting_nodes(tn: Net) -> None:
+    net = tn.net
+    f = random_file(tn.work / "big.bin", 20 * MIB + 321)
+    proc, code = start_send(net, "s", f)
+    try:
+        res = receive(net, "r", code, "--yes", "--json")
+        assert res.returncode == 0, res.stderr + tail(net.node("r").node_log)
+        got = last_json(res.stdout)
+        rc, sent, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, err + tail(net.node("s").node_log)
+    target = from_dir(net, "r", "s") / "big.bin"
+    assert sha256_file(target) == sha256_file(f)
+    assert got["state"] == "done" and got["bytes_total"] == 20 * MIB + 321
+    assert got["files"][0]["saved_as"] == str(target) and got["trusted"] is False
+    assert any(json.loads(line)["event"]["type"] == "progress"
+               for line in res.stdout.splitlines() if line.startswith('{"event": '))
+    assert sent["state"] == "done" and sent["trusted"] is False
+    assert normalize_peer_id(sent["peer_id"]) == normalize_peer_id(net.peer_id("r"))
+    assert_no_trust(net, "s", "r")
+
+
+def test_receive_without_yes_on_a_pipe_refuses_and_leaves_the_code(tn: Net) -> None:
+    net = tn.net
+    f = random_file(tn.work / "small.bin", 1000)
+    proc, code = start_send(net, "s", f)
+    try:
+        res = receive(net, "r", code)  # stdin is /dev/null: nobody can be asked
+        assert res.returncode != 0
+        assert "stdin is not a terminal" in res.stderr and "--yes" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert not (from_dir(net, "r", "s") / "small.bin").exists()
+        # the code was not used: it still works
+        again = receive(net, "r", code, "--yes", "--json")
+        assert again.returncode == 0, again.stderr
+        rc, _, err = finish(proc)
+        assert rc == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (from_dir(net, "r", "s") / "small.bin").read_bytes() == f.read_bytes()
+    assert_no_trust(net, "s", "r")
+
+
+def test_receiver_killed_mid_send_resumes_with_a_new_code(tn: Net) -> None:
+    net, proxy = tn.net, tn.proxy
+    size = 16 * MIB
+    f = random_file(tn.work / "resume.bin", size)
+    folder = from_dir(net, "r", "s2")
+    proxy.rate_bps = THROTTLE_BPS
+    proc, code = start_send(net, "s2", f)
+    cmd = [*net.node_cmd, "receive", code, "--yes", "--json", "--home", str(net.node("r").home)]
+    rcv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=net.env, cwd=net.root, stdin=subprocess.DEVNULL)
+    try:
+        net.wait_until(lambda: list(folder.glob(".resume.bin.*.p2pfs-state")), 30,
+                       interval=0.05, what="r saved resume state")
+        net.kill("r")
+        proxy.rate_bps = None
+        rcv.communicate(timeout=CLI_WAIT_S)
+        assert rcv.returncode != 0
+        rc, _, err = finish(proc)
+        assert rc != 0 and "run `node send` again" in err, err
+    finally:
+        proxy.rate_bps = None
+        for p in (rcv, proc):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert not (folder / "resume.bin").exists()
+    assert list(folder.glob(".resume.bin.*.p2pfs-part"))
+
+    net.start("r")
+    proc, code = start_send(net, "s2", f)
+    try:
+        res = receive(net, "r", code, "--yes", "--json")
+        assert res.returncode == 0, res.stderr + tail(net.node("r").node_log)
+        got = last_json(res.stdout)
+        rc, _, err = finish(proc)
+        assert rc == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert sha256_file(folder / "resume.bin") == sha256_file(f)
+    # the second run moved only what the killed receiver had not verified
+    assert 0 < got["bytes_received"] < size, got
+    assert got["bytes_resumed"] > 0
+    assert_no_trust(net, "s2", "r")
