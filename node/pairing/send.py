@@ -486,11 +486,11 @@ class OneShotService:
         sender = pending.sender
         base, label = self.target(target, sender) if accept else (self.received_dir, "")
         permit = self.peering.grants.add(sender, SERVICE, CONNECT_GRANT_S)
+        started = time.monotonic()  # like a share's rate: channel set-up included
         try:
             channel = await self.peering.connect(sender, SERVICE, record=pending.record)
         finally:
             self.peering.grants.withdraw(permit)  # the channel is open, or never will be
-        started = time.monotonic()
         try:
             await channel.send(OneShotHello(pending.offer.offer_id, accept).encode())
             try:
