@@ -145,7 +145,8 @@ def send_trial(net: Testnet, path: Path) -> dict[str, float]:
     res = _last_json(rcv.stdout)
     if res["bytes_received"] != path.stat().st_size:
         raise TestnetError(f"receive moved {res['bytes_received']} bytes, not the whole file")
-    return {"send_rate_MBps": res["rate_bps"] / 1e6, "send_wall_s": wall}
+    return {"send_rate_MBps": res["rate_bps"] / 1e6, "send_wall_s": wall,
+            "send_path": res.get("path", ""), "send_transport": res.get("transport", "")}
 
 
 def share_trial(net: Testnet, path: Path) -> dict[str, float]:
@@ -188,6 +189,8 @@ def run_benchmark(trials: int, send_trials: int = 0, send_mb: int = 128) -> dict
         out[key] = {"median": round(statistics.median(values), 1), "max": round(max(values), 1)}
     if send_rows:
         out["send"] = {"trials": send_trials, "file_mb": send_mb}
+        out["send"]["paths"] = sorted({f"{r['send_transport']} {r['send_path']}"
+                                       for r in send_rows})
         for key in SEND_KEYS:
             out["send"][key] = round(statistics.median(r[key] for r in send_rows), 2)
         out["send"]["ratio"] = round(out["send"]["send_rate_MBps"]

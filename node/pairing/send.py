@@ -50,7 +50,7 @@ from node.errors import (
 )
 from node.identity import PeerId
 from node.notifications import FileReceived, Notice
-from node.pairing import PairingError
+from node.pairing import PairingError, WrongCode
 from node.pairing.code import parse_code
 from node.pairing.protocol import MAX_BOX_BYTES, verification_words
 from node.pairing.service import DEFAULT_INVITE_TTL_S, PairingService, parse_ttl
@@ -89,6 +89,9 @@ HELLO_TIMEOUT_S = 10.0
 WAIT_HEARTBEAT_S = 5.0
 PROGRESS_EVERY_S = 0.2
 RECEIVED_PREFIX = "from-"
+WRONG_CODE_MESSAGE = ("wrong code or someone tried to guess it; nothing was sent (a code from "
+                      "`node send` goes to `node receive`, one from `node invite` to "
+                      "`node accept`)")
 # the sealed box: MAC, AEAD tag
 _BOX_FIXED_BYTES = 32 + 16
 
@@ -305,9 +308,12 @@ class OneShotService:
             raise ConfigError(f"{len(offer.files)} files (or their names) do not fit in one "
                               "send code's offer; pack them into one archive first, or pair "
                               "with `node invite` and use `node share`")
-        met = await self.pairing.exchange_as_inviter(
-            ttl_s=ttl_s, rendezvous=rendezvous, emit=emit, app_id=SEND_APP_ID,
-            extra=offer.to_wire())
+        try:
+            met = await self.pairing.exchange_as_inviter(
+                ttl_s=ttl_s, rendezvous=rendezvous, emit=emit, app_id=SEND_APP_ID,
+                extra=offer.to_wire())
+        except WrongCode:
+            raise WrongCode(WRONG_CODE_MESSAGE) from None
         receiver = met.offer.peer_id
         grant = SendGrant(offer, receiver, sources)
         live = _LiveSend(grant, emit)
@@ -434,8 +440,11 @@ class OneShotService:
                             emit: Emit) -> dict[str, Any]:
         """Use a send code: run the exchange, keep the offer for DECIDE_TIMEOUT_S, show it."""
         code = parse_code(text)
-        met = await self.pairing.exchange_as_accepter(code, rendezvous=rendezvous, emit=emit,
-                                                      app_id=SEND_APP_ID)
+        try:
+            met = await self.pairing.exchange_as_accepter(code, rendezvous=rendezvous,
+                                                          emit=emit, app_id=SEND_APP_ID)
+        except WrongCode:
+            raise WrongCode(WRONG_CODE_MESSAGE) from None
         if met.offer.extra is None:
             raise ProtocolError("the other side offered no files")
         offer = SendOffer.from_wire(met.offer.extra)

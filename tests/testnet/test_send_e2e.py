@@ -3,8 +3,8 @@ on the other, between two nodes that do not trust each other (and still do not a
 `node receive` without --yes on a non-terminal stdin refuses; a receiver killed with
 SIGKILL mid-transfer resumes with a new code from the same sender.
 
-The sender "s2" of the resume test sits behind a throttling loopback proxy (it
-advertises 127.0.0.2, the proxy forwards to its real port), so the kill lands
+The sender "s" sits behind a loopback proxy (it advertises 127.0.0.2, the proxy
+forwards to its real port) that the resume test throttles, so the kill lands
 mid-transfer; the receiver fetches, so the proxy sees the bulk data."""
 
 from __future__ import annotations
@@ -46,15 +46,17 @@ class Net:
 
 @pytest.fixture(scope="module")
 def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    """bootstrap + s (sender), r (receiver), s2 (a sender behind the proxy); no trust."""
+    """bootstrap + s (the sender, behind the proxy: unthrottled unless a test says so) and
+    r (the receiver); neither trusts the other."""
     root = tmp_path_factory.mktemp("send")
     work = root / "files"
     work.mkdir()
     with Testnet(root / "net") as net:
         net.start_bootstrap(ttl_s=60)
-        net.add_nodes(["s", "r"])
-        net.add_node("s2", extra_args=["--advertise-host", PROXY_HOST])
-        port = net.node("s2").ports["tcp"]
+        net.add_node("s", extra_args=["--advertise-host", PROXY_HOST], start=False)
+        net.add_node("r", start=False)
+        net.start_many(["s", "r"])
+        port = net.node("s").ports["tcp"]
         proxy = LoopbackProxy((PROXY_HOST, port), ("127.0.0.1", port))
         try:
             yield Net(net, proxy, work)
@@ -106,10 +108,17 @@ def assert_no_trust(net: Testnet, *names: str) -> None:
 
 
 def test_send_20mb_between_untrusting_nodes(tn: Net) -> None:
+    """Also: `node receive` without --yes on a non-terminal stdin refuses before the code
+    is used, so the same code then works with --yes."""
     net = tn.net
     f = random_file(tn.work / "big.bin", 20 * MIB + 321)
+    target = from_dir(net, "r", "s") / "big.bin"
     proc, code = start_send(net, "s", f)
     try:
+        refused = receive(net, "r", code)  # stdin is /dev/null: nobody can be asked
+        assert refused.returncode != 0
+        assert "stdin is not a terminal" in refused.stderr and "--yes" in refused.stderr
+        assert "Traceback" not in refused.stderr and not target.exists()
         res = receive(net, "r", code, "--yes", "--json")
         assert res.returncode == 0, res.stderr + tail(net.node("r").node_log)
         got = last_json(res.stdout)
@@ -119,7 +128,6 @@ def test_send_20mb_between_untrusting_nodes(tn: Net) -> None:
             proc.kill()
             proc.communicate()
     assert rc == 0, err + tail(net.node("s").node_log)
-    target = from_dir(net, "r", "s") / "big.bin"
     assert sha256_file(target) == sha256_file(f)
     assert got["state"] == "done" and got["bytes_total"] == 20 * MIB + 321
     assert got["files"][0]["saved_as"] == str(target) and got["trusted"] is False
@@ -130,36 +138,13 @@ def test_send_20mb_between_untrusting_nodes(tn: Net) -> None:
     assert_no_trust(net, "s", "r")
 
 
-def test_receive_without_yes_on_a_pipe_refuses_and_leaves_the_code(tn: Net) -> None:
-    net = tn.net
-    f = random_file(tn.work / "small.bin", 1000)
-    proc, code = start_send(net, "s", f)
-    try:
-        res = receive(net, "r", code)  # stdin is /dev/null: nobody can be asked
-        assert res.returncode != 0
-        assert "stdin is not a terminal" in res.stderr and "--yes" in res.stderr
-        assert "Traceback" not in res.stderr
-        assert not (from_dir(net, "r", "s") / "small.bin").exists()
-        # the code was not used: it still works
-        again = receive(net, "r", code, "--yes", "--json")
-        assert again.returncode == 0, again.stderr
-        rc, _, err = finish(proc)
-        assert rc == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert (from_dir(net, "r", "s") / "small.bin").read_bytes() == f.read_bytes()
-    assert_no_trust(net, "s", "r")
-
-
 def test_receiver_killed_mid_send_resumes_with_a_new_code(tn: Net) -> None:
     net, proxy = tn.net, tn.proxy
     size = 16 * MIB
     f = random_file(tn.work / "resume.bin", size)
-    folder = from_dir(net, "r", "s2")
+    folder = from_dir(net, "r", "s")
     proxy.rate_bps = THROTTLE_BPS
-    proc, code = start_send(net, "s2", f)
+    proc, code = start_send(net, "s", f)
     cmd = [*net.node_cmd, "receive", code, "--yes", "--json", "--home", str(net.node("r").home)]
     rcv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=net.env, cwd=net.root, stdin=subprocess.DEVNULL)
@@ -182,7 +167,7 @@ def test_receiver_killed_mid_send_resumes_with_a_new_code(tn: Net) -> None:
     assert list(folder.glob(".resume.bin.*.p2pfs-part"))
 
     net.start("r")
-    proc, code = start_send(net, "s2", f)
+    proc, code = start_send(net, "s", f)
     try:
         res = receive(net, "r", code, "--yes", "--json")
         assert res.returncode == 0, res.stderr + tail(net.node("r").node_log)
@@ -197,4 +182,24 @@ def test_receiver_killed_mid_send_resumes_with_a_new_code(tn: Net) -> None:
     # the second run moved only what the killed receiver had not verified
     assert 0 < got["bytes_received"] < size, got
     assert got["bytes_resumed"] > 0
-    assert_no_trust(net, "s2", "r")
+    assert_no_trust(net, "s", "r")
+
+
+def test_an_invitation_code_given_to_receive_fails_on_both_sides(tn: Net) -> None:
+    net = tn.net
+    cmd = [*net.node_cmd, "invite", "--json", "--home", str(net.node("s").home)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=net.env, cwd=net.root, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        code = json.loads(proc.stdout.readline())["event"]["code"]
+        res = receive(net, "r", code, "--yes")
+        assert res.returncode != 0 and "wrong code" in res.stderr, res.stderr
+        assert "`node accept`" in res.stderr and "Traceback" not in res.stderr
+        _, err = proc.communicate(timeout=CLI_WAIT_S)
+        assert proc.returncode != 0 and "wrong code" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert_no_trust(net, "s", "r")
