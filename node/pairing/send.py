@@ -320,7 +320,7 @@ class OneShotService:
         permit = self.peering.grants.add(receiver, SERVICE, ACCEPT_TIMEOUT_S)
         self._sends[offer.offer_id] = live
         started = time.monotonic()
-        log.info("one-shot send %s: offered %d file(s) to %s (not trusted; grant for %.0f s)",
+        log.info("one-shot send %s: offered %d file(s) to %s (no trust added; grant for %.0f s)",
                  offer.offer_id.hex()[:8], len(offer.files), receiver.short, ACCEPT_TIMEOUT_S)
         try:
             await emit({"type": "matched", "peer_id": str(receiver),
@@ -495,11 +495,12 @@ class OneShotService:
         sender = pending.sender
         base, label = self.target(target, sender) if accept else (self.received_dir, "")
         permit = self.peering.grants.add(sender, SERVICE, CONNECT_GRANT_S)
-        started = time.monotonic()  # like a share's rate: channel set-up included
         try:
             channel = await self.peering.connect(sender, SERVICE, record=pending.record)
         finally:
             self.peering.grants.withdraw(permit)  # the channel is open, or never will be
+        # from the open channel to the verified copy, as a received share's rate counts
+        started = time.monotonic()
         try:
             await channel.send(OneShotHello(pending.offer.offer_id, accept).encode())
             try:
