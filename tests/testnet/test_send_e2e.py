@@ -203,3 +203,34 @@ def test_an_invitation_code_given_to_receive_fails_on_both_sides(tn: Net) -> Non
             proc.kill()
             proc.communicate()
     assert_no_trust(net, "s", "r")
+
+
+def test_declining_at_the_prompt_sends_nothing(tn: Net) -> None:
+    """On a terminal `node receive` shows the offer and asks; "n" declines: nothing is
+    written and the sender is told."""
+    import os
+    import pty
+
+    net = tn.net
+    f = random_file(tn.work / "unwanted.bin", 5000)
+    proc, code = start_send(net, "s", f)
+    leader, follower = pty.openpty()
+    rcv = subprocess.Popen([*net.node_cmd, "receive", code, "--home",
+                            str(net.node("r").home)], stdin=follower, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=net.env, cwd=net.root)
+    os.close(follower)
+    try:
+        os.write(leader, b"n\n")  # typed ahead: read once the question is asked
+        out, err = rcv.communicate(timeout=CLI_WAIT_S)
+        rc, _, send_err = finish(proc)
+    finally:
+        os.close(leader)
+        for p in (rcv, proc):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert "unwanted.bin" in out and "5.0 KB" in out, out + err
+    assert rcv.returncode != 0 and "declined" in err, err
+    assert rc != 0 and "declined" in send_err, send_err
+    assert not (from_dir(net, "r", "s") / "unwanted.bin").exists()
+    assert_no_trust(net, "s", "r")
