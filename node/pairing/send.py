@@ -89,6 +89,7 @@ HELLO_TIMEOUT_S = 10.0
 WAIT_HEARTBEAT_S = 5.0
 PROGRESS_EVERY_S = 0.2
 RECEIVED_PREFIX = "from-"
+MAX_STORES = 32  # target folders remembered (each knows its partial files in use)
 WRONG_CODE_MESSAGE = ("wrong code or someone tried to guess it; nothing was sent (a code from "
                       "`node send` goes to `node receive`, one from `node invite` to "
                       "`node accept`)")
@@ -273,6 +274,9 @@ class OneShotService:
         self._clock = clock
         self._sends: dict[bytes, _LiveSend] = {}
         self._receives: dict[str, PendingReceive] = {}
+        # one store per target base: it knows which partial files a session holds, so two
+        # receives of the same file (two codes at once) never write one partial together
+        self._stores: dict[Path, ReceiveStore] = {}
         peering.register(SERVICE, self.handle_channel)
 
     def register(self, control: Any) -> None:
@@ -513,7 +517,12 @@ class OneShotService:
             if not accept:
                 return {"peer_id": str(sender), "state": "declined", "files": []}
             channel.peer_name = label
-            result = await self._fetch(channel, pending.offer, ReceiveStore(base), emit)
+            store = self._stores.get(base)
+            if store is None:
+                store = self._stores[base] = ReceiveStore(base)
+                while len(self._stores) > MAX_STORES:
+                    del self._stores[next(iter(self._stores))]
+            result = await self._fetch(channel, pending.offer, store, emit)
         finally:
             await channel.close()
         saved = {f.rel_path: f for f in result.files}
