@@ -76,7 +76,7 @@ def send(
     from node.pairing.code import parse_duration_s
 
     cli = _cli()
-    out, err = cli.out, cli.err
+    out = cli.out
     try:
         expires_s = parse_duration_s(expires)
     except ValueError as exc:
@@ -115,7 +115,7 @@ def send(
     if as_json:
         cli._print_json(res)
         return
-    err.print(f"sent {len(res['files'])} file(s), {cli._size(res['bytes_total'])} to "
+    out.print(f"sent {len(res['files'])} file(s), {cli._size(res['bytes_total'])} to "
               f"{res['peer_id'][:7]}, verified by the receiver; no trust was added")
 
 
