@@ -907,6 +907,11 @@ def _events_cut(res: Any, since: int | None) -> dict[str, Any] | None:
     return None
 
 
+# `node send` / `node receive` (one-shot sends by a code) live in their own module
+from node.cli_send import register as _register_send  # noqa: E402
+
+_register_send(app)
+
 import node.cli_folders  # noqa: E402,F401 - adds `node folder ...` (built on the helpers above)
 
 # set by main(), the real program entry: `node start` then execs the daemon's own entry

@@ -329,6 +329,15 @@ class Daemon:
             self.identity, self.trust, record=lambda: self.record,
             add_record=lambda record: self.book.add(record, "manual"),
             rendezvous=list(self.settings.bootstrap))
+        from node.pairing.send import OneShotService  # `node send` / `node receive`
+
+        self.oneshot = OneShotService(self.pairing, self.peering,
+                                      received_dir=self.settings.received_path,
+                                      check_path=self._check_send_path, notify=self.events.emit)
+
+    def _check_send_path(self, path: Path, what: str) -> None:
+        check_shared_root(path, home=self.home, received=self.settings.received_path,
+                          what=what, may_hold_received=True)
 
     # -- glue between watchers, gossip, sync and transfers ------------------------------
     def label_for(self, peer: PeerId) -> str:
@@ -543,6 +552,7 @@ class Daemon:
         from node.folders.commands import register as register_folder_commands
 
         register_folder_commands(self)  # folder_add, folder_list, ... (node/folders)
+        self.oneshot.register(c)  # send, receive_offer, receive_accept
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {

@@ -23,7 +23,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 from node.channel import SecureChannel, accept_channel, open_channel
@@ -82,6 +82,47 @@ def revoked_error(peer: PeerId) -> PeerNotTrusted:
     return PeerNotTrusted(f"peer {peer.short} is not trusted any more (trust revoked)")
 
 
+# -- one-shot grants (node send / node receive) ------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ChannelGrant:
+    """An untrusted key may open channels for one service until `expires_at` (monotonic)."""
+
+    peer: PeerId
+    service: str
+    expires_at: float
+
+
+class ChannelGrants:
+    """In-memory, single-purpose permissions for keys that are NOT trusted: a one-shot
+    send lets exactly the other side's key open exactly its service for a bounded time.
+    Nothing is written anywhere; a restart forgets every grant; `withdraw` ends one."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._grants: list[ChannelGrant] = []
+
+    def add(self, peer: PeerId, service: str, ttl_s: float) -> ChannelGrant:
+        if ttl_s <= 0:
+            raise ValueError("a grant needs a positive lifetime")
+        grant = ChannelGrant(peer, service, self._clock() + ttl_s)
+        self._grants.append(grant)
+        return grant
+
+    def withdraw(self, grant: ChannelGrant) -> None:
+        with contextlib.suppress(ValueError):
+            self._grants.remove(grant)
+
+    def allows(self, peer: PeerId, service: str | None) -> bool:
+        now = self._clock()
+        self._grants = [g for g in self._grants if g.expires_at > now]
+        return any(g.peer == peer and (service is None or g.service == service)
+                   for g in self._grants)
+
+    def __len__(self) -> int:
+        now = self._clock()
+        return sum(1 for g in self._grants if g.expires_at > now)
+
+
 class Peering:
     def __init__(self, identity: Identity, trust: TrustStore, *, host: str,
                  ports: dict[str, int], transports: list[str], locate: Locate,
@@ -100,12 +141,17 @@ class Peering:
         # peer -> its open channels and the service each one serves
         self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
         self._revoke_listeners: list[OnRevoke] = []
+        self.grants = ChannelGrants()
         self.register("ping", self._serve_ping)
 
     # -- trust -----------------------------------------------------------
-    def authorize(self, peer: PeerId) -> None:
-        if not self.trust.is_trusted(peer):
-            raise PeerNotTrusted(f"peer {peer} is not trusted; run `node trust {peer}`")
+    def authorize(self, peer: PeerId, service: str | None = None) -> None:
+        """A trusted peer may use every service; an untrusted one only what a one-shot
+        grant (below) allows it: `service` when named, else (during the handshake) any
+        service some grant of it names, checked again once it names its service."""
+        if self.trust.is_trusted(peer) or self.grants.allows(peer, service):
+            return
+        raise PeerNotTrusted(f"peer {peer} is not trusted; run `node trust {peer}`")
 
     def register(self, service: str, handler: ChannelHandler) -> None:
         self._handlers[service] = handler
@@ -118,7 +164,7 @@ class Peering:
         """Register an open channel; re-check trust, which a revocation may have just ended
         (between the handshake's check and this registration)."""
         self._open.setdefault(channel.peer, weakref.WeakKeyDictionary())[channel] = service
-        self.authorize(channel.peer)
+        self.authorize(channel.peer, service)
 
     def open_channels(self, peer: PeerId) -> list[tuple[SecureChannel, str]]:
         """The channels to `peer` that are open now, with their service."""
@@ -232,7 +278,7 @@ class Peering:
                       record: ContactRecord | None = None,
                       timeout_s: float = 5.0) -> SecureChannel:
         """Open an authenticated channel to `peer` and ask for `service`."""
-        self.authorize(peer)  # refuse before touching the network
+        self.authorize(peer, service)  # refuse before touching the network
         transport = transport or self.transports[0]
         if transport not in TRANSPORT_NAMES:
             raise PeerUnreachable(f"unknown transport {transport!r}")

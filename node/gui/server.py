@@ -49,6 +49,7 @@ from node.errors import (
     UnknownPeer,
     bind_errors,
 )
+from node.gui.pairing import PairingRoutes
 from node.statefiles import private_dir, write_private
 
 log = logging.getLogger("p2pfs.gui")
@@ -72,6 +73,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 STATIC_FILES = {  # url name -> content type; nothing else under /static is served
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
+    "pairing.js": "text/javascript; charset=utf-8",  # the peers page's invite/accept
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'self'; frame-ancestors 'none'; "
@@ -187,6 +189,7 @@ class GuiServer:
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
         self._jobs: set[asyncio.Task[Any]] = set()
+        self.pairing = PairingRoutes(dispatch)  # invite / accept a code (node/gui/pairing.py)
         self.app = self._build_app()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -219,6 +222,7 @@ class GuiServer:
         return out
 
     async def stop(self) -> None:
+        await self.pairing.stop()
         for task in list(self._streams) + list(self._jobs):
             task.cancel()
         await asyncio.gather(*self._streams, *self._jobs, return_exceptions=True)
@@ -259,6 +263,7 @@ class GuiServer:
         r.add_get("/api/events", self._events)
         r.add_get("/api/log", self._log)
         self._add_folder_routes(r)
+        self.pairing.add_to(r)
         return app
 
     # -- the guard: Host, token, CSRF, Origin ---------------------------------------

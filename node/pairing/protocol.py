@@ -71,16 +71,18 @@ class PairingKeys:
     confirm_theirs: bytes
     box_mine: bytes
     box_theirs: bytes
+    app_id: bytes = APP_ID  # the purpose (pairing, one-shot send): every key is bound to it
 
     @classmethod
-    def derive(cls, shared: bytes, transcript: bytes, side: str) -> PairingKeys:
+    def derive(cls, shared: bytes, transcript: bytes, side: str,
+               app_id: bytes = APP_ID) -> PairingKeys:
         keys = {}
         for purpose in ("confirm", "box"):
             for s in SIDES:
                 keys[purpose, s] = _hkdf(shared, transcript,
-                                         APP_ID + f" {purpose} {s}".encode())
+                                         app_id + f" {purpose} {s}".encode())
         return cls(side, transcript, keys["confirm", side], keys["confirm", other(side)],
-                   keys["box", side], keys["box", other(side)])
+                   keys["box", side], keys["box", other(side)], app_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class PeerOffer:
     peer_id: PeerId
     name: str
     record: ContactRecord | None
+    # what the purpose adds (a one-shot send's file offer), decoded by its own module
+    extra: Any = None
 
 
 def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
@@ -97,21 +101,25 @@ def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
                 info=info).derive(secret)
 
 
-def transcript_hash(nameplate: int, msg_a: bytes, msg_b: bytes) -> bytes:
-    data = packb([APP_ID, nameplate, msg_a, msg_b])
+def transcript_hash(nameplate: int, msg_a: bytes, msg_b: bytes,
+                    app_id: bytes = APP_ID) -> bytes:
+    data = packb([app_id, nameplate, msg_a, msg_b])
     return nacl.hash.blake2b(data, digest_size=32, encoder=RawEncoder)
 
 
 class PakeSide:
     """One side's SPAKE2 state: ``outbound`` once, then ``finish`` once."""
 
-    def __init__(self, code: Code, side: str, entropy: Entropy = os.urandom) -> None:
+    def __init__(self, code: Code, side: str, entropy: Entropy = os.urandom,
+                 app_id: bytes = APP_ID) -> None:
         if side not in SIDES:
             raise ValueError("side must be 'A' or 'B'")
         self.code = code
         self.side = side
+        self.app_id = app_id
         role = SPAKE2_A if side == SIDE_A else SPAKE2_B
-        self._spake = role(code.password, idA=APP_ID + b":inviter", idB=APP_ID + b":accepter",
+        # a code made for one purpose fails the PAKE of another (different identities)
+        self._spake = role(code.password, idA=app_id + b":inviter", idB=app_id + b":accepter",
                            entropy_f=entropy)
         self.outbound: bytes = self._spake.start()
         self._finished = False
@@ -127,28 +135,36 @@ class PakeSide:
         except (SPAKEError, ValueError) as exc:  # reflection, wrong side byte, bad point
             raise ProtocolError(f"bad PAKE message from the other side: {exc}") from None
         if self.side == SIDE_A:
-            th = transcript_hash(self.code.nameplate, self.outbound, inbound)
+            th = transcript_hash(self.code.nameplate, self.outbound, inbound, self.app_id)
         else:
-            th = transcript_hash(self.code.nameplate, inbound, self.outbound)
-        return PairingKeys.derive(shared, th, self.side)
+            th = transcript_hash(self.code.nameplate, inbound, self.outbound, self.app_id)
+        return PairingKeys.derive(shared, th, self.side, self.app_id)
 
 
-def _mac(key: bytes, transcript: bytes) -> bytes:
-    return hmac.new(key, APP_ID + b" confirm" + transcript, "sha256").digest()
+def _mac(key: bytes, transcript: bytes, app_id: bytes = APP_ID) -> bytes:
+    return hmac.new(key, app_id + b" confirm" + transcript, "sha256").digest()
 
 
-def _identity_message(side: str, transcript: bytes) -> bytes:
-    return packb([APP_ID + b" identity", side, transcript])
+def _identity_message(side: str, transcript: bytes, app_id: bytes = APP_ID) -> bytes:
+    return packb([app_id + b" identity", side, transcript])
 
 
 def seal(keys: PairingKeys, identity: Identity, name: str,
-         record: ContactRecord | None) -> bytes:
-    """Our box message: confirmation MAC || AEAD(box key) of our identity offer."""
-    sig = identity.sign(_identity_message(keys.side, keys.transcript))
-    body = packb([BOX_VERSION, identity.public_key, name[:MAX_NAME_LEN],
-                  record.to_wire() if record is not None else None, sig])
+         record: ContactRecord | None, extra: Any = None) -> bytes:
+    """Our box message: confirmation MAC || AEAD(box key) of our identity offer (plus the
+    purpose's `extra`, msgpack-able, when given). ProtocolError if it exceeds the box."""
+    sig = identity.sign(_identity_message(keys.side, keys.transcript, keys.app_id))
+    fields = [BOX_VERSION, identity.public_key, name[:MAX_NAME_LEN],
+              record.to_wire() if record is not None else None, sig]
+    if extra is not None:
+        fields.append(extra)
+    body = packb(fields)
     sealed = ChaCha20Poly1305(keys.box_mine).encrypt(_NONCE, body, keys.transcript)
-    return _mac(keys.confirm_mine, keys.transcript) + sealed
+    message = _mac(keys.confirm_mine, keys.transcript, keys.app_id) + sealed
+    if len(message) > MAX_BOX_BYTES:
+        raise ProtocolError(f"the sealed box has {len(message)} bytes, over the "
+                            f"{MAX_BOX_BYTES} a rendezvous message may have")
+    return message
 
 
 def open_box(keys: PairingKeys, message: bytes, *, now: float | None = None) -> PeerOffer:
@@ -156,16 +172,17 @@ def open_box(keys: PairingKeys, message: bytes, *, now: float | None = None) -> 
     if not isinstance(message, bytes) or not MAC_LEN_BYTES < len(message) <= MAX_BOX_BYTES:
         raise ProtocolError("the other side's pairing box has the wrong size")
     mac, sealed = message[:MAC_LEN_BYTES], message[MAC_LEN_BYTES:]
-    if not hmac.compare_digest(mac, _mac(keys.confirm_theirs, keys.transcript)):
+    if not hmac.compare_digest(mac, _mac(keys.confirm_theirs, keys.transcript, keys.app_id)):
         raise WrongCode()
     try:
         body = ChaCha20Poly1305(keys.box_theirs).decrypt(_NONCE, sealed, keys.transcript)
     except InvalidTag:
         raise ProtocolError("the other side's pairing box does not decrypt") from None
     obj: Any = unpackb(body, max_bytes=MAX_BOX_BYTES)
-    if not isinstance(obj, list) or len(obj) != 5 or obj[0] != BOX_VERSION:
+    if not isinstance(obj, list) or len(obj) not in (5, 6) or obj[0] != BOX_VERSION:
         raise ProtocolError("pairing box: unknown version or shape")
-    _, key, name, raw_record, sig = obj
+    _, key, name, raw_record, sig = obj[:5]
+    extra = obj[5] if len(obj) == 6 else None
     if not isinstance(key, bytes) or len(key) != PUBKEY_LEN_BYTES:
         raise ProtocolError("pairing box: bad public key")
     if not isinstance(name, str) or len(name) > MAX_NAME_LEN or not name.isprintable():
@@ -176,14 +193,14 @@ def open_box(keys: PairingKeys, message: bytes, *, now: float | None = None) -> 
         peer = PeerId(key)
     except IdentityError as exc:
         raise ProtocolError(f"pairing box: {exc}") from None
-    if not peer.verify(_identity_message(other(keys.side), keys.transcript), sig):
+    if not peer.verify(_identity_message(other(keys.side), keys.transcript, keys.app_id), sig):
         raise ProtocolError("pairing box: the identity signature over the transcript is bad")
     record = None
     if raw_record is not None:
         record = ContactRecord.from_wire(raw_record).verify(now)
         if record.peer_id != peer:
             raise ProtocolError("pairing box: the contact record belongs to another key")
-    return PeerOffer(peer, name, record)
+    return PeerOffer(peer, name, record, extra)
 
 
 def verification_words(key_a: bytes, key_b: bytes) -> str:

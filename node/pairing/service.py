@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -29,6 +30,7 @@ from node.pairing import CodeExpired, PairingError, WrongCode
 from node.pairing.code import Code, Entropy, make_code, parse_code
 from node.pairing.mailbox import MailboxClient
 from node.pairing.protocol import (
+    APP_ID,
     SIDE_A,
     SIDE_B,
     PakeSide,
@@ -61,6 +63,15 @@ class Step(Enum):
     VERIFIED = "verified"
 
 
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    """A finished exchange: what the other side proved, and when both sides had met."""
+
+    offer: PeerOffer
+    met_at: float  # time.monotonic() when both PAKE messages were here
+    code: Code
+
+
 class PairingService:
     def __init__(self, identity: Identity, trust: TrustStore, *,
                  record: Callable[[], ContactRecord | None],
@@ -74,6 +85,10 @@ class PairingService:
         self._rendezvous = list(rendezvous)
         self._entropy = entropy
         self.exchange_timeout_s = exchange_timeout_s
+
+    def current_record(self) -> ContactRecord | None:
+        """The contact record a box carries now (the node's current signed record)."""
+        return self._record()
 
     def _url(self, override: str | None) -> str:
         if override:
@@ -93,6 +108,30 @@ class PairingService:
     async def invite(self, *, alias: str = "", ttl_s: float = DEFAULT_INVITE_TTL_S,
                      rendezvous: str | None = None, emit: Emit) -> dict[str, Any]:
         alias = self._check_alias(alias)
+        met = await self.exchange_as_inviter(ttl_s=ttl_s, rendezvous=rendezvous, emit=emit)
+        return self._adopted(met, alias)
+
+    async def accept(self, text: str, *, alias: str = "", rendezvous: str | None = None,
+                     emit: Emit) -> dict[str, Any]:
+        started = time.monotonic()
+        code = parse_code(text)
+        alias = self._check_alias(alias)
+        met = await self.exchange_as_accepter(code, rendezvous=rendezvous, emit=emit)
+        result = self._adopted(met, alias)
+        result["accept_ms"] = round((time.monotonic() - started) * 1000, 1)
+        return result
+
+    def _adopted(self, met: Exchanged, alias: str) -> dict[str, Any]:
+        result = self._adopt(met.offer, alias)
+        # from the moment both PAKE messages were here to this side trusting the other
+        result["exchange_ms"] = round((time.monotonic() - met.met_at) * 1000, 1)
+        return result
+
+    # -- the exchange alone: no trust (node/pairing/send.py builds one-shot sends on it) --
+    async def exchange_as_inviter(self, *, ttl_s: float = DEFAULT_INVITE_TTL_S,
+                                  rendezvous: str | None = None, emit: Emit,
+                                  app_id: bytes = APP_ID, extra: Any = None) -> Exchanged:
+        """Allocate a code, emit it (``{"type": "code"}``), run the exchange as side A."""
         if not MIN_INVITE_TTL_S <= ttl_s <= MAX_INVITE_TTL_S:
             raise ConfigError(f"--expires must be {MIN_INVITE_TTL_S} s to "
                               f"{MAX_INVITE_TTL_S // 60} min")
@@ -100,23 +139,22 @@ class PairingService:
             nameplate, token, expires_at = await mailbox.allocate(ttl_s)
             code = make_code(nameplate, entropy=self._entropy)
             await emit({"type": "code", "code": str(code), "expires_at": expires_at})
-            return await self._run(mailbox, code, token, SIDE_A, alias, expires_at, emit)
+            return await self._run(mailbox, code, token, SIDE_A, expires_at, emit,
+                                   app_id, extra)
 
-    async def accept(self, text: str, *, alias: str = "", rendezvous: str | None = None,
-                     emit: Emit) -> dict[str, Any]:
-        started = time.monotonic()
-        code = parse_code(text)
-        alias = self._check_alias(alias)
+    async def exchange_as_accepter(self, code: Code, *, rendezvous: str | None = None,
+                                   emit: Emit, app_id: bytes = APP_ID,
+                                   extra: Any = None) -> Exchanged:
+        """Claim the code's nameplate and run the exchange as side B."""
         async with MailboxClient(self._url(rendezvous)) as mailbox:
             token, expires_at = await mailbox.claim(code.nameplate)
             deadline = min(expires_at, time.time() + self.exchange_timeout_s)
-            result = await self._run(mailbox, code, token, SIDE_B, alias, deadline, emit)
-        result["accept_ms"] = round((time.monotonic() - started) * 1000, 1)
-        return result
+            return await self._run(mailbox, code, token, SIDE_B, deadline, emit, app_id,
+                                   extra)
 
     async def _run(self, mailbox: MailboxClient, code: Code, token: str, side: str,
-                   alias: str, deadline: float, emit: Emit) -> dict[str, Any]:
-        pake = PakeSide(code, side, self._entropy)
+                   deadline: float, emit: Emit, app_id: bytes, extra: Any) -> Exchanged:
+        pake = PakeSide(code, side, self._entropy, app_id)
         failed, release, cancelled = True, True, False
         met_at = 0.0
         try:
@@ -130,12 +168,13 @@ class PairingService:
             deadline = time.time() + self.exchange_timeout_s
             keys = pake.finish(theirs)
             await mailbox.post(code.nameplate, token, "box",
-                               seal(keys, self.identity, self.identity.name, self._record()))
+                               seal(keys, self.identity, self.identity.name, self._record(),
+                                    extra))
             step = Step.SENT_BOX
             box = await self._wait_for(mailbox, code, token, inbox, "box", deadline, emit)
             offer = open_box(keys, box)
             if offer.peer_id == self.identity.peer_id:
-                raise ProtocolError("this is this node's own invitation code")
+                raise ProtocolError("this is this node's own code")
             step = Step.VERIFIED
             failed = False
         except WrongCode:
@@ -163,10 +202,7 @@ class PairingService:
                                                            failed=failed, cancelled=cancelled),
                                            RELEASE_TIMEOUT_S)
         log.info("pairing on nameplate %d: %s", code.nameplate, step.value)
-        result = self._adopt(offer, alias)
-        # from the moment both PAKE messages were here to this side trusting the other
-        result["exchange_ms"] = round((time.monotonic() - met_at) * 1000, 1)
-        return result
+        return Exchanged(offer, met_at, code)
 
     async def _wait_for(self, mailbox: MailboxClient, code: Code, token: str,
                         inbox: list[tuple[str, bytes]], phase: str, deadline: float,
