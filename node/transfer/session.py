@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -76,6 +76,7 @@ from node.transfer.protocol import (
     offer_batches,
     parse_chunk_data,
 )
+from node.transfer.seeds import SeedIndex, seed_partial
 from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
 from node.wire import Message
 
@@ -693,10 +694,11 @@ class _Sink(_Session):
     role = "sink"
 
     def __init__(self, channel: Any, store: ReceiveStore, progress: ProgressFn | None,
-                 cancel: asyncio.Event | None) -> None:
+                 cancel: asyncio.Event | None, seeds: Sequence[Path] = ()) -> None:
         # a sink can always be stopped: a newer session for the same file supersedes it
         super().__init__(channel, progress, cancel if cancel is not None else StopSignal())
         self.store = store
+        self.seeds = SeedIndex(seeds)  # local files whose chunks are copied, not fetched
         self._ended = asyncio.Event()  # set once every partial file is released
         self.entries: list[FileEntry] = []
         self._partials: dict[int, PartialFile] = {}
@@ -760,9 +762,9 @@ class _Sink(_Session):
         from the same authenticated peer, takes over the partial file and resumes.
         """
         try:
-            if entry.size <= SMALL_IO_BYTES:
-                return self.store.plan(folder, entry, self)
-            return await self._local(self.store.plan, folder, entry, self,
+            if entry.size <= SMALL_IO_BYTES and not self.seeds:
+                return self._plan_blocking(folder, entry)
+            return await self._local(self._plan_blocking, folder, entry,
                                      cleanup=self._release_plan)
         except PartialBusy as exc:
             holder = exc.holder
@@ -773,8 +775,19 @@ class _Sink(_Session):
                      self.peer, entry.path)
             if not await holder.supersede(self):
                 raise
-        return await self._local(self.store.plan, folder, entry, self,
+        return await self._local(self._plan_blocking, folder, entry,
                                  cleanup=self._release_plan)
+
+    def _plan_blocking(self, folder: Path, entry: FileEntry) -> Any:
+        """store.plan, then the chunks the seeds hold copied in (blocking)."""
+        plan = self.store.plan(folder, entry, self)
+        if plan.partial is not None and self.seeds:
+            try:
+                seed_partial(plan.partial, self.seeds)
+            except BaseException:
+                self.store.release(plan.partial)
+                raise
+        return plan
 
     async def _collect_offers(self) -> None:
         files: set[str] = set()
@@ -1090,12 +1103,17 @@ async def receive_files(channel: Any, store: ReceiveStore, *, progress: Progress
 
 async def fetch_file(channel: Any, rel_path: str, root_hash: bytes | None, store: ReceiveStore, *,
                      progress: ProgressFn | None = None,
-                     cancel: asyncio.Event | None = None) -> TransferResult:
-    """Ask the peer for one file it announced, then receive it like an offer."""
+                     cancel: asyncio.Event | None = None,
+                     seeds: Sequence[Path] = ()) -> TransferResult:
+    """Ask the peer for one file it announced, then receive it like an offer.
+
+    ``seeds``: local files whose chunk-aligned chunks are copied (and verified) instead
+    of fetched when their BLAKE3 equals a chunk of the manifest (node/transfer/seeds.py).
+    """
     safe_relpath(rel_path)
     if root_hash is not None and len(root_hash) != 32:
         raise ValueError("root_hash must be 32 bytes")
-    sink = _Sink(channel, store, progress, cancel)
+    sink = _Sink(channel, store, progress, cancel, seeds)
     sink.tid = os.urandom(TRANSFER_ID_BYTES)
     sink.expect = (rel_path, root_hash)
 
@@ -1107,8 +1125,11 @@ async def fetch_file(channel: Any, rel_path: str, root_hash: bytes | None, store
 
 async def fetch_files(channel: Any, items: list[tuple[str, bytes | None]], store: ReceiveStore,
                       *, progress: ProgressFn | None = None,
-                      cancel: asyncio.Event | None = None) -> TransferResult:
+                      cancel: asyncio.Event | None = None,
+                      seeds: Sequence[Path] = ()) -> TransferResult:
     """Ask the peer for several announced files (at most MAX_FILES_PER_FETCH) in one session.
+
+    ``seeds`` as for fetch_file: chunks any of them holds are copied, not fetched.
 
     The result lists the files received; ``failures`` names each one that was not
     (the peer no longer has it, a local error, ...), so the caller can retry per file.
@@ -1123,7 +1144,7 @@ async def fetch_files(channel: Any, items: list[tuple[str, bytes | None]], store
     request = FetchManyRequest(os.urandom(TRANSFER_ID_BYTES),
                                tuple([path, root] for path, root in items))
     request.validate()  # duplicates are the caller's bug: refuse before anything is sent
-    sink = _Sink(channel, store, progress, cancel)
+    sink = _Sink(channel, store, progress, cancel, seeds)
     sink.tid = request.transfer_id
     sink.expect_many = dict(items)
 
