@@ -346,6 +346,8 @@ class SourceMachine(_Machine):
         self._inline_mode = False
         self._inline: set[int] = set()
         self._served: dict[int, bytearray] = {}  # file -> chunks sent once (a repeat is checked)
+        self._counted: dict[int, bytearray] = {}  # file -> chunks counted in bytes_done
+        self._credited: collections.Counter[int] = collections.Counter()  # file -> bytes counted
         self._queued = 0  # chunk reads asked of the driver, not yet sent
         self._request_count = 0
         self._max_requests = 16
@@ -481,7 +483,7 @@ class SourceMachine(_Machine):
             self._inline.discard(msg.index)  # answered: the sink dropped the data we sent
         if code is FileStatusCode.HAVE:
             self._set_file(msg.index, SourceFileState.HAVE)
-            self.bytes_done += e.size
+            self._credit(msg.index, max(0, e.size - self._credited[msg.index]))
         elif code is FileStatusCode.REFUSED:
             self.failures.append((e.path, msg.reason or "refused by the receiver"))
             self._set_file(msg.index, SourceFileState.REFUSED)
@@ -489,7 +491,8 @@ class SourceMachine(_Machine):
             if msg.missing > e.chunks:
                 raise self._violation(f"status for file {msg.index} claims too many chunks")
             self._set_file(msg.index, SourceFileState.SENDING)
-            self.bytes_done += e.size - min(e.size, msg.missing * e.chunk_size)
+            # a first guess (which chunks it has is the sink's business); exact at FileDone
+            self._credit(msg.index, e.size - min(e.size, msg.missing * e.chunk_size))
 
     def _on_done(self, msg: FileDone) -> None:
         e = self._entry(msg.index)
@@ -498,6 +501,8 @@ class SourceMachine(_Machine):
         self._inline.discard(msg.index)
         if not msg.ok:
             self.failures.append((e.path, msg.reason or "receiver failed"))
+        else:
+            self._credit(msg.index, max(0, e.size - self._credited[msg.index]))
         self._set_file(msg.index, SourceFileState.SENT if msg.ok else SourceFileState.FAILED)
 
     def _on_request(self, msg: ChunkRequest) -> None:
@@ -526,7 +531,14 @@ class SourceMachine(_Machine):
         self._last_sent = now
         e = self.entries[index]
         self.current = e.path
-        self.bytes_done += e.chunk_len(chunk)
+        counted = self._counted.setdefault(index, bytearray(e.chunks))
+        if not counted[chunk]:  # a chunk sent again (it failed verification) counts once
+            counted[chunk] = 1
+            self._credit(index, e.chunk_len(chunk))
+
+    def _credit(self, index: int, nbytes: int) -> None:
+        self._credited[index] += nbytes
+        self.bytes_done += nbytes
 
     def outcomes(self) -> list[FileOutcome]:
         """The files the sink has now (received, or had already)."""
