@@ -159,3 +159,38 @@ async def test_fetch_many_reuses_chunks_of_other_files(tmp_path: Path) -> None:
     for rel, data in files.items():
         assert Path(got[rel]).read_bytes() == data  # type: ignore[arg-type]
     assert peering.ends[0].requests == 2  # the tail chunk of a.bin and of b.bin
+
+
+async def test_seeded_chunks_are_in_the_resume_state_of_an_interrupted_fetch(
+        tmp_path: Path) -> None:
+    """The channel dies right after the offer: the chunks copied from the seed are saved
+    as verified, so the next fetch (no seeds now) asks only for the rest."""
+    from node.memory_channel import memory_channel_pair
+    from node.transfer.manifest import build_manifest
+    from node.transfer.protocol import TO_SOURCE, Offer, decode
+    from node.transfer.store import ReceiveStore
+
+    old, new, mine = _versions(tmp_path)
+    seed = tmp_path / "old.bin"
+    mine.rename(seed)
+    src = tmp_path / "src"
+    store = ReceiveStore(tmp_path / "received")
+    a, b = memory_channel_pair("peer", "me")
+
+    async def cut_after_offer() -> None:
+        request = decode(await a.recv(), TO_SOURCE)
+        entries = [f.entry.to_wire() for f in build_manifest(src, [src / "docs/big.bin"])]
+        await a.send(Offer(request.transfer_id, 0, True, tuple(entries)).encode())
+        decode(await a.recv(), TO_SOURCE)  # the sink's status: it planned (and seeded)
+        await a.close()
+
+    outcome = await asyncio.gather(
+        cut_after_offer(), sess.fetch_file(b, "docs/big.bin", None, store, seeds=[seed]),
+        return_exceptions=True)
+    assert isinstance(outcome[1], Exception)  # the channel died mid-fetch
+    assert not mine.exists()
+    share, peering = _service(tmp_path)
+    await share.fetch(PEER.peer_id, "docs/big.bin", None)  # resumes; no seed this time
+    await asyncio.gather(*peering.tasks)
+    assert mine.read_bytes() == new
+    assert peering.ends[0].requests == 1
