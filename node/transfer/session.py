@@ -76,7 +76,6 @@ from node.transfer.protocol import (
     MAX_FILES_PER_FETCH,
     TRANSFER_ID_BYTES,
     Abort,
-    ChunkView,
     FetchManyRequest,
     FetchRequest,
     Keepalive,
@@ -176,7 +175,8 @@ def _peer_label(channel: Any) -> str:
 
 
 class _Session:
-    """What source and sink share: message I/O with cancel/timeout, progress, Abort."""
+    """What both drivers share: the loop that feeds a machine (_drive), message I/O with
+    cancel and send timeouts, progress, the Abort on failure (_guard)."""
 
     role = "session"
 
@@ -259,9 +259,9 @@ class _Session:
                 assert isinstance(msg, Message)
                 return msg
 
-    async def _recv_one(self, expect: tuple[type[Message], ...], *,
-                        chunk_views: bool = False) -> Message | ChunkView:
-        """One message; also wakes up for cancel, idle timeout or a dead worker."""
+    async def _recv_one(self, expect: tuple[type[Message], ...]) -> Message:
+        """One message outside a machine (a peer emulated in tests, a one-off read); also
+        wakes up for cancel, idle timeout or a dead worker."""
         if self.cancel is not None and self.cancel.is_set():
             raise self._stop_error()
         self._check_worker()
@@ -301,10 +301,6 @@ class _Session:
             raise
         except (OSError, ConnectionError) as exc:
             raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
-        if chunk_views:
-            view = parse_chunk_data(data)
-            if view is not None:
-                return view
         msg = decode(data, expect)
         if isinstance(msg, Abort):
             err = RemoteError(f"{self.peer} aborted the transfer: {msg.reason}")
