@@ -216,6 +216,11 @@ class FileOutcome:
     path: Path | None
 
 
+class IllegalTransition(LocalIOError):
+    """The driver fed a machine out of order (a bug on our side, never the peer's): the
+    transfer stops with this as a local error instead of going on in a wrong state."""
+
+
 def _remote_error(peer: str, msg: Abort) -> RemoteError:
     err = RemoteError(f"{peer} aborted the transfer: {msg.reason}")
     err.code = msg.code  # type: ignore[attr-defined]
@@ -248,9 +253,10 @@ class _Machine:
     # -- state ---------------------------------------------------------------
     def _set_state(self, new: TransferPhase) -> None:
         if self.phase in TERMINAL:
-            raise LocalIOError(f"transfer already {self.phase.value}")
+            raise IllegalTransition(f"transfer already {self.phase.value}")
         if new not in TERMINAL and new not in self._moves.get(self.phase, frozenset()):
-            raise LocalIOError(f"illegal transfer transition {self.phase.value} -> {new.value}")
+            raise IllegalTransition(
+                f"illegal transfer transition {self.phase.value} -> {new.value}")
         log.debug("transfer %s %s -> %s", self.tid.hex(), self.phase.value, new.value)
         self.phase = new
 
@@ -370,7 +376,7 @@ class SourceMachine(_Machine):
     def offer(self, entries: Sequence[FileEntry], now: float, *, inline: bool = False) -> None:
         """The manifest is ready (send_files, or a fetch once ``Resolve`` was answered)."""
         if self.phase is not TransferPhase.PREPARING:
-            raise LocalIOError(f"offer() while {self.phase.value}")
+            raise IllegalTransition(f"offer() while {self.phase.value}")
         self._local_done(now)
         entries = list(entries)
         if len(entries) > MAX_FILES_PER_TRANSFER:
@@ -614,7 +620,7 @@ class SinkMachine(_Machine):
     def _set_file(self, index: int, new: SinkFileState) -> None:
         old = self.files[index]
         if new not in _SINK_FILE_MOVES.get(old, frozenset()):
-            raise LocalIOError(f"file {index}: illegal transition {old.value} -> {new.value}")
+            raise IllegalTransition(f"file {index}: illegal transition {old.value} -> {new.value}")
         self.files[index] = new
         if old is SinkFileState.RECEIVING:
             self._receiving -= 1
@@ -737,7 +743,7 @@ class SinkMachine(_Machine):
         if self.finished:
             return
         if index not in self._planning:
-            raise LocalIOError(f"file {index} was not being planned")
+            raise IllegalTransition(f"file {index} was not being planned")
         self._planning.discard(index)
         if self._planning_next == index:
             self._planning_next = None
@@ -757,7 +763,7 @@ class SinkMachine(_Machine):
         else:
             missing = sorted(set(missing))
             if any(not 0 <= c < e.chunks for c in missing):
-                raise LocalIOError(f"plan of {e.path} names chunks outside the file")
+                raise IllegalTransition(f"plan of {e.path} names chunks outside the file")
             if final is not None:
                 self._finals[index] = final
             self.bytes_done += e.size - sum(e.chunk_len(c) for c in missing)
@@ -780,7 +786,7 @@ class SinkMachine(_Machine):
         if self.finished:
             return
         if self._writes[index] <= 0:
-            raise LocalIOError(f"chunk {chunk} of file {index} was not being written")
+            raise IllegalTransition(f"chunk {chunk} of file {index} was not being written")
         self._writes[index] -= 1
         self._writes_total -= 1
         self._local_done(now)
@@ -815,7 +821,7 @@ class SinkMachine(_Machine):
         if self.finished:
             return
         if not self._committing:
-            raise LocalIOError("files_committed() without a commit")
+            raise IllegalTransition("files_committed() without a commit")
         self._committing = False
         self._local_done(now)
         for index, final, reason in outcomes:
@@ -906,6 +912,7 @@ __all__ = [
     "CommitFiles",
     "Event",
     "FileOutcome",
+    "IllegalTransition",
     "PlanFile",
     "PlanOutcome",
     "ReadChunk",

@@ -20,6 +20,7 @@ from node.transfer.machine import (
     MAX_PENDING_WRITES,
     WINDOW_BYTES,
     CommitFiles,
+    IllegalTransition,
     PlanFile,
     PlanOutcome,
     ReadChunk,
@@ -402,11 +403,11 @@ def test_illegal_file_transitions_raise() -> None:
     p = Pair(files(CHUNK, CHUNK))
     p.start()
     p.step()
-    with pytest.raises(Exception, match="not being planned"):
+    with pytest.raises(IllegalTransition, match="not being planned"):
         p.sink.file_planned(1, PlanOutcome.NEED, 0.0)  # the driver's bug, not the peer's
     sink = SinkMachine(peer="bob")
     sink.files = [SinkFileState.DONE]
-    with pytest.raises(Exception, match="illegal transition"):
+    with pytest.raises(IllegalTransition, match="illegal transition"):
         sink._set_file(0, SinkFileState.PLANNING)
 
 
