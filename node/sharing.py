@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,9 +319,14 @@ class ShareService:
         self._finish(t, result, None)
 
     async def fetch(self, peer: PeerId, rel_path: str, root_hash: bytes | None, *,
-                    store: ReceiveStore | None = None, transport: str | None = None
-                    ) -> TransferResult:
-        """Pull one announced file from `peer` (used by folder sync)."""
+                    store: ReceiveStore | None = None, transport: str | None = None,
+                    seeds: Sequence[Path] = ()) -> TransferResult:
+        """Pull one announced file from `peer` (used by folder sync).
+
+        ``seeds``: local files (the old version, other files of the folder) whose
+        chunk-aligned chunks are copied instead of fetched when their BLAKE3 equals a
+        chunk of the manifest; each copied chunk is verified like a fetched one.
+        """
         t = self._new("fetch", peer, [rel_path], transport or self._default_transport)
         result: TransferResult | None = None
         try:
@@ -329,7 +334,8 @@ class ShareService:
             try:
                 channel.peer_name = t.label
                 result = await fetch_file(channel, rel_path, root_hash, store or self.store,
-                                          progress=self._progress_fn(t, None), cancel=t.cancel)
+                                          progress=self._progress_fn(t, None), cancel=t.cancel,
+                                          seeds=seeds)
             finally:
                 await channel.close()
         except P2PError as exc:
@@ -342,10 +348,11 @@ class ShareService:
 
 
     async def fetch_many(self, peer: PeerId, rel_paths: list[str], *,
-                         store: ReceiveStore | None = None, transport: str | None = None
-                         ) -> dict[str, Path | P2PError]:
+                         store: ReceiveStore | None = None, transport: str | None = None,
+                         seeds: Sequence[Path] = ()) -> dict[str, Path | P2PError]:
         """Pull several announced files from `peer`, MAX_FILES_PER_FETCH per session over
         one channel (folder sync of many small files). Path -> final file, or its error.
+        ``seeds`` as for fetch: chunks any of them holds are copied, not fetched.
 
         A peer with the older protocol (no xfer.fetchmany) is asked one file at a time.
         """
@@ -362,7 +369,7 @@ class ShareService:
                     t.transport = channel.transport
                     result = await fetch_files(channel, [(p, None) for p in batch], target,
                                                progress=self._progress_fn(t, None),
-                                               cancel=t.cancel)
+                                               cancel=t.cancel, seeds=seeds)
                 finally:
                     await channel.close()
             except RemoteError as exc:
@@ -370,7 +377,7 @@ class ShareService:
                     log.info("%s runs an older transfer protocol (no batched fetch); "
                              "fetching %d files one at a time", t.label, len(batch))
                     self._finish(t, None, exc)
-                    out.update(await self._fetch_each(peer, batch, target, transport))
+                    out.update(await self._fetch_each(peer, batch, target, transport, seeds))
                     continue
                 self._finish(t, result, exc)
                 out.update({p: exc for p in batch})
@@ -390,11 +397,13 @@ class ShareService:
         return out
 
     async def _fetch_each(self, peer: PeerId, paths: list[str], store: ReceiveStore,
-                          transport: str | None) -> dict[str, Path | P2PError]:
+                          transport: str | None, seeds: Sequence[Path] = ()
+                          ) -> dict[str, Path | P2PError]:
         out: dict[str, Path | P2PError] = {}
         for path in paths:
             try:
-                result = await self.fetch(peer, path, None, store=store, transport=transport)
+                result = await self.fetch(peer, path, None, store=store, transport=transport,
+                                          seeds=seeds)
             except P2PError as exc:
                 out[path] = exc
                 continue

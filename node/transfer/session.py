@@ -1,16 +1,24 @@
-"""Async transfer sessions over an authenticated channel: source (sender) and sink (receiver).
+"""Async transfer sessions over an authenticated channel: the thin driver of the machines.
+
+The protocol itself (what to send, what to expect, every limit and decision) is
+the pure ``SourceMachine`` / ``SinkMachine`` in machine.py. This module only
+drives them: it owns the channel (send/recv with cancel and send timeouts), the
+clock (``time.monotonic`` fed in as ``now``, the machine's timer awaited), the
+worker threads (hashing, chunk reads, verify + write, commits) and the file
+objects (the store's partial files, the source's open file), and it turns what
+the machine asks for into I/O and the I/O's outcome back into machine input.
 
 The channel is duck-typed (node/channel.py's SecureChannel or the in-memory
 pair in node/memory_channel.py): ``peer``, ``peer_name``, ``async send(bytes)``,
 ``async recv() -> bytes`` (ChannelClosed at the end), ``async close()``.
-Message flow and types are in protocol.py; disk work is in store.py and
-manifest.py and runs in worker threads so the event loop keeps the pipe busy.
+Message flow and types are in protocol.py; disk work is in store.py,
+manifest.py and seeds.py.
 
 Public API (called by the daemon):
     send_files(channel, root, paths, *, progress, cancel, transfer_id) -> TransferResult
     receive_files(channel, store, *, progress, cancel) -> TransferResult
-    fetch_file(channel, rel_path, root_hash, store, *, progress, cancel) -> TransferResult
-    fetch_files(channel, items, store, *, progress, cancel) -> TransferResult   (one session)
+    fetch_file(channel, rel_path, root_hash, store, *, progress, cancel, seeds) -> TransferResult
+    fetch_files(channel, items, store, *, progress, cancel, seeds) -> TransferResult
     serve_fetch(channel, resolve, *, progress, cancel) -> TransferResult
 
 Errors raised: ChannelClosed / PeerUnreachable (channel died or peer silent for
@@ -32,7 +40,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -48,60 +56,53 @@ from node.errors import (
     ProtocolError,
     RemoteError,
 )
+from node.transfer import machine as mach
+from node.transfer.machine import (
+    MAX_PENDING_WRITES,  # noqa: F401  (tests read the bound from here)
+    CommitFiles,
+    PlanFile,
+    PlanOutcome,
+    ReadChunk,
+    Resolve,
+    SendMessage,
+    SinkMachine,
+    SourceMachine,
+    TransferPhase,
+    WriteChunk,
+)
 from node.transfer.manifest import FileEntry, SourceFile, build_manifest, hash_chunk
 from node.transfer.paths import PathBlocked, safe_relpath, sanitize_label
 from node.transfer.protocol import (
-    MAX_CHUNKS_PER_TRANSFER,
     MAX_FILES_PER_FETCH,
-    MAX_FILES_PER_TRANSFER,
-    TO_SINK,
-    TO_SOURCE,
     TRANSFER_ID_BYTES,
     Abort,
-    ChunkData,
-    ChunkRequest,
-    ChunkView,
-    Complete,
     FetchManyRequest,
     FetchRequest,
-    FileDone,
-    FileStatus,
-    FileStatusCode,
     Keepalive,
-    Offer,
     chunk_header,
     clip,
     decode,
-    inline_indices,
-    offer_batches,
     parse_chunk_data,
 )
+from node.transfer.seeds import SeedIndex, seed_partial
 from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
 from node.wire import Message
 
 log = logging.getLogger(__name__)
 
-WINDOW_BYTES = 16 << 20  # chunk bytes requested and not yet received (pipelining)
-MAX_CHUNK_FAILURES = 3  # the same chunk failing verification this often aborts the transfer
-IDLE_TIMEOUT_S = 60.0  # no message from the peer for this long: it is unreachable
+# the machine's limits, read from here when a session starts (tests shrink them)
+IDLE_TIMEOUT_S = mach.IDLE_TIMEOUT_S
+KEEPALIVE_INTERVAL_S = mach.KEEPALIVE_INTERVAL_S
+COMMIT_BATCH_FILES = mach.COMMIT_BATCH_FILES
 ABORT_SEND_TIMEOUT_S = 2.0
 ABORT_LINGER_S = 0.5  # after an Abort, how long we wait for the peer to close first
 PROGRESS_INTERVAL_S = 0.1
-KEEPALIVE_INTERVAL_S = 10.0  # while hashing or re-checking locally, tell the peer we are alive
-REQUEST_SLACK_FACTOR = 4  # a sink may re-request chunks, but not without bound
-MAX_QUEUED_REQUESTS = 1024  # requests the source holds before serving them
-MAX_PENDING_WRITES = 2  # received chunks waiting for the writer thread (memory: 2 chunks)
 READ_BUFFERS = 2  # frame buffers the source keeps: the one being sent + the one read ahead
 SEND_CANCEL_LOSES_FRAME = frozenset({"udp", "quic"})  # see _Session._stop_worker_first
 SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let go of a file
-# complete files committed together (store.commit_batch: one syncfs, then the renames);
-# an fsync per file costs 4.5 ms here one after another
-COMMIT_BATCH_FILES = 256
 # disk work this small (a small file's plan, a chunk's read or hash + write) runs on the
 # loop: a hop to a worker thread costs more CPU than the work itself
 SMALL_IO_BYTES = 64 << 10
-MAX_OPEN_PARTIALS = 256  # partial files a sink holds open (many small files in the window)
-
 
 class Superseded(P2PError):
     """A newer session from the same peer took over the file this one was receiving."""
@@ -174,7 +175,8 @@ def _peer_label(channel: Any) -> str:
 
 
 class _Session:
-    """What source and sink share: message I/O with cancel/timeout, progress, Abort."""
+    """What both drivers share: the loop that feeds a machine (_drive), message I/O with
+    cancel and send timeouts, progress, the Abort on failure (_guard)."""
 
     role = "session"
 
@@ -196,11 +198,28 @@ class _Session:
         self._last_progress = 0.0
         self._cancel_task: asyncio.Task[Any] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self.machine: SourceMachine | SinkMachine | None = None
+        self._recv_task: asyncio.Future[bytes] | None = None
+        # local work in progress (threads, supersede waits) -> what feeds its outcome back
+        self._jobs: dict[asyncio.Future[Any], Callable[[asyncio.Future[Any]], None]] = {}
 
     def _set_state(self, state: TransferState) -> None:
         log.debug("transfer %s %s -> %s", self.tid.hex(), self.state.value, state.value)
         self.state = state
+        m = self.machine
+        if m is not None and not m.finished and state in _HALT:
+            m.halt(_HALT[state])
         self._report(force=True)
+
+    def _sync(self) -> None:
+        """Copy the machine's counters (what progress and the result show)."""
+        m = self.machine
+        if m is None:
+            return
+        self.tid = m.tid or self.tid
+        self.bytes_done, self.bytes_total = m.bytes_done, m.bytes_total
+        self.files_done, self.files_total = m.files_done, m.files_total
+        self.current = m.current
 
     def _report(self, *, force: bool = False) -> None:
         if self.progress_fn is None:
@@ -209,6 +228,7 @@ class _Session:
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
+        self._sync()
         self.progress_fn(TransferProgress(self.tid.hex(), self.peer, self.current, self.bytes_done,
                                           self.bytes_total, self.files_done, self.files_total,
                                           self.state.value))
@@ -239,16 +259,9 @@ class _Session:
                 assert isinstance(msg, Message)
                 return msg
 
-    async def _recv_chunk_or(self, expect: tuple[type[Message], ...]) -> Message | ChunkView:
-        """Like _recv, but a ChunkData comes back as a ChunkView into the frame (no copy)."""
-        while True:
-            msg = await self._recv_one(expect, chunk_views=True)
-            if not isinstance(msg, Keepalive):
-                return msg
-
-    async def _recv_one(self, expect: tuple[type[Message], ...], *,
-                        chunk_views: bool = False) -> Message | ChunkView:
-        """One message; also wakes up for cancel, idle timeout or a dead worker."""
+    async def _recv_one(self, expect: tuple[type[Message], ...]) -> Message:
+        """One message outside a machine (a peer emulated in tests, a one-off read); also
+        wakes up for cancel, idle timeout or a dead worker."""
         if self.cancel is not None and self.cancel.is_set():
             raise self._stop_error()
         self._check_worker()
@@ -288,10 +301,6 @@ class _Session:
             raise
         except (OSError, ConnectionError) as exc:
             raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
-        if chunk_views:
-            view = parse_chunk_data(data)
-            if view is not None:
-                return view
         msg = decode(data, expect)
         if isinstance(msg, Abort):
             err = RemoteError(f"{self.peer} aborted the transfer: {msg.reason}")
@@ -315,18 +324,16 @@ class _Session:
 
     async def _local(self, fn: Callable[..., Any], *args: Any,
                      cleanup: Callable[[Any], None] | None = None) -> Any:
-        """Run blocking disk/hash work in a thread, sending Keepalives while it lasts.
+        """Run blocking disk/hash work in a thread (the machine sends the Keepalives
+        while it lasts: it is busy locally until the outcome is fed back).
 
         If we are interrupted (cancel, peer gone) the thread still finishes; its
         result is then handed to `cleanup` so nothing it opened leaks.
         """
         fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         try:
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=KEEPALIVE_INTERVAL_S)
-                if done:
-                    return fut.result()
-                await self._send(Keepalive("busy"))
+            await asyncio.wait({fut})
+            return fut.result()
         except BaseException:
             if cleanup is not None:
                 def after(f: asyncio.Future[Any]) -> None:
@@ -382,6 +389,7 @@ class _Session:
             raise
         finally:
             await self._stop_worker()
+            await self._stop_recv()
             if self._cancel_task is not None:
                 self._cancel_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -420,41 +428,124 @@ class _Session:
                               self.peer, failures)
 
 
+
+    # -- driving a machine ------------------------------------------------------
+    def _wants_input(self) -> bool:
+        return True
+
+    def _decode(self, data: bytes) -> Any:
+        assert self.machine is not None
+        return decode(data, self.machine.expect)
+
+    def _handle(self, event: Any) -> Any:
+        """Carry out one machine event; a coroutine when it has to wait (a send)."""
+        raise NotImplementedError
+
+    def _job(self, fut: asyncio.Future[Any], done: Callable[[asyncio.Future[Any]], None]) -> None:
+        self._jobs[fut] = done
+
+    async def _flush(self) -> None:
+        m = self.machine
+        assert m is not None
+        while (event := m.next_event()) is not None:
+            if isinstance(event, SendMessage):
+                await self._send(event.message)
+                continue
+            pending = self._handle(event)
+            if pending is not None:
+                await pending
+
+    async def _drive(self) -> None:
+        """Feed the machine what the peer, the threads and the clock say, and do what it
+        asks, until it is finished. Decides nothing itself."""
+        m = self.machine
+        assert m is not None
+        while True:
+            await self._flush()
+            self._report()
+            if m.finished:
+                return
+            waiters: set[asyncio.Future[Any]] = set(self._jobs)
+            if self._worker is not None:
+                waiters.add(self._worker)
+            if self._wants_input():
+                if self._recv_task is None:
+                    self._recv_task = asyncio.ensure_future(self.channel.recv())
+                waiters.add(self._recv_task)
+            if self.cancel is not None:
+                if self._cancel_task is None:
+                    self._cancel_task = asyncio.ensure_future(self.cancel.wait())
+                waiters.add(self._cancel_task)
+            timer = m.get_timer()
+            timeout = None if timer is None else max(0.0, timer - time.monotonic())
+            if not waiters and timeout is None:
+                raise LocalIOError("transfer stalled: nothing to wait for")
+            done, _ = await asyncio.wait(waiters, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            now = time.monotonic()
+            if self._cancel_task is not None and self._cancel_task in done:
+                raise self._stop_error()
+            self._check_worker()
+            for fut in [f for f in self._jobs if f.done()]:  # in the order they were started
+                self._jobs.pop(fut)(fut)
+            if self._recv_task is not None and self._recv_task in done:
+                task, self._recv_task = self._recv_task, None
+                m.receive(self._decode(self._received(task)), now)
+            if timer is not None and now >= timer:
+                m.handle_timer(now)
+
+    def _received(self, task: asyncio.Future[bytes]) -> bytes:
+        try:
+            return task.result()
+        except P2PError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
+
+    async def _stop_recv(self) -> None:
+        task, self._recv_task = self._recv_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+_HALT = {TransferState.FAILED: TransferPhase.FAILED,
+         TransferState.CANCELLED: TransferPhase.CANCELLED}
+
+
 # ---------------------------------------------------------------------------
 # source
 
 
 class _Source(_Session):
+    """Drives a SourceMachine: hashes the files, reads the chunks it asks for and sends
+    them (a worker task, reading the next chunk while one is sent)."""
+
     role = "source"
 
     def __init__(self, channel: Any, tid: bytes, files: list[SourceFile],
                  progress: ProgressFn | None, cancel: asyncio.Event | None,
-                 prepare: tuple[Path, list[Path]] | None = None, inline: bool = False) -> None:
+                 prepare: tuple[Path, list[Path]] | None = None, inline: bool = False,
+                 serve: Callable[[str, bytes | None], tuple[Path, Path] | None] | None = None
+                 ) -> None:
         super().__init__(channel, progress, cancel)
         self.tid = tid
         self._prepare = prepare
-        self._inline_mode = inline  # a fetch-many session: small files go inline
-        self._inline: set[int] = set()
-        self._inline_answered: set[int] = set()
-        self._set_files(files)
+        self._serve = serve
+        self._inline_mode = inline
+        self.files = files
+        self.machine = SourceMachine(tid, peer=self.peer, now=time.monotonic(),
+                                     serve_request=serve is not None,
+                                     idle_timeout_s=IDLE_TIMEOUT_S,
+                                     keepalive_s=KEEPALIVE_INTERVAL_S)
         # the worker thread reads through one open file at a time
         self._fd = -1
         self._fd_index = -1
         self._fd_ctime_ns = 0
         self._fd_lock = threading.Lock()
-        self._status: dict[int, FileStatusCode] = {}
-        self._finished: set[int] = set()
-        self._failures: list[tuple[str, str]] = []
-        self._requests: asyncio.Queue[ChunkRequest | None] = asyncio.Queue()
-        self._request_count = 0
-        self._served: dict[int, bytearray] = {}  # file -> chunks sent once (a repeat is checked)
+        self._requests: asyncio.Queue[ReadChunk | None] = asyncio.Queue()
         self._buffers: list[bytearray] = []  # frame buffers for reuse (read-ahead needs two)
-
-    def _set_files(self, files: list[SourceFile]) -> None:
-        self.files = files
-        self.files_total = len(files)
-        self.bytes_total = sum(f.entry.size for f in files)
-        self._max_requests = 16 + REQUEST_SLACK_FACTOR * sum(f.entry.chunks for f in files)
 
     async def run(self) -> TransferResult:
         try:
@@ -469,109 +560,65 @@ class _Source(_Session):
             self._fd, self._fd_index = -1, -1
 
     async def _run(self) -> TransferResult:
+        m = self.machine
+        assert isinstance(m, SourceMachine)
         if self._prepare is not None:
             root, paths = self._prepare
-            files = await self._local(build_manifest, root, paths)
-            if len(files) > MAX_FILES_PER_TRANSFER:
-                raise LocalIOError(f"too many files to share at once ({len(files)} > "
-                                   f"{MAX_FILES_PER_TRANSFER})")
-            self._set_files(files)
+            self._job(asyncio.ensure_future(self._local(build_manifest, root, paths)),
+                      self._prepared)
+        elif self._serve is None:
+            m.offer([f.entry for f in self.files], time.monotonic(), inline=self._inline_mode)
         self._report(force=True)
-        for offer in offer_batches(self.tid, [f.entry for f in self.files]):
-            await self._send(offer)
-        if self._inline_mode:
-            self._inline = inline_indices([f.entry for f in self.files])
-            for index in sorted(self._inline):  # sent unrequested, as if asked for
-                self._status[index] = FileStatusCode.NEED
-                self._request_count += 1
-                self._requests.put_nowait(ChunkRequest(index, 0))
-        # requests are read here and served by a worker, so neither side ever waits
-        # on a full pipe for the other (and disk reads overlap with sending)
+        # requests are read by the driver and served by a worker, so neither side ever
+        # waits on a full pipe for the other (and disk reads overlap with sending)
         self._worker = asyncio.ensure_future(self._serve_requests())
-        while True:
-            msg = await self._recv(TO_SOURCE)
-            if isinstance(msg, ChunkRequest):
-                self._on_request(msg)
-            elif isinstance(msg, FileStatus):
-                self._on_status(msg)
-            elif isinstance(msg, FileDone):
-                self._on_done(msg)
-            elif isinstance(msg, Complete):
-                if msg.transfer_id != self.tid:
-                    raise ProtocolError("Complete names another transfer")
-                if len(self._finished) != len(self.files):
-                    raise ProtocolError("Complete before every file was answered")
-                break
-            else:
-                raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
+        await self._drive()
+        self._sync()
+        if m.phase is TransferPhase.FAILED:  # a fetch of a file we do not have (told)
+            self._set_state(TransferState.FAILED)
+            return TransferResult(self.tid.hex(), [], self.bytes_on_wire, 0, self.state,
+                                  m.error, self.peer)
         worker, self._worker = self._worker, None
         self._requests.put_nowait(None)
         await worker
-        failed = {path for path, _ in self._failures}
-        results = [FileResult(f.entry.path, f.entry.size, f.entry.root.hex(), f.abspath)
-                   for i, f in enumerate(self.files)
-                   if i in self._finished and f.entry.path not in failed]
-        return self._result(results, self._failures, self.bytes_on_wire, 0)
+        results = [FileResult(o.rel_path, o.size, o.root_hex, self.files[o.index].abspath)
+                   for o in m.outcomes()]
+        return self._result(results, m.failures, self.bytes_on_wire, 0)
 
-    def _file(self, index: int) -> SourceFile:
-        if index >= len(self.files):
-            raise ProtocolError(f"file index {index} is not in the offer")
-        return self.files[index]
+    def _prepared(self, fut: asyncio.Future[list[SourceFile]]) -> None:
+        self.files = fut.result()
+        assert isinstance(self.machine, SourceMachine)
+        self.machine.offer([f.entry for f in self.files], time.monotonic())
 
-    def _on_status(self, msg: FileStatus) -> None:
-        sf = self._file(msg.index)
-        code = FileStatusCode(msg.status)
-        if (msg.index in self._inline and msg.index not in self._inline_answered
-                and msg.index not in self._finished and code != FileStatusCode.NEED):
-            # an inline file the sink already has (or refuses): it drops the data we sent
-            self._inline_answered.add(msg.index)
-            del self._status[msg.index]
-        if msg.index in self._status:
-            raise ProtocolError(f"second status for file {msg.index}")
-        self._status[msg.index] = code
-        self.current = sf.entry.path
-        if code == FileStatusCode.HAVE:
-            self._finish(msg.index)
-            self.bytes_done += sf.entry.size
-        elif code == FileStatusCode.REFUSED:
-            self._failures.append((sf.entry.path, msg.reason or "refused by the receiver"))
-            self._finish(msg.index)
+    def _handle(self, event: Any) -> Any:
+        if isinstance(event, ReadChunk):
+            self._requests.put_nowait(event)
+        elif isinstance(event, Resolve):
+            self._resolve(event)
         else:
-            if msg.missing > sf.entry.chunks:
-                raise ProtocolError(f"status for file {msg.index} claims too many chunks")
-            self.bytes_done += sf.entry.size - min(sf.entry.size,
-                                                   msg.missing * sf.entry.chunk_size)
-        self._report()
+            raise LocalIOError(f"source cannot do {type(event).__name__}")
+        return None
 
-    def _finish(self, index: int) -> None:
-        self._finished.add(index)
-        self.files_done += 1
+    def _resolve(self, event: Resolve) -> None:
+        assert self._serve is not None
+        hits: list[tuple[str, bytes | None, Path, Path]] = []
+        for path, want in event.wanted:
+            hit = self._serve(path, want)
+            if hit is not None:
+                hits.append((path, want, hit[0], hit[1]))
+        fn = _manifests_for if event.many else _manifest_of
+        self._job(asyncio.ensure_future(self._local(fn, hits)), self._resolved)
 
-    def _on_done(self, msg: FileDone) -> None:
-        sf = self._file(msg.index)
-        if self._status.get(msg.index) != FileStatusCode.NEED or msg.index in self._finished:
-            raise ProtocolError(f"FileDone for file {msg.index} that was not being sent")
-        if not msg.ok:
-            self._failures.append((sf.entry.path, msg.reason or "receiver failed"))
-        self._finish(msg.index)
-        self._report(force=True)
-
-    def _on_request(self, msg: ChunkRequest) -> None:
-        sf = self._file(msg.index)
-        if self._status.get(msg.index) != FileStatusCode.NEED or msg.index in self._finished:
-            raise ProtocolError(f"chunk request for file {msg.index} that is not being sent")
-        if msg.chunk >= sf.entry.chunks:
-            raise ProtocolError(f"chunk request {msg.chunk} beyond the end of {sf.entry.path}")
-        self._request_count += 1
-        if self._request_count > self._max_requests:
-            raise ProtocolError("too many chunk requests")
-        if self._requests.qsize() >= MAX_QUEUED_REQUESTS:
-            raise ProtocolError("too many chunk requests in flight")
-        self._requests.put_nowait(msg)
+    def _resolved(self, fut: asyncio.Future[list[SourceFile]]) -> None:
+        self.files = fut.result()
+        assert isinstance(self.machine, SourceMachine)
+        self.machine.offer([f.entry for f in self.files], time.monotonic())
 
     async def _serve_requests(self) -> None:
         """Send requested chunks in order, reading the next one from disk while one is sent."""
-        reading: tuple[ChunkRequest, asyncio.Future[memoryview]] | None = None
+        m = self.machine
+        assert isinstance(m, SourceMachine)
+        reading: tuple[ReadChunk, asyncio.Future[memoryview]] | None = None
         try:
             while True:
                 if reading is None:
@@ -589,33 +636,27 @@ class _Source(_Session):
                         self._requests.put_nowait(None)
                     else:
                         reading = (nxt, self._start_read(nxt))
-                sf = self.files[req.index]
-                self.current = sf.entry.path
                 self.bytes_on_wire += len(frame)
                 await self._send_raw(frame)
                 self._release_buffer(frame)
-                self.bytes_done += sf.entry.chunk_len(req.chunk)
+                m.chunk_sent(req.index, req.chunk, time.monotonic())
                 self._report()
         finally:
             if reading is not None:
                 # its thread still finishes; collect the outcome so nothing is left dangling
                 reading[1].add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    def _start_read(self, req: ChunkRequest) -> asyncio.Future[memoryview]:
-        served = self._served.setdefault(req.index, bytearray(self.files[req.index].entry.chunks))
-        verify = bool(served[req.chunk])  # asked again: the sink found it bad, so check it
-        served[req.chunk] = 1
+    def _start_read(self, req: ReadChunk) -> asyncio.Future[memoryview]:
         buf = self._buffers.pop() if self._buffers else None
         if self.files[req.index].entry.chunk_len(req.chunk) <= SMALL_IO_BYTES:
             done: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
             try:
-                done.set_result(self._read_chunk(req.index, req.chunk, verify, buf))
+                done.set_result(self._read_chunk(req.index, req.chunk, req.verify, buf))
             except P2PError as exc:
                 done.set_exception(exc)
             return done
         return asyncio.ensure_future(
-            asyncio.to_thread(self._read_chunk, req.index, req.chunk, verify, buf))
-
+            asyncio.to_thread(self._read_chunk, req.index, req.chunk, req.verify, buf))
     def _release_buffer(self, frame: memoryview) -> None:
         """Keep a sent frame's buffer for the next read (a channel is done with it once
         send() returned: it seals, i.e. copies, or queues a copy)."""
@@ -690,52 +731,72 @@ class _Source(_Session):
 
 
 class _Sink(_Session):
+    """Drives a SinkMachine: plans files against the store (seeding them), verifies and
+    writes chunks in a writer thread, commits complete files in a commit thread."""
+
     role = "sink"
 
     def __init__(self, channel: Any, store: ReceiveStore, progress: ProgressFn | None,
-                 cancel: asyncio.Event | None) -> None:
+                 cancel: asyncio.Event | None, seeds: Sequence[Path] = (),
+                 request: FetchRequest | FetchManyRequest | None = None) -> None:
         # a sink can always be stopped: a newer session for the same file supersedes it
         super().__init__(channel, progress, cancel if cancel is not None else StopSignal())
         self.store = store
+        self.seeds = SeedIndex(seeds)  # local files whose chunks are copied, not fetched
+        self.machine = SinkMachine(peer=self.peer, now=time.monotonic(), request=request,
+                                   idle_timeout_s=IDLE_TIMEOUT_S,
+                                   keepalive_s=KEEPALIVE_INTERVAL_S,
+                                   commit_batch_files=COMMIT_BATCH_FILES)
+        self.tid = self.machine.tid
         self._ended = asyncio.Event()  # set once every partial file is released
-        self.entries: list[FileEntry] = []
+        self._folder: Path | None = None
         self._partials: dict[int, PartialFile] = {}
-        self._results: list[FileResult] = []
-        self._failures: list[tuple[str, str]] = []
-        self.expect: tuple[str, bytes | None] | None = None  # fetch: the one file we asked for
-        # fetch of a batch: the files we asked for (the offer may leave some out)
-        self.expect_many: dict[str, bytes | None] | None = None
         self._finalizer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._finishing: list[asyncio.Task[None]] = []  # the commit in progress
-        self._to_commit: list[tuple[int, PartialFile]] = []  # complete, not yet committed
-        self._inline_waiting: set[int] = set()  # fetch-many: small files coming unrequested
-        # chunks handed to the writer thread (hash + pwrite), settled in order by the loop
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._writes: collections.deque[
-            tuple[tuple[int, int], int, concurrent.futures.Future[bool]]] = collections.deque()
-        self._file_writes: collections.Counter[int] = collections.Counter()
+        self._writes: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._plan_tasks: set[asyncio.Future[Any]] = set()
 
-    async def run(self, first: Callable[[], Any] | None = None) -> TransferResult:
+    @property
+    def entries(self) -> list[FileEntry]:
+        assert isinstance(self.machine, SinkMachine)
+        return self.machine.entries
+
+    def _wants_input(self) -> bool:
+        assert isinstance(self.machine, SinkMachine)
+        return self.machine.wants_input()
+
+    def _decode(self, data: bytes) -> Any:
+        view = parse_chunk_data(data)
+        return view if view is not None else super()._decode(data)
+
+    async def run(self) -> TransferResult:
+        m = self.machine
+        assert isinstance(m, SinkMachine)
+
         async def body() -> TransferResult:
-            if first is not None:
-                await first()
-            await self._collect_offers()
-            return await self._transfer()
+            m.start(time.monotonic())
+            await self._drive()
+            self._sync()
+            results = [FileResult(o.rel_path, o.size, o.root_hex, o.path) for o in m.results]
+            return self._result(results, m.failures, self.bytes_on_wire, m.bytes_payload)
 
         try:
             return await self._guard(body)
         finally:
             try:
+                await self._stop_jobs()
                 await self._stop_writer()
                 await self._stop_finalizer()
             finally:
                 for partial in self._partials.values():
                     self.store.release(partial)  # saves resume state; waits for a busy writer
                 self._partials.clear()
-                for _index, partial in self._to_commit:
-                    self.store.release(partial)  # complete, not renamed: resume finds it so
-                self._to_commit = []
                 self._ended.set()
+
+    def _result(self, files: list[FileResult], failures: list[tuple[str, str]],
+                sent: int, received: int) -> TransferResult:
+        self.bytes_payload = received
+        return super()._result(files, failures, sent, received)
 
     async def supersede(self, by: _Sink) -> bool:
         """Stop this session because `by` (same peer, same file) replaces it; True once
@@ -752,7 +813,113 @@ class _Sink(_Session):
                 await self._ended.wait()
         return self._ended.is_set()
 
-    async def _plan(self, folder: Path, entry: FileEntry) -> Any:
+    # -- what the machine asks for -------------------------------------------------
+    def _handle(self, event: Any) -> Any:
+        if isinstance(event, WriteChunk):
+            self._write(event)
+        elif isinstance(event, PlanFile):
+            self._start_plan(event.index)
+        elif isinstance(event, CommitFiles):
+            self._commit(event.indices)
+        else:
+            raise LocalIOError(f"sink cannot do {type(event).__name__}")
+        return None
+
+    def _write(self, event: WriteChunk) -> None:
+        m = self.machine
+        assert isinstance(m, SinkMachine)
+        partial = self._partials[event.index]
+        if len(event.data) <= SMALL_IO_BYTES:
+            ok = partial.write_chunk(event.chunk, event.data)
+            m.chunk_written(event.index, event.chunk, ok, time.monotonic())
+            return
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="p2pfs-write")
+        # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
+        fut = asyncio.wrap_future(self._writer.submit(partial.write_chunk, event.chunk,
+                                                      event.data))
+        self._writes.append(fut)
+        index, chunk = event.index, event.chunk
+        self._job(fut, lambda f: self._write_done(f, index, chunk))
+
+    def _write_done(self, fut: asyncio.Future[bool], index: int, chunk: int) -> None:
+        self._writes.remove(fut)
+        assert isinstance(self.machine, SinkMachine)
+        self.machine.chunk_written(index, chunk, fut.result(), time.monotonic())
+
+    def _start_plan(self, index: int) -> None:
+        entry = self.entries[index]
+        if entry.size <= SMALL_IO_BYTES and not self.seeds:
+            try:
+                plan = self._plan_blocking(entry)
+            except PartialBusy:
+                pass  # maybe a stale session of the same peer: the slow path supersedes it
+            except PathBlocked as exc:
+                self._planned(index, exc)
+                return
+            else:
+                self._planned(index, plan)
+                return
+        fut = asyncio.ensure_future(self._plan(entry))
+        self._plan_tasks.add(fut)
+
+        def planned(f: asyncio.Future[Any]) -> None:
+            self._plan_tasks.discard(f)
+            self._planned(index, _outcome(f))
+        self._job(fut, planned)
+
+    def _planned(self, index: int, plan: Any) -> None:
+        m = self.machine
+        assert isinstance(m, SinkMachine)
+        now = time.monotonic()
+        if isinstance(plan, PathBlocked):
+            m.file_planned(index, PlanOutcome.REFUSED, now, reason=str(plan))
+        elif plan.kind == PlanKind.HAVE:
+            m.file_planned(index, PlanOutcome.HAVE, now, final=plan.final)
+        else:
+            assert plan.partial is not None
+            self._partials[index] = plan.partial
+            m.file_planned(index, PlanOutcome.NEED, now, missing=plan.missing,
+                           final=plan.final)
+
+    def _commit(self, indices: tuple[int, ...]) -> None:
+        """Finalize complete files in the background (store.commit_batch: one sync)."""
+        if self._finalizer is None:
+            self._finalizer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="p2pfs-commit")
+        partials = [self._partials[i] for i in indices]
+        fut = asyncio.wrap_future(self._finalizer.submit(self.store.commit_batch, partials))
+        self._job(fut, lambda f: self._committed(indices, f))
+
+    def _committed(self, indices: tuple[int, ...],
+                   fut: asyncio.Future[list[Path | PathBlocked]]) -> None:
+        try:
+            outcomes = fut.result()
+        finally:
+            for index in indices:
+                self.store.release(self._partials.pop(index))  # keeps resume state on failure
+        assert isinstance(self.machine, SinkMachine)
+        self.machine.files_committed(
+            [(i, got, "") if isinstance(got, Path) else (i, None, str(got))
+             for i, got in zip(indices, outcomes, strict=True)], time.monotonic())
+        self._report(force=True)
+
+    # -- the store ------------------------------------------------------------------
+    def _plan_blocking(self, entry: FileEntry) -> Any:
+        """store.plan, then the chunks the seeds hold copied in (blocking)."""
+        if self._folder is None:
+            self._folder = self.store.folder(self.peer)
+        plan = self.store.plan(self._folder, entry, self)
+        if plan.partial is not None and self.seeds:
+            try:
+                seed_partial(plan.partial, self.seeds)
+            except BaseException:
+                self.store.release(plan.partial)
+                raise
+        return plan
+
+    async def _plan(self, entry: FileEntry) -> Any:
         """store.plan; a stale session of the same peer holding the file is superseded.
 
         A sender that crashed and restarted looks alive to us until the transport's
@@ -760,10 +927,7 @@ class _Sink(_Session):
         from the same authenticated peer, takes over the partial file and resumes.
         """
         try:
-            if entry.size <= SMALL_IO_BYTES:
-                return self.store.plan(folder, entry, self)
-            return await self._local(self.store.plan, folder, entry, self,
-                                     cleanup=self._release_plan)
+            return await self._local(self._plan_blocking, entry, cleanup=self._release_plan)
         except PartialBusy as exc:
             holder = exc.holder
             if (not isinstance(holder, _Sink) or holder is self
@@ -773,298 +937,48 @@ class _Sink(_Session):
                      self.peer, entry.path)
             if not await holder.supersede(self):
                 raise
-        return await self._local(self.store.plan, folder, entry, self,
-                                 cleanup=self._release_plan)
-
-    async def _collect_offers(self) -> None:
-        files: set[str] = set()
-        dirs: set[str] = set()
-        chunks = 0
-        seq = 0
-        while True:
-            msg = await self._recv(TO_SINK)
-            if not isinstance(msg, Offer):
-                raise ProtocolError(f"expected an offer, got {type(msg).TYPE}")
-            if seq == 0 and not self.tid:
-                self.tid = msg.transfer_id
-            if msg.transfer_id != self.tid or msg.seq != seq:
-                raise ProtocolError("offer contradicts the earlier ones (transfer id or sequence)")
-            for e in msg.files():
-                rel = safe_relpath(e.path)
-                parents = {p.as_posix() for p in rel.parents if p.parts}
-                if e.path in files or e.path in dirs or parents & files:
-                    raise ProtocolError(f"offer names {e.path[:80]!r} twice or as file and folder")
-                files.add(e.path)
-                dirs |= parents
-                chunks += e.chunks
-                self.entries.append(e)
-            if len(self.entries) > MAX_FILES_PER_TRANSFER or chunks > MAX_CHUNKS_PER_TRANSFER:
-                raise ProtocolError("offer is larger than the transfer limits")
-            seq += 1
-            if msg.last:
-                break
-        if self.expect is not None:
-            path, root = self.expect
-            if [e.path for e in self.entries] != [path] or (
-                    root is not None and self.entries[0].root != root):
-                raise ProtocolError(f"answered a fetch of {path[:80]!r} with another file")
-        if self.expect_many is not None:
-            for e in self.entries:
-                if e.path not in self.expect_many:
-                    raise ProtocolError(f"answered a fetch with {e.path[:80]!r}, not asked for")
-                want = self.expect_many[e.path]
-                if want is not None and e.root != want:
-                    raise ProtocolError(f"answered a fetch of {e.path[:80]!r} with other content")
-            for path in self.expect_many.keys() - files:
-                self._failures.append((path, f"{self.peer} no longer has it (or it changed)"))
-            self._inline_waiting = inline_indices(self.entries)
-        self.files_total = len(self.entries)
-        self.bytes_total = sum(e.size for e in self.entries)
-
-    async def _transfer(self) -> TransferResult:
-        folder = await asyncio.to_thread(self.store.folder, self.peer)
-        pending: collections.deque[tuple[int, int]] = collections.deque()
-        in_flight: dict[tuple[int, int], int] = {}
-        in_flight_bytes = 0
-        failures: collections.Counter[tuple[int, int]] = collections.Counter()
-        next_file = 0
-        self._report(force=True)
-        while True:
-            # keep the window full: open the next file when its chunks are all requested
-            self._reap_finished()
-            while True:
-                if not pending:
-                    if next_file >= len(self.entries) or (
-                            len(self._partials) >= MAX_OPEN_PARTIALS and in_flight):
-                        break
-                    index = next_file
-                    next_file += 1
-                    if index in self._inline_waiting:
-                        continue  # opened when its data arrives
-                    pending.extend((index, c) for c in await self._open_file(folder, index))
-                    continue
-                index, c = pending[0]
-                clen = self.entries[index].chunk_len(c)
-                if in_flight and in_flight_bytes + clen > WINDOW_BYTES:
-                    break
-                pending.popleft()
-                in_flight[(index, c)] = clen
-                in_flight_bytes += clen
-                await self._send(ChunkRequest(index, c))
-            if not in_flight and not self._writes and not self._inline_waiting:
-                if next_file < len(self.entries) or pending:
-                    continue  # the open-partials bound held the next files back
-                break
-            if not in_flight:
-                self._start_commit()  # nothing to wait for from the peer: commit now
-            if self._writes and (len(self._writes) >= MAX_PENDING_WRITES or not in_flight
-                                 or self._writes[0][2].done()):
-                await self._settle_write(pending, failures)
-                continue
-            msg = await self._recv_chunk_or(TO_SINK)
-            if isinstance(msg, Message) and not isinstance(msg, ChunkData):
-                raise ProtocolError(f"unexpected {type(msg).TYPE} during a transfer")
-            key = (msg.index, msg.chunk)
-            clen = in_flight.pop(key, -1)
-            if clen >= 0:
-                in_flight_bytes -= clen
-            elif msg.chunk == 0 and msg.index in self._inline_waiting:
-                self._inline_waiting.discard(msg.index)
-                if not await self._open_inline(folder, msg.index):
-                    continue  # we have it already, or cannot take it: the data is dropped
-                clen = self.entries[msg.index].chunk_len(0)
-            else:
-                raise ProtocolError(f"{self.peer} sent chunk {msg.chunk} of file {msg.index} "
-                                    "it was not asked for")
-            if len(msg.data) != clen:
-                raise ProtocolError(f"chunk {msg.chunk} of file {msg.index} has the wrong size")
-            self.bytes_payload += clen
-            partial = self._partials[msg.index]
-            if self._writer is None:
-                self._writer = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="p2pfs-write")
-            fut: concurrent.futures.Future[bool]
-            if clen <= SMALL_IO_BYTES:
-                fut = concurrent.futures.Future()
-                try:
-                    fut.set_result(partial.write_chunk(msg.chunk, msg.data))
-                except P2PError as exc:
-                    fut.set_exception(exc)
-            else:
-                # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
-                fut = self._writer.submit(partial.write_chunk, msg.chunk, msg.data)
-            self._writes.append((key, clen, fut))
-            self._file_writes[msg.index] += 1
-        while self._finishing or self._to_commit:
-            self._start_commit()
-            await asyncio.wait(self._finishing, return_when=asyncio.FIRST_COMPLETED)
-            self._reap_finished()
-        await self._send(Complete(self.tid))
-        return self._result(self._results, self._failures, self.bytes_on_wire,
-                            self.bytes_payload)
-
-    async def _settle_write(self, pending: collections.deque[tuple[int, int]],
-                            failures: collections.Counter[tuple[int, int]]) -> None:
-        """Take the oldest chunk write's outcome: count it, re-request it, or finish its file."""
-        key, clen, fut = self._writes.popleft()
-        index, chunk = key
-        self._file_writes[index] -= 1
-        ok = await asyncio.wrap_future(fut)
-        entry = self.entries[index]
-        if not ok:
-            failures[key] += 1
-            log.warning("chunk %d of %s from %s failed verification (%d)", chunk,
-                        entry.path, self.peer, failures[key])
-            if failures[key] >= MAX_CHUNK_FAILURES:
-                raise IntegrityError(
-                    f"chunk {chunk} of {entry.path} from {self.peer} failed verification "
-                    f"{failures[key]} times; transfer aborted")
-            pending.appendleft(key)
-            return
-        self.bytes_done += clen
-        self.current = entry.path
-        partial = self._partials[index]
-        if partial.complete and self._file_writes[index] == 0:
-            del self._file_writes[index]
-            await self._finish_file(index)
-        else:
-            self._report()
-
-    async def _stop_writer(self) -> None:
-        """Let queued chunk writes finish (a few chunks at most), then stop the thread."""
-        writer, self._writer = self._writer, None
-        if writer is None:
-            return
-        futs = [asyncio.wrap_future(f) for _, _, f in self._writes]
-        self._writes.clear()
-        try:
-            if futs:
-                await asyncio.wait(futs)
-        finally:
-            writer.shutdown(wait=False, cancel_futures=True)
-            for f in futs:
-                if f.done() and not f.cancelled():
-                    f.exception()  # collected: a failed write after the failure that stopped us
-
-    async def _open_file(self, folder: Path, index: int) -> list[int]:
-        """Plan one file, tell the source, return the chunks still needed."""
-        entry = self.entries[index]
-        self.current = entry.path
-        try:
-            plan = await self._plan(folder, entry)
-        except PathBlocked as exc:
-            self._failures.append((entry.path, str(exc)))
-            self.files_done += 1
-            await self._send(FileStatus(index, FileStatusCode.REFUSED, 0, clip(str(exc))))
-            return []
-        if plan.kind == PlanKind.HAVE:
-            self.files_done += 1
-            self.bytes_done += entry.size
-            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), plan.final))
-            await self._send(FileStatus(index, FileStatusCode.HAVE, 0, ""))
-            self._report()
-            return []
-        assert plan.partial is not None
-        self._partials[index] = plan.partial
-        missing = plan.missing
-        self.bytes_done += entry.size - sum(entry.chunk_len(c) for c in missing)
-        await self._send(FileStatus(index, FileStatusCode.NEED, len(missing), ""))
-        if not missing:
-            await self._finish_file(index)
-        return missing
-
-    async def _open_inline(self, folder: Path, index: int) -> bool:
-        """An inline file's data arrived: plan it; True when the data is to be written.
-        Only HAVE and REFUSED are told to the source (NEED is implied for inline files)."""
-        entry = self.entries[index]
-        self.current = entry.path
-        try:
-            plan = await self._plan(folder, entry)
-        except PathBlocked as exc:
-            self._failures.append((entry.path, str(exc)))
-            self.files_done += 1
-            await self._send(FileStatus(index, FileStatusCode.REFUSED, 0, clip(str(exc))))
-            return False
-        if plan.kind == PlanKind.HAVE:
-            self.files_done += 1
-            self.bytes_done += entry.size
-            self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), plan.final))
-            await self._send(FileStatus(index, FileStatusCode.HAVE, 0, ""))
-            return False
-        assert plan.partial is not None
-        self._partials[index] = plan.partial
-        if not plan.missing:  # resumed complete: commit it, drop the data
-            self.bytes_done += entry.size
-            await self._finish_file(index)
-            return False
-        return True
+        return await self._local(self._plan_blocking, entry, cleanup=self._release_plan)
 
     def _release_plan(self, plan: Any) -> None:
         if plan.partial is not None:
             self.store.release(plan.partial)
 
-    async def _finish_file(self, index: int) -> None:
-        """A file is complete: queue it for the next commit (one sync for many files)."""
-        self._to_commit.append((index, self._partials.pop(index)))
-        if len(self._to_commit) >= COMMIT_BATCH_FILES:
-            # bounded: complete files wait (each an open file) behind one running commit
-            while len(self._to_commit) >= 2 * COMMIT_BATCH_FILES and self._finishing:
-                await asyncio.wait(self._finishing)
-                self._reap_finished()
-            self._start_commit()
+    async def _stop_jobs(self) -> None:
+        """Let writes and commits in progress end (their threads cannot be stopped), stop
+        plans (what their thread opens is released when it ends), release what a finished
+        plan opened that the machine never heard of."""
+        jobs, self._jobs = self._jobs, {}
+        plans, self._plan_tasks = self._plan_tasks, set()
+        for fut in plans:
+            fut.cancel()
+        if jobs:
+            await asyncio.wait(jobs)
+        for fut in jobs:
+            if fut.cancelled():
+                continue
+            exc = fut.exception()  # collected: a failure after the one that stopped us
+            if exc is None and fut in plans:
+                self._release_plan(fut.result())
 
-    def _start_commit(self) -> None:
-        """Finalize the queued files in the background (store.commit_batch); FileDone for
-        each follows once they are renamed into place. One commit runs at a time."""
-        if not self._to_commit or any(not t.done() for t in self._finishing):
-            return
-        batch, self._to_commit = self._to_commit, []
-        if self._finalizer is None:
-            self._finalizer = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="p2pfs-commit")
-        fut = asyncio.wrap_future(self._finalizer.submit(
-            self.store.commit_batch, [p for _i, p in batch]))
-        self._finishing.append(asyncio.ensure_future(self._committed(batch, fut)))
-
-    async def _committed(self, batch: list[tuple[int, PartialFile]],
-                         fut: asyncio.Future[list[Path | PathBlocked]]) -> None:
-        try:
-            outcomes = await fut
-        finally:
-            for _index, partial in batch:
-                self.store.release(partial)  # keeps resume state if the commit failed
-        for (index, _partial), got in zip(batch, outcomes, strict=True):
-            entry = self.entries[index]
-            if isinstance(got, PathBlocked):
-                self._failures.append((entry.path, str(got)))
-                await self._send(FileDone(index, False, clip(str(got))))
-            else:
-                self._results.append(FileResult(entry.path, entry.size, entry.root.hex(), got))
-                await self._send(FileDone(index, True, ""))
-            self.files_done += 1
-        self._report(force=True)
-
-    def _reap_finished(self) -> None:
-        """Raise the failure of a finished finalize task (disk error, channel gone)."""
-        still: list[asyncio.Task[None]] = []
-        for task in self._finishing:
-            if task.done():
-                task.result()
-            else:
-                still.append(task)
-        self._finishing = still
+    async def _stop_writer(self) -> None:
+        """Queued chunk writes finish (a few chunks at most), then the thread stops."""
+        writer, self._writer = self._writer, None
+        self._writes.clear()
+        if writer is not None:
+            writer.shutdown(wait=False, cancel_futures=True)
 
     async def _stop_finalizer(self) -> None:
-        """Let finalizes in progress end (their threads cannot be stopped), then the pool."""
-        tasks, self._finishing = self._finishing, []
-        if tasks:
-            await asyncio.wait(tasks)
-            for task in tasks:
-                if not task.cancelled():
-                    task.exception()  # collected: a failure after the one that stopped us
         pool, self._finalizer = self._finalizer, None
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _outcome(fut: asyncio.Future[Any]) -> Any:
+    """A plan's result, or the PathBlocked that refuses the file (other errors raise)."""
+    try:
+        return fut.result()
+    except PathBlocked as exc:
+        return exc
 
 
 # ---------------------------------------------------------------------------
@@ -1090,25 +1004,27 @@ async def receive_files(channel: Any, store: ReceiveStore, *, progress: Progress
 
 async def fetch_file(channel: Any, rel_path: str, root_hash: bytes | None, store: ReceiveStore, *,
                      progress: ProgressFn | None = None,
-                     cancel: asyncio.Event | None = None) -> TransferResult:
-    """Ask the peer for one file it announced, then receive it like an offer."""
+                     cancel: asyncio.Event | None = None,
+                     seeds: Sequence[Path] = ()) -> TransferResult:
+    """Ask the peer for one file it announced, then receive it like an offer.
+
+    ``seeds``: local files whose chunk-aligned chunks are copied (and verified) instead
+    of fetched when their BLAKE3 equals a chunk of the manifest (node/transfer/seeds.py).
+    """
     safe_relpath(rel_path)
     if root_hash is not None and len(root_hash) != 32:
         raise ValueError("root_hash must be 32 bytes")
-    sink = _Sink(channel, store, progress, cancel)
-    sink.tid = os.urandom(TRANSFER_ID_BYTES)
-    sink.expect = (rel_path, root_hash)
-
-    async def ask() -> None:
-        await sink._send(FetchRequest(sink.tid, rel_path, root_hash))
-
-    return await sink.run(ask)
+    request = FetchRequest(os.urandom(TRANSFER_ID_BYTES), rel_path, root_hash)
+    return await _Sink(channel, store, progress, cancel, seeds, request).run()
 
 
 async def fetch_files(channel: Any, items: list[tuple[str, bytes | None]], store: ReceiveStore,
                       *, progress: ProgressFn | None = None,
-                      cancel: asyncio.Event | None = None) -> TransferResult:
+                      cancel: asyncio.Event | None = None,
+                      seeds: Sequence[Path] = ()) -> TransferResult:
     """Ask the peer for several announced files (at most MAX_FILES_PER_FETCH) in one session.
+
+    ``seeds`` as for fetch_file: chunks any of them holds are copied, not fetched.
 
     The result lists the files received; ``failures`` names each one that was not
     (the peer no longer has it, a local error, ...), so the caller can retry per file.
@@ -1123,14 +1039,7 @@ async def fetch_files(channel: Any, items: list[tuple[str, bytes | None]], store
     request = FetchManyRequest(os.urandom(TRANSFER_ID_BYTES),
                                tuple([path, root] for path, root in items))
     request.validate()  # duplicates are the caller's bug: refuse before anything is sent
-    sink = _Sink(channel, store, progress, cancel)
-    sink.tid = request.transfer_id
-    sink.expect_many = dict(items)
-
-    async def ask() -> None:
-        await sink._send(request)
-
-    return await sink.run(ask)
+    return await _Sink(channel, store, progress, cancel, seeds, request).run()
 
 
 def _manifests_for(found: list[tuple[str, bytes | None, Path, Path]]) -> list[SourceFile]:
@@ -1148,51 +1057,20 @@ def _manifests_for(found: list[tuple[str, bytes | None, Path, Path]]) -> list[So
     return out
 
 
+def _manifest_of(found: list[tuple[str, bytes | None, Path, Path]]) -> list[SourceFile]:
+    """The manifest of the one file a FetchRequest names (the machine checks it is that
+    file, unchanged); nothing when it was not found."""
+    if not found:
+        return []
+    _path, _want, root, file = found[0]
+    return build_manifest(root, [file])
+
+
 async def serve_fetch(channel: Any, resolve: ResolveFn, *, progress: ProgressFn | None = None,
                       cancel: asyncio.Event | None = None) -> TransferResult:
     """Answer one FetchRequest or FetchManyRequest: resolve(rel_path, root_hash) ->
     (root, file) or None."""
-    session = _Session(channel, progress, cancel)
-    inline = [False]
-
-    async def first() -> TransferResult | list[SourceFile]:
-        msg = await session._recv((FetchRequest, FetchManyRequest, Abort))
-        if isinstance(msg, FetchManyRequest):
-            session.tid = msg.transfer_id
-            hits: list[tuple[str, bytes | None, Path, Path]] = []
-            for wanted_path, want in msg.wanted():
-                safe_relpath(wanted_path)  # a hostile path never reaches resolve()
-                hit = resolve(wanted_path, want)
-                if hit is not None:
-                    hits.append((wanted_path, want, hit[0], hit[1]))
-            offered: list[SourceFile] = (await session._local(_manifests_for, hits)
-                                         if hits else [])
-            inline[0] = True
-            return offered
-        assert isinstance(msg, FetchRequest)
-        session.tid = msg.transfer_id
-        safe_relpath(msg.path)  # a hostile path never reaches resolve()
-        found = resolve(msg.path, msg.root)
-        files: list[SourceFile] = []
-        if found is not None:
-            root, path = found
-            files = await session._local(build_manifest, root, [path])
-        if (len(files) == 1 and files[0].entry.path == msg.path
-                and (msg.root is None or files[0].entry.root == msg.root)):
-            return files
-        reason = f"no such file: {msg.path}"
-        if len(files) == 1 and files[0].entry.path == msg.path:
-            reason = f"{msg.path} has changed since it was announced"
-        await session._abort("NotFound", clip(reason))
-        session._set_state(TransferState.FAILED)
-        return TransferResult(session.tid.hex(), [], session.bytes_on_wire, 0,
-                              session.state, reason, session.peer)
-
-    outcome = await session._guard(first)
-    if isinstance(outcome, TransferResult):
-        return outcome
-    return await _Source(channel, session.tid, outcome, progress, cancel,
-                         inline=inline[0]).run()
+    return await _Source(channel, b"", [], progress, cancel, serve=resolve).run()
 
 
 __all__ = [

@@ -638,15 +638,15 @@ async def test_receiver_writes_overlap_but_every_chunk_is_verified(
         seen.append(index)
         return real(self, index, chunk)
 
-    real_settle = sess._Sink._settle_write
+    real_done = sess._Sink._write_done
 
-    async def settle(self: Any, *args: Any) -> None:
+    def write_done(self: Any, *args: Any) -> None:
         nonlocal queued_max
         queued_max = max(queued_max, len(self._writes))
-        await real_settle(self, *args)
+        real_done(self, *args)
 
     monkeypatch.setattr(store_mod.PartialFile, "write_chunk", spy)
-    monkeypatch.setattr(sess._Sink, "_settle_write", settle)
+    monkeypatch.setattr(sess._Sink, "_write_done", write_done)
     a, b = memory_channel_pair("alice", "bob")
     _, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
     assert r_sink.state == TransferState.DONE
