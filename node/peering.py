@@ -37,7 +37,10 @@ from node.errors import (
     ProtocolError,
 )
 from node.identity import Identity, PeerId
+from node.reach import PATH_HOLE_PUNCHED, PATH_RELAYED
 from node.reach.dialer import dial
+from node.reach.punch import udp_candidates
+from node.reach.puncher import HolePuncher
 from node.transports import TRANSPORT_NAMES, get_transport
 from node.transports.base import Listener, Pipe
 from node.trust import TrustStore
@@ -100,7 +103,9 @@ class Peering:
         # peer -> its open channels and the service each one serves
         self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
         self._revoke_listeners: list[OnRevoke] = []
+        self.puncher: HolePuncher | None = None
         self.register("ping", self._serve_ping)
+        self.register("punch", self._serve_punch)
 
     # -- trust -----------------------------------------------------------
     def authorize(self, peer: PeerId) -> None:
@@ -174,7 +179,52 @@ class Peering:
             log.info("listening on %s %s:%d", name, self.host, listener.port)
         return dict(self.ports)
 
+    def enable_punching(self, own_record: Callable[[], ContactRecord]) -> None:
+        """Hole punching (node/reach/puncher.py) from the udp listener, offering the udp
+        endpoints of `own_record()`; needs ``start()`` to have bound udp."""
+        udp = next((li for li in self._listeners if li.transport == "udp"), None)
+        if udp is None:
+            log.info("hole punching off: the node does not listen on udp")
+            return
+        self.puncher = HolePuncher(
+            udp, lambda: udp_candidates(own_record()),  # type: ignore[arg-type]
+            open_coordination=lambda peer: self.connect(peer, "punch", punch=False),
+            verify=self._verify_punched)
+
+    async def _verify_punched(self, peer: PeerId, pipe: Pipe) -> None:
+        """The punched pipe leads to `peer`: one ping over a channel that proved it."""
+        pipe.path = PATH_HOLE_PUNCHED  # type: ignore[attr-defined]
+        try:
+            channel = await open_channel(pipe, self.identity, expected_peer=peer,
+                                         authorize=self.authorize)
+        except BaseException:
+            await pipe.close()
+            raise
+        try:
+            await channel.send(ServiceRequest("ping").encode())
+            await channel.send(Ping(1, b"").encode())
+            decode_message(await asyncio.wait_for(channel.recv(), SERVICE_REQUEST_TIMEOUT_S),
+                           expect=(Pong,))
+        finally:
+            await channel.close()
+
+    async def punch_now(self, peer: PeerId) -> dict[str, Any]:
+        """Punch with `peer` through whatever path reaches it now (the control API's
+        ``punch``, for benchmarks and diagnosis); the outcome as JSON."""
+        self.authorize(peer)
+        if self.puncher is None:
+            raise PeerUnreachable("hole punching is off: this node does not listen on udp")
+        outcome = await self.puncher.punch(peer)
+        return {"peer_id": str(peer), **outcome.to_json()}
+
+    async def _serve_punch(self, channel: SecureChannel) -> None:
+        if self.puncher is None:
+            raise ProtocolError("hole punching is off on this node")
+        await self.puncher.serve(channel.peer, channel)
+
     async def stop(self) -> None:
+        if self.puncher is not None:
+            await self.puncher.close()
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.close()
@@ -205,6 +255,9 @@ class Peering:
             await pipe.close()
             self._discard(task)
             return
+        if self.puncher is not None and self.puncher.inbound(channel.peer, pipe.transport,
+                                                             pipe.remote):
+            channel.path = PATH_HOLE_PUNCHED
         try:
             request = decode_message(
                 await asyncio.wait_for(channel.recv(), SERVICE_REQUEST_TIMEOUT_S),
@@ -230,8 +283,10 @@ class Peering:
     # -- connecting ----------------------------------------------------------
     async def connect(self, peer: PeerId, service: str, *, transport: str | None = None,
                       record: ContactRecord | None = None,
-                      timeout_s: float = 5.0) -> SecureChannel:
-        """Open an authenticated channel to `peer` and ask for `service`."""
+                      timeout_s: float = 5.0, punch: bool = True) -> SecureChannel:
+        """Open an authenticated channel to `peer` and ask for `service`; a channel that
+        went through a relay starts a hole punch in the background (unless `punch` is
+        False), so the next one may go direct."""
         self.authorize(peer)  # refuse before touching the network
         transport = transport or self.transports[0]
         if transport not in TRANSPORT_NAMES:
@@ -241,7 +296,9 @@ class Peering:
             raise PeerUnreachable(f"peer {peer.short} is offline or unknown: no contact record "
                                   "from the bootstrap server, the DHT or the peer cache")
         # direct addresses first, then the peer's relays (node/reach/dialer.py)
-        pipe = await dial(record, transport, timeout_s=timeout_s)
+        puncher = self.puncher if punch else None
+        pipe = await dial(record, transport, timeout_s=timeout_s,
+                          punched=(lambda: puncher.dial_punched(peer)) if puncher else None)
         try:
             channel = await open_channel(pipe, self.identity, expected_peer=peer,
                                          authorize=self.authorize)
@@ -250,6 +307,8 @@ class Peering:
         except BaseException:
             await pipe.close()
             raise
+        if puncher is not None and channel.path == PATH_RELAYED and record.ports.get("udp"):
+            puncher.upgrade_soon(peer)
         return channel
 
     # -- ping ------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Dial order per peer: its direct addresses first, then each relay it advertises.
+"""Dial order per peer: its direct addresses, then a punched udp path, then its relays.
 
 A contact record lists the peer's hosts (LAN and advertised public addresses,
 in the order the peer wrote them) and, when it sits behind a NAT, the relays
 it holds reservations at. ``dial`` tries every host on the chosen transport
 (with ``DIRECT_TIMEOUT_S`` when a relay is there to fall back on, else the
-caller's whole timeout), then every relay over TCP: splicing TCP streams works
+caller's whole timeout), then the udp endpoint a hole punch opened to this peer
+(``punched``, node/reach/puncher.py: whatever transport was asked for, the
+punched path is udp), then every relay over TCP: splicing TCP streams works
 for any NAT, and the channel over a relay is always a tcp channel. The pipe
-returned carries ``path`` (``direct`` or ``relayed``), read by the channel.
+returned carries ``path`` (``direct``, ``hole-punched`` or ``relayed``), read
+by the channel. A relayed dial is where a punch starts (peering, in the
+background), so the next dial finds the punched path.
 
 Imports transports, contact and the relay client; nothing of channels or peering.
 """
@@ -14,6 +18,7 @@ Imports transports, contact and the relay client; nothing of channels or peering
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from node.contact import ContactRecord
 from node.errors import P2PError, PeerUnreachable
@@ -29,7 +34,8 @@ DIRECT_TIMEOUT_S = 2.0
 
 
 async def dial(record: ContactRecord, transport: str, *, timeout_s: float,
-               direct_timeout_s: float = DIRECT_TIMEOUT_S) -> Pipe:
+               direct_timeout_s: float = DIRECT_TIMEOUT_S,
+               punched: Callable[[], Awaitable[Pipe | None]] | None = None) -> Pipe:
     """A pipe to the peer of `record`, by the first path that works."""
     peer = record.peer_id
     port = record.ports.get(transport)
@@ -52,6 +58,11 @@ async def dial(record: ContactRecord, transport: str, *, timeout_s: float,
             if getattr(pipe, "path", None) is None:
                 pipe.path = PATH_DIRECT  # type: ignore[attr-defined]
             return pipe
+    if punched is not None and relays:
+        punched_pipe = await punched()
+        if punched_pipe is not None:
+            log.info("reached %s over its hole-punched udp path", peer.short)
+            return punched_pipe
     for relay in relays:
         try:
             pipe = await dial_via_relay(relay, peer, timeout_s=timeout_s)
