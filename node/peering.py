@@ -38,7 +38,7 @@ from node.errors import (
 )
 from node.identity import Identity, PeerId
 from node.reach import PATH_HOLE_PUNCHED, PATH_RELAYED
-from node.reach.dialer import dial
+from node.reach.dialer import FailedEndpoints, dial
 from node.reach.punch import udp_candidates
 from node.reach.puncher import HolePuncher
 from node.transports import TRANSPORT_NAMES, get_transport
@@ -104,6 +104,7 @@ class Peering:
         self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
         self._revoke_listeners: list[OnRevoke] = []
         self.puncher: HolePuncher | None = None
+        self._failed_endpoints = FailedEndpoints()
         self.register("ping", self._serve_ping)
         self.register("punch", self._serve_punch)
 
@@ -298,7 +299,8 @@ class Peering:
         # direct addresses first, then the peer's relays (node/reach/dialer.py)
         puncher = self.puncher if punch else None
         pipe = await dial(record, transport, timeout_s=timeout_s,
-                          punched=(lambda: puncher.dial_punched(peer)) if puncher else None)
+                          punched=(lambda: puncher.dial_punched(peer)) if puncher else None,
+                          failed=self._failed_endpoints)
         try:
             channel = await open_channel(pipe, self.identity, expected_peer=peer,
                                          authorize=self.authorize)

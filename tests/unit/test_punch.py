@@ -252,3 +252,21 @@ def test_punched_paths_expire_and_failures_back_off() -> None:
     paths.failed(peer, 200.0)
     assert not paths.should_punch(peer, 300.0)
     assert paths.should_punch(peer, 321.0)
+
+
+def test_failed_endpoints_are_remembered_for_a_while_and_bounded() -> None:
+    from node.reach.dialer import MAX_FAILED_ENDPOINTS, FailedEndpoints
+
+    now = [0.0]
+    failed = FailedEndpoints(ttl_s=60.0, clock=lambda: now[0])
+    failed.add("tcp", "198.18.0.12", 7000)
+    assert failed.recent("tcp", "198.18.0.12", 7000)
+    assert not failed.recent("udp", "198.18.0.12", 7000)
+    now[0] = 61.0
+    assert not failed.recent("tcp", "198.18.0.12", 7000)
+    for i in range(MAX_FAILED_ENDPOINTS + 10):
+        failed.add("tcp", "198.18.0.1", i + 1)
+    assert len(failed._at) == MAX_FAILED_ENDPOINTS
+    assert not failed.recent("tcp", "198.18.0.1", 1)  # the oldest went first
+    failed.clear("tcp", "198.18.0.1", 20)
+    assert not failed.recent("tcp", "198.18.0.1", 20)
