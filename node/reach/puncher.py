@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -280,6 +281,9 @@ class HolePuncher:
             self.last = {"peer": peer.short, "ok": False, "error": str(exc) or "timed out",
                          "elapsed_ms": (self._clock() - started) * 1000}
             raise
+        # from the request on: the coordination channel's dial and handshake, the exchange,
+        # the udp dial and the SIGMA verification over it
+        outcome = dataclasses.replace(outcome, elapsed_s=self._clock() - started)
         if outcome.ok:
             self.succeeded += 1
         else:
