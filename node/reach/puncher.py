@@ -56,6 +56,7 @@ from node.wire import decode_message
 log = logging.getLogger("p2pfs.reach.punch")
 
 PUNCHED_DIAL_TIMEOUT_S = 1.5
+MAX_RESPONSES = 8  # punches this node answers at once, in all (one per peer)
 PUNCH_TOTAL_TIMEOUT_S = 30.0  # a whole punch, every attempt, relayed round trips included
 
 
@@ -234,6 +235,7 @@ class HolePuncher:
         self._running: dict[PeerId, asyncio.Task[PunchOutcome]] = {}
         # peer -> endpoints it offered in a punch we answered (to name its udp pipes)
         self._offered: dict[PeerId, set[tuple[str, int]]] = {}
+        self._answering: set[PeerId] = set()
         self.punches = 0
         self.succeeded = 0
         self.failed = 0
@@ -329,8 +331,18 @@ class HolePuncher:
 
     # -- responder ----------------------------------------------------------------
     async def serve(self, peer: PeerId, channel: Messenger) -> PunchOutcome:
-        """Answer `peer`'s punch (it runs inside an authenticated, trusted channel)."""
-        outcome = await run_responder(channel, PunchResponder(self._own()), self._sock)
+        """Answer `peer`'s punch (it runs inside an authenticated, trusted channel); one
+        per peer and MAX_RESPONSES in all, so even a trusted peer cannot multiply the
+        datagrams a punch sends."""
+        if peer in self._answering or len(self._answering) >= MAX_RESPONSES:
+            raise ProtocolError(f"refused a hole punch from {peer.short}: "
+                                + ("one is already running" if peer in self._answering
+                                   else f"{MAX_RESPONSES} are running"))
+        self._answering.add(peer)
+        try:
+            outcome = await run_responder(channel, PunchResponder(self._own()), self._sock)
+        finally:
+            self._answering.discard(peer)
         if outcome.ok:
             self._offered[peer] = set(outcome.peer_endpoints)
         log.info("hole punch from %s: %s after %d attempt(s)", peer.short,

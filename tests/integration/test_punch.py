@@ -241,3 +241,34 @@ async def test_relayed_peer_is_upgraded_and_the_next_dial_is_hole_punched(
             await n.peering.stop()
             n.trust.close()
         await relay.close()
+
+
+async def test_one_punch_per_peer_at_a_time() -> None:
+    from node.reach.puncher import HolePuncher
+
+    sock = CountingSocket()
+
+    async def never(peer: PeerId) -> QueueMessenger:
+        raise AssertionError("not dialling")
+
+    async def verify(peer: PeerId, pipe: Pipe) -> None:
+        raise AssertionError("not verifying")
+
+    puncher = HolePuncher(sock, lambda: [("127.0.0.1", 9)], open_coordination=never,  # type: ignore[arg-type]
+                          verify=verify)
+    peer = Identity.generate("p").peer_id
+    ma, mb = messenger_pair()
+    first = asyncio.create_task(puncher.serve(peer, mb))
+    await ma.send(PunchConnect(1, (("127.0.0.1", 9),)).encode())
+    await ma.recv()  # the first punch is running
+    with pytest.raises(ProtocolError, match="already running"):
+        await puncher.serve(peer, messenger_pair()[1])
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    # once it ended, the peer may punch again
+    ma2, mb2 = messenger_pair()
+    again = asyncio.create_task(puncher.serve(peer, mb2))
+    await ma2.send(PunchConnect(1, ()).encode())
+    assert await asyncio.wait_for(ma2.recv(), 5.0)
+    again.cancel()
+    await asyncio.gather(again, return_exceptions=True)
