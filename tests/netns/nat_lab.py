@@ -151,6 +151,13 @@ class NatLab:
                 self.in_ns(router, "iptables", "-A", chain, "-i", "wan", "-j", "DROP")
         return self
 
+    def block_udp_between_routers(self, blocked: bool = True) -> None:
+        """Drop (or stop dropping) udp from each router's LAN to the other router: no
+        hole punch can succeed while it is blocked; the relay (tcp) still works."""
+        for i, other in ((1, 2), (2, 1)):
+            rule = ["FORWARD", "-p", "udp", "-d", ROUTER_WAN[other], "-j", "DROP"]
+            self.in_ns(self.ns(f"r{i}"), "iptables", "-I" if blocked else "-D", *rule)
+
     def limit_udp(self, packets_per_s: int) -> None:
         """Both routers forward at most `packets_per_s` udp packets a second per
         destination and drop the rest (there is no tc netem here): a slow path."""
