@@ -16,7 +16,7 @@ import node.reach.puncher as puncher_mod
 from bootstrap.relay import RelayServer
 from node.channel import SecureChannel
 from node.contact import ContactRecord
-from node.errors import ChannelClosed, ProtocolError
+from node.errors import ChannelClosed, P2PError, ProtocolError
 from node.identity import Identity, PeerId
 from node.peering import Peering
 from node.reach.punch import (
@@ -272,3 +272,36 @@ async def test_one_punch_per_peer_at_a_time() -> None:
     assert await asyncio.wait_for(ma2.recv(), 5.0)
     again.cancel()
     await asyncio.gather(again, return_exceptions=True)
+
+
+async def test_an_untrusted_peer_cannot_start_a_punch(tmp_path: Path) -> None:
+    records: dict[PeerId, ContactRecord] = {}
+    bob, mallory = Node(tmp_path, "bob", records), Node(tmp_path, "mallory", records)
+    mallory.trust.trust(bob.identity.peer_id, "bob")  # bob does not trust mallory
+    try:
+        for n in (bob, mallory):
+            ports = await n.peering.start()
+            records[n.identity.peer_id] = ContactRecord.create(
+                n.identity, ["127.0.0.1"], ports, 1)
+            n.peering.enable_punching(n.record)
+        assert bob.peering.puncher is not None
+        served: list[PeerId] = []
+
+        async def serve(peer: PeerId, channel: object) -> None:
+            served.append(peer)
+
+        bob.peering.puncher.serve = serve  # type: ignore[assignment,method-assign]
+        with pytest.raises((ChannelClosed, P2PError)):
+            channel = await mallory.peering.connect(bob.identity.peer_id, "punch",
+                                                    transport="tcp", punch=False)
+            await asyncio.wait_for(channel.recv(), 5.0)
+        # the same request from a trusted peer does reach the punch service
+        bob.trust.trust(mallory.identity.peer_id, "mallory")
+        channel = await mallory.peering.connect(bob.identity.peer_id, "punch",
+                                                transport="tcp", punch=False)
+        await until(lambda: served == [mallory.identity.peer_id])
+        await channel.close()
+    finally:
+        for n in (bob, mallory):
+            await n.peering.stop()
+            n.trust.close()
