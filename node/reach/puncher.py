@@ -276,11 +276,15 @@ class HolePuncher:
         self.punches += 1
         started = self._clock()
         try:
-            outcome = await asyncio.wait_for(self._punch_once(peer), PUNCH_TOTAL_TIMEOUT_S)
-        except (P2PError, OSError, TimeoutError) as exc:
+            try:
+                outcome = await asyncio.wait_for(self._punch_once(peer), PUNCH_TOTAL_TIMEOUT_S)
+            except TimeoutError:
+                raise PeerUnreachable(f"hole punch with {peer.short} did not finish within "
+                                      f"{PUNCH_TOTAL_TIMEOUT_S:g} s") from None
+        except (P2PError, OSError) as exc:
             self.failed += 1
             self.paths.failed(peer, self._clock())
-            self.last = {"peer": peer.short, "ok": False, "error": str(exc) or "timed out",
+            self.last = {"peer": peer.short, "ok": False, "error": str(exc),
                          "elapsed_ms": (self._clock() - started) * 1000}
             raise
         # from the request on: the coordination channel's dial and handshake, the exchange,
@@ -366,9 +370,3 @@ class HolePuncher:
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
         self._running.clear()
-
-
-def punch_error(peer: PeerId, outcome: PunchOutcome) -> PeerUnreachable:
-    return PeerUnreachable(f"hole punch with {peer.short} failed after {outcome.attempts} "
-                           "attempt(s) (a symmetric NAT on either side defeats it; the relay "
-                           "still works)")
