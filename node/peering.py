@@ -56,6 +56,9 @@ REVOKE_GRACE_S = 0.6  # > the transfer session's ABORT_LINGER_S
 REVOKE_CLOSE_TIMEOUT_S = 0.5  # a graceful close that takes longer is cut short (reset)
 REVOKE_POLL_S = 0.02
 SERVICES_TOLD_FIRST = frozenset({"transfer", "fetch"})
+# channels this node opened for these services retry and resume when they close, so a
+# successful hole punch closes them where they run over a relay: the retry goes direct
+SERVICES_MOVED_AFTER_PUNCH = frozenset({"transfer"})
 
 
 @message("svc")
@@ -105,6 +108,7 @@ class Peering:
         self._revoke_listeners: list[OnRevoke] = []
         self.puncher: HolePuncher | None = None
         self._failed_endpoints = FailedEndpoints()
+        self._opened_here: weakref.WeakSet[SecureChannel] = weakref.WeakSet()
         self.register("ping", self._serve_ping)
         self.register("punch", self._serve_punch)
 
@@ -190,7 +194,19 @@ class Peering:
         self.puncher = HolePuncher(
             udp, lambda: udp_candidates(own_record()),  # type: ignore[arg-type]
             open_coordination=lambda peer: self.connect(peer, "punch", punch=False),
-            verify=self._verify_punched)
+            verify=self._verify_punched, on_punched=self._move_off_relays)
+
+    def _move_off_relays(self, peer: PeerId) -> None:
+        """A punch to `peer` succeeded: close the relayed channels we opened whose service
+        retries and resumes (a share), so that they continue over the punched path."""
+        for channel, service in self.open_channels(peer):
+            if (channel.path == PATH_RELAYED and service in SERVICES_MOVED_AFTER_PUNCH
+                    and channel in self._opened_here):
+                log.info("moving a relayed %s channel with %s to the punched path",
+                         service, peer.short)
+                task = asyncio.create_task(self._close_now(channel))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _verify_punched(self, peer: PeerId, pipe: Pipe) -> None:
         """The punched pipe leads to `peer`: one ping over a channel that proved it."""
@@ -306,6 +322,7 @@ class Peering:
                                          authorize=self.authorize)
             await channel.send(ServiceRequest(service).encode())
             self._track(channel, service)
+            self._opened_here.add(channel)
         except BaseException:
             await pipe.close()
             raise

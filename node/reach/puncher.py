@@ -10,8 +10,10 @@ punches in the background (``upgrade_soon``); a success is verified by a SIGMA
 handshake with the expected peer over the new udp pipe (``verify``, supplied
 by peering), then remembered, so later dials to that peer go direct
 (``dial_punched``: the dial order's "hole punch" step, before the relay).
-A transfer that runs over the relay when the punch succeeds stays there; its
-next retry (say the relay dies) dials the punched path.
+``on_punched`` tells peering, which closes the relayed transfer channels it
+opened to that peer: a share retries and resumes from its verified chunks, so
+it continues over the punched path a second later (so does one whose relay
+dies).
 
 Imports the pure module, errors, identity and transport interfaces; the
 channel layer comes in only through the callables peering passes.
@@ -225,11 +227,13 @@ class HolePuncher:
     def __init__(self, sock: PunchSocket, own_endpoints: Callable[[], list[tuple[str, int]]],
                  *, open_coordination: OpenCoordination, verify: Verify,
                  clock: Callable[[], float] = time.monotonic,
-                 paths: PunchedPaths | None = None) -> None:
+                 paths: PunchedPaths | None = None,
+                 on_punched: Callable[[PeerId], None] | None = None) -> None:
         self._sock = sock
         self._own = own_endpoints
         self._open = open_coordination
         self._verify = verify
+        self._on_punched = on_punched
         self._clock = clock
         self.paths = paths or PunchedPaths()
         self._running: dict[PeerId, asyncio.Task[PunchOutcome]] = {}
@@ -292,6 +296,8 @@ class HolePuncher:
         outcome = dataclasses.replace(outcome, elapsed_s=self._clock() - started)
         if outcome.ok:
             self.succeeded += 1
+            if self._on_punched is not None:
+                self._on_punched(peer)
         else:
             self.failed += 1
             self.paths.failed(peer, self._clock())

@@ -192,8 +192,10 @@ async def _closed_tcp_port() -> int:
     return port
 
 
-async def test_relayed_peer_is_upgraded_and_the_next_dial_is_hole_punched(
-        tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def relayed_pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """alice and bob, each with a dead tcp port (as behind a NAT), a real udp listener
+    and a reservation at one relay; bob's record names the relay."""
     relay = RelayServer()
     port = await relay.start("127.0.0.1", 0)
     addr = f"127.0.0.1:{port}"
@@ -206,24 +208,37 @@ async def test_relayed_peer_is_upgraded_and_the_next_dial_is_hole_punched(
     try:
         for n in (alice, bob):
             ports = await n.peering.start()
-            # tcp is "behind a NAT": the advertised port answers nothing; udp is real
             records[n.identity.peer_id] = ContactRecord.create(
                 n.identity, ["127.0.0.1"], {"tcp": await _closed_tcp_port(),
                                             "udp": ports["udp"]}, 1, relays=[addr])
             n.peering.enable_punching(n.record)
         await asyncio.wait_for(reservation.reserved.wait(), 5.0)
+        yield alice, bob
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for n in (alice, bob):
+            await n.peering.stop()
+            n.trust.close()
+        await relay.close()
+
+
+async def test_relayed_peer_is_upgraded_and_the_next_dial_is_hole_punched(
+        tmp_path: Path) -> None:
+    async with relayed_pair(tmp_path) as (alice, bob):
         bob_id = bob.identity.peer_id
         first = await alice.peering.connect(bob_id, "sink", transport="tcp")
         assert first.path == "relayed"
         assert alice.peering.puncher is not None
         await until(lambda: alice.peering.puncher.succeeded == 1)  # type: ignore[union-attr]
+        # a channel whose service does not resume stays on the relay
         await first.send(b"still over the relay")
         assert await first.recv() == b"still over the relay"
         await first.close()
 
         second = await alice.peering.connect(bob_id, "sink", transport="tcp")
         assert (second.path, second.transport) == ("hole-punched", "udp")
-        assert second.remote == ("127.0.0.1", records[bob_id].ports["udp"])
+        assert second.remote == ("127.0.0.1", bob.record().ports["udp"])
         await second.send(b"direct")
         assert await second.recv() == b"direct"
         await until(lambda: len(bob.served) == 2)
@@ -234,13 +249,19 @@ async def test_relayed_peer_is_upgraded_and_the_next_dial_is_hole_punched(
         # bob learned the path back to alice from her verified udp channel
         assert bob.peering.puncher is not None
         assert alice.identity.peer_id.short in bob.peering.puncher.status()["punched"]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        for n in (alice, bob):
-            await n.peering.stop()
-            n.trust.close()
-        await relay.close()
+
+
+async def test_a_relayed_transfer_channel_is_closed_once_punched(tmp_path: Path) -> None:
+    async with relayed_pair(tmp_path) as (alice, bob):
+        bob.peering.register("transfer", bob._sink)
+        channel = await alice.peering.connect(bob.identity.peer_id, "transfer",
+                                              transport="tcp")
+        assert channel.path == "relayed"
+        # the share's retry (node/sharing.py) resumes it over the punched path
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(channel.recv(), 10.0)
+        assert alice.peering.puncher is not None
+        assert alice.peering.puncher.succeeded == 1
 
 
 async def test_one_punch_per_peer_at_a_time() -> None:

@@ -5,9 +5,10 @@ that keep ports and drop every unsolicited inbound packet: "port-restricted cone
     ``hole-punched``, and a 20 MB share arrives byte-identical without going through
     the relay (the relay forwarded far less than the file);
 (d) a 20 MB share starts over a slow relay while udp between the NATs is blocked;
-    then udp is let through, a punch succeeds, and the relay is killed mid-transfer:
-    the transfer's retry dials the punched path and resumes from its verified chunks,
-    and the file arrives byte-identical.
+    then udp is let through, a punch succeeds (which closes the relayed transfer
+    channel, so that it moves), and the relay is killed mid-transfer: the transfer's
+    retry dials the punched path and resumes from its verified chunks, and the file
+    arrives byte-identical.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def test_d_relay_killed_mid_transfer_after_a_punch(nat_lab: Callable[..., NatLab
             "punch", {"peer": world.ids["b"]}, timeout_s=30))
         assert outcome["ok"], outcome
         assert share.poll() is None, "the share finished before the relay could be killed"
+        # the punch closed the relayed transfer channel: its retry goes direct anyway
+        node_log = (world.homes["a"] / "node.log").read_text(errors="replace")
+        assert "moving a relayed transfer channel" in node_log, node_log[-3000:]
         os.killpg(world.relay.popen.pid, signal.SIGKILL)
         world.relay.popen.wait(5)
         relayed = relayed_bytes()
