@@ -103,14 +103,15 @@ class Peering:
         self._locate = locate
         self._on_refused = on_refused
         self._tasks: set[asyncio.Task[Any]] = set()
-        # peer -> its open channels and the service each one serves
-        self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
-        self._revoke_listeners: list[OnRevoke] = []
+        # reach (node/reach): hole punching once enabled, direct endpoints that failed
+        # lately, and the channels this node opened (a punch moves relayed transfers)
         self.puncher: HolePuncher | None = None
         self._failed_endpoints = FailedEndpoints()
         self._opened_here: weakref.WeakSet[SecureChannel] = weakref.WeakSet()
+        # peer -> its open channels and the service each one serves
+        self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
+        self._revoke_listeners: list[OnRevoke] = []
         self.register("ping", self._serve_ping)
-        self.register("punch", self._serve_punch)
 
     # -- trust -----------------------------------------------------------
     def authorize(self, peer: PeerId) -> None:
@@ -195,6 +196,7 @@ class Peering:
             udp, lambda: udp_candidates(own_record()),  # type: ignore[arg-type]
             open_coordination=lambda peer: self.connect(peer, "punch", punch=False),
             verify=self._verify_punched, on_punched=self._move_off_relays)
+        self.register("punch", self._serve_punch)
 
     def _move_off_relays(self, peer: PeerId) -> None:
         """A punch to `peer` succeeded: close the relayed channels we opened whose service
@@ -301,9 +303,7 @@ class Peering:
     async def connect(self, peer: PeerId, service: str, *, transport: str | None = None,
                       record: ContactRecord | None = None,
                       timeout_s: float = 5.0, punch: bool = True) -> SecureChannel:
-        """Open an authenticated channel to `peer` and ask for `service`; a channel that
-        went through a relay starts a hole punch in the background (unless `punch` is
-        False), so the next one may go direct."""
+        """Open an authenticated channel to `peer` and ask for `service`."""
         self.authorize(peer)  # refuse before touching the network
         transport = transport or self.transports[0]
         if transport not in TRANSPORT_NAMES:
@@ -326,6 +326,9 @@ class Peering:
         except BaseException:
             await pipe.close()
             raise
+        # a channel that went through a relay starts a hole punch in the background
+        # (unless `punch` is False: the punch's own coordination channel), so the next
+        # one may go direct
         if puncher is not None and channel.path == PATH_RELAYED and record.ports.get("udp"):
             puncher.upgrade_soon(peer)
         return channel
