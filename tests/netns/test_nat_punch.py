@@ -64,8 +64,11 @@ def test_b_port_restricted_nats_hole_punch(nat_lab: Callable[..., NatLab],
     print(f"lab: hole-punched ping after {time.monotonic() - t0:.1f} s: {reply}")
     assert reply["transport"] == "udp" and reply["relay"] is None
     assert reply["remote"][0] == "198.18.0.12"  # b's router, not the relay
+    # either side may have punched first (gossip dials both ways): a knows the path
     status = world.cli("a", "status")
-    assert isinstance(status, dict) and status["punch"]["succeeded"] >= 1, status
+    assert isinstance(status, dict)
+    assert any(world.ids["b"].startswith(short) for short in status["punch"]["punched"]), \
+        status["punch"]
     relayed_before = world.capture.stat().st_size
 
     payload = os.urandom(FILE_BYTES)
@@ -85,10 +88,10 @@ def test_b_port_restricted_nats_hole_punch(nat_lab: Callable[..., NatLab],
 def test_d_relay_killed_mid_transfer_after_a_punch(nat_lab: Callable[..., NatLab],
                                                   tmp_path: Path) -> None:
     lab = nat_lab(random_fully=False)
-    # no punch can succeed yet, and the relay is slow (4 MiB/s): the share starts and
+    # no punch can succeed yet, and the relay is slow (2 MiB/s): the share starts and
     # stays on the relay until the test lets a punch through
     lab.block_udp_between_routers()
-    world = start_world(lab, throttle_mib_s=4.0)
+    world = start_world(lab, throttle_mib_s=2.0)
     payload = os.urandom(FILE_BYTES)
     src = tmp_path / "payload.bin"
     src.write_bytes(payload)
@@ -111,8 +114,16 @@ def test_d_relay_killed_mid_transfer_after_a_punch(nat_lab: Callable[..., NatLab
         wait_until(lambda: relayed_bytes() > 2 * 1024 * 1024 or share.poll() is not None,
                    20, "the share is under way over the relay", world.logs)
         lab.block_udp_between_routers(False)
-        outcome = asyncio.run(ControlClient(world.homes["a"]).call(
-            "punch", {"peer": world.ids["b"]}, timeout_s=30))
+
+        def punch() -> dict[str, Any]:
+            return dict(asyncio.run(ControlClient(world.homes["a"]).call(
+                "punch", {"peer": world.ids["b"]}, timeout_s=30)))
+
+        # a punch started while udp was blocked may still be running, and the request
+        # then waits for it: if its last attempt went out before the unblock, punch again
+        outcome = punch()
+        if not outcome["ok"]:
+            outcome = punch()
         assert outcome["ok"], outcome
         assert share.poll() is None, "the share finished before the relay could be killed"
         # the punch closed the relayed transfer channel: its retry goes direct anyway
