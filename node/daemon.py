@@ -178,6 +178,7 @@ class Daemon:
         self.ports = ports
 
         self._wire_discovery()
+        self.peering.enable_punching(self._current_record)  # node/reach/puncher.py
         await self._start_services()
         self._start_pairing()
         self._register_control()
@@ -540,6 +541,7 @@ class Daemon:
         c.register("peers", self._cmd_peers)
         c.register("lookup", self._cmd_lookup)
         c.register("ping", self._cmd_ping)
+        c.register("punch", lambda args, emit: self.peering.punch_now(self._peer_arg(args)))
         c.register("resolve", self._cmd_resolve)
         c.register("stop", self._cmd_stop)
         c.register("share", self._cmd_share)
@@ -575,6 +577,7 @@ class Daemon:
             "dht_contacts": len(self.dht.contacts()) if self.dht else 0,
             "gossip": self.gossip.stats() if getattr(self, "gossip", None) else {},
             "relays": [r.status() for r in getattr(self, "reservations", [])],
+            "punch": self.peering.puncher.status() if self.peering.puncher else {},
         }
 
     async def _cmd_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:

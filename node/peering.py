@@ -37,7 +37,10 @@ from node.errors import (
     ProtocolError,
 )
 from node.identity import Identity, PeerId
-from node.reach.dialer import dial
+from node.reach import PATH_HOLE_PUNCHED, PATH_RELAYED
+from node.reach.dialer import FailedEndpoints, dial
+from node.reach.punch import udp_candidates
+from node.reach.puncher import HolePuncher
 from node.transports import TRANSPORT_NAMES, get_transport
 from node.transports.base import Listener, Pipe
 from node.trust import TrustStore
@@ -53,6 +56,9 @@ REVOKE_GRACE_S = 0.6  # > the transfer session's ABORT_LINGER_S
 REVOKE_CLOSE_TIMEOUT_S = 0.5  # a graceful close that takes longer is cut short (reset)
 REVOKE_POLL_S = 0.02
 SERVICES_TOLD_FIRST = frozenset({"transfer", "fetch"})
+# channels this node opened for these services retry and resume when they close, so a
+# successful hole punch closes them where they run over a relay: the retry goes direct
+SERVICES_MOVED_AFTER_PUNCH = frozenset({"transfer"})
 
 
 @message("svc")
@@ -138,6 +144,11 @@ class Peering:
         self._locate = locate
         self._on_refused = on_refused
         self._tasks: set[asyncio.Task[Any]] = set()
+        # reach (node/reach): hole punching once enabled, direct endpoints that failed
+        # lately, and the channels this node opened (a punch moves relayed transfers)
+        self.puncher: HolePuncher | None = None
+        self._failed_endpoints = FailedEndpoints()
+        self._opened_here: weakref.WeakSet[SecureChannel] = weakref.WeakSet()
         # peer -> its open channels and the service each one serves
         self._open: dict[PeerId, weakref.WeakKeyDictionary[SecureChannel, str]] = {}
         self._revoke_listeners: list[OnRevoke] = []
@@ -220,7 +231,65 @@ class Peering:
             log.info("listening on %s %s:%d", name, self.host, listener.port)
         return dict(self.ports)
 
+    def enable_punching(self, own_record: Callable[[], ContactRecord]) -> None:
+        """Hole punching (node/reach/puncher.py) from the udp listener, offering the udp
+        endpoints of `own_record()`; needs ``start()`` to have bound udp."""
+        udp = next((li for li in self._listeners if li.transport == "udp"), None)
+        if udp is None:
+            log.info("hole punching off: the node does not listen on udp")
+            return
+        self.puncher = HolePuncher(
+            udp, lambda: udp_candidates(own_record()),  # type: ignore[arg-type]
+            open_coordination=lambda peer: self.connect(peer, "punch", punch=False),
+            verify=self._verify_punched, on_punched=self._move_off_relays)
+        self.register("punch", self._serve_punch)
+
+    def _move_off_relays(self, peer: PeerId) -> None:
+        """A punch to `peer` succeeded: close the relayed channels we opened whose service
+        retries and resumes (a share), so that they continue over the punched path."""
+        for channel, service in self.open_channels(peer):
+            if (channel.path == PATH_RELAYED and service in SERVICES_MOVED_AFTER_PUNCH
+                    and channel in self._opened_here):
+                log.info("moving a relayed %s channel with %s to the punched path",
+                         service, peer.short)
+                task = asyncio.create_task(self._close_now(channel))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _verify_punched(self, peer: PeerId, pipe: Pipe) -> None:
+        """The punched pipe leads to `peer`: one ping over a channel that proved it."""
+        pipe.path = PATH_HOLE_PUNCHED  # type: ignore[attr-defined]
+        try:
+            channel = await open_channel(pipe, self.identity, expected_peer=peer,
+                                         authorize=self.authorize)
+        except BaseException:
+            await pipe.close()
+            raise
+        try:
+            await channel.send(ServiceRequest("ping").encode())
+            await channel.send(Ping(1, b"").encode())
+            decode_message(await asyncio.wait_for(channel.recv(), SERVICE_REQUEST_TIMEOUT_S),
+                           expect=(Pong,))
+        finally:
+            await channel.close()
+
+    async def punch_now(self, peer: PeerId) -> dict[str, Any]:
+        """Punch with `peer` through whatever path reaches it now (the control API's
+        ``punch``, for benchmarks and diagnosis); the outcome as JSON."""
+        self.authorize(peer)
+        if self.puncher is None:
+            raise PeerUnreachable("hole punching is off: this node does not listen on udp")
+        outcome = await self.puncher.punch(peer)
+        return {"peer_id": str(peer), **outcome.to_json()}
+
+    async def _serve_punch(self, channel: SecureChannel) -> None:
+        if self.puncher is None:
+            raise ProtocolError("hole punching is off on this node")
+        await self.puncher.serve(channel.peer, channel)
+
     async def stop(self) -> None:
+        if self.puncher is not None:
+            await self.puncher.close()
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await listener.close()
@@ -251,6 +320,9 @@ class Peering:
             await pipe.close()
             self._discard(task)
             return
+        if self.puncher is not None and self.puncher.inbound(channel.peer, pipe.transport,
+                                                             pipe.remote):
+            channel.path = PATH_HOLE_PUNCHED
         try:
             request = decode_message(
                 await asyncio.wait_for(channel.recv(), SERVICE_REQUEST_TIMEOUT_S),
@@ -276,7 +348,7 @@ class Peering:
     # -- connecting ----------------------------------------------------------
     async def connect(self, peer: PeerId, service: str, *, transport: str | None = None,
                       record: ContactRecord | None = None,
-                      timeout_s: float = 5.0) -> SecureChannel:
+                      timeout_s: float = 5.0, punch: bool = True) -> SecureChannel:
         """Open an authenticated channel to `peer` and ask for `service`."""
         self.authorize(peer, service)  # refuse before touching the network
         transport = transport or self.transports[0]
@@ -287,15 +359,24 @@ class Peering:
             raise PeerUnreachable(f"peer {peer.short} is offline or unknown: no contact record "
                                   "from the bootstrap server, the DHT or the peer cache")
         # direct addresses first, then the peer's relays (node/reach/dialer.py)
-        pipe = await dial(record, transport, timeout_s=timeout_s)
+        puncher = self.puncher if punch else None
+        pipe = await dial(record, transport, timeout_s=timeout_s,
+                          punched=(lambda: puncher.dial_punched(peer)) if puncher else None,
+                          failed=self._failed_endpoints)
         try:
             channel = await open_channel(pipe, self.identity, expected_peer=peer,
                                          authorize=self.authorize)
             await channel.send(ServiceRequest(service).encode())
             self._track(channel, service)
+            self._opened_here.add(channel)
         except BaseException:
             await pipe.close()
             raise
+        # a channel that went through a relay starts a hole punch in the background
+        # (unless `punch` is False: the punch's own coordination channel), so the next
+        # one may go direct
+        if puncher is not None and channel.path == PATH_RELAYED and record.ports.get("udp"):
+            puncher.upgrade_soon(peer)
         return channel
 
     # -- ping ------------------------------------------------------------------

@@ -628,6 +628,39 @@ class UdpListener:
             del self._by_cid[pipe.machine.local_cid]
         self._dirty.discard(pipe)
 
+    # -- hole punching (node/reach/punch.py) -------------------------------------------
+    # Both run on the listening socket: its NAT mapping is the one peers observed and
+    # were told about, and a reply to it reaches this listener's table of connections.
+    async def connect_from_listener(self, host: str, port: int, *,
+                                    timeout: float = CONNECT_TIMEOUT_S) -> UdpPipe:
+        """A client connection to `host:port` sent from this listener's own socket."""
+        if self._closing:
+            raise PeerUnreachable("udp listener closed")
+        addr = (host, port)
+        machine = UdpConnection.client(self._loop.time(), datagram_bytes=self._datagram_bytes)
+        pipe = UdpPipe(machine, addr, self._endpoint.send, self._loop, self._forget)
+        self._by_cid[machine.local_cid] = pipe
+        pipe.flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(pipe.connected), timeout)
+        except TimeoutError:
+            pipe.abort("connect timed out")
+            raise PeerUnreachable(f"udp connect to {host}:{port} timed out after "
+                                  f"{timeout:g} s") from None
+        except ChannelClosed:
+            pipe.abort("connect failed")
+            raise PeerUnreachable(f"udp connect to {host}:{port} failed: "
+                                  f"{pipe.close_reason}") from None
+        except asyncio.CancelledError:
+            pipe.abort("connect cancelled")
+            raise
+        return pipe
+
+    def send_datagram(self, data: bytes, host: str, port: int) -> None:
+        """One raw datagram from the listening socket (a hole punch's opener); the peer's
+        listener drops it as not ours (wrong magic). Never queues behind a busy socket."""
+        self._endpoint.send_or_drop([data], (host, port))
+
     def _on_batch_end(self) -> None:
         dirty = self._dirty
         while dirty:

@@ -8,6 +8,7 @@ inside these namespaces)::
         <p>-r1: wan 198.18.0.11                  <p>-r2: wan 198.18.0.12
              MASQUERADE [--random-fully]               MASQUERADE [--random-fully]
              drops unsolicited inbound                 drops unsolicited inbound
+             (forwarded and to itself)                 (forwarded and to itself)
              lan 198.18.1.1/24                         lan 198.18.2.1/24
                        |                                   |
         <p>-h1: 198.18.1.2 (node a)              <p>-h2: 198.18.2.2 (node b)
@@ -139,11 +140,32 @@ class NatLab:
             masq = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j",
                     "MASQUERADE"]
             self.in_ns(router, *masq, *(["--random-fully"] if self.random_fully else []))
-            # a home router: replies come back in, nothing unsolicited does
-            self.in_ns(router, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack",
-                       "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
-            self.in_ns(router, "iptables", "-A", "FORWARD", "-i", "wan", "-j", "DROP")
+            # a home router: replies come back in, nothing unsolicited does, neither to
+            # the hosts (FORWARD) nor to the router itself (INPUT). The INPUT drop also
+            # matters for hole punching: an unsolicited packet accepted there leaves a
+            # conntrack entry that makes MASQUERADE give the host's own outgoing packet
+            # to that peer another port, so the port the peer was told is wrong
+            for chain in ("FORWARD", "INPUT"):
+                self.in_ns(router, "iptables", "-A", chain, "-i", "wan", "-m", "conntrack",
+                           "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+                self.in_ns(router, "iptables", "-A", chain, "-i", "wan", "-j", "DROP")
         return self
+
+    def block_udp_between_routers(self, blocked: bool = True) -> None:
+        """Drop (or stop dropping) udp from each router's LAN to the other router: no
+        hole punch can succeed while it is blocked; the relay (tcp) still works."""
+        for i, other in ((1, 2), (2, 1)):
+            rule = ["FORWARD", "-p", "udp", "-d", ROUTER_WAN[other], "-j", "DROP"]
+            self.in_ns(self.ns(f"r{i}"), "iptables", "-I" if blocked else "-D", *rule)
+
+    def limit_udp(self, packets_per_s: int) -> None:
+        """Both routers forward at most `packets_per_s` udp packets a second per
+        destination and drop the rest (there is no tc netem here): a slow path."""
+        for i in (1, 2):
+            self.in_ns(self.ns(f"r{i}"), "iptables", "-I", "FORWARD", "-p", "udp", "-m",
+                       "hashlimit", "--hashlimit-above", f"{packets_per_s}/sec",
+                       "--hashlimit-burst", str(max(1, packets_per_s // 10)),
+                       "--hashlimit-mode", "dstip", "--hashlimit-name", "slow", "-j", "DROP")
 
     # -- processes --------------------------------------------------------------
     def env(self) -> dict[str, str]:
