@@ -677,7 +677,8 @@ def ping(
         _print_json(res)
         return
     rtts = sorted(res["rtt_ms"])
-    via = f" via relay {res['relay']}" if res.get("relay") else ""
+    via = (f" via relay {res['relay']}" if res.get("relay") else
+           " (hole-punched)" if res.get("path") == "hole-punched" else "")
     out.print(f"{res['transport']} channel to {res['peer_id'][:7]} at "
               f"{res['remote'][0]}:{res['remote'][1]}{via}: "
               f"handshake {res['handshake_ms']:.1f} ms, "
