@@ -358,7 +358,7 @@ class Daemon:
     def _resolve_shared(self, rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
         """A peer fetches `<folder label>/<path>` from one of our shared folders."""
         from node.errors import ProtocolError
-        from node.transfer.paths import resolve_under, safe_relpath
+        from node.pathrules import resolve_under, safe_relpath
 
         try:
             relpath = safe_relpath(rel)
