@@ -363,9 +363,64 @@ class EventRejected:
         return f"rejected {what}{via}: {self.reason}"
 
 
+# -- shared folders ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FolderOffered:
+    """A trusted peer shares a folder id we have not added (or not with it): nothing syncs
+    until `node folder add PATH --id ID --peer PEER`."""
+
+    KIND: ClassVar[str] = "folder_offered"
+    peer_id: str
+    folder: str
+
+    def encode(self) -> dict[str, Any]:
+        return {"peer_id": self.peer_id, "folder": self.folder}
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any]) -> FolderOffered:
+        return cls(peer_id=_str(data, "peer_id"), folder=_str(data, "folder"))
+
+    def peers(self) -> tuple[str, ...]:
+        return (self.peer_id,) if self.peer_id else ()
+
+    def render(self, labels: Labels | None = None) -> str:
+        who = peer_label(self.peer_id, labels)
+        return (f"{who} offers folder {self.folder!r}: add it with `node folder add PATH "
+                f"--id {self.folder} --peer {who}` to sync it")
+
+
+@dataclass(frozen=True, slots=True)
+class FolderConflict:
+    """Two devices changed a file concurrently: the loser is kept as a conflict copy."""
+
+    KIND: ClassVar[str] = "conflict"
+    folder: str
+    path: str
+    copy: str  # the conflict copy's path in the folder
+    peer_id: str = ""  # full id of the winning version's author, when known
+
+    def encode(self) -> dict[str, Any]:
+        return {"folder": self.folder, "path": self.path, "copy": self.copy,
+                "peer_id": self.peer_id}
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any]) -> FolderConflict:
+        return cls(folder=_str(data, "folder"), path=_str(data, "path"),
+                   copy=_str(data, "copy"), peer_id=_str(data, "peer_id"))
+
+    def peers(self) -> tuple[str, ...]:
+        return (self.peer_id,) if self.peer_id else ()
+
+    def render(self, labels: Labels | None = None) -> str:
+        by = f" (the other version is by {peer_label(self.peer_id, labels)})" if (
+            self.peer_id) else ""
+        return (f"conflict in {self.folder}/{self.path}: both versions kept, ours as "
+                f"{self.copy}{by}")
+
+
 KINDS: dict[str, Any] = {cls.KIND: cls for cls in (
     FileShared, FileUpdated, FileDeleted, FileMoved, FileReceived, TransferFailed,
-    PeerJoined, PeerLeft, EventRejected)}
+    PeerJoined, PeerLeft, EventRejected, FolderOffered, FolderConflict)}
 NOTIFICATION_KINDS = tuple(KINDS)
 
 

@@ -528,6 +528,71 @@ class FolderWatcher:
             log.exception("on_changes failed for %d changes", len(changes))
 
 
+class _TreeHandler(FileSystemEventHandler):
+    def __init__(self, watcher: TreeWatcher) -> None:
+        self._w = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._w._from_thread(event)
+
+
+class TreeWatcher:
+    """Watches a folder tree and calls ``on_dirty()`` on the loop when anything in it
+    changed (a shared folder's driver then scans it). Names for which ``ignore(rel)`` is
+    true (the versions folder, say) do not count. Directory events count too, so an
+    empty directory made or removed is noticed."""
+
+    def __init__(self, folder: Path, on_dirty: Callable[[], None], *,
+                 ignore: Callable[[str], bool] | None = None) -> None:
+        self.folder = Path(folder).resolve()
+        self._on_dirty = on_dirty
+        self._ignore = ignore
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if not self.folder.is_dir():
+            raise LocalIOError(f"folder {self.folder} does not exist or is not a folder")
+        observer = Observer()
+        try:
+            observer.schedule(_TreeHandler(self), str(self.folder), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            raise LocalIOError(f"cannot watch {self.folder}: {exc} (on Linux, raise "
+                               "fs.inotify.max_user_watches)") from None
+        self._observer = observer
+
+    async def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5.0)
+
+    def _counts(self, raw: bytes | str) -> bool:
+        path = os.fsdecode(raw)
+        try:
+            rel = Path(path).relative_to(self.folder).as_posix()
+        except ValueError:
+            return False
+        return rel != "." and not (self._ignore is not None and self._ignore(rel))
+
+    def _from_thread(self, event: FileSystemEvent) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._observer is None:
+            return
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        paths = [event.src_path] + ([event.dest_path] if getattr(event, "dest_path", "")
+                                    else [])
+        if any(self._counts(p) for p in paths):
+            try:
+                loop.call_soon_threadsafe(self._on_dirty)
+            except RuntimeError:  # loop closing
+                pass
+
+
 # probe results besides (size, mtime_ns, hash) and None (not a regular file)
 _UNREADABLE: tuple[int, int, bytes] = (-1, -1, b"unreadable")
 _BUSY: tuple[int, int, bytes] = (-1, -1, b"busy")
