@@ -16,6 +16,8 @@ from node.notifications import (
     FileReceived,
     FileShared,
     FileUpdated,
+    FolderConflict,
+    FolderOffered,
     PeerJoined,
     PeerLeft,
     TransferFailed,
@@ -46,6 +48,8 @@ SAMPLES = [
     PeerLeft(AID, "alice"),
     EventRejected("bad signature", via=BID, origin=AID, seq=7, event_id="e9"),
     EventRejected("not msgpack", via=BID),
+    FolderOffered(AID, "photos"),
+    FolderConflict("docs", "a.txt", "a.sync-conflict-20260101-120000-ABCDEFG.txt", AID),
 ]
 
 
