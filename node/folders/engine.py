@@ -239,6 +239,7 @@ class FolderRunner:
         if not self.cfg.path.is_dir():
             raise P2PError(f"the folder path {self.cfg.path} does not exist")
         self.state = FolderState.SCANNING
+        self.ignore.reload()
         local = self.db.local()
         clock = self.db.meta("clock")
         changes, clock = await asyncio.to_thread(
@@ -293,6 +294,7 @@ class FolderRunner:
                 if b != mine and b in allowed}
 
     def current_plan(self) -> Plan:
+        self.ignore.reload()  # one stat: a just-written .p2pfsignore counts at once
         return plan(self.db.local(), self._remotes(), mode=self.cfg.mode,
                     ignored=lambda n: self.ignore(n), locally_changed=self.db.changed_names())
 

@@ -120,3 +120,66 @@ def test_offline_edit_and_concurrent_edit_both_survive_everywhere(folders: Folde
 
     net.wait_until(both_everywhere, SPREAD_TIMEOUT_S, POLL_S,
                    what="plan.txt is A's edit and B's edit is a conflict copy on all three")
+
+
+def test_ignore_patterns_are_respected(folders: Folders) -> None:
+    (folders.dir("C") / ".p2pfsignore").write_text("*.bak\nbuild/\n")
+    (folders.dir("A") / "draft.bak").write_bytes(b"A's backup")
+    (folders.dir("C") / "build").mkdir()
+    (folders.dir("C") / "build" / "out.o").write_bytes(b"C's object file")
+    (folders.dir("A") / "after-ignore.txt").write_bytes(b"marker")
+    folders.wait_file("C", "after-ignore.txt", b"marker")  # A's scan that held draft.bak
+    folders.wait_file("B", "draft.bak", b"A's backup")  # B does not ignore it
+    (folders.dir("C") / "marker2.txt").write_bytes(b"after build/")
+    for name in ("A", "B"):
+        folders.wait_file(name, "marker2.txt", b"after build/")
+    assert "draft.bak" not in folders.tree("C")  # ignored where it would land
+    for name in ("A", "B"):  # never announced
+        tree = folders.tree(name)
+        assert "build/out.o" not in tree and ".p2pfsignore" not in tree
+
+
+def test_fetch_completes_from_another_device_when_the_origin_is_offline(
+        folders: Folders) -> None:
+    net = folders.net
+    net.stop("B")
+    (folders.dir("A") / "only-on-a.txt").write_bytes(b"A made this, C got it")
+    folders.wait_file("C", "only-on-a.txt", b"A made this, C got it")
+    net.stop("A")
+    try:
+        net.start("B")
+        folders.wait_file("B", "only-on-a.txt", b"A made this, C got it")
+    finally:
+        net.start("A")
+
+
+def test_kill_9_of_the_source_mid_fetch_resumes_identical(folders: Folders) -> None:
+    net = folders.net
+    size = 96 << 20  # long enough to be caught mid-transfer
+    data = os.urandom(1 << 20) * (size >> 20)
+    incoming = folders.dir("B") / ".p2pfs-versions" / ".incoming"
+
+    def partials(suffix: str) -> list[Path]:
+        return [Path(d) / f for d, _s, fs in os.walk(incoming) for f in fs
+                if f.endswith(suffix)]
+
+    (folders.dir("A") / "big.bin").write_bytes(data)
+    # a resume state saved: some chunks verified and recorded
+    net.wait_until(lambda: partials(".p2pfs-state"), SPREAD_TIMEOUT_S, 0.01,
+                   what="B records verified chunks of big.bin")
+    net.kill("A")
+    net.kill("C")  # C may have some of it too: the one source left is A, restarted
+    try:
+        net.start("A")
+        folders.wait_file("B", "big.bin", data, timeout=30.0)
+    finally:
+        net.start("C")
+    fetches = [t for t in net.cli("B", "transfers") if t["direction"] == "fetch"
+               and t["state"] == "done" and any("big.bin" in p for p in t["paths"])]
+    assert fetches, "B lists its fetch of big.bin"
+    moved = fetches[-1]["bytes_on_wire"]
+    assert 0 < moved < size, f"the fetch after the restart moved {moved} of {size} bytes"
+    # nothing half-done is left behind once nothing is needed any more
+    net.wait_until(lambda: not any(f.endswith(".p2pfs-part") for _d, _s, fs in
+                                   os.walk(folders.dir("B")) for f in fs),
+                   SPREAD_TIMEOUT_S, POLL_S, what="no .p2pfs-part left on B")
