@@ -95,8 +95,10 @@ MAX_FETCH_BATCH = 256
 PRUNE_EVERY_S = 3600.0
 SEND_TIMEOUT_S = 10.0
 
-# (peer, fetch paths, where to stage) -> path -> staged file, or why not
-FetchFn = Callable[[PeerId, list[str], Path], Awaitable[dict[str, "Path | P2PError"]]]
+# (peer, fetch paths, where to stage, seeds) -> path -> staged file, or why not; seeds are
+# local files (the old versions) whose chunks the transfer may reuse instead of fetching
+FetchFn = Callable[[PeerId, list[str], Path, list[Path]],
+                   Awaitable[dict[str, "Path | P2PError"]]]
 Notify = Callable[[Notice], Any]
 
 
@@ -449,9 +451,12 @@ class FolderRunner:
                           ) -> list[FileInfo]:
         paths = {f"{FETCH_PREFIX}/{self.cfg.id}/{f.name}": f for f in items}
         staging = disk.incoming_root(self.cfg.path)
+        seeds = [self.cfg.path / f.name for f in items
+                 if (old := local.get(f.name)) is not None and not old.deleted
+                 and old.kind is FileKind.FILE]
         try:
             await asyncio.to_thread(os.makedirs, staging, 0o700, True)
-            got = await self.sync.fetch(peer, list(paths), staging)
+            got = await self.sync.fetch(peer, list(paths), staging, seeds)
         except P2PError as exc:
             got = {p: exc for p in paths}
         done: list[FileInfo] = []

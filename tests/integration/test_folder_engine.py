@@ -81,8 +81,9 @@ class Device:
         asyncio.ensure_future(other.engine.handle_channel(theirs))
         return mine
 
-    async def _fetch(self, peer: PeerId, paths: list[str], staging: Path
+    async def _fetch(self, peer: PeerId, paths: list[str], staging: Path, seeds: list[Path]
                      ) -> dict[str, Path | P2PError]:
+        self.net.seeds.append(seeds)
         other = self.net.by_peer[peer]
         out: dict[str, Path | P2PError] = {}
         for path in paths:
@@ -130,6 +131,7 @@ class Net:
         self.devices: list[Device] = []
         self.by_peer: dict[PeerId, Device] = {}
         self.fetched: list[tuple[str, str, str]] = []
+        self.seeds: list[list[Path]] = []
 
     def add(self, name: str) -> Device:
         d = Device(self, name, self.tmp)
@@ -173,6 +175,7 @@ async def test_edits_flow_both_ways_and_deletes_keep_a_version(net: Net) -> None
     await wait_until(lambda: b.tree().get("sub/one.txt") == b"from a", "a's file on b")
     (b.dir / "sub" / "one.txt").write_bytes(b"edited on b")
     await wait_until(lambda: a.tree().get("sub/one.txt") == b"edited on b", "b's edit on a")
+    assert [a.dir / "sub" / "one.txt"] in net.seeds  # the old version, for chunk reuse
     assert b"from a" in a.versions()
     (a.dir / "sub" / "one.txt").unlink()
     await wait_until(lambda: "sub/one.txt" not in b.tree(), "the deletion on b")
