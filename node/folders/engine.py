@@ -315,13 +315,19 @@ class FolderRunner:
                 del self._retries[name]  # superseded (or done): no more retries
         local = self.db.local()
         held: list[FileInfo] = []
+        # removals last: a renamed file's content is still here to copy (no transfer)
+        removals = [a for a in p.actions if isinstance(a, Remove)]
         for action in p.actions:
-            if isinstance(action, Fetch):
+            if isinstance(action, (Fetch, Remove)):
                 continue
             got = await self._apply(action, local)
             if got is not None:
                 held.extend(got)
         held.extend(await self._fetch_all(fetches, local))
+        for action in removals:
+            got = await self._apply(action, local)
+            if got is not None:
+                held.extend(got)
         await self.announce(held)
         self.state = FolderState.IDLE if not self._retries else FolderState.SYNCING
 

@@ -183,6 +183,18 @@ async def test_edits_flow_both_ways_and_deletes_keep_a_version(net: Net) -> None
     assert a.tree() == b.tree() == {"sub/": "dir"}
 
 
+async def test_renames_move_no_content_over_the_network(net: Net) -> None:
+    a, b = await pair(net)
+    (a.dir / "d").mkdir()
+    (a.dir / "d" / "big.bin").write_bytes(b"x" * 100_000)
+    await wait_until(lambda: "d/big.bin" in b.tree(), "big.bin on b")
+    fetched = len(net.fetched)
+    os.rename(a.dir / "d", a.dir / "e")  # a directory rename: delete d/*, create e/*
+    await wait_until(lambda: b.tree() == {"e/": "dir", "e/big.bin": b"x" * 100_000},
+                     "the renamed folder on b")
+    assert len(net.fetched) == fetched  # copied from the old name, not fetched
+
+
 async def test_empty_dirs_symlinks_and_modes(net: Net) -> None:
     a, b = await pair(net)
     (a.dir / "empty").mkdir()
