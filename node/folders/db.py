@@ -78,6 +78,9 @@ class FolderDB:
         self._db.execute("INSERT OR REPLACE INTO local VALUES (?,?,?)",
                          (info.name, packb(info.to_wire()), int(changed)))
 
+    def clear_local(self) -> None:
+        self._db.execute("DELETE FROM local")
+
     def drop_local(self, name: str) -> None:
         self._db.execute("DELETE FROM local WHERE name=?", (name,))
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+import blake3
+
 from node.errors import ChannelClosed, P2PError, ProtocolError
 from node.fileindex import hash_file
 from node.folders import disk
@@ -141,6 +143,7 @@ class FolderRunner:
         self.cfg = cfg
         self.me = device_key(sync.identity.peer_id)
         self.db = FolderDB(sync.home / f"folder-{cfg.id}.db")
+        self._check_path()
         self.ignore = IgnoreRules(cfg.path)
         self.umask = current_umask()
         self._wake = asyncio.Event()
@@ -156,6 +159,15 @@ class FolderRunner:
         self._next_prune_at = 0.0
         self._scanned = asyncio.Event()
         self.conflicts_seen = 0
+
+    def _check_path(self) -> None:
+        """An index made for another path (the folder removed and added elsewhere) would
+        make every file look deleted: start that index afresh."""
+        tag = int.from_bytes(blake3.blake3(str(self.cfg.path).encode()).digest()[:7], "big")
+        if self.db.meta("path_tag") not in (0, tag):
+            log.info("folder %s moved to %s: indexing it afresh", self.cfg.id, self.cfg.path)
+            self.db.clear_local()
+        self.db.set_meta("path_tag", tag)
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:

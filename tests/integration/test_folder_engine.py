@@ -320,3 +320,18 @@ async def test_unknown_folder_from_a_trusted_peer_is_offered_never_synced(net: N
     await wait_until(lambda: any(isinstance(n, FolderOffered) and n.folder == "photos"
                                  for n in b.notes), "folder_offered on b")
     assert b.tree() == {}
+
+
+async def test_a_folder_added_again_elsewhere_deletes_nothing(net: Net, tmp_path: Path) -> None:
+    a, b = await pair(net)
+    (a.dir / "keep.txt").write_bytes(b"keep")
+    await wait_until(lambda: b.tree().get("keep.txt") == b"keep", "keep.txt on b")
+    await b.stop()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    b.store.update("docs", path=elsewhere.resolve())
+    b.store.save()
+    b.dir = elsewhere
+    await b.start()
+    await wait_until(lambda: b.tree().get("keep.txt") == b"keep", "keep.txt fetched again")
+    assert a.tree()["keep.txt"] == b"keep"
