@@ -8,8 +8,10 @@
 * ``archive``: move a file or symlink into ``.p2pfs-versions/<name>~<stamp>``
   (nothing the sync replaces or deletes is destroyed); an empty directory is
   removed, a non-empty one is left in place.
-* ``place``: move a verified staged file into place (what was there archived
-  first), with the version's mtime and its mode masked as received files are.
+* ``place``: move a verified staged file (fetched into the home's
+  ``folder-staging/<id>``, so nothing churns inside the watched folder) into
+  place, what was there archived first, with the version's mtime and its mode
+  masked as received files are.
 * ``prune_versions``: keep at most N versions per file and none older than D days.
 * ``untouched``: the disk still holds what the local index says (so an edit
   made since the last scan is never overwritten; the next scan records it).
@@ -42,7 +44,7 @@ from node.transfer.store import received_mode
 
 log = logging.getLogger(__name__)
 
-INCOMING_DIR_NAME = ".incoming"  # under the versions folder: staged fetches and partials
+INCOMING_DIR_NAME = ".incoming"  # never used as a version (older layouts staged there)
 VERSION_STAMP_RE = re.compile(r"~(\d{8}-\d{6})-(\d{9})$")
 MAX_WARNED = 10_000
 _warned: set[str] = set()
@@ -154,8 +156,11 @@ def scan(root: Path, local: dict[str, FileInfo], ignored: Callable[[str, bool], 
                 continue
             try:
                 size, mtime_ns, digest = hash_file(root / name)
+                after = os.lstat(root / name)
             except OSError:
                 continue  # gone or unreadable meanwhile: the next scan sees it
+            if after.st_size != size or after.st_mtime_ns != mtime_ns:
+                continue  # still being written: the watcher's next event rescans it
             if (old is not None and not old.deleted and old.kind is FileKind.FILE
                     and old.hash == digest and old.mode == s.mode):
                 # same bytes, new mtime (a touch): no new version, just remember it
@@ -210,10 +215,6 @@ def versions_root(root: Path) -> Path:
     return root / VERSIONS_DIR_NAME
 
 
-def incoming_root(root: Path) -> Path:
-    return root / VERSIONS_DIR_NAME / INCOMING_DIR_NAME
-
-
 def archive(root: Path, name: str, now: float | None = None) -> Path | None:
     """Move root/name into the versions folder (see the module docstring); the new path,
     or None when nothing was there or it was a directory (removed if empty)."""
@@ -252,6 +253,13 @@ def place(root: Path, info: FileInfo, staged: Path, umask: int) -> FileInfo:
                 raise PathBlocked(f"{target} is a folder with files in it")
         else:
             archive(root, info.name)
+    if os.stat(staged).st_dev != os.stat(target.parent).st_dev:
+        # staged on another file system (the home): copy next to the target first, so
+        # the rename into place stays atomic
+        near = target.with_name(f".{target.name}.{os.urandom(4).hex()}.p2pfs-part")
+        shutil.copyfile(staged, near)
+        os.unlink(staged)
+        staged = near
     os.chmod(staged, received_mode(info.mode, umask))
     os.utime(staged, ns=(info.mtime_ns, info.mtime_ns))
     os.replace(staged, target)
@@ -344,5 +352,7 @@ def prune_versions(root: Path, keep_days: float, keep_count: int, now: float | N
     return removed
 
 
-def clear_incoming(root: Path) -> None:
-    shutil.rmtree(incoming_root(root), ignore_errors=True)
+def clear_staging(staging: Path) -> None:
+    """Drop staged files and partials once nothing is needed any more (no orphans)."""
+    if staging.is_dir() and any(staging.iterdir()):
+        shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@
    metadata; whatever we now hold is announced too (so other devices can fetch
    it from us). A failed fetch is retried with backoff; after a restart the
    indexes still say what we lack, so it is fetched again, and its partial file
-   (kept under ``.p2pfs-versions/.incoming``) resumes.
+   (kept in the home under ``folder-staging/<id>``) resumes.
 
 Modes: send-only applies nothing (``override()`` pushes ours over the global
 version); receive-only keeps local edits unannounced and reported as locally
@@ -75,7 +75,7 @@ from node.folders.protocol import (
 from node.folders.status import FolderState, FolderStatus
 from node.folders.vector import device_key
 from node.identity import Identity, PeerId
-from node.notifications import FolderConflict, FolderOffered, Notice
+from node.notifications import FileReceived, FolderConflict, FolderOffered, Notice
 from node.pathrules import PathBlocked, resolve_under, safe_relpath
 from node.transfer.store import current_umask
 from node.wire import Message, decode_message
@@ -85,6 +85,7 @@ log = logging.getLogger("p2pfs.folders")
 SERVICE = "folders"
 FETCH_PREFIX = ".folders"  # fetch paths: .folders/<folder id>/<name>
 LINKS_DIR_NAME = "folder-links"
+STAGING_DIR_NAME = "folder-staging"
 TICK_S = 0.5
 ANTI_ENTROPY_S = 5.0
 CONFIG_POLL_S = 2.0
@@ -143,6 +144,8 @@ class FolderRunner:
         self.cfg = cfg
         self.me = device_key(sync.identity.peer_id)
         self.db = FolderDB(sync.home / f"folder-{cfg.id}.db")
+        # fetched files and their partials (resumed after a restart), outside the folder
+        self.staging = sync.home / STAGING_DIR_NAME / cfg.id
         self._check_path()
         self.ignore = IgnoreRules(cfg.path)
         self.umask = current_umask()
@@ -185,9 +188,7 @@ class FolderRunner:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await _cancel_all([self._task])
         if self._watcher is not None:
             await self._watcher.stop()
         self.db.close()
@@ -317,7 +318,7 @@ class FolderRunner:
         self._last_plan = p
         if not p.actions:
             if not self._retries:
-                await asyncio.to_thread(disk.clear_incoming, self.cfg.path)
+                await asyncio.to_thread(disk.clear_staging, self.staging)
             return
         self.state = FolderState.SYNCING
         fetches = [a for a in p.actions if isinstance(a, Fetch)]
@@ -438,7 +439,7 @@ class FolderRunner:
         import shutil
 
         root = self.cfg.path
-        staging = disk.incoming_root(root) / "local"
+        staging = self.staging / "local"
         try:
             source = resolve_under(root, safe_relpath(src))
             await asyncio.to_thread(os.makedirs, staging, 0o700, True)
@@ -468,7 +469,7 @@ class FolderRunner:
     async def _fetch_from(self, peer: PeerId, items: list[Fetch], local: dict[str, FileInfo]
                           ) -> list[FileInfo]:
         paths = {f"{FETCH_PREFIX}/{self.cfg.id}/{f.name}": f for f in items}
-        staging = disk.incoming_root(self.cfg.path)
+        staging = self.staging
         seeds = [self.cfg.path / f.name for f in items
                  if (old := local.get(f.name)) is not None and not old.deleted
                  and old.kind is FileKind.FILE]
@@ -499,6 +500,9 @@ class FolderRunner:
                 continue
             if placed is not None:
                 done.append(placed)
+                self.sync.notify(FileReceived(
+                    peer_id=str(peer), path=f.name, size=f.info.size, hash=f.info.hash.hex(),
+                    saved_as=str(self.cfg.path / f.name), folder=self.cfg.id, how="fetched"))
         return done
 
     def _failed(self, f: Fetch, error: str) -> None:
@@ -595,12 +599,7 @@ class FolderSync:
 
     async def stop(self) -> None:
         self._running = False
-        tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await _cancel_all([t for t in (self._ticker, *self._tasks) if t is not None])
         for link in self._links.values():
             if link.channel is not None:
                 await _close_quietly(link.channel)
@@ -945,6 +944,20 @@ class FolderSync:
                 return
             os.unlink(link)
         os.symlink(cfg.path, link)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel until every task is done: on Python 3.11 a task inside asyncio.wait_for can
+    swallow one cancellation (when what it waits for completes at that moment)."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=0.5)
+    for t in tasks:
+        if not t.cancelled():
+            with contextlib.suppress(Exception):
+                t.result()
 
 
 async def _close_quietly(channel: Channel) -> None:

@@ -157,7 +157,7 @@ def test_kill_9_of_the_source_mid_fetch_resumes_identical(folders: Folders) -> N
     net = folders.net
     size = 96 << 20  # long enough to be caught mid-transfer
     data = os.urandom(1 << 20) * (size >> 20)
-    incoming = folders.dir("B") / ".p2pfs-versions" / ".incoming"
+    incoming = net.node("B").home / "folder-staging" / "docs"
 
     def partials(suffix: str) -> list[Path]:
         return [Path(d) / f for d, _s, fs in os.walk(incoming) for f in fs
@@ -180,6 +180,6 @@ def test_kill_9_of_the_source_mid_fetch_resumes_identical(folders: Folders) -> N
     moved = fetches[-1]["bytes_on_wire"]
     assert 0 < moved < size, f"the fetch after the restart moved {moved} of {size} bytes"
     # nothing half-done is left behind once nothing is needed any more
-    net.wait_until(lambda: not any(f.endswith(".p2pfs-part") for _d, _s, fs in
-                                   os.walk(folders.dir("B")) for f in fs),
-                   SPREAD_TIMEOUT_S, POLL_S, what="no .p2pfs-part left on B")
+    net.wait_until(lambda: not any(f.endswith(".p2pfs-part") for where in (
+        folders.dir("B"), incoming) for _d, _s, fs in os.walk(where) for f in fs),
+        SPREAD_TIMEOUT_S, POLL_S, what="no .p2pfs-part left on B")
