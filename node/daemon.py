@@ -336,6 +336,7 @@ class Daemon:
         """Shared folders (node/folders): the engine every folder command talks to."""
         from node.folders.engine import SERVICE, FolderSync
 
+        self._folder_stores: dict[Path, Any] = {}
         self.folders = FolderSync(
             self.identity, self.folder_store, self.home,
             open_channel=lambda peer: self.peering.connect(peer, SERVICE),
@@ -344,7 +345,6 @@ class Daemon:
         self.peering.register(SERVICE, self.folders.handle_channel)
         await self.folders.start()
         self._closers.append(self.folders.stop)
-        self._folder_stores: dict[Path, Any] = {}
 
     async def _folder_fetch(self, peer: PeerId, paths: list[str], staging: Path,
                             seeds: list[Path]) -> dict[str, Any]:

@@ -304,7 +304,7 @@ class FolderRunner:
     # -- planning and applying ----------------------------------------------------------
     def _remotes(self) -> dict[str, dict[str, FileInfo]]:
         mine = self.sync.identity.peer_id.key
-        allowed = {p.key for p in self.cfg.peers}
+        allowed = {p.key for p in self.cfg.peers if self.sync.trusts(p)}
         return {b.hex()[:16]: index for b, index in self.db.remotes().items()
                 if b != mine and b in allowed}
 
@@ -608,6 +608,9 @@ class FolderSync:
             await runner.stop()
         self.runners.clear()
 
+    def trusts(self, peer: PeerId) -> bool:
+        return self._is_trusted(peer)
+
     def notify(self, notice: Notice) -> None:
         if self._notify is not None:
             self._notify(notice)
@@ -848,9 +851,9 @@ class FolderSync:
 
     async def _ingest(self, link: _Link, cfg: FolderConfig, msg: Changes) -> None:
         runner = self.runners[cfg.id]
-        allowed = {p.key for p in cfg.peers}
+        allowed = {p.key for p in cfg.peers if self._is_trusted(p)}
         if msg.origin not in allowed:
-            return  # a device not of this folder (for us): neither stored nor relayed
+            return  # not a (trusted) device of this folder for us: neither stored nor relayed
         fresh: list[FolderChange] = []
         with runner.db.tx():
             for blob in msg.changes:
