@@ -189,19 +189,18 @@ def scan(root: Path, local: dict[str, FileInfo], ignored: Callable[[str, bool], 
     return out, clock
 
 
-def untouched(root: Path, info: FileInfo | None) -> bool:
-    """The disk at info.name still holds what the index says (nothing at all for None or
-    a deletion)?"""
-    if info is None:
-        return True
+def untouched(root: Path, name: str, info: FileInfo | None) -> bool:
+    """The disk at `name` still holds what the index says: `info`, or nothing at all for
+    None or a deletion (a file made since the last scan is recorded before anything
+    replaces it, so it becomes a conflict copy rather than a version)?"""
     try:
-        target = resolve_under(root, safe_relpath(info.name))
+        target = resolve_under(root, safe_relpath(name))
         st = os.lstat(target)
     except FileNotFoundError:
-        return info.deleted
+        return info is None or info.deleted
     except (OSError, ProtocolError):
         return False
-    if info.deleted:
+    if info is None or info.deleted:
         return False
     if info.kind is FileKind.FILE:
         return stat.S_ISREG(st.st_mode) and st.st_size == info.size and (

@@ -354,7 +354,7 @@ class FolderRunner:
                                   if ours is not None and not action.info.deleted
                                   else action.info)
                 return [action.info]
-            if not await asyncio.to_thread(disk.untouched, root, ours):
+            if not await asyncio.to_thread(disk.untouched, root, action.name, ours):
                 self._scan_due = True  # edited since the scan: record that first
                 return None
             if isinstance(action, KeepConflict):
@@ -456,7 +456,7 @@ class FolderRunner:
     async def _place(self, f: Fetch, staged: Path, local: dict[str, FileInfo]
                      ) -> FileInfo | None:
         root = self.cfg.path
-        if not await asyncio.to_thread(disk.untouched, root, local.get(f.name)):
+        if not await asyncio.to_thread(disk.untouched, root, f.name, local.get(f.name)):
             self._scan_due = True
             staged.unlink(missing_ok=True)
             return None

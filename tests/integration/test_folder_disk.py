@@ -107,3 +107,14 @@ def test_prune_versions_by_count_and_age(tmp_path: Path) -> None:
     assert len(left) == 5  # the 5 newest; the 40-day-old one went by both rules
     assert (tmp_path / ".p2pfs-versions" / ".incoming" / "x~20000101-000000-000000000").exists()
     assert disk.prune_versions(tmp_path, keep_days=2.5, keep_count=0, now=now) == 2
+
+
+def test_untouched_sees_edits_and_files_made_since_the_scan(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"a")
+    local, _c, _k = scan(tmp_path, {})
+    assert disk.untouched(tmp_path, "a.txt", local["a.txt"])
+    assert disk.untouched(tmp_path, "new.txt", None)
+    (tmp_path / "new.txt").write_bytes(b"made after the scan")
+    assert not disk.untouched(tmp_path, "new.txt", None)  # recorded first, never versioned
+    (tmp_path / "a.txt").write_bytes(b"edited after the scan")
+    assert not disk.untouched(tmp_path, "a.txt", local["a.txt"])
