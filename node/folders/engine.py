@@ -313,7 +313,21 @@ class FolderRunner:
         return plan(self.db.local(), self._remotes(), mode=self.cfg.mode,
                     ignored=lambda n: self.ignore(n), locally_changed=self.db.changed_names())
 
+    async def _announce_pending(self) -> None:
+        """Announce every local version our own index does not carry yet: what a round
+        recorded but could not announce (it failed, or the node was killed in between)."""
+        own = self.db.remotes().get(self.sync.identity.peer_id.key, {})
+        changed = self.db.changed_names()
+        pending = [info for name, info in sorted(self.db.local().items())
+                   if name not in changed and ((o := own.get(name)) is None
+                                               or o.version != info.version
+                                               or o.deleted != info.deleted)]
+        if pending:
+            log.info("folder %s: announcing %d recorded change(s)", self.cfg.id, len(pending))
+            await self.announce(pending)
+
     async def _sync_once(self) -> None:
+        await self._announce_pending()
         p = self.current_plan()
         self._last_plan = p
         if not p.actions:
@@ -330,18 +344,20 @@ class FolderRunner:
         held: list[FileInfo] = []
         # removals last: a renamed file's content is still here to copy (no transfer)
         removals = [a for a in p.actions if isinstance(a, Remove)]
-        for action in p.actions:
-            if isinstance(action, (Fetch, Remove)):
-                continue
-            got = await self._apply(action, local)
-            if got is not None:
-                held.extend(got)
-        held.extend(await self._fetch_all(fetches, local))
-        for action in removals:
-            got = await self._apply(action, local)
-            if got is not None:
-                held.extend(got)
-        await self.announce(held)
+        try:
+            for action in p.actions:
+                if isinstance(action, (Fetch, Remove)):
+                    continue
+                got = await self._apply(action, local)
+                if got is not None:
+                    held.extend(got)
+            held.extend(await self._fetch_all(fetches, local))
+            for action in removals:
+                got = await self._apply(action, local)
+                if got is not None:
+                    held.extend(got)
+        finally:
+            await self.announce(held)
         self.state = FolderState.IDLE if not self._retries else FolderState.SYNCING
 
     async def _apply(self, action: Any, local: dict[str, FileInfo]) -> list[FileInfo] | None:

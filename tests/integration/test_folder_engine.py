@@ -335,3 +335,23 @@ async def test_a_folder_added_again_elsewhere_deletes_nothing(net: Net, tmp_path
     await b.start()
     await wait_until(lambda: b.tree().get("keep.txt") == b"keep", "keep.txt fetched again")
     assert a.tree()["keep.txt"] == b"keep"
+
+
+async def test_a_change_recorded_but_never_announced_goes_out_next_round(net: Net) -> None:
+    # as after a kill -9 between recording a version and announcing it
+    from node.folders import disk
+
+    a, b = await pair(net)
+    assert a.engine is not None
+    runner = a.engine.runners["docs"]
+    await b.stop()
+    (a.dir / "quiet.txt").write_bytes(b"recorded, not announced")
+    changes, _clock = disk.scan(a.dir, runner.db.local(), runner.ignore, device=runner.me,
+                                clock=runner.db.meta("clock") + 100)
+    for info in changes:
+        runner.db.put_local(info)  # what a round records before it announces
+    await a.stop()
+    await a.start()
+    await b.start()
+    await wait_until(lambda: b.tree().get("quiet.txt") == b"recorded, not announced",
+                     "the recorded change on b")
