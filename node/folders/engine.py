@@ -73,7 +73,7 @@ from node.folders.protocol import (
     Hello,
 )
 from node.folders.status import FolderState, FolderStatus
-from node.folders.vector import device_key
+from node.folders.vector import Vector, device_key
 from node.identity import Identity, PeerId
 from node.notifications import FileReceived, FolderConflict, FolderOffered, Notice
 from node.pathrules import PathBlocked, resolve_under, safe_relpath
@@ -381,8 +381,7 @@ class FolderRunner:
                 st = os.lstat(dest)
                 clock = self.db.meta("clock")
                 base = local.get(action.copy_name)
-                version = (base.version if base is not None else
-                           action.loser.version.__class__()).bump(self.me, clock)
+                version = (base.version if base is not None else Vector()).bump(self.me, clock)
                 self.db.set_meta("clock", version.get(self.me))
                 copy = FileInfo(action.copy_name, action.loser.kind, st.st_size,
                                 st.st_mtime_ns, disk.mode_of(st), action.loser.hash, False,
@@ -413,10 +412,9 @@ class FolderRunner:
                         type(action).__name__, action.name, exc)
             self.last_error = f"{action.name}: {exc}"
             return None
-        self.db.put_local(info)
+        self.db.put_local(info)  # with what the disk now has (mode, mtime)
         local[info.name] = info
-        return [action.info if action.info.deleted else replace(
-            action.info, mode=action.info.mode)]
+        return [action.info]  # announced as the version it is
 
     async def _fetch_all(self, fetches: list[Fetch], local: dict[str, FileInfo]
                          ) -> list[FileInfo]:
