@@ -153,7 +153,8 @@ class Daemon:
     async def start(self) -> None:
         self._lock.acquire()
         s = self.settings
-        self.folders = self._shared_folders()  # a bad --share fails before any bind
+        self.shared = self._shared_folders()  # a bad --share fails before any bind
+        self.folder_store = self._folder_store()  # so does a bad folders.json
         self.received = received_folder(s.received_path)  # so does a bad --received-dir
         from dht.peercache import PeerCache
 
@@ -280,8 +281,17 @@ class Daemon:
             check_shared_root(folder, home=self.home, received=self.settings.received_path)
         return folders
 
+    def _folder_store(self) -> Any:
+        from node.errors import ConfigError
+        from node.folders.config import FolderConfigError, FolderStore
+
+        try:
+            return FolderStore.load(self.home)
+        except FolderConfigError as exc:
+            raise ConfigError(f"{exc}; fix or remove it, or use `node folder remove`") from None
+
     async def _start_services(self) -> None:
-        """Event log, transfers, gossip, sync and folder watchers."""
+        """Event log, transfers, gossip, sync, folder watchers and shared folders."""
         from node.gossip.log import EventLog
         from node.gossip.service import GossipService
         from node.gossip.sync import SyncEngine
@@ -295,7 +305,7 @@ class Daemon:
         self.sharing = ShareService(
             self.peering, received, notify=self.events.emit, label_for=self.label_for,
             resolve_shared=self._resolve_shared, default_transport=s.transport,
-            targets=self._online_trusted,
+            targets=self._online_trusted, resolve_for=self._resolve_for_peer,
         )
         self.sync = SyncEngine(received, self_id=self.identity.peer_id, fetch=self._sync_fetch,
                                origin_label=self.label_for, suppress=self._suppress,
@@ -311,8 +321,9 @@ class Daemon:
         self.peering.register("gossip", self.gossip.handle_channel)
         await self.gossip.start()
         self._closers.append(self.gossip.stop)
+        await self._start_folders()
         self.watchers = []
-        for label, folder in self.folders.items():
+        for label, folder in self.shared.items():
             watcher = FolderWatcher(folder, label, index_path=self.home / f"index-{label}.db",
                                     on_change=functools.partial(self._local_change, label),
                                     on_changes=functools.partial(self._local_changes, label))
@@ -321,6 +332,46 @@ class Daemon:
             changes = await watcher.start(scan=True)
             log.info("sharing folder %s as %r (%d change(s) since last run)", folder, label,
                      len(changes))
+
+    async def _start_folders(self) -> None:
+        """Shared folders (node/folders): the engine every folder command talks to."""
+        from node.folders.engine import SERVICE, FolderSync
+
+        self._folder_stores: dict[Path, Any] = {}
+        self.folders = FolderSync(
+            self.identity, self.folder_store, self.home,
+            open_channel=lambda peer: self.peering.connect(peer, SERVICE),
+            fetch=self._folder_fetch, is_trusted=self.trust.is_trusted,
+            notify=self.events.emit, label_for=self.label_for)
+        self.peering.register(SERVICE, self.folders.handle_channel)
+        await self.folders.start()
+        self._closers.append(self.folders.stop)
+
+    async def _folder_fetch(self, peer: PeerId, paths: list[str], staging: Path,
+                            seeds: list[Path]) -> dict[str, Any]:
+        """Fetch folder files from `peer` into `staging` (one ReceiveStore per staging dir,
+        so an interrupted fetch resumes from its partial file). `seeds` are the old
+        versions, whose matching chunks the transfer layer copies instead of fetching."""
+        import inspect
+
+        from node.transfer.store import ReceiveStore
+
+        store = self._folder_stores.get(staging)
+        if store is None:
+            store = self._folder_stores[staging] = ReceiveStore(staging)
+        extra: dict[str, Any] = {}
+        if "seeds" in inspect.signature(self.sharing.fetch_many).parameters:
+            extra["seeds"] = seeds  # chunk reuse (issue 11 item 6), where the layer has it
+        return await self.sharing.fetch_many(peer, paths, store=store, **extra)
+
+    def _resolve_for_peer(self, peer: PeerId, rel: str, root_hash: bytes | None
+                          ) -> tuple[Path, Path] | None:
+        """What `peer` may fetch: a file of a folder shared with it, or of a --share."""
+        from node.folders.engine import FETCH_PREFIX
+
+        if rel.startswith(FETCH_PREFIX + "/"):
+            return self.folders.resolve_fetch(peer, rel)
+        return self._resolve_shared(rel, root_hash)
 
     def _start_pairing(self) -> None:
         """`node invite` / `node accept`: SPAKE2 codes through the bootstrap mailbox."""
@@ -368,13 +419,13 @@ class Daemon:
     def _resolve_shared(self, rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
         """A peer fetches `<folder label>/<path>` from one of our shared folders."""
         from node.errors import ProtocolError
-        from node.transfer.paths import resolve_under, safe_relpath
+        from node.pathrules import resolve_under, safe_relpath
 
         try:
             relpath = safe_relpath(rel)
         except ProtocolError:
             return None
-        folder = self.folders.get(relpath.parts[0]) if len(relpath.parts) > 1 else None
+        folder = self.shared.get(relpath.parts[0]) if len(relpath.parts) > 1 else None
         if folder is None:
             return None
         try:

@@ -398,9 +398,38 @@ class FolderOffered:
                 f"node folder add PATH --id {fid} --peer {who}")
 
 
+@dataclass(frozen=True, slots=True)
+class FolderConflict:
+    """Two devices changed a file concurrently: the loser is kept as a conflict copy."""
+
+    KIND: ClassVar[str] = "conflict"
+    folder: str
+    path: str
+    copy: str  # the conflict copy's path in the folder
+    peer_id: str = ""  # full id of the winning version's author, when known
+
+    def encode(self) -> dict[str, Any]:
+        return {"folder": self.folder, "path": self.path, "copy": self.copy,
+                "peer_id": self.peer_id}
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any]) -> FolderConflict:
+        return cls(folder=_str(data, "folder"), path=_str(data, "path"),
+                   copy=_str(data, "copy"), peer_id=_str(data, "peer_id"))
+
+    def peers(self) -> tuple[str, ...]:
+        return (self.peer_id,) if self.peer_id else ()
+
+    def render(self, labels: Labels | None = None) -> str:
+        by = f" (the other version is by {peer_label(self.peer_id, labels)})" if (
+            self.peer_id) else ""
+        return (f"conflict in {self.folder}/{self.path}: both versions kept, ours as "
+                f"{self.copy}{by}")
+
+
 KINDS: dict[str, Any] = {cls.KIND: cls for cls in (
     FileShared, FileUpdated, FileDeleted, FileMoved, FileReceived, TransferFailed,
-    PeerJoined, PeerLeft, EventRejected, FolderOffered)}
+    PeerJoined, PeerLeft, EventRejected, FolderOffered, FolderConflict)}
 NOTIFICATION_KINDS = tuple(KINDS)
 
 

@@ -104,13 +104,17 @@ class ShareService:
                  label_for: Callable[[PeerId], str],
                  resolve_shared: Callable[[str, bytes | None], tuple[Path, Path] | None],
                  default_transport: str, targets: Callable[[], list[PeerId]],
-                 on_received: Callable[[PeerId, TransferResult], Awaitable[None]] | None = None
+                 on_received: Callable[[PeerId, TransferResult], Awaitable[None]] | None = None,
+                 resolve_for: Callable[[PeerId, str, bytes | None],
+                                       tuple[Path, Path] | None] | None = None
                  ) -> None:
         self.peering = peering
         self.store = ReceiveStore(received_dir)
         self._notify = notify
         self._label_for = label_for
         self._resolve_shared = resolve_shared
+        # what a fetch may reach, given who asks (shared folders are per peer)
+        self._resolve_for = resolve_for
         self._default_transport = default_transport
         self._targets = targets
         self._on_received = on_received
@@ -307,6 +311,8 @@ class ShareService:
 
         def resolve(rel_path: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
             t.paths = [rel_path]  # what was asked for, so a failure can name it
+            if self._resolve_for is not None:
+                return self._resolve_for(channel.peer, rel_path, root_hash)
             return self._resolve_shared(rel_path, root_hash)
 
         try:

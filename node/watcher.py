@@ -6,8 +6,8 @@ gets a debounce timer: a burst of writes becomes one ``LocalChange`` once the
 path has been quiet for ``debounce_s``. Content is hashed with BLAKE3 in a
 worker thread, never on the loop.
 
-A ``FileIndex`` (SQLite: path -> size, mtime_ns, hash) remembers what we last
-announced, so:
+A ``FileIndex`` (node/fileindex.py; SQLite: path -> size, mtime_ns, hash)
+remembers what we last announced, so:
 
 * a change whose content equals the index (touch, rewrite of same bytes) is silent;
 * ``scan()`` at start compares the folder with the index and reports what was
@@ -20,25 +20,26 @@ Ignored: our partial transfers (``*.p2pfs-part``), the versions folder
 ``*.swx``, ``*~``, ``.#*``, ``4913``, ``*.tmp``). An editor's "write temp then
 rename over" save shows up as a modification of the target.
 
-Imports node.errors only (and node.gossip.events for path validation); it must
-not import the gossip service, transports or the daemon.
+An ``ignore(rel, is_dir)`` predicate (a shared folder's ``.p2pfsignore`` rules,
+node/folders/ignore.py) hides more names: an ignored name is neither announced
+nor, when it was known before, reported deleted; an ignored directory is not
+walked. An edit of the ignore file itself rescans the folder.
+
+Imports node.errors, node.fileindex, node.pathrules and node.statefiles; it must
+not import gossip, folders, transports or the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
-import sqlite3
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import blake3
 from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
@@ -52,15 +53,16 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from node.errors import LocalIOError, ProtocolError
-from node.gossip.events import validate_rel_path
-from node.statefiles import is_state_name, private_file
+from node.fileindex import FileIndex, IndexEntry, hash_file  # noqa: F401 (re-exported)
+from node.pathrules import check_rel_path
+from node.statefiles import is_state_name
 
 log = logging.getLogger(__name__)
 
+IGNORE_FILE_NAME = ".p2pfsignore"  # node.folders.ignore's file: rescan when it changes
 PARTIAL_SUFFIX = ".p2pfs-part"
 VERSIONS_DIR = ".p2pfs-versions"
 INDEX_SUFFIXES = (".p2pfs-index", ".p2pfs-index-wal", ".p2pfs-index-shm", ".p2pfs-index-journal")
-HASH_CHUNK_BYTES = 1 << 20
 SUPPRESS_TTL_S = 30.0
 DEFAULT_DEBOUNCE_S = 0.15
 # bad names a watcher remembers having warned about (one warning each, bounded memory)
@@ -79,33 +81,6 @@ class LocalChange:
     hash: bytes = b""
 
 
-@dataclass(frozen=True)
-class IndexEntry:
-    path: str
-    size: int
-    mtime_ns: int
-    hash: bytes
-
-
-def hash_file(path: Path) -> tuple[int, int, bytes]:
-    """(size, mtime_ns, BLAKE3-256) of a regular file; blocking, run it in a thread.
-
-    Never follows a symlink at `path` (OSError ELOOP) and never opens anything but
-    a regular file (no FIFO to block on, no device): a link to /etc/passwd is not
-    hashed as if it were the file.
-    """
-    h = blake3.blake3()
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-                 | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb", closefd=True) as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return st.st_size, st.st_mtime_ns, h.digest()
-
-
 def name_problem(rel: str) -> str | None:
     """Why a local file name cannot be announced, or None when it can.
 
@@ -120,7 +95,7 @@ def name_problem(rel: str) -> str | None:
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in rel):
         return "its name holds a newline or another control character"
     try:
-        validate_rel_path(rel)
+        check_rel_path(rel)
     except ProtocolError as exc:
         return str(exc)
     return None
@@ -189,72 +164,6 @@ def is_ignored_name(rel: str) -> bool:
                        ".p2pfs-state")) or name.startswith(".#") or name == "4913")
 
 
-class FileIndex:
-    """path -> (size, mtime_ns, hash), in SQLite; one per watched folder."""
-
-    def __init__(self, path: Path | str) -> None:
-        try:
-            self._db = sqlite3.connect(str(private_file(path)), isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # an index is a cache of the folder (a rescan rebuilds it): no fsync per commit
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
-                " mtime_ns INTEGER NOT NULL, hash BLOB NOT NULL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS files_hash ON files (hash)")
-        except (sqlite3.Error, OSError) as exc:
-            raise LocalIOError(f"cannot open file index {path}: {exc}") from None
-        self._tx_depth = 0
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Group writes into one commit (re-entrant; each write stands on its own, so
-        what was written is committed even when the block raises)."""
-        self.begin_batch()
-        try:
-            yield
-        finally:
-            self.end_batch()
-
-    def begin_batch(self) -> None:
-        if self._tx_depth == 0:
-            self._db.execute("BEGIN")
-        self._tx_depth += 1
-
-    def end_batch(self) -> None:
-        self._tx_depth -= 1
-        if self._tx_depth == 0:
-            self._db.execute("COMMIT")
-
-    def get(self, path: str) -> IndexEntry | None:
-        row = self._db.execute("SELECT path, size, mtime_ns, hash FROM files WHERE path=?",
-                               (path,)).fetchone()
-        return IndexEntry(*row) if row else None
-
-    def put(self, path: str, size: int, mtime_ns: int, hash: bytes) -> None:
-        self._db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?)",
-                         (path, size, mtime_ns, hash))
-
-    def remove(self, path: str) -> None:
-        self._db.execute("DELETE FROM files WHERE path=?", (path,))
-
-    def find_by_hash(self, hash: bytes) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT path FROM files WHERE hash=?", (hash,))]
-
-    def totals(self) -> tuple[int, int]:
-        """(number of files, their bytes), without loading the index."""
-        count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files"
-                                       ).fetchone()
-        return int(count), int(size)
-
-    def all(self) -> dict[str, IndexEntry]:
-        return {r[0]: IndexEntry(*r) for r in
-                self._db.execute("SELECT path, size, mtime_ns, hash FROM files")}
-
-    def close(self) -> None:
-        self._db.close()
-
-
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: FolderWatcher) -> None:
         self._w = watcher
@@ -270,7 +179,7 @@ class FolderWatcher:
                  on_change: Callable[[LocalChange], Awaitable[object]],
                  loop: asyncio.AbstractEventLoop | None = None,
                  debounce_s: float = DEFAULT_DEBOUNCE_S,
-                 ignore: Callable[[Path], bool] | None = None,
+                 ignore: Callable[[str, bool], bool] | None = None,
                  on_changes: Callable[[list[LocalChange]], Awaitable[object]] | None = None
                  ) -> None:
         self.folder = Path(folder).resolve()
@@ -353,10 +262,10 @@ class FolderWatcher:
         if rel is not None:
             self._suppressed[rel] = (hash, time.monotonic() + SUPPRESS_TTL_S)
 
-    def ignored(self, rel: str) -> bool:
+    def ignored(self, rel: str, is_dir: bool = False) -> bool:
         if is_ignored_name(rel):
             return True
-        return bool(self._ignore and self._ignore(self.folder / rel))
+        return bool(self._ignore and self._ignore(rel, is_dir))
 
     def find_by_hash(self, hash: bytes) -> Path | None:
         for rel in self.index.find_by_hash(hash):
@@ -387,7 +296,9 @@ class FolderWatcher:
                         created.append(LocalChange("created", rel, size=size, hash=digest))
                     elif entry.hash != digest:
                         changes.append(LocalChange("modified", rel, size=size, hash=digest))
-                gone = {rel: e for rel, e in known.items() if rel not in on_disk}
+                # a name ignored since is not reported deleted: it only stops syncing
+                gone = {rel: e for rel, e in known.items()
+                        if rel not in on_disk and not self.ignored(rel)}
                 for c in created:
                     # a vanished file with the same content at a new path is a move
                     old = next((r for r, e in gone.items() if e.hash == c.hash), None)
@@ -415,7 +326,9 @@ class FolderWatcher:
     def _walk(self) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
         for root, dirs, files in os.walk(self.folder):
-            dirs[:] = [d for d in dirs if d != VERSIONS_DIR]
+            base = Path(root).relative_to(self.folder)
+            dirs[:] = [d for d in dirs if d != VERSIONS_DIR
+                       and not self.ignored((base / d).as_posix(), True)]
             for name in files:
                 full = Path(root) / name
                 rel = full.relative_to(self.folder).as_posix()
@@ -473,7 +386,9 @@ class FolderWatcher:
         if isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileDeletedEvent,
                               FileClosedEvent)):
             rel = self.rel(os.fsdecode(event.src_path))
-            if rel is not None:
+            if rel == IGNORE_FILE_NAME:
+                self._schedule_task(self._rescan())  # names may be (un)ignored now
+            elif rel is not None:
                 self._debounce(rel)
 
     def _cancel(self, rel: str) -> None:
@@ -611,6 +526,71 @@ class FolderWatcher:
             await self._on_changes(changes)
         except Exception:  # a failing consumer must not kill the watcher
             log.exception("on_changes failed for %d changes", len(changes))
+
+
+class _TreeHandler(FileSystemEventHandler):
+    def __init__(self, watcher: TreeWatcher) -> None:
+        self._w = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self._w._from_thread(event)
+
+
+class TreeWatcher:
+    """Watches a folder tree and calls ``on_dirty()`` on the loop when anything in it
+    changed (a shared folder's driver then scans it). Names for which ``ignore(rel)`` is
+    true (the versions folder, say) do not count. Directory events count too, so an
+    empty directory made or removed is noticed."""
+
+    def __init__(self, folder: Path, on_dirty: Callable[[], None], *,
+                 ignore: Callable[[str], bool] | None = None) -> None:
+        self.folder = Path(folder).resolve()
+        self._on_dirty = on_dirty
+        self._ignore = ignore
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if not self.folder.is_dir():
+            raise LocalIOError(f"folder {self.folder} does not exist or is not a folder")
+        observer = Observer()
+        try:
+            observer.schedule(_TreeHandler(self), str(self.folder), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            raise LocalIOError(f"cannot watch {self.folder}: {exc} (on Linux, raise "
+                               "fs.inotify.max_user_watches)") from None
+        self._observer = observer
+
+    async def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5.0)
+
+    def _counts(self, raw: bytes | str) -> bool:
+        path = os.fsdecode(raw)
+        try:
+            rel = Path(path).relative_to(self.folder).as_posix()
+        except ValueError:
+            return False
+        return rel != "." and not (self._ignore is not None and self._ignore(rel))
+
+    def _from_thread(self, event: FileSystemEvent) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._observer is None:
+            return
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        paths = [event.src_path] + ([event.dest_path] if getattr(event, "dest_path", "")
+                                    else [])
+        if any(self._counts(p) for p in paths):
+            try:
+                loop.call_soon_threadsafe(self._on_dirty)
+            except RuntimeError:  # loop closing
+                pass
 
 
 # probe results besides (size, mtime_ns, hash) and None (not a regular file)

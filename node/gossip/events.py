@@ -11,7 +11,7 @@ Every field is bounded and validated when decoding (``from_wire``), before the
 signature is even checked: paths are relative posix paths that cannot escape
 a target folder.
 
-Pure: no I/O. Imports only node.identity, node.wire and node.errors; it must
+Pure: no I/O. Imports only node.identity, node.wire, node.pathrules and node.errors; it must
 not import the engine, the log, the service or any transport.
 """
 
@@ -28,6 +28,7 @@ from nacl.encoding import RawEncoder
 
 from node.errors import IdentityError, ProtocolError
 from node.identity import Identity, PeerId, validate_name
+from node.pathrules import check_rel_path
 from node.wire import packb, unpackb
 
 EVENT_DOMAIN = "p2pfs-event-v1"
@@ -57,25 +58,9 @@ def now_ms() -> int:
 
 
 def validate_rel_path(path: Any, what: str = "path") -> str:
-    """A received relative path: posix, non-empty, bounded, no '..', no absolute, no NUL."""
-    if not isinstance(path, str):
-        raise ProtocolError(f"{what}: must be text")
-    raw = path.encode("utf-8", "surrogatepass")
-    if not raw or len(raw) > MAX_PATH_BYTES:
-        raise ProtocolError(f"{what}: must be 1-{MAX_PATH_BYTES} bytes")
-    if path.startswith("/") or "\\" in path:
-        raise ProtocolError(f"{what}: must be a relative posix path")
-    parts = path.split("/")
-    if len(parts) > MAX_PATH_COMPONENTS:
-        raise ProtocolError(f"{what}: more than {MAX_PATH_COMPONENTS} components")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise ProtocolError(f"{what}: empty, '.' or '..' component")
-        if any(ord(c) < 32 or ord(c) == 127 for c in part):
-            raise ProtocolError(f"{what}: control character")
-    if len(parts[0]) == 2 and parts[0][1] == ":":
-        raise ProtocolError(f"{what}: drive letters are not allowed")
-    return path
+    """A received relative path (node.pathrules: posix, bounded, no escape, no control
+    character, no reserved or p2pfs-internal name), at most MAX_PATH_BYTES."""
+    return check_rel_path(path, what, MAX_PATH_BYTES)
 
 
 def validate_folder(label: Any) -> str:

@@ -19,9 +19,9 @@ Copies live under ``<received dir>/<origin label>/<folder>/<path>``.
 
 Every write goes through ``suppress(path, hash)`` first, so a watcher on the
 received dir does not announce our own writes (no echo loops). Paths pass
-``node.transfer.paths`` (no symlinks followed, no escape from the target).
+``node.pathrules`` (no symlinks followed, no escape from the target).
 
-Imports node.gossip.events/log, node.transfer.paths, node.watcher (FileIndex,
+Imports node.gossip.events/log, node.pathrules, node.fileindex (FileIndex,
 hash_file), identity and errors; it must not import transports or the daemon.
 """
 
@@ -38,11 +38,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 
 from node.errors import IntegrityError, LocalIOError, P2PError
+from node.fileindex import FileIndex, hash_file
 from node.gossip.events import ChangeEvent
 from node.gossip.log import EventLog
 from node.identity import PeerId
 from node.notifications import FileReceived
-from node.transfer.paths import (
+from node.pathrules import (
     PARTIAL_SUFFIX,
     VERSIONS_DIR_NAME,
     ensure_dirs,
@@ -51,7 +52,6 @@ from node.transfer.paths import (
     safe_relpath,
     sanitize_label,
 )
-from node.watcher import FileIndex, hash_file
 
 log = logging.getLogger(__name__)
 

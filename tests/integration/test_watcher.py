@@ -351,3 +351,37 @@ async def test_2000_files_dropped_at_once_become_a_few_batches(tmp_path: Path) -
         assert len(w.index.all()) == 2000
     finally:
         await w.stop()
+
+
+async def test_p2pfsignore_hides_names_and_rescans_when_edited(tmp_path: Path) -> None:
+    from node.folders.ignore import IGNORE_FILE_NAME, IgnoreRules
+
+    rec = Recorder()
+    folder = tmp_path / "share"
+    folder.mkdir()
+    (folder / IGNORE_FILE_NAME).write_text("*.log\nbuild/\n")
+    (folder / "build").mkdir()
+    (folder / "build" / "out.o").write_bytes(b"obj")
+    (folder / "a.log").write_bytes(b"log")
+    (folder / "keep.txt").write_bytes(b"keep")
+    ticks = iter(range(0, 10**9, 10))
+    rules = IgnoreRules(folder, clock=lambda: float(next(ticks)))  # re-checked at every call
+    w = FolderWatcher(folder, "share", index_path=tmp_path / "idx.p2pfs-index",
+                      on_change=rec, debounce_s=DEBOUNCE_S, ignore=rules)
+    await w.start()
+    try:
+        assert [(c.kind, c.path) for c in rec.changes] == [("created", "keep.txt")]
+        (folder / "b.log").write_bytes(b"more")
+        (folder / "build" / "x.o").write_bytes(b"obj2")
+        (folder / "keep.txt").write_bytes(b"edited")
+        await rec.wait_for(2)
+        await rec.quiet()
+        assert [(c.kind, c.path) for c in rec.changes[1:]] == [("modified", "keep.txt")]
+        # un-ignore the logs, ignore keep.txt: the logs appear, keep.txt is not "deleted"
+        (folder / IGNORE_FILE_NAME).write_text("build/\nkeep.txt\n")
+        await rec.wait_for(4)
+        await rec.quiet()
+        assert sorted((c.kind, c.path) for c in rec.changes[2:]) == [
+            ("created", "a.log"), ("created", "b.log")]
+    finally:
+        await w.stop()

@@ -16,6 +16,7 @@ from node.notifications import (
     FileReceived,
     FileShared,
     FileUpdated,
+    FolderConflict,
     FolderOffered,
     PeerJoined,
     PeerLeft,
@@ -48,6 +49,7 @@ SAMPLES = [
     EventRejected("bad signature", via=BID, origin=AID, seq=7, event_id="e9"),
     EventRejected("not msgpack", via=BID),
     FolderOffered(AID, "photos", "Family photos"),
+    FolderConflict("docs", "a.txt", "a.sync-conflict-20260101-120000-ABCDEFG.txt", AID),
 ]
 
 

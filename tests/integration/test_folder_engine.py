@@ -1,0 +1,357 @@
+"""The folder driver (node/folders/engine.py) on real folders and SQLite, several devices in
+one process: channels are in-memory pairs, a fetch copies the file the serving engine
+resolves (what the transfer layer does over the network, minus the network)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from node.errors import P2PError, PeerUnreachable
+from node.folders import engine as engine_mod
+from node.folders.config import FolderConfig, FolderMode, FolderStore
+from node.folders.engine import FolderSync
+from node.folders.ignore import IGNORE_FILE_NAME
+from node.identity import Identity, PeerId
+from node.memory_channel import channel_pair
+from node.notifications import FolderConflict, FolderOffered
+
+DEADLINE_S = 10.0
+
+
+async def wait_until(cond: Callable[[], object], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Device:
+    def __init__(self, net: Net, name: str, tmp: Path) -> None:
+        self.net = net
+        self.name = name
+        self.identity = Identity.generate(name)
+        self.home = tmp / f"home-{name}"
+        self.home.mkdir()
+        self.dir = tmp / f"dir-{name}"
+        self.dir.mkdir()
+        self.store = FolderStore.load(self.home)
+        self.notes: list[object] = []
+        self.online = True
+        self.engine: FolderSync | None = None
+
+    @property
+    def peer(self) -> PeerId:
+        return self.identity.peer_id
+
+    def add_folder(self, folder_id: str, peers: list[Device], **kw: object) -> None:
+        self.store.put(FolderConfig(folder_id, self.dir.resolve(),
+                                    tuple(p.peer for p in peers), **kw))  # type: ignore[arg-type]
+        self.store.save()
+
+    async def start(self) -> None:
+        self.online = True
+        self.engine = FolderSync(self.identity, self.store, self.home,
+                                 open_channel=self._open, fetch=self._fetch,
+                                 is_trusted=lambda p: p in self.net.by_peer,
+                                 notify=self.notes.append)
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        self.online = False
+        if self.engine is not None:
+            await self.engine.stop()
+            self.engine = None
+
+    async def _open(self, peer: PeerId) -> object:
+        other = self.net.by_peer.get(peer)
+        if other is None or not other.online or other.engine is None or not self.online:
+            raise PeerUnreachable(f"{peer.short} is offline")
+        mine, theirs = channel_pair(self.peer, peer)
+        # each end's .peer is who it talks to
+        mine.peer, theirs.peer = peer, self.peer
+        asyncio.ensure_future(other.engine.handle_channel(theirs))
+        return mine
+
+    async def _fetch(self, peer: PeerId, paths: list[str], staging: Path, seeds: list[Path]
+                     ) -> dict[str, Path | P2PError]:
+        self.net.seeds.append(seeds)
+        other = self.net.by_peer[peer]
+        out: dict[str, Path | P2PError] = {}
+        for path in paths:
+            if not other.online or other.engine is None:
+                out[path] = PeerUnreachable("offline")
+                continue
+            hit = other.engine.resolve_fetch(self.peer, path)
+            if hit is None:
+                out[path] = P2PError(f"no such file: {path}")
+                continue
+            dest = staging / os.urandom(6).hex()
+            shutil.copyfile(hit[1], dest)
+            self.net.fetched.append((self.name, other.name, path))
+            out[path] = dest
+        return out
+
+    def tree(self) -> dict[str, bytes | str]:
+        out: dict[str, bytes | str] = {}
+        for dirpath, dirnames, filenames in os.walk(self.dir):
+            dirnames[:] = [d for d in dirnames if d != ".p2pfs-versions"]
+            for d in dirnames:
+                p = Path(dirpath) / d
+                out[p.relative_to(self.dir).as_posix() + "/"] = (
+                    "->" + os.readlink(p) if p.is_symlink() else "dir")
+            for f in filenames:
+                p = Path(dirpath) / f
+                rel = p.relative_to(self.dir).as_posix()
+                if rel == IGNORE_FILE_NAME:
+                    continue
+                out[rel] = "->" + os.readlink(p) if p.is_symlink() else p.read_bytes()
+        return out
+
+    def versions(self) -> list[bytes]:
+        vroot = self.dir / ".p2pfs-versions"
+        out = []
+        for dirpath, dirnames, filenames in os.walk(vroot):
+            dirnames[:] = [d for d in dirnames if d != ".incoming"]
+            out += [(Path(dirpath) / f).read_bytes() for f in filenames]
+        return out
+
+
+class Net:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.devices: list[Device] = []
+        self.by_peer: dict[PeerId, Device] = {}
+        self.fetched: list[tuple[str, str, str]] = []
+        self.seeds: list[list[Path]] = []
+
+    def add(self, name: str) -> Device:
+        d = Device(self, name, self.tmp)
+        self.devices.append(d)
+        self.by_peer[d.peer] = d
+        return d
+
+
+@pytest.fixture(autouse=True)
+def fast_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "ANTI_ENTROPY_S", 0.5)
+    monkeypatch.setattr(engine_mod, "TICK_S", 0.05)
+    monkeypatch.setattr(engine_mod, "CONNECT_BACKOFF_S", 0.1)
+    monkeypatch.setattr(engine_mod, "CONNECT_BACKOFF_MAX_S", 0.2)
+    monkeypatch.setattr(engine_mod, "RETRY_BACKOFF_S", 0.1)
+    monkeypatch.setattr(engine_mod, "RETRY_BACKOFF_MAX_S", 0.3)
+
+
+@pytest.fixture
+async def net(tmp_path: Path) -> AsyncIterator[Net]:
+    n = Net(tmp_path)
+    yield n
+    for d in n.devices:
+        await d.stop()
+
+
+async def pair(net: Net, *, mode_b: FolderMode = FolderMode.SEND_RECEIVE
+               ) -> tuple[Device, Device]:
+    a, b = net.add("a"), net.add("b")
+    a.add_folder("docs", [b])
+    b.add_folder("docs", [a], mode=mode_b)
+    await a.start()
+    await b.start()
+    return a, b
+
+
+async def test_edits_flow_both_ways_and_deletes_keep_a_version(net: Net) -> None:
+    a, b = await pair(net)
+    (a.dir / "sub").mkdir()
+    (a.dir / "sub" / "one.txt").write_bytes(b"from a")
+    await wait_until(lambda: b.tree().get("sub/one.txt") == b"from a", "a's file on b")
+    (b.dir / "sub" / "one.txt").write_bytes(b"edited on b")
+    await wait_until(lambda: a.tree().get("sub/one.txt") == b"edited on b", "b's edit on a")
+    assert [a.dir / "sub" / "one.txt"] in net.seeds  # the old version, for chunk reuse
+    assert b"from a" in a.versions()
+    (a.dir / "sub" / "one.txt").unlink()
+    await wait_until(lambda: "sub/one.txt" not in b.tree(), "the deletion on b")
+    assert b"edited on b" in b.versions()
+    assert a.tree() == b.tree() == {"sub/": "dir"}
+
+
+async def test_renames_move_no_content_over_the_network(net: Net) -> None:
+    a, b = await pair(net)
+    (a.dir / "d").mkdir()
+    (a.dir / "d" / "big.bin").write_bytes(b"x" * 100_000)
+    await wait_until(lambda: "d/big.bin" in b.tree(), "big.bin on b")
+    fetched = len(net.fetched)
+    os.rename(a.dir / "d", a.dir / "e")  # a directory rename: delete d/*, create e/*
+    await wait_until(lambda: b.tree() == {"e/": "dir", "e/big.bin": b"x" * 100_000},
+                     "the renamed folder on b")
+    assert len(net.fetched) == fetched  # copied from the old name, not fetched
+
+
+async def test_empty_dirs_symlinks_and_modes(net: Net) -> None:
+    a, b = await pair(net)
+    (a.dir / "empty").mkdir()
+    (a.dir / "run.sh").write_bytes(b"#!/bin/sh\n")
+    os.chmod(a.dir / "run.sh", 0o755)
+    os.symlink("run.sh", a.dir / "link")
+    os.symlink("/etc/passwd", a.dir / "escape")
+    await wait_until(lambda: "link/" in b.tree() or "link" in b.tree(), "the symlink on b")
+    await wait_until(lambda: "empty/" in b.tree() and "run.sh" in b.tree(), "dir and file")
+    assert os.readlink(b.dir / "link") == "run.sh"
+    assert not os.path.lexists(b.dir / "escape")  # a target outside the folder: skipped
+    assert os.stat(b.dir / "run.sh").st_mode & 0o100
+    (a.dir / "empty").rmdir()
+    await wait_until(lambda: "empty/" not in b.tree(), "the empty dir removed on b")
+
+
+async def test_concurrent_edits_keep_both_versions(net: Net) -> None:
+    a, b = await pair(net)
+    (a.dir / "notes.txt").write_bytes(b"base")
+    await wait_until(lambda: b.tree().get("notes.txt") == b"base", "base on b")
+    await b.stop()
+    (b.dir / "notes.txt").write_bytes(b"b's offline edit")
+    os.utime(b.dir / "notes.txt", (1_600_000_000, 1_600_000_000))  # older: b loses
+    (a.dir / "notes.txt").write_bytes(b"a's edit")
+    await asyncio.sleep(0.3)  # a scans its edit before b returns
+    await b.start()
+
+    def converged() -> bool:
+        ta, tb = a.tree(), b.tree()
+        return ta == tb and len(ta) == 2
+    await wait_until(converged, "both trees with the winner and one conflict copy")
+    tree = a.tree()
+    assert tree["notes.txt"] == b"a's edit"
+    (copy,) = [n for n in tree if ".sync-conflict-" in n]
+    assert tree[copy] == b"b's offline edit"
+    assert copy.startswith("notes.sync-conflict-20200913-") and copy.endswith(".txt")
+    assert any(isinstance(n, FolderConflict) for n in b.notes)
+
+
+async def test_ignore_patterns_on_both_sides(net: Net) -> None:
+    a, b = net.add("a"), net.add("b")
+    a.add_folder("docs", [b])
+    b.add_folder("docs", [a])
+    (b.dir / IGNORE_FILE_NAME).write_text("*.log\n")
+    (a.dir / IGNORE_FILE_NAME).write_text("secret/\n")
+    await a.start()
+    await b.start()
+    (a.dir / "app.log").write_bytes(b"a log")
+    (a.dir / "keep.txt").write_bytes(b"keep")
+    (b.dir / "secret").mkdir()
+    (b.dir / "secret" / "key").write_bytes(b"k")
+    assert a.engine is not None and b.engine is not None
+    ra, rb = a.engine.runners["docs"], b.engine.runners["docs"]
+    await wait_until(lambda: b.tree().get("keep.txt") == b"keep", "keep.txt on b")
+    # each side has heard of the other's file (and planned since): neither applies it
+    await wait_until(lambda: "app.log" in rb.db.remotes().get(a.peer.key, {}), "app.log heard")
+    await wait_until(lambda: "secret/key" in ra.db.remotes().get(b.peer.key, {}),
+                     "secret/key heard")
+    await rb._sync_once()  # a sync round after hearing of them
+    await ra._sync_once()
+    assert "app.log" not in b.tree()  # ignored where it would land
+    # b's secret/ is not ignored on b, so it is announced; a ignores it where it lands
+    assert "secret/key" not in a.tree()
+    assert (a.dir / IGNORE_FILE_NAME).read_text() == "secret/\n"  # never synced
+
+
+async def test_receive_only_local_edit_reported_then_reverted(net: Net) -> None:
+    a, b = await pair(net, mode_b=FolderMode.RECEIVE_ONLY)
+    (a.dir / "f.txt").write_bytes(b"global")
+    await wait_until(lambda: b.tree().get("f.txt") == b"global", "f.txt on b")
+    (b.dir / "f.txt").write_bytes(b"local edit")
+    assert b.engine is not None and a.engine is not None
+    cfg_b = b.store.require("docs")
+    await wait_until(lambda: b.engine.status(cfg_b).locally_changed == 1,  # type: ignore
+                     "the local edit reported")
+    await asyncio.sleep(0.3)
+    assert a.tree()["f.txt"] == b"global"  # never sent
+    assert await b.engine.revert("docs") == 1
+    await wait_until(lambda: b.tree().get("f.txt") == b"global", "the global version back")
+    assert b"local edit" in b.versions()
+    assert b.engine.status(cfg_b).locally_changed == 0
+
+
+async def test_send_only_records_remote_edits_and_override_pushes_ours(net: Net) -> None:
+    a, b = net.add("a"), net.add("b")
+    a.add_folder("docs", [b], mode=FolderMode.SEND_ONLY)
+    b.add_folder("docs", [a])
+    await a.start()
+    await b.start()
+    (a.dir / "f.txt").write_bytes(b"ours")
+    await wait_until(lambda: b.tree().get("f.txt") == b"ours", "f.txt on b")
+    (b.dir / "f.txt").write_bytes(b"b edits")
+    assert a.engine is not None
+    cfg_a = a.store.require("docs")
+    await wait_until(lambda: a.engine.status(cfg_a).locally_changed == 1,  # type: ignore
+                     "a records b's version as out of sync")
+    assert a.tree()["f.txt"] == b"ours"
+    assert await a.engine.override("docs") == 1
+    await wait_until(lambda: b.tree().get("f.txt") == b"ours", "ours pushed back over b's")
+    assert b"b edits" in b.versions()
+
+
+async def test_fetch_from_another_device_when_the_origin_is_offline(net: Net) -> None:
+    a, b, c = net.add("a"), net.add("b"), net.add("c")
+    for d in (a, b, c):
+        d.add_folder("docs", [x for x in (a, b, c) if x is not d])
+    await a.start()
+    await c.start()
+    (a.dir / "f.txt").write_bytes(b"made on a")
+    await wait_until(lambda: c.tree().get("f.txt") == b"made on a", "f.txt on c")
+    await a.stop()
+    await b.start()
+    await wait_until(lambda: b.tree().get("f.txt") == b"made on a", "f.txt on b, via c")
+    assert ("b", "c", ".folders/docs/f.txt") in net.fetched
+
+
+async def test_unknown_folder_from_a_trusted_peer_is_offered_never_synced(net: Net) -> None:
+    a, b = net.add("a"), net.add("b")
+    a.add_folder("photos", [b])
+    await a.start()
+    await b.start()
+    (a.dir / "p.jpg").write_bytes(b"jpeg")
+    await wait_until(lambda: any(isinstance(n, FolderOffered) and n.folder_id == "photos"
+                                 for n in b.notes), "folder_offered on b")
+    assert b.tree() == {}
+
+
+async def test_a_folder_added_again_elsewhere_deletes_nothing(net: Net, tmp_path: Path) -> None:
+    a, b = await pair(net)
+    (a.dir / "keep.txt").write_bytes(b"keep")
+    await wait_until(lambda: b.tree().get("keep.txt") == b"keep", "keep.txt on b")
+    await b.stop()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    b.store.update("docs", path=elsewhere.resolve())
+    b.store.save()
+    b.dir = elsewhere
+    await b.start()
+    await wait_until(lambda: b.tree().get("keep.txt") == b"keep", "keep.txt fetched again")
+    assert a.tree()["keep.txt"] == b"keep"
+
+
+async def test_a_change_recorded_but_never_announced_goes_out_next_round(net: Net) -> None:
+    # as after a kill -9 between recording a version and announcing it
+    from node.folders import disk
+
+    a, b = await pair(net)
+    assert a.engine is not None
+    runner = a.engine.runners["docs"]
+    await b.stop()
+    (a.dir / "quiet.txt").write_bytes(b"recorded, not announced")
+    changes, _clock = disk.scan(a.dir, runner.db.local(), runner.ignore, device=runner.me,
+                                clock=runner.db.meta("clock") + 100)
+    for info in changes:
+        runner.db.put_local(info)  # what a round records before it announces
+    await a.stop()
+    await a.start()
+    await b.start()
+    await wait_until(lambda: b.tree().get("quiet.txt") == b"recorded, not announced",
+                     "the recorded change on b")
