@@ -36,6 +36,7 @@ import logging
 import os
 import stat
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -56,6 +57,12 @@ from node.errors import LocalIOError, ProtocolError
 from node.fileindex import FileIndex, IndexEntry, hash_file  # noqa: F401 (re-exported)
 from node.pathrules import check_rel_path
 from node.statefiles import is_state_name
+
+# watchdog's inotify thread warns when a directory is re-created at a path it watched
+# (a folder's versions dir, a rename back and forth) and then replaces the callback with
+# the same one: harmless, and it would land in the node's log on every such rename
+warnings.filterwarnings("ignore", message="Callback with id .* already exists for watch",
+                        category=RuntimeWarning)
 
 log = logging.getLogger(__name__)
 
