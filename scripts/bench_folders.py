@@ -1,0 +1,207 @@
+"""Benchmark: two-way folders: a big drop, a 2-byte append, and convergence after chaos.
+
+In ONE run, on 127.0.0.1, three real nodes A, B, C share one send-receive
+folder (``bench``; ``folders.json`` written through FolderStore before they
+start; all trust each other):
+
+1. drop: ``--files`` small files of 1-10 KB (seeded) and one ``--big-mb`` file
+   are renamed into A's folder at once (each appears whole); the clock runs
+   until B and C both hold every file with its full content (checked by hash
+   after the clock stops). CPU seconds of each node (utime+stime, /proc) over
+   the drop.
+2. append: 2 bytes are appended to the big file on A; the clock runs until B
+   and C hold the new content. "Bytes moved" is what A's daemon wrote to its
+   sockets and files meanwhile (``wchar`` from /proc/PID/io, an upper bound of
+   what went on the wire); the target is at most one chunk per receiver.
+3. with ``--chaos-seconds S``: scripts/chaos_folders.py with 5 nodes for S
+   seconds (its own process); prints its time to converge and lost versions.
+
+    .venv/bin/python scripts/bench_folders.py                  # 2,000 files + 200 MB
+    .venv/bin/python scripts/bench_folders.py --files 200 --big-mb 20 --json
+    .venv/bin/python scripts/bench_folders.py --chaos-seconds 300
+
+Imports the harness from scripts/ and node.folders.config; never the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_smallfiles import tree_cpu_s  # noqa: E402
+from testnet_lib import Testnet, TestnetError  # noqa: E402
+
+from node.folders.config import FolderConfig, FolderStore  # noqa: E402
+from node.identity import PeerId  # noqa: E402
+from node.transfer.manifest import DEFAULT_CHUNK_SIZE_BYTES as CHUNK_SIZE  # noqa: E402
+
+FOLDER_ID = "bench"
+NAMES = ("A", "B", "C")
+POLL_S = 0.05
+
+
+def _hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _wchar(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no wchar in /proc/{pid}/io")
+
+
+def _has_all(tree: Path, sizes: dict[str, int]) -> bool:
+    for rel, size in sizes.items():
+        try:
+            if (tree / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _wait(pred: Any, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout_s:
+            raise TestnetError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+    return time.monotonic() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="p2pfs-benchfolders-")).resolve()
+    out: dict[str, Any] = {"files": args.files, "big_mb": args.big_mb, "seed": args.seed,
+                           "chunk_bytes": CHUNK_SIZE}
+    with Testnet(work, transport=args.transport) as net:
+        net.start_bootstrap()
+        net.add_nodes(list(NAMES), start=False)
+        trees = {n: work / "trees" / n for n in NAMES}
+        for n in NAMES:
+            trees[n].mkdir(parents=True)
+            for o in NAMES:
+                if o != n:
+                    net.cli(n, "trust", net.peer_id(o), "--name", o, json=False)
+            store = FolderStore.load(net.node(n).home)
+            store.put(FolderConfig(FOLDER_ID, trees[n], peers=tuple(
+                PeerId.parse(net.peer_id(o)) for o in NAMES if o != n)))
+            store.save()
+        net.start_many(list(NAMES))
+        net.wait_all_see_each_other(list(NAMES), timeout=60)
+        # warm-up: one file through, so channels and scans are done before the clock
+        (trees["A"] / "warm.txt").write_bytes(b"warm")
+        _wait(lambda: all(_has_all(trees[n], {"warm.txt": 4}) for n in ("B", "C")), 60,
+              "the warm-up file on B and C")
+
+        staging = work / "staging"
+        staging.mkdir()
+        sizes: dict[str, int] = {}
+        for i in range(args.files):
+            rel = f"small/{i // 100:02d}/f{i:05d}.bin"
+            data = rng.randbytes(rng.randint(1_000, 10_000))
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(data)
+            sizes[rel] = len(data)
+        big = staging / "big.bin"
+        with open(big, "wb") as f:
+            for _ in range(args.big_mb):
+                f.write(rng.randbytes(1 << 20))
+        sizes["big.bin"] = args.big_mb << 20
+        pids = {n: net.node(n).pid for n in NAMES}
+        cpu0 = {n: tree_cpu_s(p) for n, p in pids.items() if p}
+        t0 = time.monotonic()
+        for d in sorted({Path(r).parts[0] for r in sizes}):
+            os.replace(staging / d, trees["A"] / d)
+        _wait(lambda: all(_has_all(trees[n], sizes) for n in ("B", "C")),
+              args.timeout, "the drop on B and C")
+        drop_s = time.monotonic() - t0
+        cpu1 = {n: tree_cpu_s(p) for n, p in pids.items() if p}
+        bad = [f"{n}:{rel}" for n in ("B", "C") for rel in sizes
+               if _hash(trees[n] / rel) != _hash(trees["A"] / rel)]
+        out["drop"] = {"seconds": round(drop_s, 2),
+                       "files_per_s": round((args.files + 1) / drop_s, 1),
+                       "cpu_s": {n: round(cpu1[n] - cpu0[n], 2) for n in cpu0},
+                       "mismatched": len(bad)}
+
+        a_pid = pids["A"]
+        w0 = _wchar(a_pid) if a_pid else 0
+        t0 = time.monotonic()
+        with open(trees["A"] / "big.bin", "ab") as f:
+            f.write(b"!\n")
+        want = _hash(trees["A"] / "big.bin")
+        new_size = sizes["big.bin"] + 2
+        _wait(lambda: all(_has_all(trees[n], {"big.bin": new_size}) and
+                          _hash(trees[n] / "big.bin") == want for n in ("B", "C")),
+              args.timeout, "the appended file on B and C")
+        moved = (_wchar(a_pid) - w0) if a_pid else -1
+        out["append"] = {"seconds": round(time.monotonic() - t0, 2),
+                         "sender_bytes_written": moved,
+                         "chunks_equivalent": round(moved / CHUNK_SIZE, 2),
+                         "target_bytes": 2 * CHUNK_SIZE}
+    if args.chaos_seconds > 0:
+        res = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("chaos_folders.py")), "--nodes", "5",
+             "--duration", str(args.chaos_seconds), "--seed", str(args.seed), "--json"],
+            capture_output=True, text=True, check=False)
+        try:
+            out["chaos"] = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TestnetError(f"chaos_folders.py failed: {res.stderr.strip()[-500:]}") from None
+    out["load_avg"] = os.getloadavg()[0]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=2000)
+    p.add_argument("--big-mb", type=int, default=200)
+    p.add_argument("--chaos-seconds", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=300.0, help="per phase, seconds")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--transport", default="tcp", choices=("tcp", "udp", "quic"))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        result = run(args)
+    except TestnetError as e:
+        print(f"bench_folders: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    d, a = result["drop"], result["append"]
+    print(f"load {result['load_avg']:.1f}; chunk {result['chunk_bytes']} B")
+    print(f"drop of {args.files} small files + {args.big_mb} MB on A -> B and C:"
+          f" {d['seconds']} s ({d['files_per_s']} files/s), CPU s"
+          f" {', '.join(f'{n} {c}' for n, c in d['cpu_s'].items())}, mismatched {d['mismatched']}")
+    print(f"2-byte append: {a['seconds']} s, A wrote {a['sender_bytes_written']} B"
+          f" ({a['chunks_equivalent']} chunks; target <= {a['target_bytes']} B for 2 peers)")
+    if "chaos" in result:
+        c = result["chaos"]
+        print(f"chaos {c['duration_s']:.0f} s, {sum(c['ops'].values())} ops"
+              f" ({c['ops']['kill']} kills): converged in {c['converged_s']} s,"
+              f" {c['conflict_copies']} conflict copies, lost {c['lost']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
