@@ -207,7 +207,11 @@ class SendGrant:
         """'' when `peer` may go on with `hello`, else the reason it may not."""
         if peer != self.receiver:
             return "this offer was made to another key"
-        if self.state not in (SendState.WAITING, SendState.SENDING):
+        if self.state is SendState.SENDING:
+            # one channel per offer: a second one while the first serves would be served
+            # on past the send's end, and its hello could flip the state under the first
+            return "this offer is being sent on another channel already"
+        if self.state is not SendState.WAITING:
             return f"this offer is {self.state.value}"
         if hello.offer_id != self.offer.offer_id:
             return "no such offer"
@@ -260,6 +264,9 @@ class _LiveSend:
     emit: Emit
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_sent: int = 0
+    # set when send() ends for any reason (done, declined, the CLI went away, the node
+    # stops): the serving channel stops at once, so nothing flows past the grant's end
+    stop: StopSignal = field(default_factory=StopSignal)
 
 
 class OneShotService:
@@ -344,8 +351,15 @@ class OneShotService:
                     await emit({"type": "waiting"})  # raises when the CLI went away
             while not grant.ended:
                 live.changed.clear()
-                await live.changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(live.changed.wait(), WAIT_HEARTBEAT_S)
+                if live.stop.is_set():
+                    raise SendBroken("the send was stopped (its `node send` went away); "
+                                     "the receiver got only part of it")
+                if not grant.ended:
+                    await emit({"type": "waiting"})  # raises when the CLI went away
         finally:
+            live.stop.set()  # a Ctrl-C'd `node send` stops the bytes too
             self.peering.grants.withdraw(permit)
             self._sends.pop(offer.offer_id, None)
         if grant.state is SendState.DECLINED:
@@ -408,19 +422,26 @@ class OneShotService:
             return
         last = [0.0]
 
+        async def tell(event: dict[str, Any]) -> None:
+            try:
+                await live.emit(event)
+            except (ConnectionError, P2PError, RuntimeError):
+                live.stop.set()  # the `node send` that asked went away (Ctrl-C): stop
+                live.changed.set()
+
         def on_progress(p: TransferProgress) -> None:
             live.bytes_sent = p.bytes_done
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or p.bytes_done == p.bytes_total:
                 last[0] = now
-                asyncio.ensure_future(_emit_quietly(live.emit, {
+                asyncio.ensure_future(tell({
                     "type": "progress", "bytes_done": p.bytes_done,
                     "bytes_total": p.bytes_total, "file": p.file,
                     "files_done": p.files_done, "files_total": p.files_total}))
 
         try:
             result = await serve_fetch(channel, grant.resolve, progress=on_progress,
-                                       cancel=StopSignal())
+                                       cancel=live.stop)
             live.bytes_sent = result.bytes_sent_on_wire
             if result.state is not TransferState.DONE:
                 grant.on_broken(result.error or result.state.value)
