@@ -431,7 +431,8 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                   "path")
     for r in rows:
         via = f" ({r['added_via']})" if r.get("added_via") else ""
-        table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
+        # a name is the peer's own words (any stranger's, from the LAN or the DHT): text
+        table.add_row(r["short_id"], escape(r["alias"] or r["name"] or "-"),
                       ("yes" + via) if r["trusted"] else "no", ",".join(r["hosts"]),
                       " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
                       ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"],

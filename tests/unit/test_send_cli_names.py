@@ -49,3 +49,13 @@ def test_peer_chosen_names_are_printed_as_text(monkeypatch: pytest.MonkeyPatch,
         res = runner.invoke(cli.app, [*args, "--home", str(tmp_path)])
         assert res.exit_code == 0, (args, res.output, res.exception)
         assert repr(name) in res.output, (args, res.output)
+
+
+def test_a_strangers_name_in_node_peers_is_text(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Any) -> None:
+    row = {"short_id": "ABCDEFG", "alias": "", "name": "[conceal]mallory", "trusted": False,
+           "hosts": ["127.0.0.1"], "transports": [], "ports": {}, "online": True,
+           "last_seen": 0, "source": "lan"}
+    monkeypatch.setattr(cli, "_call", lambda *_a, **_k: [row])
+    res = CliRunner().invoke(cli.app, ["peers", "--home", str(tmp_path)])
+    assert res.exit_code == 0 and "[conceal]mallory" in res.output, res.output
