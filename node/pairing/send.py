@@ -50,7 +50,7 @@ from node.errors import (
 )
 from node.identity import PeerId
 from node.notifications import FileReceived, Notice
-from node.pairing import PairingError, WrongCode
+from node.pairing import CodeCancelled, CodeExpired, CodeUsed, PairingError, WrongCode
 from node.pairing.code import parse_code
 from node.pairing.protocol import MAX_BOX_BYTES, verification_words
 from node.pairing.service import DEFAULT_INVITE_TTL_S, PairingService, parse_ttl
@@ -93,6 +93,8 @@ MAX_STORES = 32  # target folders remembered (each knows its partial files in us
 WRONG_CODE_MESSAGE = ("wrong code or someone tried to guess it; nothing was sent (a code from "
                       "`node send` goes to `node receive`, one from `node invite` to "
                       "`node accept`)")
+# the mailbox's advice on a used/expired code, which a send replaces with its own
+INVITE_ADVICE = "make a new one with `node invite`"
 # the sealed box: MAC, AEAD tag
 _BOX_FIXED_BYTES = 32 + 16
 
@@ -325,6 +327,8 @@ class OneShotService:
                 extra=offer.to_wire())
         except WrongCode:
             raise WrongCode(WRONG_CODE_MESSAGE) from None
+        except (CodeUsed, CodeExpired, CodeCancelled) as exc:
+            raise _for_send(exc, "run `node send` again for a new one") from None
         receiver = met.offer.peer_id
         grant = SendGrant(offer, receiver, sources)
         live = _LiveSend(grant, emit)
@@ -470,6 +474,8 @@ class OneShotService:
                                                           emit=emit, app_id=SEND_APP_ID)
         except WrongCode:
             raise WrongCode(WRONG_CODE_MESSAGE) from None
+        except (CodeUsed, CodeExpired, CodeCancelled) as exc:
+            raise _for_send(exc, "ask the sender for a new one (`node send`)") from None
         if met.offer.extra is None:
             raise ProtocolError("the other side offered no files")
         offer = SendOffer.from_wire(met.offer.extra)
@@ -588,6 +594,11 @@ class OneShotService:
         assert len(offer.files) <= MAX_FILES_PER_FETCH
         return await fetch_files(channel, [(f.path, f.root) for f in offer.files], store,
                                  progress=on_progress, cancel=StopSignal())
+
+
+def _for_send(exc: PairingError, advice: str) -> PairingError:
+    """The mailbox's words are for invitations; a send code's user needs a send's advice."""
+    return type(exc)(str(exc).replace(INVITE_ADVICE, advice))
 
 
 def _text(args: dict[str, Any], key: str) -> str:

@@ -210,3 +210,36 @@ def test_receive_dir_default_and_checks(tmp_path: Path) -> None:
                 str(tmp_path / "bad:name")):
         with pytest.raises(ConfigError):
             svc.target(bad, ALICE.peer_id)
+
+
+# -- a used or expired send code says what to do for a send --------------------------------
+
+async def test_a_used_send_code_advises_a_new_send_not_an_invitation(tmp_path: Path) -> None:
+    from node.pairing import CodeExpired, CodeUsed
+
+    class Refusing:
+        identity = ALICE
+
+        def current_record(self) -> None:
+            return None
+
+        async def exchange_as_accepter(self, *_a: Any, **_k: Any) -> Any:
+            raise CodeUsed("this code was already used, or never existed (each code works "
+                           "once); make a new one with `node invite`")
+
+        async def exchange_as_inviter(self, *_a: Any, **_k: Any) -> Any:
+            raise CodeExpired("this code has expired; make a new one with `node invite`")
+
+    async def quiet(_e: dict[str, Any]) -> None:
+        return None
+
+    svc = service(tmp_path)
+    svc.pairing = Refusing()  # type: ignore[assignment]
+    with pytest.raises(CodeUsed) as used:
+        await svc.receive_offer(str(make_code(7)), emit=quiet)
+    assert "node invite" not in str(used.value) and "node send" in str(used.value)
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    with pytest.raises(CodeExpired) as expired:
+        await svc.send([src], emit=quiet)
+    assert "node invite" not in str(expired.value) and "node send" in str(expired.value)
