@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,10 @@ MAX_STORES = 32  # target folders remembered (each knows its partial files in us
 WRONG_CODE_MESSAGE = ("wrong code or someone tried to guess it; nothing was sent (a code from "
                       "`node send` goes to `node receive`, one from `node invite` to "
                       "`node accept`)")
+# what a name shown at the receive prompt may not hold: C0/C1 controls (U+009B is a CSI
+# to some terminals) and the bidi controls that make "\u202egnp.exe" read "exe.png"
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                         "\u2066-\u2069]")
 # the mailbox's advice on a used/expired code, which a send replaces with its own
 INVITE_ADVICE = "make a new one with `node invite`"
 # the sealed box: MAC, AEAD tag
@@ -152,6 +157,9 @@ class SendOffer:
             if not isinstance(path, str):
                 raise ProtocolError("the sender's offer has a file without a name")
             safe_relpath(path)  # ProtocolError: absolute, .., empty parts, bad names
+            if _UNSHOWABLE.search(path):
+                raise ProtocolError(f"the sender's offer names a file with a control or "
+                                    f"text-direction character: {ascii(path)[:80]}")
             if isinstance(size, bool) or not isinstance(size, int) \
                     or not 0 <= size <= MAX_FILE_SIZE_BYTES:
                 raise ProtocolError(f"the sender's offer gives {path[:80]!r} a bad size")

@@ -154,6 +154,10 @@ def test_offer_round_trips_and_bad_offers_are_refused() -> None:
         [1, wire[1], [["a", 1, b"x" * 31]]], [1, wire[1], [["a", 1, ROOT], ["a", 2, ROOT]]],
         [1, wire[1], [["a", 1]]], [1, wire[1], [[b"a", 1, ROOT]]],
         [1, wire[1], [["\x1b[2Jcleared.txt", 1, ROOT]]],  # a terminal escape in a name
+        [1, wire[1], [["\x9b2Jcleared.txt", 1, ROOT]]],  # a C1 CSI, one character
+        [1, wire[1], [["x\x85y.txt", 1, ROOT]]],  # a C1 next line
+        [1, wire[1], [["\u202egnp.exe", 1, ROOT]]],  # reads "exe.png" at the prompt
+        [1, wire[1], [["d\u2066/a.txt", 1, ROOT]]],  # a bidi isolate in a folder name
         [1, wire[1], [[".a.0123456789abcdef.p2pfs-part", 1, ROOT]]],  # our own files
         [1, wire[1], [[f"f{i}", 1, ROOT] for i in range(MAX_OFFER_FILES + 1)]],
     ]
