@@ -589,19 +589,27 @@ class OneShotService:
     async def _fetch(self, channel: Any, offer: SendOffer, store: ReceiveStore,
                      emit: Emit) -> TransferResult:
         last = [0.0]
+        stop = StopSignal()
+
+        async def tell(event: dict[str, Any]) -> None:
+            try:
+                await emit(event)
+            except (ConnectionError, P2PError, RuntimeError):
+                stop.set()  # the `node receive` that asked went away (Ctrl-C): stop; the
+                # verified chunks stay, so a new code for the same files resumes
 
         def on_progress(p: TransferProgress) -> None:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or p.bytes_done == p.bytes_total:
                 last[0] = now
-                asyncio.ensure_future(_emit_quietly(emit, {
+                asyncio.ensure_future(tell({
                     "type": "progress", "bytes_done": p.bytes_done,
                     "bytes_total": p.bytes_total, "file": p.file,
                     "files_done": p.files_done, "files_total": p.files_total}))
 
         assert len(offer.files) <= MAX_FILES_PER_FETCH
         return await fetch_files(channel, [(f.path, f.root) for f in offer.files], store,
-                                 progress=on_progress, cancel=StopSignal())
+                                 progress=on_progress, cancel=stop)
 
 
 def _for_send(exc: PairingError, advice: str) -> PairingError:

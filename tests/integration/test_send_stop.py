@@ -148,3 +148,30 @@ async def test_an_offer_is_served_on_one_channel_only(pair: tuple[Side, Side],
     finally:
         send.cancel()
         await asyncio.gather(send, return_exceptions=True)
+
+
+async def test_a_receive_whose_cli_went_away_stops_fetching(pair: tuple[Side, Side],
+                                                            tmp_path: Path) -> None:
+    a, b = pair
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(64 * MIB))
+
+    async def receiver_cli(event: dict[str, Any]) -> None:
+        if event.get("type") == "progress":  # the user pressed Ctrl-C once bytes flowed
+            raise ConnectionResetError("the CLI went away")
+
+    send = asyncio.ensure_future(a.svc.send([src], emit=quiet))
+    try:
+        offer_wire = await asyncio.wait_for(a.pairing.offers.get(), 30)
+        b.svc._clock = asyncio.get_running_loop().time
+        b.svc._receives["s"] = pending(a, offer_wire)
+        with pytest.raises(P2PError):
+            await asyncio.wait_for(
+                b.svc.receive_accept("s", accept=True, target=str(tmp_path / "in"),
+                                     emit=receiver_cli), 30)
+        with pytest.raises(P2PError):  # the sender is told it broke: a new code resumes
+            await asyncio.wait_for(send, 10)
+    finally:
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+    assert not (tmp_path / "in" / "big.bin").exists()
