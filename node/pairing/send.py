@@ -48,6 +48,7 @@ from node.errors import (
     PeerError,
     PeerUnreachable,
     ProtocolError,
+    RemoteError,
 )
 from node.identity import PeerId
 from node.notifications import FileReceived, Notice
@@ -557,7 +558,10 @@ class OneShotService:
                 store = self._stores[base] = ReceiveStore(base)
                 while len(self._stores) > MAX_STORES:
                     del self._stores[next(iter(self._stores))]
-            result = await self._fetch(channel, pending.offer, store, emit)
+            try:
+                result = await self._fetch(channel, pending.offer, store, emit)
+            except RemoteError as exc:  # the sender's Abort ("changed", "cancelled")
+                raise SendBroken(self._broke(sender, label, str(exc))) from None
         finally:
             await channel.close()
         saved = {f.rel_path: f for f in result.files}
@@ -565,8 +569,7 @@ class OneShotService:
         if result.state is not TransferState.DONE or missing:
             why = result.error or "; ".join(f"{p}: {r}" for p, r in result.failures) \
                 or "not every file arrived"
-            raise SendBroken(f"the transfer from {sender.short} broke: {why}; ask for a new "
-                             "code for the same files: it resumes from the verified chunks")
+            raise SendBroken(self._broke(sender, label, why))
         for f in result.files:
             self._notify(FileReceived(peer_id=str(sender), path=f.rel_path, size=f.size,
                                       hash=f.root_hex, saved_as=str(f.path) if f.path else "",
@@ -585,6 +588,14 @@ class OneShotService:
                 "path": getattr(channel, "path", ""),
                 "elapsed_s": round(elapsed, 3),
                 "rate_bps": total / elapsed if elapsed > 0 else 0.0, "trusted": False}
+
+    @staticmethod
+    def _broke(sender: PeerId, label: str, why: str) -> str:
+        # the transfer layer names the peer by the channel's label, which for a one-shot
+        # receive is the target folder's name ("inbox aborted the transfer"): say who
+        why = why.replace(f"{label} aborted", f"the sender {sender.short} stopped")
+        return (f"the transfer from {sender.short} broke: {why}; ask for a new code for "
+                "the same files: it resumes from the verified chunks")
 
     async def _fetch(self, channel: Any, offer: SendOffer, store: ReceiveStore,
                      emit: Emit) -> TransferResult:

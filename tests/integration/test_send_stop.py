@@ -109,10 +109,13 @@ async def test_a_send_whose_cli_went_away_stops_serving(pair: tuple[Side, Side],
         offer_wire = await asyncio.wait_for(a.pairing.offers.get(), 30)
         b.svc._clock = asyncio.get_running_loop().time
         b.svc._receives["s"] = pending(a, offer_wire)
-        with pytest.raises(P2PError):
+        with pytest.raises(P2PError) as broke:
             await asyncio.wait_for(
                 b.svc.receive_accept("s", accept=True, target=str(tmp_path / "in"),
                                      emit=quiet), 30)
+        # the receiver is told the sender stopped, not that its own folder "in" did
+        assert "in aborted" not in str(broke.value), broke.value
+        assert f"sender {a.identity.peer_id.short} stopped" in str(broke.value), broke.value
         with pytest.raises((P2PError, ConnectionError)):
             await asyncio.wait_for(send, 10)
     finally:
