@@ -311,8 +311,17 @@ class OneShotService:
                                rendezvous=_text(args, "rendezvous") or None, emit=emit)
 
     async def _cmd_receive_offer(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self.receive_offer(_text(args, "code"),
-                                        rendezvous=_text(args, "rendezvous") or None, emit=emit)
+        offer = await self.receive_offer(_text(args, "code"),
+                                         rendezvous=_text(args, "rendezvous") or None, emit=emit)
+        try:
+            await emit({"type": "offered"})  # is the `node receive` that asked still there?
+        except (ConnectionError, RuntimeError):
+            # it went away (Ctrl-C) while the codes met: tell the sender no at once, rather
+            # than leave it waiting ACCEPT_TIMEOUT_S for an answer nobody will give
+            with contextlib.suppress(P2PError, OSError, TimeoutError):
+                await self.receive_accept(offer["session"], accept=False, emit=_ignore)
+            raise
+        return offer
 
     async def _cmd_receive_accept(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         accept = args.get("accept")
@@ -635,6 +644,10 @@ def _text(args: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be text")
     return value
+
+
+async def _ignore(_event: dict[str, Any]) -> None:
+    return None
 
 
 async def _emit_quietly(emit: Emit, event: dict[str, Any]) -> None:

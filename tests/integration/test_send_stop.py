@@ -39,9 +39,16 @@ class FakePairing:
                  records: dict[PeerId, ContactRecord]) -> None:
         self.identity, self.other, self.records = identity, other, records
         self.offers: asyncio.Queue[Any] = asyncio.Queue()
+        self.other_offers: asyncio.Queue[Any] = asyncio.Queue()  # what the "box" brings
 
     def current_record(self) -> ContactRecord | None:
         return self.records.get(self.identity.peer_id)
+
+    async def exchange_as_accepter(self, *_a: Any, **_kw: Any) -> Any:
+        extra = await self.other_offers.get()
+        return SimpleNamespace(offer=SimpleNamespace(
+            peer_id=self.other.peer_id, name=self.other.name, extra=extra,
+            record=self.records[self.other.peer_id]))
 
     async def exchange_as_inviter(self, *, extra: Any, **_kw: Any) -> Any:
         await self.offers.put(extra)
@@ -178,3 +185,31 @@ async def test_a_receive_whose_cli_went_away_stops_fetching(pair: tuple[Side, Si
         send.cancel()
         await asyncio.gather(send, return_exceptions=True)
     assert not (tmp_path / "in" / "big.bin").exists()
+
+
+async def test_a_receive_interrupted_before_its_prompt_declines_at_once(
+        pair: tuple[Side, Side], tmp_path: Path) -> None:
+    """Ctrl-C while the codes meet: the sender hears "declined" now, not after
+    ACCEPT_TIMEOUT_S of waiting for an answer nobody will give."""
+    from node.pairing.code import make_code
+    from node.pairing.send import SendDeclined
+
+    a, b = pair
+    src = tmp_path / "small.bin"
+    src.write_bytes(b"y" * 1000)
+
+    async def gone(event: dict[str, Any]) -> None:
+        if event.get("type") == "offered":
+            raise ConnectionResetError("the CLI went away")
+
+    send = asyncio.ensure_future(a.svc.send([src], emit=quiet))
+    try:
+        await b.pairing.other_offers.put(await asyncio.wait_for(a.pairing.offers.get(), 30))
+        with pytest.raises(ConnectionError):
+            await b.svc._cmd_receive_offer({"code": str(make_code(7))}, gone)
+        with pytest.raises(SendDeclined):
+            await asyncio.wait_for(send, 10)
+    finally:
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+    assert b.svc._receives == {}
