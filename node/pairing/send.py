@@ -418,6 +418,11 @@ class OneShotService:
                 found.append(sf)
         if not found:
             raise LocalIOError("nothing to send: no regular file in the paths given")
+        odd = [sf.entry.path for sf in found if _UNSHOWABLE.search(sf.entry.path)]
+        if odd:  # a receiver refuses the whole offer for it, after the codes met
+            raise ConfigError(f"cannot send {ascii(odd[0])[:100]}: its name holds a control "
+                              "or text-direction character, which a receiver refuses; "
+                              "rename it first")
         if len(found) > MAX_OFFER_FILES:
             raise ConfigError(f"{len(found)} files are more than one send code carries "
                               f"({MAX_OFFER_FILES}); pack them into an archive first")

@@ -247,3 +247,15 @@ async def test_a_used_send_code_advises_a_new_send_not_an_invitation(tmp_path: P
     with pytest.raises(CodeExpired) as expired:
         await svc.send([src], emit=quiet)
     assert "node invite" not in str(expired.value) and "node send" in str(expired.value)
+
+
+def test_a_sender_refuses_a_name_every_receiver_would_refuse(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    odd = tmp_path / "\u202egnp.exe"
+    odd.write_text("x")
+    with pytest.raises(ConfigError, match="text-direction"):
+        svc._prepare([odd])
+    fine = tmp_path / "caf\u00e9 \U0001f600.txt"
+    fine.write_text("x")
+    offer, _ = svc._prepare([fine])
+    assert SendOffer.from_wire(offer.to_wire()) == offer
