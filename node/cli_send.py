@@ -141,7 +141,8 @@ def receive(
         raise ConfigError("not asking: stdin is not a terminal; run it in one, or pass "
                           "--yes to accept the offer without asking (the code was not used)")
     target = str(dest.expanduser().resolve()) if dest is not None else ""
-    offer = cli._call(home, "receive_offer", {"code": code, "rendezvous": rendezvous})
+    offer = cli._call(home, "receive_offer", {"code": code, "rendezvous": rendezvous,
+                                              "dir": target})
     if as_json:
         _json_event({"type": "offer", **offer})
     else:

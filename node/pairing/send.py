@@ -312,7 +312,8 @@ class OneShotService:
 
     async def _cmd_receive_offer(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         offer = await self.receive_offer(_text(args, "code"),
-                                         rendezvous=_text(args, "rendezvous") or None, emit=emit)
+                                         rendezvous=_text(args, "rendezvous") or None,
+                                         target=_text(args, "dir") or None, emit=emit)
         try:
             await emit({"type": "offered"})  # is the `node receive` that asked still there?
         except (ConnectionError, RuntimeError):
@@ -489,9 +490,12 @@ class OneShotService:
             del self._receives[key]
 
     async def receive_offer(self, text: str, *, rendezvous: str | None = None,
-                            emit: Emit) -> dict[str, Any]:
-        """Use a send code: run the exchange, keep the offer for DECIDE_TIMEOUT_S, show it."""
+                            target: str | None = None, emit: Emit) -> dict[str, Any]:
+        """Use a send code: run the exchange, keep the offer for DECIDE_TIMEOUT_S, show it.
+        A `target` (--dir) is checked first, so a bad one leaves the code unused."""
         code = parse_code(text)
+        if target:
+            self.target(target, self.pairing.identity.peer_id)
         try:
             met = await self.pairing.exchange_as_accepter(code, rendezvous=rendezvous,
                                                           emit=emit, app_id=SEND_APP_ID)
@@ -547,7 +551,12 @@ class OneShotService:
             raise PairingError("that offer is no longer pending (it was answered or it "
                                "expired); ask the sender for a new code")
         sender = pending.sender
-        base, label = self.target(target, sender) if accept else (self.received_dir, "")
+        base, label, refused = self.received_dir, "", None
+        if accept:
+            try:
+                base, label = self.target(target, sender)
+            except P2PError as exc:  # the code is spent: tell the sender no, then say why
+                refused, accept = exc, False
         permit = self.peering.grants.add(sender, SERVICE, CONNECT_GRANT_S)
         try:
             channel = await self.peering.connect(sender, SERVICE, record=pending.record)
@@ -564,6 +573,8 @@ class OneShotService:
                 raise PeerUnreachable("the sender did not answer on the channel") from None
             if not ready.ok:
                 raise PairingError(f"the sender refused: {ready.reason}")
+            if refused is not None:
+                raise refused
             if not accept:
                 return {"peer_id": str(sender), "state": "declined", "files": []}
             channel.peer_name = label

@@ -213,3 +213,42 @@ async def test_a_receive_interrupted_before_its_prompt_declines_at_once(
         send.cancel()
         await asyncio.gather(send, return_exceptions=True)
     assert b.svc._receives == {}
+
+
+async def test_a_bad_dir_is_refused_before_the_code_is_used(pair: tuple[Side, Side],
+                                                            tmp_path: Path) -> None:
+    from node.errors import ConfigError, LocalIOError
+    from node.pairing.code import make_code
+
+    a, b = pair
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("a")
+    with pytest.raises(LocalIOError, match="not a folder"):  # before any exchange
+        await asyncio.wait_for(b.svc._cmd_receive_offer(
+            {"code": str(make_code(7)), "dir": str(a_file)}, quiet), 5)
+    with pytest.raises(ConfigError):
+        await asyncio.wait_for(b.svc._cmd_receive_offer(
+            {"code": str(make_code(7)), "dir": "relative/dir"}, quiet), 5)
+
+
+async def test_a_dir_gone_bad_after_the_prompt_declines_to_the_sender(
+        pair: tuple[Side, Side], tmp_path: Path) -> None:
+    """The code is spent by then: the sender hears "declined" at once (it waited 5 min)."""
+    from node.errors import LocalIOError
+    from node.pairing.send import SendDeclined
+
+    a, b = pair
+    src = tmp_path / "small.bin"
+    src.write_bytes(b"z" * 1000)
+    send = asyncio.ensure_future(a.svc.send([src], emit=quiet))
+    try:
+        offer_wire = await asyncio.wait_for(a.pairing.offers.get(), 30)
+        b.svc._clock = asyncio.get_running_loop().time
+        b.svc._receives["s"] = pending(a, offer_wire)
+        with pytest.raises(LocalIOError, match="not a folder"):
+            await b.svc.receive_accept("s", accept=True, target=str(src), emit=quiet)
+        with pytest.raises(SendDeclined):
+            await asyncio.wait_for(send, 10)
+    finally:
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
