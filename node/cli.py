@@ -431,7 +431,8 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                   "path")
     for r in rows:
         via = f" ({r['added_via']})" if r.get("added_via") else ""
-        table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
+        # a name is the peer's own words (any stranger's, from the LAN or the DHT): text
+        table.add_row(r["short_id"], escape(r["alias"] or r["name"] or "-"),
                       ("yes" + via) if r["trusted"] else "no", ",".join(r["hosts"]),
                       " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
                       ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"],
@@ -451,7 +452,7 @@ def lookup(
         _print_json(res)
         return
     rec = res["record"]
-    out.print(f"{rec['peer_id']} ({rec['name'] or '-'})")
+    out.print(f"{rec['peer_id']} ({escape(rec['name'] or '-')})")  # the peer's own words
     out.print(f"  hosts {', '.join(rec['hosts'])}  ports {rec['ports']}  seq {rec['seq']}")
     out.print(f"  found in {res['hops']} hop(s), {res['queries']} queries, "
               f"{res['elapsed_ms']:.1f} ms")
@@ -585,9 +586,10 @@ def _print_paired(res: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(res)
         return
-    label = f" as {res['alias']!r}" if res.get("alias") else ""
+    label = f" as {escape(repr(res['alias']))}" if res.get("alias") else ""
+    # the name is the other device's to choose: shown, never read as rich markup
     out.print(f"paired: now trusting {res['peer_id']}{label} "
-              f"(calls itself {res.get('name') or '-'!r})")
+              f"(calls itself {escape(repr(res.get('name') or '-'))})")
     out.print(f"its fingerprint:   {res['fingerprint']}")
     out.print(f"verification:      {res['verification']}  (the other device shows the same "
               "words; compare them if you like)")

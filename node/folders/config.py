@@ -12,13 +12,14 @@ it; the CLI edits it through the daemon's control socket when a daemon runs
 (so the change takes effect at once) and directly when none does. A running
 daemon also notices edits by ``mtime`` (``changed()``).
 
-Pure data and file I/O only: imports identity and statefiles, nothing above.
+Pure data and file I/O only: imports errors, identity and statefiles, nothing above.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from node.errors import P2PError
 from node.identity import PeerId
 from node.statefiles import write_private
 
@@ -39,6 +41,10 @@ FOLDER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_RESCAN_INTERVAL_S = 3600.0
 DEFAULT_VERSIONS_KEEP_DAYS = 30.0
 DEFAULT_VERSIONS_KEEP_COUNT = 5
+# the most a hand-edited folders.json may say (beyond: a typo, refused)
+MAX_RESCAN_INTERVAL_S = 365 * 86400.0
+MAX_VERSIONS_KEEP_DAYS = 36500.0
+MAX_VERSIONS_KEEP_COUNT = 100_000
 
 
 class FolderMode(enum.Enum):
@@ -84,23 +90,63 @@ class FolderConfig:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> FolderConfig:
+    def from_json(cls, d: Any) -> FolderConfig:
+        """One entry of folders.json, which a person may have edited by hand: every field
+        of the right type (no "paused": "false" read as true, no NaN interval, no NUL in a
+        path), or FolderConfigError naming the entry and the field."""
+        if not isinstance(d, dict):
+            raise FolderConfigError(f"a folder entry must be an object, not {_kind(d)}")
+        fid = d.get("id")
+        name = repr(fid) if isinstance(fid, str) else "?"
         try:
-            peers = tuple(PeerId.parse(str(p)) for p in d.get("peers", ()))
+            if not isinstance(fid, str):
+                raise ValueError("'id' must be text")
+            path = d.get("path")
+            if not isinstance(path, str) or not path or "\x00" in path:
+                raise ValueError("'path' must be a path as text")
+            peers_raw = d.get("peers", [])
+            if not isinstance(peers_raw, list) or not all(isinstance(p, str) for p in peers_raw):
+                raise ValueError("'peers' must be a list of peer ids")
+            peers = tuple(PeerId.parse(p) for p in peers_raw)
+            mode, label = d.get("mode", FolderMode.SEND_RECEIVE.value), d.get("label", "")
+            if not isinstance(mode, str) or not isinstance(label, str):
+                raise ValueError("'mode' and 'label' must be text")
+            paused = d.get("paused", False)
+            if not isinstance(paused, bool):
+                raise ValueError("'paused' must be true or false")
             cfg = cls(
-                id=check_folder_id(str(d["id"])), path=Path(str(d["path"])),
-                peers=peers, mode=FolderMode(str(d.get("mode", FolderMode.SEND_RECEIVE.value))),
-                label=str(d.get("label", "")), paused=bool(d.get("paused", False)),
-                rescan_interval_s=float(d.get("rescan_interval_s", DEFAULT_RESCAN_INTERVAL_S)),
-                versions_keep_days=float(d.get("versions_keep_days", DEFAULT_VERSIONS_KEEP_DAYS)),
-                versions_keep_count=int(d.get("versions_keep_count", DEFAULT_VERSIONS_KEEP_COUNT)),
+                id=check_folder_id(fid), path=Path(path), peers=peers, mode=FolderMode(mode),
+                label=label, paused=paused,
+                rescan_interval_s=_number(d, "rescan_interval_s", DEFAULT_RESCAN_INTERVAL_S,
+                                          MAX_RESCAN_INTERVAL_S),
+                versions_keep_days=_number(d, "versions_keep_days", DEFAULT_VERSIONS_KEEP_DAYS,
+                                           MAX_VERSIONS_KEEP_DAYS),
+                versions_keep_count=int(_number(d, "versions_keep_count",
+                                                DEFAULT_VERSIONS_KEEP_COUNT,
+                                                MAX_VERSIONS_KEEP_COUNT, integer=True)),
             )
         except FolderConfigError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise FolderConfigError(f"bad folder entry {d.get('id', '?')!r}: {e}") from None
+        except (KeyError, TypeError, ValueError, OverflowError, P2PError) as e:
+            raise FolderConfigError(f"bad folder entry {name}: {e}") from None
         check_config(cfg)
         return cfg
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _number(d: dict[str, Any], key: str, default: float, most: float, *,
+            integer: bool = False) -> float:
+    value = d.get(key, default)
+    ok = (not isinstance(value, bool) and isinstance(value, int | float)
+          and math.isfinite(value) and abs(value) <= most
+          and (not integer or value == int(value)))
+    if not ok:
+        raise ValueError(f"{key!r} must be a {'whole ' if integer else ''}number of at "
+                         f"most {most:g}")
+    return float(value)
 
 
 def check_config(cfg: FolderConfig) -> None:
@@ -143,14 +189,35 @@ class FolderStore:
             return
         try:
             doc = json.loads(raw)
+            if not isinstance(doc, dict) or "folders" not in doc:
+                raise ValueError('it must be an object {"version": 1, "folders": [...]}')
+            version = doc.get("version", FOLDERS_FILE_VERSION)
+            if version != FOLDERS_FILE_VERSION or isinstance(version, bool):
+                raise ValueError(f"version {version!r} is not {FOLDERS_FILE_VERSION} (a newer "
+                                 "p2pfs wrote it?)")
             entries = doc["folders"]
             if not isinstance(entries, list) or len(entries) > MAX_FOLDERS:
                 raise ValueError(f"'folders' must be a list of at most {MAX_FOLDERS} entries")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise FolderConfigError(f"{self.file} is not a valid folders file: {e}") from None
-        folders = {}
+        # a hand edit is checked as `node folder add` checks a new folder: nothing is
+        # taken from a file that breaks a rule (the old folders stay in force)
+        folders: dict[str, FolderConfig] = {}
+        home = Path(os.path.abspath(self.home))
         for entry in entries:
-            cfg = FolderConfig.from_json(entry)
+            try:
+                cfg = FolderConfig.from_json(entry)
+                if cfg.id in folders:
+                    raise FolderConfigError(f"folder id {cfg.id!r} is listed twice")
+                if _overlaps(cfg.path, home):
+                    raise FolderConfigError(f"folder {cfg.id} at {cfg.path} overlaps this "
+                                            f"node's home dir {home}, which holds its keys")
+                for other in folders.values():
+                    if _overlaps(other.path, cfg.path):
+                        raise FolderConfigError(f"folder {cfg.id} at {cfg.path} overlaps "
+                                                f"folder {other.id} at {other.path}")
+            except FolderConfigError as e:
+                raise FolderConfigError(f"{self.file}: {e}") from None
             folders[cfg.id] = cfg
         self._folders, self._mtime_ns = folders, st.st_mtime_ns
 

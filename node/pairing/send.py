@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,10 +48,11 @@ from node.errors import (
     PeerError,
     PeerUnreachable,
     ProtocolError,
+    RemoteError,
 )
 from node.identity import PeerId
 from node.notifications import FileReceived, Notice
-from node.pairing import PairingError, WrongCode
+from node.pairing import CodeCancelled, CodeExpired, CodeUsed, PairingError, WrongCode
 from node.pairing.code import parse_code
 from node.pairing.protocol import MAX_BOX_BYTES, verification_words
 from node.pairing.service import DEFAULT_INVITE_TTL_S, PairingService, parse_ttl
@@ -93,6 +95,12 @@ MAX_STORES = 32  # target folders remembered (each knows its partial files in us
 WRONG_CODE_MESSAGE = ("wrong code or someone tried to guess it; nothing was sent (a code from "
                       "`node send` goes to `node receive`, one from `node invite` to "
                       "`node accept`)")
+# what a name shown at the receive prompt may not hold: C0/C1 controls (U+009B is a CSI
+# to some terminals) and the bidi controls that make "\u202egnp.exe" read "exe.png"
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                         "\u2066-\u2069]")
+# the mailbox's advice on a used/expired code, which a send replaces with its own
+INVITE_ADVICE = "make a new one with `node invite`"
 # the sealed box: MAC, AEAD tag
 _BOX_FIXED_BYTES = 32 + 16
 
@@ -150,6 +158,9 @@ class SendOffer:
             if not isinstance(path, str):
                 raise ProtocolError("the sender's offer has a file without a name")
             safe_relpath(path)  # ProtocolError: absolute, .., empty parts, bad names
+            if _UNSHOWABLE.search(path):
+                raise ProtocolError(f"the sender's offer names a file with a control or "
+                                    f"text-direction character: {ascii(path)[:80]}")
             if isinstance(size, bool) or not isinstance(size, int) \
                     or not 0 <= size <= MAX_FILE_SIZE_BYTES:
                 raise ProtocolError(f"the sender's offer gives {path[:80]!r} a bad size")
@@ -207,7 +218,11 @@ class SendGrant:
         """'' when `peer` may go on with `hello`, else the reason it may not."""
         if peer != self.receiver:
             return "this offer was made to another key"
-        if self.state not in (SendState.WAITING, SendState.SENDING):
+        if self.state is SendState.SENDING:
+            # one channel per offer: a second one while the first serves would be served
+            # on past the send's end, and its hello could flip the state under the first
+            return "this offer is being sent on another channel already"
+        if self.state is not SendState.WAITING:
             return f"this offer is {self.state.value}"
         if hello.offer_id != self.offer.offer_id:
             return "no such offer"
@@ -260,6 +275,9 @@ class _LiveSend:
     emit: Emit
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_sent: int = 0
+    # set when send() ends for any reason (done, declined, the CLI went away, the node
+    # stops): the serving channel stops at once, so nothing flows past the grant's end
+    stop: StopSignal = field(default_factory=StopSignal)
 
 
 class OneShotService:
@@ -293,8 +311,18 @@ class OneShotService:
                                rendezvous=_text(args, "rendezvous") or None, emit=emit)
 
     async def _cmd_receive_offer(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self.receive_offer(_text(args, "code"),
-                                        rendezvous=_text(args, "rendezvous") or None, emit=emit)
+        offer = await self.receive_offer(_text(args, "code"),
+                                         rendezvous=_text(args, "rendezvous") or None,
+                                         target=_text(args, "dir") or None, emit=emit)
+        try:
+            await emit({"type": "offered"})  # is the `node receive` that asked still there?
+        except (ConnectionError, RuntimeError):
+            # it went away (Ctrl-C) while the codes met: tell the sender no at once, rather
+            # than leave it waiting ACCEPT_TIMEOUT_S for an answer nobody will give
+            with contextlib.suppress(P2PError, OSError, TimeoutError):
+                await self.receive_accept(offer["session"], accept=False, emit=_ignore)
+            raise
+        return offer
 
     async def _cmd_receive_accept(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         accept = args.get("accept")
@@ -318,6 +346,8 @@ class OneShotService:
                 extra=offer.to_wire())
         except WrongCode:
             raise WrongCode(WRONG_CODE_MESSAGE) from None
+        except (CodeUsed, CodeExpired, CodeCancelled) as exc:
+            raise _for_send(exc, "run `node send` again for a new one") from None
         receiver = met.offer.peer_id
         grant = SendGrant(offer, receiver, sources)
         live = _LiveSend(grant, emit)
@@ -344,8 +374,15 @@ class OneShotService:
                     await emit({"type": "waiting"})  # raises when the CLI went away
             while not grant.ended:
                 live.changed.clear()
-                await live.changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(live.changed.wait(), WAIT_HEARTBEAT_S)
+                if live.stop.is_set():
+                    raise SendBroken("the send was stopped (its `node send` went away); "
+                                     "the receiver got only part of it")
+                if not grant.ended:
+                    await emit({"type": "waiting"})  # raises when the CLI went away
         finally:
+            live.stop.set()  # a Ctrl-C'd `node send` stops the bytes too
             self.peering.grants.withdraw(permit)
             self._sends.pop(offer.offer_id, None)
         if grant.state is SendState.DECLINED:
@@ -382,6 +419,11 @@ class OneShotService:
                 found.append(sf)
         if not found:
             raise LocalIOError("nothing to send: no regular file in the paths given")
+        odd = [sf.entry.path for sf in found if _UNSHOWABLE.search(sf.entry.path)]
+        if odd:  # a receiver refuses the whole offer for it, after the codes met
+            raise ConfigError(f"cannot send {ascii(odd[0])[:100]}: its name holds a control "
+                              "or text-direction character, which a receiver refuses; "
+                              "rename it first")
         if len(found) > MAX_OFFER_FILES:
             raise ConfigError(f"{len(found)} files are more than one send code carries "
                               f"({MAX_OFFER_FILES}); pack them into an archive first")
@@ -408,19 +450,26 @@ class OneShotService:
             return
         last = [0.0]
 
+        async def tell(event: dict[str, Any]) -> None:
+            try:
+                await live.emit(event)
+            except (ConnectionError, P2PError, RuntimeError):
+                live.stop.set()  # the `node send` that asked went away (Ctrl-C): stop
+                live.changed.set()
+
         def on_progress(p: TransferProgress) -> None:
             live.bytes_sent = p.bytes_done
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or p.bytes_done == p.bytes_total:
                 last[0] = now
-                asyncio.ensure_future(_emit_quietly(live.emit, {
+                asyncio.ensure_future(tell({
                     "type": "progress", "bytes_done": p.bytes_done,
                     "bytes_total": p.bytes_total, "file": p.file,
                     "files_done": p.files_done, "files_total": p.files_total}))
 
         try:
             result = await serve_fetch(channel, grant.resolve, progress=on_progress,
-                                       cancel=StopSignal())
+                                       cancel=live.stop)
             live.bytes_sent = result.bytes_sent_on_wire
             if result.state is not TransferState.DONE:
                 grant.on_broken(result.error or result.state.value)
@@ -441,14 +490,19 @@ class OneShotService:
             del self._receives[key]
 
     async def receive_offer(self, text: str, *, rendezvous: str | None = None,
-                            emit: Emit) -> dict[str, Any]:
-        """Use a send code: run the exchange, keep the offer for DECIDE_TIMEOUT_S, show it."""
+                            target: str | None = None, emit: Emit) -> dict[str, Any]:
+        """Use a send code: run the exchange, keep the offer for DECIDE_TIMEOUT_S, show it.
+        A `target` (--dir) is checked first, so a bad one leaves the code unused."""
         code = parse_code(text)
+        if target:
+            self.target(target, self.pairing.identity.peer_id)
         try:
             met = await self.pairing.exchange_as_accepter(code, rendezvous=rendezvous,
                                                           emit=emit, app_id=SEND_APP_ID)
         except WrongCode:
             raise WrongCode(WRONG_CODE_MESSAGE) from None
+        except (CodeUsed, CodeExpired, CodeCancelled) as exc:
+            raise _for_send(exc, "ask the sender for a new one (`node send`)") from None
         if met.offer.extra is None:
             raise ProtocolError("the other side offered no files")
         offer = SendOffer.from_wire(met.offer.extra)
@@ -497,7 +551,12 @@ class OneShotService:
             raise PairingError("that offer is no longer pending (it was answered or it "
                                "expired); ask the sender for a new code")
         sender = pending.sender
-        base, label = self.target(target, sender) if accept else (self.received_dir, "")
+        base, label, refused = self.received_dir, "", None
+        if accept:
+            try:
+                base, label = self.target(target, sender)
+            except P2PError as exc:  # the code is spent: tell the sender no, then say why
+                refused, accept = exc, False
         permit = self.peering.grants.add(sender, SERVICE, CONNECT_GRANT_S)
         try:
             channel = await self.peering.connect(sender, SERVICE, record=pending.record)
@@ -514,6 +573,8 @@ class OneShotService:
                 raise PeerUnreachable("the sender did not answer on the channel") from None
             if not ready.ok:
                 raise PairingError(f"the sender refused: {ready.reason}")
+            if refused is not None:
+                raise refused
             if not accept:
                 return {"peer_id": str(sender), "state": "declined", "files": []}
             channel.peer_name = label
@@ -522,7 +583,10 @@ class OneShotService:
                 store = self._stores[base] = ReceiveStore(base)
                 while len(self._stores) > MAX_STORES:
                     del self._stores[next(iter(self._stores))]
-            result = await self._fetch(channel, pending.offer, store, emit)
+            try:
+                result = await self._fetch(channel, pending.offer, store, emit)
+            except RemoteError as exc:  # the sender's Abort ("changed", "cancelled")
+                raise SendBroken(self._broke(sender, label, str(exc))) from None
         finally:
             await channel.close()
         saved = {f.rel_path: f for f in result.files}
@@ -530,8 +594,7 @@ class OneShotService:
         if result.state is not TransferState.DONE or missing:
             why = result.error or "; ".join(f"{p}: {r}" for p, r in result.failures) \
                 or "not every file arrived"
-            raise SendBroken(f"the transfer from {sender.short} broke: {why}; ask for a new "
-                             "code for the same files: it resumes from the verified chunks")
+            raise SendBroken(self._broke(sender, label, why))
         for f in result.files:
             self._notify(FileReceived(peer_id=str(sender), path=f.rel_path, size=f.size,
                                       hash=f.root_hex, saved_as=str(f.path) if f.path else "",
@@ -551,22 +614,43 @@ class OneShotService:
                 "elapsed_s": round(elapsed, 3),
                 "rate_bps": total / elapsed if elapsed > 0 else 0.0, "trusted": False}
 
+    @staticmethod
+    def _broke(sender: PeerId, label: str, why: str) -> str:
+        # the transfer layer names the peer by the channel's label, which for a one-shot
+        # receive is the target folder's name ("inbox aborted the transfer"): say who
+        why = why.replace(f"{label} aborted", f"the sender {sender.short} stopped")
+        return (f"the transfer from {sender.short} broke: {why}; ask for a new code for "
+                "the same files: it resumes from the verified chunks")
+
     async def _fetch(self, channel: Any, offer: SendOffer, store: ReceiveStore,
                      emit: Emit) -> TransferResult:
         last = [0.0]
+        stop = StopSignal()
+
+        async def tell(event: dict[str, Any]) -> None:
+            try:
+                await emit(event)
+            except (ConnectionError, P2PError, RuntimeError):
+                stop.set()  # the `node receive` that asked went away (Ctrl-C): stop; the
+                # verified chunks stay, so a new code for the same files resumes
 
         def on_progress(p: TransferProgress) -> None:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or p.bytes_done == p.bytes_total:
                 last[0] = now
-                asyncio.ensure_future(_emit_quietly(emit, {
+                asyncio.ensure_future(tell({
                     "type": "progress", "bytes_done": p.bytes_done,
                     "bytes_total": p.bytes_total, "file": p.file,
                     "files_done": p.files_done, "files_total": p.files_total}))
 
         assert len(offer.files) <= MAX_FILES_PER_FETCH
         return await fetch_files(channel, [(f.path, f.root) for f in offer.files], store,
-                                 progress=on_progress, cancel=StopSignal())
+                                 progress=on_progress, cancel=stop)
+
+
+def _for_send(exc: PairingError, advice: str) -> PairingError:
+    """The mailbox's words are for invitations; a send code's user needs a send's advice."""
+    return type(exc)(str(exc).replace(INVITE_ADVICE, advice))
 
 
 def _text(args: dict[str, Any], key: str) -> str:
@@ -576,6 +660,10 @@ def _text(args: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be text")
     return value
+
+
+async def _ignore(_event: dict[str, Any]) -> None:
+    return None
 
 
 async def _emit_quietly(emit: Emit, event: dict[str, Any]) -> None:

@@ -154,6 +154,10 @@ def test_offer_round_trips_and_bad_offers_are_refused() -> None:
         [1, wire[1], [["a", 1, b"x" * 31]]], [1, wire[1], [["a", 1, ROOT], ["a", 2, ROOT]]],
         [1, wire[1], [["a", 1]]], [1, wire[1], [[b"a", 1, ROOT]]],
         [1, wire[1], [["\x1b[2Jcleared.txt", 1, ROOT]]],  # a terminal escape in a name
+        [1, wire[1], [["\x9b2Jcleared.txt", 1, ROOT]]],  # a C1 CSI, one character
+        [1, wire[1], [["x\x85y.txt", 1, ROOT]]],  # a C1 next line
+        [1, wire[1], [["\u202egnp.exe", 1, ROOT]]],  # reads "exe.png" at the prompt
+        [1, wire[1], [["d\u2066/a.txt", 1, ROOT]]],  # a bidi isolate in a folder name
         [1, wire[1], [[".a.0123456789abcdef.p2pfs-part", 1, ROOT]]],  # our own files
         [1, wire[1], [[f"f{i}", 1, ROOT] for i in range(MAX_OFFER_FILES + 1)]],
     ]
@@ -210,3 +214,48 @@ def test_receive_dir_default_and_checks(tmp_path: Path) -> None:
                 str(tmp_path / "bad:name")):
         with pytest.raises(ConfigError):
             svc.target(bad, ALICE.peer_id)
+
+
+# -- a used or expired send code says what to do for a send --------------------------------
+
+async def test_a_used_send_code_advises_a_new_send_not_an_invitation(tmp_path: Path) -> None:
+    from node.pairing import CodeExpired, CodeUsed
+
+    class Refusing:
+        identity = ALICE
+
+        def current_record(self) -> None:
+            return None
+
+        async def exchange_as_accepter(self, *_a: Any, **_k: Any) -> Any:
+            raise CodeUsed("this code was already used, or never existed (each code works "
+                           "once); make a new one with `node invite`")
+
+        async def exchange_as_inviter(self, *_a: Any, **_k: Any) -> Any:
+            raise CodeExpired("this code has expired; make a new one with `node invite`")
+
+    async def quiet(_e: dict[str, Any]) -> None:
+        return None
+
+    svc = service(tmp_path)
+    svc.pairing = Refusing()  # type: ignore[assignment]
+    with pytest.raises(CodeUsed) as used:
+        await svc.receive_offer(str(make_code(7)), emit=quiet)
+    assert "node invite" not in str(used.value) and "node send" in str(used.value)
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    with pytest.raises(CodeExpired) as expired:
+        await svc.send([src], emit=quiet)
+    assert "node invite" not in str(expired.value) and "node send" in str(expired.value)
+
+
+def test_a_sender_refuses_a_name_every_receiver_would_refuse(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    odd = tmp_path / "\u202egnp.exe"
+    odd.write_text("x")
+    with pytest.raises(ConfigError, match="text-direction"):
+        svc._prepare([odd])
+    fine = tmp_path / "caf\u00e9 \U0001f600.txt"
+    fine.write_text("x")
+    offer, _ = svc._prepare([fine])
+    assert SendOffer.from_wire(offer.to_wire()) == offer
