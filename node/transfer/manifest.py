@@ -156,16 +156,20 @@ def hash_file(path: Path, *, expect_size: int | None = None,
 
 
 class ManifestCache:
-    """(path, size, mtime_ns, inode) -> (chunk_size, chunk_hashes, root); thread-safe LRU."""
+    """(path, size, mtime_ns, ctime_ns, inode) -> (chunk_size, chunk_hashes, root); an LRU.
+
+    ctime is in the key because a user (or an attacker with write access) can put an
+    mtime back after rewriting a file in place with the same size; ctime cannot be
+    set back, so a cached hash never vouches for bytes it did not see."""
 
     def __init__(self, max_entries: int = MANIFEST_CACHE_ENTRIES) -> None:
         self._max = max_entries
-        self._items: OrderedDict[tuple[str, int, int, int], tuple[int, bytes, bytes]] = (
+        self._items: OrderedDict[tuple[str, int, int, int, int], tuple[int, bytes, bytes]] = (
             OrderedDict())
         self._lock = threading.Lock()
 
     def get_or_hash(self, path: Path, st: os.stat_result) -> tuple[int, bytes, bytes]:
-        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
@@ -173,7 +177,7 @@ class ManifestCache:
                 return hit
         value = hash_file(path, expect_size=st.st_size)
         after = os.stat(path)
-        if (after.st_size, after.st_mtime_ns, after.st_ino) != key[1:]:
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) != key[1:]:
             raise LocalIOError(f"{path} changed while being hashed; try again")
         with self._lock:
             self._items[key] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import blake3
@@ -164,3 +165,16 @@ def test_node_state_files_are_never_sent(tmp_path: Path) -> None:
         (src / name).write_bytes(b"x")
     files = mf.build_manifest(tmp_path, [src])
     assert [f.entry.path for f in files] == ["out/notes.txt"]
+
+
+def test_a_rewrite_with_the_mtime_put_back_is_hashed_again(tmp_path: Path) -> None:
+    f = tmp_path / "offered.bin"
+    f.write_bytes(b"a" * 4096)
+    st = os.stat(f)
+    cache = ManifestCache()
+    before = cache.get_or_hash(f, st)
+    time.sleep(0.01)  # ctime has (at least) the file system's timestamp granularity
+    f.write_bytes(b"b" * 4096)  # same size, same inode ...
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the mtime put back
+    after = cache.get_or_hash(f, os.stat(f))
+    assert after[2] != before[2]  # the new bytes were hashed, not the cached old ones
