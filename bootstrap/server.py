@@ -22,7 +22,13 @@ Per client address (bootstrap.limits.source_key): registrations and listings
 each spend a token bucket (429 with ``Retry-After`` when empty, checked before
 the body is read), unsigned legacy ids are capped (429), and a connection that
 does not deliver its headers within ``header_timeout_s`` or its body within
-``body_timeout_s`` is closed. A client's own faults (a malformed request line,
+``body_timeout_s`` is closed. An address has ``concurrent_per_source`` requests
+handled at once (SourceTurns; the rest wait in line), so a flood over many
+connections does not queue ahead of other addresses' requests; a big listing
+is read and encoded in slices that give the loop back; a client that hangs up
+ends its handler at once (no tarpitted handler sleeps on for nobody); and
+``run`` freezes the startup heap out of the cyclic GC, whose full passes
+otherwise stalled the loop 30-70 ms under a flood. A client's own faults (a malformed request line,
 a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
@@ -38,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -75,6 +83,7 @@ from bootstrap.store import (
     FLUSH_MAX_ROWS,
     MAX_REGISTRATIONS,
     RegisterOutcome,
+    Registration,
     RegistryFull,
     RegistryStore,
     StaleRegistration,
@@ -158,6 +167,72 @@ def _rate_check(request: web.Request, key: web.AppKey[RateLimiter], what: str) -
     return source
 
 
+class SourceTurns:
+    """At most ``per_source`` requests of one source are handled at once; the rest wait.
+
+    The event loop runs every ready handler in turn, so without this a source with
+    64 connections puts 64 handlers in front of an honest client's one, and the honest
+    answer waits for all of them. Here a source's extra requests wait on a future (FIFO,
+    cheap), so an honest request queues behind at most ``per_source`` handlers per other
+    source. ``waiting_per_source`` bounds the queue; beyond it ``acquire`` raises ApiError
+    429 at once. ``per_source == 0`` turns the turns off.
+    """
+
+    def __init__(self, per_source: int, waiting_per_source: int) -> None:
+        self.per_source = per_source
+        self.waiting_per_source = waiting_per_source
+        self._active: dict[str, int] = {}
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_source > 0
+
+    def active(self, source: str) -> int:
+        return self._active.get(source, 0)
+
+    def waiting(self, source: str) -> int:
+        return len(self._waiting.get(source, ()))
+
+    async def acquire(self, source: str) -> None:
+        active = self._active.get(source, 0)
+        if active < self.per_source:
+            self._active[source] = active + 1
+            return
+        queue = self._waiting.setdefault(source, collections.deque())
+        if len(queue) >= self.waiting_per_source:
+            raise ApiError(429, "too many requests in flight from this address",
+                           retry_after_s=1.0)
+        fut = asyncio.get_running_loop().create_future()
+        queue.append(fut)
+        try:
+            await fut  # release() hands its slot over: _active is unchanged
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(source)  # the slot was handed to us as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    queue.remove(fut)
+                if not queue:
+                    self._waiting.pop(source, None)
+            raise
+
+    def release(self, source: str) -> None:
+        queue = self._waiting.get(source)
+        while queue:
+            fut = queue.popleft()
+            if not queue:
+                del self._waiting[source]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        active = self._active.get(source, 0) - 1
+        if active > 0:
+            self._active[source] = active
+        else:
+            self._active.pop(source, None)
+
+
 class _ClientFaultFilter(logging.Filter):
     """Turn aiohttp's ERROR traceback for a client's own fault into one DEBUG line.
 
@@ -177,6 +252,7 @@ class _ClientFaultFilter(logging.Filter):
 
 
 http_log.addFilter(_ClientFaultFilter())
+TURNS_KEY: web.AppKey[SourceTurns] = web.AppKey("turns", SourceTurns)
 
 
 # -- input validation -------------------------------------------------------
@@ -406,19 +482,33 @@ async def handle_peers(request: web.Request) -> web.Response:
     limit = _parse_limit(request.query.get("limit"))
     cursor = request.query.get("cursor")
     after = _decode_cursor(cursor) if cursor else None
-    rows = request.app[STORE_KEY].page(limit, after, now=time.time())
+    store = request.app[STORE_KEY]
+    now = time.time()
+    # a big page is read and encoded in slices, giving the loop back between them: a
+    # 1,000-row page costs ~10 ms, and an honest request should wait for one slice of it,
+    # not all of it (each slice is its own keyset query, as separate pages would be)
+    items: list[str] = []
+    last: Registration | None = None
+    while len(items) < limit:
+        want = min(LIST_PAGE_ROWS, limit - len(items))
+        rows = store.page(want, after, now=now)
+        items.extend(
+            f'{{"device_id":{json.dumps(r.device_id)},"record":{r.record_json or "null"},'
+            f'"last_seen":{round(r.last_seen, 3)!r}}}'
+            for r in rows)
+        if len(rows) < want:
+            break
+        last = rows[-1]
+        after = (last.slot, last.device_id)
+        if len(items) < limit:
+            await asyncio.sleep(0)
     # the first page of rows was paid for by _rate_check; a big answer costs more
-    extra_pages = (len(rows) - 1) // LIST_PAGE_ROWS
+    extra_pages = (len(items) - 1) // LIST_PAGE_ROWS
     if extra_pages > 0:
         request.app[LIST_LIMITER_KEY].charge(source_key(request.remote), extra_pages,
                                               time.monotonic())
-    items = [
-        f'{{"device_id":{json.dumps(r.device_id)},"record":{r.record_json or "null"},'
-        f'"last_seen":{json.dumps(round(r.last_seen, 3))}}}'
-        for r in rows
-    ]
-    next_cursor = (json.dumps(_encode_cursor(rows[-1].slot, rows[-1].device_id))
-                   if len(rows) == limit else "null")
+    next_cursor = (json.dumps(_encode_cursor(last.slot, last.device_id))
+                   if last is not None and len(items) == limit else "null")
     return _json_response(f'{{"peers":[{",".join(items)}],"next_cursor":{next_cursor}}}')
 
 
@@ -470,9 +560,20 @@ async def handle_health(request: web.Request) -> web.Response:
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every failure leaves as a JSON ``{"error"}``; nothing escapes as a 500 page."""
+    """Every failure leaves as a JSON ``{"error"}``; nothing escapes as a 500 page.
+
+    The handler runs inside the client's turn (SourceTurns); a refusal's tarpit delay
+    is waited out after the turn is given back."""
     try:
-        return await handler(request)
+        turns = request.app[TURNS_KEY]
+        if not turns.enabled:
+            return await handler(request)
+        source = source_key(request.remote)
+        await turns.acquire(source)
+        try:
+            return await handler(request)
+        finally:
+            turns.release(source)
     except ApiError as exc:
         waiting = request.app[TARPIT_KEY]
         if exc.delay_s > 0 and waiting[0] < TARPIT_MAX_WAITING:
@@ -502,6 +603,9 @@ async def error_middleware(
     except P2PError as exc:
         return _error(400, str(exc))
     except asyncio.CancelledError:
+        # handler_cancellation: aiohttp cancels the handler of a client that hung up
+        log.debug("client %s hung up during %s %s", request.remote, request.method,
+                  request.path)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
@@ -542,6 +646,7 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
     app[REGISTER_LIMITER_KEY] = RateLimiter(limits.register_rate_per_s, limits.register_burst)
     app[LIST_LIMITER_KEY] = RateLimiter(limits.list_rate_per_s, limits.list_burst)
     app[TARPIT_KEY] = [0]
+    app[TURNS_KEY] = SourceTurns(limits.concurrent_per_source, limits.waiting_per_source)
 
     async def registry(app: web.Application) -> AsyncIterator[None]:
         store = RegistryStore(db_path, max_registrations=max_registrations,
@@ -582,6 +687,10 @@ async def start_server(host: str, port: int, db_path: Path,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            keepalive_timeout=limits.header_timeout_s,
                            lingering_time=min(LINGERING_TIME_S, limits.body_timeout_s),
+                           # a client that hangs up ends its handler at once: a flooder that
+                           # drops its tarpitted requests leaves no sleeping handler behind
+                           # (each holds its request, ~50 objects, for TARPIT_DELAY_S)
+                           handler_cancellation=True,
                            logger=http_log)
     await runner.setup()
     try:
@@ -613,15 +722,18 @@ def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None 
     async def main() -> None:
         runner, bound = await start_server(host, port, db, ttl_s, limits=limits,
                                            access_log=log.isEnabledFor(logging.DEBUG))
+        # everything allocated so far lives as long as the server: keep it out of the
+        # cyclic collector's full passes, which otherwise stall the loop tens of ms
+        gc.freeze()
         url_host = f"[{host}]" if ":" in host else host
         log.info("bootstrap server listening on http://%s:%d (registry %s, ttl %.0f s)",
                  url_host, bound, db, ttl_s)
         lim = limits or ServerLimits()
         log.info("per-address limits: register %g/s burst %d, list %g/s burst %d, "
-                 "legacy ids %d (0 = unlimited); header/body timeouts %g/%g s",
+                 "legacy ids %d, turns %d (0 = unlimited); header/body timeouts %g/%g s",
                  lim.register_rate_per_s, lim.register_burst, lim.list_rate_per_s,
-                 lim.list_burst, lim.legacy_ids_per_source, lim.header_timeout_s,
-                 lim.body_timeout_s)
+                 lim.list_burst, lim.legacy_ids_per_source, lim.concurrent_per_source,
+                 lim.header_timeout_s, lim.body_timeout_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -225,7 +225,8 @@ SLOWLORIS_CONNECTIONS = 50
 # or stay under the absolute latency target
 FLOOD_P99_FACTOR_MAX = 2.0
 # capacity runs measure the server, not the limits: all limits off, explicitly
-UNLIMITED_ARGS = ("--register-rate", "0", "--list-rate", "0", "--legacy-per-ip", "0")
+UNLIMITED_ARGS = ("--register-rate", "0", "--list-rate", "0", "--legacy-per-ip", "0",
+                  "--turns-per-ip", "0")
 
 
 class _Http1:

@@ -201,3 +201,96 @@ async def test_client_faults_leave_no_error_traceback(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert loud == [], [r.getMessage() for r in loud]
     assert (await short_timeouts.call(HONEST_IP, "GET", "/health"))[0] == 200
+
+
+# -- the flood p99 (issue 9 item 8): what keeps one address from delaying the others ----
+
+
+async def test_a_tarpitted_request_whose_client_hung_up_is_dropped_at_once(
+        limited: Srv) -> None:
+    from bootstrap.server import TARPIT_KEY
+
+    waiting = limited.runner.app[TARPIT_KEY]
+    for _ in range(2):
+        assert (await limited.call(FLOOD_IP, "GET", "/peers"))[0] == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    writer.write(b"GET /peers HTTP/1.1\r\nHost: x\r\n\r\n")  # over the limit: tarpitted
+    await wait_for(lambda: waiting[0] == 1, 2.0, "the refusal to be tarpitted")
+    writer.close()  # a flooder that does not wait for its 429
+    t0 = time.monotonic()
+    # the server drops the waiting handler (and the request it holds) when the client goes,
+    # instead of keeping it for the whole tarpit delay
+    await wait_for(lambda: waiting[0] == 0, TARPIT_DELAY_S, "the tarpitted handler to end")
+    assert time.monotonic() - t0 < TARPIT_DELAY_S * 0.5
+
+
+one_turn = server_fixture(concurrent_per_source=1, body_timeout_s=5.0)
+
+
+async def test_an_address_has_its_turns_and_the_others_are_served_meanwhile(
+        one_turn: Srv) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    rest = b'ice_id": "slow-one"}'
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
+    try:
+        await asyncio.sleep(0.1)  # the slow body now holds FLOOD_IP's only turn
+        second = asyncio.create_task(one_turn.call(FLOOD_IP, "GET", "/health"))
+        # another address is answered while FLOOD_IP's second request waits its turn
+        assert (await asyncio.wait_for(one_turn.call(HONEST_IP, "GET", "/health"), 2.0))[0] \
+            == 200
+        assert not second.done()
+        writer.write(rest)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:60]
+        assert (await asyncio.wait_for(second, 2.0))[0] == 200
+    finally:
+        writer.close()
+
+
+unlimited = server_fixture(register_rate_per_s=0.0, list_rate_per_s=0.0,
+                           legacy_ids_per_source=0, concurrent_per_source=0)
+
+
+async def test_a_big_listing_gives_the_loop_back_between_slices(unlimited: Srv) -> None:
+    from bootstrap.limits import LIST_PAGE_ROWS
+    from bootstrap.server import STORE_KEY
+
+    store = unlimited.runner.app[STORE_KEY]
+    now = time.time()
+    ids = [f"peer-{i:05d}" for i in range(1000)]
+    store.bulk_load((d, None, now, now + 600) for d in ids)
+    ticks = [0]
+
+    async def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    slices: list[tuple[int, int]] = []  # (rows, loop ticks when the slice was read)
+    real_page = store.page
+
+    def page(limit: int, after: Any, *, now: float) -> Any:
+        rows = real_page(limit, after, now=now)
+        slices.append((len(rows), ticks[0]))
+        return rows
+
+    store.page = page  # type: ignore[method-assign]
+    tick_task = asyncio.create_task(ticker())
+    try:
+        status, body, _ = await unlimited.call(HONEST_IP, "GET", "/peers?limit=1000")
+    finally:
+        tick_task.cancel()
+    assert status == 200
+    assert [p["device_id"] for p in body["peers"]] == sorted(ids)
+    assert body["next_cursor"] is not None
+    # read in slices of one page, and other tasks ran between every two of them
+    assert len(slices) == 1000 // LIST_PAGE_ROWS
+    assert all(n == LIST_PAGE_ROWS for n, _ in slices)
+    assert all(b[1] > a[1] for a, b in zip(slices, slices[1:], strict=False))
+    # the cursor of a full answer leads on, past the last row
+    status, rest, _ = await unlimited.call(
+        HONEST_IP, "GET", f"/peers?limit=1000&cursor={body['next_cursor']}")
+    assert status == 200 and rest["peers"] == [] and rest["next_cursor"] is None
