@@ -28,7 +28,9 @@ connections does not queue ahead of other addresses' requests; a big listing
 is read and encoded in slices that give the loop back; a client that hangs up
 ends its handler at once (no tarpitted handler sleeps on for nobody); and
 ``run`` freezes the startup heap out of the cyclic GC, whose full passes
-otherwise stalled the loop 30-70 ms under a flood. A client's own faults (a malformed request line,
+otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
+all empty (each request would be a 429) is reset at accept time, before aiohttp
+parses anything (``_AdmittingSite``). A client's own faults (a malformed request line,
 a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
@@ -55,7 +57,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -612,6 +614,69 @@ async def error_middleware(
         return _error(500, "internal server error")
 
 
+class _AdmitProtocol(asyncio.Protocol):
+    """What a new connection is until its source is known: admitted, it becomes aiohttp's
+    request handler (``transport.set_protocol``; nothing more per event); refused, it is
+    reset at once, before any HTTP parsing, request object or answer."""
+
+    __slots__ = ("_factory", "_refuse")
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol],
+                 refuse: Callable[[str], bool]) -> None:
+        self._factory = factory
+        self._refuse = refuse
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and self._refuse(source_key(str(peer[0]))):
+            # uvloop's transports are not asyncio.Transport subclasses, but have abort()
+            cast(asyncio.Transport, transport).abort()  # RST: no TIME_WAIT on our side
+            return
+        real = self._factory()
+        transport.set_protocol(real)
+        real.connection_made(transport)
+
+
+def refuse_at_accept(app: web.Application) -> Callable[[str], bool]:
+    """A source is refused at accept time while every bucket it could spend is empty: each
+    of its requests would only be answered 429, so it gets no HTTP parsing at all (the
+    429s before, with Retry-After, told it when to come back)."""
+    limiters = (app[REGISTER_LIMITER_KEY], app[LIST_LIMITER_KEY])
+    counted = [0]
+
+    def refuse(source: str) -> bool:
+        if not all(lim.enabled for lim in limiters):
+            return False
+        now = time.monotonic()
+        if all(lim.empty(source, now) for lim in limiters):
+            counted[0] += 1
+            return True
+        return False
+
+    return refuse
+
+
+class _AdmittingSite(web.TCPSite):
+    """web.TCPSite whose listener refuses over-limit sources before aiohttp sees them."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 refuse: Callable[[str], bool], backlog: int) -> None:
+        super().__init__(runner, host, port, backlog=backlog)
+        self._refuse = refuse
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        refuse = self._refuse
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _AdmitProtocol(server, refuse), self._host, self._port,
+            backlog=self._backlog, reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port)
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
 def _purge_interval_s(ttl_s: float) -> float:
     return max(PURGE_INTERVAL_MIN_S, min(PURGE_INTERVAL_MAX_S, ttl_s / 2))
 
@@ -694,7 +759,8 @@ async def start_server(host: str, port: int, db_path: Path,
                            logger=http_log)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = _AdmittingSite(runner, host, port, backlog=1024,
+                              refuse=refuse_at_accept(runner.app))
         with bind_errors("bootstrap", host, port, option="--port"):
             await site.start()
     except BaseException:

@@ -294,3 +294,107 @@ async def test_a_big_listing_gives_the_loop_back_between_slices(unlimited: Srv) 
     status, rest, _ = await unlimited.call(
         HONEST_IP, "GET", f"/peers?limit=1000&cursor={body['next_cursor']}")
     assert status == 200 and rest["peers"] == [] and rest["next_cursor"] is None
+
+
+async def _reset_at_once(port: int, local_ip: str) -> bool:
+    """Connect from ``local_ip`` and send a request: True if the server resets the
+    connection without answering, False if it answers (any status)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local_ip, 0))
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(64), TARPIT_DELAY_S * 3)
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+    return answer == b""
+
+
+async def _exhaust(srv: Srv, ip: str) -> None:
+    while (await srv.call(ip, "POST", "/register", {"device_id": "x"}))[0] != 429:
+        pass
+    while (await srv.call(ip, "GET", "/peers"))[0] != 429:
+        pass
+
+
+async def test_an_address_over_every_limit_is_refused_at_accept(tmp_path: Path) -> None:
+    # rate 0.2/s: a token comes back only after 5 s, longer than this test
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
+                            list_burst=2))
+    srv = Srv(runner, port)
+    try:
+        await _exhaust(srv, FLOOD_IP)
+        # each of its requests would be a 429: it is not even parsed
+        t0 = time.monotonic()
+        assert await _reset_at_once(port, FLOOD_IP)
+        assert time.monotonic() - t0 < TARPIT_DELAY_S / 2  # no tarpit either
+        # everybody else connects and is answered as before
+        assert not await _reset_at_once(port, HONEST_IP)
+        assert (await srv.call(HONEST_IP, "GET", "/health"))[0] == 200
+    finally:
+        await srv.close()
+
+
+async def test_an_address_with_one_bucket_left_is_still_admitted(tmp_path: Path) -> None:
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
+                            list_burst=2))
+    srv = Srv(runner, port)
+    try:
+        while (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": "x"}))[0] != 429:
+            pass
+        # over its registration limit, not its listing limit: it may still list
+        assert not await _reset_at_once(port, FLOOD_IP)
+        assert (await srv.call(FLOOD_IP, "GET", "/peers"))[0] == 200
+    finally:
+        await srv.close()
+
+
+@pytest.mark.slow
+def test_refusal_at_accept_under_uvloop_logs_no_error(tmp_path: Path) -> None:
+    """`python -m bootstrap` runs on uvloop, whose transports are not asyncio's."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bootstrap", "--port", "0", "--db",
+             str(tmp_path / "b.sqlite3"), "--register-rate", "0.2", "--register-burst", "2",
+             "--list-rate", "0.2", "--list-burst", "2"],
+            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 20
+        while not (m := re.search(r"listening on http://127\.0\.0\.1:(\d+)",
+                                  log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        port = int(m.group(1))
+
+        async def scenario() -> tuple[bool, bool]:
+            srv = Srv(None, port)
+            try:
+                await _exhaust(srv, FLOOD_IP)
+                return (await _reset_at_once(port, FLOOD_IP),
+                        await _reset_at_once(port, HONEST_IP))
+            finally:
+                for s in srv.sessions.values():
+                    await s.close()
+
+        flood_reset, honest_reset = asyncio.run(scenario())
+        assert flood_reset and not honest_reset
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        text = log_path.read_text()
+        assert " ERROR " not in text and "Traceback" not in text, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
