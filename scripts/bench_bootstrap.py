@@ -440,6 +440,13 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
         out["flood_s"] = report.get("elapsed_s")
         out["flood_requests"] = report.get("requests")
         out["flood_statuses"] = report.get("statuses")
+        # what one flood request costs the server beyond the honest traffic's share: the
+        # figure that does not depend on how busy the shared machine was
+        flood_s = float(report.get("elapsed_s") or 0.0)
+        if flood_s > 0 and report.get("requests"):
+            extra_pct = out["server_cpu_pct_flood"] - out["server_cpu_pct_no_flood"]
+            out["server_cpu_us_per_flood_request"] = \
+                max(0.0, extra_pct / 100 * flood_s) / report["requests"] * 1e6
         out["honest_p99_flood_ms"] = _p99_ms(during)
         out["honest_requests_flood"] = len(during)
         conn = await _Http1.open(host, port, HONEST_IPS[0])
@@ -593,6 +600,8 @@ def flood_summary(flood: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("honest request p99, during the flood (ms)", f"{flood['honest_p99_flood_ms']:.1f}",
          f"<= max({FLOOD_P99_FACTOR_MAX:g}x, {TARGET_P99_MS:.0f})"),
         ("flood duration (s)", f"{flood['flood_s'] or 0:.1f}", ""),
+        ("server CPU per flood request (us)",
+         f"{flood.get('server_cpu_us_per_flood_request', float('nan')):.0f}", ""),
         ("flood answers 200 / 429 / none in time", f"{statuses.get('200', 0)} / "
          f"{statuses.get('429', 0)} / {statuses.get('0', 0)}", ""),
         ("ids online after the flood", f"{flood['online_after_flood']}", ""),

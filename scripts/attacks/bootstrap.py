@@ -51,6 +51,8 @@ def run(quick: bool = False) -> list[Row]:
         Row("bootstrap: no flood", "honest request p99", base, "ms"),
         Row(flood, "honest request p99", float(r["honest_p99_flood_ms"]), "ms",
             f"<= {max(FLOOD_P99_FACTOR_MAX * base, TARGET_P99_MS):.0f} ms", ok["p99"]),
+        Row(flood, "server CPU per flood request",
+            float(r.get("server_cpu_us_per_flood_request", float("nan"))), "us"),
         Row(flood, "honest ids in GET /peers page 1", 100.0 * r["honest_in_first_page"]
             / r["honest_total"], "%", "100 %", ok["first_page"]),
         Row(flood, "ids online after the flood", float(r["online_after_flood"]), ""),
