@@ -48,6 +48,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -564,18 +565,10 @@ async def error_middleware(
 ) -> web.StreamResponse:
     """Every failure leaves as a JSON ``{"error"}``; nothing escapes as a 500 page.
 
-    The handler runs inside the client's turn (SourceTurns); a refusal's tarpit delay
-    is waited out after the turn is given back."""
+    A registry handler runs inside the client's turn (``in_turn``); a refusal's tarpit
+    delay is waited out here, after the turn was given back."""
     try:
-        turns = request.app[TURNS_KEY]
-        if not turns.enabled:
-            return await handler(request)
-        source = source_key(request.remote)
-        await turns.acquire(source)
-        try:
-            return await handler(request)
-        finally:
-            turns.release(source)
+        return await handler(request)
     except ApiError as exc:
         waiting = request.app[TARPIT_KEY]
         if exc.delay_s > 0 and waiting[0] < TARPIT_MAX_WAITING:
@@ -677,6 +670,26 @@ class _AdmittingSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
+def in_turn(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+            ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Run a registry handler inside its client's turn (SourceTurns). Only the registry
+    routes: a pairing mailbox long-poll waits for seconds and must not hold a turn."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        turns = request.app[TURNS_KEY]
+        if not turns.enabled:
+            return await handler(request)
+        source = source_key(request.remote)
+        await turns.acquire(source)
+        try:
+            return await handler(request)
+        finally:
+            turns.release(source)
+
+    return wrapped
+
+
 def _purge_interval_s(ttl_s: float) -> float:
     return max(PURGE_INTERVAL_MIN_S, min(PURGE_INTERVAL_MAX_S, ttl_s / 2))
 
@@ -727,10 +740,10 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
             store.close()
 
     app.cleanup_ctx.append(registry)
-    app.router.add_post("/register", handle_register)
-    app.router.add_delete("/register/{device_id}", handle_unregister)
-    app.router.add_get("/peers", handle_peers)
-    app.router.add_get("/health", handle_health)
+    app.router.add_post("/register", in_turn(handle_register))
+    app.router.add_delete("/register/{device_id}", in_turn(handle_unregister))
+    app.router.add_get("/peers", in_turn(handle_peers))
+    app.router.add_get("/health", in_turn(handle_health))
     from bootstrap.mailbox import add_mailbox_routes
 
     add_mailbox_routes(app)  # the pairing mailbox: /pair/* (bootstrap/mailbox.py)

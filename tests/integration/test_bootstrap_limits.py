@@ -398,3 +398,31 @@ def test_refusal_at_accept_under_uvloop_logs_no_error(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_pairing_long_poll_does_not_hold_a_turn(one_turn: Srv) -> None:
+    # both ends of a pairing behind one address long-poll the mailbox for seconds: were
+    # that inside the address's turns, its other requests (the very post that would
+    # answer the poll, registrations) would wait for the poll's timeout
+    status, alloc, _ = await one_turn.call(FLOOD_IP, "POST", "/pair/allocate", {})
+    assert status == 200
+    url = (f"{one_turn.url}/pair/{alloc['nameplate']}/fetch?after=0&wait=5")
+    session = one_turn.http(FLOOD_IP)
+
+    async def long_poll() -> int:
+        async with session.get(url, headers={"X-Pair-Token": alloc["token"]}) as resp:
+            await resp.read()
+            return resp.status
+
+    polls = [asyncio.create_task(long_poll()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.2)  # both polls are waiting in the server now
+        assert not any(p.done() for p in polls)
+        t0 = time.monotonic()
+        status, _, _ = await asyncio.wait_for(
+            one_turn.call(FLOOD_IP, "POST", "/register", {"device_id": "paired"}), 2.0)
+        assert status == 200 and time.monotonic() - t0 < 1.0
+    finally:
+        for p in polls:
+            p.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
