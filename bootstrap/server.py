@@ -25,7 +25,8 @@ does not deliver its headers within ``header_timeout_s`` or its body within
 ``body_timeout_s`` is closed. An address has ``concurrent_per_source`` requests
 handled at once (SourceTurns; the rest wait in line), so a flood over many
 connections does not queue ahead of other addresses' requests; a big listing
-is read and encoded in slices that give the loop back; a client that hangs up
+is read in slices that give the loop back, each slice's JSON items written by
+SQLite itself (RegistryStore.page_items, ~20 % cheaper); a client that hangs up
 ends its handler at once (no tarpitted handler sleeps on for nobody); and
 ``run`` freezes the startup heap out of the cyclic GC, whose full passes
 otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
@@ -86,7 +87,6 @@ from bootstrap.store import (
     FLUSH_MAX_ROWS,
     MAX_REGISTRATIONS,
     RegisterOutcome,
-    Registration,
     RegistryFull,
     RegistryStore,
     StaleRegistration,
@@ -491,18 +491,14 @@ async def handle_peers(request: web.Request) -> web.Response:
     # 1,000-row page costs ~10 ms, and an honest request should wait for one slice of it,
     # not all of it (each slice is its own keyset query, as separate pages would be)
     items: list[str] = []
-    last: Registration | None = None
+    last: tuple[int, str] | None = None
     while len(items) < limit:
         want = min(LIST_PAGE_ROWS, limit - len(items))
-        rows = store.page(want, after, now=now)
-        items.extend(
-            f'{{"device_id":{json.dumps(r.device_id)},"record":{r.record_json or "null"},'
-            f'"last_seen":{round(r.last_seen, 3)!r}}}'
-            for r in rows)
+        rows = store.page_items(want, after, now=now)
+        items.extend(text for _slot, _device_id, text in rows)
         if len(rows) < want:
             break
-        last = rows[-1]
-        after = (last.slot, last.device_id)
+        last = after = (rows[-1][0], rows[-1][1])
         if len(items) < limit:
             await asyncio.sleep(0)
     # the first page of rows was paid for by _rate_check; a big answer costs more
@@ -510,7 +506,7 @@ async def handle_peers(request: web.Request) -> web.Response:
     if extra_pages > 0:
         request.app[LIST_LIMITER_KEY].charge(source_key(request.remote), extra_pages,
                                               time.monotonic())
-    next_cursor = (json.dumps(_encode_cursor(last.slot, last.device_id))
+    next_cursor = (json.dumps(_encode_cursor(*last))
                    if last is not None and len(items) == limit else "null")
     return _json_response(f'{{"peers":[{",".join(items)}],"next_cursor":{next_cursor}}}')
 

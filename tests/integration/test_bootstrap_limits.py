@@ -270,14 +270,14 @@ async def test_a_big_listing_gives_the_loop_back_between_slices(unlimited: Srv) 
             await asyncio.sleep(0)
 
     slices: list[tuple[int, int]] = []  # (rows, loop ticks when the slice was read)
-    real_page = store.page
+    real_page = store.page_items
 
     def page(limit: int, after: Any, *, now: float) -> Any:
         rows = real_page(limit, after, now=now)
         slices.append((len(rows), ticks[0]))
         return rows
 
-    store.page = page  # type: ignore[method-assign]
+    store.page_items = page  # type: ignore[method-assign]
     tick_task = asyncio.create_task(ticker())
     try:
         status, body, _ = await unlimited.call(HONEST_IP, "GET", "/peers?limit=1000")
