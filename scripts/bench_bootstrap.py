@@ -310,6 +310,25 @@ async def _flood_worker(host: str, port: int, requests: list[bytes], counter: li
         await conn.close()
 
 
+# the honest clients' own event loop: a wake-up later than this is a stall (the process
+# waited for a CPU: on a shared machine that is part of every honest latency measured)
+CLIENT_STALL_S = 0.005
+
+
+async def _loop_stalls(stop: asyncio.Event, stalls: list[float]) -> None:
+    """Record how late each 1 ms sleep of this process's loop wakes, beyond CLIENT_STALL_S."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(0.001)
+        late = time.perf_counter() - t - 0.001
+        if late > CLIENT_STALL_S:
+            stalls.append(late)
+
+
+def _stall_summary(stalls: list[float]) -> dict[str, float]:
+    return {"count": float(len(stalls)), "max_ms": max(stalls, default=0.0) * 1000}
+
+
 def _p99_ms(lat: list[float]) -> float:
     lat = sorted(lat)
     return lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
@@ -401,13 +420,16 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
         out: dict[str, Any] = {}
 
         async def honest_phase(duration_s: float | None,
-                               during: Awaitable[Any] | None = None) -> list[float]:
+                               during: Awaitable[Any] | None = None,
+                               stalls: list[float] | None = None) -> list[float]:
             stop = asyncio.Event()
             lat: list[float] = []
             statuses: dict[int, int] = {}
             tasks = [asyncio.create_task(_honest_client(
                 host, port, HONEST_IPS[i // HONEST_PER_IP], body, stop, lat, statuses))
                 for i, body in enumerate(honest)]
+            if stalls is not None:
+                tasks.append(asyncio.create_task(_loop_stalls(stop, stalls)))
             try:
                 if during is not None:
                     await during
@@ -422,7 +444,9 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
             return lat
 
         cpu0 = srv.cpu_s()
-        base = await honest_phase(baseline_s)
+        stalls_base: list[float] = []
+        base = await honest_phase(baseline_s, stalls=stalls_base)
+        out["honest_client_stalls_no_flood"] = _stall_summary(stalls_base)
         out["server_cpu_pct_no_flood"] = (srv.cpu_s() - cpu0) / baseline_s * 100
         out["honest_p99_no_flood_ms"] = _p99_ms(base)
         out["honest_requests_no_flood"] = len(base)
@@ -441,7 +465,9 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
                 reported.append((await flooder.communicate())[0])
 
             cpu0, t0 = srv.cpu_s(), time.perf_counter()
-            during = await honest_phase(None, flood_done())
+            stalls_flood: list[float] = []
+            during = await honest_phase(None, flood_done(), stalls=stalls_flood)
+            out["honest_client_stalls_flood"] = _stall_summary(stalls_flood)
             out["server_cpu_pct_flood"] = \
                 (srv.cpu_s() - cpu0) / (time.perf_counter() - t0) * 100
         finally:
@@ -605,12 +631,21 @@ def flood_ok(flood: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _stalls_text(summary: dict[str, float] | None) -> str:
+    if not summary:
+        return "-"
+    return f"{summary['count']:.0f} (max {summary['max_ms']:.0f} ms)"
+
+
 def flood_summary(flood: dict[str, Any]) -> list[tuple[str, str, str]]:
     statuses = flood.get("flood_statuses") or {}
     return [
         ("honest request p99, no flood (ms)", f"{flood['honest_p99_no_flood_ms']:.1f}", ""),
         ("honest request p99, during the flood (ms)", f"{flood['honest_p99_flood_ms']:.1f}",
          f"<= max({FLOOD_P99_FACTOR_MAX:g}x, {TARGET_P99_MS:.0f})"),
+        ("honest client's own loop stalls > 5 ms, no flood / flood",
+         f"{_stalls_text(flood.get('honest_client_stalls_no_flood'))} / "
+         f"{_stalls_text(flood.get('honest_client_stalls_flood'))}", ""),
         ("flood duration (s)", f"{flood['flood_s'] or 0:.1f}", ""),
         ("server CPU per flood request (us)",
          f"{flood.get('server_cpu_us_per_flood_request', float('nan')):.0f}", ""),
