@@ -643,7 +643,7 @@ def flood_summary(flood: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("honest request p99, no flood (ms)", f"{flood['honest_p99_no_flood_ms']:.1f}", ""),
         ("honest request p99, during the flood (ms)", f"{flood['honest_p99_flood_ms']:.1f}",
          f"<= max({FLOOD_P99_FACTOR_MAX:g}x, {TARGET_P99_MS:.0f})"),
-        ("honest client's own loop stalls > 5 ms, no flood / flood",
+        ("honest client loop stalls >5 ms: no flood/flood",
          f"{_stalls_text(flood.get('honest_client_stalls_no_flood'))} / "
          f"{_stalls_text(flood.get('honest_client_stalls_flood'))}", ""),
         ("flood duration (s)", f"{flood['flood_s'] or 0:.1f}", ""),
