@@ -13,6 +13,7 @@ from pathlib import Path
 from bootstrap import DEFAULT_PORT, DEFAULT_TTL_S
 from bootstrap.limits import (
     BODY_TIMEOUT_S,
+    CONCURRENT_PER_SOURCE,
     HEADER_TIMEOUT_S,
     LEGACY_IDS_PER_SOURCE,
     LIST_BURST,
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"keep-alive timeout (default {HEADER_TIMEOUT_S:g})")
     limits.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="S",
                         help=f"seconds to send a request body (default {BODY_TIMEOUT_S:g})")
+    limits.add_argument("--turns-per-ip", type=int, default=CONCURRENT_PER_SOURCE,
+                        metavar="N", help="requests of one address handled at once; more "
+                        f"wait their turn (default {CONCURRENT_PER_SOURCE})")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             register_rate_per_s=args.register_rate, register_burst=args.register_burst,
             list_rate_per_s=args.list_rate, list_burst=args.list_burst,
             legacy_ids_per_source=args.legacy_per_ip, header_timeout_s=args.header_timeout,
-            body_timeout_s=args.body_timeout)
+            body_timeout_s=args.body_timeout, concurrent_per_source=args.turns_per_ip)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

@@ -20,6 +20,7 @@ do that explicitly).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -47,6 +48,13 @@ LEGACY_IDS_PER_SOURCE = 64
 HEADER_TIMEOUT_S = 10.0
 # a request body (at most MAX_BODY_BYTES) must arrive this long after its headers
 BODY_TIMEOUT_S = 10.0
+# requests of one source handled at once; more wait their turn (FIFO per source), so a
+# source with many connections gets no larger share of the event loop than one with a
+# few: the server's turns go round the sources, not round the connections. A request takes
+# well under a millisecond, so ~50 nodes behind one address rarely have more than one
+# in flight; WAITING_PER_SOURCE more may queue, beyond that the answer is an immediate 429
+CONCURRENT_PER_SOURCE = 2
+WAITING_PER_SOURCE = 256
 # how many sources the limiter remembers; beyond it, the least recently seen is forgotten
 # (a forgotten source starts again with a full bucket: only a flood from this many
 # addresses at once could use that, and one IP is what the limits are for)
@@ -65,13 +73,16 @@ class ServerLimits:
     legacy_ids_per_source: int = LEGACY_IDS_PER_SOURCE
     header_timeout_s: float = HEADER_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S
+    concurrent_per_source: int = CONCURRENT_PER_SOURCE
+    waiting_per_source: int = WAITING_PER_SOURCE
 
     def __post_init__(self) -> None:
         for name in ("register_rate_per_s", "list_rate_per_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 = unlimited)")
-        for name in ("register_burst", "list_burst", "legacy_ids_per_source"):
+        for name in ("register_burst", "list_burst", "legacy_ids_per_source",
+                     "concurrent_per_source", "waiting_per_source"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -81,10 +92,13 @@ class ServerLimits:
 
     @classmethod
     def unlimited(cls) -> ServerLimits:
-        """No rate limits and no legacy cap (timeouts stay): for capacity benchmarks."""
-        return cls(register_rate_per_s=0.0, list_rate_per_s=0.0, legacy_ids_per_source=0)
+        """No rate limits, no legacy cap, no per-source turns (timeouts stay): for capacity
+        benchmarks."""
+        return cls(register_rate_per_s=0.0, list_rate_per_s=0.0, legacy_ids_per_source=0,
+                   concurrent_per_source=0)
 
 
+@functools.lru_cache(maxsize=4096)  # parsed twice per request; the steady state repeats
 def source_key(remote: str | None) -> str:
     """The key a client's requests count under: its IPv4 address or its IPv6 /64."""
     if not remote:
@@ -141,6 +155,16 @@ class RateLimiter:
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)
         return retry_s
+
+    def empty(self, source: str, now: float) -> bool:
+        """Whether ``take`` would refuse ``source`` now (a peek: spends nothing)."""
+        if not self.enabled:
+            return False
+        state = self._buckets.get(source)
+        if state is None:
+            return False
+        held, at = state
+        return held + max(0.0, now - at) * self.rate_per_s < 1.0
 
     def charge(self, source: str, tokens: float, now: float) -> None:
         """Spend ``tokens`` more after the fact (a large answer): the bucket may go into debt

@@ -67,6 +67,9 @@ class Settings:
     lan_discovery_port: int = 21029
     # HOST:PORT destinations instead of broadcast + multicast (tests: 127.0.0.1 ports)
     lan_announce_targets: list[str] = field(default_factory=list)
+    # seconds between signed presence heartbeats to trusted peers; a peer not heard from
+    # within 3 x this (15 s by default) shows offline in `node peers`
+    heartbeat_s: float = 5.0
 
     @property
     def control_socket(self) -> Path:

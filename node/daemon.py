@@ -48,7 +48,7 @@ from node.errors import (
     UnknownPeer,
 )
 from node.identity import Identity, PeerId, load_identity
-from node.peerbook import PeerBook
+from node.peerbook import SHARE_TARGET_SEEN_S, PeerBook
 from node.peering import Peering
 from node.statefiles import (
     check_received_dir,
@@ -316,7 +316,7 @@ class Daemon:
             self.identity, self.events, peers=self._gossip_peers,
             open_channel=lambda peer: self.peering.connect(peer, "gossip"),
             is_trusted=self.trust.is_trusted, on_event=self._apply_event,
-            on_events=self._apply_events,
+            on_events=self._apply_events, heartbeat_s=s.heartbeat_s,
         )
         self.peering.register("gossip", self.gossip.handle_channel)
         await self.gossip.start()
@@ -487,7 +487,7 @@ class Daemon:
         self._refresh_presence()
         out = []
         for pid, entry in self.book.entries().items():
-            if self.trust.is_trusted(pid) and entry.to_json()["online"]:
+            if self.trust.is_trusted(pid) and entry.seen_within(SHARE_TARGET_SEEN_S):
                 out.append(pid)
         return out
 
@@ -635,12 +635,13 @@ class Daemon:
         self._refresh_presence()
         out = []
         for pid, entry in sorted(self.book.entries().items(), key=lambda kv: kv[0].key):
+            # how the open channels reach the peer (node/reach): direct / relayed
+            paths = sorted({ch.path for ch, _ in self.peering.open_channels(pid)})
             row = entry.to_json(alias=self.trust.alias_of(pid),
-                                trusted=self.trust.is_trusted(pid))
+                                trusted=self.trust.is_trusted(pid), live=bool(paths))
             added = self.trust.get(pid)
             row["added_via"] = added.added_via if added is not None else ""
-            # how the open channels reach the peer (node/reach): direct / relayed
-            row["paths"] = sorted({ch.path for ch, _ in self.peering.open_channels(pid)})
+            row["paths"] = paths
             out.append(row)
         return out
 

@@ -7,6 +7,14 @@ the peer was last seen. ``node peers`` shows this union with a source column.
 
 Only verified ContactRecords enter the book; presence marks only update
 ``last_seen`` of peers already known.
+
+*Online* means heard from the peer itself, now: an open channel to it, or a live
+presence source: its signed gossip heartbeat arrived within the presence timeout
+(3 x ``heartbeat_s``, 15 s by default; the gossip engine times it out), or its LAN
+announcements are current. A sighting second-hand (a bootstrap listing, a DHT
+lookup, the peer cache) only updates ``last_seen``: the bootstrap server lists a
+peer until its registration expires, minutes after the peer stopped, so it
+proves nothing about now.
 """
 
 from __future__ import annotations
@@ -20,6 +28,14 @@ from node.errors import ProtocolError
 from node.identity import PeerId
 
 SOURCES = ("bootstrap", "dht", "lan", "cache", "gossip", "manual")
+# the sources whose online mark is the peer's own voice, now: its gossip heartbeats and
+# its LAN announcements. A bootstrap listing marks peers online too, but only says the
+# server still holds the registration (up to its TTL after the peer stopped)
+PRESENCE_SOURCES = frozenset({"gossip", "lan"})
+# a trusted peer seen (anywhere) this recently is still a target of `node share` without
+# --to: a peer just started may not have sent its first heartbeat yet, and a send to a
+# peer that is gone fails with a clear "peer offline"
+SHARE_TARGET_SEEN_S = 300.0
 
 
 class RecordCache(Protocol):
@@ -35,9 +51,17 @@ class PeerEntry:
     last_seen: float = 0.0
     online_sources: set[str] = field(default_factory=set)
 
-    def to_json(self, alias: str = "", trusted: bool = False,
-                online_ttl_s: float = 300.0, now: float | None = None) -> dict[str, Any]:
+    def is_online(self, *, live: bool = False) -> bool:
+        """Heard from the peer itself, now: ``live`` (an open channel), or a presence
+        source that has not timed out (gossip heartbeat, LAN announcements)."""
+        return live or not self.online_sources.isdisjoint(PRESENCE_SOURCES)
+
+    def seen_within(self, seconds: float, *, now: float | None = None) -> bool:
         now = time.time() if now is None else now
+        return bool(self.online_sources) or now - self.last_seen < seconds
+
+    def to_json(self, alias: str = "", trusted: bool = False, *,
+                live: bool = False) -> dict[str, Any]:
         r = self.record
         return {
             "peer_id": str(r.peer_id),
@@ -50,7 +74,7 @@ class PeerEntry:
             "transports": [t for t in ("tcp", "udp", "quic") if t in r.ports],
             "seq": r.seq,
             "last_seen": self.last_seen,
-            "online": bool(self.online_sources) or (now - self.last_seen) < online_ttl_s,
+            "online": self.is_online(live=live),
             "source": ",".join(s for s in SOURCES if s in self.sources),
         }
 

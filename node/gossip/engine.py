@@ -248,7 +248,8 @@ class GossipEngine:
         return actions
 
     def publish_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
-        """Send our heartbeat straight to our peers (up to `origin_fanout`); not relayed."""
+        """Send our heartbeat (or goodbye) straight to our peers (up to `origin_fanout`);
+        not relayed."""
         self._mark_seen(hb.id)
         return self._push(Beat(hb.encode()), exclude=(), count=self.origin_fanout)
 
@@ -429,6 +430,12 @@ class GossipEngine:
             return [self._reject(str(exc), via, origin=hb.origin)]
         self._mark_seen(hb.id)
         actions: list[Action] = []
+        if hb.leaving:  # a goodbye: offline now, not after the presence timeout
+            if state is not None and state.online:
+                actions.append(PresenceChanged(hb.origin, False, hb.name,
+                                               self.is_trusted(hb.origin)))
+            self._presence[hb.origin] = _Presence(now, hb.wall_ms, hb.name, False)
+            return actions
         if state is None or not state.online:
             actions.append(PresenceChanged(hb.origin, True, hb.name, self.is_trusted(hb.origin)))
         self._presence[hb.origin] = _Presence(now, hb.wall_ms, hb.name, True)

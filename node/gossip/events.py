@@ -33,6 +33,9 @@ from node.wire import packb, unpackb
 
 EVENT_DOMAIN = "p2pfs-event-v1"
 HEARTBEAT_DOMAIN = "p2pfs-heartbeat-v1"
+# a heartbeat that says "I am stopping" signs under its own domain, so an ordinary
+# heartbeat can never be passed off as a goodbye
+GOODBYE_DOMAIN = "p2pfs-goodbye-v1"
 KINDS = ("created", "modified", "deleted", "moved", "shared")
 HASH_LEN_BYTES = 32
 SIGNATURE_LEN_BYTES = 64
@@ -207,20 +210,30 @@ class ChangeEvent:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Signed 'I am online' note; a later wall_ms supersedes an earlier one."""
+    """Signed 'I am online' note; a later wall_ms supersedes an earlier one.
+
+    ``leaving``: the goodbye a node sends its peers when it stops, so they show it
+    offline at once instead of after the presence timeout. Encoded as a fifth field
+    (``True``) and signed under GOODBYE_DOMAIN.
+    """
 
     origin: PeerId
     wall_ms: int
     name: str
     signature: bytes = field(default=b"", repr=False)
+    leaving: bool = False
 
     @classmethod
-    def create(cls, identity: Identity, wall_ms: int | None = None) -> Heartbeat:
-        hb = cls(identity.peer_id, now_ms() if wall_ms is None else wall_ms, identity.name)
-        return cls(hb.origin, hb.wall_ms, hb.name, identity.sign(hb.signed_bytes()))
+    def create(cls, identity: Identity, wall_ms: int | None = None, *,
+               leaving: bool = False) -> Heartbeat:
+        hb = cls(identity.peer_id, now_ms() if wall_ms is None else wall_ms, identity.name,
+                 leaving=leaving)
+        return cls(hb.origin, hb.wall_ms, hb.name, identity.sign(hb.signed_bytes()),
+                   leaving)
 
     def signed_bytes(self) -> bytes:
-        return packb([HEARTBEAT_DOMAIN, self.origin.key, self.wall_ms, self.name])
+        domain = GOODBYE_DOMAIN if self.leaving else HEARTBEAT_DOMAIN
+        return packb([domain, self.origin.key, self.wall_ms, self.name])
 
     def verify(self) -> Heartbeat:
         if len(self.signature) != SIGNATURE_LEN_BYTES or not self.origin.verify(
@@ -233,14 +246,17 @@ class Heartbeat:
         return _blake2b_256(self.encode())
 
     def encode(self) -> bytes:
-        return packb([self.origin.key, self.wall_ms, self.name, self.signature])
+        fields = [self.origin.key, self.wall_ms, self.name, self.signature]
+        return packb([*fields, True] if self.leaving else fields)
 
     @classmethod
     def decode(cls, data: bytes) -> Heartbeat:
         obj = unpackb(data, max_bytes=MAX_HEARTBEAT_BYTES)
-        if not isinstance(obj, list) or len(obj) != 4:
-            raise ProtocolError("heartbeat: expected a list of 4 fields")
-        key, wall_ms, name, sig = obj
+        if not isinstance(obj, list) or len(obj) not in (4, 5):
+            raise ProtocolError("heartbeat: expected a list of 4 fields (5 for a goodbye)")
+        if len(obj) == 5 and obj[4] is not True:
+            raise ProtocolError("heartbeat: the fifth field (goodbye) must be true")
+        key, wall_ms, name, sig = obj[:4]
         if not isinstance(key, bytes) or len(key) != 32:
             raise ProtocolError("heartbeat: bad origin key")
         if not isinstance(sig, bytes) or len(sig) != SIGNATURE_LEN_BYTES:
@@ -252,4 +268,4 @@ class Heartbeat:
             validate_name(name)
         except IdentityError as exc:
             raise ProtocolError(f"heartbeat: {exc}") from None
-        return cls(PeerId(key), wall_ms, name, sig)
+        return cls(PeerId(key), wall_ms, name, sig, len(obj) == 5)

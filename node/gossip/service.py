@@ -66,6 +66,9 @@ RECONNECT_BACKOFF_S = 1.0
 RECONNECT_BACKOFF_MAX_S = 30.0
 TICK_MAX_S = 0.25
 STOP_CANCEL_RETRY_S = 0.5
+# at stop, the goodbye to each peer with an open channel may take this long (no new
+# connections are made for it: a peer we have no channel to learns by the timeout)
+GOODBYE_TIMEOUT_S = 0.5
 REJECT_NOTIFY_WINDOW_S = 60.0
 REJECT_NOTIFY_MAX_PER_WINDOW = 20
 
@@ -141,6 +144,8 @@ class GossipService:
                        asyncio.create_task(self._applier(), name="gossip-apply")]
 
     async def stop(self) -> None:
+        if self._running:
+            await self._say_goodbye()
         self._running = False
         tasks = list(self._tasks) + list(self._readers)
         tasks += [link.writer for link in self._links.values() if link.writer]
@@ -162,6 +167,20 @@ class GossipService:
         self._links.clear()
         self._readers.clear()
         self._tasks = []
+
+    async def _say_goodbye(self) -> None:
+        """A signed goodbye over every open channel, so peers show us offline at once."""
+        goodbye = Heartbeat.create(self.identity, leaving=True)
+        sends = []
+        for action in self.engine.publish_heartbeat(goodbye, time.time()):
+            link = self._links.get(action.peer) if isinstance(action, Send) else None
+            if link is not None and link.channel is not None and isinstance(action, Send):
+                sends.append(asyncio.wait_for(link.channel.send(action.msg.encode()),
+                                              GOODBYE_TIMEOUT_S))
+        for result in await asyncio.gather(*sends, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(
+                    result, (TimeoutError, P2PError, OSError)):
+                raise result
 
     # -- public API --------------------------------------------------------------
     async def publish_local(self, kind: str, folder: str, path: str, size: int, hash: bytes,

@@ -201,3 +201,228 @@ async def test_client_faults_leave_no_error_traceback(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert loud == [], [r.getMessage() for r in loud]
     assert (await short_timeouts.call(HONEST_IP, "GET", "/health"))[0] == 200
+
+
+# -- the flood p99 (issue 9 item 8): what keeps one address from delaying the others ----
+
+
+async def test_a_tarpitted_request_whose_client_hung_up_is_dropped_at_once(
+        limited: Srv) -> None:
+    from bootstrap.server import TARPIT_KEY
+
+    waiting = limited.runner.app[TARPIT_KEY]
+    for _ in range(2):
+        assert (await limited.call(FLOOD_IP, "GET", "/peers"))[0] == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    writer.write(b"GET /peers HTTP/1.1\r\nHost: x\r\n\r\n")  # over the limit: tarpitted
+    await wait_for(lambda: waiting[0] == 1, 2.0, "the refusal to be tarpitted")
+    writer.close()  # a flooder that does not wait for its 429
+    t0 = time.monotonic()
+    # the server drops the waiting handler (and the request it holds) when the client goes,
+    # instead of keeping it for the whole tarpit delay
+    await wait_for(lambda: waiting[0] == 0, TARPIT_DELAY_S, "the tarpitted handler to end")
+    assert time.monotonic() - t0 < TARPIT_DELAY_S * 0.5
+
+
+one_turn = server_fixture(concurrent_per_source=1, body_timeout_s=5.0)
+
+
+async def test_an_address_has_its_turns_and_the_others_are_served_meanwhile(
+        one_turn: Srv) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    rest = b'ice_id": "slow-one"}'
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
+    try:
+        await asyncio.sleep(0.1)  # the slow body now holds FLOOD_IP's only turn
+        second = asyncio.create_task(one_turn.call(FLOOD_IP, "GET", "/health"))
+        # another address is answered while FLOOD_IP's second request waits its turn
+        assert (await asyncio.wait_for(one_turn.call(HONEST_IP, "GET", "/health"), 2.0))[0] \
+            == 200
+        assert not second.done()
+        writer.write(rest)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:60]
+        assert (await asyncio.wait_for(second, 2.0))[0] == 200
+    finally:
+        writer.close()
+
+
+unlimited = server_fixture(register_rate_per_s=0.0, list_rate_per_s=0.0,
+                           legacy_ids_per_source=0, concurrent_per_source=0)
+
+
+async def test_a_big_listing_gives_the_loop_back_between_slices(unlimited: Srv) -> None:
+    from bootstrap.limits import LIST_PAGE_ROWS
+    from bootstrap.server import STORE_KEY
+
+    store = unlimited.runner.app[STORE_KEY]
+    now = time.time()
+    ids = [f"peer-{i:05d}" for i in range(1000)]
+    store.bulk_load((d, None, now, now + 600) for d in ids)
+    ticks = [0]
+
+    async def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    slices: list[tuple[int, int]] = []  # (rows, loop ticks when the slice was read)
+    real_page = store.page_items
+
+    def page(limit: int, after: Any, *, now: float) -> Any:
+        rows = real_page(limit, after, now=now)
+        slices.append((len(rows), ticks[0]))
+        return rows
+
+    store.page_items = page  # type: ignore[method-assign]
+    tick_task = asyncio.create_task(ticker())
+    try:
+        status, body, _ = await unlimited.call(HONEST_IP, "GET", "/peers?limit=1000")
+    finally:
+        tick_task.cancel()
+    assert status == 200
+    assert [p["device_id"] for p in body["peers"]] == sorted(ids)
+    assert body["next_cursor"] is not None
+    # read in slices of one page, and other tasks ran between every two of them
+    assert len(slices) == 1000 // LIST_PAGE_ROWS
+    assert all(n == LIST_PAGE_ROWS for n, _ in slices)
+    assert all(b[1] > a[1] for a, b in zip(slices, slices[1:], strict=False))
+    # the cursor of a full answer leads on, past the last row
+    status, rest, _ = await unlimited.call(
+        HONEST_IP, "GET", f"/peers?limit=1000&cursor={body['next_cursor']}")
+    assert status == 200 and rest["peers"] == [] and rest["next_cursor"] is None
+
+
+async def _reset_at_once(port: int, local_ip: str) -> bool:
+    """Connect from ``local_ip`` and send a request: True if the server resets the
+    connection without answering, False if it answers (any status)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local_ip, 0))
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(64), TARPIT_DELAY_S * 3)
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+    return answer == b""
+
+
+async def _exhaust(srv: Srv, ip: str) -> None:
+    while (await srv.call(ip, "POST", "/register", {"device_id": "x"}))[0] != 429:
+        pass
+    while (await srv.call(ip, "GET", "/peers"))[0] != 429:
+        pass
+
+
+async def test_an_address_over_every_limit_is_refused_at_accept(tmp_path: Path) -> None:
+    # rate 0.2/s: a token comes back only after 5 s, longer than this test
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
+                            list_burst=2))
+    srv = Srv(runner, port)
+    try:
+        await _exhaust(srv, FLOOD_IP)
+        # each of its requests would be a 429: it is not even parsed
+        t0 = time.monotonic()
+        assert await _reset_at_once(port, FLOOD_IP)
+        assert time.monotonic() - t0 < TARPIT_DELAY_S / 2  # no tarpit either
+        # everybody else connects and is answered as before
+        assert not await _reset_at_once(port, HONEST_IP)
+        assert (await srv.call(HONEST_IP, "GET", "/health"))[0] == 200
+    finally:
+        await srv.close()
+
+
+async def test_an_address_with_one_bucket_left_is_still_admitted(tmp_path: Path) -> None:
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
+                            list_burst=2))
+    srv = Srv(runner, port)
+    try:
+        while (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": "x"}))[0] != 429:
+            pass
+        # over its registration limit, not its listing limit: it may still list
+        assert not await _reset_at_once(port, FLOOD_IP)
+        assert (await srv.call(FLOOD_IP, "GET", "/peers"))[0] == 200
+    finally:
+        await srv.close()
+
+
+@pytest.mark.slow
+def test_refusal_at_accept_under_uvloop_logs_no_error(tmp_path: Path) -> None:
+    """`python -m bootstrap` runs on uvloop, whose transports are not asyncio's."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bootstrap", "--port", "0", "--db",
+             str(tmp_path / "b.sqlite3"), "--register-rate", "0.2", "--register-burst", "2",
+             "--list-rate", "0.2", "--list-burst", "2"],
+            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 20
+        while not (m := re.search(r"listening on http://127\.0\.0\.1:(\d+)",
+                                  log_path.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        port = int(m.group(1))
+
+        async def scenario() -> tuple[bool, bool]:
+            srv = Srv(None, port)
+            try:
+                await _exhaust(srv, FLOOD_IP)
+                return (await _reset_at_once(port, FLOOD_IP),
+                        await _reset_at_once(port, HONEST_IP))
+            finally:
+                for s in srv.sessions.values():
+                    await s.close()
+
+        flood_reset, honest_reset = asyncio.run(scenario())
+        assert flood_reset and not honest_reset
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        text = log_path.read_text()
+        assert " ERROR " not in text and "Traceback" not in text, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_pairing_long_poll_does_not_hold_a_turn(one_turn: Srv) -> None:
+    # both ends of a pairing behind one address long-poll the mailbox for seconds: were
+    # that inside the address's turns, its other requests (the very post that would
+    # answer the poll, registrations) would wait for the poll's timeout
+    status, alloc, _ = await one_turn.call(FLOOD_IP, "POST", "/pair/allocate", {})
+    assert status == 200
+    url = (f"{one_turn.url}/pair/{alloc['nameplate']}/fetch?after=0&wait=5")
+    session = one_turn.http(FLOOD_IP)
+
+    async def long_poll() -> int:
+        async with session.get(url, headers={"X-Pair-Token": alloc["token"]}) as resp:
+            await resp.read()
+            return resp.status
+
+    polls = [asyncio.create_task(long_poll()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.2)  # both polls are waiting in the server now
+        assert not any(p.done() for p in polls)
+        t0 = time.monotonic()
+        status, _, _ = await asyncio.wait_for(
+            one_turn.call(FLOOD_IP, "POST", "/register", {"device_id": "paired"}), 2.0)
+        assert status == 200 and time.monotonic() - t0 < 1.0
+    finally:
+        for p in polls:
+            p.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)

@@ -116,3 +116,15 @@ def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
     assert defaults["legacy_per_ip"] == lim.legacy_ids_per_source
     assert defaults["header_timeout"] == lim.header_timeout_s
     assert defaults["body_timeout"] == lim.body_timeout_s
+
+
+def test_empty_peeks_without_spending() -> None:
+    rl = RateLimiter(rate_per_s=1.0, burst=2)
+    assert not rl.empty("a", 0.0)  # never seen: a full bucket
+    rl.take("a", 0.0)
+    assert not rl.empty("a", 0.0)
+    rl.take("a", 0.0)
+    assert rl.empty("a", 0.0) and rl.empty("a", 0.5)
+    assert rl.take("a", 0.5) > 0  # empty() spent nothing: still refused
+    assert not rl.empty("a", 1.6)  # a token came back
+    assert not RateLimiter(rate_per_s=0.0, burst=0).empty("a", 0.0)

@@ -374,3 +374,34 @@ def test_placements_survive_reopen_and_v1_files_migrate(tmp_path: Path) -> None:
             [("old-a", 0), ("old-b", 1)]
     finally:
         s.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(names=st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1,
+                              max_size=20), min_size=1, max_size=8, unique=True),
+       seen=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_page_items_are_the_rows_of_page_as_json(tmp_path_factory: pytest.TempPathFactory,
+                                                  names: list[str], seen: float) -> None:
+    """GET /peers splices the JSON text SQLite writes (page_items): it must be the rows
+    of page() exactly, whatever the device id holds (quotes, backslashes, non-ASCII)."""
+    store = RegistryStore(tmp_path_factory.mktemp("pi") / "r.sqlite3")
+    try:
+        record = json.dumps({"peer_id": "x", "hosts": ["127.0.0.1"]}, separators=(",", ":"))
+        for i, name in enumerate(names):
+            store.register(name, record if i % 2 else None, now=seen, expires_at=seen + 600,
+                           source=f"10.0.0.{i % 3}")
+        rows = store.page(100, None, now=seen)
+        items = store.page_items(100, None, now=seen)
+        assert [(r.slot, r.device_id) for r in rows] == [(s, d) for s, d, _ in items]
+        for r, (_s, _d, text) in zip(rows, items, strict=True):
+            got = json.loads(text)
+            assert got["device_id"] == r.device_id
+            assert got["record"] == (json.loads(r.record_json) if r.record_json else None)
+            assert got["last_seen"] == pytest.approx(round(r.last_seen, 3), abs=1e-6)
+        # and the keyset cursor leads on the same way
+        if len(rows) > 1:
+            after = (rows[0].slot, rows[0].device_id)
+            assert [d for _s, d, _ in store.page_items(100, after, now=seen)] == \
+                [r.device_id for r in store.page(100, after, now=seen)]
+    finally:
+        store.close()

@@ -405,3 +405,21 @@ def test_log_batch_commits_once_and_a_failed_add_undoes_only_itself() -> None:
         assert log._db.in_transaction  # nothing committed yet: one commit for the batch
     assert not log._db.in_transaction
     assert log.count() == 3 and log.highest_seqs()[other.peer_id.key] == 3
+
+
+def test_a_goodbye_shows_the_peer_offline_at_once() -> None:
+    eng, _log, _me, other = _engine()
+    hb = Heartbeat.create(other, wall_ms=1_000)
+    eng.receive(other.peer_id, Beat(hb.encode()).encode(), 100.0)
+    assert eng.presence()[other.peer_id][1] is True
+    bye = Heartbeat.create(other, wall_ms=2_000, leaving=True)
+    actions = eng.receive(other.peer_id, Beat(bye.encode()).encode(), 101.0)
+    left = [a for a in actions if isinstance(a, PresenceChanged)]
+    # offline now, not presence_timeout_s later
+    assert left and left[0].online is False and left[0].peer == other.peer_id
+    assert eng.presence()[other.peer_id][1] is False
+    # a goodbye older than the newest heartbeat (a replay) changes nothing
+    eng.receive(other.peer_id, Beat(Heartbeat.create(other, wall_ms=3_000).encode()).encode(),
+                102.0)
+    assert eng.receive(other.peer_id, Beat(bye.encode()).encode(), 103.0) == []
+    assert eng.presence()[other.peer_id][1] is True

@@ -123,3 +123,18 @@ def test_heartbeat_roundtrip_and_forgery() -> None:
     forged = Heartbeat(hb.origin, hb.wall_ms, "evil", hb.signature)
     with pytest.raises(ProtocolError):
         Heartbeat.decode(forged.encode()).verify()
+
+
+def test_goodbye_roundtrip_and_a_heartbeat_is_not_a_goodbye() -> None:
+    ident = Identity.generate()
+    bye = Heartbeat.create(ident, leaving=True)
+    back = Heartbeat.decode(bye.encode())
+    assert back.leaving and back.verify() == bye
+    # the same fields and signature as an ordinary heartbeat do not verify as a goodbye:
+    # the two sign under different domains
+    hb = Heartbeat.create(ident)
+    passed_off = Heartbeat(hb.origin, hb.wall_ms, hb.name, hb.signature, leaving=True)
+    with pytest.raises(ProtocolError):
+        Heartbeat.decode(passed_off.encode()).verify()
+    with pytest.raises(ProtocolError):
+        Heartbeat.decode(packb([hb.origin.key, hb.wall_ms, hb.name, hb.signature, 1]))
