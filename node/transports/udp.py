@@ -53,7 +53,6 @@ from node.transports.base import (
 )
 from node.transports.udp_machine import (
     CLOSE_TIMEOUT_S,
-    DEFAULT_DATAGRAM_BYTES,
     HEADER_BYTES,
     MAGIC,
     T_COOKIE_ECHO,
@@ -65,6 +64,7 @@ from node.transports.udp_machine import (
     MessageReceived,
     State,
     UdpConnection,
+    auto_datagram_bytes,
     old_wire_version,
 )
 
@@ -459,7 +459,7 @@ class UdpListener:
     transport = "udp"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 handler: PipeHandler, datagram_bytes: int, loss_rate: float,
+                 handler: PipeHandler, datagram_bytes: int | None, loss_rate: float,
                  preauth: bool = True) -> None:
         self._loop = loop
         self._limit_preauth = preauth
@@ -650,7 +650,7 @@ class UdpListener:
 
 
 async def listen(host: str, port: int, handler: PipeHandler, *,
-                 datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                 datagram_bytes: int | None = None,  # None: udp_machine.auto_datagram_bytes
                  loss_rate: float = 0.0, preauth: bool = True) -> UdpListener:
     """Accept connections; with ``preauth`` (the default) each is held to the pre-auth
     limits until ``pipe.authenticated()``; ``preauth=False`` is for raw-pipe tools."""
@@ -690,7 +690,7 @@ class _ClientEndpoint:
 
 
 async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
-                  datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                  datagram_bytes: int | None = None,  # None: udp_machine.auto_datagram_bytes
                   loss_rate: float = 0.0,
                   local_addr: tuple[str, int] | None = None) -> UdpPipe:
     """Open a pipe; PeerUnreachable on timeout, ICMP refusal or a bad address.
@@ -723,7 +723,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
 
 
 async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
-                       deadline: float, datagram_bytes: int, loss_rate: float,
+                       deadline: float, datagram_bytes: int | None, loss_rate: float,
                        local_addr: tuple[str, int] | None) -> tuple[UdpPipe | None, str]:
     try:
         sock = _make_socket(family, local_addr)
@@ -738,7 +738,8 @@ async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
     glue.endpoint = _Endpoint(loop, sock, connected=True, loss_rate=loss_rate,
                               on_datagrams=glue.on_datagrams, on_batch_end=glue.on_batch_end,
                               on_error=glue.on_error)
-    machine = UdpConnection.client(loop.time(), datagram_bytes=datagram_bytes)
+    machine = UdpConnection.client(loop.time(), datagram_bytes=auto_datagram_bytes(addr)
+                                   if datagram_bytes is None else datagram_bytes)
     pipe = UdpPipe(machine, addr, glue.endpoint.send, loop, glue.on_closed)
     glue.pipe = pipe
     pipe.flush()

@@ -93,6 +93,23 @@ async def test_echo_many_sizes_including_the_maximum(start_server, pipes) -> Non
     assert server.pipes[0].remote[0] == "127.0.0.1"
 
 
+def test_datagram_size_follows_the_route_mtu() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        assert quic.route_datagram_bytes(s) == quic.MAX_DATAGRAM_BYTES  # not connected
+        s.connect(("127.0.0.1", 9))  # loopback: MTU 65536
+        assert quic.route_datagram_bytes(s) == quic.LARGE_DATAGRAM_CAP_BYTES
+
+
+async def test_loopback_client_sends_large_datagrams(start_server, pipes) -> None:
+    server = await start_server(echo)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    assert pipe._quic._configuration.max_datagram_size == quic.LARGE_DATAGRAM_CAP_BYTES
+    msg = os.urandom(1 << 20)
+    await pipe.send(msg)
+    assert await asyncio.wait_for(pipe.recv(), 20) == msg
+
+
 async def test_order_is_kept_both_ways_with_concurrent_traffic(start_server, pipes) -> None:
     count = 3000
 
