@@ -60,6 +60,7 @@ from qh3.asyncio.server import QuicServer
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
+from qh3.quic.packet import QuicErrorCode
 
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
 from node.transports.base import (
@@ -469,10 +470,50 @@ class _PipeProtocol(QuicConnectionProtocol):
             self.pipe.on_terminated(close_event)
 
     def transmit(self) -> None:
-        super().transmit()
+        quic = self._quic
+        core = getattr(quic, "_core", None)
+        send_many = self._sendto_many
+        if core is None or send_many is None or getattr(quic, "_quic_logger", True) is not None:
+            super().transmit()  # before the handshake starts, or with a qlog attached
+        else:
+            self._transmit_fast(quic, core, send_many)
         pipe = self.pipe
         if pipe is not None:
             pipe.after_transmit()
+
+    def _transmit_fast(self, quic: QuicConnection, core: Any,
+                       send_many: Callable[[list[bytes], Any], None]) -> None:
+        """qh3's transmit() minus its per-datagram qlog bookkeeping: without a logger that is
+        still two Python calls, a header parse and a slice per datagram. Measured with
+        1452-byte datagrams (any real path): sender 4.0-5.3 instead of 5.7 CPU ms/MiB; with
+        loopback's 65000-byte ones it makes no difference. Same datagrams, order and timer."""
+        self._transmit_task = None
+        poll = core.poll_transmit
+        now = self._loop_time()
+        batch: list[bytes] = []
+        batch_addr: Any = None
+        while True:
+            try:
+                item = poll(now)
+            except RuntimeError as exc:  # as qh3's own wrapper maps its core's failures
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+            if item is None:
+                break
+            data, addr = item[0], item[1]
+            if batch and addr != batch_addr:
+                send_many(batch, batch_addr)
+                batch = []
+            batch.append(data)
+            batch_addr = addr
+        if batch:
+            send_many(batch, batch_addr)
+        timer_at = quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamDataReceived):
