@@ -105,6 +105,11 @@ async def test_loopback_client_sends_large_datagrams(start_server, pipes) -> Non
     pipe = await quic.connect("127.0.0.1", server.port)
     pipes.append(pipe)
     assert pipe._quic._configuration.max_datagram_size == quic.LARGE_DATAGRAM_CAP_BYTES
+    # both sockets hold more than three such datagrams (Linux reports twice what was set)
+    for transport in (pipe._proto._transport, server.listener._server._transport):
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= \
+            2 * quic.SOCKET_RECEIVE_BUFFER_BYTES
     msg = os.urandom(1 << 20)
     await pipe.send(msg)
     assert await asyncio.wait_for(pipe.recv(), 20) == msg
