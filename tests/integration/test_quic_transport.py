@@ -99,6 +99,17 @@ def test_datagram_size_follows_the_route_mtu() -> None:
         s.connect(("127.0.0.1", 9))  # loopback: MTU 65536
         assert quic.route_datagram_bytes(s) == quic.LARGE_DATAGRAM_CAP_BYTES
 
+    class FarSocket:  # a route with a jumbo first hop to a non-loopback peer (no real socket)
+        family = socket.AF_INET
+
+        def getpeername(self) -> tuple[str, int]:
+            return ("192.0.2.1", 9)
+
+        def getsockopt(self, *args: int) -> int:
+            return 9000
+
+    assert quic.route_datagram_bytes(FarSocket()) == quic.MAX_DATAGRAM_BYTES  # type: ignore[arg-type]
+
 
 async def test_loopback_client_sends_large_datagrams(start_server, pipes) -> None:
     server = await start_server(echo)
