@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,6 +92,26 @@ async def test_echo_many_sizes_including_the_maximum(start_server, pipes) -> Non
         assert await pipe.recv() == msg
     assert server.pipes[0].transport == "quic"
     assert server.pipes[0].remote[0] == "127.0.0.1"
+
+
+def test_records_cut_at_any_offset_reassemble_exactly() -> None:
+    class NoConnection:
+        _quic = None
+
+    msgs = [b"", b"a", os.urandom(3), os.urandom(70_000), b"", os.urandom(5), os.urandom(4)]
+    stream = quic.RECORD_HEADER.pack(quic.CREDIT_FLAG) + b"".join(
+        quic.RECORD_HEADER.pack(len(m)) + m for m in msgs)
+    rng = random.Random(7)
+    for cuts in ([1], [2, 3], [4], [5, 1000], [65536], [1, 7, 4096, 70_004]):
+        pipe = quic.QuicPipe(NoConnection(), ("127.0.0.1", 1), owns_socket=False)  # type: ignore[arg-type]
+        pos = 0
+        while pos < len(stream):
+            n = rng.choice(cuts)
+            pipe._feed(stream[pos : pos + n])
+            pos += n
+        assert list(pipe._inbox) == msgs
+        assert all(type(m) is bytes for m in pipe._inbox)
+        assert not pipe._rbuf and pipe._rneed == -1
 
 
 def test_datagram_size_follows_the_route_mtu() -> None:
