@@ -53,6 +53,7 @@ from node.transports.base import (
 )
 from node.transports.udp_machine import (
     CLOSE_TIMEOUT_S,
+    DEFAULT_DATAGRAM_BYTES,
     HEADER_BYTES,
     MAGIC,
     T_COOKIE_ECHO,
@@ -464,7 +465,9 @@ class UdpListener:
         self._loop = loop
         self._limit_preauth = preauth
         self._handler = handler
-        self._datagram_bytes = datagram_bytes
+        # an int for anything else this listener starts (None only means "automatic" to the
+        # Acceptor, which then grants loopback clients LOOPBACK_DATAGRAM_BYTES)
+        self._datagram_bytes = DEFAULT_DATAGRAM_BYTES if datagram_bytes is None else datagram_bytes
         self._by_cid: dict[bytes, UdpPipe] = {}
         self._acceptor = Acceptor(loop.time(), datagram_bytes=datagram_bytes)
         self._dirty: set[UdpPipe] = set()
