@@ -65,6 +65,7 @@ from node.transports.udp_machine import (
     MessageReceived,
     State,
     UdpConnection,
+    auto_datagram_bytes,
     old_wire_version,
 )
 
@@ -459,12 +460,14 @@ class UdpListener:
     transport = "udp"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 handler: PipeHandler, datagram_bytes: int, loss_rate: float,
+                 handler: PipeHandler, datagram_bytes: int | None, loss_rate: float,
                  preauth: bool = True) -> None:
         self._loop = loop
         self._limit_preauth = preauth
         self._handler = handler
-        self._datagram_bytes = datagram_bytes
+        # an int for anything else this listener starts (None only means "automatic" to the
+        # Acceptor, which then grants loopback clients LOOPBACK_DATAGRAM_BYTES)
+        self._datagram_bytes = DEFAULT_DATAGRAM_BYTES if datagram_bytes is None else datagram_bytes
         self._by_cid: dict[bytes, UdpPipe] = {}
         self._acceptor = Acceptor(loop.time(), datagram_bytes=datagram_bytes)
         self._dirty: set[UdpPipe] = set()
@@ -683,7 +686,7 @@ class UdpListener:
 
 
 async def listen(host: str, port: int, handler: PipeHandler, *,
-                 datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                 datagram_bytes: int | None = None,  # None: udp_machine.auto_datagram_bytes
                  loss_rate: float = 0.0, preauth: bool = True) -> UdpListener:
     """Accept connections; with ``preauth`` (the default) each is held to the pre-auth
     limits until ``pipe.authenticated()``; ``preauth=False`` is for raw-pipe tools."""
@@ -723,7 +726,7 @@ class _ClientEndpoint:
 
 
 async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
-                  datagram_bytes: int = DEFAULT_DATAGRAM_BYTES,
+                  datagram_bytes: int | None = None,  # None: udp_machine.auto_datagram_bytes
                   loss_rate: float = 0.0,
                   local_addr: tuple[str, int] | None = None) -> UdpPipe:
     """Open a pipe; PeerUnreachable on timeout, ICMP refusal or a bad address.
@@ -756,7 +759,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S,
 
 
 async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
-                       deadline: float, datagram_bytes: int, loss_rate: float,
+                       deadline: float, datagram_bytes: int | None, loss_rate: float,
                        local_addr: tuple[str, int] | None) -> tuple[UdpPipe | None, str]:
     try:
         sock = _make_socket(family, local_addr)
@@ -771,7 +774,8 @@ async def _connect_one(loop: asyncio.AbstractEventLoop, family: int, addr: Any,
     glue.endpoint = _Endpoint(loop, sock, connected=True, loss_rate=loss_rate,
                               on_datagrams=glue.on_datagrams, on_batch_end=glue.on_batch_end,
                               on_error=glue.on_error)
-    machine = UdpConnection.client(loop.time(), datagram_bytes=datagram_bytes)
+    machine = UdpConnection.client(loop.time(), datagram_bytes=auto_datagram_bytes(addr)
+                                   if datagram_bytes is None else datagram_bytes)
     pipe = UdpPipe(machine, addr, glue.endpoint.send, loop, glue.on_closed)
     glue.pipe = pipe
     pipe.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,6 +92,59 @@ async def test_echo_many_sizes_including_the_maximum(start_server, pipes) -> Non
         assert await pipe.recv() == msg
     assert server.pipes[0].transport == "quic"
     assert server.pipes[0].remote[0] == "127.0.0.1"
+
+
+def test_records_cut_at_any_offset_reassemble_exactly() -> None:
+    class NoConnection:
+        _quic = None
+
+    msgs = [b"", b"a", os.urandom(3), os.urandom(70_000), b"", os.urandom(5), os.urandom(4)]
+    stream = quic.RECORD_HEADER.pack(quic.CREDIT_FLAG) + b"".join(
+        quic.RECORD_HEADER.pack(len(m)) + m for m in msgs)
+    rng = random.Random(7)
+    for cuts in ([1], [2, 3], [4], [5, 1000], [65536], [1, 7, 4096, 70_004]):
+        pipe = quic.QuicPipe(NoConnection(), ("127.0.0.1", 1), owns_socket=False)  # type: ignore[arg-type]
+        pos = 0
+        while pos < len(stream):
+            n = rng.choice(cuts)
+            pipe._feed(stream[pos : pos + n])
+            pos += n
+        assert list(pipe._inbox) == msgs
+        assert all(type(m) is bytes for m in pipe._inbox)
+        assert not pipe._rbuf and pipe._rneed == -1
+
+
+def test_datagram_size_follows_the_route_mtu() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        assert quic.route_datagram_bytes(s) == quic.MAX_DATAGRAM_BYTES  # not connected
+        s.connect(("127.0.0.1", 9))  # loopback: MTU 65536
+        assert quic.route_datagram_bytes(s) == quic.LARGE_DATAGRAM_CAP_BYTES
+
+    class FarSocket:  # a route with a jumbo first hop to a non-loopback peer (no real socket)
+        family = socket.AF_INET
+
+        def getpeername(self) -> tuple[str, int]:
+            return ("192.0.2.1", 9)
+
+        def getsockopt(self, *args: int) -> int:
+            return 9000
+
+    assert quic.route_datagram_bytes(FarSocket()) == quic.MAX_DATAGRAM_BYTES  # type: ignore[arg-type]
+
+
+async def test_loopback_client_sends_large_datagrams(start_server, pipes) -> None:
+    server = await start_server(echo)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    assert pipe._quic._configuration.max_datagram_size == quic.LARGE_DATAGRAM_CAP_BYTES
+    # both sockets hold more than three such datagrams (Linux reports twice what was set)
+    for transport in (pipe._proto._transport, server.listener._server._transport):
+        sock = transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= \
+            2 * quic.SOCKET_RECEIVE_BUFFER_BYTES
+    msg = os.urandom(1 << 20)
+    await pipe.send(msg)
+    assert await asyncio.wait_for(pipe.recv(), 20) == msg
 
 
 async def test_order_is_kept_both_ways_with_concurrent_traffic(start_server, pipes) -> None:

@@ -101,7 +101,9 @@ async def test_20_mb_exchange_through_lossy_reordering_relay_is_byte_identical()
     listener = await udp.listen("127.0.0.1", 0, server, preauth=False)
     relay_tr, relay = await start_relay(listener.port, loss=0.05, reorder=0.05)
     port = relay_tr.get_extra_info("sockname")[1]
-    pipe = await udp.connect("127.0.0.1", port)
+    # Ethernet-sized datagrams (loopback would pick 65000-byte ones): ~15,000 packets, so 5 %
+    # loss and reordering hit hundreds of them
+    pipe = await udp.connect("127.0.0.1", port, datagram_bytes=um.DEFAULT_DATAGRAM_BYTES)
     try:
         for off in range(0, total, 300_000):
             await pipe.send(payload[off:off + 300_000])
@@ -287,6 +289,27 @@ async def test_large_datagrams_on_loopback() -> None:
         assert await asyncio.wait_for(pipe.recv(), 20) == data
     finally:
         await pipe.close()
+        await listener.close()
+
+
+async def test_loopback_peers_pick_the_largest_datagrams_unless_told_otherwise() -> None:
+    async def echo(pipe: udp.UdpPipe) -> None:
+        while True:
+            await pipe.send(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, echo, preauth=False)
+    auto = await udp.connect("127.0.0.1", listener.port)
+    fixed = await udp.connect("127.0.0.1", listener.port, datagram_bytes=1200)
+    try:
+        assert auto.machine.datagram_bytes == um.LOOPBACK_DATAGRAM_BYTES
+        assert fixed.machine.datagram_bytes == 1200
+        data = os.urandom(300_000)
+        for pipe in (auto, fixed):
+            await pipe.send(data)
+            assert await asyncio.wait_for(pipe.recv(), 20) == data
+    finally:
+        await auto.close()
+        await fixed.close()
         await listener.close()
 
 

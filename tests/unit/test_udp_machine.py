@@ -320,6 +320,33 @@ def test_large_datagrams_negotiated_down_to_the_smaller_side() -> None:
     link.run_until(lambda: link.received("server") == [b"m" * 100_000])
 
 
+def test_automatic_datagram_size_is_large_on_loopback_only() -> None:
+    assert um.auto_datagram_bytes(("127.0.0.1", 1)) == um.LOOPBACK_DATAGRAM_BYTES
+    assert um.auto_datagram_bytes(("::1", 1, 0, 0)) == um.LOOPBACK_DATAGRAM_BYTES
+    assert um.auto_datagram_bytes(("::ffff:127.0.0.2", 1)) == um.LOOPBACK_DATAGRAM_BYTES
+    for far in (("192.0.2.7", 1), ("2001:db8::1", 1, 0, 0), ("::ffff:192.0.2.7", 1),
+                ("not an address", 1), ()):
+        assert um.auto_datagram_bytes(far) == um.DEFAULT_DATAGRAM_BYTES
+    # the automatic acceptor grants a loopback client the large size, anyone else the default
+    acceptor = um.Acceptor(0.0, datagram_bytes=None)
+    for addr, want in ((CLIENT_ADDR, um.LOOPBACK_DATAGRAM_BYTES),
+                       (("192.0.2.7", 40000), um.DEFAULT_DATAGRAM_BYTES)):
+        client = UdpConnection.client(0.0, datagram_bytes=um.MAX_DATAGRAM_BYTES)
+        reply = acceptor.answer_init(client.datagrams_to_send(0.0)[0], addr, 0.0)
+        assert reply is not None
+        client.receive_datagram(reply, 0.001)
+        assert client.datagram_bytes == want
+        server = acceptor.accept_echo(client.datagrams_to_send(0.001)[0], addr, 0.002)
+        assert server is not None and server.datagram_bytes == want
+    # an explicit size is a cap on loopback too
+    capped = um.Acceptor(0.0, datagram_bytes=9000)
+    client = UdpConnection.client(0.0, datagram_bytes=um.MAX_DATAGRAM_BYTES)
+    reply = capped.answer_init(client.datagrams_to_send(0.0)[0], CLIENT_ADDR, 0.0)
+    assert reply is not None
+    client.receive_datagram(reply, 0.001)
+    assert client.datagram_bytes == 9000
+
+
 def test_handshake_survives_lost_init_and_init_ack() -> None:
     link = Link(loss=0.5, seed=11)
     connect(link)
