@@ -574,18 +574,28 @@ async def test_file_changed_in_place_with_mtime_kept(dirs: tuple[Path, Path]) ->
 async def test_file_changed_before_the_transfer_behind_a_stale_manifest(
         dirs: tuple[Path, Path]) -> None:
     """The sender does not re-hash what it reads. A change no stat can show (made before
-    the transfer, mtime put back, manifest from the cache) is caught by the sink; its
-    re-request makes the sender hash that chunk and report the change, rather than the
-    sink failing the chunk three times."""
+    the transfer, mtime put back, on a file system whose ctime did not move either, so
+    the manifest comes from the cache) is caught by the sink; its re-request makes the
+    sender hash that chunk and report the change, rather than the sink failing the
+    chunk three times."""
+    from node.transfer.manifest import DEFAULT_CACHE
+
     src, recv = dirs
     p = src / "f.bin"
     p.write_bytes(os.urandom(3 * MiB))
-    build_manifest(src, [src])  # cached under (path, size, mtime, inode)
+    build_manifest(src, [src])  # cached under (path, size, mtime, ctime, inode)
     st = os.stat(p)
     with open(p, "r+b") as f:  # noqa: ASYNC230 - test setup
         f.seek(MiB + 10)
         f.write(b"tampered")
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # ctime moved on this file system; pretend it did not: the stale entry under the new key
+    st2 = os.stat(p)
+    stale = {k: v for k, v in DEFAULT_CACHE._items.items()
+             if k[0].endswith("f.bin") and k[3] == st.st_ctime_ns}
+    assert stale, "the manifest was not cached"
+    for k, v in stale.items():
+        DEFAULT_CACHE._items[(k[0], k[1], k[2], st2.st_ctime_ns, k[4])] = v
     re_requests: list[int] = []
 
     def count(data: bytes) -> bytes:

@@ -81,7 +81,7 @@ async function refreshPeers() {
     el("td", { class: "id", title: p.peer_id }, p.short_id),
     el("td", { class: "trusted" }, yesNo(p.trusted)),
     el("td", { class: "online" }, yesNo(p.online)),
-    el("td", {}, p.path || "direct"),
+    el("td", { class: "path" }, (p.paths && p.paths.length) ? p.paths.join(", ") : "-"),
     el("td", {}, ago(p.last_seen)),
     el("td", { class: "muted" }, p.source || ""),
     el("td", {}, p.trusted
