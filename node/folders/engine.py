@@ -267,7 +267,7 @@ class FolderRunner:
             for info in changes:
                 old = local.get(info.name)
                 if old is not None and info.version == old.version:
-                    self.db.put_local(info, changed=info.name in self.db.changed_names())
+                    self.db.put_local(info, changed=self.db.is_changed(info.name))
                     continue  # a touch: remembered, not announced
                 if receive_only:
                     # kept as ours, not announced: its version stays the one we had
@@ -316,7 +316,7 @@ class FolderRunner:
     async def _announce_pending(self) -> None:
         """Announce every local version our own index does not carry yet: what a round
         recorded but could not announce (it failed, or the node was killed in between)."""
-        own = self.db.remotes().get(self.sync.identity.peer_id.key, {})
+        own = self.db.remote_index(self.sync.identity.peer_id.key)
         changed = self.db.changed_names()
         pending = [info for name, info in sorted(self.db.local().items())
                    if name not in changed and ((o := own.get(name)) is None
