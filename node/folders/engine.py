@@ -94,7 +94,7 @@ CONNECT_BACKOFF_MAX_S = 30.0
 RETRY_BACKOFF_S = 1.0
 RETRY_BACKOFF_MAX_S = 60.0
 SCAN_DEBOUNCE_S = 0.2
-MAX_FETCH_BATCH = 256
+MAX_FETCH_BATCH = 1024  # files per fetch session (the transfer layer's MAX_FILES_PER_FETCH)
 PRUNE_EVERY_S = 3600.0
 SEND_TIMEOUT_S = 10.0
 
@@ -492,32 +492,61 @@ class FolderRunner:
             got = await self.sync.fetch(peer, list(paths), staging, seeds)
         except P2PError as exc:
             got = {p: exc for p in paths}
-        done: list[FileInfo] = []
+        fetched: list[tuple[Fetch, Path, FileInfo | None]] = []
         for path, f in paths.items():
             result = got.get(path)
             if result is None or isinstance(result, P2PError):
                 self._failed(f, str(result or "no file"))
                 continue
+            fetched.append((f, Path(result), local.get(f.name)))
+        # verify and place the whole batch in one worker-thread call, record it in one
+        # transaction (a thread hop and a commit per small file cost more than the file)
+        outcomes = await asyncio.to_thread(self._settle_batch, fetched, peer)
+        done: list[FileInfo] = []
+        with self.db.tx():
+            for (f, _staged, _old), outcome in zip(fetched, outcomes, strict=True):
+                if isinstance(outcome, str):
+                    self._failed(f, outcome)
+                elif outcome is None:
+                    self._scan_due = True  # edited since the scan: record that first
+                else:
+                    self.db.put_local(outcome)
+                    local[f.name] = outcome
+                    self._retries.pop(f.name, None)
+                    done.append(f.info)
+        for info in done:
+            self.sync.notify(FileReceived(
+                peer_id=str(peer), path=info.name, size=info.size, hash=info.hash.hex(),
+                saved_as=str(self.cfg.path / info.name), folder=self.cfg.id, how="fetched"))
+        return done
+
+    def _settle_batch(self, fetched: list[tuple[Fetch, Path, FileInfo | None]], peer: PeerId
+                      ) -> list[FileInfo | str | None]:
+        """Blocking: for each fetched file, check it is the announced version and that the
+        disk still holds what the index says, then place it. Per file: the FileInfo now
+        held, None (the disk changed since the scan; the staged file is dropped), or why
+        it failed."""
+        root = self.cfg.path
+        out: list[FileInfo | str | None] = []
+        for f, staged, old in fetched:
             try:
-                digest = (await asyncio.to_thread(hash_file, Path(result)))[2]
+                digest = hash_file(staged)[2]
             except OSError as exc:
-                self._failed(f, f"cannot read the fetched file: {exc}")
+                out.append(f"cannot read the fetched file: {exc}")
                 continue
             if digest != f.info.hash:
-                Path(result).unlink(missing_ok=True)
-                self._failed(f, f"{f.name} from {peer.short} does not match its announced hash")
+                staged.unlink(missing_ok=True)
+                out.append(f"{f.name} from {peer.short} does not match its announced hash")
                 continue
             try:
-                placed = await self._place(f, Path(result), local)
+                if not disk.untouched(root, f.name, old):
+                    staged.unlink(missing_ok=True)
+                    out.append(None)
+                    continue
+                out.append(disk.place(root, f.info, staged, self.umask))
             except (OSError, P2PError) as exc:
-                self._failed(f, str(exc))
-                continue
-            if placed is not None:
-                done.append(placed)
-                self.sync.notify(FileReceived(
-                    peer_id=str(peer), path=f.name, size=f.info.size, hash=f.info.hash.hex(),
-                    saved_as=str(self.cfg.path / f.name), folder=self.cfg.id, how="fetched"))
-        return done
+                out.append(str(exc))
+        return out
 
     def _failed(self, f: Fetch, error: str) -> None:
         r = self._retries.get(f.name)
