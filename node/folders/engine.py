@@ -453,10 +453,10 @@ class FolderRunner:
         # one fetch session at a time per source device, the devices in parallel
         results = await asyncio.gather(*(from_peer(p, items) for p, items in groups.items()),
                                        return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-            done.extend(r)
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            done.extend(outcome)
         return done
 
     async def _copy_local(self, f: Fetch, src: str, local: dict[str, FileInfo]
