@@ -15,6 +15,7 @@ Imports sqlite3, the folder model/protocol and statefiles.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,17 +47,41 @@ class FolderDB:
         try:
             self._db = sqlite3.connect(str(private_file(path)), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit is not fsynced (the WAL is, at checkpoints); a power
+            # cut may lose the last commits, which the next scan and anti-entropy redo
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise LocalIOError(f"cannot open folder database {path}: {exc}") from None
         self.path = path
+        # decoded indexes, loaded once and kept in step with every write (a round plans
+        # from them: decoding every signed change each round was most of a sync's CPU)
+        self._local: dict[str, FileInfo] | None = None
+        self._changed: set[str] | None = None
+        self._remote: dict[bytes, dict[str, tuple[int, FileInfo]]] | None = None
 
     def close(self) -> None:
         self._db.close()
 
-    def tx(self) -> sqlite3.Connection:
-        """``with db.tx():`` one transaction."""
-        return self._db
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[None]:
+        """``with db.tx():`` one transaction (one commit for everything inside it).
+
+        The connection is in autocommit mode (isolation_level=None), where sqlite3's own
+        ``with connection:`` begins nothing: every statement was its own commit. Nested
+        uses join the outer transaction. Never hold it across an ``await``: another task's
+        statements would join it (and be rolled back with it)."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._local = self._changed = self._remote = None  # reloaded from the disk
+            raise
+        self._db.execute("COMMIT")
 
     # -- meta ---------------------------------------------------------------------
     def meta(self, key: str) -> int:
@@ -67,28 +92,64 @@ class FolderDB:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
 
     # -- local index ------------------------------------------------------------------
+    def _load_local(self) -> tuple[dict[str, FileInfo], set[str]]:
+        if self._local is None or self._changed is None:
+            local: dict[str, FileInfo] = {}
+            changed: set[str] = set()
+            for name, blob, flag in self._db.execute("SELECT name, info, changed FROM local"):
+                local[name] = _info(blob)
+                if flag:
+                    changed.add(name)
+            self._local, self._changed = local, changed
+        return self._local, self._changed
+
     def local(self) -> dict[str, FileInfo]:
-        return {name: _info(blob) for name, blob in
-                self._db.execute("SELECT name, info FROM local")}
+        """Our index (a copy: the caller may change it)."""
+        return dict(self._load_local()[0])
+
+    def local_info(self, name: str) -> FileInfo | None:
+        return self._load_local()[0].get(name)
 
     def changed_names(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT name FROM local WHERE changed=1")}
+        return set(self._load_local()[1])
+
+    def is_changed(self, name: str) -> bool:
+        return name in self._load_local()[1]
 
     def put_local(self, info: FileInfo, changed: bool = False) -> None:
+        local, marked = self._load_local()
         self._db.execute("INSERT OR REPLACE INTO local VALUES (?,?,?)",
                          (info.name, packb(info.to_wire()), int(changed)))
+        local[info.name] = info
+        if changed:
+            marked.add(info.name)
+        else:
+            marked.discard(info.name)
 
     def clear_local(self) -> None:
         self._db.execute("DELETE FROM local")
+        self._local, self._changed = {}, set()
 
     def drop_local(self, name: str) -> None:
+        local, marked = self._load_local()
         self._db.execute("DELETE FROM local WHERE name=?", (name,))
+        local.pop(name, None)
+        marked.discard(name)
 
     # -- remote indexes -------------------------------------------------------------------
+    def _load_remote(self) -> dict[bytes, dict[str, tuple[int, FileInfo]]]:
+        if self._remote is None:
+            out: dict[bytes, dict[str, tuple[int, FileInfo]]] = {}
+            for origin, blob in self._db.execute("SELECT origin, change FROM remote"):
+                change = FolderChange.decode(blob)
+                out.setdefault(bytes(origin), {})[change.info.name] = (change.seq,
+                                                                       change.info)
+            self._remote = out
+        return self._remote
+
     def remote_seq(self, origin: bytes, name: str) -> int:
-        row = self._db.execute("SELECT seq FROM remote WHERE origin=? AND name=?",
-                               (origin, name)).fetchone()
-        return int(row[0]) if row else 0
+        got = self._load_remote().get(origin, {}).get(name)
+        return got[0] if got is not None else 0
 
     def put_remote(self, change: FolderChange) -> bool:
         """Store a verified change if it is newer than what we hold for its name."""
@@ -97,14 +158,16 @@ class FolderDB:
             return False
         self._db.execute("INSERT OR REPLACE INTO remote VALUES (?,?,?,?)",
                          (key, change.info.name, change.seq, change.encoded))
+        self._load_remote().setdefault(key, {})[change.info.name] = (change.seq, change.info)
         return True
 
     def remotes(self) -> dict[bytes, dict[str, FileInfo]]:
-        out: dict[bytes, dict[str, FileInfo]] = {}
-        for origin, blob in self._db.execute("SELECT origin, change FROM remote"):
-            change = FolderChange.decode(blob)
-            out.setdefault(bytes(origin), {})[change.info.name] = change.info
-        return out
+        """Every origin's index (copies: the caller may change them)."""
+        return {origin: {name: info for name, (_seq, info) in index.items()}
+                for origin, index in self._load_remote().items()}
+
+    def remote_index(self, origin: bytes) -> dict[str, FileInfo]:
+        return {name: info for name, (_seq, info) in self._load_remote().get(origin, {}).items()}
 
     def changes_since(self, origin: bytes, since: int, limit: int) -> list[bytes]:
         return [bytes(r[0]) for r in self._db.execute(

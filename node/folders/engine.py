@@ -94,7 +94,7 @@ CONNECT_BACKOFF_MAX_S = 30.0
 RETRY_BACKOFF_S = 1.0
 RETRY_BACKOFF_MAX_S = 60.0
 SCAN_DEBOUNCE_S = 0.2
-MAX_FETCH_BATCH = 256
+MAX_FETCH_BATCH = 1024  # files per fetch session (the transfer layer's MAX_FILES_PER_FETCH)
 PRUNE_EVERY_S = 3600.0
 SEND_TIMEOUT_S = 10.0
 
@@ -267,7 +267,7 @@ class FolderRunner:
             for info in changes:
                 old = local.get(info.name)
                 if old is not None and info.version == old.version:
-                    self.db.put_local(info, changed=info.name in self.db.changed_names())
+                    self.db.put_local(info, changed=self.db.is_changed(info.name))
                     continue  # a touch: remembered, not announced
                 if receive_only:
                     # kept as ours, not announced: its version stays the one we had
@@ -316,7 +316,7 @@ class FolderRunner:
     async def _announce_pending(self) -> None:
         """Announce every local version our own index does not carry yet: what a round
         recorded but could not announce (it failed, or the node was killed in between)."""
-        own = self.db.remotes().get(self.sync.identity.peer_id.key, {})
+        own = self.db.remote_index(self.sync.identity.peer_id.key)
         changed = self.db.changed_names()
         pending = [info for name, info in sorted(self.db.local().items())
                    if name not in changed and ((o := own.get(name)) is None
@@ -443,9 +443,20 @@ class FolderRunner:
                 self._failed(f, "no online device of the folder has this version")
                 continue
             groups.setdefault(peer, []).append(f)
-        for peer, items in groups.items():
+
+        async def from_peer(peer: PeerId, items: list[Fetch]) -> list[FileInfo]:
+            got: list[FileInfo] = []
             for i in range(0, len(items), MAX_FETCH_BATCH):
-                done.extend(await self._fetch_from(peer, items[i:i + MAX_FETCH_BATCH], local))
+                got.extend(await self._fetch_from(peer, items[i:i + MAX_FETCH_BATCH], local))
+            return got
+
+        # one fetch session at a time per source device, the devices in parallel
+        results = await asyncio.gather(*(from_peer(p, items) for p, items in groups.items()),
+                                       return_exceptions=True)
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            done.extend(outcome)
         return done
 
     async def _copy_local(self, f: Fetch, src: str, local: dict[str, FileInfo]
@@ -492,32 +503,61 @@ class FolderRunner:
             got = await self.sync.fetch(peer, list(paths), staging, seeds)
         except P2PError as exc:
             got = {p: exc for p in paths}
-        done: list[FileInfo] = []
+        fetched: list[tuple[Fetch, Path, FileInfo | None]] = []
         for path, f in paths.items():
             result = got.get(path)
             if result is None or isinstance(result, P2PError):
                 self._failed(f, str(result or "no file"))
                 continue
+            fetched.append((f, Path(result), local.get(f.name)))
+        # verify and place the whole batch in one worker-thread call, record it in one
+        # transaction (a thread hop and a commit per small file cost more than the file)
+        outcomes = await asyncio.to_thread(self._settle_batch, fetched, peer)
+        done: list[FileInfo] = []
+        with self.db.tx():
+            for (f, _staged, _old), outcome in zip(fetched, outcomes, strict=True):
+                if isinstance(outcome, str):
+                    self._failed(f, outcome)
+                elif outcome is None:
+                    self._scan_due = True  # edited since the scan: record that first
+                else:
+                    self.db.put_local(outcome)
+                    local[f.name] = outcome
+                    self._retries.pop(f.name, None)
+                    done.append(f.info)
+        for info in done:
+            self.sync.notify(FileReceived(
+                peer_id=str(peer), path=info.name, size=info.size, hash=info.hash.hex(),
+                saved_as=str(self.cfg.path / info.name), folder=self.cfg.id, how="fetched"))
+        return done
+
+    def _settle_batch(self, fetched: list[tuple[Fetch, Path, FileInfo | None]], peer: PeerId
+                      ) -> list[FileInfo | str | None]:
+        """Blocking: for each fetched file, check it is the announced version and that the
+        disk still holds what the index says, then place it. Per file: the FileInfo now
+        held, None (the disk changed since the scan; the staged file is dropped), or why
+        it failed."""
+        root = self.cfg.path
+        out: list[FileInfo | str | None] = []
+        for f, staged, old in fetched:
             try:
-                digest = (await asyncio.to_thread(hash_file, Path(result)))[2]
+                digest = hash_file(staged)[2]
             except OSError as exc:
-                self._failed(f, f"cannot read the fetched file: {exc}")
+                out.append(f"cannot read the fetched file: {exc}")
                 continue
             if digest != f.info.hash:
-                Path(result).unlink(missing_ok=True)
-                self._failed(f, f"{f.name} from {peer.short} does not match its announced hash")
+                staged.unlink(missing_ok=True)
+                out.append(f"{f.name} from {peer.short} does not match its announced hash")
                 continue
             try:
-                placed = await self._place(f, Path(result), local)
+                if not disk.untouched(root, f.name, old):
+                    staged.unlink(missing_ok=True)
+                    out.append(None)
+                    continue
+                out.append(disk.place(root, f.info, staged, self.umask))
             except (OSError, P2PError) as exc:
-                self._failed(f, str(exc))
-                continue
-            if placed is not None:
-                done.append(placed)
-                self.sync.notify(FileReceived(
-                    peer_id=str(peer), path=f.name, size=f.info.size, hash=f.info.hash.hex(),
-                    saved_as=str(self.cfg.path / f.name), folder=self.cfg.id, how="fetched"))
-        return done
+                out.append(str(exc))
+        return out
 
     def _failed(self, f: Fetch, error: str) -> None:
         r = self._retries.get(f.name)
@@ -871,10 +911,13 @@ class FolderSync:
         fresh: list[FolderChange] = []
         with runner.db.tx():
             for blob in msg.changes:
-                change = FolderChange.decode(blob).verify()
+                change = FolderChange.decode(blob)
                 if change.origin.key != msg.origin or change.folder != cfg.id:
                     raise ProtocolError("folders changes: a change of another origin or folder")
-                if runner.db.put_remote(change):
+                if runner.db.remote_seq(msg.origin, change.info.name) >= change.seq:
+                    continue  # held already (a relay's copy) or older: not stored, so its
+                    # signature (most of what a change costs) needs no check
+                if runner.db.put_remote(change.verify()):
                     fresh.append(change)
             if not msg.live and msg.since <= runner.db.mark(msg.origin) < msg.upto:
                 runner.db.set_mark(msg.origin, msg.upto)

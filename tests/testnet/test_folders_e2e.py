@@ -183,3 +183,39 @@ def test_kill_9_of_the_source_mid_fetch_resumes_identical(folders: Folders) -> N
     net.wait_until(lambda: not any(f.endswith(".p2pfs-part") for where in (
         folders.dir("B"), incoming) for _d, _s, fs in os.walk(where) for f in fs),
         SPREAD_TIMEOUT_S, POLL_S, what="no .p2pfs-part left on B")
+
+
+def test_a_two_byte_append_to_a_big_file_moves_at_most_one_chunk(folders: Folders) -> None:
+    """Issue 11 item 6: the receivers reuse every chunk of their old version."""
+    from node.transfer.manifest import DEFAULT_CHUNK_SIZE_BYTES
+
+    net = folders.net
+    size = 32 << 20  # 32 MiB: 32 chunks, so an append changes only the last one
+    staged = folders.root / "big.staged"
+    staged.write_bytes(os.urandom(size))
+    os.replace(staged, folders.dir("A") / "big.bin")  # appears whole
+    data = (folders.dir("A") / "big.bin").read_bytes()
+
+    def holds(name: str, want: bytes) -> bool:
+        p = folders.dir(name) / "big.bin"
+        try:
+            return p.stat().st_size == len(want) and p.read_bytes() == want
+        except OSError:
+            return False
+
+    for name in ("B", "C"):
+        net.wait_until(lambda n=name: holds(n, data), 60.0, POLL_S, what=f"{name} has big.bin")
+    seen = {n: {t["id"] for t in net.cli(n, "transfers")} for n in NAMES}
+    with open(folders.dir("A") / "big.bin", "ab") as f:
+        f.write(b"!\n")
+    data += b"!\n"
+    for name in ("B", "C"):
+        net.wait_until(lambda n=name: holds(n, data), 60.0, POLL_S,
+                       what=f"{name} has the appended big.bin")
+    # what the serving side sent (manifest and chunks) for big.bin since the append: C
+    # may fetch from B, so every node's "serve" transfers count
+    served = [t for n in NAMES for t in net.cli(n, "transfers") if t["id"] not in seen[n]
+              and t["direction"] == "serve" and any(p.endswith("/big.bin") for p in t["paths"])]
+    assert served, "no node served the new version of big.bin"
+    moved = sum(t["bytes_on_wire"] for t in served)
+    assert moved <= 2 * DEFAULT_CHUNK_SIZE_BYTES, f"{moved} B served for a 2-byte append"
