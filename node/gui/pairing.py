@@ -52,6 +52,18 @@ class InviteState(Enum):
     CANCELLED = "cancelled"
 
 
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or ConfigError (a 400) naming what was wrong;
+    every dashboard endpoint that takes a body reads it through here."""
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError("the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ConfigError("the request body must be a JSON object")
+    return body
+
 @dataclass
 class Invitation:
     id: str
@@ -113,16 +125,6 @@ class PairingRoutes:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise ConfigError("the request body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ConfigError("the request body must be a JSON object")
-        return body
-
     def _prune(self) -> None:
         now = time.time()
         for key in [k for k, i in self.invitations.items()
@@ -141,7 +143,7 @@ class PairingRoutes:
         return row
 
     async def invite(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body = await json_object(request)
         name = _text(body, "name", MAX_NAME_CHARS)
         expires = body.get("expires_s")
         if expires is not None and (isinstance(expires, bool)
@@ -197,7 +199,7 @@ class PairingRoutes:
         return _json(row.to_json())
 
     async def accept(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body = await json_object(request)
         code = _text(body, "code", MAX_CODE_CHARS)
         if not code:
             raise ConfigError("give the code the other device shows as {\"code\": CODE}")

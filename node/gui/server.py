@@ -49,7 +49,7 @@ from node.errors import (
     UnknownPeer,
     bind_errors,
 )
-from node.gui.pairing import PairingRoutes
+from node.gui.pairing import PairingRoutes, json_object
 from node.statefiles import private_dir, write_private
 
 log = logging.getLogger("p2pfs.gui")
@@ -399,17 +399,8 @@ class GuiServer:
     async def _peers(self, request: web.Request) -> web.StreamResponse:
         return _json(await self._call("peers"))
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise ConfigError("the request body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ConfigError("the request body must be a JSON object")
-        return body
-
     async def _trust(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body = await json_object(request)
         peer, name = body.get("peer"), body.get("name", "")
         if not isinstance(peer, str) or not peer or len(peer) > MAX_TEXT_CHARS:
             raise UnknownPeer("give the peer to trust as {\"peer\": ID, \"name\": ALIAS}")
@@ -426,7 +417,7 @@ class GuiServer:
     async def _share(self, request: web.Request) -> web.StreamResponse:
         """Start `node share PATH... [--to PEER...]`; answers once the transfers have
         started (202, their rows) or the share was refused (its error)."""
-        body = await self._body(request)
+        body = await json_object(request)
         paths, to, transport = body.get("paths"), body.get("to") or [], body.get("transport")
         if (not isinstance(paths, list) or not paths or len(paths) > MAX_SHARE_PATHS
                 or not all(isinstance(p, str) and p for p in paths)):
@@ -486,7 +477,7 @@ class GuiServer:
     async def _folder_add(self, request: web.Request) -> web.StreamResponse:
         """`node folder add PATH --id ID [--peer P]... [--mode M] [--label L]`; the node
         checks everything (path, id, peers trusted, mode) as for the CLI."""
-        body = await self._body(request)
+        body = await json_object(request)
         args: dict[str, Any] = {}
         for key in ("path", "id", "mode", "label"):
             value = body.get(key, "")
