@@ -248,6 +248,7 @@ def _ping_times(cli: Callable[[], dict[str, Any]], pings: int, want: str) -> str
 def _lan_ping(args: argparse.Namespace) -> str:
     import json
 
+    from node.discovery.addresses import ANY_V4  # inside the lab's namespace: broadcasts
     from tests.netns.lan_lab import LanLab, skip_reason
     from tests.netns.nat_lab import wait_until as lab_wait
 
@@ -270,7 +271,7 @@ def _lan_ping(args: argparse.Namespace) -> str:
                 store.close()
                 procs.append(subprocess.Popen(
                     lab.exec_argv(i, [sys.executable, "-m", "node", "start", "--home",
-                                      str(home), "--listen-host", "0.0.0.0"]),
+                                      str(home), "--listen-host", ANY_V4]),
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                     start_new_session=True))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from node.contact import ContactRecord
+from node.discovery.addresses import ANY_V4
 from node.errors import ProtocolError
 from node.identity import Identity
 from node.reach.punch import (
@@ -194,14 +195,14 @@ def _wire(*fields: object) -> bytes:
 
 
 def test_connect_round_trips_and_normalises() -> None:
-    msg = decode_message(PunchConnect(2, (("::1", 9), ("10.0.0.1", 65535))).encode())
-    assert msg == PunchConnect(2, (("::1", 9), ("10.0.0.1", 65535)))
+    msg = decode_message(PunchConnect(2, (("::1", 9), ("198.18.0.1", 65535))).encode())
+    assert msg == PunchConnect(2, (("::1", 9), ("198.18.0.1", 65535)))
 
 
 @pytest.mark.parametrize("fields", [
     (1, [["198.18.0.1", 1]] * (MAX_ENDPOINTS + 1)),  # too many endpoints
     (1, [["example.com", 80]]),  # names are not dialled
-    (1, [["0.0.0.0", 80]]),
+    (1, [[ANY_V4, 80]]),  # the wildcard
     (1, [["224.0.0.251", 5353]]),
     (1, [["198.18.0.1", 0]]),
     (1, [["198.18.0.1", 65536]]),
