@@ -352,17 +352,12 @@ class Daemon:
         """Fetch folder files from `peer` into `staging` (one ReceiveStore per staging dir,
         so an interrupted fetch resumes from its partial file). `seeds` are the old
         versions, whose matching chunks the transfer layer copies instead of fetching."""
-        import inspect
-
         from node.transfer.store import ReceiveStore
 
         store = self._folder_stores.get(staging)
         if store is None:
             store = self._folder_stores[staging] = ReceiveStore(staging)
-        extra: dict[str, Any] = {}
-        if "seeds" in inspect.signature(self.sharing.fetch_many).parameters:
-            extra["seeds"] = seeds  # chunk reuse (issue 11 item 6), where the layer has it
-        return await self.sharing.fetch_many(peer, paths, store=store, **extra)
+        return await self.sharing.fetch_many(peer, paths, store=store, seeds=seeds)
 
     def _resolve_for_peer(self, peer: PeerId, rel: str, root_hash: bytes | None
                           ) -> tuple[Path, Path] | None:
