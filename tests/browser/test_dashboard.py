@@ -28,9 +28,11 @@ if str(SCRIPTS_DIR) not in sys.path:
 
 from testnet_lib import Testnet, normalize_peer_id  # noqa: E402
 
+from tests.browser.pages import WAIT_S, show_page
+from tests.browser.pages import wait_for as _wait
+
 pytestmark = pytest.mark.slow
 
-WAIT_S = 20.0
 JOIN_TIMEOUT_S = 30.0
 SHARE_BYTES = 24 * 1024 * 1024  # big enough that a progress row shows while it moves
 
@@ -68,15 +70,6 @@ def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         yield Net(net, url, url.split("?", 1)[0], shots, data)
 
 
-def _wait(browser: Any, condition: Any, what: str) -> Any:
-    """Wait for `condition(browser)` to be truthy; a row the page re-rendered under the
-    condition (a stale element) counts as "not yet"."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, WAIT_S, poll_frequency=0.1,
-                         ignored_exceptions=[StaleElementReferenceException]
-                         ).until(condition, message=what)
 
 
 def _transfer_rows(browser: Any) -> list[dict[str, Any]]:
@@ -95,14 +88,7 @@ def _css(browser: Any, selector: str) -> list[Any]:
 
 
 def _open(browser: Any, tn: Net, page: str) -> None:
-    """Show `page` in the logged-in dashboard, setting the no-reload marker."""
-    if not browser.current_url.startswith(tn.base):
-        browser.get(tn.url)
-        _wait(browser, lambda d: "·" in d.find_element("id", "node-name").text,
-              "the page loaded its session")
-    browser.execute_script(f"location.hash = '#{page}'; window.__stay = 1;")
-    _wait(browser, lambda d: d.find_element("id", f"page-{page}").is_displayed(),
-          f"the {page} page is shown")
+    show_page(browser, tn.url, tn.base, page)
 
 
 def _stayed(browser: Any) -> bool:

@@ -20,9 +20,11 @@ if str(SCRIPTS_DIR) not in sys.path:
 
 from testnet_lib import Testnet  # noqa: E402
 
+from tests.browser.pages import WAIT_S, show_page
+from tests.browser.pages import wait_for as _wait
+
 pytestmark = pytest.mark.slow
 
-WAIT_S = 20.0
 
 
 @dataclass
@@ -46,23 +48,10 @@ def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         yield Net(net, net.gui_url("A"), root, shots)
 
 
-def _wait(browser: Any, condition: Any, what: str) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, WAIT_S, poll_frequency=0.1,
-                         ignored_exceptions=[StaleElementReferenceException]
-                         ).until(condition, message=what)
 
 
 def _open(browser: Any, tn: Net, page: str) -> None:
-    if not browser.current_url.startswith(tn.url.split("?", 1)[0]):
-        browser.get(tn.url)
-        _wait(browser, lambda d: "·" in d.find_element("id", "node-name").text,
-              "the page loaded its session")
-    browser.execute_script(f"location.hash = '#{page}'; window.__stay = 1;")
-    _wait(browser, lambda d: d.find_element("id", f"page-{page}").is_displayed(),
-          f"the {page} page is shown")
+    show_page(browser, tn.url, tn.url.split("?", 1)[0], page)
 
 
 def _folder_rows(browser: Any) -> dict[str, dict[str, Any]]:

@@ -28,9 +28,11 @@ if str(SCRIPTS_DIR) not in sys.path:
 
 from testnet_lib import Testnet, normalize_peer_id  # noqa: E402
 
+from tests.browser.pages import WAIT_S, show_page
+from tests.browser.pages import wait_for as _wait
+
 pytestmark = pytest.mark.slow
 
-WAIT_S = 20.0
 
 
 @dataclass
@@ -53,23 +55,10 @@ def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         yield Net(net, url, url.split("?", 1)[0], shots)
 
 
-def _wait(browser: Any, condition: Any, what: str) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, WAIT_S, poll_frequency=0.1,
-                         ignored_exceptions=[StaleElementReferenceException]
-                         ).until(condition, message=what)
 
 
 def _open_peers(browser: Any, tn: Net) -> None:
-    if not browser.current_url.startswith(tn.base):
-        browser.get(tn.url)
-        _wait(browser, lambda d: "·" in d.find_element("id", "node-name").text,
-              "the page loaded its session")
-    browser.execute_script("location.hash = '#peers';")
-    _wait(browser, lambda d: d.find_element("id", "page-peers").is_displayed(),
-          "the peers page is shown")
+    show_page(browser, tn.url, tn.base, "peers")
 
 
 def _trusts(net: Testnet, who: str, whom: str) -> bool:
