@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import json
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from node.config import Settings, absolute_paths, port_option
@@ -53,7 +52,6 @@ from node.peering import Peering
 from node.statefiles import (
     check_received_dir,
     check_shared_root,
-    is_state_name,
     private_dir,
     write_private,
 )
@@ -291,47 +289,37 @@ class Daemon:
             raise ConfigError(f"{exc}; fix or remove it, or use `node folder remove`") from None
 
     async def _start_services(self) -> None:
-        """Event log, transfers, gossip, sync, folder watchers and shared folders."""
+        """Event log, transfers, gossip, the --share mirror and the shared folders."""
+        from node.folders.mirror_service import MirrorService
         from node.gossip.log import EventLog
         from node.gossip.service import GossipService
-        from node.gossip.sync import SyncEngine
         from node.sharing import ShareService
-        from node.watcher import FolderWatcher
 
         s = self.settings
-        received = self.received
         self.events = EventLog(self.home / "events.db")
         self._closers.append(_async(self.events.close))
         self.sharing = ShareService(
-            self.peering, received, notify=self.events.emit, label_for=self.label_for,
-            resolve_shared=self._resolve_shared, default_transport=s.transport,
-            targets=self._online_trusted, resolve_for=self._resolve_for_peer,
+            self.peering, self.received, notify=self.events.emit, label_for=self.label_for,
+            default_transport=s.transport, targets=self._online_trusted,
+            resolve_for=self._resolve_for_peer,
         )
-        self.sync = SyncEngine(received, self_id=self.identity.peer_id, fetch=self._sync_fetch,
-                               origin_label=self.label_for, suppress=self._suppress,
-                               local_lookup=self._local_lookup, log=self.events,
-                               fetch_many=self._sync_fetch_many)
-        self._closers.append(_async(self.sync.close))
         self.gossip = GossipService(
             self.identity, self.events, peers=self._gossip_peers,
             open_channel=lambda peer: self.peering.connect(peer, "gossip"),
-            is_trusted=self.trust.is_trusted, on_event=self._apply_event,
-            on_events=self._apply_events, heartbeat_s=s.heartbeat_s,
+            is_trusted=self.trust.is_trusted, heartbeat_s=s.heartbeat_s,
         )
+        self.mirror = MirrorService(
+            self.shared, self.received, self_id=self.identity.peer_id, home=self.home,
+            gossip=self.gossip, transfers=self.sharing, events=self.events,
+            label_for=self.label_for)
+        self._closers.append(_async(self.mirror.close))  # after gossip stops applying
+        self.gossip.on_accepted(self.mirror.apply_event, self.mirror.apply_events)
         self.peering.register("gossip", self.gossip.handle_channel)
         await self.gossip.start()
         self._closers.append(self.gossip.stop)
         await self._start_folders()
-        self.watchers = []
-        for label, folder in self.shared.items():
-            watcher = FolderWatcher(folder, label, index_path=self.home / f"index-{label}.db",
-                                    on_change=functools.partial(self._local_change, label),
-                                    on_changes=functools.partial(self._local_changes, label))
-            self.watchers.append(watcher)
-            self._closers.append(watcher.stop)
-            changes = await watcher.start(scan=True)
-            log.info("sharing folder %s as %r (%d change(s) since last run)", folder, label,
-                     len(changes))
+        self._closers.append(self.mirror.stop)
+        await self.mirror.start()  # watches the --share folders
 
     async def _start_folders(self) -> None:
         """Shared folders (node/folders): the engine every folder command talks to."""
@@ -366,7 +354,7 @@ class Daemon:
 
         if rel.startswith(FETCH_PREFIX + "/"):
             return self.folders.resolve_fetch(peer, rel)
-        return self._resolve_shared(rel, root_hash)
+        return self.mirror.resolve_fetch(rel, root_hash)
 
     def _start_pairing(self) -> None:
         """`node invite` / `node accept`: SPAKE2 codes through the bootstrap mailbox."""
@@ -386,94 +374,11 @@ class Daemon:
         check_shared_root(path, home=self.home, received=self.settings.received_path,
                           what=what, may_hold_received=True)
 
-    # -- glue between watchers, gossip, sync and transfers ------------------------------
+    # -- names and presence shared by the services ------------------------------------
     def label_for(self, peer: PeerId) -> str:
         """Folder name for a peer's files: the local alias, else its short id (never a
         name the peer chose itself, which another peer could copy)."""
         return self.trust.alias_of(peer) or peer.short
-
-    async def _local_change(self, label: str, change: Any) -> None:
-        await self.gossip.publish_local(change.kind, label, change.path, change.size,
-                                        change.hash, change.old_path)
-
-    async def _local_changes(self, label: str, changes: list[Any]) -> None:
-        await self.gossip.publish_local_many(label, [
-            (c.kind, c.path, c.size, c.hash, c.old_path) for c in changes])
-
-    def _suppress(self, path: Path, digest: bytes) -> None:
-        for watcher in self.watchers:
-            watcher.suppress(path, digest)
-
-    def _local_lookup(self, digest: bytes) -> Path | None:
-        for watcher in self.watchers:
-            found = watcher.find_by_hash(digest)
-            if found is not None:
-                return found
-        return None
-
-    def _resolve_shared(self, rel: str, root_hash: bytes | None) -> tuple[Path, Path] | None:
-        """A peer fetches `<folder label>/<path>` from one of our shared folders."""
-        from node.errors import ProtocolError
-        from node.pathrules import resolve_under, safe_relpath
-
-        try:
-            relpath = safe_relpath(rel)
-        except ProtocolError:
-            return None
-        folder = self.shared.get(relpath.parts[0]) if len(relpath.parts) > 1 else None
-        if folder is None:
-            return None
-        try:
-            target = resolve_under(folder, PurePosixPath(*relpath.parts[1:]))
-        except (P2PError, OSError):
-            return None
-        if is_state_name(target.name):
-            return None  # never served, even if it somehow got announced
-        return (folder.parent, target) if target.is_file() else None
-
-    async def _sync_fetch(self, origin: PeerId, folder: str, path: str, digest: bytes) -> Path:
-        result = await self.sharing.fetch(origin, f"{folder}/{path}", None)
-        final = result.files[0].path if result.files else None
-        if final is None:
-            raise P2PError(f"fetching {folder}/{path} from {origin.short} gave no file")
-        return final
-
-    async def _sync_fetch_many(self, origin: PeerId, folder: str,
-                               items: list[tuple[str, bytes]]) -> dict[str, Any]:
-        got = await self.sharing.fetch_many(origin, [f"{folder}/{path}" for path, _h in items])
-        return {path: got.get(f"{folder}/{path}") for path, _h in items}
-
-    async def _apply_events(self, events: list[Any]) -> None:
-        """A batch of accepted events: content fetches go out together (SyncEngine)."""
-        from node.notifications import TransferFailed
-
-        events = [e for e in events if e.kind != "shared"]  # one-off shares: see below
-        for event, outcome in await self.sync.apply_batch(events):
-            if isinstance(outcome, P2PError):
-                log.warning("could not apply %s of %s/%s from %s: %s", event.kind,
-                            event.folder, event.path, self.label_for(event.origin), outcome)
-                self.events.emit(TransferFailed(
-                    peer_id=str(event.origin), direction="sync", error=str(outcome),
-                    paths=(f"{event.folder}/{event.path}",), event_id=event.id.hex()))
-            else:
-                log.debug("applied %s %s/%s from %s: %s", event.kind, event.folder,
-                          event.path, self.label_for(event.origin), outcome.value)
-
-    async def _apply_event(self, event: Any) -> None:
-        if event.kind == "shared":
-            return  # a one-off share: the push carries the content, peers are only told
-        try:
-            outcome = await self.sync.apply(event)
-            log.info("applied %s %s/%s from %s: %s", event.kind, event.folder, event.path,
-                     self.label_for(event.origin), outcome.value)
-        except P2PError as exc:
-            log.warning("could not apply %s of %s/%s from %s: %s", event.kind, event.folder,
-                        event.path, self.label_for(event.origin), exc)
-            from node.notifications import TransferFailed
-
-            self.events.emit(TransferFailed(
-                peer_id=str(event.origin), direction="sync", error=str(exc),
-                paths=(f"{event.folder}/{event.path}",), event_id=event.id.hex()))
 
     def _gossip_peers(self) -> list[PeerId]:
         return [t.peer_id for t in self.trust.all() if self.book.get(t.peer_id) is not None]
@@ -829,13 +734,8 @@ class Daemon:
 
     async def _cmd_folders(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         """The --share folders: one-way, send-only, watched (no pause or rescan yet)."""
-        out = []
-        for watcher in getattr(self, "watchers", []):
-            files, size = watcher.index.totals()  # one COUNT on an indexed table
-            out.append({"label": watcher.label, "path": str(watcher.folder), "kind": "share",
-                        "mode": "send-only", "state": "watching" if watcher.running
-                        else "stopped", "files": files, "bytes": size})
-        return out
+        mirror = getattr(self, "mirror", None)
+        return mirror.folders_json() if mirror is not None else []
 
     async def _cmd_trust(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """`node trust` for the dashboard, through the daemon's own store connection: a

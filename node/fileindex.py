@@ -3,8 +3,8 @@
 ``FileIndex`` (SQLite: path -> size, mtime_ns, BLAKE3) remembers what a watched
 folder held when it was last looked at; ``hash_file`` hashes a regular file
 without following a symlink or blocking on a FIFO. Moved out of node/watcher.py
-so node/folders and node/gossip/sync.py import them without depending on the
-watcher.
+so node/folders (the two-way folders and the --share mirror) import them without
+depending on the watcher.
 
 Imports node.errors and node.statefiles only.
 """

@@ -102,7 +102,8 @@ class Transfer:
 class ShareService:
     def __init__(self, peering: Peering, received_dir: Path, *, notify: Notify,
                  label_for: Callable[[PeerId], str],
-                 resolve_shared: Callable[[str, bytes | None], tuple[Path, Path] | None],
+                 resolve_shared: Callable[[str, bytes | None],
+                                          tuple[Path, Path] | None] | None = None,
                  default_transport: str, targets: Callable[[], list[PeerId]],
                  on_received: Callable[[PeerId, TransferResult], Awaitable[None]] | None = None,
                  resolve_for: Callable[[PeerId, str, bytes | None],
@@ -313,6 +314,8 @@ class ShareService:
             t.paths = [rel_path]  # what was asked for, so a failure can name it
             if self._resolve_for is not None:
                 return self._resolve_for(channel.peer, rel_path, root_hash)
+            if self._resolve_shared is None:
+                return None  # nothing is served without a resolver
             return self._resolve_shared(rel_path, root_hash)
 
         try:

@@ -9,9 +9,10 @@ and carries out its actions:
   a timeout, so one dead or slow peer only loses its own messages (anti-entropy
   repairs them later); it never stalls the others. A failed connect backs off.
 * ``Accept``: trusted origin -> notification (file_shared/updated/deleted/moved)
-  and ``on_event(event)`` on a single worker task (sync applies events in
-  order, never blocking the channel readers). Untrusted origin -> stored
-  relay-only and relayed, but no notification and no ``on_event``: anyone may
+  and ``on_event(event)`` / ``on_events(batch)`` (given here or with
+  ``on_accepted``: the --share mirror, node/folders/mirror_service.py) on a single
+  worker task (events are applied in order, never blocking the channel readers).
+  Untrusted origin -> stored relay-only and relayed, but no notification and no ``on_event``: anyone may
   relay signed events, only trusted origins are acted on (DESIGN.md).
 * ``Reject``: ``event_rejected`` notification (the store keeps the audit row);
   a message that does not even decode closes that channel.
@@ -103,7 +104,7 @@ class GossipService:
                  peers: Callable[[], list[PeerId]],
                  open_channel: Callable[[PeerId], Awaitable[Channel]],
                  is_trusted: Callable[[PeerId], bool],
-                 on_event: Callable[[ChangeEvent], Awaitable[Any]],
+                 on_event: Callable[[ChangeEvent], Awaitable[Any]] | None = None,
                  on_events: Callable[[list[ChangeEvent]], Awaitable[Any]] | None = None,
                  fanout: int = DEFAULT_FANOUT, anti_entropy_s: float = 2.0,
                  heartbeat_s: float = 5.0,
@@ -183,6 +184,14 @@ class GossipService:
                 raise result
 
     # -- public API --------------------------------------------------------------
+    def on_accepted(self, on_event: Callable[[ChangeEvent], Awaitable[Any]],
+                    on_events: Callable[[list[ChangeEvent]], Awaitable[Any]] | None = None
+                    ) -> None:
+        """Hand accepted events of trusted origins to these from now on (the --share
+        mirror registers here; without any, accepted events are only logged/notified)."""
+        self._on_event = on_event
+        self._on_events = on_events
+
     async def publish_local(self, kind: str, folder: str, path: str, size: int, hash: bytes,
                             old_path: str = "") -> ChangeEvent:
         """Sign, log, notify and gossip a change of our own shared folder."""
@@ -307,6 +316,8 @@ class GossipService:
                     await self._on_events(batch)
                 except Exception:  # a bug in one batch must not stop every later sync
                     log.exception("applying %d events failed unexpectedly", len(batch))
+                continue
+            if self._on_event is None:
                 continue
             try:
                 await self._on_event(event)

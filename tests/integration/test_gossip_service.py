@@ -103,6 +103,29 @@ async def test_event_reaches_all_and_is_acted_on(tmp_path: Path) -> None:
         await net.close()
 
 
+async def test_appliers_registered_after_construction_get_the_batches(tmp_path: Path
+                                                                       ) -> None:
+    """The daemon builds gossip first and hands accepted events to the --share mirror
+    with on_accepted (the mirror needs gossip to publish, gossip needs the mirror)."""
+    net = Net(tmp_path, 2)
+    batches: list[list[ChangeEvent]] = []
+
+    async def on_events(events: list[ChangeEvent]) -> None:
+        batches.append(events)
+
+    async def never(_ev: ChangeEvent) -> None:
+        raise AssertionError("on_events is given: events come in batches")
+
+    net.services[1].on_accepted(never, on_events)
+    await net.start()
+    try:
+        ev = await net.services[0].publish_local("created", "docs", "a.txt", 3, H)
+        await until(lambda: [e.id for b in batches for e in b] == [ev.id])
+        assert net.applied[1] == []  # the constructor's applier was replaced
+    finally:
+        await net.close()
+
+
 async def test_untrusted_origin_relayed_not_applied(tmp_path: Path) -> None:
     net = Net(tmp_path, 4, untrusted={3})
     await net.start()

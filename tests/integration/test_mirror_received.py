@@ -1,4 +1,5 @@
-"""SyncEngine on real temp dirs with a fake fetch: fetch, copy-by-hash, versions, moves."""
+"""The --share mirror's ReceivedMirror on real temp dirs with a fake fetch: fetch,
+copy-by-hash, versions, moves (the pure rules: tests/unit/test_mirror_rules.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import blake3
 import pytest
 
 from node.errors import IntegrityError, LocalIOError, ProtocolError
+from node.folders.mirror import MirrorOutcome
+from node.folders.mirror_service import ReceivedMirror
 from node.gossip.events import ChangeEvent
 from node.gossip.log import EventLog
-from node.gossip.sync import SyncEngine, SyncOutcome
 from node.identity import Identity, PeerId
 
 ALICE = Identity.generate(name="alice", seed=b"\x0a" * 32)
@@ -50,9 +52,9 @@ class Events:
                                   hash=h(data) if data is not None else b"")
 
 
-def engine(tmp_path: Path, fetch: FakeFetch, **kw) -> tuple[SyncEngine, list]:
+def engine(tmp_path: Path, fetch: FakeFetch, **kw) -> tuple[ReceivedMirror, list]:
     suppressed: list[tuple[Path, bytes]] = []
-    eng = SyncEngine(tmp_path / "received", self_id=ME.peer_id, fetch=fetch,
+    eng = ReceivedMirror(tmp_path / "received", self_id=ME.peer_id, fetch=fetch,
                      origin_label=lambda p: "alice",
                      suppress=lambda p, d: suppressed.append((p, d)), **kw)
     return eng, suppressed
@@ -65,13 +67,13 @@ async def test_create_modify_delete_move(tmp_path: Path) -> None:
     ev = Events()
     target = tmp_path / "received" / "alice" / "docs" / "a" / "x.txt"
     try:
-        assert await eng.apply(ev("created", "a/x.txt", b"v1")) is SyncOutcome.FETCHED
+        assert await eng.apply(ev("created", "a/x.txt", b"v1")) is MirrorOutcome.FETCHED
         assert target.read_bytes() == b"v1"
         assert (target, h(b"v1")) in suppressed  # the watcher will not echo it
         assert [n.kind for n in log.notifications()] == ["file_received"]
 
         fetch.content["a/x.txt"] = b"v2"
-        assert await eng.apply(ev("modified", "a/x.txt", b"v2")) is SyncOutcome.FETCHED
+        assert await eng.apply(ev("modified", "a/x.txt", b"v2")) is MirrorOutcome.FETCHED
         assert target.read_bytes() == b"v2"
         versions = list((tmp_path / "received" / "alice" / ".p2pfs-versions").rglob("x.txt~*"))
         assert [v.read_bytes() for v in versions] == [b"v1"]  # the old copy was kept
@@ -79,11 +81,11 @@ async def test_create_modify_delete_move(tmp_path: Path) -> None:
         moved = tmp_path / "received" / "alice" / "docs" / "b" / "y.txt"
         calls = len(fetch.calls)
         assert await eng.apply(ev("moved", "b/y.txt", b"v2", old_path="a/x.txt")) \
-            is SyncOutcome.MOVED
+            is MirrorOutcome.MOVED
         assert moved.read_bytes() == b"v2" and not target.exists()
         assert len(fetch.calls) == calls  # a move is not a transfer
 
-        assert await eng.apply(ev("deleted", "b/y.txt")) is SyncOutcome.VERSIONED
+        assert await eng.apply(ev("deleted", "b/y.txt")) is MirrorOutcome.VERSIONED
         assert not moved.exists()
         kept = list((tmp_path / "received" / "alice" / ".p2pfs-versions").rglob("y.txt~*"))
         assert [v.read_bytes() for v in kept] == [b"v2"]  # nothing destroyed
@@ -102,15 +104,15 @@ async def test_same_content_is_copied_not_fetched(tmp_path: Path) -> None:
     ev = Events()
     try:
         out = await eng.apply(ev("shared", "music/song.mp3", b"music" * 1000))
-        assert out is SyncOutcome.COPIED and fetch.calls == []
+        assert out is MirrorOutcome.COPIED and fetch.calls == []
         copy = tmp_path / "received" / "alice" / "docs" / "music" / "song.mp3"
         assert copy.read_bytes() == b"music" * 1000 and mine.exists()
         # a second path with the same content is copied from what we received
         out = await eng.apply(ev("created", "again.mp3", b"music" * 1000))
-        assert out is SyncOutcome.COPIED and fetch.calls == []
+        assert out is MirrorOutcome.COPIED and fetch.calls == []
         # and content we already hold at the target needs nothing at all
         assert await eng.apply(ev("modified", "again.mp3", b"music" * 1000)) \
-            is SyncOutcome.UNCHANGED
+            is MirrorOutcome.UNCHANGED
     finally:
         eng.close()
 
@@ -122,11 +124,11 @@ async def test_stale_own_and_bad_content(tmp_path: Path) -> None:
     try:
         old = ev("created", "f", b"good")
         newer = ev("modified", "f", b"good")
-        assert await eng.apply(newer) is SyncOutcome.FETCHED
-        assert await eng.apply(old) is SyncOutcome.STALE
+        assert await eng.apply(newer) is MirrorOutcome.FETCHED
+        assert await eng.apply(old) is MirrorOutcome.STALE
         mine = ChangeEvent.create(ME, folder="docs", seq=1, lamport=1, kind="created",
                                   path="f", size=1, hash=h(b"x"))
-        assert await eng.apply(mine) is SyncOutcome.SKIPPED
+        assert await eng.apply(mine) is MirrorOutcome.SKIPPED
         fetch.content["g"] = b"tampered"
         with pytest.raises(IntegrityError):
             await eng.apply(ev("created", "g", b"what was announced"))
@@ -195,8 +197,8 @@ async def test_apply_batch_fetches_many_creates_in_one_call_and_keeps_order(
         assert [e for e, _ in results] == [*creates, delete, again]  # one outcome each, in order
         outcomes = dict((e.path, o) for e, o in results if e is not delete)
         assert isinstance(outcomes["f7.txt"], LocalIOError)  # one failed file fails alone
-        assert all(o is SyncOutcome.FETCHED for p, o in outcomes.items() if p != "f7.txt")
-        assert results[100][1] is SyncOutcome.VERSIONED  # the delete waited for the fetch
+        assert all(o is MirrorOutcome.FETCHED for p, o in outcomes.items() if p != "f7.txt")
+        assert results[100][1] is MirrorOutcome.VERSIONED  # the delete waited for the fetch
         # 100 creates in one fetch; the delete and the later event for f5 come after it
         assert many.calls[0] == [f"f{i}.txt" for i in range(100)]
         assert many.calls[1:] == [["f5.txt"]] and single.calls == []
@@ -217,7 +219,7 @@ async def test_apply_batch_refuses_a_fetched_file_that_does_not_match_its_event(
         results = await eng.apply_batch([ev("created", "a.txt", b"announced"),
                                          ev("created", "b.txt", b"fine")])
         assert isinstance(results[0][1], IntegrityError)
-        assert results[1][1] is SyncOutcome.FETCHED
+        assert results[1][1] is MirrorOutcome.FETCHED
         assert not (tmp_path / "received" / "alice" / "docs" / "a.txt").exists()
     finally:
         eng.close()
