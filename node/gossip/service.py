@@ -12,8 +12,9 @@ and carries out its actions:
   and ``on_event(event)`` / ``on_events(batch)`` (given here or with
   ``on_accepted``: the --share mirror, node/folders/mirror_service.py) on a single
   worker task (events are applied in order, never blocking the channel readers).
-  Untrusted origin -> stored relay-only and relayed, but no notification and no ``on_event``: anyone may
-  relay signed events, only trusted origins are acted on (DESIGN.md).
+  Untrusted origin -> stored relay-only and relayed, but no notification and no
+  ``on_event``: anyone may relay signed events, only trusted origins are acted on
+  (DESIGN.md).
 * ``Reject``: ``event_rejected`` notification (the store keeps the audit row);
   a message that does not even decode closes that channel.
 * ``PresenceChanged``: ``peer_joined`` / ``peer_left`` for trusted peers.
