@@ -709,8 +709,11 @@ async def _maintenance_loop(store: RegistryStore, ttl_s: float) -> None:
 
 def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
                max_registrations: int = MAX_REGISTRATIONS,
-               limits: ServerLimits | None = None) -> web.Application:
-    """The bootstrap app; opens the registry on startup and closes it on cleanup."""
+               limits: ServerLimits | None = None, stats: bool = False) -> web.Application:
+    """The bootstrap app; opens the registry on startup and closes it on cleanup.
+
+    ``stats`` adds the bench-only timing of bootstrap.stats (off by default: a public
+    server exposes nothing of its internals)."""
     if not ttl_s > 0:
         raise ValueError("ttl_s must be positive")
     limits = limits or ServerLimits()
@@ -743,20 +746,25 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
     from bootstrap.mailbox import add_mailbox_routes
 
     add_mailbox_routes(app)  # the pairing mailbox: /pair/* (bootstrap/mailbox.py)
+    if stats:
+        from bootstrap import stats as bench_stats
+
+        bench_stats.enable(app)
     return app
 
 
 async def start_server(host: str, port: int, db_path: Path,
                        ttl_s: float = DEFAULT_TTL_S, *,
                        access_log: bool = False,
-                       limits: ServerLimits | None = None) -> tuple[web.AppRunner, int]:
+                       limits: ServerLimits | None = None,
+                       stats: bool = False) -> tuple[web.AppRunner, int]:
     """Start serving on host:port (0 = any free port); returns the runner and bound port."""
     limits = limits or ServerLimits()
     # aiohttp arms keepalive_timeout when a connection opens and again after each answer,
     # and closes the connection when it fires while no request has been parsed: a client
     # that sends no request, or half a header (slowloris), is dropped after it, however
     # slowly it trickles bytes (tests/integration/test_bootstrap_server.py proves it)
-    runner = web.AppRunner(create_app(db_path, ttl_s, limits=limits),
+    runner = web.AppRunner(create_app(db_path, ttl_s, limits=limits, stats=stats),
                            access_log=log if access_log else None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            keepalive_timeout=limits.header_timeout_s,
@@ -790,13 +798,15 @@ def default_db_path() -> Path:
 
 
 def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None = None,
-        ttl_s: float = DEFAULT_TTL_S, limits: ServerLimits | None = None) -> None:
+        ttl_s: float = DEFAULT_TTL_S, limits: ServerLimits | None = None,
+        stats: bool = False) -> None:
     """Serve until SIGINT/SIGTERM (blocking); used by `node bootstrap` and `python -m bootstrap`."""
     db = db_path if db_path is not None else default_db_path()
 
     async def main() -> None:
         runner, bound = await start_server(host, port, db, ttl_s, limits=limits,
-                                           access_log=log.isEnabledFor(logging.DEBUG))
+                                           access_log=log.isEnabledFor(logging.DEBUG),
+                                           stats=stats)
         # everything allocated so far lives as long as the server: keep it out of the
         # cyclic collector's full passes, which otherwise stall the loop tens of ms
         gc.freeze()

@@ -426,3 +426,34 @@ async def test_a_pairing_long_poll_does_not_hold_a_turn(one_turn: Srv) -> None:
         for p in polls:
             p.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
+
+
+# -- bench timing (bootstrap.stats): off by default, per-source hold times when on ----------
+
+
+async def test_bench_stats_are_not_served_by_default(limited: Srv) -> None:
+    status, body, _ = await limited.call(HONEST_IP, "GET", "/_bench/stats")
+    assert status == 404 and "error" in body
+
+
+async def test_bench_stats_time_each_request_per_source(tmp_path: Path) -> None:
+    runner, port = await start_server("127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+                                      stats=True)
+    srv = Srv(runner, port)
+    try:
+        for _ in range(3):
+            assert (await srv.call(HONEST_IP, "GET", "/peers"))[0] == 200
+        assert (await srv.call(FLOOD_IP, "GET", "/health"))[0] == 200
+        status, stats, _ = await srv.call(
+            "127.0.0.1", "GET", f"/_bench/stats?reset=1&group={HONEST_IP},{FLOOD_IP}")
+        assert status == 200
+        assert stats["sources"][HONEST_IP]["count"] == 3
+        assert stats["sources"][FLOOD_IP]["count"] == 1
+        assert stats["group"]["count"] == 4
+        assert 0 < stats["group"]["p50_ms"] <= stats["group"]["max_ms"]
+        assert "127.0.0.1" not in stats["sources"]  # the stats requests are not counted
+        # reset: the next answer starts from nothing
+        status, again, _ = await srv.call("127.0.0.1", "GET", "/_bench/stats")
+        assert again["sources"] == {} and again["group"] == {"count": 0}
+    finally:
+        await srv.close()
