@@ -30,8 +30,9 @@ SQLite itself (RegistryStore.page_items, ~20 % cheaper); a client that hangs up
 ends its handler at once (no tarpitted handler sleeps on for nobody); and
 ``run`` freezes the startup heap out of the cyclic GC, whose full passes
 otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
-all empty (each request would be a 429) is reset at accept time, before aiohttp
-parses anything (``_AdmittingSite``). A client's own faults (a malformed request line,
+all empty (each request would be a 429), or that holds as many open connections as it
+has tokens left, is reset at accept time, before aiohttp parses anything
+(``Admission``). A client's own faults (a malformed request line,
 a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
@@ -80,6 +81,7 @@ from bootstrap.limits import (
     TARPIT_MAX_WAITING,
     RateLimiter,
     ServerLimits,
+    admit_connection,
     source_key,
 )
 from bootstrap.store import (
@@ -608,58 +610,109 @@ class _AdmitProtocol(asyncio.Protocol):
     request handler (``transport.set_protocol``; nothing more per event); refused, it is
     reset at once, before any HTTP parsing, request object or answer."""
 
-    __slots__ = ("_factory", "_refuse")
+    __slots__ = ("_admission", "_factory")
 
     def __init__(self, factory: Callable[[], asyncio.Protocol],
-                 refuse: Callable[[str], bool]) -> None:
+                 admission: Admission) -> None:
         self._factory = factory
-        self._refuse = refuse
+        self._admission = admission
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and self._refuse(source_key(str(peer[0]))):
+        source = source_key(str(peer[0])) if isinstance(peer, tuple) else ""
+        if source and not self._admission.admit(source):
             # uvloop's transports are not asyncio.Transport subclasses, but have abort()
             cast(asyncio.Transport, transport).abort()  # RST: no TIME_WAIT on our side
             return
         real = self._factory()
+        if source:
+            self._admission.opened(real, source)
         transport.set_protocol(real)
         real.connection_made(transport)
 
 
-def refuse_at_accept(app: web.Application) -> Callable[[str], bool]:
-    """A source is refused at accept time while every bucket it could spend is empty: each
-    of its requests would only be answered 429, so it gets no HTTP parsing at all (the
-    429s before, with Retry-After, told it when to come back)."""
-    limiters = (app[REGISTER_LIMITER_KEY], app[LIST_LIMITER_KEY])
-    counted = [0]
+class Admission:
+    """Which new connections are accepted: a source is reset at accept time, before aiohttp
+    parses anything, while every bucket it could spend is empty (each of its requests would
+    only be answered 429; the 429s before, with Retry-After, told it when to come back),
+    while it holds as many open connections as it has tokens left, or while
+    ADMIT_MAX_QUEUED of its requests already wait for its turns
+    (bootstrap.limits.admit_connection): a flood's extra connections would each carry one
+    parsed request that is answered 429 or waits in line, and is dropped when the flooder
+    hangs up.
 
-    def refuse(source: str) -> bool:
-        if not all(lim.enabled for lim in limiters):
-            return False
-        now = time.monotonic()
-        if all(lim.empty(source, now) for lim in limiters):
-            counted[0] += 1
-            return True
-        return False
+    Open connections are counted per source from accept to aiohttp's ``connection_lost``;
+    only open connections are remembered (bounded by the listen backlog and the timeouts).
+    """
 
-    return refuse
+    def __init__(self, app: web.Application) -> None:
+        self._limiters = (app[REGISTER_LIMITER_KEY], app[LIST_LIMITER_KEY])
+        self._turns = app[TURNS_KEY]
+        self._enabled = all(lim.enabled for lim in self._limiters)
+        from bootstrap.stats import STATS_KEY
+
+        self._stats = app.get(STATS_KEY)
+        self._open: dict[str, int] = {}
+        self._source_of: dict[object, str] = {}
+
+    def open_connections(self, source: str) -> int:
+        return self._open.get(source, 0)
+
+    def admit(self, source: str) -> bool:
+        admitted = True
+        if self._enabled:
+            now = time.monotonic()
+            tokens = max(lim.tokens(source, now) for lim in self._limiters)
+            admitted = admit_connection(tokens, self._open.get(source, 0),
+                                        self._turns.waiting(source))
+        if self._stats is not None:
+            self._stats.count_accept(source, not admitted)
+        return admitted
+
+    def opened(self, handler: object, source: str) -> None:
+        self._source_of[handler] = source
+        self._open[source] = self._open.get(source, 0) + 1
+
+    def closed(self, handler: object) -> None:
+        source = self._source_of.pop(handler, None)
+        if source is None:
+            return
+        left = self._open.get(source, 0) - 1
+        if left > 0:
+            self._open[source] = left
+        else:
+            self._open.pop(source, None)
+
+    def watch(self, server: web.Server) -> None:
+        """Hear of every closed connection: aiohttp's handler tells its Server."""
+        lost = server.connection_lost
+
+        def connection_lost(handler: Any, exc: BaseException | None) -> None:
+            self.closed(handler)
+            lost(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
 
 
 class _AdmittingSite(web.TCPSite):
     """web.TCPSite whose listener refuses over-limit sources before aiohttp sees them."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 refuse: Callable[[str], bool], backlog: int) -> None:
+                 admission: Admission, backlog: int) -> None:
         super().__init__(runner, host, port, backlog=backlog)
-        self._refuse = refuse
+        self._admission = admission
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        refuse = self._refuse
+        admission = self._admission
+        admission.watch(server)
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _AdmitProtocol(server, refuse), self._host, self._port,
+            lambda: _AdmitProtocol(server, admission), self._host, self._port,
             backlog=self._backlog, reuse_address=self._reuse_address,
             reuse_port=self._reuse_port)
         sockets = self._server.sockets
@@ -750,6 +803,7 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
         from bootstrap import stats as bench_stats
 
         bench_stats.enable(app)
+    app[ADMISSION_KEY] = Admission(app)
     return app
 
 
@@ -777,7 +831,7 @@ async def start_server(host: str, port: int, db_path: Path,
     await runner.setup()
     try:
         site = _AdmittingSite(runner, host, port, backlog=1024,
-                              refuse=refuse_at_accept(runner.app))
+                              admission=runner.app[ADMISSION_KEY])
         with bind_errors("bootstrap", host, port, option="--port"):
             await site.start()
     except BaseException:

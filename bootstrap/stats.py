@@ -45,12 +45,27 @@ class ServerStats:
 
     def __init__(self) -> None:
         self.samples: dict[str, list[float]] = {}
+        self.statuses: dict[str, dict[int, int]] = {}
+        # connections per source admitted at accept time / refused there (bootstrap.server
+        # counts them when stats are on)
+        self.accepted: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
         self.stall_count = 0
         self.stall_late_s = 0.0
         self.stall_cpu_s = 0.0
         self.stall_max_s = 0.0
 
-    def add(self, source: str, held_s: float) -> None:
+    def count_accept(self, source: str, refused: bool) -> None:
+        counts = self.refused if refused else self.accepted
+        if source in counts or len(counts) < MAX_SOURCES:
+            counts[source] = counts.get(source, 0) + 1
+
+    def add(self, source: str, held_s: float, status: int = 200) -> None:
+        by_status = self.statuses.get(source)
+        if by_status is None and len(self.statuses) < MAX_SOURCES:
+            by_status = self.statuses[source] = {}
+        if by_status is not None:
+            by_status[status] = by_status.get(status, 0) + 1
         lst = self.samples.get(source)
         if lst is None:
             if len(self.samples) >= MAX_SOURCES:
@@ -73,6 +88,9 @@ class ServerStats:
         sources = {source: _quantiles(lst) for source, lst in self.samples.items()}
         merged = [x for source in group for x in self.samples.get(source, ())]
         return {"sources": sources, "group": _quantiles(merged),
+                "statuses": {src: {str(k): v for k, v in sorted(c.items())}
+                             for src, c in self.statuses.items()},
+                "accepted": dict(self.accepted), "refused_at_accept": dict(self.refused),
                 "loop_stalls": {"count": self.stall_count,
                                 "late_ms": self.stall_late_s * 1000,
                                 "on_cpu_ms": self.stall_cpu_s * 1000,
@@ -101,7 +119,8 @@ async def timing_middleware(
     if request.path != STATS_PATH:
         await resp.prepare(request)
         await resp.write_eof()
-        request.app[STATS_KEY].add(source_key(request.remote), time.perf_counter() - t0)
+        request.app[STATS_KEY].add(source_key(request.remote), time.perf_counter() - t0,
+                                   resp.status)
     return resp
 
 

@@ -621,6 +621,9 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
                 "server_held_honest": stats["group"],
                 "server_loop_stalls": stats["loop_stalls"],
                 "server_held_flooder": stats["sources"].get(FLOOD_IP, {"count": 0}),
+                "server_flooder_statuses": stats["statuses"].get(FLOOD_IP, {}),
+                "server_flooder_conns_accepted": stats["accepted"].get(FLOOD_IP, 0),
+                "server_flooder_conns_refused": stats["refused_at_accept"].get(FLOOD_IP, 0),
             })
             out[name] = phase
 

@@ -457,3 +457,75 @@ async def test_bench_stats_time_each_request_per_source(tmp_path: Path) -> None:
         assert again["sources"] == {} and again["group"] == {"count": 0}
     finally:
         await srv.close()
+
+
+# -- admission at accept: no more open connections than tokens, none while requests queue --
+
+
+async def _idle_connection(port: int, local_ip: str) -> asyncio.StreamWriter:
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local_ip, 0))
+    return writer
+
+
+async def test_an_address_holds_no_more_open_connections_than_tokens(tmp_path: Path) -> None:
+    from bootstrap.limits import ADMIT_MIN_CONNECTIONS
+    from bootstrap.server import ADMISSION_KEY
+
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.01, register_burst=2, list_rate_per_s=0.01,
+                            list_burst=ADMIT_MIN_CONNECTIONS))
+    srv = Srv(runner, port)
+    admission = runner.app[ADMISSION_KEY]
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        while (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": "x"}))[0] != 429:
+            pass
+        await srv.sessions.pop(FLOOD_IP).close()
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) == 0, 5.0,
+                       "the session's connections to close")
+        # FLOOD_IP has ADMIT_MIN_CONNECTIONS listing tokens left: that many connections
+        for _ in range(ADMIT_MIN_CONNECTIONS):
+            idle.append(await _idle_connection(port, FLOOD_IP))
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) == ADMIT_MIN_CONNECTIONS,
+                       5.0, "the idle connections to be admitted")
+        # one more could only carry a request answered 429: reset before any parsing
+        assert await _reset_at_once(port, FLOOD_IP)
+        assert not await _reset_at_once(port, HONEST_IP)
+        # a connection closed frees its place
+        idle.pop().close()
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) < ADMIT_MIN_CONNECTIONS,
+                       5.0, "the server to see the close")
+        status, _, _ = await srv.call(FLOOD_IP, "GET", "/peers")
+        assert status == 200
+    finally:
+        for writer in idle:
+            writer.close()
+        await srv.close()
+
+
+async def test_no_new_connection_while_an_address_has_requests_in_line(one_turn: Srv) -> None:
+    from bootstrap.limits import ADMIT_MAX_QUEUED
+    from bootstrap.server import TURNS_KEY
+
+    turns = one_turn.runner.app[TURNS_KEY]
+    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    # a slow body holds FLOOD_IP's only turn
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 30\r\n\r\n{\"dev")
+    queued: list[asyncio.StreamWriter] = []
+    try:
+        await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
+        for _ in range(ADMIT_MAX_QUEUED):
+            w = await _idle_connection(one_turn.port, FLOOD_IP)
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            queued.append(w)
+        await wait_for(lambda: turns.waiting(FLOOD_IP) == ADMIT_MAX_QUEUED, 2.0,
+                       "the requests to wait in line")
+        assert await _reset_at_once(one_turn.port, FLOOD_IP)
+        assert (await one_turn.call(HONEST_IP, "GET", "/health"))[0] == 200
+    finally:
+        writer.close()
+        for w in queued:
+            w.close()

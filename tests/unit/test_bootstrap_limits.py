@@ -128,3 +128,26 @@ def test_empty_peeks_without_spending() -> None:
     assert rl.take("a", 0.5) > 0  # empty() spent nothing: still refused
     assert not rl.empty("a", 1.6)  # a token came back
     assert not RateLimiter(rate_per_s=0.0, burst=0).empty("a", 0.0)
+
+
+def test_a_connection_is_admitted_only_while_it_could_be_served() -> None:
+    from bootstrap.limits import ADMIT_MAX_QUEUED, ADMIT_MIN_CONNECTIONS, admit_connection
+
+    assert not admit_connection(0.9, 0)  # every bucket empty: each request would be a 429
+    # no more open connections than tokens left, but always a few
+    assert admit_connection(1.0, ADMIT_MIN_CONNECTIONS - 1)
+    assert not admit_connection(1.0, ADMIT_MIN_CONNECTIONS)
+    assert admit_connection(10.5, 9) and not admit_connection(10.5, 10)
+    assert admit_connection(500.0, 100)  # an honest source: its buckets are near full
+    # nor while its requests already wait in line for its turns
+    assert admit_connection(500.0, 10, ADMIT_MAX_QUEUED - 1)
+    assert not admit_connection(500.0, 10, ADMIT_MAX_QUEUED)
+
+
+def test_tokens_peeks_without_spending() -> None:
+    rl = RateLimiter(1.0, 3)
+    assert rl.tokens("a", 0.0) == 3.0  # a source not seen yet has a full bucket
+    rl.take("a", 0.0)
+    assert rl.tokens("a", 0.0) == 2.0 and rl.tokens("a", 0.0) == 2.0
+    assert rl.tokens("a", 0.5) == 2.5
+    assert RateLimiter(0.0, 3).tokens("a", 0.0) == float("inf")  # off: unlimited
