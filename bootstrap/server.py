@@ -691,7 +691,7 @@ class Admission:
             self.closed(handler)
             lost(handler, exc)
 
-        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
 
 ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
