@@ -30,10 +30,11 @@ SQLite itself (RegistryStore.page_items, ~20 % cheaper); a client that hangs up
 ends its handler at once (no tarpitted handler sleeps on for nobody); and
 ``run`` freezes the startup heap out of the cyclic GC, whose full passes
 otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
-all empty (each request would be a 429), or that holds as many open connections as it
-has tokens left, is reset at accept time, before aiohttp parses anything
-(``Admission``). A client's own faults (a malformed request line,
-a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
+all empty (each request would be a 429), that holds as many open connections as it has
+tokens left, or that has requests waiting for its turns, is reset at accept time, before
+aiohttp parses anything (``Admission``; ``_Listener``: one accept() and a close with
+SO_LINGER 0, no transport). A client's own faults (a malformed request line, a hang-up
+mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
 store's in-memory state and are written behind in batched transactions every
@@ -50,6 +51,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import errno
 import functools
 import gc
 import json
@@ -57,6 +59,8 @@ import logging
 import math
 import re
 import signal
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -96,7 +100,7 @@ from bootstrap.store import (
     UnregisterOutcome,
 )
 from node.contact import MAX_CLOCK_SKEW_S, ContactRecord, json_extensions
-from node.errors import IdentityError, P2PError, ProtocolError, bind_errors
+from node.errors import IdentityError, P2PError, ProtocolError, bind_errors, describe_os_error
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
 log = logging.getLogger("p2pfs.bootstrap")
@@ -605,32 +609,6 @@ async def error_middleware(
         return _error(500, "internal server error")
 
 
-class _AdmitProtocol(asyncio.Protocol):
-    """What a new connection is until its source is known: admitted, it becomes aiohttp's
-    request handler (``transport.set_protocol``; nothing more per event); refused, it is
-    reset at once, before any HTTP parsing, request object or answer."""
-
-    __slots__ = ("_admission", "_factory")
-
-    def __init__(self, factory: Callable[[], asyncio.Protocol],
-                 admission: Admission) -> None:
-        self._factory = factory
-        self._admission = admission
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        source = source_key(str(peer[0])) if isinstance(peer, tuple) else ""
-        if source and not self._admission.admit(source):
-            # uvloop's transports are not asyncio.Transport subclasses, but have abort()
-            cast(asyncio.Transport, transport).abort()  # RST: no TIME_WAIT on our side
-            return
-        real = self._factory()
-        if source:
-            self._admission.opened(real, source)
-        transport.set_protocol(real)
-        real.connection_made(transport)
-
-
 class Admission:
     """Which new connections are accepted: a source is reset at accept time, before aiohttp
     parses anything, while every bucket it could spend is empty (each of its requests would
@@ -684,17 +662,135 @@ class Admission:
             self._open.pop(source, None)
 
     def watch(self, server: web.Server) -> None:
-        """Hear of every closed connection: aiohttp's handler tells its Server."""
-        lost = server.connection_lost
+        """Count every connection aiohttp opens and closes (its handler tells its Server)."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple):
+                self.opened(handler, source_key(str(peer[0])))
+            made(handler, transport)
 
         def connection_lost(handler: Any, exc: BaseException | None) -> None:
             self.closed(handler)
             lost(handler, exc)
 
+        server.connection_made = connection_made  # type: ignore[method-assign,assignment]
         server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
 
 ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
+
+
+# RST instead of FIN on close: a refused connection leaves no TIME_WAIT behind and the
+# kernel sends nothing more for it
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# connections accepted per readiness event of the listening socket (asyncio's own accept
+# loop takes up to the backlog at once)
+ACCEPT_BATCH = 128
+# after EMFILE/ENFILE/ENOBUFS, stop accepting this long (as asyncio's accept loop does)
+ACCEPT_RETRY_DELAY_S = 1.0
+
+
+class _Listener:
+    """The listening sockets of an _AdmittingSite and its own accept loop.
+
+    Each ready listening socket is drained with ``accept()`` (up to ACCEPT_BATCH at a
+    time); a connection Admission refuses is closed at once with SO_LINGER 0 (a reset),
+    before any transport, protocol, HTTP parsing or answer exists for it: what a refused
+    flood connection costs is one accept() and one close(). An admitted one becomes
+    aiohttp's request handler through ``loop.connect_accepted_socket``. Quacks like the
+    asyncio.Server aiohttp's runner expects of a site (``sockets``, ``close``).
+    """
+
+    def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
+                 admission: Admission) -> None:
+        self.sockets = sockets
+        self._factory = factory
+        self._admission = admission
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._closed = False
+        for sock in sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        admission = self._admission
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept connections for %g s: %s",
+                                ACCEPT_RETRY_DELAY_S, describe_os_error(exc))
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume, listener)
+                return  # ECONNABORTED and the like: that client is gone already
+            source = source_key(str(addr[0])) if isinstance(addr, tuple) else ""
+            if source and not admission.admit(source):
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = self._loop.create_task(self._connect(conn))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if not self._closed:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, sock=conn)
+        except OSError as exc:  # the client reset it before its transport existed
+            log.debug("accepted connection lost: %s", describe_os_error(exc))
+            conn.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in self._pending:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+def _listening_sockets(host: str, port: int, backlog: int, reuse_port: bool
+                       ) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for host:port (one per address family)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _AdmittingSite(web.TCPSite):
@@ -709,13 +805,10 @@ class _AdmittingSite(web.TCPSite):
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        admission = self._admission
-        admission.watch(server)
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _AdmitProtocol(server, admission), self._host, self._port,
-            backlog=self._backlog, reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port)
-        sockets = self._server.sockets
+        self._admission.watch(server)
+        sockets = _listening_sockets(self._host or "", self._port, self._backlog,
+                                     bool(self._reuse_port))
+        self._server = cast(asyncio.Server, _Listener(sockets, server, self._admission))
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 

@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -233,6 +234,9 @@ FLOOD_LIST_EVERY = 10
 FLOOD_PATIENCE_S = 0.05
 BASELINE_S = 5.0
 SLOWLORIS_CONNECTIONS = 50
+# slowloris comes from an address of its own: the flooding one may still be refused at
+# accept after its flood, and the point is the header timeout
+SLOWLORIS_IP = "127.0.0.7"
 # the goal "a flood does not raise the honest p99", read as: within this factor of the
 # same run's quiet phase (and, the server's own part, of its control phase)
 FLOOD_P99_FACTOR_MAX = 1.5
@@ -294,7 +298,11 @@ async def _honest_client(host: str, port: int, ip: str, body: bytes, stop: async
 
 async def _flood_worker(host: str, port: int, requests: list[bytes], counter: list[int],
                         statuses: dict[int, int], pace: _Pace | None = None) -> None:
-    conn = await _Http1.open(host, port, FLOOD_IP)
+    """Send requests on one connection; when no answer comes within FLOOD_PATIENCE_S or
+    the connection is reset (the server refused it at accept: that can happen before the
+    connect even completes here), drop it and go on with a new one. Each request spent is
+    one attempt, answered or not."""
+    conn: _Http1 | None = None
     try:
         while counter[0] < len(requests):
             i = counter[0]
@@ -303,16 +311,21 @@ async def _flood_worker(host: str, port: int, requests: list[bytes], counter: li
             if pace is not None:
                 await pace.wait_turn(i)
             try:
+                if conn is None:
+                    conn = await _Http1.open(host, port, FLOOD_IP)
                 status, _ = await asyncio.wait_for(conn.request(raw), FLOOD_PATIENCE_S)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                status = 0  # no answer in time (tarpitted) or connection closed
-            if status == 0 or (pace is not None and pace.reconnect_after(i)):
+                status = 0  # no answer in time (tarpitted) or connection reset
+            if conn is not None and (status == 0 or (
+                    pace is not None and pace.reconnect_after(i))):
                 await conn.close()
+                conn = None
+            if status == 0 or (pace is not None and pace.reconnect_after(i)):
                 counter[1] += 1
-                conn = await _Http1.open(host, port, FLOOD_IP)
             statuses[status] = statuses.get(status, 0) + 1
     finally:
-        await conn.close()
+        if conn is not None:
+            await conn.close()
 
 
 class _Pace:
@@ -363,7 +376,8 @@ async def _slowloris_open_after(host: str, port: int, n: int, wait_s: float) -> 
     return how many the server still holds open after ``wait_s``."""
     conns = []
     for _ in range(n):
-        reader, writer = await asyncio.open_connection(host, port, local_addr=(FLOOD_IP, 0))
+        reader, writer = await asyncio.open_connection(host, port,
+                                                       local_addr=(SLOWLORIS_IP, 0))
         writer.write(b"POST /register HTTP/1.1\\r\\nHost: x\\r\\nX-Slow: ")
         conns.append((reader, writer))
     deadline = time.monotonic() + wait_s
@@ -458,18 +472,53 @@ class _ControlProtocol(asyncio.Protocol):
             self.transport.write(_CONTROL_ANSWER)
 
 
-def control_server_main() -> int:
+def control_server_main(reset_frac: float = 0.0) -> int:
     """``--control-server``: the trivial server on a free 127.0.0.1 port; prints the port,
-    serves until SIGTERM."""
+    serves until SIGTERM. It resets ``reset_frac`` of the connections at accept (with
+    SO_LINGER 0, spread evenly), as the real server refused that share of the flood's, so
+    the flooder does the same work against either; the others are answered."""
+    import socket
+    import struct
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(_ControlProtocol, "127.0.0.1", 0, backlog=1024)
-        print(server.sockets[0].getsockname()[1], flush=True)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        listener.setblocking(False)
+        accepted = [0]
+        linger = struct.pack("ii", 1, 0)
+
+        async def serve(conn: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                await loop.connect_accepted_socket(_ControlProtocol, sock=conn)
+
+        def on_ready() -> None:
+            for _ in range(128):
+                try:
+                    conn, _addr = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return
+                k = accepted[0]
+                accepted[0] += 1
+                if int((k + 1) * reset_frac) > int(k * reset_frac):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    conn.close()
+                    continue
+                conn.setblocking(False)
+                tasks.add(loop.create_task(serve(conn)))
+
+        tasks: set[asyncio.Task[None]] = set()
+        loop.add_reader(listener.fileno(), on_ready)
+        print(listener.getsockname()[1], flush=True)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
-        server.close()
+        loop.remove_reader(listener.fileno())
+        listener.close()
 
     try:
         import uvloop
@@ -577,18 +626,13 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
     if header_timeout_s is not None:
         extra += ("--header-timeout", str(header_timeout_s))
     srv = ServerProcess(workdir / "flood.sqlite3", 300, extra)
-    control = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--control-server"], cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE)
+    controls: list[subprocess.Popen[bytes]] = []
     parts = urlsplit(srv.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        assert control.stdout is not None
-        control_port = int(await asyncio.to_thread(control.stdout.readline))
-        control_url = f"http://127.0.0.1:{control_port}"
-        pids = {"server": srv.proc.pid, "control_server": control.pid}
+        pids = {"server": srv.proc.pid}
 
         async def honest_phase(name: str, duration_s: float | None,
                                during: Awaitable[Any] | None = None) -> None:
@@ -653,8 +697,23 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
         flood_s = float(report.get("elapsed_s") or 0.0)
         requests = int(report.get("requests") or 0)
         if flood_s > 0 and requests:
-            await flood_phase("control", control_url, requests / flood_s,
-                              int(report.get("reconnects") or 0) / requests)
+            f = out["flood"]
+            conns = f["server_flooder_conns_accepted"] + f["server_flooder_conns_refused"]
+            control = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--control-server",
+                 "--control-reset", f"{f['server_flooder_conns_refused'] / max(1, conns):.5f}"],
+                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE)
+            controls.append(control)
+            assert control.stdout is not None
+            control_port = int(await asyncio.to_thread(control.stdout.readline))
+            pids["control_server"] = control.pid
+            # the flooder's own logic as in the flood (a reset or no answer: a new
+            # connection), paced to the flood's rate
+            await flood_phase("control", f"http://127.0.0.1:{control_port}",
+                              requests / flood_s)
+            out["control"]["flood_rate_per_s"] = requests / float(
+                out["control"]["flooder"].get("elapsed_s") or math.inf)
+        out["flood"]["flood_rate_per_s"] = requests / flood_s if flood_s > 0 else 0.0
         # legacy keys (bench_attacks, docs): the quiet and flood phases
         q, f = out["quiet"], out["flood"]
         out["honest_p99_no_flood_ms"] = q["honest_p99_ms"]
@@ -701,14 +760,15 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
         result = asyncio.run(scenario())
     finally:
         srv.stop()
-        control.terminate()
-        try:
-            control.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            control.kill()
-            control.wait()
-        if control.stdout is not None:
-            control.stdout.close()
+        for control in controls:
+            control.terminate()
+            try:
+                control.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                control.kill()
+                control.wait()
+            if control.stdout is not None:
+                control.stdout.close()
     log = srv.log_path.read_text()
     result["server_log_errors"] = sum(" ERROR " in line or "Traceback" in line
                                       for line in log.splitlines())
@@ -763,11 +823,12 @@ def main() -> int:
     ap.add_argument("--flood-rate", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--flood-reconnect", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--control-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--control-reset", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.flood:
         return flood_main(args.flood, args.flood_ids, args.flood_rate, args.flood_reconnect)
     if args.control_server:
-        return control_server_main()
+        return control_server_main(args.control_reset)
     try:
         import uvloop
 
@@ -863,7 +924,8 @@ def _phase_cells(f: dict[str, Any], phase: str) -> str:
         return "-"
     held = ph["server_held_honest"].get("p99_ms", float("nan"))
     st = ph["server_loop_stalls"]
-    cpu = (f"cpu% server {ph['server_cpu_pct']:.0f} control {ph['control_server_cpu_pct']:.0f}"
+    cpu = (f"rate {ph.get('flood_rate_per_s', 0.0):.0f}/s; cpu% server "
+           f"{ph['server_cpu_pct']:.0f} control {ph.get('control_server_cpu_pct', 0.0):.0f}"
            f" flooder {ph.get('flooder_cpu_pct', 0.0):.0f} honest "
            f"{ph['honest_clients_cpu_pct']:.0f} machine {ph['machine_busy_pct']:.0f}")
     return (f"{ph['honest_p99_ms']:6.1f} ({held:4.1f} in srv; stalls {st['count']}, "
