@@ -116,6 +116,25 @@ def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
     assert defaults["legacy_per_ip"] == lim.legacy_ids_per_source
     assert defaults["header_timeout"] == lim.header_timeout_s
     assert defaults["body_timeout"] == lim.body_timeout_s
+    assert defaults["turns_per_ip"] == lim.concurrent_per_source
+
+
+def test_node_bootstrap_passes_turns_per_ip_to_the_server(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from typer.testing import CliRunner
+
+    import bootstrap.server
+    import node.cli
+    from node.cli import app
+
+    seen: list[ServerLimits] = []
+    monkeypatch.setattr(bootstrap.server, "run", lambda **kw: seen.append(kw["limits"]))
+    monkeypatch.setattr(node.cli, "_setup_logging", lambda *a, **k: None)
+    result = CliRunner().invoke(app, ["bootstrap", "--port", "0", "--turns-per-ip", "5"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].concurrent_per_source == 5
+    result = CliRunner().invoke(app, ["bootstrap", "--turns-per-ip", "-1"])
+    assert result.exit_code == 2 and "option --turns-per-ip must be >= 0" in result.output
 
 
 def test_empty_peeks_without_spending() -> None:
