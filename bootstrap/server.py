@@ -46,6 +46,7 @@ the DHT or the transports.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import base64
 import binascii
@@ -637,24 +638,36 @@ class Admission:
         return self._open.get(source, 0)
 
     def admit(self, source: str) -> bool:
+        """Whether to accept a new connection of ``source``. An admitted one counts as open
+        from here on, so the many connections a flood gets accepted in one loop turn are
+        counted as they are admitted, not later when aiohttp has made their handlers."""
         admitted = True
         if self._enabled:
             now = time.monotonic()
-            tokens = max(lim.tokens(source, now) for lim in self._limiters)
+            register, listing = self._limiters
+            tokens = max(register.tokens(source, now), listing.tokens(source, now))
             admitted = admit_connection(tokens, self._open.get(source, 0),
                                         self._turns.waiting(source))
         if self._stats is not None:
             self._stats.count_accept(source, not admitted)
+        if admitted:
+            self._open[source] = self._open.get(source, 0) + 1
         return admitted
 
     def opened(self, handler: object, source: str) -> None:
+        """aiohttp made ``handler`` for a connection ``admit`` counted: it is closed() by it."""
         self._source_of[handler] = source
-        self._open[source] = self._open.get(source, 0) + 1
+
+    def abandon(self, source: str) -> None:
+        """An admitted connection that never reached aiohttp (reset before its transport)."""
+        self._drop(source)
 
     def closed(self, handler: object) -> None:
         source = self._source_of.pop(handler, None)
-        if source is None:
-            return
+        if source is not None:
+            self._drop(source)
+
+    def _drop(self, source: str) -> None:
         left = self._open.get(source, 0) - 1
         if left > 0:
             self._open[source] = left
@@ -718,7 +731,9 @@ class _Listener:
         admission = self._admission
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = listener.accept()
+                # the C-level accept: (fd, address), without socket.accept()'s Python
+                # socket object and enum conversions, which a refused connection never needs
+                fd, addr = listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -728,14 +743,16 @@ class _Listener:
                     self._loop.remove_reader(listener.fileno())
                     self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume, listener)
                 return  # ECONNABORTED and the like: that client is gone already
-            source = source_key(str(addr[0])) if isinstance(addr, tuple) else ""
+            source = source_key(addr[0]) if isinstance(addr, tuple) else ""
             if source and not admission.admit(source):
+                raw = _socket.socket(fileno=fd)
                 with contextlib.suppress(OSError):
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                conn.close()
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                raw.close()
                 continue
+            conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
             conn.setblocking(False)
-            task = self._loop.create_task(self._connect(conn))
+            task = self._loop.create_task(self._connect(conn, source))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
@@ -743,12 +760,17 @@ class _Listener:
         if not self._closed:
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, source: str) -> None:
         try:
             await self._loop.connect_accepted_socket(self._factory, sock=conn)
-        except OSError as exc:  # the client reset it before its transport existed
-            log.debug("accepted connection lost: %s", describe_os_error(exc))
+        except (OSError, asyncio.CancelledError) as exc:
+            # the client reset it before its transport existed, or the site is stopping
+            log.debug("accepted connection lost: %s", exc)
             conn.close()
+            if source:
+                self._admission.abandon(source)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     def close(self) -> None:
         if self._closed:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,8 @@ PROBE_INTERVAL_S = 0.001
 MAX_SAMPLES_PER_SOURCE = 20_000
 MAX_SOURCES = 64
 STATS_PATH = "/_bench/stats"
+LONG_STALL_S = 0.020
+MAX_LONG_STALLS = 100
 
 
 class ServerStats:
@@ -54,6 +57,11 @@ class ServerStats:
         self.stall_late_s = 0.0
         self.stall_cpu_s = 0.0
         self.stall_max_s = 0.0
+        # the longest stalls as (late_ms, on_cpu_ms), and the cyclic GC's passes
+        self.long_stalls: list[tuple[float, float]] = []
+        self.gc_passes = 0
+        self.gc_s = 0.0
+        self.gc_max_s = 0.0
 
     def count_accept(self, source: str, refused: bool) -> None:
         counts = self.refused if refused else self.accepted
@@ -79,9 +87,22 @@ class ServerStats:
         self.stall_late_s += late_s
         self.stall_cpu_s += min(cpu_s, late_s)
         self.stall_max_s = max(self.stall_max_s, late_s)
+        if late_s > LONG_STALL_S and len(self.long_stalls) < MAX_LONG_STALLS:
+            self.long_stalls.append((round(late_s * 1000, 1), round(cpu_s * 1000, 1)))
+
+    def add_gc(self, pause_s: float) -> None:
+        self.gc_passes += 1
+        self.gc_s += pause_s
+        self.gc_max_s = max(self.gc_max_s, pause_s)
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
+
+    def gc_callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif hasattr(self, "_gc_t0"):
+            self.add_gc(time.perf_counter() - self._gc_t0)
 
     def summary(self, group: tuple[str, ...] = ()) -> dict[str, object]:
         """Per source, plus ``group``: the sources named there taken together."""
@@ -94,7 +115,10 @@ class ServerStats:
                 "loop_stalls": {"count": self.stall_count,
                                 "late_ms": self.stall_late_s * 1000,
                                 "on_cpu_ms": self.stall_cpu_s * 1000,
-                                "max_ms": self.stall_max_s * 1000}}
+                                "max_ms": self.stall_max_s * 1000,
+                                "long": self.long_stalls},
+                "gc": {"passes": self.gc_passes, "ms": self.gc_s * 1000,
+                       "max_ms": self.gc_max_s * 1000}}
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
@@ -149,10 +173,13 @@ def enable(app: web.Application) -> None:
     app.router.add_get(STATS_PATH, handle_stats)
 
     async def probe(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(_probe(app[STATS_KEY]))
+        stats = app[STATS_KEY]
+        task = asyncio.create_task(_probe(stats))
+        gc.callbacks.append(stats.gc_callback)
         try:
             yield
         finally:
+            gc.callbacks.remove(stats.gc_callback)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -529,12 +529,14 @@ def control_server_main(reset_frac: float = 0.0) -> int:
     return 0
 
 
-def _proc_cpu_s(pid: int) -> float:
+def _proc_cpu_s(pid: int, which: str = "all") -> float:
+    """CPU seconds of a process so far: user + system, or only ``"sys"`` (kernel)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if which == "sys" else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_ticks() -> tuple[int, int]:
@@ -555,6 +557,7 @@ class _Meter:
         self.t0 = time.perf_counter()
         self.ticks0 = _machine_ticks()
         self.cpu0 = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
+        self.sys0 = {name: _proc_cpu_s(pid, "sys") for name, pid in pids.items()}
         self.own0 = time.process_time()
 
     def done(self) -> dict[str, float]:
@@ -567,6 +570,8 @@ class _Meter:
                "load_avg_1m": os.getloadavg()[0]}
         for name, pid in self.pids.items():
             out[f"{name}_cpu_pct"] = 100.0 * (_proc_cpu_s(pid) - self.cpu0[name]) / wall
+            out[f"{name}_sys_cpu_pct"] = \
+                100.0 * (_proc_cpu_s(pid, "sys") - self.sys0[name]) / wall
         return out
 
 
@@ -664,6 +669,7 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
                 "honest_client_stalls": _stall_summary(stalls),
                 "server_held_honest": stats["group"],
                 "server_loop_stalls": stats["loop_stalls"],
+                "server_gc": stats.get("gc"),
                 "server_held_flooder": stats["sources"].get(FLOOD_IP, {"count": 0}),
                 "server_flooder_statuses": stats["statuses"].get(FLOOD_IP, {}),
                 "server_flooder_conns_accepted": stats["accepted"].get(FLOOD_IP, 0),

@@ -533,3 +533,20 @@ async def test_no_new_connection_while_an_address_has_requests_in_line(one_turn:
         writer.close()
         for w in queued:
             w.close()
+
+
+def test_connections_admitted_in_one_loop_turn_count_at_once(tmp_path: Path) -> None:
+    # a flood's connections are accepted many per loop turn, before aiohttp has made a
+    # handler for any of them: each counts as open as soon as it is admitted
+    from bootstrap.limits import ADMIT_MIN_CONNECTIONS
+    from bootstrap.server import ADMISSION_KEY, create_app
+
+    app = create_app(tmp_path / "r.sqlite3", 300.0, limits=ServerLimits(
+        register_burst=ADMIT_MIN_CONNECTIONS, list_burst=ADMIT_MIN_CONNECTIONS))
+    admission = app[ADMISSION_KEY]
+    assert [admission.admit(FLOOD_IP) for _ in range(ADMIT_MIN_CONNECTIONS + 1)] == \
+        [True] * ADMIT_MIN_CONNECTIONS + [False]
+    assert admission.open_connections(FLOOD_IP) == ADMIT_MIN_CONNECTIONS
+    admission.abandon(FLOOD_IP)  # one was reset before it reached aiohttp
+    assert admission.admit(FLOOD_IP)
+    assert admission.admit(HONEST_IP)
