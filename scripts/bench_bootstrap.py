@@ -625,7 +625,8 @@ async def _start_flooder(target_url: str, flood_ids: int, rate_per_s: float = 0.
 
 def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BASELINE_S,
               header_timeout_s: float | None = None,
-              server_args: tuple[str, ...] = ()) -> dict[str, Any]:
+              server_args: tuple[str, ...] = (), flood_rate_per_s: float = 0.0
+              ) -> dict[str, Any]:
     """Three phases in one run, the honest clients (20 signed ids on 127.0.0.3-6,
     registering and listing) on our server in each:
 
@@ -715,7 +716,10 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
             return cast(dict[str, Any], report)
 
         await honest_phase("quiet", baseline_s)
-        report = await flood_phase("flood", srv.url)
+        # closed loop (as fast as the server answers or refuses) unless a rate is given: a
+        # server that refuses faster gets a faster closed-loop flooder, so comparing two
+        # servers' CPU share fairly takes the same fixed rate against both
+        report = await flood_phase("flood", srv.url, flood_rate_per_s)
         flood_s = float(report.get("elapsed_s") or 0.0)
         requests = int(report.get("requests") or 0)
         if flood_s > 0 and requests:
@@ -840,6 +844,9 @@ def main() -> int:
                     help="flood runs (quiet / flood / control each); medians are printed")
     ap.add_argument("--flood-only", action="store_true",
                     help="skip the capacity runs, only the flood run(s)")
+    ap.add_argument("--flood-at", type=float, default=0.0, metavar="PER_S",
+                    help="pace the flood phase at this many requests/s (default: as fast "
+                         "as the server answers or refuses)")
     ap.add_argument("--quiet-s", type=float, default=BASELINE_S,
                     help=f"length of each flood run's quiet phase (default {BASELINE_S:g} s)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -876,7 +883,8 @@ def main() -> int:
                 fresh = Path(tmp) / f"flood-{run}"  # a fresh registry per run
                 fresh.mkdir()
                 floods.append(run_flood(fresh, args.flood_ids, args.quiet_s,
-                                        server_args=tuple(args.server_arg)))
+                                        server_args=tuple(args.server_arg),
+                                        flood_rate_per_s=args.flood_at))
     flood = floods[-1] if floods else None
     if args.flood_only:
         if args.json:
