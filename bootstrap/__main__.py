@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("--turns-per-ip", type=int, default=CONCURRENT_PER_SOURCE,
                         metavar="N", help="requests of one address handled at once; more "
                         f"wait their turn (default {CONCURRENT_PER_SOURCE})")
+    # scripts/bench_bootstrap.py only: per-request timing at GET /_bench/stats (bootstrap.stats)
+    parser.add_argument("--bench-stats", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from bootstrap.server import run
 
     try:
-        run(args.host, args.port, args.db, args.ttl, server_limits)
+        run(args.host, args.port, args.db, args.ttl, server_limits, stats=args.bench_stats)
     except P2PError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

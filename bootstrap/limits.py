@@ -55,6 +55,31 @@ BODY_TIMEOUT_S = 10.0
 # in flight; WAITING_PER_SOURCE more may queue, beyond that the answer is an immediate 429
 CONCURRENT_PER_SOURCE = 2
 WAITING_PER_SOURCE = 256
+# at accept time a source may hold at most as many open connections as it has tokens
+# left (in its fullest bucket), and at least ADMIT_MIN_CONNECTIONS: a connection beyond that
+# would only carry a request answered 429 (parsed, tarpitted, dropped when the flooder
+# hangs up), so it is reset before any HTTP parsing. A source with its buckets near full
+# (every honest one: ~50 nodes spend under 20 of 50 tokens/s) never meets this
+ADMIT_MIN_CONNECTIONS = 2
+# nor while this many of its requests already wait for its turns (SourceTurns): a new
+# connection would only queue one more, which a flooder drops when it tires of waiting
+# (the server has parsed it, built its request and task, and cancels it: the bulk of
+# what a closed-loop flood over 64 connections costs). An honest source's requests take
+# well under a millisecond each and rarely wait at all
+ADMIT_MAX_QUEUED = 4
+
+
+def admit_connection(tokens_left: float, open_connections: int, queued: int = 0) -> bool:
+    """Whether a new connection of a source is accepted (see ADMIT_MIN_CONNECTIONS and
+    ADMIT_MAX_QUEUED): ``tokens_left`` in the source's fullest bucket,
+    ``open_connections`` it holds now, ``queued`` of its requests waiting their turn."""
+    if tokens_left < 1.0:
+        return False  # each of its requests would be a 429
+    if queued >= ADMIT_MAX_QUEUED:
+        return False
+    return open_connections < max(ADMIT_MIN_CONNECTIONS, math.floor(tokens_left))
+
+
 # how many sources the limiter remembers; beyond it, the least recently seen is forgotten
 # (a forgotten source starts again with a full bucket: only a flood from this many
 # addresses at once could use that, and one IP is what the limits are for)
@@ -155,6 +180,17 @@ class RateLimiter:
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)
         return retry_s
+
+    def tokens(self, source: str, now: float) -> float:
+        """The tokens ``source`` holds now (a peek: spends nothing; ``burst`` for a source
+        not seen yet, ``inf`` when the limiter is off)."""
+        if not self.enabled:
+            return math.inf
+        state = self._buckets.get(source)
+        if state is None:
+            return self.burst
+        held, at = state
+        return min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
 
     def empty(self, source: str, now: float) -> bool:
         """Whether ``take`` would refuse ``source`` now (a peek: spends nothing)."""

@@ -30,9 +30,11 @@ SQLite itself (RegistryStore.page_items, ~20 % cheaper); a client that hangs up
 ends its handler at once (no tarpitted handler sleeps on for nobody); and
 ``run`` freezes the startup heap out of the cyclic GC, whose full passes
 otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
-all empty (each request would be a 429) is reset at accept time, before aiohttp
-parses anything (``_AdmittingSite``). A client's own faults (a malformed request line,
-a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
+all empty (each request would be a 429), that holds as many open connections as it has
+tokens left, or that has requests waiting for its turns, is reset at accept time, before
+aiohttp parses anything (``Admission``; ``_Listener``: one accept() and a close with
+SO_LINGER 0, no transport). A client's own faults (a malformed request line, a hang-up
+mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
 store's in-memory state and are written behind in batched transactions every
@@ -44,11 +46,13 @@ the DHT or the transports.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import base64
 import binascii
 import collections
 import contextlib
+import errno
 import functools
 import gc
 import json
@@ -56,6 +60,8 @@ import logging
 import math
 import re
 import signal
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -80,6 +86,7 @@ from bootstrap.limits import (
     TARPIT_MAX_WAITING,
     RateLimiter,
     ServerLimits,
+    admit_connection,
     source_key,
 )
 from bootstrap.store import (
@@ -94,7 +101,7 @@ from bootstrap.store import (
     UnregisterOutcome,
 )
 from node.contact import MAX_CLOCK_SKEW_S, ContactRecord, json_extensions
-from node.errors import IdentityError, P2PError, ProtocolError, bind_errors
+from node.errors import IdentityError, P2PError, ProtocolError, bind_errors, describe_os_error
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
 
 log = logging.getLogger("p2pfs.bootstrap")
@@ -603,66 +610,227 @@ async def error_middleware(
         return _error(500, "internal server error")
 
 
-class _AdmitProtocol(asyncio.Protocol):
-    """What a new connection is until its source is known: admitted, it becomes aiohttp's
-    request handler (``transport.set_protocol``; nothing more per event); refused, it is
-    reset at once, before any HTTP parsing, request object or answer."""
+class Admission:
+    """Which new connections are accepted: a source is reset at accept time, before aiohttp
+    parses anything, while every bucket it could spend is empty (each of its requests would
+    only be answered 429; the 429s before, with Retry-After, told it when to come back),
+    while it holds as many open connections as it has tokens left, or while
+    ADMIT_MAX_QUEUED of its requests already wait for its turns
+    (bootstrap.limits.admit_connection): a flood's extra connections would each carry one
+    parsed request that is answered 429 or waits in line, and is dropped when the flooder
+    hangs up.
 
-    __slots__ = ("_factory", "_refuse")
+    Open connections are counted per source from accept to aiohttp's ``connection_lost``;
+    only open connections are remembered (bounded by the listen backlog and the timeouts).
+    """
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol],
-                 refuse: Callable[[str], bool]) -> None:
+    def __init__(self, app: web.Application) -> None:
+        self._limiters = (app[REGISTER_LIMITER_KEY], app[LIST_LIMITER_KEY])
+        self._turns = app[TURNS_KEY]
+        self._enabled = all(lim.enabled for lim in self._limiters)
+        from bootstrap.stats import STATS_KEY
+
+        self._stats = app.get(STATS_KEY)
+        self._open: dict[str, int] = {}
+        self._source_of: dict[object, str] = {}
+
+    def open_connections(self, source: str) -> int:
+        return self._open.get(source, 0)
+
+    def admit(self, source: str) -> bool:
+        """Whether to accept a new connection of ``source``. An admitted one counts as open
+        from here on, so the many connections a flood gets accepted in one loop turn are
+        counted as they are admitted, not later when aiohttp has made their handlers."""
+        admitted = True
+        if self._enabled:
+            now = time.monotonic()
+            register, listing = self._limiters
+            tokens = max(register.tokens(source, now), listing.tokens(source, now))
+            admitted = admit_connection(tokens, self._open.get(source, 0),
+                                        self._turns.waiting(source))
+        if self._stats is not None:
+            self._stats.count_accept(source, not admitted)
+        if admitted:
+            self._open[source] = self._open.get(source, 0) + 1
+        return admitted
+
+    def opened(self, handler: object, source: str) -> None:
+        """aiohttp made ``handler`` for a connection ``admit`` counted: it is closed() by it."""
+        self._source_of[handler] = source
+
+    def abandon(self, source: str) -> None:
+        """An admitted connection that never reached aiohttp (reset before its transport)."""
+        self._drop(source)
+
+    def closed(self, handler: object) -> None:
+        source = self._source_of.pop(handler, None)
+        if source is not None:
+            self._drop(source)
+
+    def _drop(self, source: str) -> None:
+        left = self._open.get(source, 0) - 1
+        if left > 0:
+            self._open[source] = left
+        else:
+            self._open.pop(source, None)
+
+    def watch(self, server: web.Server) -> None:
+        """Count every connection aiohttp opens and closes (its handler tells its Server)."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple):
+                self.opened(handler, source_key(str(peer[0])))
+            made(handler, transport)
+
+        def connection_lost(handler: Any, exc: BaseException | None) -> None:
+            self.closed(handler)
+            lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign,assignment]
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
+
+
+ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
+
+
+# RST instead of FIN on close: a refused connection leaves no TIME_WAIT behind and the
+# kernel sends nothing more for it
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# connections accepted per readiness event of the listening socket (asyncio's own accept
+# loop takes up to the backlog at once)
+ACCEPT_BATCH = 128
+# after EMFILE/ENFILE/ENOBUFS, stop accepting this long (as asyncio's accept loop does)
+ACCEPT_RETRY_DELAY_S = 1.0
+
+
+class _Listener:
+    """The listening sockets of an _AdmittingSite and its own accept loop.
+
+    Each ready listening socket is drained with ``accept()`` (up to ACCEPT_BATCH at a
+    time); a connection Admission refuses is closed at once with SO_LINGER 0 (a reset),
+    before any transport, protocol, HTTP parsing or answer exists for it: what a refused
+    flood connection costs is one accept() and one close(). An admitted one becomes
+    aiohttp's request handler through ``loop.connect_accepted_socket``. Quacks like the
+    asyncio.Server aiohttp's runner expects of a site (``sockets``, ``close``).
+    """
+
+    def __init__(self, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol],
+                 admission: Admission) -> None:
+        self.sockets = sockets
         self._factory = factory
-        self._refuse = refuse
+        self._admission = admission
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._closed = False
+        for sock in sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and self._refuse(source_key(str(peer[0]))):
-            # uvloop's transports are not asyncio.Transport subclasses, but have abort()
-            cast(asyncio.Transport, transport).abort()  # RST: no TIME_WAIT on our side
+    def _accept(self, listener: socket.socket) -> None:
+        admission = self._admission
+        for _ in range(ACCEPT_BATCH):
+            try:
+                # the C-level accept: (fd, address), without socket.accept()'s Python
+                # socket object and enum conversions, which a refused connection never needs
+                fd, addr = listener._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept connections for %g s: %s",
+                                ACCEPT_RETRY_DELAY_S, describe_os_error(exc))
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(ACCEPT_RETRY_DELAY_S, self._resume, listener)
+                return  # ECONNABORTED and the like: that client is gone already
+            source = source_key(addr[0]) if isinstance(addr, tuple) else ""
+            if source and not admission.admit(source):
+                raw = _socket.socket(fileno=fd)
+                with contextlib.suppress(OSError):
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                raw.close()
+                continue
+            conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
+            conn.setblocking(False)
+            task = self._loop.create_task(self._connect(conn, source))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if not self._closed:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    async def _connect(self, conn: socket.socket, source: str) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, sock=conn)
+        except (OSError, asyncio.CancelledError) as exc:
+            # the client reset it before its transport existed, or the site is stopping
+            log.debug("accepted connection lost: %s", exc)
+            conn.close()
+            if source:
+                self._admission.abandon(source)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def close(self) -> None:
+        if self._closed:
             return
-        real = self._factory()
-        transport.set_protocol(real)
-        real.connection_made(transport)
+        self._closed = True
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in self._pending:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
-def refuse_at_accept(app: web.Application) -> Callable[[str], bool]:
-    """A source is refused at accept time while every bucket it could spend is empty: each
-    of its requests would only be answered 429, so it gets no HTTP parsing at all (the
-    429s before, with Retry-After, told it when to come back)."""
-    limiters = (app[REGISTER_LIMITER_KEY], app[LIST_LIMITER_KEY])
-    counted = [0]
-
-    def refuse(source: str) -> bool:
-        if not all(lim.enabled for lim in limiters):
-            return False
-        now = time.monotonic()
-        if all(lim.empty(source, now) for lim in limiters):
-            counted[0] += 1
-            return True
-        return False
-
-    return refuse
+def _listening_sockets(host: str, port: int, backlog: int, reuse_port: bool
+                       ) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for host:port (one per address family)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _AdmittingSite(web.TCPSite):
     """web.TCPSite whose listener refuses over-limit sources before aiohttp sees them."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 refuse: Callable[[str], bool], backlog: int) -> None:
+                 admission: Admission, backlog: int) -> None:
         super().__init__(runner, host, port, backlog=backlog)
-        self._refuse = refuse
+        self._admission = admission
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        refuse = self._refuse
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _AdmitProtocol(server, refuse), self._host, self._port,
-            backlog=self._backlog, reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port)
-        sockets = self._server.sockets
+        self._admission.watch(server)
+        sockets = _listening_sockets(self._host or "", self._port, self._backlog,
+                                     bool(self._reuse_port))
+        self._server = cast(asyncio.Server, _Listener(sockets, server, self._admission))
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
 
@@ -709,8 +877,11 @@ async def _maintenance_loop(store: RegistryStore, ttl_s: float) -> None:
 
 def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
                max_registrations: int = MAX_REGISTRATIONS,
-               limits: ServerLimits | None = None) -> web.Application:
-    """The bootstrap app; opens the registry on startup and closes it on cleanup."""
+               limits: ServerLimits | None = None, stats: bool = False) -> web.Application:
+    """The bootstrap app; opens the registry on startup and closes it on cleanup.
+
+    ``stats`` adds the bench-only timing of bootstrap.stats (off by default: a public
+    server exposes nothing of its internals)."""
     if not ttl_s > 0:
         raise ValueError("ttl_s must be positive")
     limits = limits or ServerLimits()
@@ -743,20 +914,26 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
     from bootstrap.mailbox import add_mailbox_routes
 
     add_mailbox_routes(app)  # the pairing mailbox: /pair/* (bootstrap/mailbox.py)
+    if stats:
+        from bootstrap import stats as bench_stats
+
+        bench_stats.enable(app)
+    app[ADMISSION_KEY] = Admission(app)
     return app
 
 
 async def start_server(host: str, port: int, db_path: Path,
                        ttl_s: float = DEFAULT_TTL_S, *,
                        access_log: bool = False,
-                       limits: ServerLimits | None = None) -> tuple[web.AppRunner, int]:
+                       limits: ServerLimits | None = None,
+                       stats: bool = False) -> tuple[web.AppRunner, int]:
     """Start serving on host:port (0 = any free port); returns the runner and bound port."""
     limits = limits or ServerLimits()
     # aiohttp arms keepalive_timeout when a connection opens and again after each answer,
     # and closes the connection when it fires while no request has been parsed: a client
     # that sends no request, or half a header (slowloris), is dropped after it, however
     # slowly it trickles bytes (tests/integration/test_bootstrap_server.py proves it)
-    runner = web.AppRunner(create_app(db_path, ttl_s, limits=limits),
+    runner = web.AppRunner(create_app(db_path, ttl_s, limits=limits, stats=stats),
                            access_log=log if access_log else None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            keepalive_timeout=limits.header_timeout_s,
@@ -769,7 +946,7 @@ async def start_server(host: str, port: int, db_path: Path,
     await runner.setup()
     try:
         site = _AdmittingSite(runner, host, port, backlog=1024,
-                              refuse=refuse_at_accept(runner.app))
+                              admission=runner.app[ADMISSION_KEY])
         with bind_errors("bootstrap", host, port, option="--port"):
             await site.start()
     except BaseException:
@@ -790,13 +967,15 @@ def default_db_path() -> Path:
 
 
 def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None = None,
-        ttl_s: float = DEFAULT_TTL_S, limits: ServerLimits | None = None) -> None:
+        ttl_s: float = DEFAULT_TTL_S, limits: ServerLimits | None = None,
+        stats: bool = False) -> None:
     """Serve until SIGINT/SIGTERM (blocking); used by `node bootstrap` and `python -m bootstrap`."""
     db = db_path if db_path is not None else default_db_path()
 
     async def main() -> None:
         runner, bound = await start_server(host, port, db, ttl_s, limits=limits,
-                                           access_log=log.isEnabledFor(logging.DEBUG))
+                                           access_log=log.isEnabledFor(logging.DEBUG),
+                                           stats=stats)
         # everything allocated so far lives as long as the server: keep it out of the
         # cyclic collector's full passes, which otherwise stall the loop tens of ms
         gc.freeze()

@@ -216,6 +216,15 @@ def _setup_logging(settings: Settings | None, level: str = "INFO") -> None:
     setup_logging(settings, level)
 
 
+# ServerLimits field -> the `node bootstrap` flag that sets it (for error messages)
+_BOOTSTRAP_FLAG_OF = {
+    "register_rate_per_s": "--register-rate", "register_burst": "--register-burst",
+    "list_rate_per_s": "--list-rate", "list_burst": "--list-burst",
+    "legacy_ids_per_source": "--legacy-per-ip", "header_timeout_s": "--header-timeout",
+    "body_timeout_s": "--body-timeout", "concurrent_per_source": "--turns-per-ip",
+}
+
+
 @app.command()
 @handle_errors
 def bootstrap(
@@ -237,6 +246,9 @@ def bootstrap(
         help="Seconds a client has to send request headers (and idle keep-alive).")] = 10.0,
     body_timeout: Annotated[float, typer.Option(
         help="Seconds a client has to send a request body.")] = 10.0,
+    turns_per_ip: Annotated[int, typer.Option(
+        help="Requests of one address handled at once; more wait their turn "
+             "(0 = no turns).")] = 2,
 ) -> None:
     """Run the bootstrap registration server in the foreground (Ctrl-C stops it)."""
     from bootstrap.limits import ServerLimits
@@ -250,9 +262,13 @@ def bootstrap(
         limits = ServerLimits(register_rate_per_s=register_rate, register_burst=register_burst,
                               list_rate_per_s=list_rate, list_burst=list_burst,
                               legacy_ids_per_source=legacy_per_ip,
-                              header_timeout_s=header_timeout, body_timeout_s=body_timeout)
+                              header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                              concurrent_per_source=turns_per_ip)
     except ValueError as exc:
-        raise ConfigError(f"node bootstrap: {exc}") from None
+        message = str(exc)
+        for field, flag in _BOOTSTRAP_FLAG_OF.items():  # name the flag, not the field
+            message = message.replace(field, f"option {flag}")
+        raise ConfigError(f"node bootstrap: {message}") from None
     _setup_logging(None)
     run(host=host, port=port, db_path=db, ttl_s=ttl, limits=limits)
 

@@ -299,7 +299,11 @@ async def test_a_big_listing_gives_the_loop_back_between_slices(unlimited: Srv) 
 async def _reset_at_once(port: int, local_ip: str) -> bool:
     """Connect from ``local_ip`` and send a request: True if the server resets the
     connection without answering, False if it answers (any status)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local_ip, 0))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=(local_ip, 0))
+    except ConnectionError:  # reset before the client saw its connect complete
+        return True
     try:
         writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(64), TARPIT_DELAY_S * 3)
@@ -426,3 +430,123 @@ async def test_a_pairing_long_poll_does_not_hold_a_turn(one_turn: Srv) -> None:
         for p in polls:
             p.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
+
+
+# -- bench timing (bootstrap.stats): off by default, per-source hold times when on ----------
+
+
+async def test_bench_stats_are_not_served_by_default(limited: Srv) -> None:
+    status, body, _ = await limited.call(HONEST_IP, "GET", "/_bench/stats")
+    assert status == 404 and "error" in body
+
+
+async def test_bench_stats_time_each_request_per_source(tmp_path: Path) -> None:
+    runner, port = await start_server("127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+                                      stats=True)
+    srv = Srv(runner, port)
+    try:
+        for _ in range(3):
+            assert (await srv.call(HONEST_IP, "GET", "/peers"))[0] == 200
+        assert (await srv.call(FLOOD_IP, "GET", "/health"))[0] == 200
+        status, stats, _ = await srv.call(
+            "127.0.0.1", "GET", f"/_bench/stats?reset=1&group={HONEST_IP},{FLOOD_IP}")
+        assert status == 200
+        assert stats["sources"][HONEST_IP]["count"] == 3
+        assert stats["sources"][FLOOD_IP]["count"] == 1
+        assert stats["group"]["count"] == 4
+        assert 0 < stats["group"]["p50_ms"] <= stats["group"]["max_ms"]
+        assert "127.0.0.1" not in stats["sources"]  # the stats requests are not counted
+        # reset: the next answer starts from nothing
+        status, again, _ = await srv.call("127.0.0.1", "GET", "/_bench/stats")
+        assert again["sources"] == {} and again["group"] == {"count": 0}
+    finally:
+        await srv.close()
+
+
+# -- admission at accept: no more open connections than tokens, none while requests queue --
+
+
+async def _idle_connection(port: int, local_ip: str) -> asyncio.StreamWriter:
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local_ip, 0))
+    return writer
+
+
+async def test_an_address_holds_no_more_open_connections_than_tokens(tmp_path: Path) -> None:
+    from bootstrap.limits import ADMIT_MIN_CONNECTIONS
+    from bootstrap.server import ADMISSION_KEY
+
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.01, register_burst=2, list_rate_per_s=0.01,
+                            list_burst=ADMIT_MIN_CONNECTIONS))
+    srv = Srv(runner, port)
+    admission = runner.app[ADMISSION_KEY]
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        while (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": "x"}))[0] != 429:
+            pass
+        await srv.sessions.pop(FLOOD_IP).close()
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) == 0, 5.0,
+                       "the session's connections to close")
+        # FLOOD_IP has ADMIT_MIN_CONNECTIONS listing tokens left: that many connections
+        for _ in range(ADMIT_MIN_CONNECTIONS):
+            idle.append(await _idle_connection(port, FLOOD_IP))
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) == ADMIT_MIN_CONNECTIONS,
+                       5.0, "the idle connections to be admitted")
+        # one more could only carry a request answered 429: reset before any parsing
+        assert await _reset_at_once(port, FLOOD_IP)
+        assert not await _reset_at_once(port, HONEST_IP)
+        # a connection closed frees its place
+        idle.pop().close()
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) < ADMIT_MIN_CONNECTIONS,
+                       5.0, "the server to see the close")
+        status, _, _ = await srv.call(FLOOD_IP, "GET", "/peers")
+        assert status == 200
+    finally:
+        for writer in idle:
+            writer.close()
+        await srv.close()
+
+
+async def test_no_new_connection_while_an_address_has_requests_in_line(one_turn: Srv) -> None:
+    from bootstrap.limits import ADMIT_MAX_QUEUED
+    from bootstrap.server import TURNS_KEY
+
+    turns = one_turn.runner.app[TURNS_KEY]
+    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    # a slow body holds FLOOD_IP's only turn
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 30\r\n\r\n{\"dev")
+    queued: list[asyncio.StreamWriter] = []
+    try:
+        await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
+        for _ in range(ADMIT_MAX_QUEUED):
+            w = await _idle_connection(one_turn.port, FLOOD_IP)
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            queued.append(w)
+        await wait_for(lambda: turns.waiting(FLOOD_IP) == ADMIT_MAX_QUEUED, 2.0,
+                       "the requests to wait in line")
+        assert await _reset_at_once(one_turn.port, FLOOD_IP)
+        assert (await one_turn.call(HONEST_IP, "GET", "/health"))[0] == 200
+    finally:
+        writer.close()
+        for w in queued:
+            w.close()
+
+
+def test_connections_admitted_in_one_loop_turn_count_at_once(tmp_path: Path) -> None:
+    # a flood's connections are accepted many per loop turn, before aiohttp has made a
+    # handler for any of them: each counts as open as soon as it is admitted
+    from bootstrap.limits import ADMIT_MIN_CONNECTIONS
+    from bootstrap.server import ADMISSION_KEY, create_app
+
+    app = create_app(tmp_path / "r.sqlite3", 300.0, limits=ServerLimits(
+        register_burst=ADMIT_MIN_CONNECTIONS, list_burst=ADMIT_MIN_CONNECTIONS))
+    admission = app[ADMISSION_KEY]
+    assert [admission.admit(FLOOD_IP) for _ in range(ADMIT_MIN_CONNECTIONS + 1)] == \
+        [True] * ADMIT_MIN_CONNECTIONS + [False]
+    assert admission.open_connections(FLOOD_IP) == ADMIT_MIN_CONNECTIONS
+    admission.abandon(FLOOD_IP)  # one was reset before it reached aiohttp
+    assert admission.admit(FLOOD_IP)
+    assert admission.admit(HONEST_IP)

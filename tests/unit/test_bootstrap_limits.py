@@ -116,6 +116,25 @@ def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
     assert defaults["legacy_per_ip"] == lim.legacy_ids_per_source
     assert defaults["header_timeout"] == lim.header_timeout_s
     assert defaults["body_timeout"] == lim.body_timeout_s
+    assert defaults["turns_per_ip"] == lim.concurrent_per_source
+
+
+def test_node_bootstrap_passes_turns_per_ip_to_the_server(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from typer.testing import CliRunner
+
+    import bootstrap.server
+    import node.cli
+    from node.cli import app
+
+    seen: list[ServerLimits] = []
+    monkeypatch.setattr(bootstrap.server, "run", lambda **kw: seen.append(kw["limits"]))
+    monkeypatch.setattr(node.cli, "_setup_logging", lambda *a, **k: None)
+    result = CliRunner().invoke(app, ["bootstrap", "--port", "0", "--turns-per-ip", "5"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].concurrent_per_source == 5
+    result = CliRunner().invoke(app, ["bootstrap", "--turns-per-ip", "-1"])
+    assert result.exit_code == 2 and "option --turns-per-ip must be >= 0" in result.output
 
 
 def test_empty_peeks_without_spending() -> None:
@@ -128,3 +147,26 @@ def test_empty_peeks_without_spending() -> None:
     assert rl.take("a", 0.5) > 0  # empty() spent nothing: still refused
     assert not rl.empty("a", 1.6)  # a token came back
     assert not RateLimiter(rate_per_s=0.0, burst=0).empty("a", 0.0)
+
+
+def test_a_connection_is_admitted_only_while_it_could_be_served() -> None:
+    from bootstrap.limits import ADMIT_MAX_QUEUED, ADMIT_MIN_CONNECTIONS, admit_connection
+
+    assert not admit_connection(0.9, 0)  # every bucket empty: each request would be a 429
+    # no more open connections than tokens left, but always a few
+    assert admit_connection(1.0, ADMIT_MIN_CONNECTIONS - 1)
+    assert not admit_connection(1.0, ADMIT_MIN_CONNECTIONS)
+    assert admit_connection(10.5, 9) and not admit_connection(10.5, 10)
+    assert admit_connection(500.0, 100)  # an honest source: its buckets are near full
+    # nor while its requests already wait in line for its turns
+    assert admit_connection(500.0, 10, ADMIT_MAX_QUEUED - 1)
+    assert not admit_connection(500.0, 10, ADMIT_MAX_QUEUED)
+
+
+def test_tokens_peeks_without_spending() -> None:
+    rl = RateLimiter(1.0, 3)
+    assert rl.tokens("a", 0.0) == 3.0  # a source not seen yet has a full bucket
+    rl.take("a", 0.0)
+    assert rl.tokens("a", 0.0) == 2.0 and rl.tokens("a", 0.0) == 2.0
+    assert rl.tokens("a", 0.5) == 2.5
+    assert RateLimiter(0.0, 3).tokens("a", 0.0) == float("inf")  # off: unlimited
