@@ -89,6 +89,10 @@ TARGET_REGS_PER_S = 2000.0
 TARGET_P99_MS = 50.0
 
 
+# --pin-flooder: the CPUs the flooder runs on (empty: anywhere)
+FLOODER_CPUS: set[int] = set()
+
+
 class ServerProcess:
     """`python -m bootstrap` on a free port; stopped with SIGTERM."""
 
@@ -614,6 +618,8 @@ async def _start_flooder(target_url: str, flood_ids: int, rate_per_s: float = 0.
     flooder = await asyncio.create_subprocess_exec(
         *args, cwd=REPO, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)})
+    if FLOODER_CPUS:
+        os.sched_setaffinity(flooder.pid, FLOODER_CPUS)
     # the flooder signs its ids first; measure only while it sends
     line = await flooder.stdout.readline() if flooder.stdout else b""
     if line.strip() != b"flooding":
@@ -849,6 +855,10 @@ def main() -> int:
                          "as the server answers or refuses)")
     ap.add_argument("--quiet-s", type=float, default=BASELINE_S,
                     help=f"length of each flood run's quiet phase (default {BASELINE_S:g} s)")
+    ap.add_argument("--pin-flooder", action="store_true",
+                    help="run the flooder on the last CPU and everything else (servers, "
+                         "honest clients) on the others, as for a remote attacker whose "
+                         "CPU is not the server's; needs 2+ CPUs")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra `python -m bootstrap` argument for the flood runs' server "
                          "(repeatable, e.g. --server-arg=--register-burst --server-arg=100)")
@@ -863,6 +873,12 @@ def main() -> int:
         return flood_main(args.flood, args.flood_ids, args.flood_rate, args.flood_reconnect)
     if args.control_server:
         return control_server_main(args.control_reset)
+    if args.pin_flooder:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin-flooder needs at least 2 CPUs")
+        FLOODER_CPUS.add(cpus[-1])
+        os.sched_setaffinity(0, set(cpus[:-1]))  # the servers started later inherit it
     try:
         import uvloop
 
@@ -888,8 +904,12 @@ def main() -> int:
     flood = floods[-1] if floods else None
     if args.flood_only:
         if args.json:
-            print(json.dumps({"floods": floods, "medians": flood_medians(floods)}, indent=2))
+            print(json.dumps({"floods": floods, "medians": flood_medians(floods),
+                              "flooder_cpus": sorted(FLOODER_CPUS)}, indent=2))
         else:
+            if FLOODER_CPUS:
+                print(f"flooder pinned to CPU {sorted(FLOODER_CPUS)}, everything else to "
+                      f"{sorted(os.sched_getaffinity(0))}")
             print_floods(floods, args.flood_ids)
         return 0
 
