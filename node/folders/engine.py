@@ -72,10 +72,17 @@ from node.folders.protocol import (
     FolderChange,
     Hello,
 )
-from node.folders.status import FolderState, FolderStatus
+from node.folders.status import STATUS_NAMES_MAX, FolderState, FolderStatus
 from node.folders.vector import Vector, device_key
 from node.identity import Identity, PeerId
-from node.notifications import FileReceived, FolderConflict, FolderOffered, Notice
+from node.notifications import (
+    MAX_PATHS,
+    FileReceived,
+    FolderConflict,
+    FolderLocallyChanged,
+    FolderOffered,
+    Notice,
+)
 from node.pathrules import PathBlocked, resolve_under, safe_relpath
 from node.transfer.store import current_umask
 from node.wire import Message, decode_message
@@ -262,6 +269,7 @@ class FolderRunner:
         self.last_scan_unix = time.time()
         receive_only = self.cfg.mode is FolderMode.RECEIVE_ONLY
         announce: list[FileInfo] = []
+        newly_changed: list[str] = []
         with self.db.tx():
             self.db.set_meta("clock", clock)
             for info in changes:
@@ -272,11 +280,19 @@ class FolderRunner:
                 if receive_only:
                     # kept as ours, not announced: its version stays the one we had
                     base = replace(info, version=old.version) if old is not None else info
+                    if not self.db.is_changed(info.name):
+                        newly_changed.append(info.name)
                     self.db.put_local(base, changed=True)
                     continue
                 self.db.put_local(info)
                 announce.append(info)
         await self.announce(announce)
+        if newly_changed:
+            log.info("folder %s: %d file(s) changed locally, kept and not sent (receive-only)",
+                     self.cfg.id, len(newly_changed))
+            self.sync.notify(FolderLocallyChanged(
+                folder=self.cfg.id, paths=tuple(sorted(newly_changed)[:MAX_PATHS]),
+                count=len(self.db.changed_names())))
         self._scanned.set()
         self.state = FolderState.IDLE
         if changes:
@@ -586,6 +602,8 @@ class FolderRunner:
             need_bytes=p.need_bytes,
             conflicts=sum(1 for i in held if ".sync-conflict-" in PurePosixPath(i.name).name),
             locally_changed=len(p.locally_changed) + len(p.out_of_sync),
+            locally_changed_names=tuple(sorted((*p.locally_changed, *p.out_of_sync))
+                                        [:STATUS_NAMES_MAX]),
             last_error=self.last_error, last_scan_unix=self.last_scan_unix)
 
     async def override(self) -> int:

@@ -20,7 +20,7 @@ from node.folders.engine import FolderSync
 from node.folders.ignore import IGNORE_FILE_NAME
 from node.identity import Identity, PeerId
 from node.memory_channel import channel_pair
-from node.notifications import FolderConflict, FolderOffered
+from node.notifications import FolderConflict, FolderLocallyChanged, FolderOffered
 
 DEADLINE_S = 10.0
 
@@ -270,6 +270,9 @@ async def test_receive_only_local_edit_reported_then_reverted(net: Net) -> None:
     cfg_b = b.store.require("docs")
     await wait_until(lambda: b.engine.status(cfg_b).locally_changed == 1,  # type: ignore
                      "the local edit reported")
+    assert b.engine.status(cfg_b).locally_changed_names == ("f.txt",)
+    (note,) = [n for n in b.notes if isinstance(n, FolderLocallyChanged)]
+    assert note.folder == "docs" and note.paths == ("f.txt",) and note.count == 1
     await asyncio.sleep(0.3)
     assert a.tree()["f.txt"] == b"global"  # never sent
     assert await b.engine.revert("docs") == 1

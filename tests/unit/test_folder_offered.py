@@ -51,3 +51,15 @@ def test_stored_in_the_event_log_and_shown_by_node_events(tmp_path: Path) -> Non
         log.close()
     assert "folder_offered" in line
     assert "carol offers folder docs; to sync it: node folder add PATH --id docs" in line
+
+
+def test_locally_changed_renders_peer_text_safely_and_bounds_its_paths() -> None:
+    from node.notifications import MAX_PATHS, FolderLocallyChanged
+
+    note = FolderLocallyChanged("docs", ("x\x1b[2Jy.txt",) + tuple(f"f{i}" for i in range(9)), 10)
+    text = render(note.KIND, note.encode())
+    assert "\x1b" not in text and "x?[2Jy.txt" in text and "and 5 more" in text
+    assert "node folder revert docs" in text
+    too_many = {"folder": "docs", "paths": ["p"] * (MAX_PATHS + 1), "count": 1}
+    with pytest.raises(ProtocolError):
+        decode(FolderLocallyChanged.KIND, too_many)
