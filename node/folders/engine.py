@@ -50,7 +50,7 @@ from node.fileindex import hash_file
 from node.folders import disk
 from node.folders.config import FolderConfig, FolderConfigError, FolderMode, FolderStore
 from node.folders.db import FolderDB
-from node.folders.ignore import IgnoreRules
+from node.folders.ignore import MARKER_FILE_NAME, IgnoreRules
 from node.folders.model import FileInfo, FileKind
 from node.folders.planner import (
     Adopt,
@@ -104,6 +104,7 @@ SCAN_DEBOUNCE_S = 0.2
 MAX_FETCH_BATCH = 1024  # files per fetch session (the transfer layer's MAX_FILES_PER_FETCH)
 PRUNE_EVERY_S = 3600.0
 SEND_TIMEOUT_S = 10.0
+ABSENT_RECHECK_S = 2.0  # a folder whose path or marker is missing: look again this often
 
 # (peer, fetch paths, where to stage, seeds) -> path -> staged file, or why not; seeds are
 # local files (the old versions) whose chunks the transfer may reuse instead of fetching
@@ -169,6 +170,7 @@ class FolderRunner:
         self._next_prune_at = 0.0
         self._scanned = asyncio.Event()
         self.conflicts_seen = 0
+        self.absent = ""  # why the folder is not there (path or marker missing), or ""
 
     def _check_path(self) -> None:
         """An index made for another path (the folder removed and added elsewhere) would
@@ -177,20 +179,42 @@ class FolderRunner:
         if self.db.meta("path_tag") not in (0, tag):
             log.info("folder %s moved to %s: indexing it afresh", self.cfg.id, self.cfg.path)
             self.db.clear_local()
+            self.db.set_meta("marker", 0)
         self.db.set_meta("path_tag", tag)
+
+    def missing(self) -> str:
+        """Why the folder cannot be scanned or synced now, or "" when it can.
+
+        The index knows files but the path is gone, or its marker is (an unmounted disk,
+        a path replaced by an empty directory): a scan would announce every file as
+        deleted, so nothing is scanned, applied or announced until it is back. A folder
+        that knows no files yet (or indexed before markers existed) gets its marker."""
+        root = self.cfg.path
+        if not root.is_dir():
+            return (f"folder path missing: {root} does not exist (an unmounted disk?); "
+                    "nothing is synced until it is back")
+        if disk.has_marker(root):
+            if not self.db.meta("marker"):
+                self.db.set_meta("marker", 1)
+            return ""
+        knows_files = any(not i.deleted for i in self.db.local().values())
+        if not knows_files or not self.db.meta("marker"):
+            try:
+                disk.write_marker(root, self.cfg.id)
+            except OSError as exc:
+                if knows_files:
+                    return f"cannot create the folder marker in {root}: {exc}"
+                return ""  # nothing to lose: sync on, the marker made once it can be
+            self.db.set_meta("marker", 1)
+            return ""
+        return (f"folder marker missing: {root / MARKER_FILE_NAME} is gone while the index "
+                "knows files (an unmounted disk, or an emptied folder?); nothing is synced "
+                "until it is back (to start over on purpose, remove and add the folder)")
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
-        from node.watcher import TreeWatcher
-
         if not self.cfg.paused:
-            try:
-                self._watcher = TreeWatcher(self.cfg.path, self.poke_scan,
-                                            ignore=lambda rel: rel.split("/", 1)[0]
-                                            == disk.VERSIONS_DIR_NAME)
-                await self._watcher.start()
-            except P2PError as exc:
-                self._error(str(exc))
+            await self._start_watcher()
         self._task = asyncio.create_task(self._run(), name=f"folder-{self.cfg.id}")
 
     async def stop(self) -> None:
@@ -223,6 +247,16 @@ class FolderRunner:
                 continue
             now = time.monotonic()
             try:
+                why = self.missing()
+                if why:
+                    self.absent = why
+                    self._error(why)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), ABSENT_RECHECK_S)
+                    self._wake.clear()
+                    continue
+                if self.absent:
+                    await self._back()
                 if self._scan_due or now >= self._next_scan_at:
                     await self.scan_now()
                 await self._sync_once()
@@ -246,6 +280,32 @@ class FolderRunner:
             self._wake.clear()
             await asyncio.sleep(SCAN_DEBOUNCE_S if self._scan_due else 0)
 
+    async def _back(self) -> None:
+        """The folder's path and marker are there again: watch the folder anew (the old
+        watch may be on the directory that was mounted over) and scan it."""
+        log.info("folder %s: %s is back; syncing again", self.cfg.id, self.cfg.path)
+        if self.last_error == self.absent:
+            self.last_error = ""
+        self.absent = ""
+        self.state = FolderState.IDLE
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        await self._start_watcher()
+        self._scan_due = True
+
+    async def _start_watcher(self) -> None:
+        from node.watcher import TreeWatcher
+
+        try:
+            self._watcher = TreeWatcher(self.cfg.path, self.poke_scan,
+                                        ignore=lambda rel: rel.split("/", 1)[0]
+                                        == disk.VERSIONS_DIR_NAME)
+            await self._watcher.start()
+        except P2PError as exc:
+            self._watcher = None
+            self._error(str(exc))
+
     def _next_wait(self) -> float:
         now = time.monotonic()
         deadline = self._next_scan_at
@@ -258,8 +318,9 @@ class FolderRunner:
         """Scan the folder, store and announce what changed; returns how many changes."""
         self._scan_due = False
         self._next_scan_at = time.monotonic() + self.cfg.rescan_interval_s
-        if not self.cfg.path.is_dir():
-            raise P2PError(f"the folder path {self.cfg.path} does not exist")
+        why = self.missing()
+        if why:
+            raise P2PError(why)
         self.state = FolderState.SCANNING
         self.ignore.reload()
         local = self.db.local()

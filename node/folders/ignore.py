@@ -31,6 +31,8 @@ from node.statefiles import is_state_name
 log = logging.getLogger(__name__)
 
 IGNORE_FILE_NAME = ".p2pfsignore"
+# in a folder's root: "this is the folder" (node/folders/disk.py); never synced
+MARKER_FILE_NAME = ".p2pfs-folder"
 MAX_IGNORE_FILE_BYTES = 256 << 10
 RELOAD_CHECK_S = 1.0
 DEFAULT_PATTERNS = (
@@ -107,8 +109,8 @@ class IgnoreRules:
         parts = PurePosixPath(rel).parts
         if not parts:
             return True
-        if rel == IGNORE_FILE_NAME or any(is_internal_name(p) for p in parts) or is_state_name(
-                parts[-1]):
+        if (rel in (IGNORE_FILE_NAME, MARKER_FILE_NAME)
+                or any(is_internal_name(p) for p in parts) or is_state_name(parts[-1])):
             return True
         probe = rel + "/" if is_dir else rel
         if _DEFAULTS.match_file(probe):

@@ -118,3 +118,19 @@ def test_untouched_sees_edits_and_files_made_since_the_scan(tmp_path: Path) -> N
     assert not disk.untouched(tmp_path, "new.txt", None)  # recorded first, never versioned
     (tmp_path / "a.txt").write_bytes(b"edited after the scan")
     assert not disk.untouched(tmp_path, "a.txt", local["a.txt"])
+
+
+def test_the_marker_is_written_once_and_never_scanned(tmp_path: Path) -> None:
+    from node.folders.ignore import MARKER_FILE_NAME, IgnoreRules
+
+    assert not disk.has_marker(tmp_path)
+    disk.write_marker(tmp_path, "docs")
+    disk.write_marker(tmp_path, "other")  # kept as it is
+    assert disk.has_marker(tmp_path)
+    assert "folder id docs" in (tmp_path / MARKER_FILE_NAME).read_text()
+    assert sorted(os.listdir(tmp_path)) == [MARKER_FILE_NAME]  # no temporary left
+    changes, _clock = disk.scan(tmp_path, {}, IgnoreRules(tmp_path), device="d" * 16, clock=0)
+    assert changes == []
+    (tmp_path / MARKER_FILE_NAME).unlink()
+    (tmp_path / MARKER_FILE_NAME).mkdir()  # a directory of that name is no marker
+    assert not disk.has_marker(tmp_path)

@@ -17,7 +17,7 @@ from node.errors import P2PError, PeerUnreachable
 from node.folders import engine as engine_mod
 from node.folders.config import FolderConfig, FolderMode, FolderStore
 from node.folders.engine import FolderSync
-from node.folders.ignore import IGNORE_FILE_NAME
+from node.folders.ignore import IGNORE_FILE_NAME, MARKER_FILE_NAME
 from node.identity import Identity, PeerId
 from node.memory_channel import channel_pair
 from node.notifications import FolderConflict, FolderLocallyChanged, FolderOffered
@@ -111,7 +111,7 @@ class Device:
             for f in filenames:
                 p = Path(dirpath) / f
                 rel = p.relative_to(self.dir).as_posix()
-                if rel == IGNORE_FILE_NAME:
+                if rel in (IGNORE_FILE_NAME, MARKER_FILE_NAME):
                     continue
                 out[rel] = "->" + os.readlink(p) if p.is_symlink() else p.read_bytes()
         return out
@@ -358,3 +358,73 @@ async def test_a_change_recorded_but_never_announced_goes_out_next_round(net: Ne
     await b.start()
     await wait_until(lambda: b.tree().get("quiet.txt") == b"recorded, not announced",
                      "the recorded change on b")
+
+
+@pytest.mark.parametrize("how", ["emptied", "gone"])
+async def test_an_unmounted_folder_announces_no_deletions_and_syncs_again_when_back(
+        net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    from node.folders.status import FolderState
+
+    monkeypatch.setattr(engine_mod, "ABSENT_RECHECK_S", 0.05)
+    a, b = await pair(net)
+    for i in range(3):
+        (a.dir / f"f{i}.txt").write_bytes(b"kept %d" % i)
+    await wait_until(lambda: len(b.tree()) == 3, "the files on b")
+    assert (b.dir / MARKER_FILE_NAME).is_file() and (a.dir / MARKER_FILE_NAME).is_file()
+    assert a.engine is not None and b.engine is not None
+    rb = b.engine.runners["docs"]
+    away = tmp_path / "unmounted"
+    os.rename(b.dir, away)  # the disk goes...
+    if how == "emptied":
+        b.dir.mkdir()  # ...and the mount point is an empty directory
+    want = "folder marker missing" if how == "emptied" else "folder path missing"
+    await wait_until(lambda: rb.state is FolderState.ERROR and want in rb.last_error,
+                     f"b's folder in error: {want}")
+    with pytest.raises(P2PError, match=want):
+        await rb.scan_now()  # `node folder rescan` says so too
+    checks = 0
+    real = rb.missing
+
+    def counted() -> str:
+        nonlocal checks
+        checks += 1
+        return real()
+    monkeypatch.setattr(rb, "missing", counted)
+    await wait_until(lambda: checks >= 3, "b looked at its folder again, still missing")
+    # nothing deleted anywhere: not in b's index, not announced, not on a
+    assert not any(i.deleted for i in rb.db.local().values())
+    ra = a.engine.runners["docs"]
+    assert not any(i.deleted for i in ra.db.remote_index(b.peer.key).values())
+    assert sorted(n for n in a.tree() if n.startswith("f")) == ["f0.txt", "f1.txt", "f2.txt"]
+    cfg_b = b.store.require("docs")
+    assert b.engine.status(cfg_b).state is FolderState.ERROR
+    if how == "emptied":
+        b.dir.rmdir()
+    os.rename(away, b.dir)  # mounted again
+    (a.dir / "after.txt").write_bytes(b"made while b's disk was away")
+    await wait_until(lambda: b.tree().get("after.txt") == b"made while b's disk was away",
+                     "b syncs again once its folder is back")
+    assert b.engine.status(cfg_b).state is not FolderState.ERROR and not rb.last_error
+    (b.dir / "from-b.txt").write_bytes(b"b's watcher works again")
+    await wait_until(lambda: a.tree().get("from-b.txt") == b"b's watcher works again",
+                     "an edit on b after the remount reaches a")
+    assert len([n for n in a.tree() if n.startswith("f")]) == 4
+
+
+async def test_a_folder_indexed_before_markers_gets_one_and_syncs(net: Net) -> None:
+    from node.folders.db import FolderDB
+
+    a, b = await pair(net)
+    (a.dir / "old.txt").write_bytes(b"indexed before markers existed")
+    await wait_until(lambda: b.tree().get("old.txt") == b"indexed before markers existed",
+                     "old.txt on b")
+    await b.stop()
+    (b.dir / MARKER_FILE_NAME).unlink()
+    db = FolderDB(b.home / "folder-docs.db")
+    db.set_meta("marker", 0)  # as an index made by a node without markers
+    db.close()
+    await b.start()
+    await wait_until(lambda: (b.dir / MARKER_FILE_NAME).is_file(), "the marker made")
+    (a.dir / "new.txt").write_bytes(b"new")
+    await wait_until(lambda: b.tree().get("new.txt") == b"new", "b still syncs")
+    assert b.tree().get("old.txt") == b"indexed before markers existed"
