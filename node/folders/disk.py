@@ -2,7 +2,8 @@
 
 * ``scan``: walk the folder (never following a symlink), compare with the
   local index, and return the new FileInfo of every name that changed (created,
-  edited, mode changed, deleted), each with our counter bumped. Unchanged size +
+  edited, touched or mode changed, deleted), each with our counter bumped (a
+  touch or chmod is a metadata-only version: same hash, new mtime/mode). Unchanged size +
   mtime + mode skips hashing. Symlinks whose target stays inside the folder are
   recorded as symlinks; others are skipped with one warning each.
 * ``archive``: move a file or symlink into ``.p2pfs-versions/<name>~<stamp>``
@@ -169,9 +170,11 @@ def scan(root: Path, local: dict[str, FileInfo], ignored: Callable[[str, bool], 
             if after.st_size != size or after.st_mtime_ns != mtime_ns:
                 continue  # still being written: the watcher's next event rescans it
             if (old is not None and not old.deleted and old.kind is FileKind.FILE
-                    and old.hash == digest and old.mode == s.mode):
-                # same bytes, new mtime (a touch): no new version, just remember it
-                out.append(replace(old, size=size, mtime_ns=mtime_ns))
+                    and old.hash == digest):
+                # same bytes, new mtime or mode (a touch, a chmod): a metadata-only
+                # version, which the others apply without fetching any content
+                out.append(replace(old, size=size, mtime_ns=mtime_ns, mode=s.mode,
+                                   version=bump(name), prev_hash=b"", modified_by=device))
                 continue
             out.append(FileInfo(name, FileKind.FILE, size, mtime_ns, s.mode, digest, False,
                                 bump(name), prev if prev != digest else b"", device))

@@ -211,7 +211,9 @@ def resolve(ours: FileInfo | None, theirs: FileInfo) -> Resolution:
         return Resolution.TAKE
     order = ours.version.compare(theirs.version)
     if order is Ordering.EQUAL:
-        return Resolution.KEEP if ours.same_metadata(theirs) else Resolution.ADOPT
+        # the same version: where only the metadata differs, ours is how this disk holds
+        # it (a mode masked as received files are, a coarser mtime), not a change to make
+        return Resolution.KEEP if ours.same_content(theirs) else Resolution.ADOPT
     if order is Ordering.GREATER:
         return Resolution.KEEP
     if ours.same_content(theirs):

@@ -40,9 +40,16 @@ def test_scan_records_creates_edits_touches_and_deletes(tmp_path: Path) -> None:
     assert local["inside"].kind is FileKind.SYMLINK and local["inside"].symlink_target == "d/f.txt"
     assert scan(tmp_path, local, clock)[1] == []  # nothing changed: nothing new
 
-    os.utime(tmp_path / "d" / "f.txt", (1, 1))  # a touch: remembered, no new version
+    os.utime(tmp_path / "d" / "f.txt", (1, 1))  # a touch: a metadata-only version
     local2, changes, clock = scan(tmp_path, local, clock)
-    assert [c.name for c in changes] == ["d/f.txt"] and changes[0].version == f.version
+    (touch,) = changes
+    assert touch.name == "d/f.txt" and touch.version.dominates(f.version)
+    assert touch.hash == f.hash and touch.mtime_ns == 1_000_000_000 and touch.mode == f.mode
+    os.chmod(tmp_path / "d" / "f.txt", 0o600)  # a chmod: the same
+    local2, changes, clock = scan(tmp_path, local2, clock)
+    (chmod,) = changes
+    assert chmod.version.dominates(touch.version) and chmod.hash == f.hash
+    assert chmod.mode == 0o600
     (tmp_path / "d" / "f.txt").write_bytes(b"two")
     local3, changes, clock = scan(tmp_path, local2, clock)
     (edit,) = changes

@@ -428,3 +428,32 @@ async def test_a_folder_indexed_before_markers_gets_one_and_syncs(net: Net) -> N
     (a.dir / "new.txt").write_bytes(b"new")
     await wait_until(lambda: b.tree().get("new.txt") == b"new", "b still syncs")
     assert b.tree().get("old.txt") == b"indexed before markers existed"
+
+
+async def test_a_touch_or_a_chmod_syncs_both_ways_without_fetching_content(net: Net) -> None:
+    import stat as stat_mod
+
+    a, b = await pair(net)
+    (a.dir / "f.txt").write_bytes(b"same bytes throughout")
+    await wait_until(lambda: b.tree().get("f.txt") == b"same bytes throughout", "f.txt on b")
+    fetched = len(net.fetched)
+    os.utime(a.dir / "f.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    await wait_until(lambda: os.stat(b.dir / "f.txt").st_mtime_ns == 1_600_000_000_123_456_789,
+                     "a's touch on b")
+    later = 1_700_000_000_000_000_000
+    os.utime(b.dir / "f.txt", ns=(later, later))  # and back the other way
+    await wait_until(lambda: os.stat(a.dir / "f.txt").st_mtime_ns == later, "b's touch on a")
+    os.chmod(a.dir / "f.txt", 0o6777)  # setuid, setgid, world-writable: masked on b
+    await wait_until(lambda: os.stat(b.dir / "f.txt").st_mode & 0o100, "the x bit on b")
+    mode_b = stat_mod.S_IMODE(os.stat(b.dir / "f.txt").st_mode)
+    assert mode_b & 0o7022 == 0, oct(mode_b)  # never group/world write, setuid/gid, sticky
+    assert len(net.fetched) == fetched  # metadata only: no content moved
+    assert a.tree() == b.tree()
+    # settled: the masked mode on b is no change to make or announce, round after round
+    assert a.engine is not None and b.engine is not None
+    rb = b.engine.runners["docs"]
+    seq = rb.db.meta("seq")
+    for _ in range(3):
+        await rb._sync_once()
+    assert rb.db.meta("seq") == seq
+    assert stat_mod.S_IMODE(os.stat(b.dir / "f.txt").st_mode) == mode_b
