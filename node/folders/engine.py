@@ -104,6 +104,10 @@ SCAN_DEBOUNCE_S = 0.2
 MAX_FETCH_BATCH = 1024  # files per fetch session (the transfer layer's MAX_FILES_PER_FETCH)
 PRUNE_EVERY_S = 3600.0
 SEND_TIMEOUT_S = 10.0
+# names one device's index may hold in one folder (deletions count: they stay recorded);
+# past it, changes for new names from that device are refused (each is at most
+# MAX_CHANGE_BYTES, its name at most MAX_PATH_BYTES, so this bounds the index's size)
+MAX_INDEX_ENTRIES_PER_DEVICE = 500_000
 ABSENT_RECHECK_S = 2.0  # a folder whose path or marker is missing: look again this often
 
 # (peer, fetch paths, where to stage, seeds) -> path -> staged file, or why not; seeds are
@@ -171,6 +175,8 @@ class FolderRunner:
         self._scanned = asyncio.Event()
         self.conflicts_seen = 0
         self.absent = ""  # why the folder is not there (path or marker missing), or ""
+        self.refused_entries = 0  # changes refused: their device's index was full
+        self._full: set[bytes] = set()  # devices whose full index was logged
 
     def _check_path(self) -> None:
         """An index made for another path (the folder removed and added elsewhere) would
@@ -636,6 +642,17 @@ class FolderRunner:
                 out.append(str(exc))
         return out
 
+    def index_full(self, origin: PeerId, refused: int) -> None:
+        """A device's index reached MAX_INDEX_ENTRIES_PER_DEVICE: say so once (log, the
+        folder's last error); its changes of names already known still count."""
+        self.refused_entries += refused
+        msg = (f"device {origin.short} announces more than {MAX_INDEX_ENTRIES_PER_DEVICE:,} "
+               f"files in this folder: {self.refused_entries:,} of its entries refused")
+        if origin.key not in self._full:
+            self._full.add(origin.key)
+            log.error("folder %s: %s", self.cfg.id, msg)
+        self.last_error = msg
+
     def _failed(self, f: Fetch, error: str) -> None:
         r = self._retries.get(f.name)
         if r is None or r.wanted != f.info.hash:
@@ -988,18 +1005,27 @@ class FolderSync:
         if msg.origin not in allowed:
             return  # not a (trusted) device of this folder for us: neither stored nor relayed
         fresh: list[FolderChange] = []
+        count = runner.db.remote_count(msg.origin)
+        refused = 0
         with runner.db.tx():
             for blob in msg.changes:
                 change = FolderChange.decode(blob)
                 if change.origin.key != msg.origin or change.folder != cfg.id:
                     raise ProtocolError("folders changes: a change of another origin or folder")
-                if runner.db.remote_seq(msg.origin, change.info.name) >= change.seq:
+                known = runner.db.remote_seq(msg.origin, change.info.name)
+                if known >= change.seq:
                     continue  # held already (a relay's copy) or older: not stored, so its
                     # signature (most of what a change costs) needs no check
+                if not known and count >= MAX_INDEX_ENTRIES_PER_DEVICE:
+                    refused += 1  # a new name past the cap: dropped, and (the mark moving
+                    continue  # on below) not asked for again
                 if runner.db.put_remote(change.verify()):
                     fresh.append(change)
+                    count += 0 if known else 1
             if not msg.live and msg.since <= runner.db.mark(msg.origin) < msg.upto:
                 runner.db.set_mark(msg.origin, msg.upto)
+        if refused:
+            runner.index_full(PeerId(msg.origin), refused)
         if fresh:
             runner.poke()
             await self.push(cfg, fresh, exclude=link.peer)

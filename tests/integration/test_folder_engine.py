@@ -457,3 +457,56 @@ async def test_a_touch_or_a_chmod_syncs_both_ways_without_fetching_content(net: 
         await rb._sync_once()
     assert rb.db.meta("seq") == seq
     assert stat_mod.S_IMODE(os.stat(b.dir / "f.txt").st_mode) == mode_b
+
+
+async def test_a_trusted_device_announcing_too_many_files_is_capped_and_stays_connected(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake peer (a trusted device of the folder, no engine of its own) floods b."""
+    import blake3
+
+    from node.folders.model import FileInfo, FileKind
+    from node.folders.protocol import Changes, FolderChange, Hello
+    from node.folders.vector import Vector, device_key
+    from node.wire import decode_message
+
+    cap = 10
+    monkeypatch.setattr(engine_mod, "MAX_INDEX_ENTRIES_PER_DEVICE", cap)
+    a, b = net.add("a"), net.add("b")
+    b.add_folder("docs", [a])
+    await b.start()
+    assert b.engine is not None
+    rb = b.engine.runners["docs"]
+    mine, theirs = channel_pair(a.peer, b.peer)
+    mine.peer, theirs.peer = b.peer, a.peer
+    served = asyncio.ensure_future(b.engine.handle_channel(theirs))
+    dev = device_key(a.peer)
+
+    def change(seq: int, name: str) -> bytes:
+        info = FileInfo(name, FileKind.FILE, 1, 1_000_000_000, 0o644,
+                        blake3.blake3(b"%d" % seq).digest(), False, Vector.of([(dev, seq)]),
+                        b"", dev)
+        return FolderChange.create(a.identity, folder="docs", seq=seq, wall_ms=1,
+                                   info=info).encoded
+
+    await mine.send(Hello(("docs",)).encode())
+    await mine.send(Changes("docs", a.peer.key, 8, 0, False,
+                            tuple(change(s, f"f{s}") for s in range(1, 9))).encode())
+    await mine.send(Changes("docs", a.peer.key, 16, 8, False,
+                            tuple(change(s, f"f{s}") for s in range(9, 17))).encode())
+    await mine.send(Changes("docs", a.peer.key, 17, 16, True, (change(17, "f1"),)).encode())
+    await wait_until(lambda: rb.db.remote_seq(a.peer.key, "f1") == 17,
+                     "a known name's change is still taken past the cap")
+    assert len(rb.db.remote_index(a.peer.key)) == cap
+    assert rb.db.mark(a.peer.key) == 16  # what was refused is not asked for again
+    assert f"announces more than {cap}" in b.engine.status(b.store.require("docs")).last_error
+    assert "6 of its entries refused" in rb.last_error
+    # the channel is alive: a file made on b now is announced to the fake peer
+    (b.dir / "after.txt").write_bytes(b"made on b after the flood")
+    while True:
+        msg = decode_message(await asyncio.wait_for(mine.recv(), DEADLINE_S))
+        if isinstance(msg, Changes) and msg.origin == b.peer.key:
+            break
+    assert [FolderChange.decode(c).info.name for c in msg.changes] == ["after.txt"]
+    assert not served.done()
+    await mine.close()
+    await asyncio.wait_for(served, DEADLINE_S)
