@@ -177,6 +177,7 @@ class FolderRunner:
         self.absent = ""  # why the folder is not there (path or marker missing), or ""
         self.refused_entries = 0  # changes refused: their device's index was full
         self._full: set[bytes] = set()  # devices whose full index was logged
+        self.index_error = ""
 
     def _check_path(self) -> None:
         """An index made for another path (the folder removed and added elsewhere) would
@@ -651,6 +652,7 @@ class FolderRunner:
         if origin.key not in self._full:
             self._full.add(origin.key)
             log.error("folder %s: %s", self.cfg.id, msg)
+        self.index_error = msg  # kept in the status: a fetch error must not hide it
         self.last_error = msg
 
     def _failed(self, f: Fetch, error: str) -> None:
@@ -682,7 +684,9 @@ class FolderRunner:
             locally_changed=len(p.locally_changed) + len(p.out_of_sync),
             locally_changed_names=tuple(sorted((*p.locally_changed, *p.out_of_sync))
                                         [:STATUS_NAMES_MAX]),
-            last_error=self.last_error, last_scan_unix=self.last_scan_unix)
+            last_error="; ".join(dict.fromkeys(e for e in (self.index_error, self.last_error)
+                                               if e)),
+            last_scan_unix=self.last_scan_unix)
 
     async def override(self) -> int:
         if self.cfg.mode is not FolderMode.SEND_ONLY:
@@ -948,8 +952,9 @@ class FolderSync:
                 await _close_quietly(channel)
 
     async def _hello(self, link: _Link) -> None:
-        ids = tuple(c.id for c in self._shared_with(link.peer))
-        await self._send(link, Hello(ids).encode())
+        shared = self._shared_with(link.peer)
+        await self._send(link, Hello(tuple(c.id for c in shared),
+                                     tuple(c.label for c in shared)).encode())
 
     async def _digests(self, link: _Link) -> None:
         for cfg in self._shared_with(link.peer):
@@ -967,7 +972,8 @@ class FolderSync:
                 cfg = self.store.get(fid)
                 if (cfg is None or not cfg.shared_with(link.peer)) and fid not in link.offered:
                     link.offered.add(fid)
-                    self.notify(FolderOffered(peer_id=str(link.peer), folder_id=fid))
+                    self.notify(FolderOffered(peer_id=str(link.peer), folder_id=fid,
+                                              label=msg.label_of(fid)))
             if link.theirs != before:
                 await self._digests(link)
         elif isinstance(msg, Digest):

@@ -316,13 +316,16 @@ async def test_fetch_from_another_device_when_the_origin_is_offline(net: Net) ->
 
 async def test_unknown_folder_from_a_trusted_peer_is_offered_never_synced(net: Net) -> None:
     a, b = net.add("a"), net.add("b")
-    a.add_folder("photos", [b])
+    a.add_folder("photos", [b], label="Family \x1b[2J photos")
     await a.start()
     await b.start()
     (a.dir / "p.jpg").write_bytes(b"jpeg")
     await wait_until(lambda: any(isinstance(n, FolderOffered) and n.folder_id == "photos"
                                  for n in b.notes), "folder_offered on b")
     assert b.tree() == {}
+    (offer,) = [n for n in b.notes if isinstance(n, FolderOffered)]
+    assert offer.label == "Family \x1b[2J photos"  # the offering device's label...
+    assert "'Family ?[2J photos'" in offer.render()  # ...shown without its escapes
 
 
 async def test_a_folder_added_again_elsewhere_deletes_nothing(net: Net, tmp_path: Path) -> None:
@@ -499,7 +502,7 @@ async def test_a_trusted_device_announcing_too_many_files_is_capped_and_stays_co
     assert len(rb.db.remote_index(a.peer.key)) == cap
     assert rb.db.mark(a.peer.key) == 16  # what was refused is not asked for again
     assert f"announces more than {cap}" in b.engine.status(b.store.require("docs")).last_error
-    assert "6 of its entries refused" in rb.last_error
+    assert "6 of its entries refused" in rb.index_error
     # the channel is alive: a file made on b now is announced to the fake peer
     (b.dir / "after.txt").write_bytes(b"made on b after the flood")
     while True:

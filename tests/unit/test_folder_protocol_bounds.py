@@ -66,3 +66,18 @@ def test_a_batch_is_bounded_in_count_and_in_each_change_s_bytes() -> None:
     fat = Changes("docs", A.peer_id.key, 1, 0, False, (b"\x00" * (MAX_CHANGE_BYTES + 1),))
     with pytest.raises(ProtocolError, match="at most"):
         decode_message(fat.encode(), expect=(Changes,))
+
+
+def test_hello_carries_a_bounded_label_per_folder() -> None:
+    from node.folders.config import MAX_LABEL_LEN
+    from node.folders.protocol import Hello
+
+    hello = Hello(("docs", "photos"), ("", "Family photos"))
+    got = decode_message(hello.encode(), expect=(Hello,))
+    assert got == hello and got.label_of("photos") == "Family photos"
+    assert got.label_of("docs") == "" and got.label_of("other") == ""
+    assert decode_message(Hello(("docs",)).encode(), expect=(Hello,)).label_of("docs") == ""
+    for bad, words in ((Hello(("docs",), ("a", "b")), "one label per folder"),
+                       (Hello(("docs",), ("x" * (MAX_LABEL_LEN + 1),)), "at most")):
+        with pytest.raises(ProtocolError, match=words):
+            decode_message(bad.encode(), expect=(Hello,))
