@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,7 +84,7 @@ from node.notifications import (
     FolderOffered,
     Notice,
 )
-from node.pathrules import PathBlocked, resolve_under, safe_relpath
+from node.pathrules import resolve_under, safe_relpath
 from node.transfer.store import current_umask
 from node.wire import Message, decode_message
 
@@ -1075,31 +1076,32 @@ class FolderSync:
 
     def resolve_fetch(self, peer: PeerId, rel: str) -> tuple[Path, Path] | None:
         """A peer fetches `.folders/<id>/<name>`: (root, file) when the folder is agreed
-        with it and the name is a file we hold; None otherwise."""
+        with it and the name is a regular file we hold, reached through no symlink; None
+        otherwise. Called once per file of every fetch we serve: string work and one
+        lstat per component (no pathlib objects on the way)."""
+        if not isinstance(rel, str) or not rel.startswith(FETCH_PREFIX + "/"):
+            return None
         try:
-            parts = safe_relpath(rel).parts
+            safe_relpath(rel)  # memoized
         except ProtocolError:
             return None
-        if len(parts) < 3 or parts[0] != FETCH_PREFIX:
+        pieces = rel.split("/", 2)
+        if len(pieces) < 3:
             return None
         link = self._links.get(peer)
-        cfg = self._agreed(link, parts[1]) if link is not None else None
+        cfg = self._agreed(link, pieces[1]) if link is not None else None
         if cfg is None:
             return None
-        name = PurePosixPath(*parts[2:]).as_posix()
+        name = pieces[2]
         if self.runners[cfg.id].ignore(name):
             return None
-        try:
-            target = resolve_under(cfg.path, PurePosixPath(*parts[2:]))
-        except (PathBlocked, P2PError, OSError):
-            return None
-        if not target.is_file() or target.is_symlink():
+        if not _regular_file_under(str(cfg.path), name):
             return None
         # the transfer layer names a file by its path under the root it is given: serve it
         # through <home>/folder-links/.folders/<id> (a symlink to the folder) so the name
         # is exactly what was asked for
         link_root = self.links_root
-        return link_root, link_root.joinpath(*parts)
+        return link_root, Path(f"{link_root}/{rel}")
 
     @property
     def links_root(self) -> Path:
@@ -1115,6 +1117,23 @@ class FolderSync:
                 return
             os.unlink(link)
         os.symlink(cfg.path, link)
+
+
+def _regular_file_under(root: str, name: str) -> bool:
+    """`root/name` (a checked relative name) is a regular file, and every component above
+    it a real directory: no symlink anywhere below `root` (as pathrules.resolve_under)."""
+    current = root
+    parts = name.split("/")
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        current = f"{current}/{part}"
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            return False
+        if not (stat.S_ISREG(mode) if i == last else stat.S_ISDIR(mode)):
+            return False  # a symlink, or something else in the way
+    return True
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:

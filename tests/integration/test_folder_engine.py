@@ -513,3 +513,33 @@ async def test_a_trusted_device_announcing_too_many_files_is_capped_and_stays_co
     assert not served.done()
     await mine.close()
     await asyncio.wait_for(served, DEADLINE_S)
+
+
+async def test_a_peer_fetches_only_regular_files_of_an_agreed_folder_through_no_symlink(
+        net: Net, tmp_path: Path) -> None:
+    a, b = await pair(net)
+    (a.dir / "sub").mkdir()
+    (a.dir / "sub" / "ok.txt").write_bytes(b"ok")
+    (a.dir / "top.txt").write_bytes(b"top")
+    (a.dir / "x.swp").write_bytes(b"ignored")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret")
+    os.symlink(outside, a.dir / "via")  # a directory symlink leading out
+    os.symlink("top.txt", a.dir / "link.txt")
+    await wait_until(lambda: b.tree().get("sub/ok.txt") == b"ok", "a's files on b")
+    assert a.engine is not None
+    hit = a.engine.resolve_fetch(b.peer, ".folders/docs/sub/ok.txt")
+    assert hit is not None and hit[1].read_bytes() == b"ok"
+    assert hit[1] == hit[0] / ".folders" / "docs" / "sub" / "ok.txt"
+    stranger = Identity.generate("stranger").peer_id
+    for peer, rel in ((b.peer, ".folders/docs/via/secret.txt"),  # through a symlink
+                      (b.peer, ".folders/docs/link.txt"),  # a symlink itself
+                      (b.peer, ".folders/docs/sub"),  # a directory
+                      (b.peer, ".folders/docs/x.swp"),  # ignored
+                      (b.peer, ".folders/docs/missing.txt"),
+                      (b.peer, ".folders/docs/sub/../top.txt"),  # not a clean name
+                      (b.peer, ".folders/other/top.txt"),  # not an agreed folder
+                      (b.peer, "docs/top.txt"),  # not a folder fetch
+                      (stranger, ".folders/docs/top.txt")):  # not a device of it
+        assert a.engine.resolve_fetch(peer, rel) is None, rel
