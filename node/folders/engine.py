@@ -360,7 +360,7 @@ class FolderRunner:
             log.info("folder %s: %d file(s) changed locally, kept and not sent (receive-only)",
                      self.cfg.id, len(newly_changed))
             self.sync.notify(FolderLocallyChanged(
-                folder=self.cfg.id, paths=tuple(sorted(newly_changed)[:MAX_PATHS]),
+                folder=self.cfg.id, paths=_some_names(newly_changed),
                 count=len(self.db.changed_names())))
         self._scanned.set()
         self.state = FolderState.IDLE
@@ -1117,6 +1117,22 @@ class FolderSync:
                 return
             os.unlink(link)
         os.symlink(cfg.path, link)
+
+
+NOTICE_NAMES_BYTES_MAX = 4096  # a notification is stored whole (the event log's row cap)
+
+
+def _some_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The first names (sorted) that fit one notification: at most MAX_PATHS of them and
+    NOTICE_NAMES_BYTES_MAX bytes in all (a name is up to 4 KB); the count says the rest."""
+    out: list[str] = []
+    used = 0
+    for name in sorted(names)[:MAX_PATHS]:
+        used += len(name.encode("utf-8", "surrogatepass"))
+        if used > NOTICE_NAMES_BYTES_MAX and out:
+            break
+        out.append(name if used <= NOTICE_NAMES_BYTES_MAX else name[:256])
+    return tuple(out)
 
 
 def _regular_file_under(root: str, name: str) -> bool:

@@ -63,3 +63,20 @@ def test_locally_changed_renders_peer_text_safely_and_bounds_its_paths() -> None
     too_many = {"folder": "docs", "paths": ["p"] * (MAX_PATHS + 1), "count": 1}
     with pytest.raises(ProtocolError):
         decode(FolderLocallyChanged.KIND, too_many)
+
+
+def test_locally_changed_names_fit_one_stored_notification(tmp_path: Path) -> None:
+    from node.folders.engine import _some_names
+    from node.notifications import MAX_PATHS, FolderLocallyChanged
+
+    long_names = [("d" * 200 + "/") * 15 + f"f{i}" for i in range(100)]  # ~3 KB each
+    short = _some_names([f"n{i:03d}" for i in range(100)])
+    assert len(short) == MAX_PATHS and short[0] == "n000"
+    log = EventLog(tmp_path / "events.db")
+    try:
+        for names in (long_names, [long_names[0] * 2]):
+            picked = _some_names(names)
+            assert picked and len(picked) < len(names) or len(names) == 1
+            log.emit(FolderLocallyChanged("docs", picked, len(names)))  # not too large
+    finally:
+        log.close()
