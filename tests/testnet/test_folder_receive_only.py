@@ -134,3 +134,25 @@ def test_a_local_edit_is_reported_never_sent_and_revert_restores_the_global_vers
     net.wait_until(lambda: pair.status("B")["status"]["locally_changed"] == 0,
                    SPREAD_TIMEOUT_S, POLL_S, what="nothing locally changed after revert")
     assert pair.holds("A", "report.txt", global_data)
+
+
+def test_an_offer_carries_the_offering_device_s_label(pair: Pair) -> None:
+    """Issue 11 item 1: a folder B has not added becomes a folder_offered notification on
+    B, with A's label of it (added on the running A; nothing syncs)."""
+    net = pair.net
+    photos = pair.root / "data" / "A" / "photos"
+    photos.mkdir()
+    (photos / "p.jpg").write_bytes(b"jpeg")
+    net.cli("A", "folder", "add", str(photos), "--id", "photos", "--peer", net.peer_id("B"),
+            "--label", "Family photos")
+
+    def offered() -> list[dict[str, Any]]:
+        return [e for e in pair.events("B", "folder_offered")
+                if e["data"].get("folder_id") == "photos"]
+    net.wait_until(offered, SPREAD_TIMEOUT_S, POLL_S, what="folder_offered on B")
+    (note,) = offered()
+    assert note["data"]["label"] == "Family photos"
+    assert note["data"]["peer_id"] == net.peer_id("A")
+    human = net.cli("B", "events", "--since", "0", json=False).stdout
+    assert "offers folder photos ('Family photos')" in human
+    assert not (pair.root / "data" / "B" / "photos").exists()
