@@ -295,10 +295,20 @@ def status_lines(row: dict[str, Any]) -> list[str]:
         f"  global           {st['global_files']} files, {_size(st['global_bytes'])}",
         f"  need             {st['need_files']} files, {_size(st['need_bytes'])}",
         f"  conflicts        {st['conflicts']}",
-        f"  locally changed  {st['locally_changed']}",
+        f"  locally changed  {st['locally_changed']}" + _names(st),
         f"  last error       {st['last_error'] or '-'}",
     ]
     return lines
+
+
+def _names(st: dict[str, Any], shown: int = 5) -> str:
+    # names come from the disk and from peers: control characters are shown as '?'
+    names = ["".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in str(n))
+             for n in st.get("locally_changed_names") or []]
+    if not names:
+        return ""
+    more = st["locally_changed"] - min(shown, len(names))
+    return f" ({', '.join(names[:shown])}{f' and {more} more' if more > 0 else ''})"
 
 
 @folder_app.command("status")

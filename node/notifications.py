@@ -427,9 +427,40 @@ class FolderConflict:
                 f"{self.copy}{by}")
 
 
+@dataclass(frozen=True, slots=True)
+class FolderLocallyChanged:
+    """Files of a receive-only folder were edited here: kept, reported, never sent (`node
+    folder revert ID` restores the global version, the edit kept in the versions folder)."""
+
+    KIND: ClassVar[str] = "locally_changed"
+    local: ClassVar[bool] = True  # about edits made on this node: it names no peer
+    folder: str
+    paths: tuple[str, ...]  # the names newly changed (at most MAX_PATHS)
+    count: int = 0  # how many names are locally changed in all
+
+    def encode(self) -> dict[str, Any]:
+        return {"folder": self.folder, "paths": list(self.paths[:MAX_PATHS]),
+                "count": self.count}
+
+    @classmethod
+    def decode(cls, data: Mapping[str, Any]) -> FolderLocallyChanged:
+        return cls(folder=_str(data, "folder"), paths=_paths(data), count=_int(data, "count"))
+
+    def peers(self) -> tuple[str, ...]:
+        return ()
+
+    def render(self, labels: Labels | None = None) -> str:
+        shown = ", ".join(_printable(p) for p in self.paths[:5])
+        more = f" and {len(self.paths) - 5} more" if len(self.paths) > 5 else ""
+        return (f"locally changed in receive-only folder {self.folder}: {shown}{more} "
+                f"({self.count} in all; not sent; node folder revert {self.folder} restores "
+                "the global version)")
+
+
 KINDS: dict[str, Any] = {cls.KIND: cls for cls in (
     FileShared, FileUpdated, FileDeleted, FileMoved, FileReceived, TransferFailed,
-    PeerJoined, PeerLeft, EventRejected, FolderOffered, FolderConflict)}
+    PeerJoined, PeerLeft, EventRejected, FolderOffered, FolderConflict,
+    FolderLocallyChanged)}
 NOTIFICATION_KINDS = tuple(KINDS)
 
 

@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                 next_kill = now + args.kill_every
             node = rnd.choice(names)
             folder = folders[node]
-            existing = sorted(p for p in folder.iterdir() if p.is_file())
+            # the user's files: never the folder's marker (.p2pfs-folder) or other dot files
+            existing = sorted(p for p in folder.iterdir()
+                              if p.is_file() and not p.name.startswith("."))
             op = rnd.choice(["create", "edit", "edit", "delete", "rename"]) if existing \
                 else "create"
             counter += 1

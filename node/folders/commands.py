@@ -33,6 +33,7 @@ from node.folders.config import (
     FolderStore,
     check_folder_id,
 )
+from node.folders.disk import write_marker
 from node.folders.status import FolderHost, FolderState, FolderStatus
 from node.identity import PeerId
 from node.statefiles import check_shared_root
@@ -215,6 +216,11 @@ def add_folder(store: FolderStore, ctx: FolderContext, args: dict[str, Any]) -> 
                        mode=parse_mode(args.get("mode")), label=check_label(args.get("label")))
     _config_error(lambda: store.put(cfg))  # refuses a folder overlapping another
     _save(store)
+    try:  # "this is the folder": without it a non-empty index means an unmounted disk
+        write_marker(cfg.path, cfg.id)
+    except OSError as exc:
+        log.warning("folder %s: cannot create its marker in %s (%s); the node makes it when "
+                    "it first syncs the folder", cfg.id, cfg.path, exc)
     return cfg
 
 

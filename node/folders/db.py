@@ -161,6 +161,10 @@ class FolderDB:
         self._load_remote().setdefault(key, {})[change.info.name] = (change.seq, change.info)
         return True
 
+    def remote_count(self, origin: bytes) -> int:
+        """How many names `origin`'s index holds (deletions included)."""
+        return len(self._load_remote().get(origin, {}))
+
     def remotes(self) -> dict[bytes, dict[str, FileInfo]]:
         """Every origin's index (copies: the caller may change them)."""
         return {origin: {name: info for name, (_seq, info) in index.items()}

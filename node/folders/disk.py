@@ -2,7 +2,8 @@
 
 * ``scan``: walk the folder (never following a symlink), compare with the
   local index, and return the new FileInfo of every name that changed (created,
-  edited, mode changed, deleted), each with our counter bumped. Unchanged size +
+  edited, touched or mode changed, deleted), each with our counter bumped (a
+  touch or chmod is a metadata-only version: same hash, new mtime/mode). Unchanged size +
   mtime + mode skips hashing. Symlinks whose target stays inside the folder are
   recorded as symlinks; others are skipped with one warning each.
 * ``archive``: move a file or symlink into ``.p2pfs-versions/<name>~<stamp>``
@@ -15,6 +16,11 @@
 * ``prune_versions``: keep at most N versions per file and none older than D days.
 * ``untouched``: the disk still holds what the local index says (so an edit
   made since the last scan is never overwritten; the next scan records it).
+* ``write_marker`` / ``has_marker``: the ``.p2pfs-folder`` file in the folder's
+  root, made when the folder is added (or first synced). A folder whose index
+  knows files but whose marker is gone is an unmounted disk or a path replaced
+  by an empty directory: the driver then scans and syncs nothing (scanning it
+  would announce every file as deleted), like Syncthing's ``.stfolder``.
 
 Every path goes through node.pathrules (``resolve_under``/``ensure_dirs``).
 Imports node.pathrules, node.fileindex, node.transfer.store (mode masking) and
@@ -24,6 +30,7 @@ the folder model.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import logging
 import os
 import posixpath
@@ -37,6 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from node.errors import ProtocolError
 from node.fileindex import hash_file
+from node.folders.ignore import MARKER_FILE_NAME
 from node.folders.model import MODE_MASK, FileInfo, FileKind
 from node.folders.vector import Vector
 from node.pathrules import VERSIONS_DIR_NAME, PathBlocked, ensure_dirs, resolve_under, safe_relpath
@@ -162,9 +170,11 @@ def scan(root: Path, local: dict[str, FileInfo], ignored: Callable[[str, bool], 
             if after.st_size != size or after.st_mtime_ns != mtime_ns:
                 continue  # still being written: the watcher's next event rescans it
             if (old is not None and not old.deleted and old.kind is FileKind.FILE
-                    and old.hash == digest and old.mode == s.mode):
-                # same bytes, new mtime (a touch): no new version, just remember it
-                out.append(replace(old, size=size, mtime_ns=mtime_ns))
+                    and old.hash == digest):
+                # same bytes, new mtime or mode (a touch, a chmod): a metadata-only
+                # version, which the others apply without fetching any content
+                out.append(replace(old, size=size, mtime_ns=mtime_ns, mode=s.mode,
+                                   version=bump(name), prev_hash=b"", modified_by=device))
                 continue
             out.append(FileInfo(name, FileKind.FILE, size, mtime_ns, s.mode, digest, False,
                                 bump(name), prev if prev != digest else b"", device))
@@ -208,6 +218,32 @@ def untouched(root: Path, name: str, info: FileInfo | None) -> bool:
     if info.kind is FileKind.DIR:
         return stat.S_ISDIR(st.st_mode)
     return stat.S_ISLNK(st.st_mode)
+
+
+MARKER_TEXT = ("This folder is synced by p2pfs (folder id {id}). Keep this file: without it "
+               "the node takes the folder for an unmounted disk and syncs nothing.\n")
+
+
+def has_marker(root: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(root / MARKER_FILE_NAME).st_mode)
+    except OSError:
+        return False
+
+
+def write_marker(root: Path, folder_id: str) -> None:
+    """Create the folder marker (kept if there); OSError when the folder is not writable."""
+    if has_marker(root):
+        return
+    tmp = root / f".{MARKER_FILE_NAME}.{os.urandom(4).hex()}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(MARKER_TEXT.format(id=folder_id))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / MARKER_FILE_NAME)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def versions_root(root: Path) -> Path:

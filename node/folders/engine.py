@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,7 @@ from node.fileindex import hash_file
 from node.folders import disk
 from node.folders.config import FolderConfig, FolderConfigError, FolderMode, FolderStore
 from node.folders.db import FolderDB
-from node.folders.ignore import IgnoreRules
+from node.folders.ignore import MARKER_FILE_NAME, IgnoreRules
 from node.folders.model import FileInfo, FileKind
 from node.folders.planner import (
     Adopt,
@@ -72,11 +73,18 @@ from node.folders.protocol import (
     FolderChange,
     Hello,
 )
-from node.folders.status import FolderState, FolderStatus
+from node.folders.status import STATUS_NAMES_MAX, FolderState, FolderStatus
 from node.folders.vector import Vector, device_key
 from node.identity import Identity, PeerId
-from node.notifications import FileReceived, FolderConflict, FolderOffered, Notice
-from node.pathrules import PathBlocked, resolve_under, safe_relpath
+from node.notifications import (
+    MAX_PATHS,
+    FileReceived,
+    FolderConflict,
+    FolderLocallyChanged,
+    FolderOffered,
+    Notice,
+)
+from node.pathrules import resolve_under, safe_relpath
 from node.transfer.store import current_umask
 from node.wire import Message, decode_message
 
@@ -97,6 +105,11 @@ SCAN_DEBOUNCE_S = 0.2
 MAX_FETCH_BATCH = 1024  # files per fetch session (the transfer layer's MAX_FILES_PER_FETCH)
 PRUNE_EVERY_S = 3600.0
 SEND_TIMEOUT_S = 10.0
+# names one device's index may hold in one folder (deletions count: they stay recorded);
+# past it, changes for new names from that device are refused (each is at most
+# MAX_CHANGE_BYTES, its name at most MAX_PATH_BYTES, so this bounds the index's size)
+MAX_INDEX_ENTRIES_PER_DEVICE = 500_000
+ABSENT_RECHECK_S = 2.0  # a folder whose path or marker is missing: look again this often
 
 # (peer, fetch paths, where to stage, seeds) -> path -> staged file, or why not; seeds are
 # local files (the old versions) whose chunks the transfer may reuse instead of fetching
@@ -162,6 +175,10 @@ class FolderRunner:
         self._next_prune_at = 0.0
         self._scanned = asyncio.Event()
         self.conflicts_seen = 0
+        self.absent = ""  # why the folder is not there (path or marker missing), or ""
+        self.refused_entries = 0  # changes refused: their device's index was full
+        self._full: set[bytes] = set()  # devices whose full index was logged
+        self.index_error = ""
 
     def _check_path(self) -> None:
         """An index made for another path (the folder removed and added elsewhere) would
@@ -170,20 +187,42 @@ class FolderRunner:
         if self.db.meta("path_tag") not in (0, tag):
             log.info("folder %s moved to %s: indexing it afresh", self.cfg.id, self.cfg.path)
             self.db.clear_local()
+            self.db.set_meta("marker", 0)
         self.db.set_meta("path_tag", tag)
+
+    def missing(self) -> str:
+        """Why the folder cannot be scanned or synced now, or "" when it can.
+
+        The index knows files but the path is gone, or its marker is (an unmounted disk,
+        a path replaced by an empty directory): a scan would announce every file as
+        deleted, so nothing is scanned, applied or announced until it is back. A folder
+        that knows no files yet (or indexed before markers existed) gets its marker."""
+        root = self.cfg.path
+        if not root.is_dir():
+            return (f"folder path missing: {root} does not exist (an unmounted disk?); "
+                    "nothing is synced until it is back")
+        if disk.has_marker(root):
+            if not self.db.meta("marker"):
+                self.db.set_meta("marker", 1)
+            return ""
+        knows_files = any(not i.deleted for i in self.db.local().values())
+        if not knows_files or not self.db.meta("marker"):
+            try:
+                disk.write_marker(root, self.cfg.id)
+            except OSError as exc:
+                if knows_files:
+                    return f"cannot create the folder marker in {root}: {exc}"
+                return ""  # nothing to lose: sync on, the marker made once it can be
+            self.db.set_meta("marker", 1)
+            return ""
+        return (f"folder marker missing: {root / MARKER_FILE_NAME} is gone while the index "
+                "knows files (an unmounted disk, or an emptied folder?); nothing is synced "
+                "until it is back (to start over on purpose, remove and add the folder)")
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
-        from node.watcher import TreeWatcher
-
         if not self.cfg.paused:
-            try:
-                self._watcher = TreeWatcher(self.cfg.path, self.poke_scan,
-                                            ignore=lambda rel: rel.split("/", 1)[0]
-                                            == disk.VERSIONS_DIR_NAME)
-                await self._watcher.start()
-            except P2PError as exc:
-                self._error(str(exc))
+            await self._start_watcher()
         self._task = asyncio.create_task(self._run(), name=f"folder-{self.cfg.id}")
 
     async def stop(self) -> None:
@@ -216,6 +255,16 @@ class FolderRunner:
                 continue
             now = time.monotonic()
             try:
+                why = self.missing()
+                if why:
+                    self.absent = why
+                    self._error(why)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), ABSENT_RECHECK_S)
+                    self._wake.clear()
+                    continue
+                if self.absent:
+                    await self._back()
                 if self._scan_due or now >= self._next_scan_at:
                     await self.scan_now()
                 await self._sync_once()
@@ -239,6 +288,32 @@ class FolderRunner:
             self._wake.clear()
             await asyncio.sleep(SCAN_DEBOUNCE_S if self._scan_due else 0)
 
+    async def _back(self) -> None:
+        """The folder's path and marker are there again: watch the folder anew (the old
+        watch may be on the directory that was mounted over) and scan it."""
+        log.info("folder %s: %s is back; syncing again", self.cfg.id, self.cfg.path)
+        if self.last_error == self.absent:
+            self.last_error = ""
+        self.absent = ""
+        self.state = FolderState.IDLE
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        await self._start_watcher()
+        self._scan_due = True
+
+    async def _start_watcher(self) -> None:
+        from node.watcher import TreeWatcher
+
+        try:
+            self._watcher = TreeWatcher(self.cfg.path, self.poke_scan,
+                                        ignore=lambda rel: rel.split("/", 1)[0]
+                                        == disk.VERSIONS_DIR_NAME)
+            await self._watcher.start()
+        except P2PError as exc:
+            self._watcher = None
+            self._error(str(exc))
+
     def _next_wait(self) -> float:
         now = time.monotonic()
         deadline = self._next_scan_at
@@ -251,8 +326,9 @@ class FolderRunner:
         """Scan the folder, store and announce what changed; returns how many changes."""
         self._scan_due = False
         self._next_scan_at = time.monotonic() + self.cfg.rescan_interval_s
-        if not self.cfg.path.is_dir():
-            raise P2PError(f"the folder path {self.cfg.path} does not exist")
+        why = self.missing()
+        if why:
+            raise P2PError(why)
         self.state = FolderState.SCANNING
         self.ignore.reload()
         local = self.db.local()
@@ -262,6 +338,7 @@ class FolderRunner:
         self.last_scan_unix = time.time()
         receive_only = self.cfg.mode is FolderMode.RECEIVE_ONLY
         announce: list[FileInfo] = []
+        newly_changed: list[str] = []
         with self.db.tx():
             self.db.set_meta("clock", clock)
             for info in changes:
@@ -272,11 +349,19 @@ class FolderRunner:
                 if receive_only:
                     # kept as ours, not announced: its version stays the one we had
                     base = replace(info, version=old.version) if old is not None else info
+                    if not self.db.is_changed(info.name):
+                        newly_changed.append(info.name)
                     self.db.put_local(base, changed=True)
                     continue
                 self.db.put_local(info)
                 announce.append(info)
         await self.announce(announce)
+        if newly_changed:
+            log.info("folder %s: %d file(s) changed locally, kept and not sent (receive-only)",
+                     self.cfg.id, len(newly_changed))
+            self.sync.notify(FolderLocallyChanged(
+                folder=self.cfg.id, paths=_some_names(newly_changed),
+                count=len(self.db.changed_names())))
         self._scanned.set()
         self.state = FolderState.IDLE
         if changes:
@@ -559,6 +644,18 @@ class FolderRunner:
                 out.append(str(exc))
         return out
 
+    def index_full(self, origin: PeerId, refused: int) -> None:
+        """A device's index reached MAX_INDEX_ENTRIES_PER_DEVICE: say so once (log, the
+        folder's last error); its changes of names already known still count."""
+        self.refused_entries += refused
+        msg = (f"device {origin.short} announces more than {MAX_INDEX_ENTRIES_PER_DEVICE:,} "
+               f"files in this folder: {self.refused_entries:,} of its entries refused")
+        if origin.key not in self._full:
+            self._full.add(origin.key)
+            log.error("folder %s: %s", self.cfg.id, msg)
+        self.index_error = msg  # kept in the status: a fetch error must not hide it
+        self.last_error = msg
+
     def _failed(self, f: Fetch, error: str) -> None:
         r = self._retries.get(f.name)
         if r is None or r.wanted != f.info.hash:
@@ -586,7 +683,11 @@ class FolderRunner:
             need_bytes=p.need_bytes,
             conflicts=sum(1 for i in held if ".sync-conflict-" in PurePosixPath(i.name).name),
             locally_changed=len(p.locally_changed) + len(p.out_of_sync),
-            last_error=self.last_error, last_scan_unix=self.last_scan_unix)
+            locally_changed_names=tuple(sorted((*p.locally_changed, *p.out_of_sync))
+                                        [:STATUS_NAMES_MAX]),
+            last_error="; ".join(dict.fromkeys(e for e in (self.index_error, self.last_error)
+                                               if e)),
+            last_scan_unix=self.last_scan_unix)
 
     async def override(self) -> int:
         if self.cfg.mode is not FolderMode.SEND_ONLY:
@@ -852,8 +953,9 @@ class FolderSync:
                 await _close_quietly(channel)
 
     async def _hello(self, link: _Link) -> None:
-        ids = tuple(c.id for c in self._shared_with(link.peer))
-        await self._send(link, Hello(ids).encode())
+        shared = self._shared_with(link.peer)
+        await self._send(link, Hello(tuple(c.id for c in shared),
+                                     tuple(c.label for c in shared)).encode())
 
     async def _digests(self, link: _Link) -> None:
         for cfg in self._shared_with(link.peer):
@@ -871,7 +973,8 @@ class FolderSync:
                 cfg = self.store.get(fid)
                 if (cfg is None or not cfg.shared_with(link.peer)) and fid not in link.offered:
                     link.offered.add(fid)
-                    self.notify(FolderOffered(peer_id=str(link.peer), folder_id=fid))
+                    self.notify(FolderOffered(peer_id=str(link.peer), folder_id=fid,
+                                              label=msg.label_of(fid)))
             if link.theirs != before:
                 await self._digests(link)
         elif isinstance(msg, Digest):
@@ -909,18 +1012,27 @@ class FolderSync:
         if msg.origin not in allowed:
             return  # not a (trusted) device of this folder for us: neither stored nor relayed
         fresh: list[FolderChange] = []
+        count = runner.db.remote_count(msg.origin)
+        refused = 0
         with runner.db.tx():
             for blob in msg.changes:
                 change = FolderChange.decode(blob)
                 if change.origin.key != msg.origin or change.folder != cfg.id:
                     raise ProtocolError("folders changes: a change of another origin or folder")
-                if runner.db.remote_seq(msg.origin, change.info.name) >= change.seq:
+                known = runner.db.remote_seq(msg.origin, change.info.name)
+                if known >= change.seq:
                     continue  # held already (a relay's copy) or older: not stored, so its
                     # signature (most of what a change costs) needs no check
+                if not known and count >= MAX_INDEX_ENTRIES_PER_DEVICE:
+                    refused += 1  # a new name past the cap: dropped, and (the mark moving
+                    continue  # on below) not asked for again
                 if runner.db.put_remote(change.verify()):
                     fresh.append(change)
+                    count += 0 if known else 1
             if not msg.live and msg.since <= runner.db.mark(msg.origin) < msg.upto:
                 runner.db.set_mark(msg.origin, msg.upto)
+        if refused:
+            runner.index_full(PeerId(msg.origin), refused)
         if fresh:
             runner.poke()
             await self.push(cfg, fresh, exclude=link.peer)
@@ -964,31 +1076,32 @@ class FolderSync:
 
     def resolve_fetch(self, peer: PeerId, rel: str) -> tuple[Path, Path] | None:
         """A peer fetches `.folders/<id>/<name>`: (root, file) when the folder is agreed
-        with it and the name is a file we hold; None otherwise."""
+        with it and the name is a regular file we hold, reached through no symlink; None
+        otherwise. Called once per file of every fetch we serve: string work and one
+        lstat per component (no pathlib objects on the way)."""
+        if not isinstance(rel, str) or not rel.startswith(FETCH_PREFIX + "/"):
+            return None
         try:
-            parts = safe_relpath(rel).parts
+            safe_relpath(rel)  # memoized
         except ProtocolError:
             return None
-        if len(parts) < 3 or parts[0] != FETCH_PREFIX:
+        pieces = rel.split("/", 2)
+        if len(pieces) < 3:
             return None
         link = self._links.get(peer)
-        cfg = self._agreed(link, parts[1]) if link is not None else None
+        cfg = self._agreed(link, pieces[1]) if link is not None else None
         if cfg is None:
             return None
-        name = PurePosixPath(*parts[2:]).as_posix()
+        name = pieces[2]
         if self.runners[cfg.id].ignore(name):
             return None
-        try:
-            target = resolve_under(cfg.path, PurePosixPath(*parts[2:]))
-        except (PathBlocked, P2PError, OSError):
-            return None
-        if not target.is_file() or target.is_symlink():
+        if not _regular_file_under(str(cfg.path), name):
             return None
         # the transfer layer names a file by its path under the root it is given: serve it
         # through <home>/folder-links/.folders/<id> (a symlink to the folder) so the name
         # is exactly what was asked for
         link_root = self.links_root
-        return link_root, link_root.joinpath(*parts)
+        return link_root, Path(f"{link_root}/{rel}")
 
     @property
     def links_root(self) -> Path:
@@ -1004,6 +1117,39 @@ class FolderSync:
                 return
             os.unlink(link)
         os.symlink(cfg.path, link)
+
+
+NOTICE_NAMES_BYTES_MAX = 4096  # a notification is stored whole (the event log's row cap)
+
+
+def _some_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The first names (sorted) that fit one notification: at most MAX_PATHS of them and
+    NOTICE_NAMES_BYTES_MAX bytes in all (a name is up to 4 KB); the count says the rest."""
+    out: list[str] = []
+    used = 0
+    for name in sorted(names)[:MAX_PATHS]:
+        used += len(name.encode("utf-8", "surrogatepass"))
+        if used > NOTICE_NAMES_BYTES_MAX and out:
+            break
+        out.append(name if used <= NOTICE_NAMES_BYTES_MAX else name[:256])
+    return tuple(out)
+
+
+def _regular_file_under(root: str, name: str) -> bool:
+    """`root/name` (a checked relative name) is a regular file, and every component above
+    it a real directory: no symlink anywhere below `root` (as pathrules.resolve_under)."""
+    current = root
+    parts = name.split("/")
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        current = f"{current}/{part}"
+        try:
+            mode = os.lstat(current).st_mode
+        except OSError:
+            return False
+        if not (stat.S_ISREG(mode) if i == last else stat.S_ISDIR(mode)):
+            return False  # a symlink, or something else in the way
+    return True
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:

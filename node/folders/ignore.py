@@ -31,8 +31,11 @@ from node.statefiles import is_state_name
 log = logging.getLogger(__name__)
 
 IGNORE_FILE_NAME = ".p2pfsignore"
+# in a folder's root: "this is the folder" (node/folders/disk.py); never synced
+MARKER_FILE_NAME = ".p2pfs-folder"
 MAX_IGNORE_FILE_BYTES = 256 << 10
 RELOAD_CHECK_S = 1.0
+MEMO_ENTRIES_MAX = 200_000  # answers remembered until the rules change (then forgotten)
 DEFAULT_PATTERNS = (
     "*.swp", "*.swx", "*~", ".#*", "4913", "*.tmp", ".DS_Store", "Thumbs.db", "~$*",
     "*.p2pfs-part", "*.p2pfs-state", "*.p2pfs-index*", ".p2pfs-versions/",
@@ -57,6 +60,9 @@ class IgnoreRules:
         self._checked_at = float("-inf")
         self._user = _spec(lines or [])
         self.patterns: tuple[str, ...] = tuple(lines or ())
+        # (rel, is_dir) -> answer: the scanner, every sync round's plan and every file a
+        # peer fetches ask about the same names again and again
+        self._memo: dict[tuple[str, bool], bool] = {}
         if root is not None and lines is None:
             self.reload()
 
@@ -94,6 +100,7 @@ class IgnoreRules:
             spec, lines = _spec([]), []
         changed = tuple(lines) != self.patterns
         self._user, self.patterns = spec, tuple(lines)
+        self._memo = {}
         return changed
 
     def _now(self) -> float:
@@ -104,14 +111,24 @@ class IgnoreRules:
             self.reload()
 
     def __call__(self, rel: str, is_dir: bool = False) -> bool:
+        self._maybe_reload()
+        key = (rel, is_dir)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._decide(rel, is_dir)
+            if len(self._memo) >= MEMO_ENTRIES_MAX:
+                self._memo = {}
+            self._memo[key] = hit
+        return hit
+
+    def _decide(self, rel: str, is_dir: bool) -> bool:
         parts = PurePosixPath(rel).parts
         if not parts:
             return True
-        if rel == IGNORE_FILE_NAME or any(is_internal_name(p) for p in parts) or is_state_name(
-                parts[-1]):
+        if (rel in (IGNORE_FILE_NAME, MARKER_FILE_NAME)
+                or any(is_internal_name(p) for p in parts) or is_state_name(parts[-1])):
             return True
         probe = rel + "/" if is_dir else rel
         if _DEFAULTS.match_file(probe):
             return True
-        self._maybe_reload()
         return bool(self._user.match_file(probe))

@@ -195,8 +195,14 @@ def pick_global(candidates: list[FileInfo]) -> FileInfo:
     """
     if not candidates:
         raise ValueError("no candidates")
-    alive = [c for c in candidates
-             if not any(o.version.dominates(c.version) for o in candidates)]
+    if len(candidates) == 1:
+        return candidates[0]
+    first = candidates[0].version.counters
+    if all(c.version.counters == first for c in candidates):
+        alive = list(candidates)  # one version everywhere: nothing dominates (the usual case)
+    else:
+        alive = [c for c in candidates
+                 if not any(o.version.dominates(c.version) for o in candidates)]
     alive.sort(key=conflict_key, reverse=True)
     best = alive[0]
     for c in alive[1:]:
@@ -211,7 +217,9 @@ def resolve(ours: FileInfo | None, theirs: FileInfo) -> Resolution:
         return Resolution.TAKE
     order = ours.version.compare(theirs.version)
     if order is Ordering.EQUAL:
-        return Resolution.KEEP if ours.same_metadata(theirs) else Resolution.ADOPT
+        # the same version: where only the metadata differs, ours is how this disk holds
+        # it (a mode masked as received files are, a coarser mtime), not a change to make
+        return Resolution.KEEP if ours.same_content(theirs) else Resolution.ADOPT
     if order is Ordering.GREATER:
         return Resolution.KEEP
     if ours.same_content(theirs):

@@ -9,9 +9,10 @@ same name are superseded), which is that origin's index.
 
 The channel (service "folders", one per pair of peers, either side opens it):
 
-* ``Hello(folders)``: the ids of the folders the sender shares with the
-  receiver. Only ids both sides list for each other flow; an id from a trusted
-  peer that we do not share with it becomes a ``folder_offered`` notification.
+* ``Hello(folders, labels)``: the ids of the folders the sender shares with the
+  receiver, and its label of each. Only ids both sides list for each other flow;
+  an id from a trusted peer that we do not share with it becomes a
+  ``folder_offered`` notification carrying the offering device's label.
 * ``Digest(folder, marks)``: per origin, the sender's complete mark (it holds
   every change of that origin up to that seq). The receiver answers with
   ``Changes(folder, origin, upto, changes)``: every change it holds of that
@@ -32,7 +33,7 @@ from functools import cached_property
 from typing import Any
 
 from node.errors import IdentityError, ProtocolError
-from node.folders.config import FOLDER_ID_RE, MAX_FOLDERS
+from node.folders.config import FOLDER_ID_RE, MAX_FOLDERS, MAX_LABEL_LEN
 from node.folders.model import FileInfo
 from node.identity import Identity, PeerId
 from node.wire import Message, bound, message, packb, unpackb
@@ -43,6 +44,7 @@ CHANGES_BATCH_MAX = 256
 DIGEST_ORIGINS_MAX = 256
 MAX_SEQ = 2**63 - 1
 SIGNATURE_LEN_BYTES = 64
+MAX_LABEL_BYTES = 4 * MAX_LABEL_LEN
 
 
 def check_folder_id(folder: object) -> str:
@@ -119,13 +121,29 @@ def _check_blobs(items: tuple[Any, ...], what: str) -> None:
             raise ProtocolError(f"{what}: each change is at most {MAX_CHANGE_BYTES} bytes")
 
 
-@message("folders.hello")
+@message("folders.hello", version=2)
 class Hello(Message):
     folders: tuple[str, ...] = field(metadata=bound(max_len=MAX_FOLDERS))
+    # the sender's label of each folder, in the same order ("" for none): shown with a
+    # folder_offered notification; peer text, bounded here, made printable where shown
+    labels: tuple[str, ...] = field(default=(), metadata=bound(max_len=MAX_FOLDERS))
 
     def validate(self) -> None:
         for f in self.folders:
             check_folder_id(f)
+        if self.labels and len(self.labels) != len(self.folders):
+            raise ProtocolError("folders hello: one label per folder, or none")
+        for label in self.labels:
+            if not isinstance(label, str) or len(label) > MAX_LABEL_LEN or len(
+                    label.encode("utf-8", "surrogatepass")) > MAX_LABEL_BYTES:
+                raise ProtocolError(f"folders hello: a label is at most {MAX_LABEL_LEN} "
+                                    "characters")
+
+    def label_of(self, folder: str) -> str:
+        for f, label in zip(self.folders, self.labels, strict=False):
+            if f == folder:
+                return label
+        return ""
 
 
 @message("folders.digest")

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from node.folders.config import FolderConfig
 
+STATUS_NAMES_MAX = 100  # names listed in a status (the counts cover all of them)
+
 
 class FolderState(enum.Enum):
     IDLE = "idle"
@@ -34,6 +36,8 @@ class FolderStatus:
     need_bytes: int = 0
     conflicts: int = 0
     locally_changed: int = 0  # receive-only: local edits not sent out
+    # the first STATUS_NAMES_MAX of them (send-only: the remote versions not applied)
+    locally_changed_names: tuple[str, ...] = ()
     last_error: str = ""
     last_scan_unix: float = 0.0
 
@@ -48,6 +52,7 @@ class FolderStatus:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = self.state.value
+        d["locally_changed_names"] = list(self.locally_changed_names)
         d["completion_pct"] = self.completion_pct
         return d
 

@@ -40,9 +40,16 @@ def test_scan_records_creates_edits_touches_and_deletes(tmp_path: Path) -> None:
     assert local["inside"].kind is FileKind.SYMLINK and local["inside"].symlink_target == "d/f.txt"
     assert scan(tmp_path, local, clock)[1] == []  # nothing changed: nothing new
 
-    os.utime(tmp_path / "d" / "f.txt", (1, 1))  # a touch: remembered, no new version
+    os.utime(tmp_path / "d" / "f.txt", (1, 1))  # a touch: a metadata-only version
     local2, changes, clock = scan(tmp_path, local, clock)
-    assert [c.name for c in changes] == ["d/f.txt"] and changes[0].version == f.version
+    (touch,) = changes
+    assert touch.name == "d/f.txt" and touch.version.dominates(f.version)
+    assert touch.hash == f.hash and touch.mtime_ns == 1_000_000_000 and touch.mode == f.mode
+    os.chmod(tmp_path / "d" / "f.txt", 0o600)  # a chmod: the same
+    local2, changes, clock = scan(tmp_path, local2, clock)
+    (chmod,) = changes
+    assert chmod.version.dominates(touch.version) and chmod.hash == f.hash
+    assert chmod.mode == 0o600
     (tmp_path / "d" / "f.txt").write_bytes(b"two")
     local3, changes, clock = scan(tmp_path, local2, clock)
     (edit,) = changes
@@ -118,3 +125,19 @@ def test_untouched_sees_edits_and_files_made_since_the_scan(tmp_path: Path) -> N
     assert not disk.untouched(tmp_path, "new.txt", None)  # recorded first, never versioned
     (tmp_path / "a.txt").write_bytes(b"edited after the scan")
     assert not disk.untouched(tmp_path, "a.txt", local["a.txt"])
+
+
+def test_the_marker_is_written_once_and_never_scanned(tmp_path: Path) -> None:
+    from node.folders.ignore import MARKER_FILE_NAME, IgnoreRules
+
+    assert not disk.has_marker(tmp_path)
+    disk.write_marker(tmp_path, "docs")
+    disk.write_marker(tmp_path, "other")  # kept as it is
+    assert disk.has_marker(tmp_path)
+    assert "folder id docs" in (tmp_path / MARKER_FILE_NAME).read_text()
+    assert sorted(os.listdir(tmp_path)) == [MARKER_FILE_NAME]  # no temporary left
+    changes, _clock = disk.scan(tmp_path, {}, IgnoreRules(tmp_path), device="d" * 16, clock=0)
+    assert changes == []
+    (tmp_path / MARKER_FILE_NAME).unlink()
+    (tmp_path / MARKER_FILE_NAME).mkdir()  # a directory of that name is no marker
+    assert not disk.has_marker(tmp_path)

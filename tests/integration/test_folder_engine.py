@@ -17,10 +17,10 @@ from node.errors import P2PError, PeerUnreachable
 from node.folders import engine as engine_mod
 from node.folders.config import FolderConfig, FolderMode, FolderStore
 from node.folders.engine import FolderSync
-from node.folders.ignore import IGNORE_FILE_NAME
+from node.folders.ignore import IGNORE_FILE_NAME, MARKER_FILE_NAME
 from node.identity import Identity, PeerId
 from node.memory_channel import channel_pair
-from node.notifications import FolderConflict, FolderOffered
+from node.notifications import FolderConflict, FolderLocallyChanged, FolderOffered
 
 DEADLINE_S = 10.0
 
@@ -111,7 +111,7 @@ class Device:
             for f in filenames:
                 p = Path(dirpath) / f
                 rel = p.relative_to(self.dir).as_posix()
-                if rel == IGNORE_FILE_NAME:
+                if rel in (IGNORE_FILE_NAME, MARKER_FILE_NAME):
                     continue
                 out[rel] = "->" + os.readlink(p) if p.is_symlink() else p.read_bytes()
         return out
@@ -270,6 +270,9 @@ async def test_receive_only_local_edit_reported_then_reverted(net: Net) -> None:
     cfg_b = b.store.require("docs")
     await wait_until(lambda: b.engine.status(cfg_b).locally_changed == 1,  # type: ignore
                      "the local edit reported")
+    assert b.engine.status(cfg_b).locally_changed_names == ("f.txt",)
+    (note,) = [n for n in b.notes if isinstance(n, FolderLocallyChanged)]
+    assert note.folder == "docs" and note.paths == ("f.txt",) and note.count == 1
     await asyncio.sleep(0.3)
     assert a.tree()["f.txt"] == b"global"  # never sent
     assert await b.engine.revert("docs") == 1
@@ -313,13 +316,16 @@ async def test_fetch_from_another_device_when_the_origin_is_offline(net: Net) ->
 
 async def test_unknown_folder_from_a_trusted_peer_is_offered_never_synced(net: Net) -> None:
     a, b = net.add("a"), net.add("b")
-    a.add_folder("photos", [b])
+    a.add_folder("photos", [b], label="Family \x1b[2J photos")
     await a.start()
     await b.start()
     (a.dir / "p.jpg").write_bytes(b"jpeg")
     await wait_until(lambda: any(isinstance(n, FolderOffered) and n.folder_id == "photos"
                                  for n in b.notes), "folder_offered on b")
     assert b.tree() == {}
+    (offer,) = [n for n in b.notes if isinstance(n, FolderOffered)]
+    assert offer.label == "Family \x1b[2J photos"  # the offering device's label...
+    assert "'Family ?[2J photos'" in offer.render()  # ...shown without its escapes
 
 
 async def test_a_folder_added_again_elsewhere_deletes_nothing(net: Net, tmp_path: Path) -> None:
@@ -355,3 +361,185 @@ async def test_a_change_recorded_but_never_announced_goes_out_next_round(net: Ne
     await b.start()
     await wait_until(lambda: b.tree().get("quiet.txt") == b"recorded, not announced",
                      "the recorded change on b")
+
+
+@pytest.mark.parametrize("how", ["emptied", "gone"])
+async def test_an_unmounted_folder_announces_no_deletions_and_syncs_again_when_back(
+        net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    from node.folders.status import FolderState
+
+    monkeypatch.setattr(engine_mod, "ABSENT_RECHECK_S", 0.05)
+    a, b = await pair(net)
+    for i in range(3):
+        (a.dir / f"f{i}.txt").write_bytes(b"kept %d" % i)
+    await wait_until(lambda: len(b.tree()) == 3, "the files on b")
+    assert (b.dir / MARKER_FILE_NAME).is_file() and (a.dir / MARKER_FILE_NAME).is_file()
+    assert a.engine is not None and b.engine is not None
+    rb = b.engine.runners["docs"]
+    away = tmp_path / "unmounted"
+    os.rename(b.dir, away)  # the disk goes...
+    if how == "emptied":
+        b.dir.mkdir()  # ...and the mount point is an empty directory
+    want = "folder marker missing" if how == "emptied" else "folder path missing"
+    await wait_until(lambda: rb.state is FolderState.ERROR and want in rb.last_error,
+                     f"b's folder in error: {want}")
+    with pytest.raises(P2PError, match=want):
+        await rb.scan_now()  # `node folder rescan` says so too
+    checks = 0
+    real = rb.missing
+
+    def counted() -> str:
+        nonlocal checks
+        checks += 1
+        return real()
+    monkeypatch.setattr(rb, "missing", counted)
+    await wait_until(lambda: checks >= 3, "b looked at its folder again, still missing")
+    # nothing deleted anywhere: not in b's index, not announced, not on a
+    assert not any(i.deleted for i in rb.db.local().values())
+    ra = a.engine.runners["docs"]
+    assert not any(i.deleted for i in ra.db.remote_index(b.peer.key).values())
+    assert sorted(n for n in a.tree() if n.startswith("f")) == ["f0.txt", "f1.txt", "f2.txt"]
+    cfg_b = b.store.require("docs")
+    assert b.engine.status(cfg_b).state is FolderState.ERROR
+    if how == "emptied":
+        b.dir.rmdir()
+    os.rename(away, b.dir)  # mounted again
+    (a.dir / "after.txt").write_bytes(b"made while b's disk was away")
+    await wait_until(lambda: b.tree().get("after.txt") == b"made while b's disk was away",
+                     "b syncs again once its folder is back")
+    assert b.engine.status(cfg_b).state is not FolderState.ERROR and not rb.last_error
+    (b.dir / "from-b.txt").write_bytes(b"b's watcher works again")
+    await wait_until(lambda: a.tree().get("from-b.txt") == b"b's watcher works again",
+                     "an edit on b after the remount reaches a")
+    assert len([n for n in a.tree() if n.startswith("f")]) == 4
+
+
+async def test_a_folder_indexed_before_markers_gets_one_and_syncs(net: Net) -> None:
+    from node.folders.db import FolderDB
+
+    a, b = await pair(net)
+    (a.dir / "old.txt").write_bytes(b"indexed before markers existed")
+    await wait_until(lambda: b.tree().get("old.txt") == b"indexed before markers existed",
+                     "old.txt on b")
+    await b.stop()
+    (b.dir / MARKER_FILE_NAME).unlink()
+    db = FolderDB(b.home / "folder-docs.db")
+    db.set_meta("marker", 0)  # as an index made by a node without markers
+    db.close()
+    await b.start()
+    await wait_until(lambda: (b.dir / MARKER_FILE_NAME).is_file(), "the marker made")
+    (a.dir / "new.txt").write_bytes(b"new")
+    await wait_until(lambda: b.tree().get("new.txt") == b"new", "b still syncs")
+    assert b.tree().get("old.txt") == b"indexed before markers existed"
+
+
+async def test_a_touch_or_a_chmod_syncs_both_ways_without_fetching_content(net: Net) -> None:
+    import stat as stat_mod
+
+    a, b = await pair(net)
+    (a.dir / "f.txt").write_bytes(b"same bytes throughout")
+    await wait_until(lambda: b.tree().get("f.txt") == b"same bytes throughout", "f.txt on b")
+    fetched = len(net.fetched)
+    os.utime(a.dir / "f.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    await wait_until(lambda: os.stat(b.dir / "f.txt").st_mtime_ns == 1_600_000_000_123_456_789,
+                     "a's touch on b")
+    later = 1_700_000_000_000_000_000
+    os.utime(b.dir / "f.txt", ns=(later, later))  # and back the other way
+    await wait_until(lambda: os.stat(a.dir / "f.txt").st_mtime_ns == later, "b's touch on a")
+    os.chmod(a.dir / "f.txt", 0o6777)  # setuid, setgid, world-writable: masked on b
+    await wait_until(lambda: os.stat(b.dir / "f.txt").st_mode & 0o100, "the x bit on b")
+    mode_b = stat_mod.S_IMODE(os.stat(b.dir / "f.txt").st_mode)
+    assert mode_b & 0o7022 == 0, oct(mode_b)  # never group/world write, setuid/gid, sticky
+    assert len(net.fetched) == fetched  # metadata only: no content moved
+    assert a.tree() == b.tree()
+    # settled: the masked mode on b is no change to make or announce, round after round
+    assert a.engine is not None and b.engine is not None
+    rb = b.engine.runners["docs"]
+    seq = rb.db.meta("seq")
+    for _ in range(3):
+        await rb._sync_once()
+    assert rb.db.meta("seq") == seq
+    assert stat_mod.S_IMODE(os.stat(b.dir / "f.txt").st_mode) == mode_b
+
+
+async def test_a_trusted_device_announcing_too_many_files_is_capped_and_stays_connected(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake peer (a trusted device of the folder, no engine of its own) floods b."""
+    import blake3
+
+    from node.folders.model import FileInfo, FileKind
+    from node.folders.protocol import Changes, FolderChange, Hello
+    from node.folders.vector import Vector, device_key
+    from node.wire import decode_message
+
+    cap = 10
+    monkeypatch.setattr(engine_mod, "MAX_INDEX_ENTRIES_PER_DEVICE", cap)
+    a, b = net.add("a"), net.add("b")
+    b.add_folder("docs", [a])
+    await b.start()
+    assert b.engine is not None
+    rb = b.engine.runners["docs"]
+    mine, theirs = channel_pair(a.peer, b.peer)
+    mine.peer, theirs.peer = b.peer, a.peer
+    served = asyncio.ensure_future(b.engine.handle_channel(theirs))
+    dev = device_key(a.peer)
+
+    def change(seq: int, name: str) -> bytes:
+        info = FileInfo(name, FileKind.FILE, 1, 1_000_000_000, 0o644,
+                        blake3.blake3(b"%d" % seq).digest(), False, Vector.of([(dev, seq)]),
+                        b"", dev)
+        return FolderChange.create(a.identity, folder="docs", seq=seq, wall_ms=1,
+                                   info=info).encoded
+
+    await mine.send(Hello(("docs",)).encode())
+    await mine.send(Changes("docs", a.peer.key, 8, 0, False,
+                            tuple(change(s, f"f{s}") for s in range(1, 9))).encode())
+    await mine.send(Changes("docs", a.peer.key, 16, 8, False,
+                            tuple(change(s, f"f{s}") for s in range(9, 17))).encode())
+    await mine.send(Changes("docs", a.peer.key, 17, 16, True, (change(17, "f1"),)).encode())
+    await wait_until(lambda: rb.db.remote_seq(a.peer.key, "f1") == 17,
+                     "a known name's change is still taken past the cap")
+    assert len(rb.db.remote_index(a.peer.key)) == cap
+    assert rb.db.mark(a.peer.key) == 16  # what was refused is not asked for again
+    assert f"announces more than {cap}" in b.engine.status(b.store.require("docs")).last_error
+    assert "6 of its entries refused" in rb.index_error
+    # the channel is alive: a file made on b now is announced to the fake peer
+    (b.dir / "after.txt").write_bytes(b"made on b after the flood")
+    while True:
+        msg = decode_message(await asyncio.wait_for(mine.recv(), DEADLINE_S))
+        if isinstance(msg, Changes) and msg.origin == b.peer.key:
+            break
+    assert [FolderChange.decode(c).info.name for c in msg.changes] == ["after.txt"]
+    assert not served.done()
+    await mine.close()
+    await asyncio.wait_for(served, DEADLINE_S)
+
+
+async def test_a_peer_fetches_only_regular_files_of_an_agreed_folder_through_no_symlink(
+        net: Net, tmp_path: Path) -> None:
+    a, b = await pair(net)
+    (a.dir / "sub").mkdir()
+    (a.dir / "sub" / "ok.txt").write_bytes(b"ok")
+    (a.dir / "top.txt").write_bytes(b"top")
+    (a.dir / "x.swp").write_bytes(b"ignored")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret")
+    os.symlink(outside, a.dir / "via")  # a directory symlink leading out
+    os.symlink("top.txt", a.dir / "link.txt")
+    await wait_until(lambda: b.tree().get("sub/ok.txt") == b"ok", "a's files on b")
+    assert a.engine is not None
+    hit = a.engine.resolve_fetch(b.peer, ".folders/docs/sub/ok.txt")
+    assert hit is not None and hit[1].read_bytes() == b"ok"
+    assert hit[1] == hit[0] / ".folders" / "docs" / "sub" / "ok.txt"
+    stranger = Identity.generate("stranger").peer_id
+    for peer, rel in ((b.peer, ".folders/docs/via/secret.txt"),  # through a symlink
+                      (b.peer, ".folders/docs/link.txt"),  # a symlink itself
+                      (b.peer, ".folders/docs/sub"),  # a directory
+                      (b.peer, ".folders/docs/x.swp"),  # ignored
+                      (b.peer, ".folders/docs/missing.txt"),
+                      (b.peer, ".folders/docs/sub/../top.txt"),  # not a clean name
+                      (b.peer, ".folders/other/top.txt"),  # not an agreed folder
+                      (b.peer, "docs/top.txt"),  # not a folder fetch
+                      (stranger, ".folders/docs/top.txt")):  # not a device of it
+        assert a.engine.resolve_fetch(peer, rel) is None, rel

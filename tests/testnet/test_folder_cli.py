@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 ROW_KEYS = {"id", "path", "peers", "mode", "label", "paused", "rescan_interval_s",
             "versions_keep_days", "versions_keep_count", "peer_labels", "status"}
 STATUS_KEYS = {"id", "state", "local_files", "local_bytes", "global_files", "global_bytes",
-               "need_files", "need_bytes", "conflicts", "locally_changed", "last_error",
+               "need_files", "need_bytes", "conflicts", "locally_changed", "locally_changed_names",
+               "last_error",
                "last_scan_unix", "completion_pct", "source"}
 
 

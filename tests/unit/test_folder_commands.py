@@ -31,7 +31,8 @@ from node.trust import resolve_peer
 ROW_KEYS = {"id", "path", "peers", "mode", "label", "paused", "rescan_interval_s",
             "versions_keep_days", "versions_keep_count", "peer_labels", "status"}
 STATUS_KEYS = {"id", "state", "local_files", "local_bytes", "global_files", "global_bytes",
-               "need_files", "need_bytes", "conflicts", "locally_changed", "last_error",
+               "need_files", "need_bytes", "conflicts", "locally_changed", "locally_changed_names",
+               "last_error",
                "last_scan_unix", "completion_pct", "source"}
 
 
@@ -129,6 +130,8 @@ async def test_add_saves_a_private_file_resolves_the_path_and_tells_the_engine(
     assert [f["id"] for f in node.saved()["folders"]] == ["photos"]
     assert row["status"]["source"] == STATUS_SOURCE_ENGINE
     assert row["status"]["conflicts"] == 2 and row["status"]["completion_pct"] == 75.0
+    # the marker that tells this folder from an unmounted disk (node/folders/disk.py)
+    assert "folder id photos" in (real / ".p2pfs-folder").read_text()
 
 
 @pytest.mark.parametrize("args, error, words", [
@@ -152,6 +155,7 @@ async def test_add_refuses_bad_input_and_changes_nothing(
         await node.call("folder_add", **full)
     assert words in str(caught.value)
     assert not (node.home / "folders.json").exists()
+    assert not (tmp_path / "docs" / ".p2pfs-folder").exists()
     assert node.engine is not None and node.engine.calls == []
 
 

@@ -51,3 +51,11 @@ def test_file_reloads_when_it_changes(tmp_path: Path) -> None:
 def test_oversized_file_is_refused_not_half_read(tmp_path: Path) -> None:
     (tmp_path / IGNORE_FILE_NAME).write_text("*.bin\n" + "#" * (300 << 10))
     assert not IgnoreRules(tmp_path)("a.bin")
+
+
+def test_the_folder_marker_is_never_synced_but_only_at_the_root() -> None:
+    from node.folders.ignore import MARKER_FILE_NAME
+
+    rules = IgnoreRules(lines=[])
+    assert rules(MARKER_FILE_NAME)  # neither scanned, announced, fetched nor served
+    assert not rules(f"sub/{MARKER_FILE_NAME}")  # a nested folder's marker is a file

@@ -194,6 +194,21 @@ def test_plan_metadata_only_change() -> None:
     assert plan({"f": ours}, {A: {"f": theirs}}).actions == (SetMeta("f", theirs),)
 
 
+def test_the_same_version_held_with_masked_metadata_needs_nothing() -> None:
+    # a group-writable 0o664 file is held as 0o644 here (received modes are masked): with
+    # the same version that is no change to apply, or every round would chmod it again
+    theirs = FileInfo(**{**{s: getattr(fi("f", "x", {A: 2}), s) for s in FileInfo.__slots__},
+                         "mode": 0o664})
+    ours = FileInfo(**{**{s: getattr(theirs, s) for s in FileInfo.__slots__}, "mode": 0o644})
+    assert resolve(ours, theirs) is Resolution.KEEP
+    assert plan({"f": ours}, {A: {"f": theirs}}).actions == ()
+    # a disk keeping whole seconds holds an older mtime: theirs is then the global
+    # version (the newer mtime), and setting its mtime again would never stick
+    fine = FileInfo(**{**{s: getattr(ours, s) for s in FileInfo.__slots__},
+                       "mtime_ns": ours.mtime_ns + 123_456_789})
+    assert plan({"f": ours}, {A: {"f": fine}}).actions == ()
+
+
 def test_plan_send_only_records_but_does_not_apply() -> None:
     ours = fi("f", "mine", {B: 1}, by=B)
     theirs = fi("f", "theirs", {B: 1, A: 1})

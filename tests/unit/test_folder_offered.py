@@ -51,3 +51,32 @@ def test_stored_in_the_event_log_and_shown_by_node_events(tmp_path: Path) -> Non
         log.close()
     assert "folder_offered" in line
     assert "carol offers folder docs; to sync it: node folder add PATH --id docs" in line
+
+
+def test_locally_changed_renders_peer_text_safely_and_bounds_its_paths() -> None:
+    from node.notifications import MAX_PATHS, FolderLocallyChanged
+
+    note = FolderLocallyChanged("docs", ("x\x1b[2Jy.txt",) + tuple(f"f{i}" for i in range(9)), 10)
+    text = render(note.KIND, note.encode())
+    assert "\x1b" not in text and "x?[2Jy.txt" in text and "and 5 more" in text
+    assert "node folder revert docs" in text
+    too_many = {"folder": "docs", "paths": ["p"] * (MAX_PATHS + 1), "count": 1}
+    with pytest.raises(ProtocolError):
+        decode(FolderLocallyChanged.KIND, too_many)
+
+
+def test_locally_changed_names_fit_one_stored_notification(tmp_path: Path) -> None:
+    from node.folders.engine import _some_names
+    from node.notifications import MAX_PATHS, FolderLocallyChanged
+
+    long_names = [("d" * 200 + "/") * 15 + f"f{i}" for i in range(100)]  # ~3 KB each
+    short = _some_names([f"n{i:03d}" for i in range(100)])
+    assert len(short) == MAX_PATHS and short[0] == "n000"
+    log = EventLog(tmp_path / "events.db")
+    try:
+        for names in (long_names, [long_names[0] * 2]):
+            picked = _some_names(names)
+            assert picked and len(picked) < len(names) or len(names) == 1
+            log.emit(FolderLocallyChanged("docs", picked, len(names)))  # not too large
+    finally:
+        log.close()

@@ -17,6 +17,7 @@ from node.notifications import (
     FileShared,
     FileUpdated,
     FolderConflict,
+    FolderLocallyChanged,
     FolderOffered,
     PeerJoined,
     PeerLeft,
@@ -50,6 +51,7 @@ SAMPLES = [
     EventRejected("not msgpack", via=BID),
     FolderOffered(AID, "photos", "Family photos"),
     FolderConflict("docs", "a.txt", "a.sync-conflict-20260101-120000-ABCDEFG.txt", AID),
+    FolderLocallyChanged("docs", ("a.txt", "sub/b.txt"), 3),
 ]
 
 
