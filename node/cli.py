@@ -882,9 +882,9 @@ def events(
     as_json: JsonOpt = False,
 ) -> None:
     """Stream notifications: file shared/updated/deleted/moved/received, transfer failed,
-    peer joined/left, event rejected, folder offered. Use --since with the last id you saw
-    to miss nothing; when output was cut, stderr says so and gives the --since of the next
-    page."""
+    peer joined/left, event rejected, folder offered, locally changed, conflict. Use
+    --since with the last id you saw to miss nothing; when output was cut, stderr says so
+    and gives the --since of the next page."""
 
     def on_event(ev: dict[str, Any]) -> None:
         if as_json:
