@@ -120,20 +120,40 @@ def _print_error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+
+
+def _json_error(kind: str, message: str, exit_code: int) -> None:
+    """With --json, a failure is a JSON object on stdout too (one line, after any event
+    lines), so a script that parses stdout gets the cause and the code, not nothing."""
+    sys.stdout.write(json.dumps({"error": {"type": kind, "message": message,
+                                           "exit_code": exit_code}}) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(kind: str, message: str, exit_code: int, as_json: bool) -> typer.Exit:
+    _print_error(message)
+    if as_json:
+        _json_error(kind, message, exit_code)
+    return typer.Exit(exit_code)
+
+
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except P2PError as exc:
-            _print_error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
+            raise _fail(type(exc).__name__, str(exc), exc.exit_code, as_json) from None
         except OSError as exc:  # last resort: nothing closer to the cause mapped it
-            _print_error(describe_os_error(exc))
-            raise typer.Exit(LocalIOError.exit_code) from None
+            raise _fail(LocalIOError.__name__, describe_os_error(exc), LocalIOError.exit_code,
+                        as_json) from None
         except KeyboardInterrupt:
             err.print("interrupted")
-            raise typer.Exit(130) from None
+            if as_json:
+                _json_error("Interrupted", "interrupted", INTERRUPTED_EXIT_CODE)
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -170,6 +190,13 @@ def _resolve_offline(home: Path, text: str) -> PeerId:
         return resolve_peer(text, [(t.peer_id, [t.alias]) for t in store.all()])
     finally:
         store.close()
+
+
+def _check_transport(transport: str | None) -> None:
+    """A mistyped --transport is the user's error, said before asking the node."""
+    if transport is not None and transport not in TRANSPORTS:
+        raise ConfigError(f"option --transport must be one of {', '.join(TRANSPORTS)}, "
+                          f"got {transport!r}")
 
 
 # ---------------------------------------------------------------------------- identity
@@ -666,8 +693,7 @@ def ping(
     as_json: JsonOpt = False,
 ) -> None:
     """Open an authenticated channel to a trusted peer and measure round trips."""
-    if transport is not None and transport not in TRANSPORTS:
-        raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
+    _check_transport(transport)
 
     def on_event(ev: dict[str, Any]) -> None:
         if not as_json:
@@ -704,8 +730,7 @@ def share(
     """Send files or folders to trusted peers, end-to-end encrypted, and wait until each
     peer has verified its copy. Peers are also notified by a signed "shared" event.
     The node does the work: Ctrl-C here does not stop the transfer (`node cancel` does)."""
-    if transport is not None and transport not in TRANSPORTS:
-        raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
+    _check_transport(transport)
     for p in paths:
         if not p.exists():
             raise LocalIOError(f"{p} does not exist")
