@@ -78,8 +78,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup off by default: what is printed holds peer ids, aliases, paths and errors (some
+# a peer's own words), and a `[` in them must be shown, never read as a style tag (or
+# crash on `[/x]`); the few styled lines pass markup=True and escape what they hold
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -459,7 +462,7 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for r in rows:
         via = f" ({r['added_via']})" if r.get("added_via") else ""
         # a name is the peer's own words (any stranger's, from the LAN or the DHT): text
-        table.add_row(r["short_id"], escape(r["alias"] or r["name"] or "-"),
+        table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
                       ("yes" + via) if r["trusted"] else "no", ",".join(r["hosts"]),
                       " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
                       ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"],
@@ -479,7 +482,7 @@ def lookup(
         _print_json(res)
         return
     rec = res["record"]
-    out.print(f"{rec['peer_id']} ({escape(rec['name'] or '-')})")  # the peer's own words
+    out.print(f"{rec['peer_id']} ({rec['name'] or '-'})")  # the peer's own words
     out.print(f"  hosts {', '.join(rec['hosts'])}  ports {rec['ports']}  seq {rec['seq']}")
     out.print(f"  found in {res['hops']} hop(s), {res['queries']} queries, "
               f"{res['elapsed_ms']:.1f} ms")
@@ -613,10 +616,10 @@ def _print_paired(res: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(res)
         return
-    label = f" as {escape(repr(res['alias']))}" if res.get("alias") else ""
+    label = f" as {res['alias']!r}" if res.get("alias") else ""
     # the name is the other device's to choose: shown, never read as rich markup
     out.print(f"paired: now trusting {res['peer_id']}{label} "
-              f"(calls itself {escape(repr(res.get('name') or '-'))})")
+              f"(calls itself {res.get('name') or '-'!r})")
     out.print(f"its fingerprint:   {res['fingerprint']}")
     out.print(f"verification:      {res['verification']}  (the other device shows the same "
               "words; compare them if you like)")
@@ -777,8 +780,8 @@ def share(
                           f"{_size(t['bytes_total'])} over {t['transport']} "
                           f"({_size(t['rate_bps'])}/s)")
             else:
-                err.print(f"[bold red]error:[/] {t['peer']}: {t['state']}: {t['error']}",
-                          markup=True)
+                err.print(f"[bold red]error:[/] {escape(str(t['peer']))}: {t['state']}: "
+                          f"{escape(str(t['error']))}", markup=True)
     if failed:
         raise typer.Exit(1)
 

@@ -100,8 +100,8 @@ def send(
                       f"(works once, for {left / 60:.0f} min)")
         elif kind == "matched":
             # the name is the other side's to choose: shown, never read as rich markup
-            out.print(f"receiver {escape(str(ev.get('fingerprint')))} (calls itself "
-                      f"{escape(repr(ev.get('name') or '-'))}); waiting for it to accept")
+            out.print(f"receiver {ev.get('fingerprint')} (calls itself "
+                      f"{ev.get('name') or '-'!r}); waiting for it to accept")
         elif kind == "progress":
             if not bar:
                 bar.append(progress.add_task("sending", total=ev.get("bytes_total") or None))
@@ -146,12 +146,12 @@ def receive(
     if as_json:
         _json_event({"type": "offer", **offer})
     else:
-        out.print(f"{escape(str(offer['fingerprint']))} (calls itself "
-                  f"{escape(repr(offer.get('name') or '-'))}) offers "
+        out.print(f"{offer['fingerprint']} (calls itself "
+                  f"{offer.get('name') or '-'!r}) offers "
                   f"{len(offer['files'])} file(s), {cli._size(offer['bytes_total'])}:")
         for f in offer["files"]:
-            out.print(f"  {escape(f['path'])}  {cli._size(f['size'])}")
-        out.print(f"into {escape(target or offer['default_dir'])}")
+            out.print(f"  {f['path']}  {cli._size(f['size'])}")
+        out.print(f"into {target or offer['default_dir']}")
     accept = True
     if not yes:
         try:
@@ -183,7 +183,7 @@ def receive(
         resumed = res.get("bytes_resumed", 0)
         again = f" ({cli._size(resumed)} resumed from an earlier try)" if resumed else ""
         out.print(f"received {len(res['files'])} file(s), {cli._size(res['bytes_total'])}"
-                  f"{again} into {escape(str(res['dir']))}, every chunk verified; no trust "
+                  f"{again} into {res['dir']}, every chunk verified; no trust "
                   "was added")
     if res.get("state") == "declined":
         raise typer.Exit(1)

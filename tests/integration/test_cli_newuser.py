@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+import node.cli
 from node.cli import app
 from node.errors import ConfigError, IdentityError, NodeNotRunning
+from node.identity import Identity
 
 runner = CliRunner()
 
@@ -70,3 +72,61 @@ def test_a_mistyped_transport_is_one_error_line(home: str, tmp_path: Path,
     assert res.stderr.splitlines() == [
         "error: option --transport must be one of tcp, udp, quic, got 'tpc'"]
     assert _json_error(res.stdout)["type"] == "ConfigError"
+
+
+# ------------------------------------------------------------------ text is text
+
+BRACKETS = "bob [laptop]"
+HOSTILE = "x[/oops] [bold]y"  # a closing tag nothing opened: rich raises MarkupError
+
+
+def test_an_alias_with_brackets_is_shown_whole(home: str) -> None:
+    pid = str(Identity.generate("b").peer_id)
+    res = run("trust", pid, "--name", BRACKETS, "--home", home)
+    assert res.exit_code == 0, res.output
+    assert f"as {BRACKETS!r}" in res.stdout
+    listed = run("trusted", "--home", home)
+    assert listed.exit_code == 0 and BRACKETS in listed.stdout, listed.stdout
+
+
+def _fake_node(monkeypatch: pytest.MonkeyPatch, replies: dict[str, Any]) -> None:
+    def call(home: Any, cmd: str, args: Any = None, *, on_event: Any = None) -> Any:
+        return replies[cmd]
+
+    monkeypatch.setattr(node.cli, "_call", call)
+
+
+def _transfer(state: str, error: str) -> dict[str, Any]:
+    return {"id": "abc123", "direction": "send", "peer": BRACKETS, "transport": "tcp",
+            "state": state, "bytes_done": 0, "bytes_total": 10, "files_done": 0,
+            "files_total": 1, "error": error, "rate_bps": 0.0}
+
+
+def test_a_peers_error_text_is_printed_not_parsed(home: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error of a failed share can be the other peer's words: it must not crash the
+    CLI (a traceback) or lose its brackets."""
+    _fake_node(monkeypatch, {"share": {"transfers": [_transfer("failed", HOSTILE)],
+                                       "announced": []},
+                             "transfers": [_transfer("failed", HOSTILE)]})
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    res = run("share", str(src), "--home", home)
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert f"error: {BRACKETS}: failed: {HOSTILE}" in res.stderr
+    listed = run("transfers", "--home", home)
+    assert listed.exit_code == 0, listed.exception
+    assert "[/oops]" in listed.stdout and "[laptop]" in listed.stdout
+
+
+def test_a_peers_name_and_paths_in_a_receive_offer(home: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    offer = {"session": "s", "fingerprint": "ab:cd", "name": HOSTILE, "bytes_total": 1,
+             "files": [{"path": "dir[/a]/b", "size": 1}], "default_dir": str(tmp_path)}
+    done = {"state": "done", "files": ["dir[/a]/b"], "bytes_total": 1, "dir": str(tmp_path)}
+    _fake_node(monkeypatch, {"receive_offer": offer, "receive_accept": done})
+    res = run("receive", "7-crossover-eyetooth", "--yes", "--home", home)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert f"(calls itself {HOSTILE!r})" in res.stdout
+    assert "  dir[/a]/b  1 B" in res.stdout
+    assert "\\[" not in res.stdout  # escaping for markup would show as a backslash
