@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import sys
 import time
@@ -67,7 +68,17 @@ class _NodeGroup(TyperGroup):
         cmd = super().get_command(ctx, cmd_name)
         if cmd is not None:
             _flags_without_placeholder(cmd.get_params(ctx))
+            if cmd.short_help is None and cmd.help:
+                cmd.short_help = _summary(cmd.help)
         return cmd
+
+
+def _summary(help_text: str) -> str:
+    """A command's line in `node --help`: the first paragraph of its docstring as one
+    flowing sentence (typer's rich help keeps the docstring's line breaks, which cut the
+    command list mid-sentence)."""
+    first = inspect.cleandoc(help_text).split("\n\n")[0]
+    return " ".join(first.split())
 
 
 app = typer.Typer(

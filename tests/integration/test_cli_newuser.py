@@ -130,3 +130,23 @@ def test_a_peers_name_and_paths_in_a_receive_offer(home: str, tmp_path: Path,
     assert f"(calls itself {HOSTILE!r})" in res.stdout
     assert "  dir[/a]/b  1 B" in res.stdout
     assert "\\[" not in res.stdout  # escaping for markup would show as a backslash
+
+
+def test_root_help_lists_each_command_as_flowing_text() -> None:
+    """`node --help` shows each command's first paragraph as one sentence: the line
+    breaks of a docstring no longer cut the command list mid-sentence."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("node", [], resilient_parsing=True)
+    summaries = {name: group.get_command(ctx, name).short_help
+                 for name in group.list_commands(ctx)}
+    assert summaries["gui"] == ("Print the address of the running node's dashboard, with its "
+                                "token (HOME/gui.token, mode 0600: whoever has the address "
+                                "can drive the node).")
+    broken = {name: text for name, text in summaries.items() if "\n" in (text or "")}
+    assert not broken
+    res = run("--help")
+    assert res.exit_code == 0
+    line = next(x for x in res.stdout.splitlines() if x.startswith("│ gui "))
+    assert "token (HOME/gui.token" in line or len(line.rstrip(" │")) > 60, line
