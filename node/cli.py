@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -388,6 +389,7 @@ def start(
     }
     settings = load_settings(_home(home), overrides)
     load_identity(settings.home)  # fail early and clearly without an identity
+    _check_received_dir_writable(settings.received_path)
     from node import daemon_main
 
     if _reexec_daemon and daemon_main.can_reexec():
@@ -397,6 +399,30 @@ def start(
     from node.daemon import run_daemon
 
     run_daemon(settings)
+
+
+def _writable(path: Path) -> bool:
+    """May this process create files in the folder `path` (access(2): mode bits, ACLs,
+    read-only mounts)."""
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _check_received_dir_writable(path: Path) -> None:
+    """A received dir that exists but cannot be written is said before the node starts
+    (else it fails later, in the file index, with an errno). A missing one is fine: the
+    node creates it."""
+    if not path.exists():
+        return
+    option = "pick another with --received-dir (config key received_dir)"
+    if not path.is_dir():
+        raise ConfigError(f"received dir {path} is not a folder; {option}")
+    if not _writable(path):
+        try:
+            read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "it is on a read-only file system" if read_only else "permission denied"
+        raise ConfigError(f"received dir {path} is not writable ({why}); {option}")
 
 
 @app.command()

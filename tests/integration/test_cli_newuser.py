@@ -150,3 +150,32 @@ def test_root_help_lists_each_command_as_flowing_text() -> None:
     assert res.exit_code == 0
     line = next(x for x in res.stdout.splitlines() if x.startswith("│ gui "))
     assert "token (HOME/gui.token" in line or len(line.rstrip(" │")) > 60, line
+
+
+# ------------------------------------------------------------------ node start, early checks
+
+
+def test_start_refuses_a_received_dir_that_is_a_file(home: str, tmp_path: Path) -> None:
+    afile = tmp_path / "report.pdf"
+    afile.write_text("x")
+    res = run("start", "--home", home, "--port", "0", "--received-dir", str(afile))
+    assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
+    assert res.stderr.splitlines() == [
+        f"error: received dir {afile} is not a folder; pick another with --received-dir "
+        "(config key received_dir)"]
+
+
+def test_start_refuses_a_received_dir_it_cannot_write(home: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-only (a read-only mount, a folder without write permission): said before the node
+    binds anything, naming the flag; as root no mode bit refuses, so the check is faked."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = node.cli._writable
+    monkeypatch.setattr(node.cli, "_writable", lambda p: p != ro and real(p))
+    res = run("start", "--home", home, "--port", "0", "--received-dir", str(ro))
+    assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
+    assert res.stderr.splitlines() == [
+        f"error: received dir {ro} is not writable (permission denied); pick another with "
+        "--received-dir (config key received_dir)"]
+    assert not (Path(home) / "daemon.json").exists()
