@@ -174,7 +174,11 @@ def handle_errors(fn: F) -> F:
 
 
 def _home(home: Path | None) -> Path:
-    return (home or default_home()).expanduser()
+    h = (home or default_home()).expanduser()
+    if h.exists() and not h.is_dir():  # else: "File exists", "Not a directory", no path
+        raise ConfigError(f"node home {h} is a file, not a folder; pick another with "
+                          "--home DIR (or env P2PFS_HOME)")
+    return h
 
 
 def _call(home: Path | None, cmd: str, args: dict[str, Any] | None = None, *,

@@ -179,3 +179,36 @@ def test_start_refuses_a_received_dir_it_cannot_write(home: str, tmp_path: Path,
         f"error: received dir {ro} is not writable (permission denied); pick another with "
         "--received-dir (config key received_dir)"]
     assert not (Path(home) / "daemon.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["init"], ["id"], ["status"], ["trusted"],
+                                  ["folder", "list"]])
+def test_a_home_that_is_a_file_is_named(tmp_path: Path, argv: list[str]) -> None:
+    afile = tmp_path / "report.pdf"
+    afile.write_text("x")
+    res = run(*argv, "--home", str(afile))
+    assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
+    assert res.stderr.splitlines() == [
+        f"error: node home {afile} is a file, not a folder; pick another with --home DIR "
+        "(or env P2PFS_HOME)"]
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize(("env", "flags", "says"), [
+    ({"P2PFS_TRANSPORT": "tpc"}, [],
+     "environment P2PFS_TRANSPORT: key 'transport' must be one of tcp, udp, quic, got 'tpc'"),
+    ({"P2PFS_TRANSPORTS": "tcp,qiuc"}, [],
+     "environment P2PFS_TRANSPORTS: key 'transports' must be some of tcp, udp, quic "
+     "('qiuc' is not one)"),
+    ({}, ["--bootstrap-peer", "10.0.0.1"],
+     "option --bootstrap-peer: key 'bootstrap_peers' must be HOST:PORT entries "
+     "('10.0.0.1' is not one)"),
+])
+def test_start_names_the_bad_variable_or_flag_and_value(home: str, env: dict[str, str],
+                                                        flags: list[str], says: str) -> None:
+    """A bad --bootstrap-peer was only a warning in the log, and a bad P2PFS_TRANSPORT
+    named neither the variable nor the value."""
+    res = runner.invoke(app, ["start", "--home", home, "--port", "0", *flags], env=env)
+    assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"error: {says}"), line
