@@ -191,6 +191,13 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _duration_text(seconds: float) -> str:
+    """How long a code still works, as a person says it: 45 s, 10 min (not "0 min")."""
+    if seconds < 90:
+        return f"{max(0, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
+
+
 def _ago(ts: float) -> str:
     if not ts:
         return "never"
@@ -696,7 +703,7 @@ def invite(
         left = max(0.0, float(ev.get("expires_at", 0)) - time.time())
         out.print(f"pairing code: [bold]{escape(str(ev['code']))}[/]", markup=True)
         out.print(f"on the other device run: node accept {ev['code']}   "
-                  f"(works once, for {left / 60:.0f} min)")
+                  f"(works once, for {_duration_text(left)})")
         sys.stdout.flush()
 
     res = _call(home, "invite", {"name": name, "expires_s": expires_s,

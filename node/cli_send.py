@@ -97,7 +97,7 @@ def send(
             left = max(0.0, float(ev.get("expires_at", 0)) - time.time())
             out.print(f"send code: [bold]{escape(str(ev['code']))}[/]", markup=True)
             out.print(f"on the other device run: node receive {ev['code']}   "
-                      f"(works once, for {left / 60:.0f} min)")
+                      f"(works once, for {cli._duration_text(left)})")
         elif kind == "matched":
             # the name is the other side's to choose: shown, never read as rich markup
             out.print(f"receiver {ev.get('fingerprint')} (calls itself "

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import node.cli
 from node.cli import app
-from node.errors import ConfigError, IdentityError, NodeNotRunning
+from node.errors import Cancelled, ConfigError, IdentityError, NodeNotRunning
 from node.identity import Identity
 
 runner = CliRunner()
@@ -212,3 +212,24 @@ def test_start_names_the_bad_variable_or_flag_and_value(home: str, env: dict[str
     assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
     [line] = res.stderr.splitlines()
     assert line.startswith(f"error: {says}"), line
+
+
+@pytest.mark.parametrize(("expires_s", "shown"), [(30, "30 s"), (600, "10 min")])
+@pytest.mark.parametrize("command", ["invite", "send"])
+def test_a_short_code_life_is_said_in_seconds(home: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, command: str,
+                                              expires_s: int, shown: str) -> None:
+    """`--expires 30s` printed "works once, for 0 min"."""
+    import time
+
+    def call(home_: Any, cmd: str, args: Any = None, *, on_event: Any = None) -> Any:
+        on_event({"type": "code", "code": "7-crossover-eyetooth",
+                  "expires_at": time.time() + expires_s + 0.4})
+        raise Cancelled("stopped here")
+
+    monkeypatch.setattr(node.cli, "_call", call)
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    argv = [command, "--expires", f"{expires_s}s", "--home", home]
+    res = run(*(argv if command == "invite" else [*argv, str(src)]))
+    assert f"(works once, for {shown})" in res.stdout, res.output
