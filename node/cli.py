@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from node.config import (
@@ -164,10 +164,11 @@ def handle_errors(fn: F) -> F:
         except OSError as exc:  # last resort: nothing closer to the cause mapped it
             raise _fail(LocalIOError.__name__, describe_os_error(exc), LocalIOError.exit_code,
                         as_json) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
+        except KeyboardInterrupt as exc:  # a command may say what goes on (its args)
+            message = f"interrupted: {exc.args[0]}" if exc.args else "interrupted"
+            err.print(message)
             if as_json:
-                _json_error("Interrupted", "interrupted", INTERRUPTED_EXIT_CODE)
+                _json_error("Interrupted", message, INTERRUPTED_EXIT_CODE)
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]
@@ -798,13 +799,16 @@ def share(
                         TransferSpeedColumn(), TimeRemainingColumn(), console=err,
                         disable=as_json or not err.is_terminal)
     bars: dict[str, Any] = {}
+    transfer_ids: dict[str, None] = {}  # in order seen, for what Ctrl-C says
 
     def on_event(ev: dict[str, Any]) -> None:
+        tid = ev.get("id", "")
+        if tid:
+            transfer_ids.setdefault(str(tid))
         if as_json:
             sys.stdout.write(json.dumps({"event": ev}) + "\n")
             sys.stdout.flush()
             return
-        tid = ev.get("id", "")
         if tid not in bars:
             bars[tid] = progress.add_task(f"{ev.get('peer', '?')} ({ev.get('transport')})",
                                           total=ev.get("bytes_total") or None)
@@ -815,9 +819,14 @@ def share(
         elif ev.get("type") == "finished" and not err.is_terminal:
             pass
 
-    with progress:
-        res = _call(home, "share", {"paths": [str(p.resolve()) for p in paths], "to": to,
-                                    "transport": transport}, on_event=on_event)
+    try:
+        with progress:
+            res = _call(home, "share", {"paths": [str(p.resolve()) for p in paths], "to": to,
+                                        "transport": transport}, on_event=on_event)
+    except KeyboardInterrupt:
+        ids = " ".join(transfer_ids) or "ID"
+        raise KeyboardInterrupt(f"the node goes on sending; `node transfers` shows it, "
+                                f"`node cancel {ids}` stops it") from None
     if as_json:
         _print_json(res)
     failed = [t for t in res["transfers"] if t["state"] != "done"]
@@ -853,7 +862,9 @@ def transfers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if not rows:
         out.print("no transfers yet")
         return
-    table = Table("id", "dir", "peer", "transport", "state", "progress", "files", "error")
+    # the id is what `node cancel` takes: never cut
+    table = Table(Column("id", no_wrap=True, min_width=12), "dir", "peer", "transport",
+                  "state", "progress", "files", "error")
     for r in rows:
         done = f"{_size(r['bytes_done'])}/{_size(r['bytes_total'])}"
         table.add_row(r["id"], r["direction"], r["peer"], r["transport"], r["state"], done,

@@ -233,3 +233,35 @@ def test_a_short_code_life_is_said_in_seconds(home: str, tmp_path: Path,
     argv = [command, "--expires", f"{expires_s}s", "--home", home]
     res = run(*(argv if command == "invite" else [*argv, str(src)]))
     assert f"(works once, for {shown})" in res.stdout, res.output
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_during_share_says_the_node_goes_on(home: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   as_json: bool) -> None:
+    """Ctrl-C ends the CLI, not the transfer: "interrupted" alone let a user believe the
+    send had stopped. It now names the transfer and the command that stops it."""
+    def call(home_: Any, cmd: str, args: Any = None, *, on_event: Any = None) -> Any:
+        on_event({**_transfer("running", ""), "type": "progress", "id": "4dbf4696b5ec"})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(node.cli, "_call", call)
+    src = tmp_path / "big.bin"
+    src.write_text("x")
+    res = run("share", str(src), "--to", "bob", "--home", home, *(["--json"] if as_json else []))
+    assert res.exit_code == node.cli.INTERRUPTED_EXIT_CODE, (res.output, res.exception)
+    said = ("interrupted: the node goes on sending; `node transfers` shows it, "
+            "`node cancel 4dbf4696b5ec` stops it")
+    assert said in res.stderr.splitlines()
+    if as_json:
+        assert _json_error(res.stdout) == {"type": "Interrupted", "message": said,
+                                           "exit_code": 130}
+
+
+def test_the_transfers_table_never_cuts_the_id(home: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{**_transfer("running", "x " * 40), "id": "4dbf4696b5ec", "peer": "bob"}]
+    _fake_node(monkeypatch, {"transfers": rows})
+    res = runner.invoke(app, ["transfers", "--home", home], env={"COLUMNS": "60"})
+    assert res.exit_code == 0, res.output
+    assert "4dbf4696b5ec" in res.stdout, res.stdout
