@@ -114,7 +114,7 @@ def test_a_peers_error_text_is_printed_not_parsed(home: str, tmp_path: Path,
     res = run("share", str(src), "--home", home)
     assert res.exit_code == 1, (res.output, res.exception)
     assert f"error: {BRACKETS}: failed: {HOSTILE}" in res.stderr
-    listed = run("transfers", "--home", home)
+    listed = runner.invoke(app, ["transfers", "--home", home], env={"COLUMNS": "200"})
     assert listed.exit_code == 0, listed.exception
     assert "[/oops]" in listed.stdout and "[laptop]" in listed.stdout
 
