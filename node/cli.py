@@ -59,11 +59,28 @@ def _flags_without_placeholder(params: list[Any]) -> list[Any]:
     return params
 
 
+# click's UsageError (typer 0.29 vendors click and re-exports only BadParameter, its child)
+_UsageError: Any = typer.BadParameter.__base__
+
+
 class _NodeGroup(TyperGroup):
     """The root group: flags in every command's help (and its own) show no placeholder."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_placeholder(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        # a mistyped flag or command fails in parsing, before handle_errors runs: with
+        # --json among the words, say it on stdout as JSON too (typer prints the box)
+        words = [*getattr(ctx, "_protected_args", []), *ctx.args]  # cleared by invoke
+        words = words[:words.index("--")] if "--" in words else words
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            if "--json" in words and not getattr(exc, "p2pfs_json_said", False):
+                exc.p2pfs_json_said = True  # type: ignore[attr-defined]
+                _json_error("UsageError", exc.format_message(), exc.exit_code)
+            raise
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         cmd = super().get_command(ctx, cmd_name)

@@ -265,3 +265,23 @@ def test_the_transfers_table_never_cuts_the_id(home: str,
     res = runner.invoke(app, ["transfers", "--home", home], env={"COLUMNS": "60"})
     assert res.exit_code == 0, res.output
     assert "4dbf4696b5ec" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["status", "--json", "--bogus"], "No such option: --bogus"),
+    (["folder", "list", "--json", "--bogus"], "No such option: --bogus"),
+    (["ping", "--json"], "Missing argument 'peer'."),
+    (["staus", "--json"], "No such command 'staus'."),
+])
+def test_a_usage_error_with_json_is_json_too(argv: list[str], says: str) -> None:
+    res = run(*argv)
+    assert res.exit_code == 2, res.output
+    error = _json_error(res.stdout)
+    assert error["type"] == "UsageError" and error["exit_code"] == 2
+    assert error["message"].startswith(says), error
+    assert res.stdout.count("\n") == 1  # said once, also from a nested group
+
+
+def test_a_usage_error_without_json_prints_nothing_on_stdout() -> None:
+    res = run("status", "--bogus")
+    assert res.exit_code == 2 and res.stdout == ""
