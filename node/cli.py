@@ -436,22 +436,32 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def _check_received_dir_writable(path: Path) -> None:
-    """A received dir that exists but cannot be written is said before the node starts
-    (else it fails later, in the file index, with an errno). A missing one is fine: the
-    node creates it."""
-    if not path.exists():
-        return
-    option = "pick another with --received-dir (config key received_dir)"
-    if not path.is_dir():
-        raise ConfigError(f"received dir {path} is not a folder; {option}")
-    if not _writable(path):
+def check_writable_folder(path: Path, what: str, option: str) -> None:
+    """ConfigError, before the node is asked, when files cannot land in the folder `path`:
+    it (or the nearest part of it that exists) is a file, is on a read-only file system or
+    may not be written. A missing folder is fine where its parent can be written: the node
+    creates it."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    where = "" if existing == path else f": {existing}"
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} is not a folder{where and where + ' is a file'}; "
+                          f"{option}")
+    if not _writable(existing):
         try:
-            read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         except OSError:
             read_only = False
         why = "it is on a read-only file system" if read_only else "permission denied"
-        raise ConfigError(f"received dir {path} is not writable ({why}); {option}")
+        raise ConfigError(f"{what} {path} is not writable ({why}{where}); {option}")
+
+
+def _check_received_dir_writable(path: Path) -> None:
+    """Said before the node starts (else it fails later, in the file index, with an
+    errno)."""
+    check_writable_folder(path, "received dir",
+                          "pick another with --received-dir (config key received_dir)")
 
 
 @app.command()

@@ -141,6 +141,8 @@ def receive(
         raise ConfigError("not asking: stdin is not a terminal; run it in one, or pass "
                           "--yes to accept the offer without asking (the code was not used)")
     target = str(dest.expanduser().resolve()) if dest is not None else ""
+    if target:  # said before the code is used (the sender would be told to send again)
+        cli.check_writable_folder(Path(target), "--dir", "pick another folder")
     offer = cli._call(home, "receive_offer", {"code": code, "rendezvous": rendezvous,
                                               "dir": target})
     if as_json:

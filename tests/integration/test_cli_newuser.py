@@ -285,3 +285,49 @@ def test_a_usage_error_with_json_is_json_too(argv: list[str], says: str) -> None
 def test_a_usage_error_without_json_prints_nothing_on_stdout() -> None:
     res = run("status", "--bogus")
     assert res.exit_code == 2 and res.stdout == ""
+
+
+# ------------------------------------------------------------------ node receive --dir
+
+
+def _no_receive_call(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    asked: list[str] = []
+
+    def call(home_: Any, cmd: str, args: Any = None, *, on_event: Any = None) -> Any:
+        asked.append(cmd)
+        raise AssertionError(f"the node was asked ({cmd}) though --dir cannot be written")
+
+    monkeypatch.setattr(node.cli, "_call", call)
+    return asked
+
+
+def test_receive_into_a_file_is_refused_before_the_code_is_used(
+        home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver learnt only after accepting, and the sender was told to send again."""
+    asked = _no_receive_call(monkeypatch)
+    afile = tmp_path / "report.pdf"
+    afile.write_text("x")
+    for dest, says in ((afile, f"--dir {afile} is not a folder; pick another folder"),
+                       (afile / "sub", f"--dir {afile / 'sub'} is not a folder: {afile} is a "
+                                       "file; pick another folder")):
+        res = run("receive", "7-crossover-eyetooth", "--yes", "--dir", str(dest),
+                  "--home", home)
+        assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
+        assert res.stderr.splitlines() == [f"error: {says}"]
+    assert asked == []
+
+
+def test_receive_into_a_folder_it_cannot_write_is_refused(
+        home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _no_receive_call(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = node.cli._writable
+    monkeypatch.setattr(node.cli, "_writable", lambda p: p != ro and real(p))
+    res = run("receive", "7-crossover-eyetooth", "--yes", "--dir", str(ro / "new"),
+              "--home", home, "--json")
+    assert res.exit_code == ConfigError.exit_code, (res.output, res.exception)
+    said = f"--dir {ro / 'new'} is not writable (permission denied: {ro}); pick another folder"
+    assert res.stderr.splitlines() == [f"error: {said}"]
+    assert _json_error(res.stdout)["message"] == said
+    assert asked == [] and not (ro / "new").exists()
