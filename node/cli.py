@@ -586,6 +586,14 @@ def trust(
             raise UnknownPeer(str(exc)) from None
         try:
             peer_id = PeerId.parse(_call(home, "resolve", {"peer": peer}))
+        except UnknownPeer as exc:
+            if "ambiguous" in str(exc):
+                raise
+            # the node's words are about trusted peers; here the peer is to be trusted
+            raise UnknownPeer(f"no peer this node knows (from the bootstrap server, the DHT "
+                              f"or the LAN) matches {peer!r}; give its full peer id (`node "
+                              "id` on that device prints it), or pair with `node invite` "
+                              "and `node accept CODE`") from None
         except NodeNotRunning:
             try:  # already trusted (a new alias for it): the trust store knows it
                 peer_id = _resolve_offline(h, peer)

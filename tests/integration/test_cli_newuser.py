@@ -331,3 +331,23 @@ def test_receive_into_a_folder_it_cannot_write_is_refused(
     assert res.stderr.splitlines() == [f"error: {said}"]
     assert _json_error(res.stdout)["message"] == said
     assert asked == [] and not (ro / "new").exists()
+
+
+def test_trust_of_an_unknown_name_says_how_to_name_a_peer(home: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a node running, `node trust NOPE` said "no trusted peer or alias matches":
+    true, and no help to someone who is trying to trust it."""
+    from node.errors import UnknownPeer
+    from node.trust import no_match_message
+
+    def call(home_: Any, cmd: str, args: Any = None, *, on_event: Any = None) -> Any:
+        assert cmd == "resolve"
+        raise UnknownPeer(no_match_message(args["peer"], []))
+
+    monkeypatch.setattr(node.cli, "_call", call)
+    res = run("trust", "NOPE", "--home", home)
+    assert res.exit_code == UnknownPeer.exit_code, (res.output, res.exception)
+    [line] = res.stderr.splitlines()
+    assert "no trusted peer" not in line
+    assert "matches 'NOPE'; give its full peer id (`node id` on that device" in line
+    assert "`node invite` and `node accept CODE`" in line
