@@ -497,6 +497,10 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         value = info.get(key)
         if key == "uptime_s":
             value = f"{value:.0f} s"
+        elif isinstance(value, dict):  # ports: "tcp 8471, udp 8472", not a Python dict
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
         out.print(f"{key:<13} {value}")
     for r in info.get("relays") or []:  # reservations at relays (node/reach)
         out.print(f"{'relay':<13} {r['relay']}: {r['state']}"

@@ -351,3 +351,18 @@ def test_trust_of_an_unknown_name_says_how_to_name_a_peer(home: str,
     assert "no trusted peer" not in line
     assert "matches 'NOPE'; give its full peer id (`node id` on that device" in line
     assert "`node invite` and `node accept CODE`" in line
+
+
+def test_status_shows_ports_and_servers_as_text(home: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`node status` printed Python reprs: {'tcp': 8471, ...} and ['http://...']."""
+    _fake_node(monkeypatch, {"status": {
+        "peer_id": "P", "name": "alice", "fingerprint": "f", "host": "127.0.0.1",
+        "ports": {"tcp": 8471, "udp": 8472, "quic": 8473, "dht": 8468}, "uptime_s": 7.2,
+        "peers_known": 1, "trusted": 0, "dht_contacts": 1, "bootstrap": [], "hosts": []}})
+    res = run("status", "--home", home)
+    assert res.exit_code == 0, (res.output, res.exception)
+    lines = res.stdout.splitlines()
+    assert "ports         tcp 8471, udp 8472, quic 8473, dht 8468" in lines
+    assert "bootstrap     -" in lines
+    assert "{" not in res.stdout and "[" not in res.stdout
