@@ -366,14 +366,17 @@ def relay(
 def start(
     home: HomeOpt = None,
     bootstrap_url: Annotated[list[str], typer.Option(
-        "--bootstrap", "-b", help="Bootstrap server URL (repeatable).")] = [],
+        "--bootstrap", "-b", metavar="URL", help="Bootstrap server URL (repeatable).")] = [],
     bootstrap_peer: Annotated[list[str], typer.Option(
-        "--bootstrap-peer", help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
+        "--bootstrap-peer", metavar="HOST:PORT",
+        help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
     relay: Annotated[list[str], typer.Option(
-        "--relay", help="HOST:PORT of a relay to stay reachable through, behind NAT "
-                        "(repeatable; config key relays).")] = [],
+        "--relay", metavar="HOST:PORT",
+        help="HOST:PORT of a relay to stay reachable through, behind NAT "
+             "(repeatable; config key relays).")] = [],
     share: Annotated[list[Path], typer.Option(
-        "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
+        "--share", "-s", metavar="DIR",
+        help="Folder to mirror one way to every trusted peer (repeatable).")] = [],
     port: Annotated[int | None, typer.Option(
         "--port", "-p", help="Base port P: TCP P, UDP P+1, QUIC P+2, DHT P+3, dashboard "
                              "P+4 (a --*-port given on its own wins; 0 = any free ports "
@@ -780,7 +783,8 @@ def accept(
 def ping(
     peer: Annotated[str, typer.Argument(help="Peer id, unique prefix or alias.")],
     home: HomeOpt = None, transport: TransportOpt = None,
-    count: Annotated[int, typer.Option("--count", "-c", min=1, max=1000)] = 3,
+    count: Annotated[int, typer.Option("--count", "-c", min=1, max=1000,
+                                       help="Round trips to measure.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Open an authenticated channel to a trusted peer and measure round trips."""
@@ -813,7 +817,7 @@ def share(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to share.")],
     home: HomeOpt = None,
     to: Annotated[list[str], typer.Option(
-        "--to", help="Peer (id, prefix or alias) to send to now (repeatable). "
+        "--to", metavar="PEER", help="Peer (id, prefix or alias) to send to now (repeatable). "
                      "Default: every trusted peer that is online.")] = [],
     transport: TransportOpt = None,
     as_json: JsonOpt = False,

@@ -366,3 +366,15 @@ def test_status_shows_ports_and_servers_as_text(home: str,
     assert "ports         tcp 8471, udp 8472, quic 8473, dht 8468" in lines
     assert "bootstrap     -" in lines
     assert "{" not in res.stdout and "[" not in res.stdout
+
+
+def test_list_options_show_what_they_take() -> None:
+    """`--bootstrap <list[str]>` told a newcomer a Python type, not that it takes a URL."""
+    start = runner.invoke(app, ["start", "--help"], env={"COLUMNS": "200"})
+    assert "<list[" not in start.stdout, start.stdout
+    for flag, shown in (("--bootstrap", "URL"), ("--bootstrap-peer", "HOST:PORT"),
+                        ("--relay", "HOST:PORT"), ("--share", "DIR")):
+        assert any(line.split()[1:2] == [flag] and shown in line.split()
+                   for line in start.stdout.splitlines()), (flag, start.stdout)
+    ping = runner.invoke(app, ["ping", "--help"], env={"COLUMNS": "200"})
+    assert "Round trips to measure." in ping.stdout
