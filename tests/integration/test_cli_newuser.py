@@ -378,3 +378,16 @@ def test_list_options_show_what_they_take() -> None:
                    for line in start.stdout.splitlines()), (flag, start.stdout)
     ping = runner.invoke(app, ["ping", "--help"], env={"COLUMNS": "200"})
     assert "Round trips to measure." in ping.stdout
+
+
+@pytest.mark.parametrize("ttl_s", [3, 7200])
+async def test_an_out_of_range_expires_names_the_option_and_value(ttl_s: int) -> None:
+    """`node send --expires 3s` said "--expires must be 5 s to 60 min", not what it got."""
+    from node.pairing.service import PairingService
+
+    async def emit(_ev: Any) -> None:
+        raise AssertionError("no code is made for a bad --expires")
+
+    with pytest.raises(ConfigError) as caught:  # checked before the service is touched
+        await PairingService.exchange_as_inviter(object(), ttl_s=ttl_s, emit=emit)  # type: ignore[arg-type]
+    assert str(caught.value) == f"option --expires must be 5 s to 60 min, got {ttl_s} s"
