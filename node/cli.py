@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from node.config import (
@@ -57,17 +59,44 @@ def _flags_without_placeholder(params: list[Any]) -> list[Any]:
     return params
 
 
+# click's UsageError (typer 0.29 vendors click and re-exports only BadParameter, its child)
+_UsageError: Any = typer.BadParameter.__base__
+
+
 class _NodeGroup(TyperGroup):
     """The root group: flags in every command's help (and its own) show no placeholder."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_placeholder(super().get_params(ctx))
 
+    def invoke(self, ctx: Any) -> Any:
+        # a mistyped flag or command fails in parsing, before handle_errors runs: with
+        # --json among the words, say it on stdout as JSON too (typer prints the box)
+        words = [*getattr(ctx, "_protected_args", []), *ctx.args]  # cleared by invoke
+        words = words[:words.index("--")] if "--" in words else words
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            if "--json" in words and not getattr(exc, "p2pfs_json_said", False):
+                exc.p2pfs_json_said = True  # type: ignore[attr-defined]
+                _json_error("UsageError", exc.format_message(), exc.exit_code)
+            raise
+
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         cmd = super().get_command(ctx, cmd_name)
         if cmd is not None:
             _flags_without_placeholder(cmd.get_params(ctx))
+            if cmd.short_help is None and cmd.help:
+                cmd.short_help = _summary(cmd.help)
         return cmd
+
+
+def _summary(help_text: str) -> str:
+    """A command's line in `node --help`: the first paragraph of its docstring as one
+    flowing sentence (typer's rich help keeps the docstring's line breaks, which cut the
+    command list mid-sentence)."""
+    first = inspect.cleandoc(help_text).split("\n\n")[0]
+    return " ".join(first.split())
 
 
 app = typer.Typer(
@@ -78,8 +107,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# markup off by default: what is printed holds peer ids, aliases, paths and errors (some
+# a peer's own words), and a `[` in them must be shown, never read as a style tag (or
+# crash on `[/x]`); the few styled lines pass markup=True and escape what they hold
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,26 +152,51 @@ def _print_error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+
+
+def _json_error(kind: str, message: str, exit_code: int) -> None:
+    """With --json, a failure is a JSON object on stdout too (one line, after any event
+    lines), so a script that parses stdout gets the cause and the code, not nothing."""
+    sys.stdout.write(json.dumps({"error": {"type": kind, "message": message,
+                                           "exit_code": exit_code}}) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(kind: str, message: str, exit_code: int, as_json: bool) -> typer.Exit:
+    _print_error(message)
+    if as_json:
+        _json_error(kind, message, exit_code)
+    return typer.Exit(exit_code)
+
+
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except P2PError as exc:
-            _print_error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
+            raise _fail(type(exc).__name__, str(exc), exc.exit_code, as_json) from None
         except OSError as exc:  # last resort: nothing closer to the cause mapped it
-            _print_error(describe_os_error(exc))
-            raise typer.Exit(LocalIOError.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+            raise _fail(LocalIOError.__name__, describe_os_error(exc), LocalIOError.exit_code,
+                        as_json) from None
+        except KeyboardInterrupt as exc:  # a command may say what goes on (its args)
+            message = f"interrupted: {exc.args[0]}" if exc.args else "interrupted"
+            err.print(message)
+            if as_json:
+                _json_error("Interrupted", message, INTERRUPTED_EXIT_CODE)
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def _home(home: Path | None) -> Path:
-    return (home or default_home()).expanduser()
+    h = (home or default_home()).expanduser()
+    if h.exists() and not h.is_dir():  # else: "File exists", "Not a directory", no path
+        raise ConfigError(f"node home {h} is a file, not a folder; pick another with "
+                          "--home DIR (or env P2PFS_HOME)")
+    return h
 
 
 def _call(home: Path | None, cmd: str, args: dict[str, Any] | None = None, *,
@@ -150,6 +207,13 @@ def _call(home: Path | None, cmd: str, args: dict[str, Any] | None = None, *,
 
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _duration_text(seconds: float) -> str:
+    """How long a code still works, as a person says it: 45 s, 10 min (not "0 min")."""
+    if seconds < 90:
+        return f"{max(0, round(seconds))} s"
+    return f"{round(seconds / 60)} min"
 
 
 def _ago(ts: float) -> str:
@@ -170,6 +234,13 @@ def _resolve_offline(home: Path, text: str) -> PeerId:
         return resolve_peer(text, [(t.peer_id, [t.alias]) for t in store.all()])
     finally:
         store.close()
+
+
+def _check_transport(transport: str | None) -> None:
+    """A mistyped --transport is the user's error, said before asking the node."""
+    if transport is not None and transport not in TRANSPORTS:
+        raise ConfigError(f"option --transport must be one of {', '.join(TRANSPORTS)}, "
+                          f"got {transport!r}")
 
 
 # ---------------------------------------------------------------------------- identity
@@ -311,14 +382,17 @@ def relay(
 def start(
     home: HomeOpt = None,
     bootstrap_url: Annotated[list[str], typer.Option(
-        "--bootstrap", "-b", help="Bootstrap server URL (repeatable).")] = [],
+        "--bootstrap", "-b", metavar="URL", help="Bootstrap server URL (repeatable).")] = [],
     bootstrap_peer: Annotated[list[str], typer.Option(
-        "--bootstrap-peer", help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
+        "--bootstrap-peer", metavar="HOST:PORT",
+        help="HOST:PORT of a known node's DHT port (repeatable).")] = [],
     relay: Annotated[list[str], typer.Option(
-        "--relay", help="HOST:PORT of a relay to stay reachable through, behind NAT "
-                        "(repeatable; config key relays).")] = [],
+        "--relay", metavar="HOST:PORT",
+        help="HOST:PORT of a relay to stay reachable through, behind NAT "
+             "(repeatable; config key relays).")] = [],
     share: Annotated[list[Path], typer.Option(
-        "--share", "-s", help="Folder to watch and share (repeatable).")] = [],
+        "--share", "-s", metavar="DIR",
+        help="Folder to mirror one way to every trusted peer (repeatable).")] = [],
     port: Annotated[int | None, typer.Option(
         "--port", "-p", help="Base port P: TCP P, UDP P+1, QUIC P+2, DHT P+3, dashboard "
                              "P+4 (a --*-port given on its own wins; 0 = any free ports "
@@ -363,6 +437,7 @@ def start(
     }
     settings = load_settings(_home(home), overrides)
     load_identity(settings.home)  # fail early and clearly without an identity
+    _check_received_dir_writable(settings.received_path)
     from node import daemon_main
 
     if _reexec_daemon and daemon_main.can_reexec():
@@ -372,6 +447,40 @@ def start(
     from node.daemon import run_daemon
 
     run_daemon(settings)
+
+
+def _writable(path: Path) -> bool:
+    """May this process create files in the folder `path` (access(2): mode bits, ACLs,
+    read-only mounts)."""
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def check_writable_folder(path: Path, what: str, option: str) -> None:
+    """ConfigError, before the node is asked, when files cannot land in the folder `path`:
+    it (or the nearest part of it that exists) is a file, is on a read-only file system or
+    may not be written. A missing folder is fine where its parent can be written: the node
+    creates it."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    where = "" if existing == path else f": {existing}"
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path} is not a folder{where and where + ' is a file'}; "
+                          f"{option}")
+    if not _writable(existing):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "it is on a read-only file system" if read_only else "permission denied"
+        raise ConfigError(f"{what} {path} is not writable ({why}{where}); {option}")
+
+
+def _check_received_dir_writable(path: Path) -> None:
+    """Said before the node starts (else it fails later, in the file index, with an
+    errno)."""
+    check_writable_folder(path, "received dir",
+                          "pick another with --received-dir (config key received_dir)")
 
 
 @app.command()
@@ -407,6 +516,10 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         value = info.get(key)
         if key == "uptime_s":
             value = f"{value:.0f} s"
+        elif isinstance(value, dict):  # ports: "tcp 8471, udp 8472", not a Python dict
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
         out.print(f"{key:<13} {value}")
     for r in info.get("relays") or []:  # reservations at relays (node/reach)
         out.print(f"{'relay':<13} {r['relay']}: {r['state']}"
@@ -448,7 +561,7 @@ def peers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for r in rows:
         via = f" ({r['added_via']})" if r.get("added_via") else ""
         # a name is the peer's own words (any stranger's, from the LAN or the DHT): text
-        table.add_row(r["short_id"], escape(r["alias"] or r["name"] or "-"),
+        table.add_row(r["short_id"], r["alias"] or r["name"] or "-",
                       ("yes" + via) if r["trusted"] else "no", ",".join(r["hosts"]),
                       " ".join(f"{t}:{r['ports'][t]}" for t in r["transports"]),
                       ("online, " if r["online"] else "") + _ago(r["last_seen"]), r["source"],
@@ -468,7 +581,7 @@ def lookup(
         _print_json(res)
         return
     rec = res["record"]
-    out.print(f"{rec['peer_id']} ({escape(rec['name'] or '-')})")  # the peer's own words
+    out.print(f"{rec['peer_id']} ({rec['name'] or '-'})")  # the peer's own words
     out.print(f"  hosts {', '.join(rec['hosts'])}  ports {rec['ports']}  seq {rec['seq']}")
     out.print(f"  found in {res['hops']} hop(s), {res['queries']} queries, "
               f"{res['elapsed_ms']:.1f} ms")
@@ -496,6 +609,14 @@ def trust(
             raise UnknownPeer(str(exc)) from None
         try:
             peer_id = PeerId.parse(_call(home, "resolve", {"peer": peer}))
+        except UnknownPeer as exc:
+            if "ambiguous" in str(exc):
+                raise
+            # the node's words are about trusted peers; here the peer is to be trusted
+            raise UnknownPeer(f"no peer this node knows (from the bootstrap server, the DHT "
+                              f"or the LAN) matches {peer!r}; give its full peer id (`node "
+                              "id` on that device prints it), or pair with `node invite` "
+                              "and `node accept CODE`") from None
         except NodeNotRunning:
             try:  # already trusted (a new alias for it): the trust store knows it
                 peer_id = _resolve_offline(h, peer)
@@ -602,10 +723,10 @@ def _print_paired(res: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(res)
         return
-    label = f" as {escape(repr(res['alias']))}" if res.get("alias") else ""
+    label = f" as {res['alias']!r}" if res.get("alias") else ""
     # the name is the other device's to choose: shown, never read as rich markup
     out.print(f"paired: now trusting {res['peer_id']}{label} "
-              f"(calls itself {escape(repr(res.get('name') or '-'))})")
+              f"(calls itself {res.get('name') or '-'!r})")
     out.print(f"its fingerprint:   {res['fingerprint']}")
     out.print(f"verification:      {res['verification']}  (the other device shows the same "
               "words; compare them if you like)")
@@ -641,7 +762,7 @@ def invite(
         left = max(0.0, float(ev.get("expires_at", 0)) - time.time())
         out.print(f"pairing code: [bold]{escape(str(ev['code']))}[/]", markup=True)
         out.print(f"on the other device run: node accept {ev['code']}   "
-                  f"(works once, for {left / 60:.0f} min)")
+                  f"(works once, for {_duration_text(left)})")
         sys.stdout.flush()
 
     res = _call(home, "invite", {"name": name, "expires_s": expires_s,
@@ -678,12 +799,12 @@ def accept(
 def ping(
     peer: Annotated[str, typer.Argument(help="Peer id, unique prefix or alias.")],
     home: HomeOpt = None, transport: TransportOpt = None,
-    count: Annotated[int, typer.Option("--count", "-c", min=1, max=1000)] = 3,
+    count: Annotated[int, typer.Option("--count", "-c", min=1, max=1000,
+                                       help="Round trips to measure.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Open an authenticated channel to a trusted peer and measure round trips."""
-    if transport is not None and transport not in TRANSPORTS:
-        raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
+    _check_transport(transport)
 
     def on_event(ev: dict[str, Any]) -> None:
         if not as_json:
@@ -712,7 +833,7 @@ def share(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to share.")],
     home: HomeOpt = None,
     to: Annotated[list[str], typer.Option(
-        "--to", help="Peer (id, prefix or alias) to send to now (repeatable). "
+        "--to", metavar="PEER", help="Peer (id, prefix or alias) to send to now (repeatable). "
                      "Default: every trusted peer that is online.")] = [],
     transport: TransportOpt = None,
     as_json: JsonOpt = False,
@@ -720,8 +841,7 @@ def share(
     """Send files or folders to trusted peers, end-to-end encrypted, and wait until each
     peer has verified its copy. Peers are also notified by a signed "shared" event.
     The node does the work: Ctrl-C here does not stop the transfer (`node cancel` does)."""
-    if transport is not None and transport not in TRANSPORTS:
-        raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
+    _check_transport(transport)
     for p in paths:
         if not p.exists():
             raise LocalIOError(f"{p} does not exist")
@@ -738,13 +858,16 @@ def share(
                         TransferSpeedColumn(), TimeRemainingColumn(), console=err,
                         disable=as_json or not err.is_terminal)
     bars: dict[str, Any] = {}
+    transfer_ids: dict[str, None] = {}  # in order seen, for what Ctrl-C says
 
     def on_event(ev: dict[str, Any]) -> None:
+        tid = ev.get("id", "")
+        if tid:
+            transfer_ids.setdefault(str(tid))
         if as_json:
             sys.stdout.write(json.dumps({"event": ev}) + "\n")
             sys.stdout.flush()
             return
-        tid = ev.get("id", "")
         if tid not in bars:
             bars[tid] = progress.add_task(f"{ev.get('peer', '?')} ({ev.get('transport')})",
                                           total=ev.get("bytes_total") or None)
@@ -755,9 +878,14 @@ def share(
         elif ev.get("type") == "finished" and not err.is_terminal:
             pass
 
-    with progress:
-        res = _call(home, "share", {"paths": [str(p.resolve()) for p in paths], "to": to,
-                                    "transport": transport}, on_event=on_event)
+    try:
+        with progress:
+            res = _call(home, "share", {"paths": [str(p.resolve()) for p in paths], "to": to,
+                                        "transport": transport}, on_event=on_event)
+    except KeyboardInterrupt:
+        ids = " ".join(transfer_ids) or "ID"
+        raise KeyboardInterrupt(f"the node goes on sending; `node transfers` shows it, "
+                                f"`node cancel {ids}` stops it") from None
     if as_json:
         _print_json(res)
     failed = [t for t in res["transfers"] if t["state"] != "done"]
@@ -768,8 +896,8 @@ def share(
                           f"{_size(t['bytes_total'])} over {t['transport']} "
                           f"({_size(t['rate_bps'])}/s)")
             else:
-                err.print(f"[bold red]error:[/] {t['peer']}: {t['state']}: {t['error']}",
-                          markup=True)
+                err.print(f"[bold red]error:[/] {escape(str(t['peer']))}: {t['state']}: "
+                          f"{escape(str(t['error']))}", markup=True)
     if failed:
         raise typer.Exit(1)
 
@@ -793,7 +921,9 @@ def transfers(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if not rows:
         out.print("no transfers yet")
         return
-    table = Table("id", "dir", "peer", "transport", "state", "progress", "files", "error")
+    # the id is what `node cancel` takes: never cut
+    table = Table(Column("id", no_wrap=True, min_width=12), "dir", "peer", "transport",
+                  "state", "progress", "files", "error")
     for r in rows:
         done = f"{_size(r['bytes_done'])}/{_size(r['bytes_total'])}"
         table.add_row(r["id"], r["direction"], r["peer"], r["transport"], r["state"], done,

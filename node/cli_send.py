@@ -97,11 +97,11 @@ def send(
             left = max(0.0, float(ev.get("expires_at", 0)) - time.time())
             out.print(f"send code: [bold]{escape(str(ev['code']))}[/]", markup=True)
             out.print(f"on the other device run: node receive {ev['code']}   "
-                      f"(works once, for {left / 60:.0f} min)")
+                      f"(works once, for {cli._duration_text(left)})")
         elif kind == "matched":
             # the name is the other side's to choose: shown, never read as rich markup
-            out.print(f"receiver {escape(str(ev.get('fingerprint')))} (calls itself "
-                      f"{escape(repr(ev.get('name') or '-'))}); waiting for it to accept")
+            out.print(f"receiver {ev.get('fingerprint')} (calls itself "
+                      f"{ev.get('name') or '-'!r}); waiting for it to accept")
         elif kind == "progress":
             if not bar:
                 bar.append(progress.add_task("sending", total=ev.get("bytes_total") or None))
@@ -141,17 +141,19 @@ def receive(
         raise ConfigError("not asking: stdin is not a terminal; run it in one, or pass "
                           "--yes to accept the offer without asking (the code was not used)")
     target = str(dest.expanduser().resolve()) if dest is not None else ""
+    if target:  # said before the code is used (the sender would be told to send again)
+        cli.check_writable_folder(Path(target), "--dir", "pick another folder")
     offer = cli._call(home, "receive_offer", {"code": code, "rendezvous": rendezvous,
                                               "dir": target})
     if as_json:
         _json_event({"type": "offer", **offer})
     else:
-        out.print(f"{escape(str(offer['fingerprint']))} (calls itself "
-                  f"{escape(repr(offer.get('name') or '-'))}) offers "
+        out.print(f"{offer['fingerprint']} (calls itself "
+                  f"{offer.get('name') or '-'!r}) offers "
                   f"{len(offer['files'])} file(s), {cli._size(offer['bytes_total'])}:")
         for f in offer["files"]:
-            out.print(f"  {escape(f['path'])}  {cli._size(f['size'])}")
-        out.print(f"into {escape(target or offer['default_dir'])}")
+            out.print(f"  {f['path']}  {cli._size(f['size'])}")
+        out.print(f"into {target or offer['default_dir']}")
     accept = True
     if not yes:
         try:
@@ -183,7 +185,7 @@ def receive(
         resumed = res.get("bytes_resumed", 0)
         again = f" ({cli._size(resumed)} resumed from an earlier try)" if resumed else ""
         out.print(f"received {len(res['files'])} file(s), {cli._size(res['bytes_total'])}"
-                  f"{again} into {escape(str(res['dir']))}, every chunk verified; no trust "
+                  f"{again} into {res['dir']}, every chunk verified; no trust "
                   "was added")
     if res.get("state") == "declined":
         raise typer.Exit(1)

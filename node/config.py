@@ -117,10 +117,13 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
                 raise ValueError(f"URLs like http://host:port ({bad[0]!r} is not one)")
             if key == "relays":
                 _check_relay_addrs(value)
-            bad = ([v for v in value if not is_hostport(v)] if key == "lan_announce_targets"
-                   else [])
+            bad = ([v for v in value if not is_hostport(v)]
+                   if key in ("lan_announce_targets", "bootstrap_peers") else [])
             if bad:
                 raise ValueError(f"HOST:PORT entries ({bad[0]!r} is not one)")
+            bad = [v for v in value if v not in TRANSPORTS] if key == "transports" else []
+            if bad:
+                raise ValueError(f"some of {', '.join(TRANSPORTS)} ({bad[0]!r} is not one)")
             return value
         if kind == "bool":
             if from_text and isinstance(value, str):
@@ -157,6 +160,8 @@ def _coerce(key: str, value: Any, source: str, *, from_text: bool) -> Any:
             if value.upper() not in LOG_LEVELS:
                 raise ValueError(f"one of {', '.join(LOG_LEVELS)}")
             return value.upper()
+        if key == "transport" and value not in TRANSPORTS:
+            raise ValueError(f"one of {', '.join(TRANSPORTS)}")
         return value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: key {key!r} must be {exc}, got {value!r}") from None
@@ -171,7 +176,8 @@ def _validate(s: Settings, source: str) -> None:
 
 
 # settings whose command-line flag is not the key's name (a repeatable flag is singular)
-_OPTION_NAMES = {"relays": "--relay"}
+_OPTION_NAMES = {"relays": "--relay", "bootstrap_peers": "--bootstrap-peer",
+                 "shared_dirs": "--share"}
 
 
 def _check_relay_addrs(values: list[str]) -> None:

@@ -155,6 +155,14 @@ def _status_for(exc: P2PError) -> int:
     return 400
 
 
+# aiohttp's own refusals under /api/, as JSON errors: status -> (type, message)
+_API_HTTP_ERRORS = {
+    404: ("NotFound", "no such API endpoint: {method} {path} (docs/api.md lists them)"),
+    405: ("MethodNotAllowed", "{method} is not allowed on {path} (docs/api.md)"),
+    413: ("BodyTooLarge", "the request body is too large (at most {max_bytes:,} bytes)"),
+}
+
+
 def _error(status: int, message: str, kind: str = "P2PError") -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
@@ -318,9 +326,16 @@ class GuiServer:
         try:
             response = await self._guarded(request, handler)
         except web.HTTPException as exc:  # 404, 405, 413 from aiohttp: the same headers
-            for key, value in SECURITY_HEADERS.items():
-                exc.headers.setdefault(key, value)
-            raise
+            if request.path.startswith("/api/") and exc.status in _API_HTTP_ERRORS:
+                # a script reading the JSON API gets JSON, not aiohttp's "404: Not Found"
+                kind, what = _API_HTTP_ERRORS[exc.status]
+                response = _error(exc.status, what.format(method=request.method,
+                                                          path=request.path,
+                                                          max_bytes=MAX_BODY_BYTES), kind)
+            else:
+                for key, value in SECURITY_HEADERS.items():
+                    exc.headers.setdefault(key, value)
+                raise
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
         return response
@@ -511,6 +526,14 @@ class GuiServer:
                 raise ConfigError(f"{key} is too long")
             if value:
                 args[key] = value
+        if "since" in args:  # the daemon's words name the CLI's --since, not this query
+            from node.gossip.log import ms_from_text
+
+            try:
+                ms_from_text(args["since"])
+            except ConfigError:
+                raise ConfigError(f"since: {args['since']!r} is not a time (epoch ms, or "
+                                  "e.g. 10m, 2h, 3d)") from None
         limit = q.get("limit", "")
         if limit:
             if not limit.isdigit():

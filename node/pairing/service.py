@@ -133,8 +133,8 @@ class PairingService:
                                   app_id: bytes = APP_ID, extra: Any = None) -> Exchanged:
         """Allocate a code, emit it (``{"type": "code"}``), run the exchange as side A."""
         if not MIN_INVITE_TTL_S <= ttl_s <= MAX_INVITE_TTL_S:
-            raise ConfigError(f"--expires must be {MIN_INVITE_TTL_S} s to "
-                              f"{MAX_INVITE_TTL_S // 60} min")
+            raise ConfigError(f"option --expires must be {MIN_INVITE_TTL_S} s to "
+                              f"{MAX_INVITE_TTL_S // 60} min, got {ttl_s:g} s")
         async with MailboxClient(self._url(rendezvous)) as mailbox:
             nameplate, token, expires_at = await mailbox.allocate(ttl_s)
             code = make_code(nameplate, entropy=self._entropy)
@@ -251,5 +251,5 @@ def parse_ttl(value: Any) -> float:
     if value is None:
         return float(DEFAULT_INVITE_TTL_S)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError("--expires must be a number of seconds")
+        raise ConfigError("option --expires must be a number of seconds")
     return float(value)
