@@ -68,6 +68,9 @@ class SecureChannel:
         self._recv_lock = asyncio.Lock()
         self._send_frame = getattr(pipe, "send_frame", None)
         self._open_in_place = bool(getattr(pipe, "recv_buffers_owned", False))
+        self._recv_nowait: Callable[[], bytes | None] | None = getattr(pipe, "recv_nowait",
+                                                                       None)
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def closed(self) -> bool:
@@ -122,6 +125,42 @@ class SecureChannel:
             except ChannelClosed:
                 await self.close()
                 raise
+
+    def recv_nowait(self) -> bytes | None:
+        """The next message if the pipe already holds it, else None; never waits.
+
+        For a consumer that is busy anyway (a transfer taking chunk after chunk): a
+        message queued in the pipe is opened at once, with no task and no wake-up of
+        its own. None also when a ``recv()`` is in progress (order is kept) or the pipe
+        cannot tell; ``recv()`` is then the way. A bad frame raises ProtocolError and
+        kills the channel exactly as in ``recv()``.
+        """
+        nowait = self._recv_nowait
+        if nowait is None or self.closed or self._recv_lock.locked():
+            return None
+        frame = nowait()
+        if frame is None:
+            return None
+        try:
+            if (self._open_in_place and type(frame) is bytearray
+                    and len(frame) >= IN_PLACE_MIN_BYTES):
+                return self._session.open_in_place(frame)  # type: ignore[return-value]
+            return self._session.open(frame)
+        except ProtocolError as exc:
+            log.warning("channel with %s over %s killed: %s", self.peer.short,
+                        self.transport, exc)
+            self._close_soon()
+            raise
+
+    def _close_soon(self) -> None:
+        """close() from synchronous code: the state changes now, the pipe closes next."""
+        if self.state is ChannelState.CLOSED:
+            return
+        self.state = ChannelState.CLOSED
+        self._session.close()
+        task = asyncio.get_running_loop().create_task(self._pipe.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         if self.state is ChannelState.CLOSED:

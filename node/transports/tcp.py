@@ -468,6 +468,14 @@ class TcpPipe:
                 raise ChannelClosed(f"{self._where()} closed by the peer")
             await proto.wait_readable()
 
+    def recv_nowait(self) -> bytes | None:
+        """The next message if one is already queued, else None (never waits, never raises:
+        end of stream and errors are reported by ``recv()``). Lets a busy consumer take
+        buffered messages without a task and a wake-up per message."""
+        if self._closed:
+            return None
+        return self._proto.pop()
+
     @property
     def preauth(self) -> bool:
         """True while pre-authentication limits apply to what the peer sends."""
