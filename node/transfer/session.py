@@ -86,6 +86,7 @@ from node.transfer.protocol import (
 )
 from node.transfer.seeds import SeedIndex, seed_partial
 from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
+from node.transfer.worker import WorkerThread
 from node.wire import Message
 
 log = logging.getLogger(__name__)
@@ -814,7 +815,7 @@ class _Sink(_Session):
         self._folder: Path | None = None
         self._partials: dict[int, PartialFile] = {}
         self._finalizer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer: WorkerThread | None = None
         self._writes: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._plan_tasks: set[asyncio.Future[Any]] = set()
 
@@ -896,11 +897,10 @@ class _Sink(_Session):
             m.chunk_written(event.index, event.chunk, ok, time.monotonic())
             return
         if self._writer is None:
-            self._writer = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="p2pfs-write")
+            self._writer = WorkerThread("p2pfs-write")
         # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
-        fut = asyncio.wrap_future(self._writer.submit(partial.write_chunk, event.chunk,
-                                                      event.data))
+        fut: asyncio.Future[bool] = self._writer.submit(partial.write_chunk, event.chunk,
+                                                        event.data)
         self._writes.append(fut)
         index, chunk = event.index, event.chunk
         self._job(fut, lambda f: self._write_done(f, index, chunk))
@@ -1027,7 +1027,7 @@ class _Sink(_Session):
         writer, self._writer = self._writer, None
         self._writes.clear()
         if writer is not None:
-            writer.shutdown(wait=False, cancel_futures=True)
+            writer.shutdown()
 
     async def _stop_finalizer(self) -> None:
         pool, self._finalizer = self._finalizer, None
