@@ -102,6 +102,28 @@ class SecureChannel:
                 await self.close()
                 raise
 
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send several small messages in order, sealed one by one, with one pipe write
+        where the pipe can (``send_many``); else one ``send`` each."""
+        if self.closed:
+            raise self._closed_error()
+        for data in messages:
+            if len(data) > MAX_PLAINTEXT_BYTES:
+                raise ProtocolError(
+                    f"message of {len(data)} bytes exceeds the {MAX_PLAINTEXT_BYTES}-byte limit")
+        send_many = getattr(self._pipe, "send_many", None)
+        async with self._send_lock:  # sealing order must equal sending order
+            try:
+                frames = [self._session.seal(data) for data in messages]
+                if send_many is not None:
+                    await send_many(frames)
+                else:
+                    for frame in frames:
+                        await self._pipe.send(frame)
+            except P2PError:
+                await self.close()
+                raise
+
     async def recv(self) -> bytes:
         """The next message; ChannelClosed at the end, ProtocolError on a bad frame.
 

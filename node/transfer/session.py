@@ -104,6 +104,8 @@ SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let 
 # disk work this small (a small file's plan, a chunk's read or hash + write) runs on the
 # loop: a hop to a worker thread costs more CPU than the work itself
 SMALL_IO_BYTES = 64 << 10
+# messages the driver sends together in one write at most (chunk requests, statuses)
+SEND_BATCH_MAX_BYTES = 64 << 10
 # preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14); 0 where
 # unknown, and then every large read goes to a thread
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
@@ -242,11 +244,13 @@ class _Session:
         self.bytes_on_wire += len(data)
         await self._send_raw(data)
 
-    async def _send_raw(self, data: bytes | memoryview) -> None:
-        """Send one frame; PeerUnreachable if the peer takes nothing for IDLE_TIMEOUT_S."""
+    async def _send_raw(self, data: Any,
+                        send: Callable[[Any], Any] | None = None) -> None:
+        """Send one frame (or, with ``send``, hand it that); PeerUnreachable if the peer
+        takes nothing for IDLE_TIMEOUT_S."""
         try:
             async with asyncio.timeout(IDLE_TIMEOUT_S):
-                await self.channel.send(data)
+                await (send or self.channel.send)(data)
         except TimeoutError:
             raise PeerUnreachable(
                 f"{self.peer} accepted nothing for {IDLE_TIMEOUT_S:.0f} s; giving up") from None
@@ -449,15 +453,38 @@ class _Session:
         self._jobs[fut] = done
 
     async def _flush(self) -> None:
+        """Do what the machine asks, in order; messages it asks for back to back (a batch
+        of chunk requests) go out together: one write where the channel can."""
         m = self.machine
         assert m is not None
+        batch: list[Message] = []
         while (event := m.next_event()) is not None:
             if isinstance(event, SendMessage):
-                await self._send(event.message)
+                batch.append(event.message)
                 continue
+            if batch:
+                await self._send_batch(batch)
+                batch = []
             pending = self._handle(event)
             if pending is not None:
                 await pending
+        if batch:
+            await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[Message]) -> None:
+        send_many = getattr(self.channel, "send_many", None)
+        if len(batch) == 1 or send_many is None:
+            for msg in batch:
+                await self._send(msg)
+            return
+        datas = [msg.encode() for msg in batch]
+        if sum(len(d) for d in datas) > SEND_BATCH_MAX_BYTES:
+            for data in datas:
+                self.bytes_on_wire += len(data)
+                await self._send_raw(data)
+            return
+        self.bytes_on_wire += sum(len(d) for d in datas)
+        await self._send_raw(datas, send_many)
 
     async def _drive(self) -> None:
         """Feed the machine what the peer, the threads and the clock say, and do what it

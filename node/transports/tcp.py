@@ -422,6 +422,26 @@ class TcpPipe:
         self._transport.writelines((HEADER.pack(n), data) if n else (HEADER.pack(0),))
         await self._backpressure()
 
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send several messages with one write (one syscall for a burst of small ones)."""
+        parts: list[bytes] = []
+        for data in messages:
+            n = len(data)
+            if n > MAX_MESSAGE_BYTES:
+                raise ProtocolError(
+                    f"message of {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+            parts.append(HEADER.pack(n))
+            if n:
+                parts.append(data)
+        proto = self._proto
+        if self._closed or proto.eof or proto.error is not None or self._transport.is_closing():
+            raise ChannelClosed(f"{self._where()} is closed")
+        if len(parts) > 2:  # writelines on a list of small parts: join them, one buffer
+            self._transport.write(b"".join(parts))
+        else:
+            self._transport.writelines(parts)
+        await self._backpressure()
+
     async def send_frame(self, size: int, fill: FrameFiller) -> None:
         """Send one `size`-byte message that ``fill(buf, offset)`` writes at buf[offset:].
 

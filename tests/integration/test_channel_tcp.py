@@ -132,6 +132,24 @@ async def test_recv_nowait_takes_queued_messages_in_order(server: EchoServer) ->
         await ch.close()
 
 
+async def test_send_many_delivers_each_message_in_order(server: EchoServer) -> None:
+    ch = await connect(server.listener.port)
+    try:
+        msgs = [b"a", b"", b"ccc" * 100, bytes(range(256)) * 40]
+        await ch.send(b"before")
+        await ch.send_many(msgs)
+        await ch.send(b"after")
+        got = [await asyncio.wait_for(ch.recv(), WAIT_S) for _ in range(len(msgs) + 2)]
+        assert [bytes(g) for g in got] == [b"before", *msgs, b"after"]
+        with pytest.raises(ProtocolError, match="exceeds"):
+            await ch.send_many([b"ok", bytes(MAX_PLAINTEXT_BYTES + 1)])
+        assert not ch.closed  # refused before anything was sealed or sent
+        await ch.send(b"still")
+        assert await asyncio.wait_for(ch.recv(), WAIT_S) == b"still"
+    finally:
+        await ch.close()
+
+
 async def test_many_messages_in_order_with_concurrent_reader(server: EchoServer) -> None:
     ch = await connect(server.listener.port)
     n = 500
