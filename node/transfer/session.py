@@ -86,7 +86,7 @@ from node.transfer.protocol import (
 )
 from node.transfer.seeds import SeedIndex, seed_partial
 from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
-from node.transfer.worker import WorkerThread
+from node.transfer.worker import WorkerThread, wait_first
 from node.wire import Message
 
 log = logging.getLogger(__name__)
@@ -514,15 +514,14 @@ class _Session:
             timeout = None if timer is None else max(0.0, timer - time.monotonic())
             if not waiters and timeout is None:
                 raise LocalIOError("transfer stalled: nothing to wait for")
-            done, _ = await asyncio.wait(waiters, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await wait_first(waiters, timeout)
             now = time.monotonic()
-            if self._cancel_task is not None and self._cancel_task in done:
+            if self._cancel_task is not None and self._cancel_task.done():
                 raise self._stop_error()
             self._check_worker()
             for fut in [f for f in self._jobs if f.done()]:  # in the order they were started
                 self._jobs.pop(fut)(fut)
-            if self._recv_task is not None and self._recv_task in done:
+            if self._recv_task is not None and self._recv_task.done():
                 task, self._recv_task = self._recv_task, None
                 m.receive(self._decode(self._received(task)), now)
             if timer is not None and now >= timer:

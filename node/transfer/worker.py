@@ -72,3 +72,32 @@ class WorkerThread:
             except RuntimeError:
                 pass  # the loop is closed: nobody is left to tell
             del fut, fn, args, job, result, exc  # drop the chunk before waiting again
+
+
+async def wait_first(futures: set[asyncio.Future[Any]], timeout_s: float | None) -> None:
+    """Return once any of ``futures`` is done or ``timeout_s`` passed (None: no limit).
+
+    What ``asyncio.wait(..., return_when=FIRST_COMPLETED)`` does for a driver loop,
+    without checking and wrapping each awaitable and building done/pending sets on
+    every call (the loop runs once per chunk). The futures are left as they are.
+    """
+    for fut in futures:
+        if fut.done():
+            return
+    loop = asyncio.get_running_loop()
+    wake: asyncio.Future[None] = loop.create_future()
+
+    def on_done(_: object) -> None:
+        if not wake.done():
+            wake.set_result(None)
+
+    for fut in futures:
+        fut.add_done_callback(on_done)
+    timer = loop.call_later(timeout_s, on_done, None) if timeout_s is not None else None
+    try:
+        await wake
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for fut in futures:
+            fut.remove_done_callback(on_done)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from node.transfer.worker import WorkerThread
+from node.transfer.worker import WorkerThread, wait_first
 
 
 async def test_calls_run_in_order_in_one_other_thread_and_results_come_back() -> None:
@@ -60,3 +60,29 @@ async def test_a_cancelled_waiter_is_left_alone_and_later_calls_still_run() -> N
     assert await asyncio.to_thread(worker.join, 5)
     with pytest.raises(RuntimeError, match="shut down"):
         worker.submit(lambda: 3)
+
+
+async def test_wait_first_returns_on_the_first_done_future_and_cleans_up() -> None:
+    loop = asyncio.get_running_loop()
+    a: asyncio.Future[int] = loop.create_future()
+    b: asyncio.Future[int] = loop.create_future()
+    loop.call_soon(a.set_result, 1)
+    await asyncio.wait_for(wait_first({a, b}, None), 5)
+    assert a.done() and not b.done()
+    b.set_result(2)
+    await asyncio.wait_for(wait_first({a, b}, None), 5)  # already done: returns at once
+
+
+async def test_wait_first_times_out_and_a_cancel_removes_its_callbacks() -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    t0 = loop.time()
+    await asyncio.wait_for(wait_first({fut}, 0.05), 5)
+    assert loop.time() - t0 >= 0.04 and not fut.done()
+    task = asyncio.ensure_future(wait_first({fut}, None))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    fut.set_result(None)  # completing it after the cancel is harmless
+    assert fut.done()
