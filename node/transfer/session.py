@@ -768,41 +768,41 @@ class _Source(_Session):
             payload.release()
             view.release()
             return None
-        with contextlib.ExitStack() as held:
-            held.callback(self._fd_lock.release)
-            try:
-                if self._fd_index != index:
-                    if self._fd >= 0:
-                        os.close(self._fd)
-                        self._fd, self._fd_index = -1, -1
-                    self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                                       | getattr(os, "O_NOFOLLOW", 0))
-                    self._fd_index = index
-                    self._fd_ctime_ns = os.fstat(self._fd).st_ctime_ns
-                if not self._unchanged(sf, os.fstat(self._fd)):
-                    raise self._changed(sf)
-                got = 0
-                if nowait:
-                    try:
-                        got = os.preadv(self._fd, [payload], chunk * e.chunk_size,
-                                        _RWF_NOWAIT)
-                    except BlockingIOError:
-                        got = 0
-                    if got != want:  # not cached (or cut short): the thread reads it
-                        payload.release()
-                        view.release()
-                        return None
-                while got < want:
-                    n = os.preadv(self._fd, [payload[got:]], chunk * e.chunk_size + got)
-                    if n <= 0:
-                        break
-                    got += n
-                if not self._unchanged(sf, os.fstat(self._fd)) or got != want:
-                    raise self._changed(sf)
-            except FileNotFoundError:
-                raise IntegrityError(f"{e.path} was deleted while being sent") from None
-            except OSError as exc:
-                raise LocalIOError(f"cannot read {sf.abspath}: {exc.strerror}") from None
+        try:
+            if self._fd_index != index:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd, self._fd_index = -1, -1
+                self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                                   | getattr(os, "O_NOFOLLOW", 0))
+                self._fd_index = index
+                self._fd_ctime_ns = os.fstat(self._fd).st_ctime_ns
+            if not self._unchanged(sf, os.fstat(self._fd)):
+                raise self._changed(sf)
+            got = 0
+            if nowait:
+                try:
+                    got = os.preadv(self._fd, [payload], chunk * e.chunk_size,
+                                    _RWF_NOWAIT)
+                except BlockingIOError:
+                    got = 0
+                if got != want:  # not cached (or cut short): the thread reads it
+                    payload.release()
+                    view.release()
+                    return None
+            while got < want:
+                n = os.preadv(self._fd, [payload[got:]], chunk * e.chunk_size + got)
+                if n <= 0:
+                    break
+                got += n
+            if not self._unchanged(sf, os.fstat(self._fd)) or got != want:
+                raise self._changed(sf)
+        except FileNotFoundError:
+            raise IntegrityError(f"{e.path} was deleted while being sent") from None
+        except OSError as exc:
+            raise LocalIOError(f"cannot read {sf.abspath}: {exc.strerror}") from None
+        finally:
+            self._fd_lock.release()
         if verify and hash_chunk(payload) != e.chunk_hash(chunk):
             raise self._changed(sf)
         payload.release()
