@@ -114,12 +114,11 @@ class SecureChannel:
         send_many = getattr(self._pipe, "send_many", None)
         async with self._send_lock:  # sealing order must equal sending order
             try:
-                frames = [self._session.seal(data) for data in messages]
                 if send_many is not None:
-                    await send_many(frames)
-                else:
-                    for frame in frames:
-                        await self._pipe.send(frame)
+                    await send_many([self._session.seal(data) for data in messages])
+                else:  # each sealed just before it goes: a cancel loses no sealed frame
+                    for data in messages:
+                        await self._pipe.send(self._session.seal(data))
             except P2PError:
                 await self.close()
                 raise

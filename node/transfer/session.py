@@ -542,7 +542,8 @@ class _Session:
         for fut in [f for f in self._jobs if f.done()]:
             self._jobs.pop(fut)(fut)
             fed = True
-        if recv_nowait is not None and self._recv_task is None and self._wants_input():
+        if (recv_nowait is not None and self._recv_task is None and not m.finished
+                and self._wants_input()):  # a finished machine takes nothing more
             try:
                 data = recv_nowait()
             except P2PError:
@@ -553,7 +554,7 @@ class _Session:
                 m.receive(self._decode(data), now)
                 fed = True
         timer = m.get_timer()
-        if timer is not None and now >= timer:
+        if timer is not None and now >= timer and not m.finished:
             m.handle_timer(now)
             fed = True
         return fed
