@@ -611,6 +611,7 @@ class _Source(_Session):
         self._fd_lock = threading.Lock()
         self._requests: asyncio.Queue[ReadChunk | None] = asyncio.Queue()
         self._buffers: list[bytearray] = []  # frame buffers for reuse (read-ahead needs two)
+        self._read_cold = False  # the last large chunk had to be read in a thread
 
     async def run(self) -> TransferResult:
         try:
@@ -694,8 +695,11 @@ class _Source(_Session):
                 req, fut = reading
                 frame = await fut
                 reading = None
-                if not self._requests.empty():
+                if self._read_cold and not self._requests.empty():
                     # read ahead: the next chunk comes off the disk while this one is sent
+                    # (a chunk the page cache holds is read after the send instead: the
+                    # read is a copy on the loop, and the frame sent meanwhile has left
+                    # the pipe's buffer, so one frame buffer fewer is in use)
                     nxt = self._requests.get_nowait()
                     if nxt is None:
                         self._requests.put_nowait(None)
@@ -725,8 +729,11 @@ class _Source(_Session):
                 done.set_exception(exc)
                 return done
             if view is not None:
+                if not small:
+                    self._read_cold = False
                 done.set_result(view)
                 return done
+        self._read_cold = True  # not in the page cache: read ahead, in a thread
         return asyncio.ensure_future(
             asyncio.to_thread(self._read_chunk, req.index, req.chunk, req.verify, buf))
     def _release_buffer(self, frame: memoryview) -> None:
