@@ -68,6 +68,9 @@ class SecureChannel:
         self._recv_lock = asyncio.Lock()
         self._send_frame = getattr(pipe, "send_frame", None)
         self._open_in_place = bool(getattr(pipe, "recv_buffers_owned", False))
+        self._recv_nowait: Callable[[], bytes | None] | None = getattr(pipe, "recv_nowait",
+                                                                       None)
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def closed(self) -> bool:
@@ -99,6 +102,27 @@ class SecureChannel:
                 await self.close()
                 raise
 
+    async def send_many(self, messages: list[bytes]) -> None:
+        """Send several small messages in order, sealed one by one, with one pipe write
+        where the pipe can (``send_many``); else one ``send`` each."""
+        if self.closed:
+            raise self._closed_error()
+        for data in messages:
+            if len(data) > MAX_PLAINTEXT_BYTES:
+                raise ProtocolError(
+                    f"message of {len(data)} bytes exceeds the {MAX_PLAINTEXT_BYTES}-byte limit")
+        send_many = getattr(self._pipe, "send_many", None)
+        async with self._send_lock:  # sealing order must equal sending order
+            try:
+                if send_many is not None:
+                    await send_many([self._session.seal(data) for data in messages])
+                else:  # each sealed just before it goes: a cancel loses no sealed frame
+                    for data in messages:
+                        await self._pipe.send(self._session.seal(data))
+            except P2PError:
+                await self.close()
+                raise
+
     async def recv(self) -> bytes:
         """The next message; ChannelClosed at the end, ProtocolError on a bad frame.
 
@@ -122,6 +146,42 @@ class SecureChannel:
             except ChannelClosed:
                 await self.close()
                 raise
+
+    def recv_nowait(self) -> bytes | None:
+        """The next message if the pipe already holds it, else None; never waits.
+
+        For a consumer that is busy anyway (a transfer taking chunk after chunk): a
+        message queued in the pipe is opened at once, with no task and no wake-up of
+        its own. None also when a ``recv()`` is in progress (order is kept) or the pipe
+        cannot tell; ``recv()`` is then the way. A bad frame raises ProtocolError and
+        kills the channel exactly as in ``recv()``.
+        """
+        nowait = self._recv_nowait
+        if nowait is None or self.closed or self._recv_lock.locked():
+            return None
+        frame = nowait()
+        if frame is None:
+            return None
+        try:
+            if (self._open_in_place and type(frame) is bytearray
+                    and len(frame) >= IN_PLACE_MIN_BYTES):
+                return self._session.open_in_place(frame)  # type: ignore[return-value]
+            return self._session.open(frame)
+        except ProtocolError as exc:
+            log.warning("channel with %s over %s killed: %s", self.peer.short,
+                        self.transport, exc)
+            self._close_soon()
+            raise
+
+    def _close_soon(self) -> None:
+        """close() from synchronous code: the state changes now, the pipe closes next."""
+        if self.state is ChannelState.CLOSED:
+            return
+        self.state = ChannelState.CLOSED
+        self._session.close()
+        task = asyncio.get_running_loop().create_task(self._pipe.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         if self.state is ChannelState.CLOSED:

@@ -66,6 +66,9 @@ from node.wire import Message
 log = logging.getLogger(__name__)
 
 WINDOW_BYTES = 16 << 20  # chunk bytes requested and not yet received (pipelining)
+# a window with requests in flight is topped up once this much of it is free, so
+# requests go out (and are read and answered) a few at a time, not one per chunk
+REQUEST_BATCH_BYTES = 4 << 20
 MAX_CHUNK_FAILURES = 3  # the same chunk failing verification this often aborts the transfer
 IDLE_TIMEOUT_S = 60.0  # no message from the peer for this long: it is unreachable
 KEEPALIVE_INTERVAL_S = 10.0  # while busy locally (hashing, planning), tell the peer we live
@@ -598,6 +601,7 @@ class SinkMachine(_Machine):
         self._pending: collections.deque[tuple[int, int]] = collections.deque()
         self._in_flight: dict[tuple[int, int], int] = {}
         self._in_flight_bytes = 0
+        self._topping_up = False  # requesting until the window is full (REQUEST_BATCH_BYTES)
         self._chunk_failures: collections.Counter[tuple[int, int]] = collections.Counter()
         self._remaining: dict[int, int] = {}  # RECEIVING file -> chunks not yet written
         self._writes: collections.Counter[int] = collections.Counter()  # file -> writes out
@@ -876,7 +880,12 @@ class SinkMachine(_Machine):
             index, c = self._pending[0]
             clen = self.entries[index].chunk_len(c)
             if self._in_flight and self._in_flight_bytes + clen > WINDOW_BYTES:
+                self._topping_up = False
                 return
+            if (self._in_flight and not self._topping_up
+                    and WINDOW_BYTES - self._in_flight_bytes < REQUEST_BATCH_BYTES):
+                return  # wait until a batch worth of the window is free
+            self._topping_up = True
             self._pending.popleft()
             self._in_flight[(index, c)] = clen
             self._in_flight_bytes += clen
@@ -907,6 +916,7 @@ __all__ = [
     "MAX_OPEN_PARTIALS",
     "MAX_PENDING_WRITES",
     "MAX_QUEUED_REQUESTS",
+    "REQUEST_BATCH_BYTES",
     "TERMINAL",
     "WINDOW_BYTES",
     "CommitFiles",

@@ -86,6 +86,7 @@ from node.transfer.protocol import (
 )
 from node.transfer.seeds import SeedIndex, seed_partial
 from node.transfer.store import PartialBusy, PartialFile, PlanKind, ReceiveStore
+from node.transfer.worker import WorkerThread, wait_first
 from node.wire import Message
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let 
 # disk work this small (a small file's plan, a chunk's read or hash + write) runs on the
 # loop: a hop to a worker thread costs more CPU than the work itself
 SMALL_IO_BYTES = 64 << 10
+# messages the driver sends together in one write at most (chunk requests, statuses)
+SEND_BATCH_MAX_BYTES = 64 << 10
+# preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14); 0 where
+# unknown, and then every large read goes to a thread
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
 class Superseded(P2PError):
     """A newer session from the same peer took over the file this one was receiving."""
@@ -238,11 +244,13 @@ class _Session:
         self.bytes_on_wire += len(data)
         await self._send_raw(data)
 
-    async def _send_raw(self, data: bytes | memoryview) -> None:
-        """Send one frame; PeerUnreachable if the peer takes nothing for IDLE_TIMEOUT_S."""
+    async def _send_raw(self, data: Any,
+                        send: Callable[[Any], Any] | None = None) -> None:
+        """Send one frame (or, with ``send``, hand it that); PeerUnreachable if the peer
+        takes nothing for IDLE_TIMEOUT_S."""
         try:
             async with asyncio.timeout(IDLE_TIMEOUT_S):
-                await self.channel.send(data)
+                await (send or self.channel.send)(data)
         except TimeoutError:
             raise PeerUnreachable(
                 f"{self.peer} accepted nothing for {IDLE_TIMEOUT_S:.0f} s; giving up") from None
@@ -445,26 +453,52 @@ class _Session:
         self._jobs[fut] = done
 
     async def _flush(self) -> None:
+        """Do what the machine asks, in order; messages it asks for back to back (a batch
+        of chunk requests) go out together: one write where the channel can."""
         m = self.machine
         assert m is not None
+        batch: list[Message] = []
         while (event := m.next_event()) is not None:
             if isinstance(event, SendMessage):
-                await self._send(event.message)
+                batch.append(event.message)
                 continue
+            if batch:
+                await self._send_batch(batch)
+                batch = []
             pending = self._handle(event)
             if pending is not None:
                 await pending
+        if batch:
+            await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[Message]) -> None:
+        send_many = getattr(self.channel, "send_many", None)
+        if len(batch) == 1 or send_many is None:
+            for msg in batch:
+                await self._send(msg)
+            return
+        datas = [msg.encode() for msg in batch]
+        if sum(len(d) for d in datas) > SEND_BATCH_MAX_BYTES:
+            for data in datas:
+                self.bytes_on_wire += len(data)
+                await self._send_raw(data)
+            return
+        self.bytes_on_wire += sum(len(d) for d in datas)
+        await self._send_raw(datas, send_many)
 
     async def _drive(self) -> None:
         """Feed the machine what the peer, the threads and the clock say, and do what it
         asks, until it is finished. Decides nothing itself."""
         m = self.machine
         assert m is not None
+        recv_nowait = getattr(self.channel, "recv_nowait", None)
         while True:
             await self._flush()
             self._report()
             if m.finished:
                 return
+            if self._ready_input(recv_nowait):
+                continue
             waiters: set[asyncio.Future[Any]] = set(self._jobs)
             if self._worker is not None:
                 waiters.add(self._worker)
@@ -480,19 +514,50 @@ class _Session:
             timeout = None if timer is None else max(0.0, timer - time.monotonic())
             if not waiters and timeout is None:
                 raise LocalIOError("transfer stalled: nothing to wait for")
-            done, _ = await asyncio.wait(waiters, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await wait_first(waiters, timeout)
             now = time.monotonic()
-            if self._cancel_task is not None and self._cancel_task in done:
+            if self._cancel_task is not None and self._cancel_task.done():
                 raise self._stop_error()
             self._check_worker()
             for fut in [f for f in self._jobs if f.done()]:  # in the order they were started
                 self._jobs.pop(fut)(fut)
-            if self._recv_task is not None and self._recv_task in done:
+            if self._recv_task is not None and self._recv_task.done():
                 task, self._recv_task = self._recv_task, None
                 m.receive(self._decode(self._received(task)), now)
             if timer is not None and now >= timer:
                 m.handle_timer(now)
+
+    def _ready_input(self, recv_nowait: Callable[[], bytes | None] | None) -> bool:
+        """Feed the machine what is ready without waiting (finished jobs, a message the
+        channel already holds, a due timer), in the order the waiting path uses; True if
+        anything was fed. A transfer in full flow takes chunk after chunk this way, with
+        no task, no asyncio.wait and no wake-up per message."""
+        m = self.machine
+        assert m is not None
+        if self.cancel is not None and self.cancel.is_set():
+            raise self._stop_error()
+        self._check_worker()
+        now = time.monotonic()
+        fed = False
+        for fut in [f for f in self._jobs if f.done()]:
+            self._jobs.pop(fut)(fut)
+            fed = True
+        if (recv_nowait is not None and self._recv_task is None and not m.finished
+                and self._wants_input()):  # a finished machine takes nothing more
+            try:
+                data = recv_nowait()
+            except P2PError:
+                raise
+            except (OSError, ConnectionError) as exc:
+                raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
+            if data is not None:
+                m.receive(self._decode(data), now)
+                fed = True
+        timer = m.get_timer()
+        if timer is not None and now >= timer and not m.finished:
+            m.handle_timer(now)
+            fed = True
+        return fed
 
     def _received(self, task: asyncio.Future[bytes]) -> bytes:
         try:
@@ -546,6 +611,7 @@ class _Source(_Session):
         self._fd_lock = threading.Lock()
         self._requests: asyncio.Queue[ReadChunk | None] = asyncio.Queue()
         self._buffers: list[bytearray] = []  # frame buffers for reuse (read-ahead needs two)
+        self._read_cold = False  # the last large chunk had to be read in a thread
 
     async def run(self) -> TransferResult:
         try:
@@ -629,8 +695,11 @@ class _Source(_Session):
                 req, fut = reading
                 frame = await fut
                 reading = None
-                if not self._requests.empty():
+                if self._read_cold and not self._requests.empty():
                     # read ahead: the next chunk comes off the disk while this one is sent
+                    # (a chunk the page cache holds is read after the send instead: the
+                    # read is a copy on the loop, and the frame sent meanwhile has left
+                    # the pipe's buffer, so one frame buffer fewer is in use)
                     nxt = self._requests.get_nowait()
                     if nxt is None:
                         self._requests.put_nowait(None)
@@ -647,14 +716,24 @@ class _Source(_Session):
                 reading[1].add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _start_read(self, req: ReadChunk) -> asyncio.Future[memoryview]:
+        """Read a chunk on the loop when that cannot block (a small one, or one the page
+        cache holds: RWF_NOWAIT), else in a thread. A share of a file just hashed for its
+        manifest reads every chunk from the cache: no thread hop per chunk."""
         buf = self._buffers.pop() if self._buffers else None
-        if self.files[req.index].entry.chunk_len(req.chunk) <= SMALL_IO_BYTES:
+        small = self.files[req.index].entry.chunk_len(req.chunk) <= SMALL_IO_BYTES
+        if small or (_RWF_NOWAIT and not req.verify):
             done: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
             try:
-                done.set_result(self._read_chunk(req.index, req.chunk, req.verify, buf))
+                view = self._read_chunk(req.index, req.chunk, req.verify, buf, nowait=not small)
             except P2PError as exc:
                 done.set_exception(exc)
-            return done
+                return done
+            if view is not None:
+                if not small:
+                    self._read_cold = False
+                done.set_result(view)
+                return done
+        self._read_cold = True  # not in the page cache: read ahead, in a thread
         return asyncio.ensure_future(
             asyncio.to_thread(self._read_chunk, req.index, req.chunk, req.verify, buf))
     def _release_buffer(self, frame: memoryview) -> None:
@@ -672,8 +751,11 @@ class _Source(_Session):
         return IntegrityError(f"{sf.entry.path} changed while being sent; share it again")
 
     def _read_chunk(self, index: int, chunk: int, verify: bool,
-                    buf: bytearray | None) -> memoryview:
+                    buf: bytearray | None, *, nowait: bool = False) -> Any:
         """One ChunkData frame, the chunk read from disk right behind its header.
+
+        With ``nowait``, None (nothing read, `buf` kept for the next try) when the
+        chunk is not all in the page cache: reading it would wait for the disk.
 
         The file must look unchanged (size, mtime, inode) before and after the
         read. The chunk is not hashed here: the sink verifies every chunk, and
@@ -690,30 +772,45 @@ class _Source(_Session):
         view = memoryview(buf)[:total]
         view[:len(header)] = header
         payload = view[len(header):]
-        with self._fd_lock:
-            try:
-                if self._fd_index != index:
-                    if self._fd >= 0:
-                        os.close(self._fd)
-                        self._fd, self._fd_index = -1, -1
-                    self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                                       | getattr(os, "O_NOFOLLOW", 0))
-                    self._fd_index = index
-                    self._fd_ctime_ns = os.fstat(self._fd).st_ctime_ns
-                if not self._unchanged(sf, os.fstat(self._fd)):
-                    raise self._changed(sf)
-                got = 0
-                while got < want:
-                    n = os.preadv(self._fd, [payload[got:]], chunk * e.chunk_size + got)
-                    if n <= 0:
-                        break
-                    got += n
-                if not self._unchanged(sf, os.fstat(self._fd)) or got != want:
-                    raise self._changed(sf)
-            except FileNotFoundError:
-                raise IntegrityError(f"{e.path} was deleted while being sent") from None
-            except OSError as exc:
-                raise LocalIOError(f"cannot read {sf.abspath}: {exc.strerror}") from None
+        if not self._fd_lock.acquire(blocking=not nowait):  # a thread reads: never wait
+            payload.release()
+            view.release()
+            return None
+        try:
+            if self._fd_index != index:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd, self._fd_index = -1, -1
+                self._fd = os.open(sf.abspath, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                                   | getattr(os, "O_NOFOLLOW", 0))
+                self._fd_index = index
+                self._fd_ctime_ns = os.fstat(self._fd).st_ctime_ns
+            if not self._unchanged(sf, os.fstat(self._fd)):
+                raise self._changed(sf)
+            got = 0
+            if nowait:
+                try:
+                    got = os.preadv(self._fd, [payload], chunk * e.chunk_size,
+                                    _RWF_NOWAIT)
+                except BlockingIOError:
+                    got = 0
+                if got != want:  # not cached (or cut short): the thread reads it
+                    payload.release()
+                    view.release()
+                    return None
+            while got < want:
+                n = os.preadv(self._fd, [payload[got:]], chunk * e.chunk_size + got)
+                if n <= 0:
+                    break
+                got += n
+            if not self._unchanged(sf, os.fstat(self._fd)) or got != want:
+                raise self._changed(sf)
+        except FileNotFoundError:
+            raise IntegrityError(f"{e.path} was deleted while being sent") from None
+        except OSError as exc:
+            raise LocalIOError(f"cannot read {sf.abspath}: {exc.strerror}") from None
+        finally:
+            self._fd_lock.release()
         if verify and hash_chunk(payload) != e.chunk_hash(chunk):
             raise self._changed(sf)
         payload.release()
@@ -752,7 +849,7 @@ class _Sink(_Session):
         self._folder: Path | None = None
         self._partials: dict[int, PartialFile] = {}
         self._finalizer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer: WorkerThread | None = None
         self._writes: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._plan_tasks: set[asyncio.Future[Any]] = set()
 
@@ -834,11 +931,10 @@ class _Sink(_Session):
             m.chunk_written(event.index, event.chunk, ok, time.monotonic())
             return
         if self._writer is None:
-            self._writer = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="p2pfs-write")
+            self._writer = WorkerThread("p2pfs-write")
         # hash + pwrite release the GIL: the loop decrypts the next frame meanwhile
-        fut = asyncio.wrap_future(self._writer.submit(partial.write_chunk, event.chunk,
-                                                      event.data))
+        fut: asyncio.Future[bool] = self._writer.submit(partial.write_chunk, event.chunk,
+                                                        event.data)
         self._writes.append(fut)
         index, chunk = event.index, event.chunk
         self._job(fut, lambda f: self._write_done(f, index, chunk))
@@ -965,7 +1061,7 @@ class _Sink(_Session):
         writer, self._writer = self._writer, None
         self._writes.clear()
         if writer is not None:
-            writer.shutdown(wait=False, cancel_futures=True)
+            writer.shutdown()
 
     async def _stop_finalizer(self) -> None:
         pool, self._finalizer = self._finalizer, None

@@ -351,6 +351,32 @@ async def test_tampered_frame_towards_client_raises_protocol_error(server: EchoS
         await lst.close()
 
 
+@pytest.mark.parametrize("payload", sorted(FRAME_PAYLOADS))
+async def test_tampered_frame_taken_by_recv_nowait_kills_channel(server: EchoServer,
+                                                                 payload: str) -> None:
+    """The no-wait path a busy transfer uses checks every frame exactly as recv() does."""
+    needs_transparent_relay(server)
+    relay, lst = await through_relay(server, at(S2C, 2, flip_middle))
+    try:
+        ch = await open_via(relay)
+        if not hasattr(ch._pipe, "recv_nowait"):
+            pytest.skip(f"{server.transport} pipes have no recv_nowait (recv() is the path)")
+        await ch.send(FRAME_PAYLOADS[payload])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        with pytest.raises(ProtocolError, match="failed authentication"):
+            while ch.recv_nowait() is None:
+                assert loop.time() < deadline, "the tampered frame never arrived"
+                await asyncio.sleep(0.005)
+        assert ch.closed
+        with pytest.raises(ChannelClosed):
+            await ch.recv()
+        await _drain_until(server, "ended")
+        await server.expect_honest_client_served()
+    finally:
+        await lst.close()
+
+
 async def _drain_until(server: EchoServer, kind: str) -> None:
     while (await server.next_event())[0] != kind:
         pass

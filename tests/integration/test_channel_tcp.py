@@ -107,6 +107,49 @@ async def test_trusted_peers_exchange_messages(server: EchoServer) -> None:
         await ch.send(b"x")
 
 
+async def _poll_nowait(ch: SecureChannel) -> bytes:
+    """recv_nowait until a message is there (deadline WAIT_S): it never waits itself."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (got := ch.recv_nowait()) is None:
+        assert loop.time() < deadline, "no message reached recv_nowait"
+        await asyncio.sleep(0.005)
+    return bytes(got)
+
+
+async def test_recv_nowait_takes_queued_messages_in_order(server: EchoServer) -> None:
+    ch = await connect(server.listener.port)
+    try:
+        assert ch.recv_nowait() is None  # nothing sent yet: None, no waiting
+        big = bytes(range(256)) * 1024  # opened in place (>= IN_PLACE_MIN_BYTES)
+        for msg in (b"one", big, b"three"):
+            await ch.send(msg)
+        assert await _poll_nowait(ch) == b"one"
+        assert await _poll_nowait(ch) == big
+        assert await asyncio.wait_for(ch.recv(), WAIT_S) == b"three"  # mixes with recv()
+        assert ch.recv_nowait() is None
+    finally:
+        await ch.close()
+
+
+async def test_send_many_delivers_each_message_in_order(server: EchoServer) -> None:
+    ch = await connect(server.listener.port)
+    try:
+        msgs = [b"a", b"", b"ccc" * 100, bytes(range(256)) * 40]
+        await ch.send(b"before")
+        await ch.send_many(msgs)
+        await ch.send(b"after")
+        got = [await asyncio.wait_for(ch.recv(), WAIT_S) for _ in range(len(msgs) + 2)]
+        assert [bytes(g) for g in got] == [b"before", *msgs, b"after"]
+        with pytest.raises(ProtocolError, match="exceeds"):
+            await ch.send_many([b"ok", bytes(MAX_PLAINTEXT_BYTES + 1)])
+        assert not ch.closed  # refused before anything was sealed or sent
+        await ch.send(b"still")
+        assert await asyncio.wait_for(ch.recv(), WAIT_S) == b"still"
+    finally:
+        await ch.close()
+
+
 async def test_many_messages_in_order_with_concurrent_reader(server: EchoServer) -> None:
     ch = await connect(server.listener.port)
     n = 500

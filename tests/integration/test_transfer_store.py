@@ -237,3 +237,128 @@ def test_commit_batch_that_cannot_sync_shows_nothing_and_keeps_resume_state(
     names = os.listdir(folder / "d")
     assert all(n.startswith(".") for n in names)  # partials and their state only
     assert sum(n.endswith(".p2pfs-state") for n in names) == 3  # a retry resumes them
+
+
+# -- big files' chunks written with O_DIRECT ------------------------------------------
+
+def _big_entry(tmp_path: Path) -> tuple[FileEntry, bytes]:
+    # not a multiple of the alignment: the last chunk has a tail written through the cache
+    data = os.urandom(store_mod.DIRECT_IO_MIN_FILE_BYTES + 3 * CHUNK + 1234)
+    src = tmp_path / "big-src.bin"
+    src.write_bytes(data)
+    return entry_for(src), data
+
+
+def _write_all(partial: PartialFile, entry: FileEntry, data: bytes) -> None:
+    for i in reversed(range(entry.chunks)):  # any order: each chunk at its own offset
+        assert partial.write_chunk(i, memoryview(data)[i * CHUNK:(i + 1) * CHUNK])
+
+
+def _direct_or_skip(partial: PartialFile) -> None:
+    if partial._dfd < 0:
+        pytest.skip("this file system refuses O_DIRECT: the buffered path is the one in use")
+
+
+def test_big_file_chunks_go_through_o_direct_and_arrive_intact(tmp_path: Path) -> None:
+    store = ReceiveStore(tmp_path / "received")
+    entry, data = _big_entry(tmp_path)
+    plan = store.plan(store.folder("alice"), entry)
+    partial = plan.partial
+    assert partial is not None
+    try:
+        _direct_or_skip(partial)
+        _write_all(partial, entry, data)
+        final = partial.finalize()
+    finally:
+        store.release(partial)
+    assert final.read_bytes() == data
+    assert partial._dfd == -1 and partial._bounce is None  # closed with the file
+
+
+def test_big_file_falls_back_to_the_page_cache_when_o_direct_is_refused(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    store = ReceiveStore(tmp_path / "received")
+    entry, data = _big_entry(tmp_path)
+    plan = store.plan(store.folder("alice"), entry)
+    partial = plan.partial
+    assert partial is not None
+    real = store._write_at
+    refused: list[int] = []
+
+    def no_direct(fd: int, buf: Any, offset: int) -> None:
+        if fd == partial._dfd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, buf, offset)
+
+    monkeypatch.setattr(store, "_write_at", no_direct)
+    try:
+        _direct_or_skip(partial)
+        _write_all(partial, entry, data)
+        assert partial._dfd == -1 and len(refused) == 1  # given up after the first refusal
+        final = partial.finalize()
+    finally:
+        store.release(partial)
+    assert final.read_bytes() == data
+
+
+def test_a_full_disk_on_a_direct_write_is_a_local_io_error(tmp_path: Path,
+                                                           monkeypatch: Any) -> None:
+    store = ReceiveStore(tmp_path / "received")
+    entry, data = _big_entry(tmp_path)
+    plan = store.plan(store.folder("alice"), entry)
+    partial = plan.partial
+    assert partial is not None
+
+    def full(fd: int, buf: Any, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        _direct_or_skip(partial)
+        monkeypatch.setattr(store, "_write_at", full)
+        with pytest.raises(LocalIOError, match="cannot write"):
+            partial.write_chunk(0, data[:CHUNK])
+        assert partial.missing()[0] == 0  # nothing counted
+    finally:
+        store.release(partial)
+
+
+def test_direct_io_off_writes_big_files_through_the_page_cache(tmp_path: Path) -> None:
+    store = ReceiveStore(tmp_path / "received", direct_io=False)
+    entry, data = _big_entry(tmp_path)
+    plan = store.plan(store.folder("alice"), entry)
+    partial = plan.partial
+    assert partial is not None
+    try:
+        assert partial._dfd == -1
+        _write_all(partial, entry, data)
+        final = partial.finalize()
+    finally:
+        store.release(partial)
+    assert final.read_bytes() == data
+
+
+def test_direct_written_chunks_are_verified_and_kept_on_resume(tmp_path: Path) -> None:
+    store = ReceiveStore(tmp_path / "received")
+    entry, data = _big_entry(tmp_path)
+    folder = store.folder("alice")
+    first = store.plan(folder, entry).partial
+    assert first is not None
+    half = entry.chunks // 2
+    try:
+        _direct_or_skip(first)
+        for i in range(half):
+            assert first.write_chunk(i, data[i * CHUNK:(i + 1) * CHUNK])
+        first.save_state()
+    finally:
+        store.release(first)
+    again = store.plan(folder, entry).partial
+    assert again is not None
+    try:
+        assert again.missing() == list(range(half, entry.chunks))  # re-read from disk, verified
+        for i in again.missing():
+            assert again.write_chunk(i, data[i * CHUNK:(i + 1) * CHUNK])
+        final = again.finalize()
+    finally:
+        store.release(again)
+    assert final.read_bytes() == data

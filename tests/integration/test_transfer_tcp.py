@@ -6,7 +6,10 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from node.errors import ChannelClosed
+from node.transfer import session
 from node.transfer.bench import tcp_channel_pair
 from node.transfer.session import TransferState, receive_files, send_files
 from node.transfer.store import ReceiveStore
@@ -35,6 +38,7 @@ async def test_directory_over_secure_tcp_and_resume(tmp_path: Path) -> None:
             return await real_recv()
 
         b.recv = dropping_recv
+        b.recv_nowait = lambda: None  # every message goes through dropping_recv
         res = await asyncio.gather(send_files(a, src, [src]),
                                    receive_files(b, ReceiveStore(recv)), return_exceptions=True)
         assert all(isinstance(r, ChannelClosed) for r in res), res
@@ -48,3 +52,51 @@ async def test_directory_over_secure_tcp_and_resume(tmp_path: Path) -> None:
     assert (recv / "alice" / "big.bin").read_bytes() == big
     assert (recv / "alice" / "sub" / "small.txt").read_bytes() == b"small"
     assert r_sink.bytes_received_payload < len(big)
+
+
+@pytest.mark.skipif(not session._RWF_NOWAIT or not hasattr(os, "posix_fadvise"),
+                    reason="needs preadv RWF_NOWAIT and posix_fadvise (Linux)")
+async def test_chunks_not_in_the_page_cache_are_read_in_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source reads cached chunks on the loop (RWF_NOWAIT); a chunk the cache does not
+    hold makes that read give up, and the thread reads it: the file arrives whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * MiB + 5)
+    path = src / "cold.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the cache
+    finally:
+        os.close(fd)
+    outcomes: list[tuple[bool, bool]] = []  # (nowait, read something)
+    real = session._Source._read_chunk
+
+    def spy(self: object, *args: object, nowait: bool = False) -> object:
+        got = real(self, *args, nowait=nowait)  # type: ignore[arg-type]
+        outcomes.append((nowait, got is not None))
+        return got
+
+    monkeypatch.setattr(session._Source, "_read_chunk", spy)
+    real_hash = session.build_manifest
+
+    def manifest_then_evict(root: Path, paths: list[Path]) -> object:
+        out = real_hash(root, paths)  # hashing read the file into the cache: drop it again
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return out
+
+    monkeypatch.setattr(session, "build_manifest", manifest_then_evict)
+    recv = tmp_path / "received"
+    async with tcp_channel_pair() as (a, b):
+        r_src, r_sink = await asyncio.gather(send_files(a, src, [src]),
+                                             receive_files(b, ReceiveStore(recv)))
+    assert r_src.state == r_sink.state == TransferState.DONE
+    assert (recv / "alice" / "cold.bin").read_bytes() == data
+    assert (True, False) in outcomes, outcomes  # a no-wait read gave up on a cold chunk
+    assert (False, True) in outcomes, outcomes  # ... and the thread read it

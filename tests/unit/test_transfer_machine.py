@@ -18,6 +18,7 @@ from node.transfer.machine import (
     KEEPALIVE_INTERVAL_S,
     MAX_CHUNK_FAILURES,
     MAX_PENDING_WRITES,
+    REQUEST_BATCH_BYTES,
     WINDOW_BYTES,
     CommitFiles,
     IllegalTransition,
@@ -221,6 +222,30 @@ def test_the_window_bounds_bytes_in_flight() -> None:
         p.sink.receive(msg, 0.0)
     p.drain_sink()
     assert len(p.requests_seen) == WINDOW_BYTES // (1 << 20)
+
+
+def test_the_window_is_topped_up_a_batch_at_a_time() -> None:
+    """Once the window is full, single arrivals ask for nothing; a batch's worth of free
+    window asks for that batch at once (fewer, grouped request frames)."""
+    mib = 1 << 20
+    per_batch = REQUEST_BATCH_BYTES // mib
+    p = Pair({"big": b""})
+    p.entries = [entry("big", bytes(WINDOW_BYTES * 2), chunk_size=mib)]
+    p.start()
+    p.drain_source()
+    p.sink.receive(p.to_sink.pop(0), 0.0)  # the offer
+    p.drain_sink()
+    assert len(p.requests_seen) == WINDOW_BYTES // mib
+    p.to_source.clear()
+    payload = bytes(mib)
+    for n in range(per_batch):
+        p.sink.receive(wire(ChunkData(0, n, payload), SinkMachine.expect), 0.0)
+        p.drain_sink()
+        asked = [m for m in p.to_source if isinstance(m, ChunkRequest)]
+        if n < per_batch - 1:
+            assert asked == [], f"asked after {n + 1} chunk(s) came back"
+    assert [(m.index, m.chunk) for m in asked] == [
+        (0, WINDOW_BYTES // mib + i) for i in range(per_batch)]
 
 
 def test_resume_asks_only_for_the_missing_chunks() -> None:
