@@ -236,6 +236,38 @@ async def test_send_blocks_when_the_peer_does_not_read(start_server, pipes) -> N
     assert sum(received) >= accepted  # the message cut by the timeout may or may not count
 
 
+async def test_sender_leaves_at_most_its_send_window_unread(start_server, pipes) -> None:
+    """A bulk sender keeps SEND_WINDOW_BYTES (not the receiver's whole 9 MiB window) in the
+    peer's memory, and a maximal message still goes once the reader has caught up."""
+    release = asyncio.Event()
+    got: list[int] = []
+
+    async def lazy(pipe: Pipe) -> None:
+        await release.wait()
+        while True:
+            got.append(len(await pipe.recv()))
+
+    server = await start_server(lazy)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    msg = os.urandom(256 * 1024)
+    accepted = 0
+    while True:
+        try:
+            await asyncio.wait_for(pipe.send(msg), 0.5)
+        except TimeoutError:
+            break
+        accepted += len(msg)
+        assert accepted <= quic.RECV_WINDOW_BYTES, "send() did not stop at its send window"
+    assert 0 < accepted <= quic.SEND_WINDOW_BYTES
+    release.set()
+    await asyncio.wait_for(pipe.send(os.urandom(MAX_MESSAGE_BYTES)), 20)
+    deadline = time.monotonic() + 20
+    while MAX_MESSAGE_BYTES not in got and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert MAX_MESSAGE_BYTES in got
+
+
 async def test_connect_to_a_dead_port_fails_fast() -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
