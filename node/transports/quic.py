@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -86,22 +87,25 @@ ALPN_PROTOCOL = "p2pfs/1"
 IDLE_TIMEOUT_S = 30.0  # a silent peer (crashed, unplugged) ends the pipe after this
 # a live but quiet pipe pings so the idle timeout never ends it (TCP pipes don't expire either)
 KEEPALIVE_INTERVAL_S = 10.0
-# measured faster than 1200 (fewer packets per byte); 1452 fits a 1500-byte Ethernet MTU
+# Datagram sizes. Off loopback, both ends send QUIC's minimum, 1200 bytes (RFC 9000 §14: every
+# QUIC path must carry it; 1228-byte IPv4 / 1248-byte IPv6 packets), because qh3 2.x sends
+# data at its configured size without validating the path first: at 1452 bytes (a 1500-byte
+# Ethernet MTU) a path with a smaller MTU (PPPoE, a VPN or tunnel, IPv6 in IPv4) stalled the
+# connection (tests/netns/test_quic_mtu.py). About 20 % more packets per byte than 1452 there.
+SAFE_DATAGRAM_BYTES = 1200
+# the server's size towards a client on loopback (as before; loopback's MTU is 64 KiB)
 MAX_DATAGRAM_BYTES = 1452
 # A client talking to a loopback address sends datagrams as large as the kernel's MTU for that
 # route allows (IP_MTU of the connected socket: 65536 unless someone changed lo's MTU), up to
 # this cap (the UDP payload limit, rounded down): ~45x fewer packets per byte, 2.6 instead of
 # 6.4 ms of sender CPU per MiB here. Only loopback: on any other route the kernel's figure is
-# the first hop's MTU, not the path's (a jumbo LAN behind a 1500-byte router), and qh3 2.x
-# sends data at its configured size without probing it first, so a size the path cannot carry
-# stalls the connection. Off loopback, and on the server side, MAX_DATAGRAM_BYTES as before.
+# the first hop's MTU, not the path's (a jumbo LAN behind a 1500-byte router).
 LARGE_DATAGRAM_CAP_BYTES = 65000
 # SO_RCVBUF (Linux doubles it: 512 KiB): the ~208 KiB default holds three 64 KB datagrams, and a
 # receiver that falls behind for a moment then drops ~17 % of a loopback share (measured: 700
 # drops per 256 MiB, 230-290 with this, 40-120 with 1 MiB); the retransmissions doubled the
 # sender's CPU. Larger buffers cost the receiver peak RSS (+4 MB at 512 KiB, +7 MB at 1 MiB).
 SOCKET_RECEIVE_BUFFER_BYTES = 256 * 1024
-ETHERNET_MTU_BYTES = 1500
 IP_MTU_SOCKOPT = 14  # Linux <linux/in.h> IP_MTU (Python's socket module does not name it)
 IPV6_MTU_SOCKOPT = 24  # Linux <linux/in6.h> IPV6_MTU
 IPV4_UDP_OVERHEAD_BYTES = 28
@@ -193,24 +197,35 @@ def qh3_pair_usable(cert_pem: bytes, key_pem: bytes) -> bool:
         return False
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0].removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False
+
+
 def route_datagram_bytes(sock: socket.socket) -> int:
-    """The QUIC datagram size for a connected UDP socket: MAX_DATAGRAM_BYTES, or more when
-    the peer is on loopback and the kernel's MTU for that route is larger than Ethernet's."""
+    """The QUIC datagram size for a connected UDP socket: SAFE_DATAGRAM_BYTES, or more when
+    the peer is on loopback (as large as the kernel's MTU for that route, when that is larger
+    than Ethernet's)."""
     try:
         peer = sock.getpeername()
-        if not ipaddress.ip_address(str(peer[0]).split("%", 1)[0]).is_loopback:
-            return MAX_DATAGRAM_BYTES
+        if not _is_loopback(str(peer[0])):
+            return SAFE_DATAGRAM_BYTES
         if sock.family == socket.AF_INET6:
             mtu = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU_SOCKOPT)
             overhead = IPV6_UDP_OVERHEAD_BYTES
         else:
             mtu = sock.getsockopt(socket.IPPROTO_IP, IP_MTU_SOCKOPT)
             overhead = IPV4_UDP_OVERHEAD_BYTES
-    except OSError:  # not Linux, or not connected: the Ethernet-safe default
-        return MAX_DATAGRAM_BYTES
-    if mtu <= ETHERNET_MTU_BYTES:
-        return MAX_DATAGRAM_BYTES
-    return max(MAX_DATAGRAM_BYTES, min(LARGE_DATAGRAM_CAP_BYTES, mtu - overhead))
+    except OSError:  # not Linux, or not connected: the size every path carries
+        return SAFE_DATAGRAM_BYTES
+    return max(SAFE_DATAGRAM_BYTES, min(LARGE_DATAGRAM_CAP_BYTES, mtu - overhead))
+
+
+def server_datagram_bytes(addr: Any) -> int:
+    """The server's datagram size towards a client at `addr` (loopback or not)."""
+    return MAX_DATAGRAM_BYTES if _is_loopback(str(addr[0])) else SAFE_DATAGRAM_BYTES
 
 
 def _size_receive_buffer(sock: socket.socket) -> None:
@@ -687,10 +702,15 @@ class _Server(QuicServer):
         super().__init__(configuration=configuration, create_protocol=listener._make_protocol)
         self._listener = listener
         self._cid_length = configuration.connection_id_length
+        # one configuration per datagram size (same certificate): qh3's server builds each new
+        # connection from self._configuration, so it is chosen by the client's address
+        self._configs = {size: dataclasses.replace(configuration, max_datagram_size=size)
+                         for size in {MAX_DATAGRAM_BYTES, SAFE_DATAGRAM_BYTES}}
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if not isinstance(data, bytes):
             return
+        self._configuration = self._configs[server_datagram_bytes(addr)]
         if len(self._listener._protocols) >= MAX_SERVER_CONNECTIONS:
             try:
                 dcid = _pull_quic_header(data, 0, self._cid_length)[3]
