@@ -155,5 +155,9 @@ def load_or_create_cert(home: Path | None, check: PairCheck = usable) -> tuple[b
 
 def ensure_cert(home: Path) -> None:
     """Create the home's pair now if it has none (a stored pair is not checked here)."""
-    if not ((home / CERT_FILE_NAME).is_file() and (home / KEY_FILE_NAME).is_file()):
+    try:
+        present = (home / CERT_FILE_NAME).is_file() and (home / KEY_FILE_NAME).is_file()
+    except OSError as exc:
+        raise LocalIOError(f"cannot read the QUIC certificate in {home}: {exc}") from None
+    if not present:
         load_or_create_cert(home)
