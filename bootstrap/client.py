@@ -8,8 +8,9 @@ returned; invalid entries are dropped, never raised. A network failure or a
 5xx raises ``PeerUnreachable``; a 4xx or a malformed answer raises
 ``ProtocolError``; both name the URL.
 
-Uses one aiohttp ClientSession per client (created on first use). Must not
-import the daemon, the DHT or the server module.
+Speaks HTTP through bootstrap/http_lite.py (asyncio streams, one request per
+connection), not aiohttp: a running node then carries none of aiohttp's ~8.6 MB.
+Must not import the daemon, the DHT, the server module or aiohttp.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ import time
 from typing import Any, Self
 from urllib.parse import quote
 
-import aiohttp
-
-from bootstrap import MAX_DEVICE_ID_LEN, MAX_PAGE_LIMIT, unregister_message
+from bootstrap import MAX_DEVICE_ID_LEN, MAX_PAGE_LIMIT, http_lite, unregister_message
 from node.config import is_bootstrap_url
 from node.contact import ContactRecord
 from node.errors import P2PError, PeerUnreachable, ProtocolError
@@ -45,8 +44,7 @@ class BootstrapClient:
         if not is_bootstrap_url(url):
             raise ProtocolError(f"bootstrap URL {url!r} must look like http://host:port")
         self.url = url.strip().rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout_s = timeout_s
         # the source address the server saw on our last registration (its "observed")
         self.observed: tuple[str, int] | None = None
 
@@ -57,14 +55,7 @@ class BootstrapClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        return self._session
+        """Nothing to release: each request has its own connection."""
 
     async def _request(self, method: str, path: str, *, body: Any = None,
                        params: dict[str, str] | None = None) -> Any:
@@ -72,13 +63,18 @@ class BootstrapClient:
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"} if data is not None else None
         try:
-            async with self._get_session().request(method, url, data=data, params=params,
-                                                   headers=headers) as resp:
-                raw = await _read_bounded(resp, url)
-                status = resp.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            resp = await http_lite.request(method, url, body=data, params=params,
+                                           headers=headers, timeout_s=self._timeout_s,
+                                           max_body_bytes=MAX_RESPONSE_BYTES)
+        except http_lite.HttpBodyTooLarge:
+            raise ProtocolError(f"bootstrap server answer from {url} is over "
+                                f"{MAX_RESPONSE_BYTES} bytes") from None
+        except http_lite.HttpProtocolError as exc:
+            raise PeerUnreachable(f"bootstrap server {self.url} unreachable: {exc}") from None
+        except (OSError, TimeoutError) as exc:
             reason = str(exc) or exc.__class__.__name__
             raise PeerUnreachable(f"bootstrap server {self.url} unreachable: {reason}") from None
+        raw, status = resp.body, resp.status
         try:
             payload = json.loads(raw) if raw else None
         except (ValueError, RecursionError):
@@ -171,19 +167,6 @@ def _observed(raw: Any) -> tuple[str, int] | None:
         return str(ipaddress.ip_address(host)), port
     except ValueError:
         return None
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, url: str) -> bytes:
-    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
-        raise ProtocolError(
-            f"bootstrap server answer from {url} is over {MAX_RESPONSE_BYTES} bytes")
-    buf = bytearray()
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        buf += chunk
-        if len(buf) > MAX_RESPONSE_BYTES:
-            raise ProtocolError(
-                f"bootstrap server answer from {url} is over {MAX_RESPONSE_BYTES} bytes")
-    return bytes(buf)
 
 
 def _verified_record(raw: Any, now: float) -> ContactRecord | None:

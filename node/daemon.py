@@ -812,6 +812,9 @@ def _async(fn: Callable[[], Any]) -> Callable[[], Awaitable[None]]:
 
 def run_daemon(settings: Settings) -> None:
     """Run the daemon in the foreground until SIGINT/SIGTERM (uvloop where it installs)."""
+    from node.daemon_main import prepare_quic
+
+    prepare_quic(settings.home, create=False)  # QUIC serves the home's cert pair
     daemon = Daemon(settings)
     try:
         import uvloop

@@ -11,11 +11,17 @@ collected them; the settings are loaded again here (config.toml and P2PFS_*
 environment, as in the CLI). Errors are reported as the CLI does: one
 ``error: ...`` line on stderr and the exit code of the error's class.
 
+Before the exec, still in the CLI's process, ``reexec`` creates the home's QUIC
+certificate pair if it has none (``prepare_quic``), so that the daemon only
+reads it: generating it would leave about 1.5 MB of cryptography's X.509 code
+resident in the long-running process.
+
 Must not import typer, rich or node.cli (tests/integration/test_daemon_imports.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,8 +71,26 @@ def can_reexec() -> bool:
     return bool(sys.executable) and os.environ.get(ENV_NO_REEXEC, "") != "1"
 
 
+def prepare_quic(home: Path, *, create: bool) -> None:
+    """QUIC listeners serve the pair kept in `home`; with `create`, make it now if missing.
+    Nothing when the QUIC library is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("qh3") is None:
+        return
+    if create:
+        from node.transports.certs import ensure_cert
+
+        ensure_cert(home)
+    from node.transports import quic_lazy
+
+    quic_lazy.use_cert_home(home)
+
+
 def reexec(home: Path, overrides: dict[str, Any]) -> None:
     """Become the daemon process (never returns; OSError if exec fails)."""
+    with contextlib.suppress(P2PError):  # the daemon creates the pair itself, and says why not
+        prepare_quic(home, create=True)
     argv = exec_argv(home, overrides)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -14,7 +14,10 @@ library hands data to Python, so it never pushes back on an application that
 does not call recv(). Each side may have at most RECV_WINDOW_BYTES of message
 records (header + payload) unread by the peer's application; recv() grants
 consumed bytes back in batches. A peer exceeding its window is a ProtocolError.
-The receive buffer is therefore bounded by RECV_WINDOW_BYTES.
+The receive buffer is therefore bounded by RECV_WINDOW_BYTES. A sender paces
+itself tighter (SEND_WINDOW_BYTES ungranted, or one message of any size once
+nearly all credit is back), which bounds what a bulk transfer keeps in the
+receiver's memory without changing what a receiver accepts.
 
 Send-side backpressure: neither library's StreamWriter.drain() waits for
 anything, so send() awaits (a) enough credit and (b) the connection's queue of
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -61,6 +65,7 @@ from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicErrorCode
+from qh3.tls import load_pem_private_key, load_pem_x509_certificates
 
 from node.errors import ChannelClosed, P2PError, PeerUnreachable, ProtocolError, bind_errors
 from node.transports.base import (
@@ -69,7 +74,7 @@ from node.transports.base import (
     Pipe,
     trim_freed_memory_soon,
 )
-from node.transports.certs import load_or_create_cert
+from node.transports.certs import load_or_create_cert, renew_after_s
 from node.transports.tls_exporter import ExporterTap, tap
 
 log = logging.getLogger(__name__)
@@ -82,22 +87,25 @@ ALPN_PROTOCOL = "p2pfs/1"
 IDLE_TIMEOUT_S = 30.0  # a silent peer (crashed, unplugged) ends the pipe after this
 # a live but quiet pipe pings so the idle timeout never ends it (TCP pipes don't expire either)
 KEEPALIVE_INTERVAL_S = 10.0
-# measured faster than 1200 (fewer packets per byte); 1452 fits a 1500-byte Ethernet MTU
+# Datagram sizes. Off loopback, both ends send QUIC's minimum, 1200 bytes (RFC 9000 §14: every
+# QUIC path must carry it; 1228-byte IPv4 / 1248-byte IPv6 packets), because qh3 2.x sends
+# data at its configured size without validating the path first: at 1452 bytes (a 1500-byte
+# Ethernet MTU) a path with a smaller MTU (PPPoE, a VPN or tunnel, IPv6 in IPv4) stalled the
+# connection (tests/netns/test_quic_mtu.py). About 20 % more packets per byte than 1452 there.
+SAFE_DATAGRAM_BYTES = 1200
+# the server's size towards a client on loopback (as before; loopback's MTU is 64 KiB)
 MAX_DATAGRAM_BYTES = 1452
 # A client talking to a loopback address sends datagrams as large as the kernel's MTU for that
 # route allows (IP_MTU of the connected socket: 65536 unless someone changed lo's MTU), up to
 # this cap (the UDP payload limit, rounded down): ~45x fewer packets per byte, 2.6 instead of
 # 6.4 ms of sender CPU per MiB here. Only loopback: on any other route the kernel's figure is
-# the first hop's MTU, not the path's (a jumbo LAN behind a 1500-byte router), and qh3 2.x
-# sends data at its configured size without probing it first, so a size the path cannot carry
-# stalls the connection. Off loopback, and on the server side, MAX_DATAGRAM_BYTES as before.
+# the first hop's MTU, not the path's (a jumbo LAN behind a 1500-byte router).
 LARGE_DATAGRAM_CAP_BYTES = 65000
 # SO_RCVBUF (Linux doubles it: 512 KiB): the ~208 KiB default holds three 64 KB datagrams, and a
 # receiver that falls behind for a moment then drops ~17 % of a loopback share (measured: 700
 # drops per 256 MiB, 230-290 with this, 40-120 with 1 MiB); the retransmissions doubled the
 # sender's CPU. Larger buffers cost the receiver peak RSS (+4 MB at 512 KiB, +7 MB at 1 MiB).
 SOCKET_RECEIVE_BUFFER_BYTES = 256 * 1024
-ETHERNET_MTU_BYTES = 1500
 IP_MTU_SOCKOPT = 14  # Linux <linux/in.h> IP_MTU (Python's socket module does not name it)
 IPV6_MTU_SOCKOPT = 24  # Linux <linux/in6.h> IPV6_MTU
 IPV4_UDP_OVERHEAD_BYTES = 28
@@ -118,6 +126,16 @@ CREDIT_GRANT_BYTES = 1024 * 1024
 # minus up to one ungranted batch), and little more: what a reader that falls behind (a slow
 # disk) may have waiting in memory, where TCP's kernel buffers hold it for the tcp transport
 RECV_WINDOW_BYTES = MAX_MESSAGE_BYTES + RECORD_HEADER.size + CREDIT_GRANT_BYTES
+# What this side keeps unread at its peer: the receiver enforces RECV_WINDOW_BYTES (room for
+# one maximal message), but a sender leaves at most this much ungranted, unless nearly all of
+# its credit is back (at most one grant batch out), when any message up to the maximum may go
+# (so a maximal message never waits forever). A bulk transfer's 1 MiB chunks then sit at most
+# 4 MiB deep in the receiver's memory instead of 9 MiB: 1 GiB share receiver peak RSS 76 ->
+# 65-67 MB. Measured (bench_channel quic, 256 MiB, 1 MiB messages, load ~5): 2 MiB ran at
+# 37-45 MiB/s and 3 MiB at 140-190 against 180-290 for 4 MiB and 170-225 for 9 MiB, so 4 MiB,
+# the same as QUIC's own stream window (QUIC_MAX_STREAM_DATA_BYTES), which caps a round trip
+# anyway. Only the sender's own pacing: peers of either version still understand each other.
+SEND_WINDOW_BYTES = 4 * 1024 * 1024
 # bytes handed to qh3 but not yet transmitted; measured: 2 MiB / 512 KiB cost ~2 MB more peak
 # RSS on the sender than 1 MiB / 256 KiB for the same share time
 SEND_HIGH_WATER_BYTES = 1024 * 1024
@@ -156,29 +174,59 @@ def _configuration(*, is_client: bool, home: Path | None = None,
         # the p2pfs handshake above this pipe authenticates the peer's Ed25519 identity.
         cfg.verify_mode = ssl.CERT_NONE
     else:
-        cert_pem, key_pem = load_or_create_cert(home)
+        cert_pem, key_pem = load_or_create_cert(home, check=qh3_pair_usable)
         cfg.load_cert_chain(cert_pem, key_pem)
     return cfg
 
 
+def qh3_pair_usable(cert_pem: bytes, key_pem: bytes) -> bool:
+    """certs.usable's check done with qh3's parsers (loaded anyway, unlike cryptography's
+    X.509 code): one certificate, its key, more than the renewal margin left."""
+    if not (cert_pem.startswith(b"-----BEGIN CERTIFICATE-----")
+            and key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")):
+        return False  # (qh3 2.x panics on some non-PEM input instead of raising)
+    try:
+        certs = load_pem_x509_certificates(cert_pem)
+        key = load_pem_private_key(key_pem)
+        if len(certs) != 1:
+            return False
+        return bool(certs[0].public_key() == key.public_key()
+                    and certs[0].not_valid_after > renew_after_s())
+    except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+        raise
+    except BaseException:  # noqa: BLE001 - qh3 raises assorted types, a Rust panic included
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0].removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False
+
+
 def route_datagram_bytes(sock: socket.socket) -> int:
-    """The QUIC datagram size for a connected UDP socket: MAX_DATAGRAM_BYTES, or more when
-    the peer is on loopback and the kernel's MTU for that route is larger than Ethernet's."""
+    """The QUIC datagram size for a connected UDP socket: SAFE_DATAGRAM_BYTES, or more when
+    the peer is on loopback (as large as the kernel's MTU for that route, when that is larger
+    than Ethernet's)."""
     try:
         peer = sock.getpeername()
-        if not ipaddress.ip_address(str(peer[0]).split("%", 1)[0]).is_loopback:
-            return MAX_DATAGRAM_BYTES
+        if not _is_loopback(str(peer[0])):
+            return SAFE_DATAGRAM_BYTES
         if sock.family == socket.AF_INET6:
             mtu = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU_SOCKOPT)
             overhead = IPV6_UDP_OVERHEAD_BYTES
         else:
             mtu = sock.getsockopt(socket.IPPROTO_IP, IP_MTU_SOCKOPT)
             overhead = IPV4_UDP_OVERHEAD_BYTES
-    except OSError:  # not Linux, or not connected: the Ethernet-safe default
-        return MAX_DATAGRAM_BYTES
-    if mtu <= ETHERNET_MTU_BYTES:
-        return MAX_DATAGRAM_BYTES
-    return max(MAX_DATAGRAM_BYTES, min(LARGE_DATAGRAM_CAP_BYTES, mtu - overhead))
+    except OSError:  # not Linux, or not connected: the size every path carries
+        return SAFE_DATAGRAM_BYTES
+    return max(SAFE_DATAGRAM_BYTES, min(LARGE_DATAGRAM_CAP_BYTES, mtu - overhead))
+
+
+def server_datagram_bytes(addr: Any) -> int:
+    """The server's datagram size towards a client at `addr` (loopback or not)."""
+    return MAX_DATAGRAM_BYTES if _is_loopback(str(addr[0])) else SAFE_DATAGRAM_BYTES
 
 
 def _size_receive_buffer(sock: socket.socket) -> None:
@@ -250,7 +298,7 @@ class QuicPipe:
         while True:
             if self._closing or self._terminated or self._error is not None:
                 raise ChannelClosed(self._closed_message())
-            if self._send_credit >= need:
+            if self._may_send(need):
                 if quic.get_send_buffer_size(self._sid) <= SEND_HIGH_WATER_BYTES:
                     break
                 self._want_space = True
@@ -265,6 +313,12 @@ class QuicPipe:
             self._terminated = True
             raise ChannelClosed(self._closed_message()) from None
         self._proto._transmit_soon()
+
+    def _may_send(self, need: int) -> bool:
+        outstanding = RECV_WINDOW_BYTES - self._send_credit  # sent, not yet granted back
+        if outstanding <= CREDIT_GRANT_BYTES:
+            return self._send_credit >= need  # always true up to MAX_MESSAGE_BYTES
+        return outstanding + need <= SEND_WINDOW_BYTES
 
     async def recv(self) -> bytes:
         while not self._inbox:
@@ -649,10 +703,15 @@ class _Server(QuicServer):
         super().__init__(configuration=configuration, create_protocol=listener._make_protocol)
         self._listener = listener
         self._cid_length = configuration.connection_id_length
+        # one configuration per datagram size (same certificate): qh3's server builds each new
+        # connection from self._configuration, so it is chosen by the client's address
+        self._configs = {size: dataclasses.replace(configuration, max_datagram_size=size)
+                         for size in {MAX_DATAGRAM_BYTES, SAFE_DATAGRAM_BYTES}}
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if not isinstance(data, bytes):
             return
+        self._configuration = self._configs[server_datagram_bytes(addr)]
         if len(self._listener._protocols) >= MAX_SERVER_CONNECTIONS:
             try:
                 dcid = _pull_quic_header(data, 0, self._cid_length)[3]

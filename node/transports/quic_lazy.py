@@ -13,6 +13,10 @@ without importing it:
   at most ``MAX_HELD_DATAGRAMS`` datagrams (a QUIC client retransmits anything
   dropped). QUIC tolerates the reordering this may cause.
 
+The real listener serves the certificate pair kept in ``cert_home`` (set once by
+the daemon, ``use_cert_home``; node/transports/certs.py), or an in-memory one
+when it is None (tests, benchmarks).
+
 Imports only errors and transports.base; must not import qh3 at module level.
 """
 
@@ -24,6 +28,7 @@ import importlib.util
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,8 +44,17 @@ MAX_HELD_BYTES = 256 * 1024
 
 PipeHandler = Callable[[Pipe], Awaitable[None]]
 
+# the home dir whose certificate pair a lazily started listener serves (None: in memory)
+cert_home: Path | None = None
+
 if importlib.util.find_spec("qh3") is None:  # the registry reports quic as unavailable
     raise ImportError("the QUIC library qh3 is not installed", name="qh3")
+
+
+def use_cert_home(home: Path | None) -> None:
+    """Serve the pair in `home` (created there if missing) from listeners started later."""
+    global cert_home
+    cert_home = home
 
 
 def _real() -> ModuleType:
@@ -102,7 +116,9 @@ class LazyQuicListener:
                 return
             dup = self._sock.dup()
             try:
-                self.real = await real.listen_on_socket(dup, self._handler)
+                # a home that is gone (an in-process test's) falls back to an in-memory pair
+                home = cert_home if cert_home is not None and cert_home.is_dir() else None
+                self.real = await real.listen_on_socket(dup, self._handler, home=home)
             except BaseException:
                 dup.close()
                 raise

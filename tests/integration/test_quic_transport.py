@@ -116,7 +116,7 @@ def test_records_cut_at_any_offset_reassemble_exactly() -> None:
 
 def test_datagram_size_follows_the_route_mtu() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        assert quic.route_datagram_bytes(s) == quic.MAX_DATAGRAM_BYTES  # not connected
+        assert quic.route_datagram_bytes(s) == quic.SAFE_DATAGRAM_BYTES  # not connected
         s.connect(("127.0.0.1", 9))  # loopback: MTU 65536
         assert quic.route_datagram_bytes(s) == quic.LARGE_DATAGRAM_CAP_BYTES
 
@@ -129,7 +129,16 @@ def test_datagram_size_follows_the_route_mtu() -> None:
         def getsockopt(self, *args: int) -> int:
             return 9000
 
-    assert quic.route_datagram_bytes(FarSocket()) == quic.MAX_DATAGRAM_BYTES  # type: ignore[arg-type]
+    # off loopback QUIC's minimum, whatever the first hop's MTU: qh3 does not validate the path
+    assert quic.route_datagram_bytes(FarSocket()) == quic.SAFE_DATAGRAM_BYTES == 1200  # type: ignore[arg-type]
+
+
+def test_server_datagram_size_follows_the_client_address() -> None:
+    assert quic.server_datagram_bytes(("198.18.0.7", 4433)) == quic.SAFE_DATAGRAM_BYTES
+    assert quic.server_datagram_bytes(("2001:db8::1", 4433, 0, 0)) == quic.SAFE_DATAGRAM_BYTES
+    assert quic.server_datagram_bytes(("127.0.0.1", 4433)) == quic.MAX_DATAGRAM_BYTES
+    assert quic.server_datagram_bytes(("::ffff:127.0.0.1", 4433, 0, 0)) == quic.MAX_DATAGRAM_BYTES
+    assert quic.server_datagram_bytes(("::1", 4433, 0, 0)) == quic.MAX_DATAGRAM_BYTES
 
 
 async def test_loopback_client_sends_large_datagrams(start_server, pipes) -> None:
@@ -137,6 +146,10 @@ async def test_loopback_client_sends_large_datagrams(start_server, pipes) -> Non
     pipe = await quic.connect("127.0.0.1", server.port)
     pipes.append(pipe)
     assert pipe._quic._configuration.max_datagram_size == quic.LARGE_DATAGRAM_CAP_BYTES
+    await pipe.send(b"open")
+    assert await asyncio.wait_for(pipe.recv(), 20) == b"open"
+    (server_proto,) = server.listener._protocols
+    assert server_proto._quic._configuration.max_datagram_size == quic.MAX_DATAGRAM_BYTES
     # both sockets hold more than three such datagrams (Linux reports twice what was set)
     for transport in (pipe._proto._transport, server.listener._server._transport):
         sock = transport.get_extra_info("socket")
@@ -234,6 +247,38 @@ async def test_send_blocks_when_the_peer_does_not_read(start_server, pipes) -> N
     while sum(received) < accepted + len(msg) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert sum(received) >= accepted  # the message cut by the timeout may or may not count
+
+
+async def test_sender_leaves_at_most_its_send_window_unread(start_server, pipes) -> None:
+    """A bulk sender keeps SEND_WINDOW_BYTES (not the receiver's whole 9 MiB window) in the
+    peer's memory, and a maximal message still goes once the reader has caught up."""
+    release = asyncio.Event()
+    got: list[int] = []
+
+    async def lazy(pipe: Pipe) -> None:
+        await release.wait()
+        while True:
+            got.append(len(await pipe.recv()))
+
+    server = await start_server(lazy)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    msg = os.urandom(256 * 1024)
+    accepted = 0
+    while True:
+        try:
+            await asyncio.wait_for(pipe.send(msg), 0.5)
+        except TimeoutError:
+            break
+        accepted += len(msg)
+        assert accepted <= quic.RECV_WINDOW_BYTES, "send() did not stop at its send window"
+    assert 0 < accepted <= quic.SEND_WINDOW_BYTES
+    release.set()
+    await asyncio.wait_for(pipe.send(os.urandom(MAX_MESSAGE_BYTES)), 20)
+    deadline = time.monotonic() + 20
+    while MAX_MESSAGE_BYTES not in got and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert MAX_MESSAGE_BYTES in got
 
 
 async def test_connect_to_a_dead_port_fails_fast() -> None:

@@ -3,8 +3,10 @@
 * `node start` execs the daemon's own entry (node/daemon_main.py): the daemon
   process never loads the CLI's typer/rich/pydantic/click;
 * an idle node never loads qh3 (QUIC), even while it listens on QUIC
-  (node/transports/quic_lazy.py), nor aiohttp (bootstrap client) when it has no
-  bootstrap server.
+  (node/transports/quic_lazy.py), nor aiohttp, even while it registers with a
+  bootstrap server (bootstrap/http_lite.py: ~8.6 MB less per node);
+* `node start` creates the QUIC certificate pair before it execs the daemon, so
+  the daemon never runs cryptography's X.509 code (node/transports/certs.py).
 
 A module loaded in another process cannot be read from ``sys.modules``, so the
 real-process checks read /proc/PID/maps: each of these libraries maps its own
@@ -52,7 +54,10 @@ def _mapped(pid: int) -> str:
 @pytest.mark.slow
 def test_idle_node_loads_no_cli_quic_or_http_library(tmp_path: Path) -> None:
     with Testnet(tmp_path) as net:
-        node = net.add_node("a", bootstrap=False)
+        net.start_bootstrap(ttl_s=120)
+        node = net.add_node("a")
+        net.add_node("b")
+        net.wait_until(lambda: net.sees("a", ["b"]), 45, what="a lists b (bootstrap used)")
         status = net.cli("a", "status")
         assert status["ports"]["tcp"] and status["ports"]["quic"]  # listening on QUIC too
         assert node.pid is not None
@@ -62,3 +67,5 @@ def test_idle_node_loads_no_cli_quic_or_http_library(tmp_path: Path) -> None:
         assert "/blake3" in maps and "cryptography" in maps  # the check can see libraries
         for lib in ("pydantic_core", "qh3", "aiohttp"):
             assert f"/{lib}/" not in maps, f"an idle node loaded {lib}"
+        # `node start` made the QUIC cert pair before the exec: the daemon will only read it
+        assert (node.home / "quic-cert.pem").is_file() and (node.home / "quic-key.pem").is_file()
