@@ -1,21 +1,24 @@
-"""A minimal HTTP/1.1 client for the node's few small JSON requests to a bootstrap server.
+"""A small HTTP/1.1 client for the node's few small JSON requests to a bootstrap server.
 
 Why not aiohttp: the node asks its bootstrap server a few hundred bytes every
 registration interval, and aiohttp's client (with multidict, yarl, propcache,
 frozenlist, aiohappyeyeballs and its C parser) costs every running node about
 8.6 MB of resident memory (data-path issue, item 7). This module is asyncio
-streams plus the standard library: one request per connection
-(``Connection: close``), http and https (``ssl.create_default_context``, the
-system's CA store, hostname checked), a response body by Content-Length,
-chunked or until EOF.
+streams plus h11 (the python-hyper project's sans-IO HTTP/1.1 state machine,
+about 0.45 MB), which does all the parsing and framing (Content-Length, chunked,
+until EOF), so no HTTP parser of our own reads what a server sends. One request
+per connection (``Connection: close``), http and https
+(``ssl.create_default_context``, the system's CA store, hostname checked).
 
-Everything the server sends is bounded: the status line and each header line
-(``MAX_LINE_BYTES``), the number of headers (``MAX_HEADERS``) and the body
-(``max_body_bytes``); the whole exchange has one deadline. A malformed answer
-raises ``HttpProtocolError`` (a ``ValueError``); socket failures raise
-``OSError`` and a missed deadline ``TimeoutError``, for the caller to map.
+Everything the server sends is bounded: the status line and headers together
+(``MAX_LINE_BYTES``: h11's incomplete-event limit while they arrive, then checked
+whole), the number of headers
+(``MAX_HEADERS``) and the body (``max_body_bytes``); the whole exchange has one
+deadline. A malformed answer raises ``HttpProtocolError`` (a ``ValueError``);
+socket failures raise ``OSError`` and a missed deadline ``TimeoutError``, for the
+caller to map.
 
-Standard library only; must not import the node or aiohttp.
+Must not import the node or aiohttp.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
+
+import h11
 
 MAX_LINE_BYTES = 8 * 1024
 MAX_HEADERS = 100
@@ -74,21 +79,27 @@ async def request(method: str, url: str, *, body: bytes | None = None,
     host_header = f"[{host}]" if ":" in host else host
     if parts.port is not None:
         host_header += f":{port}"
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}",
-             f"User-Agent: {USER_AGENT}", "Accept: application/json", "Connection: close"]
-    for key, value in (headers or {}).items():
-        lines.append(f"{key}: {value}")
+    fields = [("Host", host_header), ("User-Agent", USER_AGENT),
+              ("Accept", "application/json"), ("Connection", "close")]
+    fields += list((headers or {}).items())
     if body is not None or method in ("POST", "PUT", "DELETE", "PATCH"):
-        lines.append(f"Content-Length: {len(body or b'')}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields.append(("Content-Length", str(len(body or b""))))
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_LINE_BYTES)
+    try:
+        events: list[h11.Event] = [h11.Request(method=method, target=target, headers=fields)]
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        out = b"".join(conn.send(e) or b"" for e in events)
+    except h11.LocalProtocolError as exc:
+        raise HttpProtocolError(f"cannot send this request: {exc}") from None
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=_client_ssl_context() if parts.scheme == "https" else None,
-            limit=MAX_LINE_BYTES)
+            host, port, ssl=_client_ssl_context() if parts.scheme == "https" else None)
         try:
-            writer.write(head + (body or b""))
+            writer.write(out)
             await writer.drain()
-            return await _read_response(reader, method, max_body_bytes)
+            return await _read_response(conn, reader, max_body_bytes)
         finally:
             writer.close()
             try:
@@ -97,83 +108,47 @@ async def request(method: str, url: str, *, body: bytes | None = None,
                 pass  # the answer is read; how the server hangs up does not matter
 
 
-async def _line(reader: asyncio.StreamReader) -> bytes:
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        raise HttpProtocolError(f"HTTP header line over {MAX_LINE_BYTES} bytes") from None
-    except asyncio.IncompleteReadError:
-        raise HttpProtocolError("the server closed the connection inside the headers") from None
-    if len(line) > MAX_LINE_BYTES:
-        raise HttpProtocolError(f"HTTP header line over {MAX_LINE_BYTES} bytes")
-    return line.rstrip(b"\r\n")
+READ_BYTES = 64 * 1024
 
 
-async def _read_response(reader: asyncio.StreamReader, method: str,
-                         max_body_bytes: int) -> HttpResponse:
-    status_line = await _line(reader)
-    fields = status_line.split(b" ", 2)
-    if (len(fields) < 2 or not fields[0].startswith(b"HTTP/1.")
-            or not fields[1].isdigit() or len(fields[1]) != 3):
-        raise HttpProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-    status = int(fields[1])
-    length: int | None = None
-    chunked = False
-    for _ in range(MAX_HEADERS + 1):
-        line = await _line(reader)
-        if not line:
-            break
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise HttpProtocolError(f"malformed HTTP header line {line[:80]!r}")
-        key, val = name.strip().lower(), value.strip()
-        if key == b"content-length":
-            if not val.isdigit() or len(val) > 18 or (length is not None and int(val) != length):
-                raise HttpProtocolError(f"bad Content-Length {val[:40]!r}")
-            length = int(val)
-        elif key == b"transfer-encoding":
-            chunked = val.lower().endswith(b"chunked")
-    else:
-        raise HttpProtocolError(f"more than {MAX_HEADERS} HTTP headers")
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return HttpResponse(status, b"")
-    if chunked:
-        return HttpResponse(status, await _read_chunked(reader, max_body_bytes))
-    if length is not None:
-        if length > max_body_bytes:
-            raise HttpBodyTooLarge(f"HTTP body of {length} bytes is over {max_body_bytes}")
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    while True:
         try:
-            return HttpResponse(status, await reader.readexactly(length))
-        except asyncio.IncompleteReadError:
-            raise HttpProtocolError("the server closed the connection inside the body") from None
-    data = await reader.read(max_body_bytes + 1)  # no length: the body ends at EOF
-    buf = bytearray(data)
-    while data and len(buf) <= max_body_bytes:
-        data = await reader.read(max_body_bytes + 1 - len(buf))
-        buf += data
-    if len(buf) > max_body_bytes:
-        raise HttpBodyTooLarge(f"HTTP body over {max_body_bytes} bytes")
-    return HttpResponse(status, bytes(buf))
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise HttpProtocolError(f"not an HTTP/1.x answer as h11 reads it: {exc}") from None
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(READ_BYTES))  # b"" is EOF: h11 decides
 
 
-async def _read_chunked(reader: asyncio.StreamReader, max_body_bytes: int) -> bytes:
+async def _read_response(conn: h11.Connection, reader: asyncio.StreamReader,
+                         max_body_bytes: int) -> HttpResponse:
+    event = await _next_event(conn, reader)
+    while isinstance(event, h11.InformationalResponse):  # 1xx: the real answer follows
+        event = await _next_event(conn, reader)
+    if not isinstance(event, h11.Response):
+        raise HttpProtocolError(f"the server closed the connection before answering ({event!r})")
+    if len(event.headers) > MAX_HEADERS:
+        raise HttpProtocolError(f"more than {MAX_HEADERS} HTTP headers")
+    # h11's limit only applies while a head is incomplete (a head that arrived in one
+    # read passes it), so the head's size is checked once more, whole
+    head_bytes = len(event.reason) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+    if head_bytes > MAX_LINE_BYTES:
+        raise HttpProtocolError(f"HTTP status line and headers over {MAX_LINE_BYTES} bytes")
+    status = event.status_code
+    length = next((int(v) for k, v in event.headers if k == b"content-length"), None)
+    if length is not None and length > max_body_bytes:
+        raise HttpBodyTooLarge(f"HTTP body of {length} bytes is over {max_body_bytes}")
     buf = bytearray()
     while True:
-        size_text = (await _line(reader)).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise HttpProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-        if size < 0 or len(buf) + size > max_body_bytes:
-            raise HttpBodyTooLarge(f"HTTP body over {max_body_bytes} bytes")
-        if size == 0:
-            for _ in range(MAX_HEADERS + 1):  # trailers, up to the empty line
-                if not await _line(reader):
-                    return bytes(buf)
-            raise HttpProtocolError(f"more than {MAX_HEADERS} HTTP trailer lines")
-        try:
-            buf += await reader.readexactly(size)
-        except asyncio.IncompleteReadError:
-            raise HttpProtocolError("the server closed the connection inside a chunk") from None
-        if await _line(reader):
-            raise HttpProtocolError("missing CRLF after an HTTP chunk")
+        event = await _next_event(conn, reader)
+        if isinstance(event, h11.Data):
+            buf += event.data
+            if len(buf) > max_body_bytes:
+                raise HttpBodyTooLarge(f"HTTP body over {max_body_bytes} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return HttpResponse(status, bytes(buf))
+        else:
+            raise HttpProtocolError(f"the server closed the connection inside the body "
+                                    f"({event!r})")
