@@ -133,11 +133,7 @@ class SecureChannel:
             raise self._closed_error()
         async with self._recv_lock:
             try:
-                frame = await self._pipe.recv()
-                if (self._open_in_place and type(frame) is bytearray
-                        and len(frame) >= IN_PLACE_MIN_BYTES):
-                    return self._session.open_in_place(frame)  # type: ignore[return-value]
-                return self._session.open(frame)
+                return self._open(await self._pipe.recv())
             except ProtocolError as exc:
                 log.warning("channel with %s over %s killed: %s", self.peer.short,
                             self.transport, exc)
@@ -146,6 +142,15 @@ class SecureChannel:
             except ChannelClosed:
                 await self.close()
                 raise
+
+    def _open(self, frame: bytes | bytearray) -> bytes:
+        """One frame's plaintext: decrypted in place for a big frame the pipe handed over
+        as its own bytearray, else into a new buffer. ProtocolError if it fails to
+        authenticate."""
+        if (self._open_in_place and type(frame) is bytearray
+                and len(frame) >= IN_PLACE_MIN_BYTES):
+            return self._session.open_in_place(frame)  # type: ignore[return-value]
+        return self._session.open(frame)
 
     def recv_nowait(self) -> bytes | None:
         """The next message if the pipe already holds it, else None; never waits.
@@ -163,10 +168,7 @@ class SecureChannel:
         if frame is None:
             return None
         try:
-            if (self._open_in_place and type(frame) is bytearray
-                    and len(frame) >= IN_PLACE_MIN_BYTES):
-                return self._session.open_in_place(frame)  # type: ignore[return-value]
-            return self._session.open(frame)
+            return self._open(frame)
         except ProtocolError as exc:
             log.warning("channel with %s over %s killed: %s", self.peer.short,
                         self.transport, exc)
