@@ -151,6 +151,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         relay_proc.terminate()
         relay_proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_netns(args: argparse.Namespace) -> int:
@@ -224,6 +225,7 @@ def run_netns(args: argparse.Namespace) -> int:
         return 0
     finally:
         lab.teardown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _median(xs: list[float]) -> float:
@@ -302,6 +304,7 @@ def _lan_ping(args: argparse.Namespace) -> str:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(10)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _flush_nats(lab: Any) -> None:
@@ -382,6 +385,7 @@ def _nat_paths(args: argparse.Namespace, random_fully: bool) -> list[str]:
         return out
     finally:
         lab.teardown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_paths(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -184,19 +185,22 @@ def main(argv: list[str] | None = None) -> int:
         lost = [c for c in written if c not in present and c not in excluded]
         final = tree(folders[names[0]])
         conflicts = sum(1 for rel in final if ".sync-conflict-" in rel)
+    ok = converged_s is not None and not lost
+    if args.dir is None and ok:
+        shutil.rmtree(root, ignore_errors=True)  # a temp dir of ours; kept when it failed
     result = {
         "nodes": args.nodes, "duration_s": args.duration, "seed": args.seed, "ops": ops,
         "written": len(written), "excluded_overwritten_before_sync": len(excluded),
         "files_at_end": len(final), "conflict_copies": conflicts,
         "converged_s": round(converged_s, 1) if converged_s is not None else None,
-        "lost": len(lost), "root": str(root),
+        "lost": len(lost), "root": str(root) if root.exists() else None,
     }
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
             print(f"{k:34} {v}")
-    return 0 if converged_s is not None and not lost else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
