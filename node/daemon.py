@@ -127,6 +127,7 @@ class Daemon:
         self.control = ControlServer(socket_path_for(self.home))
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._trusted_seen: set[PeerId] = set()  # see _watch_trust
+        self._was_up = False  # "stopped" is logged only for a node that said "is up"
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -136,6 +137,7 @@ class Daemon:
         self._shared_folders()  # refuse a bad --share before anything starts (or logs)
         try:
             await self.start()
+            self._was_up = True
             log.info("node %s (%s) is up; control socket %s", self.identity.peer_id,
                      self.identity.name or "unnamed", self.control.path)
             await self._stop.wait()
@@ -424,7 +426,8 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             (self.home / DAEMON_STATE_FILE).unlink()
         self._lock.release()
-        log.info("stopped")
+        if self._was_up:
+            log.info("stopped")
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -781,6 +784,9 @@ def received_folder(path: Path) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot create the received folder {path} ({exc.strerror}); "
                           "set another with --received-dir (config key received_dir)") from None
+    if not os.access(path, os.W_OK | os.X_OK):  # also when started without the CLI
+        raise ConfigError(f"the received folder {path} is not writable; set another with "
+                          "--received-dir (config key received_dir)")
     return path
 
 

@@ -69,7 +69,9 @@ class FileIndex:
                 " mtime_ns INTEGER NOT NULL, hash BLOB NOT NULL)")
             self._db.execute("CREATE INDEX IF NOT EXISTS files_hash ON files (hash)")
         except (sqlite3.Error, OSError) as exc:
-            raise LocalIOError(f"cannot open file index {path}: {exc}") from None
+            # the path is said once: an OSError's own text would repeat it
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise LocalIOError(f"cannot open file index {path}: {why}") from None
         self._tx_depth = 0
 
     @contextlib.contextmanager

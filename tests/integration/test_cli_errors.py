@@ -76,6 +76,7 @@ def test_busy_port_at_start_is_one_line(home: Path, service: str, request: pytes
                                   "already in use")
     assert line == res.stderr.splitlines()[-1]
     assert not (home / "daemon.json").exists()
+    assert "stopped" not in res.stderr  # a node that never said "is up" did not stop either
 
 
 def test_busy_port_at_bootstrap_is_one_line(tmp_path: Path, busy_tcp: int) -> None:
