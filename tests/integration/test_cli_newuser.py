@@ -200,9 +200,9 @@ def test_a_home_that_is_a_file_is_named(tmp_path: Path, argv: list[str]) -> None
     ({"P2PFS_TRANSPORTS": "tcp,qiuc"}, [],
      "environment P2PFS_TRANSPORTS: key 'transports' must be some of tcp, udp, quic "
      "('qiuc' is not one)"),
-    ({}, ["--bootstrap-peer", "10.0.0.1"],
+    ({}, ["--bootstrap-peer", "127.0.0.1"],
      "option --bootstrap-peer: key 'bootstrap_peers' must be HOST:PORT entries "
-     "('10.0.0.1' is not one)"),
+     "('127.0.0.1' is not one)"),
 ])
 def test_start_names_the_bad_variable_or_flag_and_value(home: str, env: dict[str, str],
                                                         flags: list[str], says: str) -> None:
