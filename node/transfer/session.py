@@ -36,6 +36,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -109,6 +110,8 @@ SEND_BATCH_MAX_BYTES = 64 << 10
 # preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14); 0 where
 # unknown, and then every large read goes to a thread
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+# what a file system without no-wait reads answers (tmpfs gives EOPNOTSUPP)
+_NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
 
 class Superseded(P2PError):
     """A newer session from the same peer took over the file this one was receiving."""
@@ -609,6 +612,9 @@ class _Source(_Session):
         self._fd_index = -1
         self._fd_ctime_ns = 0
         self._fd_lock = threading.Lock()
+        # False once the file system refused RWF_NOWAIT (tmpfs, NFS, FUSE...): every
+        # read then goes to the thread, as before no-wait reads existed
+        self._nowait_reads = bool(_RWF_NOWAIT)
         self._requests: asyncio.Queue[ReadChunk | None] = asyncio.Queue()
         self._buffers: list[bytearray] = []  # frame buffers for reuse (read-ahead needs two)
         self._read_cold = False  # the last large chunk had to be read in a thread
@@ -721,7 +727,7 @@ class _Source(_Session):
         manifest reads every chunk from the cache: no thread hop per chunk."""
         buf = self._buffers.pop() if self._buffers else None
         small = self.files[req.index].entry.chunk_len(req.chunk) <= SMALL_IO_BYTES
-        if small or (_RWF_NOWAIT and not req.verify):
+        if small or (self._nowait_reads and not req.verify):
             done: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
             try:
                 view = self._read_chunk(req.index, req.chunk, req.verify, buf, nowait=not small)
@@ -793,6 +799,11 @@ class _Source(_Session):
                     got = os.preadv(self._fd, [payload], chunk * e.chunk_size,
                                     _RWF_NOWAIT)
                 except BlockingIOError:
+                    got = 0
+                except OSError as exc:
+                    if exc.errno not in _NOWAIT_UNSUPPORTED:
+                        raise
+                    self._nowait_reads = False  # this file system has no no-wait reads
                     got = 0
                 if got != want:  # not cached (or cut short): the thread reads it
                     payload.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -100,3 +101,31 @@ async def test_chunks_not_in_the_page_cache_are_read_in_a_thread(
     assert (recv / "alice" / "cold.bin").read_bytes() == data
     assert (True, False) in outcomes, outcomes  # a no-wait read gave up on a cold chunk
     assert (False, True) in outcomes, outcomes  # ... and the thread read it
+
+
+@pytest.mark.skipif(not session._RWF_NOWAIT, reason="needs preadv RWF_NOWAIT (Linux)")
+async def test_a_file_system_without_no_wait_reads_is_read_in_the_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs, NFS and FUSE answer RWF_NOWAIT with EOPNOTSUPP: that is no reason to fail
+    the transfer; the source stops trying no-wait reads and its thread reads instead."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * MiB + 5)
+    (src / "f.bin").write_bytes(data)
+    real_preadv = os.preadv
+    refused: list[int] = []
+
+    def preadv(fd: int, buffers: object, offset: int, flags: int = 0) -> int:
+        if flags & session._RWF_NOWAIT:
+            refused.append(offset)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_preadv(fd, buffers, offset, flags)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session.os, "preadv", preadv)
+    recv = tmp_path / "received"
+    async with tcp_channel_pair() as (a, b):
+        r_src, r_sink = await asyncio.gather(send_files(a, src, [src]),
+                                             receive_files(b, ReceiveStore(recv)))
+    assert r_src.state == r_sink.state == TransferState.DONE, (r_src.error, r_sink.error)
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+    assert len(refused) == 1  # asked once, then never again for this source
