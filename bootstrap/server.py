@@ -679,9 +679,8 @@ class Admission:
         made, lost = server.connection_made, server.connection_lost
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-            peer = transport.get_extra_info("peername")
-            if isinstance(peer, tuple):
-                self.opened(handler, source_key(str(peer[0])))
+            # the handler's source was tied to it when it was made (_Listener._connect):
+            # the transport's peername is None for a client that reset meanwhile
             made(handler, transport)
 
         def connection_lost(handler: Any, exc: BaseException | None) -> None:
@@ -761,13 +760,26 @@ class _Listener:
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     async def _connect(self, conn: socket.socket, source: str) -> None:
+        made: list[asyncio.Protocol] = []
+
+        def factory() -> asyncio.Protocol:
+            # the source admit() counted is tied to the handler as it is made, from the
+            # accepted address (never re-read from the transport), so its close frees it
+            handler = self._factory()
+            if source:
+                self._admission.opened(handler, source)
+            made.append(handler)
+            return handler
+
         try:
-            await self._loop.connect_accepted_socket(self._factory, sock=conn)
+            await self._loop.connect_accepted_socket(factory, sock=conn)
         except (OSError, asyncio.CancelledError) as exc:
             # the client reset it before its transport existed, or the site is stopping
             log.debug("accepted connection lost: %s", exc)
             conn.close()
-            if source:
+            if made:
+                self._admission.closed(made[0])  # idempotent with aiohttp's own close
+            elif source:
                 self._admission.abandon(source)
             if isinstance(exc, asyncio.CancelledError):
                 raise

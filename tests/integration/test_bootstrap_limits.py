@@ -508,6 +508,34 @@ async def test_an_address_holds_no_more_open_connections_than_tokens(tmp_path: P
         await srv.close()
 
 
+async def test_a_connection_without_a_peername_still_gives_its_count_back(
+        tmp_path: Path) -> None:
+    """A client that resets right after connecting leaves its transport without a
+    peername (ENOTCONN) when aiohttp's handler starts; the count admit() added must still
+    be given back when it closes, or the address is refused at accept for good after a
+    few hundred such resets. A socketpair has no IP peername at all: the same case, made
+    certain."""
+    import socket as socket_mod
+
+    from bootstrap.server import ADMISSION_KEY
+
+    runner, port = await start_server("127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0)
+    srv = Srv(runner, port)
+    admission = runner.app[ADMISSION_KEY]
+    listener = next(iter(runner.sites))._server  # the site's own accept loop
+    try:
+        assert admission.admit(FLOOD_IP)  # as its accept loop does for an accepted socket
+        ours, theirs = socket_mod.socketpair()
+        ours.setblocking(False)
+        await listener._connect(ours, FLOOD_IP)
+        assert admission.open_connections(FLOOD_IP) == 1
+        theirs.close()  # the client goes: the handler closes
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) == 0, 5.0,
+                       "the closed connection to be given back")
+    finally:
+        await srv.close()
+
+
 async def test_no_new_connection_while_an_address_has_requests_in_line(one_turn: Srv) -> None:
     from bootstrap.limits import ADMIT_MAX_QUEUED
     from bootstrap.server import TURNS_KEY
