@@ -827,6 +827,25 @@ def ping(
 # ---------------------------------------------------------------------------- files
 
 
+def transfer_progress(as_json: bool) -> Any:
+    """The progress bars of `share`, `send` and `receive` on stderr (off with --json or
+    without a terminal). A peer's alias or a file name is text, never markup: the
+    description column parses markup on its own, whatever the console says ("bob [/x]"
+    raised MarkupError, "[laptop]" vanished)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                    DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=err, disable=as_json or not err.is_terminal)
+
+
 @app.command()
 @handle_errors
 def share(
@@ -845,18 +864,7 @@ def share(
     for p in paths:
         if not p.exists():
             raise LocalIOError(f"{p} does not exist")
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                        disable=as_json or not err.is_terminal)
+    progress = transfer_progress(as_json)
     bars: dict[str, Any] = {}
     transfer_ids: dict[str, None] = {}  # in order seen, for what Ctrl-C says
 

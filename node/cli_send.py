@@ -42,19 +42,7 @@ def _cli() -> ModuleType:
 
 
 def _progress(as_json: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    err = _cli().err
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=err,
-                    disable=as_json or not err.is_terminal)
+    return _cli().transfer_progress(as_json)
 
 
 def _json_event(ev: dict[str, Any]) -> None:

@@ -391,3 +391,21 @@ async def test_an_out_of_range_expires_names_the_option_and_value(ttl_s: int) ->
     with pytest.raises(ConfigError) as caught:  # checked before the service is touched
         await PairingService.exchange_as_inviter(object(), ttl_s=ttl_s, emit=emit)  # type: ignore[arg-type]
     assert str(caught.value) == f"option --expires must be 5 s to 60 min, got {ttl_s} s"
+
+
+@pytest.mark.parametrize("label", ["bob [/x]", "bob [laptop]"])
+def test_a_progress_bar_shows_a_bracketed_label_whole(label: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress bars' description column parsed markup whatever the console said: a
+    peer aliased `bob [/x]` crashed `node share` with a MarkupError, `[laptop]` vanished."""
+    import io
+
+    from rich.console import Console
+
+    import node.cli
+
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None)
+    monkeypatch.setattr(node.cli, "err", console)
+    with node.cli.transfer_progress(as_json=False) as bar:
+        bar.add_task(label, total=10)
+    assert label in console.file.getvalue()
