@@ -24,6 +24,7 @@ Must not import the node or aiohttp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
@@ -31,6 +32,8 @@ from urllib.parse import urlencode, urlsplit
 import h11
 
 MAX_LINE_BYTES = 8 * 1024
+HAPPY_EYEBALLS_DELAY_S = 0.25  # RFC 8305's recommended connection attempt delay
+CLOSE_TIMEOUT_S = 1.0  # waiting for the server's side of the close, after the answer
 MAX_HEADERS = 100
 DEFAULT_PORTS = {"http": 80, "https": 443}
 USER_AGENT = "p2pfs-node"
@@ -93,19 +96,24 @@ async def request(method: str, url: str, *, body: bytes | None = None,
         out = b"".join(conn.send(e) or b"" for e in events)
     except h11.LocalProtocolError as exc:
         raise HttpProtocolError(f"cannot send this request: {exc}") from None
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=_client_ssl_context() if parts.scheme == "https" else None)
-        try:
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            # happy eyeballs as aiohttp did: a dead AAAA record does not eat the deadline
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=_client_ssl_context() if parts.scheme == "https" else None,
+                happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S)
             writer.write(out)
             await writer.drain()
             return await _read_response(conn, reader, max_body_bytes)
-        finally:
+    finally:
+        if writer is not None:
             writer.close()
-            try:
-                await writer.wait_closed()
-            except (OSError, ssl.SSLError):
-                pass  # the answer is read; how the server hangs up does not matter
+            # the answer is read (or the request failed): how the server hangs up does
+            # not matter, and a slow TLS close must not turn a good answer into a timeout
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await writer.wait_closed()
 
 
 READ_BYTES = 64 * 1024

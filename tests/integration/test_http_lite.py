@@ -131,6 +131,19 @@ async def test_silent_server_hits_the_deadline() -> None:
         await server.wait_closed()
 
 
+async def test_an_answer_read_whole_is_kept_when_the_close_hangs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLS server that never sends close_notify keeps wait_closed() waiting: the answer
+    was read whole, so it is returned, not thrown away as a timeout."""
+    async def hang(self: asyncio.StreamWriter) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(asyncio.StreamWriter, "wait_closed", hang)
+    async with canned(_ok(b'{"ok": true}')) as (url, _):
+        resp = await http_lite.request("GET", url + "/", timeout_s=0.5)
+    assert resp.status == 200 and json.loads(resp.body) == {"ok": True}
+
+
 async def test_refused_connection_is_an_os_error() -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
