@@ -332,6 +332,8 @@ class GuiServer:
                 response = _error(exc.status, what.format(method=request.method,
                                                           path=request.path,
                                                           max_bytes=MAX_BODY_BYTES), kind)
+                if "Allow" in exc.headers:  # a 405 says which methods (RFC 9110 §15.5.6)
+                    response.headers["Allow"] = exc.headers["Allow"]
             else:
                 for key, value in SECURITY_HEADERS.items():
                     exc.headers.setdefault(key, value)

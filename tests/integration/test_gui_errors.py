@@ -41,6 +41,7 @@ async def test_unknown_endpoint_method_and_big_body_are_json(
         async with http.delete(f"{base}/api/status") as r:
             assert r.status == 405
             assert (await r.json())["error"]["type"] == "MethodNotAllowed"
+            assert "GET" in r.headers.get("Allow", "")  # a 405 says which methods
         async with http.post(f"{base}/api/trust", data=b"x" * (MAX_BODY_BYTES + 1),
                              headers={"Content-Type": "application/json"}) as r:
             assert r.status == 413
