@@ -110,6 +110,9 @@ SEND_TIMEOUT_S = 10.0
 # MAX_CHANGE_BYTES, its name at most MAX_PATH_BYTES, so this bounds the index's size)
 MAX_INDEX_ENTRIES_PER_DEVICE = 500_000
 ABSENT_RECHECK_S = 2.0  # a folder whose path or marker is missing: look again this often
+# a folder indexed before markers gets one only if one of its first this many known names
+# is on disk (an empty mount point must not look like a folder whose files were deleted)
+MARKER_PROBE_NAMES = 64
 
 # (peer, fetch paths, where to stage, seeds) -> path -> staged file, or why not; seeds are
 # local files (the old versions) whose chunks the transfer may reuse instead of fetching
@@ -205,7 +208,15 @@ class FolderRunner:
             if not self.db.meta("marker"):
                 self.db.set_meta("marker", 1)
             return ""
-        knows_files = any(not i.deleted for i in self.db.local().values())
+        live = [name for name, i in self.db.local().items() if not i.deleted]
+        knows_files = bool(live)
+        if knows_files and not self.db.meta("marker") and not any(
+                os.path.lexists(root / name) for name in live[:MARKER_PROBE_NAMES]):
+            # indexed before markers, and none of the files it knows is there: an
+            # unmounted disk at the first start after an upgrade; no marker is written
+            return (f"folder path looks empty: none of the files the index knows is in "
+                    f"{root} (an unmounted disk?); nothing is synced until they are back "
+                    "(to start over on purpose, remove and add the folder)")
         if not knows_files or not self.db.meta("marker"):
             try:
                 disk.write_marker(root, self.cfg.id)

@@ -433,6 +433,38 @@ async def test_a_folder_indexed_before_markers_gets_one_and_syncs(net: Net) -> N
     assert b.tree().get("old.txt") == b"indexed before markers existed"
 
 
+async def test_a_folder_indexed_before_markers_on_an_unmounted_disk_stays_untouched(
+        net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first start after the upgrade that brought markers, with the disk unmounted
+    (an empty mount point): no marker is written there and no file is announced deleted."""
+    from node.folders.db import FolderDB
+    from node.folders.status import FolderState
+
+    monkeypatch.setattr(engine_mod, "ABSENT_RECHECK_S", 0.05)
+    a, b = await pair(net)
+    for i in range(3):
+        (a.dir / f"f{i}.txt").write_bytes(b"kept %d" % i)
+    await wait_until(lambda: len(b.tree()) == 3, "the files on b")
+    await b.stop()
+    (b.dir / MARKER_FILE_NAME).unlink()
+    db = FolderDB(b.home / "folder-docs.db")
+    db.set_meta("marker", 0)  # as an index made by a node without markers
+    db.close()
+    away = tmp_path / "unmounted"
+    os.rename(b.dir, away)
+    b.dir.mkdir()  # the mount point, empty
+    await b.start()
+    assert b.engine is not None and a.engine is not None
+    rb = b.engine.runners["docs"]
+    await wait_until(lambda: rb.state is FolderState.ERROR and "looks empty" in rb.last_error,
+                     "b's folder in error")
+    assert not (b.dir / MARKER_FILE_NAME).exists()
+    assert not any(i.deleted for i in rb.db.local().values())
+    ra = a.engine.runners["docs"]
+    assert not any(i.deleted for i in ra.db.remote_index(b.peer.key).values())
+    assert sorted(n for n in a.tree() if n.startswith("f")) == ["f0.txt", "f1.txt", "f2.txt"]
+
+
 async def test_a_touch_or_a_chmod_syncs_both_ways_without_fetching_content(net: Net) -> None:
     import stat as stat_mod
 
