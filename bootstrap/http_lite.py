@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -99,10 +100,9 @@ async def request(method: str, url: str, *, body: bytes | None = None,
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            # happy eyeballs as aiohttp did: a dead AAAA record does not eat the deadline
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=_client_ssl_context() if parts.scheme == "https" else None,
-                happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S)
+                **_happy_eyeballs())
             writer.write(out)
             await writer.drain()
             return await _read_response(conn, reader, max_body_bytes)
@@ -117,6 +117,14 @@ async def request(method: str, url: str, *, body: bytes | None = None,
 
 
 READ_BYTES = 64 * 1024
+
+
+def _happy_eyeballs() -> dict[str, Any]:
+    """Happy eyeballs as aiohttp did (a dead AAAA record does not eat the deadline),
+    where the running loop has it: uvloop's create_connection takes no such argument."""
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        return {}
+    return {"happy_eyeballs_delay": HAPPY_EYEBALLS_DELAY_S}
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:

@@ -144,6 +144,18 @@ async def test_an_answer_read_whole_is_kept_when_the_close_hangs(
     assert resp.status == 200 and json.loads(resp.body) == {"ok": True}
 
 
+def test_requests_work_on_uvloop() -> None:
+    """The daemon runs on uvloop, whose create_connection takes fewer arguments than
+    asyncio's (no happy_eyeballs_delay): a request must work there too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def go() -> int:
+        async with canned(_ok(b'{"ok": true}')) as (url, _):
+            return (await http_lite.request("GET", url + "/")).status
+
+    assert uvloop.run(go()) == 200
+
+
 async def test_refused_connection_is_an_os_error() -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
