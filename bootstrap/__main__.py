@@ -12,6 +12,8 @@ from pathlib import Path
 
 from bootstrap import DEFAULT_PORT, DEFAULT_TTL_S
 from bootstrap.limits import (
+    BLOCK_AFTER_REFUSALS,
+    BLOCK_S,
     BODY_TIMEOUT_S,
     CONCURRENT_PER_SOURCE,
     HEADER_TIMEOUT_S,
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("--turns-per-ip", type=int, default=CONCURRENT_PER_SOURCE,
                         metavar="N", help="requests of one address handled at once; more "
                         f"wait their turn (default {CONCURRENT_PER_SOURCE})")
+    limits.add_argument("--block-after", type=int, default=BLOCK_AFTER_REFUSALS, metavar="N",
+                        help="connections refused at accept within 1 s (the address ignores "
+                        "its 429s) before the kernel drops its connection attempts for "
+                        f"--block-for seconds (default {BLOCK_AFTER_REFUSALS}; Linux)")
+    limits.add_argument("--block-for", type=float, default=BLOCK_S, metavar="S",
+                        help="seconds a flooding address is dropped in the kernel "
+                        f"(default {BLOCK_S:g})")
     # scripts/bench_bootstrap.py only: per-request timing at GET /_bench/stats (bootstrap.stats)
     parser.add_argument("--bench-stats", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO",
@@ -75,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             register_rate_per_s=args.register_rate, register_burst=args.register_burst,
             list_rate_per_s=args.list_rate, list_burst=args.list_burst,
             legacy_ids_per_source=args.legacy_per_ip, header_timeout_s=args.header_timeout,
-            body_timeout_s=args.body_timeout, concurrent_per_source=args.turns_per_ip)
+            body_timeout_s=args.body_timeout, concurrent_per_source=args.turns_per_ip,
+            block_after_refusals=args.block_after, block_s=args.block_for)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

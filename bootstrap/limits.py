@@ -69,6 +69,24 @@ ADMIT_MIN_CONNECTIONS = 2
 ADMIT_MAX_QUEUED = 4
 
 
+# an address refused at accept BLOCK_AFTER_REFUSALS times within BLOCK_WINDOW_S has been
+# answered 429 with Retry-After and refused at accept since, and keeps opening connections
+# anyway (a closed-loop flood: thousands a second from one address): it is then dropped by
+# the kernel, in the listening socket's filter, for BLOCK_S (bootstrap/sockfilter.py). Its
+# connection attempts then cost the server process nothing at all: no accept, no close,
+# no loop turn, where each refused accept still cost it ~80 us of its one core. A source
+# within its limits is never refused at accept, so it is never blocked; ~50 nodes behind
+# one address (the defaults' sizing) do not come near
+BLOCK_AFTER_REFUSALS = 64
+BLOCK_WINDOW_S = 1.0
+BLOCK_S = 10.0
+# sources blocked at once (a socket filter is a short list the kernel walks for each
+# connection attempt: 2 instructions per IPv4 address, 5 per IPv6 /64). Beyond it the
+# block that ends soonest is dropped early: a flood from this many addresses at once is
+# a distributed one, which the per-address buckets (and the network) have to carry
+BLOCKED_MAX = 256
+
+
 def admit_connection(tokens_left: float, open_connections: int, queued: int = 0) -> bool:
     """Whether a new connection of a source is accepted (see ADMIT_MIN_CONNECTIONS and
     ADMIT_MAX_QUEUED): ``tokens_left`` in the source's fullest bucket,
@@ -100,6 +118,8 @@ class ServerLimits:
     body_timeout_s: float = BODY_TIMEOUT_S
     concurrent_per_source: int = CONCURRENT_PER_SOURCE
     waiting_per_source: int = WAITING_PER_SOURCE
+    block_after_refusals: int = BLOCK_AFTER_REFUSALS
+    block_s: float = BLOCK_S
 
     def __post_init__(self) -> None:
         for name in ("register_rate_per_s", "list_rate_per_s"):
@@ -107,20 +127,20 @@ class ServerLimits:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 = unlimited)")
         for name in ("register_burst", "list_burst", "legacy_ids_per_source",
-                     "concurrent_per_source", "waiting_per_source"):
+                     "concurrent_per_source", "waiting_per_source", "block_after_refusals"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("header_timeout_s", "body_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "block_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
 
     @classmethod
     def unlimited(cls) -> ServerLimits:
-        """No rate limits, no legacy cap, no per-source turns (timeouts stay): for capacity
-        benchmarks."""
+        """No rate limits, no legacy cap, no per-source turns, no kernel blocks (timeouts
+        stay): for capacity benchmarks."""
         return cls(register_rate_per_s=0.0, list_rate_per_s=0.0, legacy_ids_per_source=0,
-                   concurrent_per_source=0)
+                   concurrent_per_source=0, block_after_refusals=0)
 
 
 @functools.lru_cache(maxsize=4096)  # parsed twice per request; the steady state repeats
@@ -213,3 +233,59 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Blocklist:
+    """Which sources are blocked in the kernel and until when (see BLOCK_AFTER_REFUSALS).
+
+    ``refused(source, now)`` counts one refusal at accept and returns True when that
+    blocks ``source`` (the caller then installs ``blocked()``); ``expire(now)`` ends the
+    blocks due and returns True if any ended. Pure, bounded: at most BLOCKED_MAX blocks
+    and MAX_TRACKED_SOURCES refusal windows (least recently refused forgotten first).
+    ``after_refusals == 0`` blocks nothing.
+    """
+
+    def __init__(self, after_refusals: int = BLOCK_AFTER_REFUSALS, *,
+                 window_s: float = BLOCK_WINDOW_S, block_s: float = BLOCK_S,
+                 max_blocked: int = BLOCKED_MAX,
+                 max_sources: int = MAX_TRACKED_SOURCES) -> None:
+        self.after_refusals = after_refusals
+        self.window_s = window_s
+        self.block_s = block_s
+        self.max_blocked = max_blocked
+        self._max_sources = max_sources
+        self._windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._until: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.after_refusals > 0
+
+    def refused(self, source: str, now: float) -> bool:
+        if not self.enabled or source in self._until:
+            return False
+        start, count = self._windows.pop(source, (now, 0))
+        if now - start > self.window_s:
+            start, count = now, 0
+        count += 1
+        if count < self.after_refusals:
+            self._windows[source] = (start, count)
+            if len(self._windows) > self._max_sources:
+                self._windows.popitem(last=False)
+            return False
+        if len(self._until) >= self.max_blocked:
+            del self._until[min(self._until, key=self._until.__getitem__)]
+        self._until[source] = now + self.block_s
+        return True
+
+    def expire(self, now: float) -> bool:
+        due = [source for source, until in self._until.items() if until <= now]
+        for source in due:
+            del self._until[source]
+        return bool(due)
+
+    def blocked(self) -> list[str]:
+        return sorted(self._until)
+
+    def next_expiry(self) -> float | None:
+        return min(self._until.values(), default=None)

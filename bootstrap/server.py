@@ -33,8 +33,11 @@ otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
 all empty (each request would be a 429), that holds as many open connections as it has
 tokens left, or that has requests waiting for its turns, is reset at accept time, before
 aiohttp parses anything (``Admission``; ``_Listener``: one accept() and a close with
-SO_LINGER 0, no transport). A client's own faults (a malformed request line, a hang-up
-mid-body) are logged as one DEBUG line, never as an ERROR traceback.
+SO_LINGER 0, no transport). An address that goes on connecting anyway (BLOCK_AFTER_REFUSALS
+refusals at accept within a second: a closed-loop flood) is dropped by the kernel for
+BLOCK_S, in the listening sockets' filter (bootstrap.sockfilter), so its connection
+attempts no longer cost the server's loop anything. A client's own faults (a malformed
+request line, a hang-up mid-body) are logged as one DEBUG line, never as an ERROR traceback.
 
 Database work runs inline on the event loop: registrations touch only the
 store's in-memory state and are written behind in batched transactions every
@@ -78,12 +81,14 @@ from bootstrap import (
     MAX_DEVICE_ID_LEN,
     MAX_PAGE_LIMIT,
     UNREGISTER_WINDOW_S,
+    sockfilter,
     unregister_message,
 )
 from bootstrap.limits import (
     LIST_PAGE_ROWS,
     TARPIT_DELAY_S,
     TARPIT_MAX_WAITING,
+    Blocklist,
     RateLimiter,
     ServerLimits,
     admit_connection,
@@ -633,6 +638,15 @@ class Admission:
         self._stats = app.get(STATS_KEY)
         self._open: dict[str, int] = {}
         self._source_of: dict[object, str] = {}
+        limits = app[LIMITS_KEY]
+        # who keeps flooding after being refused here is dropped in the kernel
+        # (_Listener, bootstrap.sockfilter); only while the limits that refuse are on
+        self.blocklist = Blocklist(limits.block_after_refusals if self._enabled else 0,
+                                   block_s=limits.block_s)
+
+    @property
+    def stats(self) -> Any:
+        return self._stats
 
     def open_connections(self, source: str) -> int:
         return self._open.get(source, 0)
@@ -700,6 +714,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # connections accepted per readiness event of the listening socket (asyncio's own accept
 # loop takes up to the backlog at once)
 ACCEPT_BATCH = 128
+# at most one log line a second for addresses blocked in the kernel (the rest are counted)
+BLOCK_LOG_INTERVAL_S = 1.0
 # after EMFILE/ENFILE/ENOBUFS, stop accepting this long (as asyncio's accept loop does)
 ACCEPT_RETRY_DELAY_S = 1.0
 
@@ -723,6 +739,11 @@ class _Listener:
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()
         self._closed = False
+        blocklist = admission.blocklist
+        self._blocklist = blocklist if blocklist.enabled and sockfilter.supported() else None
+        self._unblock: asyncio.TimerHandle | None = None
+        self._block_logged_at = -math.inf
+        self._blocks_unlogged = 0
         for sock in sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -748,12 +769,66 @@ class _Listener:
                 with contextlib.suppress(OSError):
                     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 raw.close()
+                blocklist = self._blocklist
+                if blocklist is not None and blocklist.refused(source, time.monotonic()):
+                    self._install_blocks(source)
                 continue
             conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
             conn.setblocking(False)
             task = self._loop.create_task(self._connect(conn, source))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+
+    def _install_blocks(self, newly: str | None = None) -> None:
+        """Put the blocklist into every listening socket's filter, and set the timer for
+        the next block to end. A socket that refuses the filter turns blocking off (the
+        server goes on refusing at accept)."""
+        blocklist = self._blocklist
+        if blocklist is None or self._closed:
+            return
+        blocked = blocklist.blocked()
+        try:
+            for sock in self.sockets:
+                sockfilter.block(sock, blocked)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot drop flooding addresses in the kernel (%s); they are "
+                        "refused at accept instead", exc)
+            self._blocklist = None
+            for sock in self.sockets:
+                with contextlib.suppress(OSError, ValueError):
+                    sockfilter.block(sock, [])
+            return
+        if newly is not None:
+            self._log_block(newly, blocklist)
+        if self._unblock is not None:
+            self._unblock.cancel()
+            self._unblock = None
+        due = blocklist.next_expiry()
+        if due is not None:
+            self._unblock = self._loop.call_later(max(0.0, due - time.monotonic()),
+                                                  self._expire_blocks)
+
+    def _expire_blocks(self) -> None:
+        self._unblock = None
+        if self._blocklist is not None:
+            self._blocklist.expire(time.monotonic())
+            self._install_blocks()
+
+    def _log_block(self, source: str, blocklist: Blocklist) -> None:
+        stats = self._admission.stats
+        if stats is not None:
+            stats.count_block(source)
+        now = time.monotonic()
+        if now - self._block_logged_at < BLOCK_LOG_INTERVAL_S:
+            self._blocks_unlogged += 1
+            return
+        more = (f" ({self._blocks_unlogged} more addresses blocked since the last line)"
+                if self._blocks_unlogged else "")
+        self._block_logged_at, self._blocks_unlogged = now, 0
+        log.warning("%s went on connecting after its 429s: %d connections refused at "
+                    "accept within %g s; its connection attempts are dropped in the kernel "
+                    "for %g s%s", source, blocklist.after_refusals, blocklist.window_s,
+                    blocklist.block_s, more)
 
     def _resume(self, listener: socket.socket) -> None:
         if not self._closed:
@@ -788,6 +863,8 @@ class _Listener:
         if self._closed:
             return
         self._closed = True
+        if self._unblock is not None:
+            self._unblock.cancel()
         for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()

@@ -53,6 +53,8 @@ class ServerStats:
         # counts them when stats are on)
         self.accepted: dict[str, int] = {}
         self.refused: dict[str, int] = {}
+        # times a source was blocked in the kernel (bootstrap.sockfilter)
+        self.blocks: dict[str, int] = {}
         self.stall_count = 0
         self.stall_late_s = 0.0
         self.stall_cpu_s = 0.0
@@ -67,6 +69,10 @@ class ServerStats:
         counts = self.refused if refused else self.accepted
         if source in counts or len(counts) < MAX_SOURCES:
             counts[source] = counts.get(source, 0) + 1
+
+    def count_block(self, source: str) -> None:
+        if source in self.blocks or len(self.blocks) < MAX_SOURCES:
+            self.blocks[source] = self.blocks.get(source, 0) + 1
 
     def add(self, source: str, held_s: float, status: int = 200) -> None:
         by_status = self.statuses.get(source)
@@ -112,6 +118,7 @@ class ServerStats:
                 "statuses": {src: {str(k): v for k, v in sorted(c.items())}
                              for src, c in self.statuses.items()},
                 "accepted": dict(self.accepted), "refused_at_accept": dict(self.refused),
+                "kernel_blocks": dict(self.blocks),
                 "loop_stalls": {"count": self.stall_count,
                                 "late_ms": self.stall_late_s * 1000,
                                 "on_cpu_ms": self.stall_cpu_s * 1000,

@@ -293,6 +293,7 @@ _BOOTSTRAP_FLAG_OF = {
     "list_rate_per_s": "--list-rate", "list_burst": "--list-burst",
     "legacy_ids_per_source": "--legacy-per-ip", "header_timeout_s": "--header-timeout",
     "body_timeout_s": "--body-timeout", "concurrent_per_source": "--turns-per-ip",
+    "block_after_refusals": "--block-after", "block_s": "--block-for",
 }
 
 
@@ -320,6 +321,12 @@ def bootstrap(
     turns_per_ip: Annotated[int, typer.Option(
         help="Requests of one address handled at once; more wait their turn "
              "(0 = no turns).")] = 2,
+    block_after: Annotated[int, typer.Option(
+        help="Connections of one address refused at accept within 1 s (it ignores its "
+             "429s) before the kernel drops its connection attempts for --block-for "
+             "seconds (0 = never; Linux).")] = 64,
+    block_for: Annotated[float, typer.Option(
+        help="Seconds an address that keeps flooding is dropped in the kernel.")] = 10.0,
 ) -> None:
     """Run the bootstrap registration server in the foreground (Ctrl-C stops it)."""
     from bootstrap.limits import ServerLimits
@@ -334,7 +341,8 @@ def bootstrap(
                               list_rate_per_s=list_rate, list_burst=list_burst,
                               legacy_ids_per_source=legacy_per_ip,
                               header_timeout_s=header_timeout, body_timeout_s=body_timeout,
-                              concurrent_per_source=turns_per_ip)
+                              concurrent_per_source=turns_per_ip,
+                              block_after_refusals=block_after, block_s=block_for)
     except ValueError as exc:
         message = str(exc)
         for field, flag in _BOOTSTRAP_FLAG_OF.items():  # name the flag, not the field

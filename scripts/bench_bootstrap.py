@@ -332,10 +332,13 @@ async def _flood_worker(host: str, port: int, requests: list[bytes], counter: li
                 await pace.wait_turn(i)
             try:
                 if conn is None:
-                    conn = await _Http1.open(host, port, FLOOD_IP)
+                    # a connect the kernel drops (the server blocked this address) gets
+                    # no answer at all: given up on as an unanswered request is
+                    conn = await asyncio.wait_for(_Http1.open(host, port, FLOOD_IP),
+                                                  FLOOD_PATIENCE_S)
                 status, _ = await asyncio.wait_for(conn.request(raw), FLOOD_PATIENCE_S)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                status = 0  # no answer in time (tarpitted) or connection reset
+                status = 0  # no answer in time (tarpitted, dropped) or connection reset
             if conn is not None and (status == 0 or (
                     pace is not None and pace.reconnect_after(i))):
                 await conn.close()
@@ -697,6 +700,7 @@ def run_flood(workdir: Path, flood_ids: int = FLOOD_IDS, baseline_s: float = BAS
                 "server_flooder_statuses": stats["statuses"].get(FLOOD_IP, {}),
                 "server_flooder_conns_accepted": stats["accepted"].get(FLOOD_IP, 0),
                 "server_flooder_conns_refused": stats["refused_at_accept"].get(FLOOD_IP, 0),
+                "server_flooder_kernel_blocks": stats.get("kernel_blocks", {}).get(FLOOD_IP, 0),
             })
             out[name] = phase
 
@@ -1053,6 +1057,10 @@ def flood_summary(flood: dict[str, Any]) -> list[tuple[str, str, str]]:
          f"{flood.get('server_cpu_us_per_flood_request', float('nan')):.0f}", ""),
         ("flood answers 200 / 429 / none in time", f"{statuses.get('200', 0)} / "
          f"{statuses.get('429', 0)} / {statuses.get('0', 0)}", ""),
+        ("flooder conns accepted / refused at accept / kernel blocks",
+         f"{flood['flood'].get('server_flooder_conns_accepted', 0)} / "
+         f"{flood['flood'].get('server_flooder_conns_refused', 0)} / "
+         f"{flood['flood'].get('server_flooder_kernel_blocks', 0)}", ""),
         ("ids online after the flood", f"{flood['online_after_flood']}", ""),
         ("honest ids in the first page of GET /peers",
          f"{flood['honest_in_first_page']}/{flood['honest_total']}", "all"),

@@ -578,3 +578,61 @@ def test_connections_admitted_in_one_loop_turn_count_at_once(tmp_path: Path) -> 
     admission.abandon(FLOOD_IP)  # one was reset before it reached aiohttp
     assert admission.admit(FLOOD_IP)
     assert admission.admit(HONEST_IP)
+
+
+async def _dropped(port: int, local_ip: str) -> bool:
+    """True if a connect from ``local_ip`` gets no answer at all (its SYN was dropped:
+    the kernel retries a SYN after 1 s), False if the server's kernel answered it."""
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(local_ip, 0)), 0.4)
+    except TimeoutError:
+        return True
+    except ConnectionError:
+        return False  # reset: it reached the listener
+    writer.close()
+    return False
+
+
+async def test_an_address_that_keeps_connecting_after_its_refusals_is_dropped_in_the_kernel(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bootstrap import sockfilter
+
+    if not sockfilter.supported():
+        pytest.skip("socket filters (SO_ATTACH_FILTER) are Linux only")
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
+                            list_burst=2, block_after_refusals=8, block_s=1.5))
+    srv = Srv(runner, port)
+    try:
+        await _exhaust(srv, FLOOD_IP)
+        with caplog.at_level(logging.WARNING, logger="p2pfs.bootstrap"):
+            for _ in range(8):  # refused at accept: the kernel still answers (a reset)
+                assert not await _dropped(port, FLOOD_IP)
+            t_blocked = time.monotonic()
+            assert await _dropped(port, FLOOD_IP)  # its SYNs no longer reach the server
+        assert any("127.0.0.2 went on connecting after its 429s" in r.getMessage()
+                   for r in caplog.records)
+        # everybody else is served meanwhile
+        assert (await srv.call(HONEST_IP, "GET", "/health"))[0] == 200
+        assert not await _dropped(port, HONEST_IP)
+        # the block ends on its own: refused at accept again, not dropped
+        await wait_for(lambda: time.monotonic() - t_blocked > 1.6, 5.0, "the block's end")
+        assert not await _dropped(port, FLOOD_IP)
+    finally:
+        await srv.close()
+
+
+async def test_without_a_block_threshold_refusals_never_become_drops(tmp_path: Path) -> None:
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
+                            list_burst=2, block_after_refusals=0))
+    srv = Srv(runner, port)
+    try:
+        await _exhaust(srv, FLOOD_IP)
+        for _ in range(80):
+            assert not await _dropped(port, FLOOD_IP)
+    finally:
+        await srv.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bootstrap.limits import RateLimiter, ServerLimits, source_key
+from bootstrap.limits import Blocklist, RateLimiter, ServerLimits, source_key
 
 
 def test_bucket_allows_burst_then_refills_at_rate() -> None:
@@ -62,6 +62,7 @@ def test_source_key_ipv4_ipv6_prefix_and_mapped() -> None:
     ("register_rate_per_s", -1.0), ("list_rate_per_s", float("inf")),
     ("register_burst", -1), ("legacy_ids_per_source", -5),
     ("header_timeout_s", 0.0), ("body_timeout_s", float("nan")),
+    ("block_after_refusals", -1), ("block_s", 0.0),
 ])
 def test_limits_refuse_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
@@ -117,6 +118,8 @@ def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
     assert defaults["header_timeout"] == lim.header_timeout_s
     assert defaults["body_timeout"] == lim.body_timeout_s
     assert defaults["turns_per_ip"] == lim.concurrent_per_source
+    assert defaults["block_after"] == lim.block_after_refusals
+    assert defaults["block_for"] == lim.block_s
 
 
 def test_node_bootstrap_passes_turns_per_ip_to_the_server(monkeypatch: pytest.MonkeyPatch
@@ -135,6 +138,11 @@ def test_node_bootstrap_passes_turns_per_ip_to_the_server(monkeypatch: pytest.Mo
     assert seen[0].concurrent_per_source == 5
     result = CliRunner().invoke(app, ["bootstrap", "--turns-per-ip", "-1"])
     assert result.exit_code == 2 and "option --turns-per-ip must be >= 0" in result.output
+    result = CliRunner().invoke(app, ["bootstrap", "--block-after", "9", "--block-for", "3"])
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].block_after_refusals, seen[-1].block_s) == (9, 3.0)
+    result = CliRunner().invoke(app, ["bootstrap", "--block-for", "0"])
+    assert result.exit_code == 2 and "option --block-for must be a positive" in result.output
 
 
 def test_empty_peeks_without_spending() -> None:
@@ -170,3 +178,42 @@ def test_tokens_peeks_without_spending() -> None:
     assert rl.tokens("a", 0.0) == 2.0 and rl.tokens("a", 0.0) == 2.0
     assert rl.tokens("a", 0.5) == 2.5
     assert RateLimiter(0.0, 3).tokens("a", 0.0) == float("inf")  # off: unlimited
+
+
+def test_a_source_refused_often_enough_within_the_window_is_blocked_until_it_ends() -> None:
+    bl = Blocklist(3, window_s=1.0, block_s=10.0)
+    assert not bl.refused("a", 0.0) and not bl.refused("a", 0.5)
+    assert bl.refused("a", 0.9)  # the third within 1 s
+    assert bl.blocked() == ["a"] and bl.next_expiry() == 10.9
+    assert not bl.refused("a", 1.0)  # already blocked: nothing new to install
+    assert not bl.expire(10.0) and bl.blocked() == ["a"]
+    assert bl.expire(10.9) and bl.blocked() == [] and bl.next_expiry() is None
+    # after the block it starts counting again from nothing
+    assert not bl.refused("a", 11.0) and not bl.refused("a", 11.1)
+
+
+def test_refusals_spread_wider_than_the_window_never_block() -> None:
+    bl = Blocklist(3, window_s=1.0)
+    assert not any(bl.refused("a", t * 0.6) for t in range(100))
+    assert bl.blocked() == []
+
+
+def test_blocks_and_refusal_windows_are_bounded() -> None:
+    bl = Blocklist(1, block_s=10.0, max_blocked=4, max_sources=8)
+    for i in range(6):
+        assert bl.refused(f"s{i}", float(i))
+    # the blocks that would end soonest made room for the newest
+    assert bl.blocked() == ["s2", "s3", "s4", "s5"]
+    bl = Blocklist(2, max_sources=8)
+    for i in range(100):
+        bl.refused(f"s{i}", 0.0)
+    assert len(bl._windows) == 8  # least recently refused forgotten first
+    assert bl.refused("s99", 0.1)  # ... and the recent ones still count
+
+
+def test_a_blocklist_with_no_threshold_blocks_nothing() -> None:
+    bl = Blocklist(0)
+    assert not bl.enabled
+    assert not any(bl.refused("a", 0.0) for _ in range(1000))
+    assert bl.blocked() == []
+    assert not Blocklist(ServerLimits.unlimited().block_after_refusals).enabled
