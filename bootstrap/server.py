@@ -668,6 +668,16 @@ class Admission:
             self._open[source] = self._open.get(source, 0) + 1
         return admitted
 
+    def drain(self, source: str, for_s: float) -> None:
+        """``source`` is blocked in the kernel for ``for_s``: it earns no tokens meanwhile
+        (each bucket is charged what it holds plus what it would earn, down to -burst), so
+        it comes back with empty buckets, is refused at accept again and soon blocked
+        again, instead of spending a full burst of requests on the server each time."""
+        now = time.monotonic()
+        for limiter in self._limiters:
+            limiter.charge(source, limiter.tokens(source, now) + limiter.rate_per_s * for_s,
+                           now)
+
     def opened(self, handler: object, source: str) -> None:
         """aiohttp made ``handler`` for a connection ``admit`` counted: it is closed() by it."""
         self._source_of[handler] = source
@@ -799,6 +809,7 @@ class _Listener:
                     sockfilter.block(sock, [])
             return
         if newly is not None:
+            self._admission.drain(newly, blocklist.block_s)
             self._log_block(newly, blocklist)
         if self._unblock is not None:
             self._unblock.cancel()

@@ -614,6 +614,11 @@ async def test_an_address_that_keeps_connecting_after_its_refusals_is_dropped_in
             assert await _dropped(port, FLOOD_IP)  # its SYNs no longer reach the server
         assert any("127.0.0.2 went on connecting after its 429s" in r.getMessage()
                    for r in caplog.records)
+        # it earns no tokens while blocked: it comes back with empty buckets
+        from bootstrap.server import LIST_LIMITER_KEY, REGISTER_LIMITER_KEY
+
+        for key in (REGISTER_LIMITER_KEY, LIST_LIMITER_KEY):
+            assert runner.app[key].tokens(FLOOD_IP, t_blocked + 1.5) < 0.1
         # everybody else is served meanwhile
         assert (await srv.call(HONEST_IP, "GET", "/health"))[0] == 200
         assert not await _dropped(port, HONEST_IP)
