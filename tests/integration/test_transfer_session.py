@@ -18,6 +18,7 @@ from node.errors import (
     IntegrityError,
     LocalIOError,
     P2PError,
+    PeerUnreachable,
     ProtocolError,
     RemoteError,
 )
@@ -719,6 +720,47 @@ async def test_silent_peer_times_out(dirs: tuple[Path, Path], monkeypatch: Any) 
     with pytest.raises(P2PError, match="sent nothing"):
         await receive_files(b, ReceiveStore(dirs[1]))
     await a.close()
+
+
+async def test_peer_that_takes_no_chunk_is_unreachable(dirs: tuple[Path, Path],
+                                                      monkeypatch: Any) -> None:
+    """A peer that keeps talking but never takes a chunk frame: the send watchdog stops
+    the source with PeerUnreachable (the chunk loop arms no timer per frame)."""
+    from node.transfer.protocol import Keepalive
+
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(3 * MiB))
+    a, b = memory_channel_pair("alice", "bob")
+    sink = asyncio.ensure_future(receive_files(b, ReceiveStore(recv)))  # the default timeout
+    await asyncio.sleep(0)  # the sink's session starts (and reads its idle timeout)
+    monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.4)  # the source's
+    never = asyncio.Event()
+    real_send = a.send
+
+    async def stuck_send(data: bytes) -> None:
+        if len(data) > 64 * 1024:  # a chunk frame: the peer takes none of it
+            await never.wait()
+        await real_send(data)
+
+    a.send = stuck_send  # type: ignore[method-assign]
+
+    async def chatter() -> None:  # keeps the source's idle timer (peer silent) quiet
+        while True:
+            await b.send(Keepalive("busy").encode())
+            await asyncio.sleep(0.05)
+
+    talk = asyncio.ensure_future(chatter())
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(PeerUnreachable, match="accepted nothing"):
+                await send_files(a, src, [src / "f.bin"])
+    finally:
+        talk.cancel()
+        await a.close()
+        await b.close()
+        for task in (talk, sink):
+            with contextlib.suppress(BaseException):
+                await task
 
 
 async def test_memory_stays_bounded_for_a_64_mib_file(dirs: tuple[Path, Path]) -> None:
