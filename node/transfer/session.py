@@ -982,7 +982,9 @@ class _Sink(_Session):
         m = self.machine
         assert isinstance(m, SinkMachine)
         partial = self._partials[event.index]
-        if len(event.data) <= SMALL_IO_BYTES:
+        # a small chunk is written on the loop, unless the writer thread is busy: then it
+        # may hold this file's lock for a large (O_DIRECT) write the loop would wait for
+        if len(event.data) <= SMALL_IO_BYTES and not self._writes:
             ok = partial.write_chunk(event.chunk, event.data)
             m.chunk_written(event.index, event.chunk, ok, time.monotonic())
             return

@@ -763,6 +763,36 @@ async def test_peer_that_takes_no_chunk_is_unreachable(dirs: tuple[Path, Path],
                 await task
 
 
+async def test_small_last_chunk_waits_behind_a_busy_writer_not_on_the_loop(
+        dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    """A file's small last chunk arriving while the writer thread still writes a large
+    chunk of it (holding the file's lock) goes to the writer too: written on the loop,
+    it would block the loop until the large write ended."""
+    import threading
+
+    from node.transfer import store as store_mod
+
+    src, recv = dirs
+    data = os.urandom(2 * MiB + 1000)
+    (src / "f.bin").write_bytes(data)
+    real = store_mod.PartialFile._write_chunk_locked
+    where: dict[int, str] = {}
+
+    def slow_write(self: store_mod.PartialFile, index: int, chunk: Any) -> bool:
+        where[index] = threading.current_thread().name
+        if len(chunk) > 64 * 1024:
+            import time
+            time.sleep(0.2)  # a slow large write: the small chunk arrives meanwhile
+        return real(self, index, chunk)
+
+    monkeypatch.setattr(store_mod.PartialFile, "_write_chunk_locked", slow_write)
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE, r_sink
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+    assert where[2] == "p2pfs-write", where
+
+
 async def test_memory_stays_bounded_for_a_64_mib_file(dirs: tuple[Path, Path]) -> None:
     src, recv = dirs
     size = 64 * MiB
