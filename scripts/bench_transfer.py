@@ -42,10 +42,13 @@ every `node share` includes hashing the file, as a user's first share does):
   peer figure is "scp + fsync" (both are reported, targets use the durable one).
   CPU for scp: the scp+ssh client (rusage of children) and the sshd side
   (the listener's utime+stime+cutime+cstime);
+* `node peers --json`, the CLI alone (its start plus one control call): the part of
+  every share's wall time that moves no data, so the data path's own figure can be
+  told apart from the CLI's start-up;
 * `node share FILE --to n2 --transport T --json` per transport: wall time of
-  the client command, CPU ms per MiB of each node (/proc utime+stime), peak RSS
-  of each node during the share (VmHWM, reset before each share through
-  /proc/PID/clear_refs).
+  the client command (the daemon's own transfer time is printed below the table),
+  CPU ms per MiB of each node (/proc utime+stime), peak RSS of each node during the
+  share (VmHWM, reset before each share through /proc/PID/clear_refs).
 
 Without sshd/scp it prints "skipped: ..." and runs the rest. Medians of
 ``--repeat``. Targets (each a ratio within this one run): tcp share >= 1.0x
@@ -527,6 +530,14 @@ class PrivateSshd:
         self.proc = None
 
 
+def _cli_alone_s(net: Testnet) -> float:
+    """Wall time of `node peers --json`: the CLI's start plus one control call, the part
+    of every `node share`'s wall time that moves no data."""
+    t0 = time.perf_counter()
+    net.cli("n1", "peers", "--json", json=False, check=True)
+    return time.perf_counter() - t0
+
+
 def _fs_of(path: Path) -> str:
     """"TYPE DEVICE on MOUNTPOINT" of the file system holding PATH (from /proc/mounts)."""
     best = ("", "?", "?")
@@ -598,6 +609,9 @@ def run_vs_scp(sizes: list[int], transports: list[str], repeat: int, workdir: Pa
                         runs.setdefault((size, "scp_durable"), []).append(
                             {"wall_s": one["durable_s"], "fsync_s": one["fsync_s"]})
                         line.append(f"scp {one['scp_s']:.2f} s + fsync {one['fsync_s']:.2f} s")
+                    cli_s = _cli_alone_s(net)
+                    runs.setdefault((size, "cli"), []).append({"wall_s": cli_s})
+                    line.append(f"cli {cli_s:.2f} s")
                     for transport in transports:
                         src = _fresh_file(workdir, size, next(serial))
                         received = net.node("n2").home / "received" / "n1" / src.name
@@ -626,6 +640,7 @@ def run_vs_scp(sizes: list[int], transports: list[str], repeat: int, workdir: Pa
 
 
 VS_LABELS = {"dd": "dd conv=fdatasync (disk limit)", "scp": f"scp -O -c {SCP_CIPHER}",
+             "cli": "node CLI alone (`node peers`)",
              "scp_durable": "scp + fsync of the copy (durable)",
              **{f"share_{t}": f"node share over {t} (fresh file)" for t in TRANSPORTS}}
 
@@ -710,9 +725,15 @@ def _print_vs_table(result: dict[str, Any]) -> None:
         if "sender_peak_rss_mb" in r:
             rss = f"{r['sender_peak_rss_mb']:.0f}/{r['receiver_peak_rss_mb']:.0f} MB"
         runs = ", ".join(f"{x:.2f}" for x in r["runs_s"])
+        rate = "" if r["key"] == "cli" else f"{r['mib_s']:.1f}"  # it moves no data
         print(f"| {r['size_mib']:>6.0f} | {r['row']:<38} | {r['median_s']:>7.2f} | "
-              f"{r['mib_s']:>7.1f} | {runs:<20} | {cpu:>18} | {rss:>16} |")
+              f"{rate:>7} | {runs:<20} | {cpu:>18} | {rss:>16} |")
     print()
+    for r in result["rows"]:
+        if "median_transfer_s" in r:
+            print(f"  {r['size_mib']:.0f} MiB {r['row']}: the daemon's transfer (manifest "
+                  f"hashing included) took {r['median_transfer_s']:.2f} s of the "
+                  f"{r['median_s']:.2f} s; see the CLI-alone row for the CLI's own share")
     for s in result["skipped"]:
         print(f"  {s}")
     for t in result["targets"]:

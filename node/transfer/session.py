@@ -107,6 +107,9 @@ SUPERSEDE_WAIT_S = 5.0  # how long a new session waits for the stale one to let 
 SMALL_IO_BYTES = 64 << 10
 # messages the driver sends together in one write at most (chunk requests, statuses)
 SEND_BATCH_MAX_BYTES = 64 << 10
+# how often the source's send watchdog looks at the chunk send under way (at most; a
+# quarter of the idle timeout when that is shorter)
+SEND_WATCH_INTERVAL_S = 1.0
 # preadv flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14); 0 where
 # unknown, and then every large read goes to a thread
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
@@ -618,12 +621,48 @@ class _Source(_Session):
         self._requests: asyncio.Queue[ReadChunk | None] = asyncio.Queue()
         self._buffers: list[bytearray] = []  # frame buffers for reuse (read-ahead needs two)
         self._read_cold = False  # the last large chunk had to be read in a thread
+        # the chunk loop's send timeout: not one asyncio timer per chunk (a timer armed
+        # and cancelled per 1 MiB frame cost ~5% of the sender's CPU) but one watchdog
+        # that looks at the send in progress now and then
+        self._send_since: float | None = None  # monotonic start of the chunk send under way
+        self._send_stuck = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def run(self) -> TransferResult:
         try:
             return await self._guard(self._run)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             self._close_fd()
+
+    def _watch_sends(self) -> None:
+        """Stop the chunk sender when the peer has taken nothing of a frame for
+        IDLE_TIMEOUT_S (the worker then fails with PeerUnreachable); else look again."""
+        since, worker = self._send_since, self._worker
+        if worker is None or worker.done():
+            self._watchdog = None
+            return
+        if since is not None and time.monotonic() - since >= IDLE_TIMEOUT_S:
+            self._send_stuck = True
+            self._watchdog = None
+            worker.cancel()
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(
+            min(SEND_WATCH_INTERVAL_S, IDLE_TIMEOUT_S / 4), self._watch_sends)
+
+    async def _send_chunk(self, frame: memoryview) -> None:
+        """One chunk frame to the channel; the watchdog bounds how long this may wait."""
+        self._send_since = time.monotonic()
+        try:
+            await self.channel.send(frame)
+        except P2PError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise ChannelClosed(f"connection to {self.peer} lost: {exc}") from None
+        finally:
+            self._send_since = None
 
     def _close_fd(self) -> None:
         with self._fd_lock:
@@ -644,6 +683,7 @@ class _Source(_Session):
         # requests are read by the driver and served by a worker, so neither side ever
         # waits on a full pipe for the other (and disk reads overlap with sending)
         self._worker = asyncio.ensure_future(self._serve_requests())
+        self._watch_sends()
         await self._drive()
         self._sync()
         if m.phase is TransferPhase.FAILED:  # a fetch of a file we do not have (told)
@@ -712,10 +752,15 @@ class _Source(_Session):
                     else:
                         reading = (nxt, self._start_read(nxt))
                 self.bytes_on_wire += len(frame)
-                await self._send_raw(frame)
+                await self._send_chunk(frame)
                 self._release_buffer(frame)
                 m.chunk_sent(req.index, req.chunk, time.monotonic())
                 self._report()
+        except asyncio.CancelledError:
+            if self._send_stuck:
+                raise PeerUnreachable(f"{self.peer} accepted nothing for "
+                                      f"{IDLE_TIMEOUT_S:.0f} s; giving up") from None
+            raise
         finally:
             if reading is not None:
                 # its thread still finishes; collect the outcome so nothing is left dangling
@@ -937,7 +982,9 @@ class _Sink(_Session):
         m = self.machine
         assert isinstance(m, SinkMachine)
         partial = self._partials[event.index]
-        if len(event.data) <= SMALL_IO_BYTES:
+        # a small chunk is written on the loop, unless the writer thread is busy: then it
+        # may hold this file's lock for a large (O_DIRECT) write the loop would wait for
+        if len(event.data) <= SMALL_IO_BYTES and not self._writes:
             ok = partial.write_chunk(event.chunk, event.data)
             m.chunk_written(event.index, event.chunk, ok, time.monotonic())
             return

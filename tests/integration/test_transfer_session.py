@@ -18,6 +18,7 @@ from node.errors import (
     IntegrityError,
     LocalIOError,
     P2PError,
+    PeerUnreachable,
     ProtocolError,
     RemoteError,
 )
@@ -719,6 +720,77 @@ async def test_silent_peer_times_out(dirs: tuple[Path, Path], monkeypatch: Any) 
     with pytest.raises(P2PError, match="sent nothing"):
         await receive_files(b, ReceiveStore(dirs[1]))
     await a.close()
+
+
+async def test_peer_that_takes_no_chunk_is_unreachable(dirs: tuple[Path, Path],
+                                                      monkeypatch: Any) -> None:
+    """A peer that keeps talking but never takes a chunk frame: the send watchdog stops
+    the source with PeerUnreachable (the chunk loop arms no timer per frame)."""
+    from node.transfer.protocol import Keepalive
+
+    src, recv = dirs
+    (src / "f.bin").write_bytes(os.urandom(3 * MiB))
+    a, b = memory_channel_pair("alice", "bob")
+    sink = asyncio.ensure_future(receive_files(b, ReceiveStore(recv)))  # the default timeout
+    await asyncio.sleep(0)  # the sink's session starts (and reads its idle timeout)
+    monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.4)  # the source's
+    never = asyncio.Event()
+    real_send = a.send
+
+    async def stuck_send(data: bytes) -> None:
+        if len(data) > 64 * 1024:  # a chunk frame: the peer takes none of it
+            await never.wait()
+        await real_send(data)
+
+    a.send = stuck_send  # type: ignore[method-assign]
+
+    async def chatter() -> None:  # keeps the source's idle timer (peer silent) quiet
+        while True:
+            await b.send(Keepalive("busy").encode())
+            await asyncio.sleep(0.05)
+
+    talk = asyncio.ensure_future(chatter())
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(PeerUnreachable, match="accepted nothing"):
+                await send_files(a, src, [src / "f.bin"])
+    finally:
+        talk.cancel()
+        await a.close()
+        await b.close()
+        for task in (talk, sink):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def test_small_last_chunk_waits_behind_a_busy_writer_not_on_the_loop(
+        dirs: tuple[Path, Path], monkeypatch: Any) -> None:
+    """A file's small last chunk arriving while the writer thread still writes a large
+    chunk of it (holding the file's lock) goes to the writer too: written on the loop,
+    it would block the loop until the large write ended."""
+    import threading
+
+    from node.transfer import store as store_mod
+
+    src, recv = dirs
+    data = os.urandom(2 * MiB + 1000)
+    (src / "f.bin").write_bytes(data)
+    real = store_mod.PartialFile._write_chunk_locked
+    where: dict[int, str] = {}
+
+    def slow_write(self: store_mod.PartialFile, index: int, chunk: Any) -> bool:
+        where[index] = threading.current_thread().name
+        if len(chunk) > 64 * 1024:
+            import time
+            time.sleep(0.2)  # a slow large write: the small chunk arrives meanwhile
+        return real(self, index, chunk)
+
+    monkeypatch.setattr(store_mod.PartialFile, "_write_chunk_locked", slow_write)
+    a, b = memory_channel_pair("alice", "bob")
+    r_src, r_sink = await run_pair(send_files(a, src, [src]), receive_files(b, ReceiveStore(recv)))
+    assert r_sink.state == TransferState.DONE, r_sink
+    assert (recv / "alice" / "f.bin").read_bytes() == data
+    assert where[2] == "p2pfs-write", where
 
 
 async def test_memory_stays_bounded_for_a_64_mib_file(dirs: tuple[Path, Path]) -> None:
