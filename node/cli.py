@@ -912,8 +912,10 @@ def share(
                           f"{_size(t['bytes_total'])} over {t['transport']} "
                           f"({_size(t['rate_bps'])}/s)")
             else:
-                err.print(f"[bold red]error:[/] {escape(str(t['peer']))}: {t['state']}: "
-                          f"{escape(str(t['error']))}", markup=True)
+                peer, why = str(t["peer"]), str(t["error"])
+                # "bob aborted the transfer: disk full" names the peer already
+                said = why if why.startswith(f"{peer} ") else f"{peer}: {t['state']}: {why}"
+                err.print(f"[bold red]error:[/] {escape(said)}", markup=True)
     if failed:
         raise typer.Exit(1)
 

@@ -119,6 +119,18 @@ def test_a_peers_error_text_is_printed_not_parsed(home: str, tmp_path: Path,
     assert "[/oops]" in listed.stdout and "[laptop]" in listed.stdout
 
 
+def test_a_peers_abort_names_it_once(home: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    why = f"{BRACKETS} aborted the transfer: cannot write: disk full"
+    _fake_node(monkeypatch, {"share": {"transfers": [_transfer("failed", why)],
+                                       "announced": []}})
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    res = run("share", str(src), "--home", home)
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert f"error: {why}" in res.stderr and res.stderr.count(BRACKETS) == 1, res.stderr
+
+
 def test_a_peers_name_and_paths_in_a_receive_offer(home: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     offer = {"session": "s", "fingerprint": "ab:cd", "name": HOSTILE, "bytes_total": 1,
