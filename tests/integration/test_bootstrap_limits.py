@@ -321,13 +321,19 @@ async def _exhaust(srv: Srv, ip: str) -> None:
         pass
 
 
-async def test_an_address_over_every_limit_is_refused_at_accept(tmp_path: Path) -> None:
-    # rate 0.2/s: a token comes back only after 5 s, longer than this test
+async def _tiny_buckets(tmp_path: Path, **limits: Any) -> Srv:
+    """A server whose buckets hold 2 tokens and refill at 0.2/s: a token comes back only
+    after 5 s, longer than these tests."""
     runner, port = await start_server(
         "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
         limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
-                            list_burst=2))
-    srv = Srv(runner, port)
+                            list_burst=2, **limits))
+    return Srv(runner, port)
+
+
+async def test_an_address_over_every_limit_is_refused_at_accept(tmp_path: Path) -> None:
+    srv = await _tiny_buckets(tmp_path)
+    port = srv.port
     try:
         await _exhaust(srv, FLOOD_IP)
         # each of its requests would be a 429: it is not even parsed
@@ -342,11 +348,8 @@ async def test_an_address_over_every_limit_is_refused_at_accept(tmp_path: Path) 
 
 
 async def test_an_address_with_one_bucket_left_is_still_admitted(tmp_path: Path) -> None:
-    runner, port = await start_server(
-        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
-        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
-                            list_burst=2))
-    srv = Srv(runner, port)
+    srv = await _tiny_buckets(tmp_path)
+    port = srv.port
     try:
         while (await srv.call(FLOOD_IP, "POST", "/register", {"device_id": "x"}))[0] != 429:
             pass
@@ -600,11 +603,8 @@ async def test_an_address_that_keeps_connecting_after_its_refusals_is_dropped_in
 
     if not sockfilter.supported():
         pytest.skip("socket filters (SO_ATTACH_FILTER) are Linux only")
-    runner, port = await start_server(
-        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
-        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
-                            list_burst=2, block_after_refusals=8, block_s=1.5))
-    srv = Srv(runner, port)
+    srv = await _tiny_buckets(tmp_path, block_after_refusals=8, block_s=1.5)
+    port = srv.port
     try:
         await _exhaust(srv, FLOOD_IP)
         with caplog.at_level(logging.WARNING, logger="p2pfs.bootstrap"):
@@ -618,7 +618,7 @@ async def test_an_address_that_keeps_connecting_after_its_refusals_is_dropped_in
         from bootstrap.server import LIST_LIMITER_KEY, REGISTER_LIMITER_KEY
 
         for key in (REGISTER_LIMITER_KEY, LIST_LIMITER_KEY):
-            assert runner.app[key].tokens(FLOOD_IP, t_blocked + 1.5) < 0.1
+            assert srv.runner.app[key].tokens(FLOOD_IP, t_blocked + 1.5) < 0.1
         # everybody else is served meanwhile
         assert (await srv.call(HONEST_IP, "GET", "/health"))[0] == 200
         assert not await _dropped(port, HONEST_IP)
@@ -630,11 +630,8 @@ async def test_an_address_that_keeps_connecting_after_its_refusals_is_dropped_in
 
 
 async def test_without_a_block_threshold_refusals_never_become_drops(tmp_path: Path) -> None:
-    runner, port = await start_server(
-        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
-        limits=ServerLimits(register_rate_per_s=0.2, register_burst=2, list_rate_per_s=0.2,
-                            list_burst=2, block_after_refusals=0))
-    srv = Srv(runner, port)
+    srv = await _tiny_buckets(tmp_path, block_after_refusals=0)
+    port = srv.port
     try:
         await _exhaust(srv, FLOOD_IP)
         for _ in range(80):
