@@ -212,16 +212,6 @@ class RateLimiter:
         held, at = state
         return min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
 
-    def empty(self, source: str, now: float) -> bool:
-        """Whether ``take`` would refuse ``source`` now (a peek: spends nothing)."""
-        if not self.enabled:
-            return False
-        state = self._buckets.get(source)
-        if state is None:
-            return False
-        held, at = state
-        return held + max(0.0, now - at) * self.rate_per_s < 1.0
-
     def charge(self, source: str, tokens: float, now: float) -> None:
         """Spend ``tokens`` more after the fact (a large answer): the bucket may go into debt
         (down to -burst), and the source waits until it is repaid."""

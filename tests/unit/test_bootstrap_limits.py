@@ -145,18 +145,6 @@ def test_node_bootstrap_passes_turns_per_ip_to_the_server(monkeypatch: pytest.Mo
     assert result.exit_code == 2 and "option --block-for must be a positive" in result.output
 
 
-def test_empty_peeks_without_spending() -> None:
-    rl = RateLimiter(rate_per_s=1.0, burst=2)
-    assert not rl.empty("a", 0.0)  # never seen: a full bucket
-    rl.take("a", 0.0)
-    assert not rl.empty("a", 0.0)
-    rl.take("a", 0.0)
-    assert rl.empty("a", 0.0) and rl.empty("a", 0.5)
-    assert rl.take("a", 0.5) > 0  # empty() spent nothing: still refused
-    assert not rl.empty("a", 1.6)  # a token came back
-    assert not RateLimiter(rate_per_s=0.0, burst=0).empty("a", 0.0)
-
-
 def test_a_connection_is_admitted_only_while_it_could_be_served() -> None:
     from bootstrap.limits import ADMIT_MAX_QUEUED, ADMIT_MIN_CONNECTIONS, admit_connection
 
