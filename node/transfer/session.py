@@ -627,6 +627,7 @@ class _Source(_Session):
         self._send_since: float | None = None  # monotonic start of the chunk send under way
         self._send_stuck = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._sender: asyncio.Task[None] | None = None  # the chunk sender the watchdog bounds
 
     async def run(self) -> TransferResult:
         try:
@@ -635,12 +636,15 @@ class _Source(_Session):
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
+            self._sender = None
             self._close_fd()
 
     def _watch_sends(self) -> None:
         """Stop the chunk sender when the peer has taken nothing of a frame for
         IDLE_TIMEOUT_S (the worker then fails with PeerUnreachable); else look again."""
-        since, worker = self._send_since, self._worker
+        # the sender task itself, not self._worker: _run clears that before it waits for
+        # the last sends, and those must stay bounded too
+        since, worker = self._send_since, self._sender
         if worker is None or worker.done():
             self._watchdog = None
             return
@@ -682,7 +686,7 @@ class _Source(_Session):
         self._report(force=True)
         # requests are read by the driver and served by a worker, so neither side ever
         # waits on a full pipe for the other (and disk reads overlap with sending)
-        self._worker = asyncio.ensure_future(self._serve_requests())
+        self._worker = self._sender = asyncio.ensure_future(self._serve_requests())
         self._watch_sends()
         await self._drive()
         self._sync()

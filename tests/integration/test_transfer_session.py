@@ -763,6 +763,54 @@ async def test_peer_that_takes_no_chunk_is_unreachable(dirs: tuple[Path, Path],
                 await task
 
 
+async def test_a_send_stuck_after_the_peer_said_complete_is_still_bounded(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A sink that asks for every chunk, takes none, then says FileDone and Complete:
+    the source's last sends (awaited after the driver finished) stay under the watchdog
+    and end in PeerUnreachable instead of waiting forever (found in review)."""
+    from node.transfer.protocol import (
+        ChunkRequest,
+        Complete,
+        FileDone,
+        FileStatus,
+        Keepalive,
+        Offer,
+    )
+
+    (tmp_path / "f.bin").write_bytes(os.urandom(3 * MiB))
+    monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.4)
+    a, b = memory_channel_pair("alice", "bob")
+    never = asyncio.Event()
+    real_send = a.send
+
+    async def stuck_send(data: bytes) -> None:
+        if len(data) > 64 * 1024:  # a chunk frame: the peer takes none of it
+            await never.wait()
+        await real_send(data)
+
+    a.send = stuck_send  # type: ignore[method-assign]
+    source = asyncio.ensure_future(send_files(a, tmp_path, [tmp_path / "f.bin"]))
+    try:
+        while True:
+            msg = decode(await b.recv(), (Offer, Keepalive))
+            if isinstance(msg, Offer) and msg.last:
+                break
+        chunks = msg.files()[0].chunks
+        await b.send(FileStatus(0, 0, chunks, "").encode())
+        for c in range(chunks):
+            await b.send(ChunkRequest(0, c).encode())
+        await b.send(FileDone(0, True, "").encode())
+        await b.send(Complete(msg.transfer_id).encode())
+        async with asyncio.timeout(5):
+            with pytest.raises(PeerUnreachable, match="accepted nothing"):
+                await source
+    finally:
+        await a.close()
+        await b.close()
+        with contextlib.suppress(BaseException):
+            await source
+
+
 async def test_small_last_chunk_waits_behind_a_busy_writer_not_on_the_loop(
         dirs: tuple[Path, Path], monkeypatch: Any) -> None:
     """A file's small last chunk arriving while the writer thread still writes a large
