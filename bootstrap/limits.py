@@ -186,16 +186,17 @@ class RateLimiter:
             return 0.0
         state = self._buckets.pop(source, None)
         if state is None:
-            tokens = self.burst
+            tokens, at = self.burst, now
         else:
             held, at = state
             tokens = min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
+            at = max(at, now)  # a suspended bucket (at in the future) earns nothing before
         if tokens >= 1.0:
-            self._buckets[source] = (tokens - 1.0, now)
+            self._buckets[source] = (tokens - 1.0, at)
             retry_s = 0.0
         else:
-            self._buckets[source] = (tokens, now)
-            retry_s = (1.0 - tokens) / self.rate_per_s
+            self._buckets[source] = (tokens, at)
+            retry_s = (1.0 - tokens) / self.rate_per_s + (at - now)
             self.refused += 1
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)
@@ -219,7 +220,17 @@ class RateLimiter:
             return
         held, at = self._buckets.pop(source, (self.burst, now))
         held = min(self.burst, held + max(0.0, now - at) * self.rate_per_s)
-        self._buckets[source] = (max(-self.burst, held - tokens), now)
+        self._buckets[source] = (max(-self.burst, held - tokens), max(at, now))
+
+    def suspend(self, source: str, until: float) -> None:
+        """``source`` holds no token now and earns none before ``until`` (monotonic s):
+        its bucket starts filling from empty then (a debt it had stays)."""
+        if not self.enabled:
+            return
+        held, _ = self._buckets.pop(source, (0.0, until))
+        self._buckets[source] = (min(0.0, held), until)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -276,6 +287,21 @@ class Blocklist:
 
     def blocked(self) -> list[str]:
         return sorted(self._until)
+
+    def __contains__(self, source: object) -> bool:
+        return source in self._until
+
+    def shrink(self, keep: int) -> None:
+        """Keep only the ``keep`` blocks that end last (when the kernel cannot hold more)."""
+        soonest = sorted(self._until, key=self._until.__getitem__)
+        for source in soonest[:max(0, len(soonest) - keep)]:
+            del self._until[source]
+
+    def disable(self) -> None:
+        """Block nothing from now on (the kernel refused the filter)."""
+        self.after_refusals = 0
+        self._until.clear()
+        self._windows.clear()
 
     def next_expiry(self) -> float | None:
         return min(self._until.values(), default=None)

@@ -670,13 +670,12 @@ class Admission:
 
     def drain(self, source: str, for_s: float) -> None:
         """``source`` is blocked in the kernel for ``for_s``: it earns no tokens meanwhile
-        (each bucket is charged what it holds plus what it would earn, down to -burst), so
-        it comes back with empty buckets, is refused at accept again and soon blocked
-        again, instead of spending a full burst of requests on the server each time."""
-        now = time.monotonic()
+        (RateLimiter.suspend), so it comes back with empty buckets, is refused at accept
+        again and soon blocked again, instead of spending a full burst of requests on the
+        server after each block."""
+        until = time.monotonic() + for_s
         for limiter in self._limiters:
-            limiter.charge(source, limiter.tokens(source, now) + limiter.rate_per_s * for_s,
-                           now)
+            limiter.suspend(source, until)
 
     def opened(self, handler: object, source: str) -> None:
         """aiohttp made ``handler`` for a connection ``admit`` counted: it is closed() by it."""
@@ -754,6 +753,9 @@ class _Listener:
         self._unblock: asyncio.TimerHandle | None = None
         self._block_logged_at = -math.inf
         self._blocks_unlogged = 0
+        self._log_later: asyncio.TimerHandle | None = None
+        # per listening socket (by index): the sources its filter drops now
+        self._installed: dict[int, tuple[str, ...]] = {}
         for sock in sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -790,56 +792,94 @@ class _Listener:
             task.add_done_callback(self._pending.discard)
 
     def _install_blocks(self, newly: str | None = None) -> None:
-        """Put the blocklist into every listening socket's filter, and set the timer for
-        the next block to end. A socket that refuses the filter turns blocking off (the
-        server goes on refusing at accept)."""
+        """Put the blocklist into the filter of each listening socket whose family's part
+        of it changed, and set the timer for the next block to end. When the kernel has
+        no room for the filter (ENOMEM: net.core.optmem_max), the blocks that end soonest
+        are given up until it fits; any other refusal turns blocking off (the server goes
+        on refusing at accept)."""
         blocklist = self._blocklist
         if blocklist is None or self._closed:
             return
-        blocked = blocklist.blocked()
-        try:
-            for sock in self.sockets:
-                sockfilter.block(sock, blocked)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot drop flooding addresses in the kernel (%s); they are "
-                        "refused at accept instead", exc)
-            self._blocklist = None
-            for sock in self.sockets:
-                with contextlib.suppress(OSError, ValueError):
-                    sockfilter.block(sock, [])
-            return
-        if newly is not None:
+        while True:
+            blocked = blocklist.blocked()
+            try:
+                for i, sock in enumerate(self.sockets):
+                    mine = tuple(s for s in blocked
+                                 if (":" in s) == (sock.family == socket.AF_INET6))
+                    if self._installed.get(i, ()) != mine:
+                        sockfilter.block(sock, mine)
+                        self._installed[i] = mine
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOMEM and len(blocked) > 1:
+                    log.warning("the kernel has no room for %d blocked addresses (%s); "
+                                "keeping the %d that end last", len(blocked),
+                                describe_os_error(exc), len(blocked) // 2)
+                    blocklist.shrink(len(blocked) // 2)
+                    continue
+                self._give_up_blocking(describe_os_error(exc))
+                return
+            except ValueError as exc:
+                self._give_up_blocking(str(exc))
+                return
+        if newly is not None and newly in blocklist:
             self._admission.drain(newly, blocklist.block_s)
             self._log_block(newly, blocklist)
+        self._arm_unblock()
+
+    def _give_up_blocking(self, why: str) -> None:
+        log.warning("cannot drop flooding addresses in the kernel (%s); they are refused "
+                    "at accept instead", why)
+        if self._blocklist is not None:
+            self._blocklist.disable()
+        self._blocklist = None
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sockfilter.detach(sock)
+        self._installed.clear()
+
+    def _arm_unblock(self) -> None:
         if self._unblock is not None:
             self._unblock.cancel()
             self._unblock = None
-        due = blocklist.next_expiry()
-        if due is not None:
+        due = None if self._blocklist is None else self._blocklist.next_expiry()
+        if due is not None and not self._closed:
             self._unblock = self._loop.call_later(max(0.0, due - time.monotonic()),
                                                   self._expire_blocks)
 
     def _expire_blocks(self) -> None:
         self._unblock = None
-        if self._blocklist is not None:
-            self._blocklist.expire(time.monotonic())
+        if self._blocklist is None:
+            return
+        if self._blocklist.expire(time.monotonic()):
             self._install_blocks()
+        else:  # woken a little early (uvloop's timers may be): look again when due
+            self._arm_unblock()
 
     def _log_block(self, source: str, blocklist: Blocklist) -> None:
         stats = self._admission.stats
         if stats is not None:
             stats.count_block(source)
         now = time.monotonic()
-        if now - self._block_logged_at < BLOCK_LOG_INTERVAL_S:
+        wait_s = self._block_logged_at + BLOCK_LOG_INTERVAL_S - now
+        if wait_s > 0:  # said in one line later
             self._blocks_unlogged += 1
+            if self._log_later is None:
+                self._log_later = self._loop.call_later(wait_s, self._log_unlogged)
             return
-        more = (f" ({self._blocks_unlogged} more addresses blocked since the last line)"
-                if self._blocks_unlogged else "")
-        self._block_logged_at, self._blocks_unlogged = now, 0
+        self._block_logged_at = now
         log.warning("%s went on connecting after its 429s: %d connections refused at "
                     "accept within %g s; its connection attempts are dropped in the kernel "
-                    "for %g s%s", source, blocklist.after_refusals, blocklist.window_s,
-                    blocklist.block_s, more)
+                    "for %g s", source, blocklist.after_refusals, blocklist.window_s,
+                    blocklist.block_s)
+
+    def _log_unlogged(self) -> None:
+        self._log_later = None
+        if self._blocks_unlogged:
+            log.warning("%d more addresses went on connecting after their 429s and are "
+                        "dropped in the kernel for a while", self._blocks_unlogged)
+            self._blocks_unlogged = 0
+            self._block_logged_at = time.monotonic()
 
     def _resume(self, listener: socket.socket) -> None:
         if not self._closed:
@@ -874,8 +914,9 @@ class _Listener:
         if self._closed:
             return
         self._closed = True
-        if self._unblock is not None:
-            self._unblock.cancel()
+        for timer in (self._unblock, self._log_later):
+            if timer is not None:
+                timer.cancel()
         for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()

@@ -638,3 +638,29 @@ async def test_without_a_block_threshold_refusals_never_become_drops(tmp_path: P
             assert not await _dropped(port, FLOOD_IP)
     finally:
         await srv.close()
+
+
+async def test_a_kernel_that_refuses_the_filter_leaves_refusal_at_accept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno as errno_mod
+
+    from bootstrap import sockfilter
+    from bootstrap.server import ADMISSION_KEY
+
+    def refuse(sock: Any, sources: Any) -> None:
+        raise OSError(errno_mod.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(sockfilter, "block", refuse)
+    monkeypatch.setattr(sockfilter, "supported", lambda: True)
+    srv = await _tiny_buckets(tmp_path, block_after_refusals=4)
+    try:
+        await _exhaust(srv, FLOOD_IP)
+        with caplog.at_level(logging.WARNING, logger="p2pfs.bootstrap"):
+            for _ in range(12):  # refused at accept, never dropped
+                assert not await _dropped(srv.port, FLOOD_IP)
+        said = [r.getMessage() for r in caplog.records if "cannot drop" in r.getMessage()]
+        assert len(said) == 1 and "refused at accept instead" in said[0], said
+        assert not srv.runner.app[ADMISSION_KEY].blocklist.enabled
+    finally:
+        await srv.close()

@@ -205,3 +205,30 @@ def test_a_blocklist_with_no_threshold_blocks_nothing() -> None:
     assert not any(bl.refused("a", 0.0) for _ in range(1000))
     assert bl.blocked() == []
     assert not Blocklist(ServerLimits.unlimited().block_after_refusals).enabled
+
+
+@pytest.mark.parametrize("rate,burst,block_s", [(50.0, 500, 10.0), (50.0, 500, 20.0),
+                                                (50.0, 100, 10.0)])
+def test_a_suspended_bucket_earns_nothing_until_the_suspension_ends(
+        rate: float, burst: int, block_s: float) -> None:
+    rl = RateLimiter(rate, burst)
+    rl.suspend("a", block_s)  # at t = 0, until block_s
+    for t in (0.0, block_s / 2, block_s - 0.01):
+        assert rl.take("a", t) > 0  # refused, and the refusal does not end the suspension
+    assert rl.tokens("a", block_s) == 0.0
+    rl.charge("a", 0.5, block_s / 2)  # nor does a charge: only a debt is added
+    assert rl.tokens("a", block_s) == -0.5
+    assert rl.tokens("a", block_s + 1.5) == pytest.approx(min(burst, rate * 1.5 - 0.5))
+    # a retry-after for a suspended source counts the suspension
+    rl.suspend("b", 5.0)
+    assert rl.take("b", 1.0) == pytest.approx(4.0 + 1.0 / rate)
+
+
+def test_blocklist_shrinks_to_the_blocks_that_end_last_and_can_be_disabled() -> None:
+    bl = Blocklist(1, block_s=10.0)
+    for i in range(5):
+        bl.refused(f"s{i}", float(i))
+    bl.shrink(2)
+    assert bl.blocked() == ["s3", "s4"] and "s4" in bl and "s0" not in bl
+    bl.disable()
+    assert not bl.enabled and bl.blocked() == [] and not bl.refused("s9", 20.0)
