@@ -311,8 +311,9 @@ class OneShotService:
 
     def commands(self) -> dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]]:
         """The control commands (node/pairing ONESHOT_COMMANDS) and their handlers."""
-        handlers = {"send": self._cmd_send, "receive_offer": self._cmd_receive_offer,
-                    "receive_accept": self._cmd_receive_accept}
+        handlers: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
+            "send": self._cmd_send, "receive_offer": self._cmd_receive_offer,
+            "receive_accept": self._cmd_receive_accept}
         assert tuple(handlers) == ONESHOT_COMMANDS
         return handlers
 

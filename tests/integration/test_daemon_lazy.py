@@ -33,7 +33,7 @@ PRELUDE = textwrap.dedent("""
     from node.daemon import Daemon
     from node.identity import Identity
 
-    LAZY = %r
+    LAZY = LAZY_MODULES_HERE
     root = Path(sys.argv[1])
     steps = {}
 
@@ -55,7 +55,7 @@ PRELUDE = textwrap.dedent("""
                 return False
             await asyncio.sleep(0.05)
         return True
-""" % (LAZY_MODULES,))
+""").replace("LAZY_MODULES_HERE", repr(LAZY_MODULES))
 
 
 def _run(tmp_path: Path, body: str) -> dict[str, Any]:
