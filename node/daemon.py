@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -127,6 +128,12 @@ class Daemon:
         self.control = ControlServer(socket_path_for(self.home))
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._trusted_seen: set[PeerId] = set()  # see _watch_trust
+        self._stopping = False  # set as stop() begins: no service is started lazily after it
+        # started on first use (a node with no folder, no pairing never imports them)
+        self.folders: Any = None  # node/folders/engine.py FolderSync
+        self._folder_engine_lock = asyncio.Lock()
+        self._pairing: Any = None  # node/pairing/service.py PairingService
+        self._oneshot: Any = None  # node/pairing/send.py OneShotService
         self._was_up = False  # "stopped" is logged only for a node that said "is up"
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,7 +188,6 @@ class Daemon:
         self._wire_discovery()
         self.peering.enable_punching(self._current_record)  # node/reach/puncher.py
         await self._start_services()
-        self._start_pairing()
         self._register_control()
         await self.control.start()
         self._closers.append(self.control.close)
@@ -324,18 +330,66 @@ class Daemon:
         await self.mirror.start()  # watches the --share folders
 
     async def _start_folders(self) -> None:
-        """Shared folders (node/folders): the engine every folder command talks to."""
-        from node.folders.engine import SERVICE, FolderSync
+        """Shared folders (node/folders): the engine every folder command talks to, started
+        now when folders.json lists a folder, else at first use (``start_folder_engine``):
+        a folder added, a "folders" channel from a peer, folders.json edited by hand."""
+        from node.folders import SERVICE
 
         self._folder_stores: dict[Path, Any] = {}
-        self.folders = FolderSync(
-            self.identity, self.folder_store, self.home,
-            open_channel=lambda peer: self.peering.connect(peer, SERVICE),
-            fetch=self._folder_fetch, is_trusted=self.trust.is_trusted,
-            notify=self.events.emit, label_for=self.label_for)
-        self.peering.register(SERVICE, self.folders.handle_channel)
-        await self.folders.start()
-        self._closers.append(self.folders.stop)
+        self.peering.register(SERVICE, self._folders_channel)
+        if len(self.folder_store):
+            await self.start_folder_engine()
+        else:
+            self._spawn(self._watch_folder_config())
+
+    async def start_folder_engine(self) -> Any:
+        """The folder engine, started if it is not running yet; None once the node stops."""
+        async with self._folder_engine_lock:
+            if self.folders is None and not self._stopping:
+                from node.folders.engine import SERVICE, FolderSync
+
+                engine = FolderSync(
+                    self.identity, self.folder_store, self.home,
+                    open_channel=lambda peer: self.peering.connect(peer, SERVICE),
+                    fetch=self._folder_fetch, is_trusted=self.trust.is_trusted,
+                    notify=self.events.emit, label_for=self.label_for)
+                try:
+                    await engine.start()
+                except BaseException:
+                    await engine.stop()
+                    raise
+                self._closers.append(engine.stop)
+                self.folders = engine
+        return self.folders
+
+    async def _folders_channel(self, channel: Any) -> None:
+        """A trusted peer opened a "folders" channel: the engine (started now if need be)
+        serves it."""
+        engine = await self.start_folder_engine()
+        if engine is None:  # stopping
+            await channel.close()
+            return
+        await engine.handle_channel(channel)
+
+    async def _watch_folder_config(self) -> None:
+        """No folder configured: start the engine once folders.json gains one by other means
+        than a folder command (edited by hand); the engine then watches the file itself."""
+        from node.folders import CONFIG_POLL_S
+        from node.folders.config import FolderConfigError
+
+        store = self.folder_store
+        while self.folders is None:
+            await asyncio.sleep(CONFIG_POLL_S)
+            if not store.changed():
+                continue
+            try:
+                store.reload()
+                if len(store):
+                    await self.start_folder_engine()
+            except FolderConfigError as exc:
+                log.warning("folders.json not applied: %s", exc)
+            except (P2PError, OSError) as exc:
+                log.warning("the folder engine did not start: %s", exc)
 
     async def _folder_fetch(self, peer: PeerId, paths: list[str], staging: Path,
                             seeds: list[Path]) -> dict[str, Any]:
@@ -352,25 +406,55 @@ class Daemon:
     def _resolve_for_peer(self, peer: PeerId, rel: str, root_hash: bytes | None
                           ) -> tuple[Path, Path] | None:
         """What `peer` may fetch: a file of a folder shared with it, or of a --share."""
-        from node.folders.engine import FETCH_PREFIX
+        from node.folders import FETCH_PREFIX
 
-        if rel.startswith(FETCH_PREFIX + "/"):
-            return self.folders.resolve_fetch(peer, rel)
+        if rel.startswith(FETCH_PREFIX + "/"):  # none without a running folder engine
+            return self.folders.resolve_fetch(peer, rel) if self.folders is not None else None
         return self.mirror.resolve_fetch(rel, root_hash)
 
-    def _start_pairing(self) -> None:
-        """`node invite` / `node accept`: SPAKE2 codes through the bootstrap mailbox."""
-        from node.pairing.service import PairingService
+    @property
+    def pairing(self) -> Any:
+        """`node invite` / `node accept`: SPAKE2 codes through the bootstrap mailbox
+        (node/pairing/service.py, built at its first use)."""
+        if self._pairing is None:
+            from node.pairing.service import PairingService
 
-        self.pairing = PairingService(
-            self.identity, self.trust, record=lambda: self.record,
-            add_record=lambda record: self.book.add(record, "manual"),
-            rendezvous=list(self.settings.bootstrap))
-        from node.pairing.send import OneShotService  # `node send` / `node receive`
+            self._pairing = PairingService(
+                self.identity, self.trust, record=lambda: self.record,
+                add_record=lambda record: self.book.add(record, "manual"),
+                rendezvous=list(self.settings.bootstrap))
+        return self._pairing
 
-        self.oneshot = OneShotService(self.pairing, self.peering,
-                                      received_dir=self.settings.received_path,
-                                      check_path=self._check_send_path, notify=self.events.emit)
+    @property
+    def oneshot(self) -> Any:
+        """`node send` / `node receive` (node/pairing/send.py, built at its first use; it
+        then serves the "oneshot" channels itself)."""
+        if self._oneshot is None:
+            from node.pairing.send import OneShotService
+
+            self._oneshot = OneShotService(
+                self.pairing, self.peering, received_dir=self.settings.received_path,
+                check_path=self._check_send_path, notify=self.events.emit)
+        return self._oneshot
+
+    def _register_pairing(self) -> None:
+        """The pairing commands and the "oneshot" service, without loading node/pairing's
+        services (nor spake2) before one is used."""
+        from node.pairing import ONESHOT_COMMANDS, ONESHOT_SERVICE
+
+        c = self.control
+        c.register("invite", self._cmd_invite)
+        c.register("accept", self._cmd_accept)
+        for name in ONESHOT_COMMANDS:  # send, receive_offer, receive_accept
+            c.register(name, functools.partial(self._cmd_oneshot, name))
+        self.peering.register(ONESHOT_SERVICE, self._oneshot_channel)
+
+    async def _cmd_oneshot(self, name: str, args: dict[str, Any], emit: Emit) -> Any:
+        return await self.oneshot.commands()[name](args, emit)
+
+    async def _oneshot_channel(self, channel: Any) -> None:
+        """Only a peer granted "oneshot" by a live send (or a trusted one) gets here."""
+        await self.oneshot.handle_channel(channel)
 
     def _check_send_path(self, path: Path, what: str) -> None:
         check_shared_root(path, home=self.home, received=self.settings.received_path,
@@ -403,6 +487,7 @@ class Daemon:
             self.book.set_online(peer, "gossip", online.get(peer, False))
 
     async def stop(self) -> None:
+        self._stopping = True
         deadline = time.monotonic() + STOP_BUDGET_S
         if self.registration is not None and self.registration.clients:
             with contextlib.suppress(Exception):
@@ -503,12 +588,10 @@ class Daemon:
         c.register("cancel", self._cmd_cancel)
         c.register("log", self._cmd_log)
         c.register("events", self._cmd_events)
-        c.register("invite", self._cmd_invite)
-        c.register("accept", self._cmd_accept)
+        self._register_pairing()  # invite, accept, send, receive_offer, receive_accept
         from node.folders.commands import register as register_folder_commands
 
         register_folder_commands(self)  # folder_add, folder_list, ... (node/folders)
-        self.oneshot.register(c)  # send, receive_offer, receive_accept
 
     async def _cmd_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {

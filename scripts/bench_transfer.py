@@ -17,7 +17,9 @@ In ONE run, on 127.0.0.1, it measures:
   chunk, the receiver's root check). The first run of each transport also
   hashes the file for its manifest (the daemon caches it afterwards).
 * peak RSS (VmHWM from /proc/<pid>/status) of both node processes; the nodes
-  are restarted before each transport so each row has its own peak;
+  are restarted before each transport so each row has its own peak; next to it
+  (in brackets) each node's RSS just before its first share, so what a share
+  adds is the difference;
 * CPU seconds (utime+stime, all threads) each node spent per share, and the
   "CPU-bound" rate size / busiest side's CPU: what the same work reaches when
   each node has a core to itself. On a shared, loaded machine the wall-clock
@@ -195,6 +197,17 @@ def _vm_hwm_mb(pid: int | None) -> float:
     return float("nan")
 
 
+def _vm_rss_mb(pid: int | None) -> float:
+    """Resident memory now (VmRSS), MB: a node's size before the share (what the share
+    adds is its peak minus this)."""
+    if pid is None:
+        return float("nan")
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _cpu_s(pid: int | None) -> float:
     """utime + stime of a process (all its threads) in seconds."""
     if pid is None:
@@ -275,6 +288,8 @@ def run(size: int, baseline: int, transports: list[str], repeat: int, workdir: P
                 net.restart("n1")
                 net.restart("n2")
                 net.wait_until(lambda: net.sees("n1", ["n2"]), 45, what="n1 lists n2")
+            idle = (round(_vm_rss_mb(net.node("n1").pid), 1),
+                    round(_vm_rss_mb(net.node("n2").pid), 1))
             shares = []
             for r in range(repeat):
                 note("secretstream", bench_channel.secretstream_mib_s(baseline, MESSAGE_BYTES))
@@ -294,6 +309,7 @@ def run(size: int, baseline: int, transports: list[str], repeat: int, workdir: P
             extra[f"share_{transport}"] = {
                 "sender_peak_rss_mb": round(_vm_hwm_mb(net.node("n1").pid), 1),
                 "receiver_peak_rss_mb": round(_vm_hwm_mb(net.node("n2").pid), 1),
+                "sender_idle_rss_mb": idle[0], "receiver_idle_rss_mb": idle[1],
                 "runs_transfer_s": [round(x["transfer_s"], 3) for x in shares],
                 "runs_cli_wall_s": [round(x["cli_wall_s"], 3) for x in shares],
                 "sender_cpu_s": round(statistics.median(x["sender_cpu_s"] for x in shares), 2),
@@ -346,17 +362,19 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"\nfile {result['size_mib']:.0f} MiB, baselines {result['baseline_mib']:.0f} MiB, "
           f"median of {result['repeat']}, load {result['machine']['loadavg'][0]:.2f} "
           f"on {result['machine']['cpus']} cpus\n")
-    print(f"| {'what':<42} | {'MiB/s':>7} | {'runs':<22} | {'peak RSS snd/rcv':>16} | "
+    print(f"| {'what':<42} | {'MiB/s':>7} | {'runs':<22} | {'peak (idle) RSS snd/rcv':>23} | "
           f"{'CPU s snd/rcv':>13} | {'CPU-bound MiB/s':>15} |")
-    print(f"|{'-' * 44}|{'-' * 9}|{'-' * 24}|{'-' * 18}|{'-' * 15}|{'-' * 17}|")
+    print(f"|{'-' * 44}|{'-' * 9}|{'-' * 24}|{'-' * 25}|{'-' * 15}|{'-' * 17}|")
     for r in result["rows"]:
         rss = cpu = bound = ""
         if "sender_peak_rss_mb" in r:
             rss = f"{r['sender_peak_rss_mb']:.0f}/{r['receiver_peak_rss_mb']:.0f} MB"
+            if "sender_idle_rss_mb" in r:  # before the first share: what a share adds
+                rss += f" ({r['sender_idle_rss_mb']:.0f}/{r['receiver_idle_rss_mb']:.0f})"
             cpu = f"{r['sender_cpu_s']:.2f}/{r['receiver_cpu_s']:.2f}"
             bound = f"{r['cpu_bound_mib_s']:.0f}" if r.get("cpu_bound_mib_s") else ""
         runs = ", ".join(f"{x:.0f}" for x in r["runs_mib_s"])
-        print(f"| {r['row']:<42} | {r['median_mib_s']:>7.1f} | {runs:<22} | {rss:>16} | "
+        print(f"| {r['row']:<42} | {r['median_mib_s']:>7.1f} | {runs:<22} | {rss:>23} | "
               f"{cpu:>13} | {bound:>15} |")
     print()
     for t in result["targets"]:

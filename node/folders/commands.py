@@ -11,8 +11,10 @@ report what the configuration alone says: state ``paused`` or ``idle`` and
 ``"source": "config"``, so no front end shows zero counts as if they were measured;
 `rescan`, `override` and `revert` need the engine and say so.
 
-Imports errors, statefiles, identity and node/folders (config, status); the daemon
-registers the handlers (``register``), nothing here knows the daemon's other services.
+Imports errors, statefiles, identity and node/folders (config, status; disk only when a
+folder is added), never the engine: a daemon with no folder loads it on first use (its
+``start_folder_engine``, which ``register`` passes in). The daemon registers the
+handlers (``register``), nothing here knows the daemon's other services.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from node.folders.config import (
     FolderStore,
     check_folder_id,
 )
-from node.folders.disk import write_marker
 from node.folders.status import FolderHost, FolderState, FolderStatus
 from node.identity import PeerId
 from node.statefiles import check_shared_root
@@ -216,6 +217,8 @@ def add_folder(store: FolderStore, ctx: FolderContext, args: dict[str, Any]) -> 
                        mode=parse_mode(args.get("mode")), label=check_label(args.get("label")))
     _config_error(lambda: store.put(cfg))  # refuses a folder overlapping another
     _save(store)
+    from node.folders.disk import write_marker  # (ignore rules, pathspec: on first use only)
+
     try:  # "this is the folder": without it a non-empty index means an unmounted disk
         write_marker(cfg.path, cfg.id)
     except OSError as exc:
@@ -268,10 +271,13 @@ class FolderCommands:
     """The control handlers, over a store and (when it runs) the folder engine."""
 
     def __init__(self, ctx: FolderContext, store: Callable[[], FolderStore],
-                 engine: Callable[[], FolderHost | None]) -> None:
+                 engine: Callable[[], FolderHost | None],
+                 start_engine: Callable[[], Awaitable[FolderHost | None]] | None = None
+                 ) -> None:
         self.ctx = ctx
         self._store = store
         self._engine = engine
+        self._start_engine = start_engine  # a lazily started engine: run it now
 
     def register(self, register: Callable[[str, Callable[..., Awaitable[Any]]], None]) -> None:
         for name in FOLDER_COMMANDS:
@@ -296,7 +302,10 @@ class FolderCommands:
         """Tell the engine (if any); True when the change is live now."""
         engine = self.engine()
         if engine is None:
-            return False
+            if self._start_engine is None or not len(self.store):
+                return False
+            # it starts from the store as it is now: nothing more to tell it
+            return await self._start_engine() is not None
         await engine.config_changed()
         return True
 
@@ -399,7 +408,8 @@ def register(daemon: Any) -> FolderCommands:
                         self_id=daemon.identity.peer_id, resolve=daemon.resolve,
                         is_trusted=trust.is_trusted, label_for=daemon.label_for,
                         share_roots=tuple(Path(d) for d in daemon.settings.shared_dirs))
-    commands = FolderCommands(ctx, store, lambda: _engine_of(daemon))
+    commands = FolderCommands(ctx, store, lambda: _engine_of(daemon),
+                              getattr(daemon, "start_folder_engine", None))
     commands.register(daemon.control.register)
     return commands
 

@@ -48,7 +48,8 @@ import blake3
 
 from node.errors import ChannelClosed, P2PError, ProtocolError
 from node.fileindex import hash_file
-from node.folders import disk
+from node.folders import CONFIG_POLL_S, FETCH_PREFIX, disk
+from node.folders import SERVICE as SERVICE  # the daemon's name for it, re-exported
 from node.folders.config import FolderConfig, FolderConfigError, FolderMode, FolderStore
 from node.folders.db import FolderDB
 from node.folders.ignore import MARKER_FILE_NAME, IgnoreRules
@@ -90,13 +91,10 @@ from node.wire import Message, decode_message
 
 log = logging.getLogger("p2pfs.folders")
 
-SERVICE = "folders"
-FETCH_PREFIX = ".folders"  # fetch paths: .folders/<folder id>/<name>
 LINKS_DIR_NAME = "folder-links"
 STAGING_DIR_NAME = "folder-staging"
 TICK_S = 0.5
 ANTI_ENTROPY_S = 5.0
-CONFIG_POLL_S = 2.0
 CONNECT_BACKOFF_S = 1.0
 CONNECT_BACKOFF_MAX_S = 30.0
 RETRY_BACKOFF_S = 1.0

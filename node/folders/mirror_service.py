@@ -33,7 +33,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from node.errors import LocalIOError, P2PError
 from node.fileindex import FileIndex, hash_file
@@ -72,7 +72,9 @@ from node.pathrules import (
     sanitize_label,
 )
 from node.statefiles import is_state_name
-from node.watcher import FolderWatcher, LocalChange
+
+if TYPE_CHECKING:  # node.watcher (and watchdog) load only when there is a folder to watch
+    from node.watcher import FolderWatcher, LocalChange
 
 log = logging.getLogger("p2pfs.mirror")
 
@@ -445,6 +447,10 @@ class MirrorService:
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
         """Watch every --share folder, announcing what changed while we were stopped."""
+        if not self.shared:
+            return
+        from node.watcher import FolderWatcher
+
         for label, folder in self.shared.items():
             watcher = FolderWatcher(folder, label, index_path=self.home / f"index-{label}.db",
                                     on_change=functools.partial(self._local_change, label),

@@ -8,11 +8,19 @@
 
 The rendezvous sees only nameplates, SPAKE2 messages and ciphertext. Imports identity,
 contact, trust and errors; never the daemon.
+
+This module itself imports only node.errors: the daemon names the services and commands
+below without loading the pairing code (spake2 included), which it imports at the first
+invite, accept, send or receive, or the first "oneshot" channel a peer opens.
 """
 
 from __future__ import annotations
 
 from node.errors import P2PError
+
+ONESHOT_SERVICE = "oneshot"  # the channel service of `node send` (send.py)
+PAIRING_COMMANDS = ("invite", "accept")  # service.py, through the daemon
+ONESHOT_COMMANDS = ("send", "receive_offer", "receive_accept")  # send.py OneShotService
 
 
 class PairingError(P2PError):

@@ -52,7 +52,15 @@ from node.errors import (
 )
 from node.identity import PeerId
 from node.notifications import FileReceived, Notice
-from node.pairing import CodeCancelled, CodeExpired, CodeUsed, PairingError, WrongCode
+from node.pairing import (
+    ONESHOT_COMMANDS,
+    ONESHOT_SERVICE,
+    CodeCancelled,
+    CodeExpired,
+    CodeUsed,
+    PairingError,
+    WrongCode,
+)
 from node.pairing.code import parse_code
 from node.pairing.protocol import MAX_BOX_BYTES, verification_words
 from node.pairing.service import DEFAULT_INVITE_TTL_S, PairingService, parse_ttl
@@ -74,7 +82,7 @@ from node.wire import Message, bound, decode_message, message, packb
 log = logging.getLogger("p2pfs.send")
 
 SEND_APP_ID = b"p2pfs-send-v1"
-SERVICE = "oneshot"
+SERVICE = ONESHOT_SERVICE
 OFFER_VERSION = 1
 OFFER_ID_BYTES = 16
 ROOT_HASH_BYTES = 32
@@ -298,9 +306,16 @@ class OneShotService:
         peering.register(SERVICE, self.handle_channel)
 
     def register(self, control: Any) -> None:
-        control.register("send", self._cmd_send)
-        control.register("receive_offer", self._cmd_receive_offer)
-        control.register("receive_accept", self._cmd_receive_accept)
+        for name, handler in self.commands().items():
+            control.register(name, handler)
+
+    def commands(self) -> dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]]:
+        """The control commands (node/pairing ONESHOT_COMMANDS) and their handlers."""
+        handlers: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
+            "send": self._cmd_send, "receive_offer": self._cmd_receive_offer,
+            "receive_accept": self._cmd_receive_accept}
+        assert tuple(handlers) == ONESHOT_COMMANDS
+        return handlers
 
     # -- control commands (args are the CLI's; validated here) -------------------------
     async def _cmd_send(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:

@@ -94,24 +94,53 @@ async def test_echo_many_sizes_including_the_maximum(start_server, pipes) -> Non
     assert server.pipes[0].remote[0] == "127.0.0.1"
 
 
-def test_records_cut_at_any_offset_reassemble_exactly() -> None:
-    class NoConnection:
-        _quic = None
+class NoConnection:
+    _quic = None
 
-    msgs = [b"", b"a", os.urandom(3), os.urandom(70_000), b"", os.urandom(5), os.urandom(4)]
+
+@pytest.mark.parametrize("side", ["accepted", "dialled", "accepted+authenticated"])
+def test_records_cut_at_any_offset_reassemble_exactly(side: str) -> None:
+    """Large messages go straight into buffers of their own (handed over as bytearrays)
+    on a dialled pipe and on an accepted one once its peer authenticated; before that,
+    and for small messages, through the reassembly buffer as bytes."""
+    owned = side != "accepted"
+    big = quic.OWNED_MIN_BYTES
+    msgs = [b"", b"a", os.urandom(3), os.urandom(70_000), b"", os.urandom(5), os.urandom(4),
+            os.urandom(big), os.urandom(big - 1), os.urandom(200_000)]
     stream = quic.RECORD_HEADER.pack(quic.CREDIT_FLAG) + b"".join(
         quic.RECORD_HEADER.pack(len(m)) + m for m in msgs)
     rng = random.Random(7)
-    for cuts in ([1], [2, 3], [4], [5, 1000], [65536], [1, 7, 4096, 70_004]):
-        pipe = quic.QuicPipe(NoConnection(), ("127.0.0.1", 1), owns_socket=False)  # type: ignore[arg-type]
+    for cuts in ([1], [2, 3], [4], [5, 1000], [65536], [1, 7, 4096, 70_004], [len(stream)]):
+        pipe = quic.QuicPipe(NoConnection(), ("127.0.0.1", 1),  # type: ignore[arg-type]
+                             owns_socket=side == "dialled")
+        if side == "accepted+authenticated":
+            pipe.authenticated()
         pos = 0
         while pos < len(stream):
             n = rng.choice(cuts)
             pipe._feed(stream[pos : pos + n])
             pos += n
         assert list(pipe._inbox) == msgs
-        assert all(type(m) is bytes for m in pipe._inbox)
-        assert not pipe._rbuf and pipe._rneed == -1
+        for m in pipe._inbox:
+            assert type(m) is (bytearray if owned and len(m) >= big else bytes), len(m)
+        assert not pipe._rbuf and pipe._rneed == -1 and pipe._rmsg is None
+        pipe._pool.release()
+
+
+def test_an_announced_size_costs_nothing_before_authentication() -> None:
+    """On an accepted pipe a header alone allocates nothing (the bytes come in as they
+    arrive, within the window), as before; once authenticated it reserves the buffer."""
+    size = 4 * 1024 * 1024
+    header = quic.RECORD_HEADER.pack(size)
+    pipe = quic.QuicPipe(NoConnection(), ("127.0.0.1", 1), owns_socket=False)  # type: ignore[arg-type]
+    pipe._feed(header + b"x" * 10)
+    assert pipe._rmsg is None and len(pipe._rbuf) == 10 and pipe._rneed == size
+    trusted = quic.QuicPipe(NoConnection(), ("127.0.0.1", 1), owns_socket=False)  # type: ignore[arg-type]
+    trusted.authenticated()
+    trusted._feed(header + b"x" * 10)
+    assert trusted._rmsg is not None and len(trusted._rmsg) == size and trusted._rfill == 10
+    for p in (pipe, trusted):
+        p._pool.release()
 
 
 def test_datagram_size_follows_the_route_mtu() -> None:
