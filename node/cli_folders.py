@@ -10,7 +10,6 @@ start; `rescan`, `status`, `override` and `revert` need a running node and say s
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -31,21 +30,19 @@ from node.cli import (
     out,
 )
 from node.errors import NodeNotRunning, ProtocolError
-from node.folders.config import FolderConfigError, FolderMode, FolderStore
+from node.folders.config import (
+    MODES_TEXT,
+    STATUS_SOURCE_CONFIG,
+    FolderConfigError,
+    FolderStore,
+)
 
 if TYPE_CHECKING:
     from node.folders.commands import FolderContext
 
 # the folder commands' own module (node.folders.commands, with the folder engine's disk
-# and ignore code: ~0.13 s of imports) loads only when a `node folder` command runs, not
-# for every `node` command
-MODES_TEXT = ", ".join(m.value for m in FolderMode)
-
-
-def _commands() -> ModuleType:
-    import node.folders.commands
-
-    return node.folders.commands
+# and ignore code: ~0.13 s of imports) is imported inside the commands that need it, so
+# it loads only when a `node folder` command runs, not for every `node` command
 
 folder_app = typer.Typer(
     cls=_NodeGroup,
@@ -65,6 +62,7 @@ def _offline_ctx(home: Path) -> FolderContext:
     """The checks a running node makes, from the home alone: peers resolve among the
     trusted ones (full id, alias or prefix), the received dir from the config."""
     from node.config import absolute_paths, load_settings
+    from node.folders import commands
     from node.identity import load_identity
     from node.trust import TrustStore
 
@@ -88,7 +86,7 @@ def _offline_ctx(home: Path) -> FolderContext:
         finally:
             store.close()
 
-    return _commands().FolderContext(home=home.resolve(), received=settings.received_path,
+    return commands.FolderContext(home=home.resolve(), received=settings.received_path,
                          self_id=self_id, resolve=lambda text: _resolve_offline(home, text),
                          is_trusted=is_trusted, label_for=label_for,
                          share_roots=tuple(Path(d) for d in settings.shared_dirs))
@@ -165,6 +163,8 @@ def add(
 
     Example: node folder add ~/Photos --id photos --peer bob --label "Family photos"
     """
+    from node.folders import commands
+
     args = {"path": str(path.expanduser().absolute()), "id": folder_id, "peers": list(peer or []),
             "mode": mode, "label": label}
     try:
@@ -173,8 +173,8 @@ def add(
         h = _home(home)
         store = _offline_store(h)
         ctx = _offline_ctx(h)
-        cfg = _commands().add_folder(store, ctx, args)
-        row = {**_commands().folder_row(cfg, ctx, None), "live": False, "offline": True,
+        cfg = commands.add_folder(store, ctx, args)
+        row = {**commands.folder_row(cfg, ctx, None), "live": False, "offline": True,
                "file": str(store.file)}
     who = ", ".join(row.get("peer_labels") or []) or "no peers yet (add with --peer)"
     _print_row_json_or(row, as_json, f"added folder {row['id']} at {row['path']} "
@@ -188,13 +188,15 @@ def list_folders(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
     Example: node folder list --json
     """
+    from node.folders import commands
+
     try:
         rows = _online(home, "folder_list", {})
         offline = False
     except NodeNotRunning:
         h = _home(home)
         ctx = _offline_ctx(h)
-        rows = [_commands().folder_row(cfg, ctx, None) for cfg in _offline_store(h)]
+        rows = [commands.folder_row(cfg, ctx, None) for cfg in _offline_store(h)]
         offline = True
     if as_json:
         _print_json(rows)
@@ -205,7 +207,7 @@ def list_folders(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     table = Table("id", "label", "path", "mode", "state", "done", "conflicts", "peers")
     for r in rows:
         st = r["status"]
-        measured = st.get("source") != _commands().STATUS_SOURCE_CONFIG
+        measured = st.get("source") != STATUS_SOURCE_CONFIG
         table.add_row(r["id"], r["label"] or "-", r["path"], r["mode"], st["state"],
                       f"{st['completion_pct']:.0f}%" if measured else "?",
                       str(st["conflicts"]) if measured else "?",
@@ -213,7 +215,7 @@ def list_folders(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
     if offline:
         err.print("no node is running: states are from folders.json only", markup=False)
-    elif any(r["status"].get("source") == _commands().STATUS_SOURCE_CONFIG for r in rows):
+    elif any(r["status"].get("source") == STATUS_SOURCE_CONFIG for r in rows):
         err.print("this node runs no folder engine yet: '?' is not known", markup=False)
 
 
@@ -224,11 +226,13 @@ def remove(folder_id: IdArg, home: HomeOpt = None, as_json: JsonOpt = False) -> 
 
     Example: node folder remove photos
     """
+    from node.folders import commands
+
     try:
         row = _online(home, "folder_remove", {"id": folder_id})
     except NodeNotRunning:
         store = _offline_store(_home(home))
-        cfg = _commands().remove_folder(store, folder_id)
+        cfg = commands.remove_folder(store, folder_id)
         row = {**cfg.to_json(), "removed": True, "files_kept": True, "live": False,
                "offline": True, "file": str(store.file)}
     _print_row_json_or(row, as_json, f"removed folder {row['id']}; its files stay in "
@@ -236,14 +240,16 @@ def remove(folder_id: IdArg, home: HomeOpt = None, as_json: JsonOpt = False) -> 
 
 
 def _pause(folder_id: str, home: Path | None, as_json: bool, paused: bool) -> None:
+    from node.folders import commands
+
     cmd = "folder_pause" if paused else "folder_resume"
     try:
         row = _online(home, cmd, {"id": folder_id})
     except NodeNotRunning:
         h = _home(home)
         store = _offline_store(h)
-        cfg = _commands().set_paused(store, folder_id, paused)
-        row = {**_commands().folder_row(cfg, _offline_ctx(h), None), "live": False, "offline": True,
+        cfg = commands.set_paused(store, folder_id, paused)
+        row = {**commands.folder_row(cfg, _offline_ctx(h), None), "live": False, "offline": True,
                "file": str(store.file)}
     verb = "paused" if paused else "resumed"
     _print_row_json_or(row, as_json, f"{verb} folder {row['id']}")
@@ -292,7 +298,7 @@ def status_lines(row: dict[str, Any]) -> list[str]:
     lines = [title, f"  path             {row['path']}", f"  mode             {row['mode']}",
              f"  state            {st['state']}",
              f"  peers            {', '.join(row.get('peer_labels') or []) or 'none'}"]
-    if st.get("source") == _commands().STATUS_SOURCE_CONFIG:
+    if st.get("source") == STATUS_SOURCE_CONFIG:
         lines.append("  counts           not known: this node runs no folder engine yet")
         return lines
     lines += [

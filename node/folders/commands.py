@@ -29,6 +29,8 @@ from node.errors import ConfigError, LocalIOError, PeerNotTrusted, UnknownPeer
 from node.folders.config import (
     MAX_FOLDER_PEERS,
     MAX_LABEL_LEN,
+    MODES_TEXT,
+    STATUS_SOURCE_CONFIG,
     FolderConfig,
     FolderConfigError,
     FolderMode,
@@ -41,9 +43,7 @@ from node.statefiles import check_shared_root
 
 log = logging.getLogger("p2pfs.folders")
 
-MODES_TEXT = ", ".join(m.value for m in FolderMode)
 STATUS_SOURCE_ENGINE = "engine"  # counts measured by the running folder engine
-STATUS_SOURCE_CONFIG = "config"  # no engine: state from the configuration, counts unknown
 MAX_PATH_CHARS = 4096
 FOLDER_COMMANDS = ("folder_add", "folder_list", "folder_remove", "folder_pause",
                    "folder_resume", "folder_rescan", "folder_status", "folder_override",

@@ -53,6 +53,11 @@ class FolderMode(enum.Enum):
     RECEIVE_ONLY = "receive-only"
 
 
+MODES_TEXT = ", ".join(m.value for m in FolderMode)
+# a folder status made from the configuration alone (no engine): counts unknown
+STATUS_SOURCE_CONFIG = "config"
+
+
 class FolderConfigError(ValueError):
     """A folder setting that cannot be accepted; the message says which and why."""
 
