@@ -108,6 +108,7 @@ from bootstrap.store import (
 from node.contact import MAX_CLOCK_SKEW_S, ContactRecord, json_extensions
 from node.errors import IdentityError, P2PError, ProtocolError, bind_errors, describe_os_error
 from node.identity import GROUP_LEN, PEER_ID_TEXT_LEN, PeerId, normalize_id_text
+from node.listen import listening_sockets
 
 log = logging.getLogger("p2pfs.bootstrap")
 # aiohttp's own connection-level log (bad request lines and the like) goes here
@@ -927,35 +928,6 @@ class _Listener:
         return None
 
 
-def _listening_sockets(host: str, port: int, backlog: int, reuse_port: bool
-                       ) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for host:port (one per address family)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
-    try:
-        for family, kind, proto, _name, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
 class _AdmittingSite(web.TCPSite):
     """web.TCPSite whose listener refuses over-limit sources before aiohttp sees them."""
 
@@ -969,7 +941,7 @@ class _AdmittingSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         self._admission.watch(server)
-        sockets = _listening_sockets(self._host or "", self._port, self._backlog,
+        sockets = listening_sockets(self._host or "", self._port, self._backlog,
                                      bool(self._reuse_port))
         self._server = cast(asyncio.Server, _Listener(sockets, server, self._admission))
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -799,10 +799,11 @@ class Daemon:
         s = self.settings
         if not s.gui_port:
             return
-        from node.gui.server import GuiServer
+        # binds the port now, loads the dashboard's server (aiohttp) at its first visitor
+        from node.gui.lazy import LazyGui
 
-        gui = GuiServer(c.dispatch, home=self.home, host=s.gui_host, port=s.gui_port,
-                        commands=c.commands)
+        gui = LazyGui(c.dispatch, home=self.home, host=s.gui_host, port=s.gui_port,
+                      commands=c.commands)
         try:
             await gui.start()
         except PortUnavailable as exc:

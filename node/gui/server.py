@@ -28,7 +28,7 @@ import hmac
 import json
 import logging
 import secrets
-import stat
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -50,15 +50,13 @@ from node.errors import (
     bind_errors,
 )
 from node.gui.pairing import PairingRoutes, json_object
-from node.statefiles import private_dir, write_private
+from node.gui.token import dashboard_info, dashboard_url, load_or_create_token
 
 log = logging.getLogger("p2pfs.gui")
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Dispatch = Callable[[str, dict[str, Any], Emit], Awaitable[Any]]
 
-TOKEN_FILE = "gui.token"
-TOKEN_BYTES = 32
 SESSION_COOKIE_PREFIX = "p2pfs_session_"  # + port: two nodes' dashboards on one host
 MAX_SESSIONS = 64
 SESSION_TTL_S = 7 * 24 * 3600.0
@@ -86,25 +84,6 @@ SECURITY_HEADERS = {
 
 
 # ---------------------------------------------------------------------------- token
-
-
-def load_or_create_token(home: Path) -> str:
-    """The node's dashboard token from HOME/gui.token (mode 0600), made on first use."""
-    path = home / TOKEN_FILE
-    try:
-        if path.exists():
-            if stat.S_IMODE(path.stat().st_mode) & 0o077:
-                path.chmod(0o600)
-            token = path.read_text(encoding="ascii").strip()
-            if len(token) >= 32 and token.isascii() and token.replace("-", "").replace(
-                    "_", "").isalnum():
-                return token
-        private_dir(home)
-        token = secrets.token_urlsafe(TOKEN_BYTES)
-        write_private(path, (token + "\n").encode("ascii"))
-        return token
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LocalIOError(f"cannot read or write the dashboard token {path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- sessions
@@ -201,22 +180,29 @@ class GuiServer:
         self.app = self._build_app()
 
     # -- lifecycle -----------------------------------------------------------------
-    async def start(self) -> int:
+    async def start(self, sockets: list[socket.socket] | None = None) -> int:
+        """Serve on host:port, or on ``sockets`` already bound and listening (the lazy
+        dashboard of node/gui/lazy.py binds them at start and hands them over here)."""
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         try:
-            with bind_errors("gui", self.host, self.port):
-                site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-                await site.start()
+            if sockets is None:
+                with bind_errors("gui", self.host, self.port):
+                    site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+                    await site.start()
+            else:
+                for sock in sockets:
+                    await web.SockSite(runner, sock).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         if self.port == 0:
             self.port = self.addresses()[0][1]
-        log.info("dashboard on http://%s:%d/ (run `node gui` for the address with its token)",
-                 self._url_host(), self.port)
+        if sockets is None:
+            log.info("dashboard on %s (run `node gui` for the address with its token)",
+                     dashboard_url(self.host, self.port))
         return self.port
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -238,19 +224,12 @@ class GuiServer:
             runner, self._runner = self._runner, None
             await runner.cleanup()
 
-    def _url_host(self) -> str:
-        return "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
-
     def url(self, *, with_token: bool = True) -> str:
-        host = self._url_host()
-        host = f"[{host}]" if ":" in host else host
-        base = f"http://{host}:{self.port}/"
-        return f"{base}?token={self.token}" if with_token else base
+        return dashboard_url(self.host, self.port, self.token if with_token else None)
 
     def info(self) -> dict[str, Any]:
         """What `node gui` prints."""
-        return {"url": self.url(), "host": self.host, "port": self.port,
-                "token_file": str(self.home / TOKEN_FILE)}
+        return dashboard_info(self.home, self.host, self.port, self.token)
 
     # -- app -----------------------------------------------------------------------
     def _build_app(self) -> web.Application:

@@ -19,7 +19,8 @@ import pytest
 
 from node.config import Settings
 from node.errors import UnknownPeer
-from node.gui.server import TOKEN_FILE, GuiServer, load_or_create_token
+from node.gui.server import GuiServer
+from node.gui.token import TOKEN_FILE, load_or_create_token
 
 
 @dataclass
