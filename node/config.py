@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import platformdirs
-
 from node.errors import ConfigError
 
 CONFIG_FILE_NAME = "config.toml"
@@ -100,6 +98,8 @@ def default_home() -> Path:
     env = os.environ.get(ENV_PREFIX + "HOME")
     if env:
         return Path(env).expanduser()
+    import platformdirs  # only here: a daemon started with its home never loads it (1.6 MB)
+
     return Path(platformdirs.user_data_dir("p2pfs", appauthor=False))
 
 

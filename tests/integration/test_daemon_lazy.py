@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 LAZY_MODULES = ("node.folders.engine", "node.folders.disk", "node.folders.ignore", "pathspec",
-                "node.pairing.service", "node.pairing.send", "spake2", "node.watcher", "watchdog")
+                "node.pairing.service", "node.pairing.send", "spake2", "node.watcher", "watchdog",
+                "platformdirs")
 ENGINE_MODULES = ("node.folders.engine", "node.folders.ignore", "pathspec", "watchdog")
 PAIRING_MODULES = ("node.pairing.service", "node.pairing.send", "spake2")
 SCRIPT_TIMEOUT_S = 60

@@ -722,6 +722,20 @@ async def test_silent_peer_times_out(dirs: tuple[Path, Path], monkeypatch: Any) 
     await a.close()
 
 
+def _take_no_chunk_frames(channel: MemoryChannel) -> None:
+    """``channel``'s peer never takes a chunk frame sent on it (the send waits forever);
+    smaller messages go through."""
+    real_send = channel.send
+    never = asyncio.Event()
+
+    async def stuck_send(data: bytes) -> None:
+        if len(data) > 64 * 1024:
+            await never.wait()
+        await real_send(data)
+
+    channel.send = stuck_send  # type: ignore[method-assign]
+
+
 async def test_peer_that_takes_no_chunk_is_unreachable(dirs: tuple[Path, Path],
                                                       monkeypatch: Any) -> None:
     """A peer that keeps talking but never takes a chunk frame: the send watchdog stops
@@ -734,15 +748,7 @@ async def test_peer_that_takes_no_chunk_is_unreachable(dirs: tuple[Path, Path],
     sink = asyncio.ensure_future(receive_files(b, ReceiveStore(recv)))  # the default timeout
     await asyncio.sleep(0)  # the sink's session starts (and reads its idle timeout)
     monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.4)  # the source's
-    never = asyncio.Event()
-    real_send = a.send
-
-    async def stuck_send(data: bytes) -> None:
-        if len(data) > 64 * 1024:  # a chunk frame: the peer takes none of it
-            await never.wait()
-        await real_send(data)
-
-    a.send = stuck_send  # type: ignore[method-assign]
+    _take_no_chunk_frames(a)
 
     async def chatter() -> None:  # keeps the source's idle timer (peer silent) quiet
         while True:
@@ -780,15 +786,7 @@ async def test_a_send_stuck_after_the_peer_said_complete_is_still_bounded(
     (tmp_path / "f.bin").write_bytes(os.urandom(3 * MiB))
     monkeypatch.setattr(sess, "IDLE_TIMEOUT_S", 0.4)
     a, b = memory_channel_pair("alice", "bob")
-    never = asyncio.Event()
-    real_send = a.send
-
-    async def stuck_send(data: bytes) -> None:
-        if len(data) > 64 * 1024:  # a chunk frame: the peer takes none of it
-            await never.wait()
-        await real_send(data)
-
-    a.send = stuck_send  # type: ignore[method-assign]
+    _take_no_chunk_frames(a)
     source = asyncio.ensure_future(send_files(a, tmp_path, [tmp_path / "f.bin"]))
     try:
         while True:
