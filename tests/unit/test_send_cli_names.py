@@ -57,6 +57,7 @@ def test_a_strangers_name_in_node_peers_is_text(monkeypatch: pytest.MonkeyPatch,
            "hosts": ["127.0.0.1"], "transports": [], "ports": {}, "online": True,
            "last_seen": 0, "source": "lan"}
     monkeypatch.setattr(cli, "_call", lambda *_a, **_k: [row])
-    monkeypatch.setattr(cli.out, "width", 200)
+    # the private field: the width setter would leave a fixed width behind when undone
+    monkeypatch.setattr(cli.out, "_width", 200)
     res = CliRunner().invoke(cli.app, ["peers", "--home", str(tmp_path)])
     assert res.exit_code == 0 and "[conceal]mallory" in res.output, res.output
