@@ -808,6 +808,8 @@ class _Listener:
                     mine = tuple(s for s in blocked
                                  if (":" in s) == (sock.family == socket.AF_INET6))
                     if self._installed.get(i, ()) != mine:
+                        # unknown until it succeeds (a failed attach may have detached)
+                        self._installed.pop(i, None)
                         sockfilter.block(sock, mine)
                         self._installed[i] = mine
                 break
