@@ -282,20 +282,28 @@ function connectEvents() {
 
 const REFRESH = { peers: refreshPeers, folders: refreshFolders, transfers: refreshTransfers };
 
-async function act(fn) {
+// the error a user's action got stays up until their next action: the page's own
+// refresh (every few seconds) clears only an error a refresh showed
+let errorFromRefresh = false;
+
+async function act(fn, { refresh = false } = {}) {
   try {
     const result = await fn();
-    showError(null);
+    if (!refresh || errorFromRefresh) {
+      showError(null);
+      errorFromRefresh = false;
+    }
     return result;
   } catch (err) {
     showError(err);
+    errorFromRefresh = refresh;
     return null;
   }
 }
 
 async function refreshPage() {
   const fn = REFRESH[state.page];
-  if (fn) await act(fn);
+  if (fn) await act(fn, { refresh: true });
 }
 
 function schedule() {
