@@ -805,8 +805,7 @@ class _Listener:
             blocked = blocklist.blocked()
             try:
                 for i, sock in enumerate(self.sockets):
-                    mine = tuple(s for s in blocked
-                                 if (":" in s) == (sock.family == socket.AF_INET6))
+                    mine = sockfilter.sources_of(sock.family, blocked)
                     if self._installed.get(i, ()) != mine:
                         # unknown until it succeeds (a failed attach may have detached)
                         self._installed.pop(i, None)
@@ -944,7 +943,7 @@ class _AdmittingSite(web.TCPSite):
         assert server is not None
         self._admission.watch(server)
         sockets = listening_sockets(self._host or "", self._port, self._backlog,
-                                     bool(self._reuse_port))
+                                    bool(self._reuse_port))
         self._server = cast(asyncio.Server, _Listener(sockets, server, self._admission))
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 

@@ -65,18 +65,21 @@ _IPV6_PRELUDE = (_load(_IPV6_SRC_OFF), _insn(_ST, 0, 0, 0),
                  _load(_IPV6_SRC_OFF + 4), _insn(_ST, 0, 0, 1))
 
 
+def sources_of(family: int, sources: Sequence[str]) -> tuple[str, ...]:
+    """The sources a socket of ``family`` can see: IPv6 /64s (they hold a ":") for
+    AF_INET6, IPv4 addresses for any other."""
+    v6 = family == socket.AF_INET6
+    return tuple(s for s in sources if (":" in s) == v6)
+
+
 @functools.lru_cache(maxsize=4096)
 def _fragment(family: int, source: str) -> bytes:
-    """The instructions that drop ``source``'s packets (after the family's prelude), or
-    b"" for a source of the other family; ValueError for one that is not a source."""
+    """The instructions that drop ``source``'s packets (after the family's prelude), a
+    source of that family; ValueError for one that is not a source."""
     if family == socket.AF_INET:
-        if ":" in source:
-            return b""
         # equal: fall through to "drop"; else skip it
         return (_insn(_JEQ_K, 0, 1, int(ipaddress.IPv4Address(source)))
                 + _insn(_RET_K, 0, 0, _DROP))
-    if ":" not in source:
-        return b""
     net = ipaddress.IPv6Network(source, strict=False)
     if net.prefixlen != 64:
         raise ValueError(f"{source}: an IPv6 source is a /64")
@@ -97,7 +100,7 @@ def drop_program(family: int, sources: Sequence[str]) -> bytes:
     network, or a program longer than the kernel takes."""
     if family not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError(f"no source filter for address family {family}")
-    body = b"".join(_fragment(family, source) for source in sources)
+    body = b"".join(_fragment(family, source) for source in sources_of(family, sources))
     prelude = b""
     if body:
         prelude = _load(_IPV4_SRC_OFF) if family == socket.AF_INET else b"".join(_IPV6_PRELUDE)

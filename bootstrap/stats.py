@@ -66,13 +66,10 @@ class ServerStats:
         self.gc_max_s = 0.0
 
     def count_accept(self, source: str, refused: bool) -> None:
-        counts = self.refused if refused else self.accepted
-        if source in counts or len(counts) < MAX_SOURCES:
-            counts[source] = counts.get(source, 0) + 1
+        _bump(self.refused if refused else self.accepted, source)
 
     def count_block(self, source: str) -> None:
-        if source in self.blocks or len(self.blocks) < MAX_SOURCES:
-            self.blocks[source] = self.blocks.get(source, 0) + 1
+        _bump(self.blocks, source)
 
     def add(self, source: str, held_s: float, status: int = 200) -> None:
         by_status = self.statuses.get(source)
@@ -126,6 +123,12 @@ class ServerStats:
                                 "long": self.long_stalls},
                 "gc": {"passes": self.gc_passes, "ms": self.gc_s * 1000,
                        "max_ms": self.gc_max_s * 1000}}
+
+
+def _bump(counts: dict[str, int], source: str) -> None:
+    """One more for ``source``, in at most MAX_SOURCES counters."""
+    if source in counts or len(counts) < MAX_SOURCES:
+        counts[source] = counts.get(source, 0) + 1
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
