@@ -13,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from node.errors import P2PError, bind_errors
+from node.gui import Dispatch
 from node.gui.token import dashboard_info, dashboard_url, load_or_create_token
 from node.listen import listening_sockets
 
 log = logging.getLogger("p2pfs.gui")
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-Dispatch = Callable[[str, dict[str, Any], Emit], Awaitable[Any]]
 
 # connections that may wait for the dashboard's server to load (a page opens ~4 at once)
 BACKLOG = 128
@@ -75,7 +74,7 @@ class LazyGui:
         from node.gui.server import GuiServer
 
         server = GuiServer(self.dispatch, home=self.home, host=self.host, port=self.port,
-                           commands=self._commands)
+                           commands=self._commands, token=self.token)
         try:
             await server.start(self._sockets)
         except (OSError, P2PError) as exc:  # bound already: nothing a user did

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -29,11 +28,10 @@ from typing import Any
 from aiohttp import web
 
 from node.errors import ConfigError, P2PError, UnknownPeer
+from node.gui import Dispatch
 
 log = logging.getLogger("p2pfs.gui")
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-Dispatch = Callable[[str, dict[str, Any], Emit], Awaitable[Any]]
 
 MAX_INVITES = 4  # running at once
 MAX_ROWS = 32

@@ -49,13 +49,12 @@ from node.errors import (
     UnknownPeer,
     bind_errors,
 )
+from node.gui import Dispatch
 from node.gui.pairing import PairingRoutes, json_object
 from node.gui.token import dashboard_info, dashboard_url, load_or_create_token
 
 log = logging.getLogger("p2pfs.gui")
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-Dispatch = Callable[[str, dict[str, Any], Emit], Awaitable[Any]]
 
 SESSION_COOKIE_PREFIX = "p2pfs_session_"  # + port: two nodes' dashboards on one host
 MAX_SESSIONS = 64
@@ -81,9 +80,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-# ---------------------------------------------------------------------------- token
 
 
 # ---------------------------------------------------------------------------- sessions
@@ -165,13 +161,15 @@ class GuiServer:
     """The dashboard on host:port; `start()` binds (PortUnavailable when it cannot)."""
 
     def __init__(self, dispatch: Dispatch, *, home: Path, host: str = "127.0.0.1",
-                 port: int = 8474, commands: Callable[[], list[str]] | None = None) -> None:
+                 port: int = 8474, commands: Callable[[], list[str]] | None = None,
+                 token: str | None = None) -> None:
         self.dispatch = dispatch
         self.home = home
         self.host = host
         self.port = port
         self._commands = commands or (lambda: [])
-        self.token = load_or_create_token(home)
+        # the lazy dashboard read (or made) it at the node's start already
+        self.token = token if token is not None else load_or_create_token(home)
         self.sessions = SessionTable()
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task[Any]] = set()
