@@ -75,8 +75,7 @@ from node.transports.base import (
     trim_freed_memory_soon,
 )
 from node.transports.certs import load_or_create_cert, renew_after_s
-from node.transports.tcp import POOLED_MIN_BYTES, take_buffer
-from node.transports.tcp import _pool as _buffer_pool
+from node.transports.tcp import POOLED_MIN_BYTES, buffer_pool, take_buffer
 from node.transports.tls_exporter import ExporterTap, tap
 
 log = logging.getLogger(__name__)
@@ -269,7 +268,7 @@ class QuicPipe:
         self._rmsg: bytearray | None = None
         self._rfill = 0
         # the pool (per event loop, shared with tcp pipes) empties when its last pipe closes
-        self._pool: Any = _buffer_pool()
+        self._pool: Any = buffer_pool()
         self._pool.retain()
         self._inbox: deque[bytes] = deque()
         self._readable = asyncio.Event()

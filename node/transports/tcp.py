@@ -178,7 +178,9 @@ _pools = threading.local()
 _REFCOUNTS = sys.implementation.name == "cpython"
 
 
-def _pool() -> _BufferPool:
+def buffer_pool() -> _BufferPool:
+    """This thread's pool of large receive buffers, shared by its tcp and quic pipes (each
+    pipe retains it while open; the last to close empties it)."""
     pool: _BufferPool | None = getattr(_pools, "pool", None)
     if pool is None:
         pool = _pools.pool = _BufferPool()
@@ -189,7 +191,7 @@ def take_buffer(n: int) -> bytearray:
     """A bytearray of n bytes for a large message: pooled if possible, else fresh."""
     if n < POOLED_MIN_BYTES or not _REFCOUNTS:
         return bytearray(n)
-    return _pool().take(n)
+    return buffer_pool().take(n)
 
 
 class _FrameProtocol(asyncio.BufferedProtocol):
@@ -398,7 +400,7 @@ class TcpPipe:
         self._closed = False
         # set by the listener while this accepted pipe is half-open (pre-auth)
         self._on_authenticated: Callable[[TcpPipe], None] | None = None
-        self._pool = _pool()
+        self._pool = buffer_pool()
         self._pool.retain()
         peer: Any = self._transport.get_extra_info("peername")
         self.remote: tuple[str, int] = (

@@ -449,7 +449,7 @@ async def test_large_recv_hands_out_pooled_buffers_and_reuses_dropped_ones() -> 
             got = await asyncio.wait_for(ch.recv(), WAIT_S)
             assert got == msg
             assert isinstance(got, bytearray)
-            assert any(b is got for b in tcp._pool()._bufs)  # zero copy: the pool's buffer
+            assert any(b is got for b in tcp.buffer_pool()._bufs)  # zero copy: the pool's buffer
             seen.add(id(got))
             del got
         # 30 round trips reuse a handful of buffers instead of allocating 30
@@ -497,13 +497,13 @@ async def test_closing_the_last_pipe_empties_the_buffer_pool() -> None:
         ch = await connect(port)
         await ch.send(b"p" * (1 << 20))
         kept = await asyncio.wait_for(ch.recv(), WAIT_S)
-        assert tcp._pool()._bufs  # large messages went through pooled buffers
+        assert tcp.buffer_pool()._bufs  # large messages went through pooled buffers
         await ch.close()
         assert (await srv.next_event())[0] == "accepted"
         assert (await srv.next_event())[0] == "ended"
     finally:
         await srv.close()
-    assert tcp._pool()._bufs == [] and tcp._pool().users == 0
+    assert tcp.buffer_pool()._bufs == [] and tcp.buffer_pool().users == 0
     assert kept == b"p" * (1 << 20)  # a buffer still held stays valid for its holder
 
 
