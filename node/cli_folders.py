@@ -86,10 +86,10 @@ def _offline_ctx(home: Path) -> FolderContext:
         finally:
             store.close()
 
-    return commands.FolderContext(home=home.resolve(), received=settings.received_path,
-                         self_id=self_id, resolve=lambda text: _resolve_offline(home, text),
-                         is_trusted=is_trusted, label_for=label_for,
-                         share_roots=tuple(Path(d) for d in settings.shared_dirs))
+    return commands.FolderContext(
+        home=home.resolve(), received=settings.received_path, self_id=self_id,
+        resolve=lambda text: _resolve_offline(home, text), is_trusted=is_trusted,
+        label_for=label_for, share_roots=tuple(Path(d) for d in settings.shared_dirs))
 
 
 def _offline_store(home: Path) -> FolderStore:
