@@ -634,6 +634,7 @@ def run_vs_scp(sizes: list[int], transports: list[str], repeat: int, workdir: Pa
                         src = _fresh_file(workdir, size, next(serial))
                         received = net.node("n2").home / "received" / "n1" / src.name
                         digest = _sha256(src) if verify and last else None
+                        before = [_vm_rss_mb(p) for p in pids]
                         reset = all([_reset_hwm(p) for p in pids])
                         share = _share_once(net, src, transport, received, digest)
                         received.unlink(missing_ok=True)
@@ -644,6 +645,8 @@ def run_vs_scp(sizes: list[int], transports: list[str], repeat: int, workdir: Pa
                              "receiver_cpu_s": share["receiver_cpu_s"],
                              "sender_peak_rss_mb": _vm_hwm_mb(pids[0]),
                              "receiver_peak_rss_mb": _vm_hwm_mb(pids[1]),
+                             "sender_before_rss_mb": before[0],
+                             "receiver_before_rss_mb": before[1],
                              "rss_since_start": 0.0 if reset else 1.0})
                         line.append(f"{transport} {share['cli_wall_s']:.2f} s")
                     echo(f"  {size / MIB:.0f} MiB run {r + 1}: " + ", ".join(line))
@@ -678,6 +681,10 @@ def _vs_row(size: int, key: str, v: list[dict[str, float]]) -> dict[str, Any]:
         row["sender_peak_rss_mb"] = round(max(x["sender_peak_rss_mb"] for x in v), 1)
         row["receiver_peak_rss_mb"] = round(max(x["receiver_peak_rss_mb"] for x in v), 1)
         row["peak_rss_since_node_start"] = any(x["rss_since_start"] for x in v)
+        # what the node held before its first share of this row (the same pair serves
+        # every size and transport: it carries what earlier shares left)
+        row["sender_before_rss_mb"] = round(v[0]["sender_before_rss_mb"], 1)
+        row["receiver_before_rss_mb"] = round(v[0]["receiver_before_rss_mb"], 1)
     if "transfer_s" in v[0]:
         row["median_transfer_s"] = round(statistics.median(x["transfer_s"] for x in v), 3)
     if "fsync_s" in v[0]:
@@ -734,18 +741,19 @@ def _print_vs_table(result: dict[str, Any]) -> None:
           f"command; load {result['machine']['loadavg'][0]:.2f} on "
           f"{result['machine']['cpus']} cpus; work dir on {result['machine']['workdir_fs']}\n")
     print(f"| {'size':>6} | {'what':<38} | {'s':>7} | {'MiB/s':>7} | {'runs s':<20} | "
-          f"{'CPU ms/MiB snd/rcv':>18} | {'peak RSS snd/rcv':>16} |")
-    print(f"|{'-' * 8}|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 22}|{'-' * 20}|{'-' * 18}|")
+          f"{'CPU ms/MiB snd/rcv':>18} | {'peak (before) RSS snd/rcv':>25} |")
+    print(f"|{'-' * 8}|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 22}|{'-' * 20}|{'-' * 27}|")
     for r in result["rows"]:
         cpu = rss = ""
         if "sender_cpu_ms_per_mib" in r:
             cpu = f"{r['sender_cpu_ms_per_mib']:.2f}/{r['receiver_cpu_ms_per_mib']:.2f}"
         if "sender_peak_rss_mb" in r:
-            rss = f"{r['sender_peak_rss_mb']:.0f}/{r['receiver_peak_rss_mb']:.0f} MB"
+            rss = (f"{r['sender_peak_rss_mb']:.0f}/{r['receiver_peak_rss_mb']:.0f} MB "
+                   f"({r['sender_before_rss_mb']:.0f}/{r['receiver_before_rss_mb']:.0f})")
         runs = ", ".join(f"{x:.2f}" for x in r["runs_s"])
         rate = "" if r["key"] == "cli" else f"{r['mib_s']:.1f}"  # it moves no data
         print(f"| {r['size_mib']:>6.0f} | {r['row']:<38} | {r['median_s']:>7.2f} | "
-              f"{rate:>7} | {runs:<20} | {cpu:>18} | {rss:>16} |")
+              f"{rate:>7} | {runs:<20} | {cpu:>18} | {rss:>25} |")
     print()
     for r in result["rows"]:
         if "median_transfer_s" in r:
