@@ -15,6 +15,13 @@ Fighting per-datagram cost:
   back to one syscall per datagram where the kernel refuses.
 * ``loss_rate`` drops that fraction of outgoing datagrams (tests, benchmarks).
 
+Memory: large messages live in the large-buffer pool tcp and quic use too
+(``tcp.buffer_pool()``). ``send_frame`` lets the channel seal straight into a pooled
+buffer, and the machine reassembles each received large message in place in a pooled
+buffer that ``recv()`` hands over (``recv_buffers_owned``: the channel decrypts it in
+place). Before, a received 1 MiB message was held twice (the machine's stream buffer and
+the bytes cut from it) and then decrypted into a third buffer, all freshly allocated.
+
 The listener keeps nothing for an INIT: the machine's ``Acceptor`` answers it
 with a cookie, and only a COOKIE_ECHO with a valid cookie from the same address
 creates a connection (bounded by ``MAX_CONNECTIONS``). Spoofed INITs therefore
@@ -51,6 +58,7 @@ from node.transports.base import (
     PipeHandler,
     trim_freed_memory_soon,
 )
+from node.transports.tcp import FrameFiller, buffer_pool, take_buffer
 from node.transports.udp_machine import (
     CLOSE_TIMEOUT_S,
     DEFAULT_DATAGRAM_BYTES,
@@ -263,15 +271,25 @@ def _make_socket(family: int, bind_addr: Any) -> socket.socket:
 
 
 class UdpPipe:
-    """One UDP connection as a message pipe (see base.Pipe)."""
+    """One UDP connection as a message pipe (see base.Pipe).
+
+    Large messages travel in buffers of the large-buffer pool tcp and quic share
+    (``tcp.buffer_pool()``): ``send_frame`` seals into one, the machine reassembles a
+    received one straight into one, and ``recv()`` hands it over as the caller's own
+    bytearray (``recv_buffers_owned``), so the channel opens it in place.
+    """
 
     transport = "udp"
+    recv_buffers_owned = True
 
     def __init__(self, machine: UdpConnection, addr: Any,
                  send: Callable[[list[bytes], Any], None],
                  loop: asyncio.AbstractEventLoop,
                  on_closed: Callable[[UdpPipe], None]) -> None:
         self._m = machine
+        machine.message_buffer = take_buffer
+        self._pool = buffer_pool()
+        self._pool.retain()
         self._addr = addr
         self.remote: tuple[str, int] = (str(addr[0]), int(addr[1]))
         self._send_dgrams = send
@@ -365,6 +383,7 @@ class UdpPipe:
         self._closed = True
         self.close_reason = reason
         self._cancel_timer()
+        self._pool.release()
         trim_freed_memory_soon()
         for w in (self._recv_waiter, self._send_waiter):
             if w is not None and not w.done():
@@ -405,6 +424,25 @@ class UdpPipe:
         n = len(data)
         if n > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"message of {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        await self._wait_send_room()
+        self._m.send_message(data)
+        self.schedule_flush()
+
+    async def send_frame(self, size: int, fill: FrameFiller) -> None:
+        """Send one `size`-byte message that ``fill(buf, offset)`` writes at buf[offset:],
+        built in a pooled buffer (it returns to the pool once all of it is packetized)."""
+        if size > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES}-byte "
+                                "limit")
+        await self._wait_send_room()
+        buf = take_buffer(size)
+        if fill(buf, 0) != size:
+            raise ProtocolError(f"frame filler wrote a different size than the {size} announced")
+        self._m.send_message(buf)
+        del buf
+        self.schedule_flush()
+
+    async def _wait_send_room(self) -> None:
         m = self._m
         while not self._closed and m.send_buffered_bytes >= SEND_HIGH_WATER_BYTES:
             fut = self._loop.create_future()
@@ -412,8 +450,6 @@ class UdpPipe:
             await fut
         if self._closed or m.state is not State.ESTABLISHED:
             raise self._closed_error()
-        m.send_message(data)
-        self.schedule_flush()
 
     async def recv(self) -> bytes:
         q = self._recv_q

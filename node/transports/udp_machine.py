@@ -129,6 +129,10 @@ LOSS_TOLERANCE_FRACTION = 0.2  # random loss below this per round is not congest
 LOSS_SAMPLE_MIN_PACKETS = 32  # a round is judged only once it has seen this many packets
 PACING_GAIN = 2.0
 PACING_BURST_PACKETS = 64
+# a message at least this large is reassembled straight into a buffer of its own size
+# (``message_buffer``) as its packets arrive and delivered as that bytearray: one copy of
+# it is ever held, not a growing stream buffer plus the bytes cut out of it
+DIRECT_MESSAGE_MIN_BYTES = 64 * 1024
 
 
 class State(enum.Enum):
@@ -153,7 +157,7 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    data: bytes
+    data: bytes | bytearray  # a bytearray (the receiver's own) for a large message
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,8 +391,14 @@ class UdpConnection:
         self._ooo_bytes = 0
         self._range_starts: list[int] = []
         self._range_ends: list[int] = []
-        self._stream = bytearray()
+        self._stream = bytearray()  # in-order bytes not yet parsed into small messages
         self._msg_need = 0  # total length (with prefix) of the message being reassembled
+        # the large message being reassembled in place, and how much of it arrived
+        self._big: bytearray | None = None
+        self._big_view: memoryview | None = None
+        self._big_got = 0
+        # allocates the buffer a large message is reassembled in (the driver may pool them)
+        self.message_buffer: Callable[[int], bytearray] = bytearray
         self._unread_bytes = 0
         self._ack_pending = 0
         self._ack_now = False
@@ -462,6 +472,7 @@ class UdpConnection:
         self._lost.clear()
         self._ooo.clear()
         self._stream = bytearray()
+        self._drop_big()
         self._events.append(Closed(reason))
 
     @property
@@ -474,7 +485,7 @@ class UdpConnection:
         return self._queued_bytes + self._inflight_bytes + self._lost_bytes
 
     # --- application API --------------------------------------------------------------
-    def send_message(self, data: bytes) -> None:
+    def send_message(self, data: bytes | bytearray) -> None:
         if len(data) > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
         if self.state in (State.CLOSING, State.CLOSED):
@@ -554,10 +565,18 @@ class UdpConnection:
         for d in dgrams:
             if d.startswith(hdr) and DATA_HEADER_BYTES < len(d) <= maxlen:
                 seq = unpack_seq(d, HEADER_BYTES)[0]
-                if seq == rcv_next and not starts and len(stream) <= limit:
+                if seq == rcv_next and not starts and len(stream) + self._big_got <= limit:
                     # the common case: the next packet in order, no holes; bookkeeping
                     # is settled once per batch in _note_in_order
-                    stream += memoryview(d)[DATA_HEADER_BYTES:]
+                    payload = memoryview(d)[DATA_HEADER_BYTES:]
+                    big = self._big_view
+                    got = self._big_got
+                    if big is not None and len(payload) < len(big) - got:
+                        big[got:got + len(payload)] = payload  # inside a large message
+                        self._big_got = got + len(payload)
+                    else:
+                        self._deposit(payload)
+                        limit = self._recv_window + self._max_message - self._unread_bytes
                     rcv_next += 1
                     in_order += 1
                     continue
@@ -690,20 +709,20 @@ class UdpConnection:
         if self._ack_deadline is None:
             self._ack_deadline = now + MAX_ACK_DELAY_S
         if seq == rcv_next:
-            if self._unread_bytes + len(self._stream) > self._recv_window + self._max_message:
+            if self._unread_bytes + len(self._stream) + self._big_got > \
+                    self._recv_window + self._max_message:
                 self.dropped_datagrams += 1  # the peer ignores our window
                 return
-            self._stream += payload
+            self._deposit(payload)
             rcv_next += 1
             starts = self._range_starts
             if starts and starts[0] == rcv_next:
                 end = self._range_ends[0]
                 ooo = self._ooo
-                stream = self._stream
                 for s in range(rcv_next, end):
                     p = ooo.pop(s)
                     self._ooo_bytes -= len(p)
-                    stream += p
+                    self._deposit(p)
                 rcv_next = end
                 del starts[0]
                 del self._range_ends[0]
@@ -741,6 +760,34 @@ class UdpConnection:
             ends.insert(i + 1, seq + 1)
             self._ack_now = True  # a new hole: SACK it at once for fast retransmit
 
+    def _deposit(self, payload: bytes | memoryview) -> None:
+        """Take the next in-order payload bytes: into the large message being reassembled
+        while it lasts, the rest onto the stream (parsed after the batch)."""
+        big = self._big_view
+        if big is not None:
+            got = self._big_got
+            n = min(len(payload), len(big) - got)
+            big[got:got + n] = payload[:n]
+            got += n
+            if got < len(big):
+                self._big_got = got
+                return
+            msg = self._big
+            self._drop_big()
+            assert msg is not None
+            self._unread_bytes += len(msg)
+            self._events.append(MessageReceived(msg))
+            payload = payload[n:]
+            if not payload:
+                return
+        self._stream += payload
+
+    def _drop_big(self) -> None:
+        if self._big_view is not None:
+            self._big_view.release()
+        self._big = self._big_view = None
+        self._big_got = 0
+
     def _parse_stream(self) -> None:
         stream = self._stream
         while True:
@@ -755,6 +802,16 @@ class UdpConnection:
                                         f"is {self._max_message}")
                 need = self._msg_need = 4 + length
             if len(stream) < need:
+                if need - 4 >= DIRECT_MESSAGE_MIN_BYTES:
+                    # a large message: the rest of it goes straight into its own buffer
+                    big = self.message_buffer(need - 4)
+                    view = memoryview(big)
+                    got = len(stream) - 4
+                    with memoryview(stream) as head:
+                        view[:got] = head[4:]
+                    stream.clear()
+                    self._big, self._big_view, self._big_got = big, view, got
+                    self._msg_need = 0
                 return
             view = memoryview(stream)
             msg = bytes(view[4:need])  # one copy, not two

@@ -470,3 +470,39 @@ async def test_init_from_an_old_wire_version_is_logged_clearly(
     finally:
         s.close()
         await listener.close()
+
+
+async def test_large_messages_travel_in_pooled_buffers_the_receiver_owns() -> None:
+    """send_frame builds a message in a pooled buffer; the receiver gets a large message as
+    a bytearray of its own (``recv_buffers_owned``: the channel opens it in place), which
+    goes back to the pool once dropped; small messages stay bytes."""
+    from node.transports.tcp import buffer_pool
+
+    users = buffer_pool().users
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def sink(pipe: udp.UdpPipe) -> None:
+        while True:
+            await got.put(await pipe.recv())
+
+    listener = await udp.listen("127.0.0.1", 0, sink, preauth=False)
+    pipe = await udp.connect("127.0.0.1", listener.port)
+    try:
+        assert udp.UdpPipe.recv_buffers_owned
+        big = os.urandom(1 << 20)
+
+        def fill(buf: bytearray, at: int) -> int:
+            buf[at:at + len(big)] = big
+            return len(big)
+
+        for _ in range(3):
+            await pipe.send_frame(len(big), fill)
+        await pipe.send(b"small")
+        msgs = [await asyncio.wait_for(got.get(), 10) for _ in range(4)]
+        assert [type(m) for m in msgs] == [bytearray] * 3 + [bytes]
+        assert msgs[:3] == [big] * 3 and msgs[3] == b"small"
+    finally:
+        await pipe.close()
+        await listener.close()
+    await asyncio.sleep(0.1)
+    assert buffer_pool().users == users  # every pipe that took the pool gave it back

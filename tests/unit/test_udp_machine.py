@@ -617,3 +617,67 @@ def test_lost_init_is_retransmitted_and_not_timed() -> None:
     assert client.srtt is None  # Karn: the handshake went twice, so it is not timed
     echo = client.datagrams_to_send(t + 0.02)
     assert [d[1] for d in echo] == [um.T_COOKIE_ECHO]
+
+
+def _data_datagrams(m: UdpConnection, stream: bytes) -> list[bytes]:
+    """`stream` as the DATA datagrams a peer would send to `m`, seq 0 upwards."""
+    room = m.datagram_bytes - um.DATA_HEADER_BYTES
+    head = bytes((um.MAGIC, um.T_DATA)) + m.local_cid
+    return [head + struct.pack(">Q", i) + stream[off:off + room]
+            for i, off in enumerate(range(0, len(stream), room))]
+
+
+def _framed(*msgs: bytes) -> bytes:
+    return b"".join(um.MESSAGE_LENGTH.pack(len(x)) + x for x in msgs)
+
+
+def test_a_large_message_is_held_once_while_it_is_reassembled() -> None:
+    """Receiving a 1 MiB message holds one copy of it, not a growing stream buffer plus the
+    bytes cut out of it at the end (which peaked at twice the message)."""
+    import tracemalloc
+
+    m = UdpConnection(is_client=False, local_cid=b"L" * 8, peer_cid=b"P" * 8,
+                      datagram_bytes=um.MAX_DATAGRAM_BYTES, now=0.0)
+    big = random.Random(3).randbytes(1 << 20)
+    dgrams = _data_datagrams(m, _framed(b"small", big, b"tail"))
+    tracemalloc.start()
+    try:
+        for d in dgrams:
+            m.receive_datagram(d, 0.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    got = [e.data for e in iter(m.next_event, None) if isinstance(e, MessageReceived)]
+    assert got == [b"small", big, b"tail"]
+    assert peak < len(big) * 1.2, f"peak {peak} bytes for a {len(big)}-byte message"
+    assert not m._stream and m._big is None  # nothing left over once it is delivered
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), sizes=st.lists(
+    st.sampled_from([0, 3, 4, 1000, um.DIRECT_MESSAGE_MIN_BYTES - 1,
+                     um.DIRECT_MESSAGE_MIN_BYTES, 200_000]), min_size=1, max_size=8))
+def test_large_messages_arrive_in_the_buffer_the_driver_allocated(
+        seed: int, sizes: list[int]) -> None:
+    """Messages from DIRECT_MESSAGE_MIN_BYTES up are reassembled in place in a buffer from
+    ``message_buffer`` and delivered as that very bytearray, in order with the small ones,
+    also over a lossy, reordering link with small datagrams (many messages per packet)."""
+    link = Link(loss=0.05, jitter_s=0.01, seed=seed)
+    connect(link)
+    made: list[bytearray] = []
+
+    def alloc(n: int) -> bytearray:
+        made.append(bytearray(n))
+        return made[-1]
+
+    link.server.message_buffer = alloc
+    rng = random.Random(seed)
+    msgs = [rng.randbytes(n) for n in sizes]
+    for x in msgs:
+        link.client.send_message(x)
+    link.run_until(lambda: len(link.received("server")) == len(msgs))
+    got = link.received("server")
+    assert got == msgs
+    large = [x for x in got if len(x) >= um.DIRECT_MESSAGE_MIN_BYTES]
+    assert len(made) == len(large) and all(a is b for a, b in zip(made, large))
+    assert all(type(x) is bytes for x in got if len(x) < um.DIRECT_MESSAGE_MIN_BYTES)
