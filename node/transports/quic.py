@@ -72,6 +72,7 @@ from node.transports.base import (
     CONNECT_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
     Pipe,
+    pin_mmap_threshold,
     trim_freed_memory_soon,
 )
 from node.transports.certs import load_or_create_cert, renew_after_s
@@ -859,6 +860,7 @@ async def listen_on_socket(sock: socket.socket, handler: PipeHandler, *,
                            home: Path | None = None) -> QuicListener:
     """Accept QUIC connections on an already bound UDP socket (node/transports/quic_lazy.py
     binds first and starts QUIC at the first datagram); the listener owns `sock`."""
+    pin_mmap_threshold()  # qh3's send buffer: see there
     listener = QuicListener(handler)
     config = _configuration(is_client=False, home=home)
     _size_receive_buffer(sock)
@@ -882,6 +884,7 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
     except (TimeoutError, OSError) as exc:
         raise PeerUnreachable(f"cannot resolve {host!r} for QUIC: {exc or 'timed out'}") from None
     family, _, _, _, addr = infos[0]
+    pin_mmap_threshold()  # qh3's send buffer: see there
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.bind(("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,57 @@ def test_glibc_malloc_trim_is_found_on_linux() -> None:
         pytest.skip("glibc only")
     base._Trim.fn = False
     assert base._malloc_trim() is not None
+
+
+def _mallinfo2() -> Any:
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    fn = base._libc_function("mallinfo2")
+    if fn is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    fn.restype = Mallinfo2
+    return fn()
+
+
+def test_pinned_mmap_threshold_keeps_large_blocks_out_of_the_heap() -> None:
+    """After a large mmapped block is freed, glibc would raise its threshold and put the
+    next multi-MiB block (qh3's send buffer) in the heap; pinned, such blocks stay mapped."""
+    if not base.pin_mmap_threshold():
+        pytest.skip("not glibc (no mallopt)")
+    big = bytearray(16 << 20)  # mmapped, then freed: raises an unpinned threshold to 16 MiB
+    del big
+    before = _mallinfo2().hblkhd
+    block = bytearray(3 << 20)
+    assert _mallinfo2().hblkhd - before >= 3 << 20  # its own mapping, not heap
+    del block
+    small = bytearray(base.MMAP_THRESHOLD_BYTES // 2)  # a pooled 1 MiB buffer stays in the heap
+    assert _mallinfo2().hblkhd - before < base.MMAP_THRESHOLD_BYTES // 2
+    del small
+
+
+def test_the_trim_first_frees_closed_objects_held_only_by_cycles() -> None:
+    """A closed pipe's QuicConnection is freed by the cyclic GC only (qh3 keeps bound
+    methods of it); the trim after a close collects it, so its native buffers go too."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    gc.disable()
+    try:
+        obj = Held()
+        obj.me = obj  # type: ignore[attr-defined]
+        obj.buf = bytearray(1 << 20)  # type: ignore[attr-defined]
+        ref = weakref.ref(obj)
+        del obj
+        assert ref() is not None  # only a collection frees a cycle
+        base._trim_now()
+        assert ref() is None or base._malloc_trim() is None
+    finally:
+        gc.enable()
