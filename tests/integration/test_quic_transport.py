@@ -614,3 +614,74 @@ async def test_secure_channel_over_quic_is_bound_and_not_encrypted_twice(start_s
     assert not ch._session.frames_encrypted and not server_ch._session.frames_encrypted
     assert seen[-1] == secret  # no second AEAD on the frame
     await ch.close()
+
+
+async def test_transmit_hands_the_socket_bounded_batches(start_server, pipes) -> None:
+    """A bulk sender's transmit() passes the socket layer batches of about
+    TRANSMIT_BATCH_BYTES, not every datagram qh3 has ready at once (a transient list
+    of megabytes next to the same bytes in qh3's own send buffer)."""
+    async def sink(pipe: Pipe) -> None:
+        while True:
+            await pipe.recv()
+
+    server = await start_server(sink)
+    pipe = await quic.connect("127.0.0.1", server.port)
+    pipes.append(pipe)
+    proto = pipe._proto
+    send_many = proto._sendto_many
+    assert send_many is not None
+    batches: list[int] = []
+
+    def recording(datagrams: list[bytes], addr: object) -> None:
+        batches.append(sum(map(len, datagrams)))
+        send_many(datagrams, addr)
+
+    block = os.urandom(1 << 20)
+    for _ in range(16):  # let the congestion window open
+        await pipe.send(block)
+    deadline = time.monotonic() + 10
+    while not pipe._drained() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    proto._sendto_many = recording
+    # two messages queued without yielding: the next transmit() finds 2 MiB to send at once
+    await pipe.send(block)
+    await pipe.send(block)
+    while not pipe._drained() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert sum(batches) >= 2 << 20
+    # (one datagram may cross the threshold: at most the loopback datagram size over)
+    assert max(batches) < quic.TRANSMIT_BATCH_BYTES + quic.LARGE_DATAGRAM_CAP_BYTES
+
+
+async def test_closing_a_pipe_releases_idle_pooled_buffers(start_server, pipes) -> None:
+    """The receive-buffer pool is shared by every pipe of the event loop; a long-lived
+    pipe (a node's gossip channel) must not keep the buffers a finished bulk transfer
+    grew it to."""
+    done = asyncio.Event()
+
+    async def sink(pipe: Pipe) -> None:
+        assert isinstance(pipe, quic.QuicPipe)
+        pipe.authenticated()
+        try:
+            while True:
+                await pipe.recv()
+        finally:
+            done.set()
+
+    server = await start_server(sink)
+    pool = quic.buffer_pool()
+    pool.retain()  # stands for the gossip channel that stays open
+    try:
+        pipe = await quic.connect("127.0.0.1", server.port)
+        pipes.append(pipe)
+        block = os.urandom(1 << 20)
+        for _ in range(32):
+            await pipe.send(block)
+        await asyncio.sleep(0.2)
+        assert sum(pool._caps) >= 1 << 20  # the receiver pooled its 1 MiB messages
+        await pipe.close()
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0.05)  # the server's handler closes its pipe on return
+        assert sum(pool._caps) == 0
+    finally:
+        pool.release()
