@@ -276,7 +276,7 @@ class QuicPipe:
         self._rfill = 0
         # the pool (per event loop, shared with tcp pipes) empties when its last pipe closes
         self._pool: Any = buffer_pool()
-        self._pool.retain()
+        self._pool.retain()  # given back once, by _drop_pool (close, or a dial that failed)
         self._inbox: deque[bytes] = deque()
         self._readable = asyncio.Event()
         self._recv_allowed = RECV_WINDOW_BYTES  # total message-record bytes the peer may send
@@ -393,9 +393,14 @@ class QuicPipe:
         finally:
             self._proto.release(self._owns_socket)
             self._rmsg = None
-            self._pool.release()
+            self._drop_pool()
             self._closed_event.set()
             trim_freed_memory_soon()
+
+    def _drop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.release()
+            self._pool = None
 
     # -- driven by the protocol --------------------------------------------------
     def _closed_message(self) -> str:
@@ -924,9 +929,12 @@ async def connect(host: str, port: int, *, timeout: float = CONNECT_TIMEOUT_S) -
 
 
 async def _abandon(proto: _PipeProtocol) -> None:
+    """End a dial that failed: its pipe was never handed out, so nobody will close it."""
     proto._quic.close()
     proto.transmit()
     proto.release(True)
+    if proto.pipe is not None:
+        proto.pipe._drop_pool()  # else the pool counts it as open forever and never empties
     await asyncio.sleep(0)
 
 

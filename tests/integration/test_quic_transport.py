@@ -17,6 +17,7 @@ from node.errors import ChannelClosed, PeerUnreachable, ProtocolError
 from node.identity import Identity
 from node.transports import quic
 from node.transports.base import MAX_MESSAGE_BYTES, Pipe
+from node.transports.tcp import buffer_pool
 from tests.helpers import trusting
 
 Handler = Callable[[Pipe], Awaitable[None]]
@@ -315,19 +316,25 @@ async def test_connect_to_a_dead_port_fails_fast() -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
+    users = buffer_pool().users
     t0 = time.monotonic()
     with pytest.raises(PeerUnreachable, match="refused"):
         await quic.connect("127.0.0.1", port, timeout=5.0)
     assert time.monotonic() - t0 < 1.0
+    # the failed dial's pipe gives its share of the buffer pool back (else the pool never
+    # empties again in this process)
+    assert buffer_pool().users == users
 
 
 async def test_connect_to_a_silent_port_times_out() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         t0 = time.monotonic()
+        users = buffer_pool().users
         with pytest.raises(PeerUnreachable, match="timed out"):
             await quic.connect("127.0.0.1", silent.getsockname()[1], timeout=0.3)
         assert time.monotonic() - t0 < 2.0
+        assert buffer_pool().users == users  # the abandoned dial holds no share of the pool
 
 
 async def test_oversize_message_is_refused_on_send(start_server, pipes) -> None:
