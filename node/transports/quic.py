@@ -143,11 +143,13 @@ RECV_WINDOW_BYTES = MAX_MESSAGE_BYTES + RECORD_HEADER.size + CREDIT_GRANT_BYTES
 # its credit is back (at most one grant batch out), when any message up to the maximum may go
 # (so a maximal message never waits forever). A bulk transfer's 1 MiB chunks then sit at most
 # 4 MiB deep in the receiver's memory instead of 9 MiB: 1 GiB share receiver peak RSS 76 ->
-# 65-67 MB. Measured (bench_channel quic, 256 MiB, 1 MiB messages, load ~5): 2 MiB ran at
-# 37-45 MiB/s and 3 MiB at 140-190 against 180-290 for 4 MiB and 170-225 for 9 MiB, so 4 MiB,
-# the same as QUIC's own stream window (QUIC_MAX_STREAM_DATA_BYTES), which caps a round trip
-# anyway. Only the sender's own pacing: peers of either version still understand each other.
-SEND_WINDOW_BYTES = 4 * 1024 * 1024
+# 65-67 MB. Measured then (bench_channel quic, 256 MiB, 1 MiB messages, load ~5): 2 MiB ran at
+# 37-45 MiB/s and 3 MiB at 140-190 against 180-290 for 4 MiB and 170-225 for 9 MiB. Since the
+# pooled receive buffers and bounded transmit batches, 3 MiB costs a share next to nothing:
+# fresh 1 GiB shares, 4 MiB / 3 MiB interleaved, 2 runs of 2 each (load ~1.2): 398/386 vs
+# 387/385 MiB/s, receiver peak RSS 65/64 vs 63/62 MB. Only the sender's own pacing: peers of
+# either version still understand each other.
+SEND_WINDOW_BYTES = 3 * 1024 * 1024
 # bytes handed to qh3 but not yet transmitted; measured: 2 MiB / 512 KiB cost ~2 MB more peak
 # RSS on the sender than 1 MiB / 256 KiB for the same share time
 SEND_HIGH_WATER_BYTES = 1024 * 1024
