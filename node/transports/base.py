@@ -46,7 +46,8 @@ M_MMAP_THRESHOLD = -3  # <malloc.h>
 class _Trim:
     pending: asyncio.AbstractEventLoop | None = None  # the loop a trim is scheduled on
     fn: Callable[[int], int] | None | bool = False  # False: not looked up yet
-    pinned = False  # pin_mmap_threshold ran
+    pinned: bool | None = None  # pin_mmap_threshold's outcome; None: not tried yet
+    collect = False  # a pipe that leaves reference cycles behind closed since the last trim
 
 
 def _libc_function(name: str) -> Any:
@@ -77,12 +78,10 @@ def pin_mmap_threshold() -> bool:
     shares of 1 GiB in a row on one node pair: sender peak RSS 57, 63, 69.5, 70 MB
     (heap 26 MB, 12 MB resident after each share) against 58-60 MB every time with the
     threshold fixed. A fixed threshold also stops glibc's dynamic trim threshold."""
-    if _Trim.pinned:
-        return True
+    if _Trim.pinned is not None:
+        return _Trim.pinned  # tried once: the lookup may run ldconfig, not on every dial
     mallopt = _libc_function("mallopt")
-    if mallopt is None:
-        return False
-    _Trim.pinned = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    _Trim.pinned = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     if _Trim.pinned:
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     return _Trim.pinned
@@ -92,22 +91,30 @@ def _trim_now() -> None:
     _Trim.pending = None
     fn = _malloc_trim()
     if fn is not None:
-        # a closed quic pipe's QuicConnection sits in reference cycles (qh3 keeps bound
-        # methods of it, and so does tls_exporter's tap), so it and its native core -- a
-        # send buffer of 4-8 MiB -- went only when the cyclic GC next ran: a 1 GiB share's
-        # sender kept ~4 MB for a while, on top of which the next share peaked at 63 MB
-        gc.collect()
+        if _Trim.collect:
+            # a closed quic pipe's QuicConnection sits in reference cycles (qh3 keeps bound
+            # methods of it, and so does tls_exporter's tap), so it and its native core -- a
+            # send buffer of 4-8 MiB -- went only when the cyclic GC next ran: a 1 GiB
+            # share's sender kept ~4 MB for a while, on top of which the next share peaked
+            # at 63 MB. Only then: any close (an unauthenticated tcp one too) schedules a
+            # trim, and a full collection is milliseconds of loop time
+            _Trim.collect = False
+            gc.collect()
         fn(0)
 
 
-def trim_freed_memory_soon() -> None:
+def trim_freed_memory_soon(*, collect_cycles: bool = False) -> None:
     """Hand the heap pages freed by a closed pipe back to the OS (glibc ``malloc_trim``).
 
     A transfer frees megabytes of 1 MiB buffers and small packet objects, but
     glibc keeps freed heap pages resident: without this a node that once moved a
     file over udp keeps ~8 MB it no longer uses. Called from every transport's
     close; the trim runs once, TRIM_DELAY_S later, for all pipes closed meanwhile.
+    ``collect_cycles``: the closed pipe leaves reference cycles (quic), so the trim runs
+    the cyclic GC first.
     """
+    if collect_cycles:
+        _Trim.collect = True
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:

@@ -169,7 +169,7 @@ class _BufferPool:
 
         Run when a pipe closes while others stay open: a node's gossip channel outlives
         every transfer, and a quic share's receiver had grown the pool to five 1.1 MiB
-        buffers (its 4 MiB send window in flight), which it then kept idle (~6 MB)."""
+        buffers (the sender's window in flight), which it then kept idle (~6 MB)."""
         keep = [i for i in range(len(self._bufs)) if sys.getrefcount(self._bufs[i]) > 2]
         self._bufs[:] = [self._bufs[i] for i in keep]
         self._caps[:] = [self._caps[i] for i in keep]

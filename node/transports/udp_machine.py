@@ -814,7 +814,15 @@ class UdpConnection:
                     self._msg_need = 0
                 return
             view = memoryview(stream)
-            msg = bytes(view[4:need])  # one copy, not two
+            msg: bytes | bytearray
+            if need - 4 >= DIRECT_MESSAGE_MIN_BYTES:
+                # a large message that arrived whole in one batch (or once a loss was
+                # repaired): still one copy, into a buffer of its own like any large one
+                msg = self.message_buffer(need - 4)
+                with memoryview(msg) as into:
+                    into[:] = view[4:need]
+            else:
+                msg = bytes(view[4:need])  # one copy, not two
             view.release()
             del stream[:need]
             self._msg_need = 0

@@ -97,9 +97,12 @@ def test_pinned_mmap_threshold_keeps_large_blocks_out_of_the_heap() -> None:
     assert run("pin") == "True True"
     assert run("default") == "False True"  # what the pin changes
 
+
 def test_the_trim_first_frees_closed_objects_held_only_by_cycles() -> None:
     """A closed pipe's QuicConnection is freed by the cyclic GC only (qh3 keeps bound
-    methods of it); the trim after a close collects it, so its native buffers go too."""
+    methods of it); the trim after a quic close collects it, so its native buffers go
+    too. A trim after any other close (an unauthenticated tcp one, say) runs no
+    collection: any peer can cause one a second, and a full collection takes ms."""
     import gc
     import weakref
 
@@ -114,7 +117,27 @@ def test_the_trim_first_frees_closed_objects_held_only_by_cycles() -> None:
         ref = weakref.ref(obj)
         del obj
         assert ref() is not None  # only a collection frees a cycle
+        base._trim_now()  # a trim no quic close asked for: no collection
+        assert ref() is not None
+        base._Trim.collect = True  # what trim_freed_memory_soon(collect_cycles=True) sets
         base._trim_now()
         assert ref() is None or base._malloc_trim() is None
+        assert base._Trim.collect is False or base._malloc_trim() is None
     finally:
         gc.enable()
+
+
+def test_a_libc_without_mallopt_is_looked_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """musl, macOS: no mallopt. The lookup (ctypes.util.find_library, which may run
+    ldconfig) happens once per process, not on every quic dial."""
+    lookups: list[str] = []
+
+    def lookup(name: str) -> None:
+        lookups.append(name)
+        return None
+
+    monkeypatch.setattr(base, "_libc_function", lookup)
+    monkeypatch.setattr(base._Trim, "pinned", None)
+    assert base.pin_mmap_threshold() is False
+    assert base.pin_mmap_threshold() is False
+    assert lookups == ["mallopt"]

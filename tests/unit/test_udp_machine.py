@@ -681,3 +681,33 @@ def test_large_messages_arrive_in_the_buffer_the_driver_allocated(
     large = [x for x in got if len(x) >= um.DIRECT_MESSAGE_MIN_BYTES]
     assert len(made) == len(large) and all(a is b for a, b in zip(made, large))
     assert all(type(x) is bytes for x in got if len(x) < um.DIRECT_MESSAGE_MIN_BYTES)
+
+
+def test_a_large_message_arriving_whole_in_one_batch_is_in_the_driver_s_buffer() -> None:
+    """All of a large message's datagrams in one receive_datagrams batch (a receiver that
+    fell behind): it is parsed from the stream at once, and still delivered in a buffer
+    from ``message_buffer``, so the channel may open it in place like any large one."""
+    link = Link(datagram_bytes=60_000)  # the whole message within the first window
+    connect(link)
+    made: list[bytearray] = []
+
+    def alloc(n: int) -> bytearray:
+        made.append(bytearray(n))
+        return made[-1]
+
+    assert link.server is not None
+    link.server.message_buffer = alloc
+    msg = random.Random(7).randbytes(200_000)
+    link.client.send_message(msg)
+    dgrams: list[bytes] = []
+    for _ in range(100):  # pacing may spread the first window over a few milliseconds
+        dgrams += link.client.datagrams_to_send(link.now)
+        if sum(map(len, dgrams)) > len(msg):
+            break
+        link.now += 0.001
+    assert sum(map(len, dgrams)) > len(msg), "the first window did not hold the message"
+    link.server.receive_datagrams(dgrams, link.now)
+    link.pump()
+    got = link.received("server")
+    assert got == [msg]
+    assert len(made) == 1 and got[0] is made[0]
