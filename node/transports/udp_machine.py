@@ -775,12 +775,15 @@ class UdpConnection:
             msg = self._big
             self._drop_big()
             assert msg is not None
-            self._unread_bytes += len(msg)
-            self._events.append(MessageReceived(msg))
+            self._deliver(msg)
             payload = payload[n:]
             if not payload:
                 return
         self._stream += payload
+
+    def _deliver(self, msg: bytes | bytearray) -> None:
+        self._unread_bytes += len(msg)
+        self._events.append(MessageReceived(msg))
 
     def _drop_big(self) -> None:
         if self._big_view is not None:
@@ -801,33 +804,29 @@ class UdpConnection:
                     raise ProtocolError(f"peer sent a {length}-byte message{before}; limit "
                                         f"is {self._max_message}")
                 need = self._msg_need = 4 + length
+            if need - 4 >= DIRECT_MESSAGE_MIN_BYTES:
+                # a large message goes into a buffer of its own: what the stream holds of it
+                # now (all of it, if it arrived whole in one batch or once a loss was
+                # repaired), and the rest straight from the packets as they come (_deposit)
+                big = self.message_buffer(need - 4)
+                got = min(len(stream), need) - 4
+                with memoryview(stream) as head, memoryview(big) as into:
+                    into[:got] = head[4:4 + got]
+                del stream[:4 + got]
+                self._msg_need = 0
+                if got < len(big):
+                    self._big, self._big_view, self._big_got = big, memoryview(big), got
+                    return
+                self._deliver(big)
+                continue
             if len(stream) < need:
-                if need - 4 >= DIRECT_MESSAGE_MIN_BYTES:
-                    # a large message: the rest of it goes straight into its own buffer
-                    big = self.message_buffer(need - 4)
-                    view = memoryview(big)
-                    got = len(stream) - 4
-                    with memoryview(stream) as head:
-                        view[:got] = head[4:]
-                    stream.clear()
-                    self._big, self._big_view, self._big_got = big, view, got
-                    self._msg_need = 0
                 return
             view = memoryview(stream)
-            msg: bytes | bytearray
-            if need - 4 >= DIRECT_MESSAGE_MIN_BYTES:
-                # a large message that arrived whole in one batch (or once a loss was
-                # repaired): still one copy, into a buffer of its own like any large one
-                msg = self.message_buffer(need - 4)
-                with memoryview(msg) as into:
-                    into[:] = view[4:need]
-            else:
-                msg = bytes(view[4:need])  # one copy, not two
+            msg = bytes(view[4:need])  # one copy, not two
             view.release()
             del stream[:need]
             self._msg_need = 0
-            self._unread_bytes += len(msg)
-            self._events.append(MessageReceived(msg))
+            self._deliver(msg)
 
     def _receive_ack(self, data: bytes, now: float) -> bool:
         if len(data) < _ACK.size:
