@@ -19,6 +19,7 @@ Rules every implementation follows:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import Awaitable, Callable
@@ -50,16 +51,21 @@ class _Trim:
     collect = False  # a pipe that leaves reference cycles behind closed since the last trim
 
 
-def _libc_function(name: str) -> Any:
+@functools.cache
+def _libc() -> Any:
+    """The C library, looked up once (find_library may run ldconfig); None if not found."""
     import ctypes
     import ctypes.util
 
     try:
         lib = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(lib) if lib else None
-        return getattr(libc, name, None)  # glibc only
+        return ctypes.CDLL(lib) if lib else None
     except OSError:
         return None
+
+
+def _libc_function(name: str) -> Any:
+    return getattr(_libc(), name, None)  # malloc_trim and mallopt: glibc only
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

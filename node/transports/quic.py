@@ -395,11 +395,10 @@ class QuicPipe:
                 if not self._close_reason:
                     self._close_reason = "QUIC channel closed"
         finally:
+            # gives the pool share back and schedules the trim (whoever released it first)
             self._proto.release(self._owns_socket)
             self._rmsg = None
-            self._drop_pool()
             self._closed_event.set()
-            trim_freed_memory_soon(collect_cycles=True)
 
     def _drop_pool(self) -> None:
         if self._pool is not None:
@@ -646,17 +645,13 @@ class _PipeProtocol(QuicConnectionProtocol):
             if item is None:
                 break
             data, addr = item[0], item[1]
-            if batch and addr != batch_addr:
+            if batch and (addr != batch_addr or batch_bytes >= TRANSMIT_BATCH_BYTES):
                 send_many(batch, batch_addr)
                 batch = []
                 batch_bytes = 0
             batch.append(data)
             batch_addr = addr
             batch_bytes += len(data)
-            if batch_bytes >= TRANSMIT_BATCH_BYTES:
-                send_many(batch, batch_addr)
-                batch = []
-                batch_bytes = 0
         if batch:
             send_many(batch, batch_addr)
         timer_at = quic.get_timer()
