@@ -20,6 +20,8 @@ from bootstrap.limits import (
     LEGACY_IDS_PER_SOURCE,
     LIST_BURST,
     LIST_RATE_PER_S,
+    PACE_BURST,
+    PACE_PER_S,
     REGISTER_BURST,
     REGISTER_RATE_PER_S,
     ServerLimits,
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("--turns-per-ip", type=int, default=CONCURRENT_PER_SOURCE,
                         metavar="N", help="requests of one address handled at once; more "
                         f"wait their turn (default {CONCURRENT_PER_SOURCE})")
+    limits.add_argument("--pace-per-ip", type=float, default=PACE_PER_S, metavar="PER_S",
+                        help="turns of one address started per second, after "
+                        f"{PACE_BURST} at once (default {PACE_PER_S:g}; 0 = unpaced)")
     limits.add_argument("--block-after", type=int, default=BLOCK_AFTER_REFUSALS, metavar="N",
                         help="connections refused at accept within 1 s (the address ignores "
                         "its 429s) before the kernel drops its connection attempts for "
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             list_rate_per_s=args.list_rate, list_burst=args.list_burst,
             legacy_ids_per_source=args.legacy_per_ip, header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout, concurrent_per_source=args.turns_per_ip,
-            block_after_refusals=args.block_after, block_s=args.block_for)
+            pace_per_s=args.pace_per_ip, block_after_refusals=args.block_after, block_s=args.block_for)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

@@ -55,18 +55,40 @@ BODY_TIMEOUT_S = 10.0
 # in flight; WAITING_PER_SOURCE more may queue, beyond that the answer is an immediate 429
 CONCURRENT_PER_SOURCE = 2
 WAITING_PER_SOURCE = 256
+# and a source's turns start at most PACE_PER_S a second, after PACE_BURST at once: the
+# buckets above let a source spend 500 tokens at once, and spent as fast as the loop
+# turns, a burst of registrations (a signature check each) and 1,000-row listings keeps
+# the loop busy for most of a second, so every honest answer in that second waits behind
+# flood handlers. Paced, the same burst is served over ~2 s, a handler every 4 ms, and an
+# honest request meets at most one of them. Above the buckets' sustained 50 + 50/s, so
+# it never limits a source the buckets allow; ~50 nodes behind one address send under
+# 20 requests/s, and starting together wait at most ~0.4 s for their first answers
+PACE_PER_S = 250.0
+PACE_BURST = 16
 # at accept time a source may hold at most as many open connections as it has tokens
 # left (in its fullest bucket), and at least ADMIT_MIN_CONNECTIONS: a connection beyond that
 # would only carry a request answered 429 (parsed, tarpitted, dropped when the flooder
 # hangs up), so it is reset before any HTTP parsing. A source with its buckets near full
 # (every honest one: ~50 nodes spend under 20 of 50 tokens/s) never meets this
 ADMIT_MIN_CONNECTIONS = 2
-# nor while this many of its requests already wait for its turns (SourceTurns): a new
-# connection would only queue one more, which a flooder drops when it tires of waiting
-# (the server has parsed it, built its request and task, and cancels it: the bulk of
-# what a closed-loop flood over 64 connections costs). An honest source's requests take
-# well under a millisecond each and rarely wait at all
+# a source's new connections are not set up (see SETUP_PER_S) while this many of its
+# requests already wait for their turns (SourceTurns): each would only add one more request
+# to the line, parsed and waiting, which a flooder drops when it tires of waiting (the
+# server has parsed it, built its request and task, and cancels it: the bulk of what a
+# closed-loop flood over 64 connections costs). An honest source's requests rarely wait
 ADMIT_MAX_QUEUED = 4
+# an admitted connection gets its transport (and with it the parsing of its request and
+# the request's task, ~0.2 ms of the loop even while the request then waits for its turn)
+# at most SETUP_BURST at once and SETUP_PER_S a second per source, and not while
+# ADMIT_MAX_QUEUED of its requests wait for their turns; the others wait, accepted and
+# unread, in a FIFO of at most DEFERRED_PER_SOURCE (beyond it: refused, as above), each
+# at most HEADER_TIMEOUT_S. 64 connections a flooder opens at once otherwise cost one loop
+# turn ~13 ms, which every honest answer due in it waits for. 100 nodes behind one
+# address starting together wait ~0.2 s for their first connections, none later (they
+# keep them open)
+SETUP_PER_S = 500.0
+SETUP_BURST = 8
+DEFERRED_PER_SOURCE = 256
 
 
 # an address refused at accept BLOCK_AFTER_REFUSALS times within BLOCK_WINDOW_S has been
@@ -87,14 +109,11 @@ BLOCK_S = 10.0
 BLOCKED_MAX = 256
 
 
-def admit_connection(tokens_left: float, open_connections: int, queued: int = 0) -> bool:
-    """Whether a new connection of a source is accepted (see ADMIT_MIN_CONNECTIONS and
-    ADMIT_MAX_QUEUED): ``tokens_left`` in the source's fullest bucket,
-    ``open_connections`` it holds now, ``queued`` of its requests waiting their turn."""
+def admit_connection(tokens_left: float, open_connections: int) -> bool:
+    """Whether a new connection of a source is accepted (see ADMIT_MIN_CONNECTIONS):
+    ``tokens_left`` in the source's fullest bucket, ``open_connections`` it holds now."""
     if tokens_left < 1.0:
         return False  # each of its requests would be a 429
-    if queued >= ADMIT_MAX_QUEUED:
-        return False
     return open_connections < max(ADMIT_MIN_CONNECTIONS, math.floor(tokens_left))
 
 
@@ -118,11 +137,12 @@ class ServerLimits:
     body_timeout_s: float = BODY_TIMEOUT_S
     concurrent_per_source: int = CONCURRENT_PER_SOURCE
     waiting_per_source: int = WAITING_PER_SOURCE
+    pace_per_s: float = PACE_PER_S
     block_after_refusals: int = BLOCK_AFTER_REFUSALS
     block_s: float = BLOCK_S
 
     def __post_init__(self) -> None:
-        for name in ("register_rate_per_s", "list_rate_per_s"):
+        for name in ("register_rate_per_s", "list_rate_per_s", "pace_per_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0 (0 = unlimited)")
@@ -137,10 +157,10 @@ class ServerLimits:
 
     @classmethod
     def unlimited(cls) -> ServerLimits:
-        """No rate limits, no legacy cap, no per-source turns, no kernel blocks (timeouts
-        stay): for capacity benchmarks."""
+        """No rate limits, no legacy cap, no per-source turns or pacing, no kernel blocks
+        (timeouts stay): for capacity benchmarks."""
         return cls(register_rate_per_s=0.0, list_rate_per_s=0.0, legacy_ids_per_source=0,
-                   concurrent_per_source=0, block_after_refusals=0)
+                   concurrent_per_source=0, pace_per_s=0.0, block_after_refusals=0)
 
 
 @functools.lru_cache(maxsize=4096)  # parsed twice per request; the steady state repeats

@@ -24,16 +24,20 @@ the body is read), unsigned legacy ids are capped (429), and a connection that
 does not deliver its headers within ``header_timeout_s`` or its body within
 ``body_timeout_s`` is closed. An address has ``concurrent_per_source`` requests
 handled at once (SourceTurns; the rest wait in line), so a flood over many
-connections does not queue ahead of other addresses' requests; a big listing
+connections does not queue ahead of other addresses' requests, and its turns start at
+``pace_per_s`` after a short burst, so a burst of requests is spread over time instead
+of filling the loop's turns back to back; a big listing
 is read in slices that give the loop back, each slice's JSON items written by
 SQLite itself (RegistryStore.page_items, ~20 % cheaper); a client that hangs up
 ends its handler at once (no tarpitted handler sleeps on for nobody); and
 ``run`` freezes the startup heap out of the cyclic GC, whose full passes
 otherwise stalled the loop 30-70 ms under a flood. An address whose buckets are
-all empty (each request would be a 429), that holds as many open connections as it has
-tokens left, or that has requests waiting for its turns, is reset at accept time, before
-aiohttp parses anything (``Admission``; ``_Listener``: one accept() and a close with
-SO_LINGER 0, no transport). An address that goes on connecting anyway (BLOCK_AFTER_REFUSALS
+all empty (each request would be a 429), or that holds as many open connections as it
+has tokens left, is reset at accept time, before aiohttp parses anything (``Admission``;
+``_Listener``: one accept() and a close with SO_LINGER 0, no transport); an admitted
+connection gets its transport at SETUP_PER_S per address after a short burst, and not
+while the address has requests in line, so 64 connections opened at once are not parsed
+in one loop turn. An address that goes on connecting anyway (BLOCK_AFTER_REFUSALS
 refusals at accept within a second: a closed-loop flood) is dropped by the kernel for
 BLOCK_S, in the listening sockets' filter (bootstrap.sockfilter), so its connection
 attempts no longer cost the server's loop anything. A client's own faults (a malformed
@@ -85,7 +89,12 @@ from bootstrap import (
     unregister_message,
 )
 from bootstrap.limits import (
+    ADMIT_MAX_QUEUED,
+    DEFERRED_PER_SOURCE,
     LIST_PAGE_ROWS,
+    PACE_BURST,
+    SETUP_BURST,
+    SETUP_PER_S,
     TARPIT_DELAY_S,
     TARPIT_MAX_WAITING,
     Blocklist,
@@ -192,13 +201,19 @@ class SourceTurns:
     cheap), so an honest request queues behind at most ``per_source`` handlers per other
     source. ``waiting_per_source`` bounds the queue; beyond it ``acquire`` raises ApiError
     429 at once. ``per_source == 0`` turns the turns off.
+
+    A source's turns also start at most ``pace_per_s`` a second after ``pace_burst`` at
+    once (bootstrap.limits.PACE_PER_S; 0 = unpaced): a turn that comes early waits, holding
+    its slot, until it is due, so a source's burst is spread over time.
     """
 
-    def __init__(self, per_source: int, waiting_per_source: int) -> None:
+    def __init__(self, per_source: int, waiting_per_source: int, *,
+                 pace_per_s: float = 0.0, pace_burst: int = PACE_BURST) -> None:
         self.per_source = per_source
         self.waiting_per_source = waiting_per_source
         self._active: dict[str, int] = {}
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._pace = RateLimiter(pace_per_s, pace_burst)
 
     @property
     def enabled(self) -> bool:
@@ -214,7 +229,17 @@ class SourceTurns:
         active = self._active.get(source, 0)
         if active < self.per_source:
             self._active[source] = active + 1
-            return
+        else:
+            await self._wait_for_slot(source)
+        if self._pace.enabled:
+            try:
+                while (early_s := self._pace.take(source, time.monotonic())) > 0:
+                    await asyncio.sleep(early_s)
+            except asyncio.CancelledError:
+                self.release(source)
+                raise
+
+    async def _wait_for_slot(self, source: str) -> None:
         queue = self._waiting.setdefault(source, collections.deque())
         if len(queue) >= self.waiting_per_source:
             raise ApiError(429, "too many requests in flight from this address",
@@ -620,11 +645,10 @@ class Admission:
     """Which new connections are accepted: a source is reset at accept time, before aiohttp
     parses anything, while every bucket it could spend is empty (each of its requests would
     only be answered 429; the 429s before, with Retry-After, told it when to come back),
-    while it holds as many open connections as it has tokens left, or while
-    ADMIT_MAX_QUEUED of its requests already wait for its turns
+    or while it holds as many open connections as it has tokens left
     (bootstrap.limits.admit_connection): a flood's extra connections would each carry one
-    parsed request that is answered 429 or waits in line, and is dropped when the flooder
-    hangs up.
+    parsed request that is answered 429, and is dropped when the flooder hangs up. An
+    admitted connection gets its transport when ``set_up_now`` says so (SETUP_PER_S).
 
     Open connections are counted per source from accept to aiohttp's ``connection_lost``;
     only open connections are remembered (bounded by the listen backlog and the timeouts).
@@ -644,6 +668,8 @@ class Admission:
         # (_Listener, bootstrap.sockfilter); only while the limits that refuse are on
         self.blocklist = Blocklist(limits.block_after_refusals if self._enabled else 0,
                                    block_s=limits.block_s)
+        self._setups = RateLimiter(SETUP_PER_S if self._enabled else 0.0, SETUP_BURST)
+        self.header_timeout_s = limits.header_timeout_s
 
     @property
     def stats(self) -> Any:
@@ -661,13 +687,21 @@ class Admission:
             now = time.monotonic()
             register, listing = self._limiters
             tokens = max(register.tokens(source, now), listing.tokens(source, now))
-            admitted = admit_connection(tokens, self._open.get(source, 0),
-                                        self._turns.waiting(source))
+            admitted = admit_connection(tokens, self._open.get(source, 0))
         if self._stats is not None:
             self._stats.count_accept(source, not admitted)
         if admitted:
             self._open[source] = self._open.get(source, 0) + 1
         return admitted
+
+    def set_up_now(self, source: str) -> bool:
+        """Whether an admitted connection of ``source`` gets its transport now, or waits
+        (SETUP_PER_S): not while ADMIT_MAX_QUEUED of its requests wait for their turns."""
+        if not self._setups.enabled:
+            return True
+        if self._turns.waiting(source) >= ADMIT_MAX_QUEUED:
+            return False
+        return self._setups.take(source, time.monotonic()) == 0.0
 
     def drain(self, source: str, for_s: float) -> None:
         """``source`` is blocked in the kernel for ``for_s``: it earns no tokens meanwhile
@@ -724,10 +758,21 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # connections accepted per readiness event of the listening socket (asyncio's own accept
 # loop takes up to the backlog at once)
 ACCEPT_BATCH = 128
+# checked this often while a source has admitted connections waiting for their transport
+# (Admission.set_up_now)
+DEFER_RECHECK_S = 0.002
 # at most one log line a second for addresses blocked in the kernel (the rest are counted)
 BLOCK_LOG_INTERVAL_S = 1.0
 # after EMFILE/ENFILE/ENOBUFS, stop accepting this long (as asyncio's accept loop does)
 ACCEPT_RETRY_DELAY_S = 1.0
+
+
+def _reset(conn: _socket.socket) -> None:
+    """Close an accepted connection with a reset (SO_LINGER 0): no TIME_WAIT is left
+    and the kernel sends nothing more for it."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    conn.close()
 
 
 class _Listener:
@@ -737,7 +782,9 @@ class _Listener:
     time); a connection Admission refuses is closed at once with SO_LINGER 0 (a reset),
     before any transport, protocol, HTTP parsing or answer exists for it: what a refused
     flood connection costs is one accept() and one close(). An admitted one becomes
-    aiohttp's request handler through ``loop.connect_accepted_socket``. Quacks like the
+    aiohttp's request handler through ``loop.connect_accepted_socket``, at once or, when
+    ``Admission.set_up_now`` says its source has had enough for now, a few milliseconds
+    later, in the order its source's connections came (SETUP_PER_S). Quacks like the
     asyncio.Server aiohttp's runner expects of a site (``sockets``, ``close``).
     """
 
@@ -757,6 +804,9 @@ class _Listener:
         self._log_later: asyncio.TimerHandle | None = None
         # per listening socket (by index): the sources its filter drops now
         self._installed: dict[int, tuple[str, ...]] = {}
+        # per source: admitted connections waiting for their transport (set_up_now), FIFO
+        self._deferred: dict[str, collections.deque[tuple[socket.socket, float]]] = {}
+        self._recheck: asyncio.TimerHandle | None = None
         for sock in sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -778,19 +828,55 @@ class _Listener:
                 return  # ECONNABORTED and the like: that client is gone already
             source = source_key(addr[0]) if isinstance(addr, tuple) else ""
             if source and not admission.admit(source):
-                raw = _socket.socket(fileno=fd)
-                with contextlib.suppress(OSError):
-                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                raw.close()
-                blocklist = self._blocklist
-                if blocklist is not None and blocklist.refused(source, time.monotonic()):
-                    self._install_blocks(source)
+                self._refuse(_socket.socket(fileno=fd), source)
                 continue
             conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
             conn.setblocking(False)
-            task = self._loop.create_task(self._connect(conn, source))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            if not source:
+                self._start(conn, source)
+                continue
+            queue = self._deferred.get(source)
+            if queue is None and admission.set_up_now(source):
+                self._start(conn, source)
+            elif queue is not None and len(queue) >= DEFERRED_PER_SOURCE:
+                admission.abandon(source)
+                self._refuse(conn, source)
+            else:
+                self._deferred.setdefault(source, collections.deque()).append(
+                    (conn, time.monotonic() + admission.header_timeout_s))
+                self._arm_recheck()
+
+    def _refuse(self, conn: _socket.socket, source: str) -> None:
+        """Reset a connection; it counts towards the source's kernel block."""
+        _reset(conn)
+        blocklist = self._blocklist
+        if blocklist is not None and blocklist.refused(source, time.monotonic()):
+            self._install_blocks(source)
+
+    def _start(self, conn: socket.socket, source: str) -> None:
+        task = self._loop.create_task(self._connect(conn, source))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _arm_recheck(self) -> None:
+        if self._recheck is None and not self._closed:
+            self._recheck = self._loop.call_later(DEFER_RECHECK_S, self._set_up_deferred)
+
+    def _set_up_deferred(self) -> None:
+        """Give waiting connections their transports, oldest first, as Admission allows."""
+        self._recheck = None
+        now = time.monotonic()
+        for source in list(self._deferred):
+            queue = self._deferred[source]
+            while queue and queue[0][1] <= now:  # waited as long as headers may take
+                _reset(queue.popleft()[0])
+                self._admission.abandon(source)
+            while queue and self._admission.set_up_now(source):
+                self._start(queue.popleft()[0], source)
+            if not queue:
+                del self._deferred[source]
+        if self._deferred:
+            self._arm_recheck()
 
     def _install_blocks(self, newly: str | None = None) -> None:
         """Put the blocklist into the filter of each listening socket whose family's part
@@ -826,6 +912,9 @@ class _Listener:
                 return
         if newly is not None and newly in blocklist:
             self._admission.drain(newly, blocklist.block_s)
+            for conn, _ in self._deferred.pop(newly, ()):  # a flood's, not worth a transport
+                _reset(conn)
+                self._admission.abandon(newly)
             self._log_block(newly, blocklist)
         self._arm_unblock()
 
@@ -916,12 +1005,17 @@ class _Listener:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._unblock, self._log_later):
+        for timer in (self._unblock, self._log_later, self._recheck):
             if timer is not None:
                 timer.cancel()
         for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()
+        for source, queue in self._deferred.items():
+            for conn, _ in queue:
+                conn.close()
+                self._admission.abandon(source)
+        self._deferred.clear()
         for task in self._pending:
             task.cancel()
 
@@ -1005,7 +1099,8 @@ def create_app(db_path: Path, ttl_s: float = DEFAULT_TTL_S, *,
     app[REGISTER_LIMITER_KEY] = RateLimiter(limits.register_rate_per_s, limits.register_burst)
     app[LIST_LIMITER_KEY] = RateLimiter(limits.list_rate_per_s, limits.list_burst)
     app[TARPIT_KEY] = [0]
-    app[TURNS_KEY] = SourceTurns(limits.concurrent_per_source, limits.waiting_per_source)
+    app[TURNS_KEY] = SourceTurns(limits.concurrent_per_source, limits.waiting_per_source,
+                                 pace_per_s=limits.pace_per_s)
 
     async def registry(app: web.Application) -> AsyncIterator[None]:
         store = RegistryStore(db_path, max_registrations=max_registrations,
@@ -1098,10 +1193,10 @@ def run(host: str = "127.0.0.1", port: int = DEFAULT_PORT, db_path: Path | None 
                  url_host, bound, db, ttl_s)
         lim = limits or ServerLimits()
         log.info("per-address limits: register %g/s burst %d, list %g/s burst %d, "
-                 "legacy ids %d, turns %d (0 = unlimited); header/body timeouts %g/%g s",
-                 lim.register_rate_per_s, lim.register_burst, lim.list_rate_per_s,
+                 "legacy ids %d, turns %d paced %g/s (0 = unlimited); header/body timeouts "
+                 "%g/%g s", lim.register_rate_per_s, lim.register_burst, lim.list_rate_per_s,
                  lim.list_burst, lim.legacy_ids_per_source, lim.concurrent_per_source,
-                 lim.header_timeout_s, lim.body_timeout_s)
+                 lim.pace_per_s, lim.header_timeout_s, lim.body_timeout_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -293,6 +293,7 @@ _BOOTSTRAP_FLAG_OF = {
     "list_rate_per_s": "--list-rate", "list_burst": "--list-burst",
     "legacy_ids_per_source": "--legacy-per-ip", "header_timeout_s": "--header-timeout",
     "body_timeout_s": "--body-timeout", "concurrent_per_source": "--turns-per-ip",
+    "pace_per_s": "--pace-per-ip",
     "block_after_refusals": "--block-after", "block_s": "--block-for",
 }
 
@@ -321,6 +322,9 @@ def bootstrap(
     turns_per_ip: Annotated[int, typer.Option(
         help="Requests of one address handled at once; more wait their turn "
              "(0 = no turns).")] = 2,
+    pace_per_ip: Annotated[float, typer.Option(
+        help="Turns of one address started per second, after 16 at once: a burst is "
+             "spread out (0 = unpaced).")] = 250.0,
     block_after: Annotated[int, typer.Option(
         help="Connections of one address refused at accept within 1 s (it ignores its "
              "429s) before the kernel drops its connection attempts for --block-for "
@@ -341,7 +345,7 @@ def bootstrap(
                               list_rate_per_s=list_rate, list_burst=list_burst,
                               legacy_ids_per_source=legacy_per_ip,
                               header_timeout_s=header_timeout, body_timeout_s=body_timeout,
-                              concurrent_per_source=turns_per_ip,
+                              concurrent_per_source=turns_per_ip, pace_per_s=pace_per_ip,
                               block_after_refusals=block_after, block_s=block_for)
     except ValueError as exc:
         message = str(exc)

@@ -539,7 +539,17 @@ async def test_a_connection_without_a_peername_still_gives_its_count_back(
         await srv.close()
 
 
-async def test_no_new_connection_while_an_address_has_requests_in_line(one_turn: Srv) -> None:
+def _listener(srv: Srv) -> Any:
+    (site,) = srv.runner.sites
+    return site._server  # the _AdmittingSite's _Listener
+
+
+async def _answer(reader: asyncio.StreamReader, timeout_s: float) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+
+
+async def test_a_new_connection_waits_unread_while_an_address_has_requests_in_line(
+        one_turn: Srv) -> None:
     from bootstrap.limits import ADMIT_MAX_QUEUED
     from bootstrap.server import TURNS_KEY
 
@@ -547,23 +557,117 @@ async def test_no_new_connection_while_an_address_has_requests_in_line(one_turn:
     reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
                                                    local_addr=(FLOOD_IP, 0))
     # a slow body holds FLOOD_IP's only turn
+    rest = b'ice_id": "slow-one"}'
     writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 30\r\n\r\n{\"dev")
-    queued: list[asyncio.StreamWriter] = []
+                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
-        for _ in range(ADMIT_MAX_QUEUED):
-            w = await _idle_connection(one_turn.port, FLOOD_IP)
+        for _ in range(ADMIT_MAX_QUEUED + 1):
+            r, w = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                                 local_addr=(FLOOD_IP, 0))
             w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            queued.append(w)
+            conns.append((r, w))
+            await asyncio.sleep(0.05)
+        # the first ADMIT_MAX_QUEUED wait in line; the next is neither parsed nor reset
         await wait_for(lambda: turns.waiting(FLOOD_IP) == ADMIT_MAX_QUEUED, 2.0,
                        "the requests to wait in line")
-        assert await _reset_at_once(one_turn.port, FLOOD_IP)
+        await asyncio.sleep(0.1)
+        assert turns.waiting(FLOOD_IP) == ADMIT_MAX_QUEUED
+        assert len(_listener(one_turn)._deferred.get(FLOOD_IP, ())) == 1
+        last_reader = conns[-1][0]
+        assert not last_reader.at_eof()
+        # another address is served meanwhile
         assert (await one_turn.call(HONEST_IP, "GET", "/health"))[0] == 200
+        # the line moves: every request of FLOOD_IP is answered, the waiting one too
+        writer.write(rest)
+        assert (await _answer(reader, 2.0)).startswith(b"HTTP/1.1 200")
+        for r, _ in conns:
+            assert (await _answer(r, 2.0)).startswith(b"HTTP/1.1 200")
+        assert FLOOD_IP not in _listener(one_turn)._deferred
     finally:
         writer.close()
-        for w in queued:
+        for _, w in conns:
             w.close()
+
+
+async def test_connections_opened_at_once_are_set_up_at_a_pace_and_all_served(
+        tmp_path: Path) -> None:
+    # 64 connections from one address in one burst (a flood's first round, or 64 nodes
+    # behind one NAT starting together): none is reset, none waits long, but they get
+    # their transports (and so their parsing) a few at a time, not all in one loop turn
+    from bootstrap.limits import SETUP_BURST, SETUP_PER_S
+
+    runner, port = await start_server("127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0)
+    srv = Srv(runner, port)
+    listener = _listener(srv)
+    loop = asyncio.get_running_loop()
+    set_up: list[float] = []
+    real_start = listener._start
+
+    def start(conn: Any, source: str) -> None:
+        if source == FLOOD_IP:
+            set_up.append(loop.time())
+        real_start(conn, source)
+
+    listener._start = start
+    n = 64
+
+    async def one() -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(FLOOD_IP, 0))
+        try:
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            return await _answer(r, 5.0)
+        finally:
+            w.close()
+
+    try:
+        t0 = loop.time()
+        answers = await asyncio.gather(*(one() for _ in range(n)))
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+        assert loop.time() - t0 < 3.0
+        assert len(set_up) == n
+        # never more set up by a moment than the burst plus the rate since the first
+        for k, at in enumerate(set_up):
+            assert k + 1 <= SETUP_BURST + SETUP_PER_S * (at - set_up[0]) + 1, (k, at)
+        assert (await srv.call(HONEST_IP, "GET", "/health"))[0] == 200
+    finally:
+        await srv.close()
+
+
+async def test_a_hundred_nodes_behind_one_address_starting_together_are_all_served(
+        tmp_path: Path) -> None:
+    # a testnet on 127.0.0.1: each node's first request comes on a new connection, all at
+    # once; the pacing and the set-up delay them a little, and refuse none
+    from node.contact import ContactRecord
+    from node.identity import Identity
+
+    runner, port = await start_server("127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0)
+    srv = Srv(runner, port)
+    bodies = []
+    for i in range(100):
+        ident = Identity.generate(f"node-{i}")
+        record = ContactRecord.create(ident, ["127.0.0.1"], {"tcp": 20000 + i}, 1)
+        bodies.append(json.dumps({"device_id": str(ident.peer_id),
+                                  "record": record.to_json()}).encode())
+
+    async def node(i: int) -> list[int]:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(local_addr=(HONEST_IP, 0))) as http:
+            statuses = []
+            for method, path, data in (("POST", "/register", bodies[i]),
+                                       ("GET", "/peers", None), ("GET", "/peers", None)):
+                async with http.request(method, srv.url + path, data=data) as resp:
+                    statuses.append(resp.status)
+            return statuses
+
+    try:
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(node(i) for i in range(100)))
+        assert all(s == [200, 200, 200] for s in results), results
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        await srv.close()
 
 
 def test_connections_admitted_in_one_loop_turn_count_at_once(tmp_path: Path) -> None:

@@ -118,6 +118,7 @@ def test_node_bootstrap_flag_defaults_match_server_limits() -> None:
     assert defaults["header_timeout"] == lim.header_timeout_s
     assert defaults["body_timeout"] == lim.body_timeout_s
     assert defaults["turns_per_ip"] == lim.concurrent_per_source
+    assert defaults["pace_per_ip"] == lim.pace_per_s
     assert defaults["block_after"] == lim.block_after_refusals
     assert defaults["block_for"] == lim.block_s
 
@@ -141,12 +142,16 @@ def test_node_bootstrap_passes_turns_per_ip_to_the_server(monkeypatch: pytest.Mo
     result = CliRunner().invoke(app, ["bootstrap", "--block-after", "9", "--block-for", "3"])
     assert result.exit_code == 0, result.output
     assert (seen[-1].block_after_refusals, seen[-1].block_s) == (9, 3.0)
+    result = CliRunner().invoke(app, ["bootstrap", "--pace-per-ip", "0"])
+    assert result.exit_code == 0 and seen[-1].pace_per_s == 0.0
+    result = CliRunner().invoke(app, ["bootstrap", "--pace-per-ip", "-3"])
+    assert result.exit_code == 2 and "option --pace-per-ip must be a number" in result.output
     result = CliRunner().invoke(app, ["bootstrap", "--block-for", "0"])
     assert result.exit_code == 2 and "option --block-for must be a positive" in result.output
 
 
 def test_a_connection_is_admitted_only_while_it_could_be_served() -> None:
-    from bootstrap.limits import ADMIT_MAX_QUEUED, ADMIT_MIN_CONNECTIONS, admit_connection
+    from bootstrap.limits import ADMIT_MIN_CONNECTIONS, admit_connection
 
     assert not admit_connection(0.9, 0)  # every bucket empty: each request would be a 429
     # no more open connections than tokens left, but always a few
@@ -154,9 +159,6 @@ def test_a_connection_is_admitted_only_while_it_could_be_served() -> None:
     assert not admit_connection(1.0, ADMIT_MIN_CONNECTIONS)
     assert admit_connection(10.5, 9) and not admit_connection(10.5, 10)
     assert admit_connection(500.0, 100)  # an honest source: its buckets are near full
-    # nor while its requests already wait in line for its turns
-    assert admit_connection(500.0, 10, ADMIT_MAX_QUEUED - 1)
-    assert not admit_connection(500.0, 10, ADMIT_MAX_QUEUED)
 
 
 def test_tokens_peeks_without_spending() -> None:

@@ -95,3 +95,43 @@ async def test_a_waiter_cancelled_after_its_turn_came_passes_it_on() -> None:
 
 def test_zero_turns_is_off() -> None:
     assert not SourceTurns(0, 10).enabled
+
+
+async def test_a_source_past_its_pace_burst_starts_its_turns_at_the_pace() -> None:
+    # handlers that finish without ever yielding never overlap, so the turns alone
+    # would let a source run all its requests back to back in one loop turn
+    turns = SourceTurns(per_source=2, waiting_per_source=10, pace_per_s=50.0, pace_burst=3)
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+    for _ in range(6):
+        await turns.acquire("flood")
+        started.append(loop.time())
+        turns.release("flood")
+    assert started[2] - started[0] < 0.01  # the burst at once
+    gaps = [b - a for a, b in zip(started[2:], started[3:], strict=False)]
+    assert all(gap >= 0.015 for gap in gaps), gaps  # then one every 20 ms
+    # another source has its own pace
+    t0 = loop.time()
+    await turns.acquire("honest")
+    assert loop.time() - t0 < 0.01
+    assert turns.active("flood") == 0
+
+
+async def test_a_request_cancelled_while_paced_gives_its_slot_back() -> None:
+    turns = SourceTurns(per_source=1, waiting_per_source=10, pace_per_s=1.0, pace_burst=1)
+    await turns.acquire("a")
+    turns.release("a")
+    paced = asyncio.create_task(turns.acquire("a"))  # holds the slot, waits ~1 s
+    await _settle()
+    assert not paced.done() and turns.active("a") == 1
+    paced.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await paced
+    assert turns.active("a") == 0
+
+
+def test_the_server_paces_every_source_by_default() -> None:
+    from bootstrap.limits import PACE_PER_S, REGISTER_RATE_PER_S, LIST_RATE_PER_S, ServerLimits
+
+    assert ServerLimits().pace_per_s == PACE_PER_S > REGISTER_RATE_PER_S + LIST_RATE_PER_S
+    assert ServerLimits.unlimited().pace_per_s == 0.0
