@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"wait their turn (default {CONCURRENT_PER_SOURCE})")
     limits.add_argument("--pace-per-ip", type=float, default=PACE_PER_S, metavar="PER_S",
                         help="turns of one address started per second, after "
-                        f"{PACE_BURST} at once (default {PACE_PER_S:g}; 0 = unpaced)")
+                        f"{PACE_BURST} at once (default {PACE_PER_S:g}; 0 = unpaced; "
+                        "--turns-per-ip 0 turns pacing off too)")
     limits.add_argument("--block-after", type=int, default=BLOCK_AFTER_REFUSALS, metavar="N",
                         help="connections refused at accept within 1 s (the address ignores "
                         "its 429s) before the kernel drops its connection attempts for "
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             list_rate_per_s=args.list_rate, list_burst=args.list_burst,
             legacy_ids_per_source=args.legacy_per_ip, header_timeout_s=args.header_timeout,
             body_timeout_s=args.body_timeout, concurrent_per_source=args.turns_per_ip,
-            pace_per_s=args.pace_per_ip, block_after_refusals=args.block_after, block_s=args.block_for)
+            pace_per_s=args.pace_per_ip, block_after_refusals=args.block_after,
+            block_s=args.block_for)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

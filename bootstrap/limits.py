@@ -61,8 +61,9 @@ WAITING_PER_SOURCE = 256
 # the loop busy for most of a second, so every honest answer in that second waits behind
 # flood handlers. Paced, the same burst is served over ~2 s, a handler every 4 ms, and an
 # honest request meets at most one of them. Above the buckets' sustained 50 + 50/s, so
-# it never limits a source the buckets allow; ~50 nodes behind one address send under
-# 20 requests/s, and starting together wait at most ~0.4 s for their first answers
+# it never limits the sustained rate they allow, only how fast a burst is spent; ~50
+# nodes behind one address send under 20 requests/s, and starting together wait at most
+# ~0.4 s for their first answers. Turns off with the turns (CONCURRENT_PER_SOURCE 0)
 PACE_PER_S = 250.0
 PACE_BURST = 16
 # at accept time a source may hold at most as many open connections as it has tokens
@@ -81,14 +82,13 @@ ADMIT_MAX_QUEUED = 4
 # the request's task, ~0.2 ms of the loop even while the request then waits for its turn)
 # at most SETUP_BURST at once and SETUP_PER_S a second per source, and not while
 # ADMIT_MAX_QUEUED of its requests wait for their turns; the others wait, accepted and
-# unread, in a FIFO of at most DEFERRED_PER_SOURCE (beyond it: refused, as above), each
-# at most HEADER_TIMEOUT_S. 64 connections a flooder opens at once otherwise cost one loop
-# turn ~13 ms, which every honest answer due in it waits for. 100 nodes behind one
-# address starting together wait ~0.2 s for their first connections, none later (they
-# keep them open)
+# unread, in order, at most HEADER_TIMEOUT_S each (then reset), no more of them than the
+# source may hold open (above). 64 connections a flooder opens at once otherwise cost one
+# loop turn ~13 ms, which every honest answer due in it waits for. p2pfs nodes open a
+# connection per request, so 100 nodes behind one address starting together have their
+# first requests read over ~0.2 s, and served over ~0.4 s (PACE_PER_S)
 SETUP_PER_S = 500.0
 SETUP_BURST = 8
-DEFERRED_PER_SOURCE = 256
 
 
 # an address refused at accept BLOCK_AFTER_REFUSALS times within BLOCK_WINDOW_S has been

@@ -90,7 +90,6 @@ from bootstrap import (
 )
 from bootstrap.limits import (
     ADMIT_MAX_QUEUED,
-    DEFERRED_PER_SOURCE,
     LIST_PAGE_ROWS,
     PACE_BURST,
     SETUP_BURST,
@@ -214,6 +213,8 @@ class SourceTurns:
         self._active: dict[str, int] = {}
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._pace = RateLimiter(pace_per_s, pace_burst)
+        # called with a source whose line just got shorter (Admission.set_up_wait)
+        self.line_moved: Callable[[str], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -256,6 +257,8 @@ class SourceTurns:
                     queue.remove(fut)
                 if not queue:
                     self._waiting.pop(source, None)
+                if self.line_moved is not None:
+                    self.line_moved(source)
             raise
 
     def release(self, source: str) -> None:
@@ -266,6 +269,8 @@ class SourceTurns:
                 del self._waiting[source]
             if not fut.done():
                 fut.set_result(None)
+                if self.line_moved is not None:
+                    self.line_moved(source)
                 return
         active = self._active.get(source, 0) - 1
         if active > 0:
@@ -648,7 +653,7 @@ class Admission:
     or while it holds as many open connections as it has tokens left
     (bootstrap.limits.admit_connection): a flood's extra connections would each carry one
     parsed request that is answered 429, and is dropped when the flooder hangs up. An
-    admitted connection gets its transport when ``set_up_now`` says so (SETUP_PER_S).
+    admitted connection gets its transport when ``set_up_wait`` says so (SETUP_PER_S).
 
     Open connections are counted per source from accept to aiohttp's ``connection_lost``;
     only open connections are remembered (bounded by the listen backlog and the timeouts).
@@ -694,14 +699,19 @@ class Admission:
             self._open[source] = self._open.get(source, 0) + 1
         return admitted
 
-    def set_up_now(self, source: str) -> bool:
-        """Whether an admitted connection of ``source`` gets its transport now, or waits
-        (SETUP_PER_S): not while ADMIT_MAX_QUEUED of its requests wait for their turns."""
+    def set_up_wait(self, source: str) -> float | None:
+        """Whether an admitted connection of ``source`` gets its transport now (0.0: its
+        token is spent), in so many seconds (its SETUP_PER_S bucket is empty), or once its
+        line is shorter (None: ADMIT_MAX_QUEUED of its requests wait for their turns;
+        SourceTurns.line_moved tells when that changes)."""
         if not self._setups.enabled:
-            return True
+            return 0.0
         if self._turns.waiting(source) >= ADMIT_MAX_QUEUED:
-            return False
-        return self._setups.take(source, time.monotonic()) == 0.0
+            return None
+        return self._setups.take(source, time.monotonic())
+
+    def on_line_moved(self, callback: Callable[[str], None]) -> None:
+        self._turns.line_moved = callback
 
     def drain(self, source: str, for_s: float) -> None:
         """``source`` is blocked in the kernel for ``for_s``: it earns no tokens meanwhile
@@ -758,9 +768,9 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # connections accepted per readiness event of the listening socket (asyncio's own accept
 # loop takes up to the backlog at once)
 ACCEPT_BATCH = 128
-# checked this often while a source has admitted connections waiting for their transport
-# (Admission.set_up_now)
-DEFER_RECHECK_S = 0.002
+# the shortest a paced turn or a deferred connection's timer waits (uvloop runs a shorter
+# timer at once, and may wake a little early: a loop of such waits would spin)
+PACE_MIN_SLEEP_S = 0.001
 # at most one log line a second for addresses blocked in the kernel (the rest are counted)
 BLOCK_LOG_INTERVAL_S = 1.0
 # after EMFILE/ENFILE/ENOBUFS, stop accepting this long (as asyncio's accept loop does)
@@ -783,7 +793,7 @@ class _Listener:
     before any transport, protocol, HTTP parsing or answer exists for it: what a refused
     flood connection costs is one accept() and one close(). An admitted one becomes
     aiohttp's request handler through ``loop.connect_accepted_socket``, at once or, when
-    ``Admission.set_up_now`` says its source has had enough for now, a few milliseconds
+    ``Admission.set_up_wait`` says its source has had enough for now, a few milliseconds
     later, in the order its source's connections came (SETUP_PER_S). Quacks like the
     asyncio.Server aiohttp's runner expects of a site (``sockets``, ``close``).
     """
@@ -804,9 +814,13 @@ class _Listener:
         self._log_later: asyncio.TimerHandle | None = None
         # per listening socket (by index): the sources its filter drops now
         self._installed: dict[int, tuple[str, ...]] = {}
-        # per source: admitted connections waiting for their transport (set_up_now), FIFO
+        # per source: admitted connections waiting for their transport (set_up_wait), FIFO,
+        # each with the monotonic time it is reset at; the timer that looks again, and
+        # the sources looked at again at the next loop turn (their line moved)
         self._deferred: dict[str, collections.deque[tuple[socket.socket, float]]] = {}
-        self._recheck: asyncio.TimerHandle | None = None
+        self._wake: dict[str, asyncio.TimerHandle] = {}
+        self._soon: set[str] = set()
+        admission.on_line_moved(self._line_moved)
         for sock in sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
@@ -836,15 +850,16 @@ class _Listener:
                 self._start(conn, source)
                 continue
             queue = self._deferred.get(source)
-            if queue is None and admission.set_up_now(source):
+            if queue is not None:  # after those waiting already (FIFO)
+                queue.append((conn, time.monotonic() + admission.header_timeout_s))
+                continue
+            wait_s = admission.set_up_wait(source)
+            if wait_s == 0.0:
                 self._start(conn, source)
-            elif queue is not None and len(queue) >= DEFERRED_PER_SOURCE:
-                admission.abandon(source)
-                self._refuse(conn, source)
-            else:
-                self._deferred.setdefault(source, collections.deque()).append(
-                    (conn, time.monotonic() + admission.header_timeout_s))
-                self._arm_recheck()
+                continue
+            deadline = time.monotonic() + admission.header_timeout_s
+            self._deferred[source] = collections.deque([(conn, deadline)])
+            self._arm(source, wait_s, deadline)
 
     def _refuse(self, conn: _socket.socket, source: str) -> None:
         """Reset a connection; it counts towards the source's kernel block."""
@@ -858,25 +873,53 @@ class _Listener:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def _arm_recheck(self) -> None:
-        if self._recheck is None and not self._closed:
-            self._recheck = self._loop.call_later(DEFER_RECHECK_S, self._set_up_deferred)
+    def _arm(self, source: str, wait_s: float | None, deadline: float) -> None:
+        """Look at ``source``'s deferred connections again when its setup token is back
+        (``wait_s``) or its oldest one is due to be reset; a line that moves
+        (_line_moved) looks sooner."""
+        due_s = deadline - time.monotonic()
+        if wait_s is not None:
+            due_s = min(due_s, wait_s)
+        self._wake[source] = self._loop.call_later(max(due_s, PACE_MIN_SLEEP_S),
+                                                   self._set_up_deferred, source)
 
-    def _set_up_deferred(self) -> None:
-        """Give waiting connections their transports, oldest first, as Admission allows."""
-        self._recheck = None
+    def _line_moved(self, source: str) -> None:
+        if source in self._deferred and source not in self._soon and not self._closed:
+            self._soon.add(source)
+            self._loop.call_soon(self._set_up_deferred, source)
+
+    def _set_up_deferred(self, source: str) -> None:
+        """Give ``source``'s waiting connections their transports, oldest first, as
+        Admission allows; reset those that waited as long as headers may take."""
+        self._soon.discard(source)
+        timer = self._wake.pop(source, None)
+        if timer is not None:
+            timer.cancel()
+        queue = self._deferred.get(source)
+        if not queue:
+            return
         now = time.monotonic()
-        for source in list(self._deferred):
-            queue = self._deferred[source]
-            while queue and queue[0][1] <= now:  # waited as long as headers may take
-                _reset(queue.popleft()[0])
-                self._admission.abandon(source)
-            while queue and self._admission.set_up_now(source):
-                self._start(queue.popleft()[0], source)
-            if not queue:
-                del self._deferred[source]
-        if self._deferred:
-            self._arm_recheck()
+        while queue and queue[0][1] <= now:
+            _reset(queue.popleft()[0])
+            self._admission.abandon(source)
+        wait_s: float | None = 0.0
+        while queue:
+            wait_s = self._admission.set_up_wait(source)
+            if wait_s != 0.0:
+                break
+            self._start(queue.popleft()[0], source)
+        if queue:
+            self._arm(source, wait_s, queue[0][1])
+        else:
+            del self._deferred[source]
+
+    def _drop_deferred(self, source: str) -> None:
+        timer = self._wake.pop(source, None)
+        if timer is not None:
+            timer.cancel()
+        for conn, _ in self._deferred.pop(source, ()):
+            _reset(conn)
+            self._admission.abandon(source)
 
     def _install_blocks(self, newly: str | None = None) -> None:
         """Put the blocklist into the filter of each listening socket whose family's part
@@ -912,9 +955,7 @@ class _Listener:
                 return
         if newly is not None and newly in blocklist:
             self._admission.drain(newly, blocklist.block_s)
-            for conn, _ in self._deferred.pop(newly, ()):  # a flood's, not worth a transport
-                _reset(conn)
-                self._admission.abandon(newly)
+            self._drop_deferred(newly)  # a flood's connections: not worth a transport
             self._log_block(newly, blocklist)
         self._arm_unblock()
 
@@ -1005,17 +1046,14 @@ class _Listener:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._unblock, self._log_later, self._recheck):
+        for timer in (self._unblock, self._log_later, *self._wake.values()):
             if timer is not None:
                 timer.cancel()
         for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()
-        for source, queue in self._deferred.items():
-            for conn, _ in queue:
-                conn.close()
-                self._admission.abandon(source)
-        self._deferred.clear()
+        for source in list(self._deferred):
+            self._drop_deferred(source)
         for task in self._pending:
             task.cancel()
 

@@ -324,7 +324,7 @@ def bootstrap(
              "(0 = no turns).")] = 2,
     pace_per_ip: Annotated[float, typer.Option(
         help="Turns of one address started per second, after 16 at once: a burst is "
-             "spread out (0 = unpaced).")] = 250.0,
+             "spread out (0 = unpaced; --turns-per-ip 0 also turns pacing off).")] = 250.0,
     block_after: Annotated[int, typer.Option(
         help="Connections of one address refused at accept within 1 s (it ignores its "
              "429s) before the kernel drops its connection attempts for --block-for "

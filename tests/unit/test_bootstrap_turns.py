@@ -103,13 +103,15 @@ async def test_a_source_past_its_pace_burst_starts_its_turns_at_the_pace() -> No
     turns = SourceTurns(per_source=2, waiting_per_source=10, pace_per_s=50.0, pace_burst=3)
     loop = asyncio.get_running_loop()
     started: list[float] = []
-    for _ in range(6):
+    for _ in range(8):
         await turns.acquire("flood")
         started.append(loop.time())
         turns.release("flood")
     assert started[2] - started[0] < 0.01  # the burst at once
-    gaps = [b - a for a, b in zip(started[2:], started[3:], strict=False)]
-    assert all(gap >= 0.015 for gap in gaps), gaps  # then one every 20 ms
+    # then one every 20 ms: never ahead of that schedule (a late wake-up may be caught
+    # up on by the next, so the gaps themselves vary on a busy machine)
+    for k in range(3, 8):
+        assert started[k] - started[2] >= (k - 2) * 0.02 - 0.002, started
     # another source has its own pace
     t0 = loop.time()
     await turns.acquire("honest")
@@ -117,21 +119,32 @@ async def test_a_source_past_its_pace_burst_starts_its_turns_at_the_pace() -> No
     assert turns.active("flood") == 0
 
 
-async def test_a_request_cancelled_while_paced_gives_its_slot_back() -> None:
+async def test_a_request_cancelled_while_paced_gives_its_slot_to_the_next() -> None:
     turns = SourceTurns(per_source=1, waiting_per_source=10, pace_per_s=1.0, pace_burst=1)
+    moved: list[str] = []
+    turns.line_moved = moved.append
     await turns.acquire("a")
     turns.release("a")
     paced = asyncio.create_task(turns.acquire("a"))  # holds the slot, waits ~1 s
     await _settle()
     assert not paced.done() and turns.active("a") == 1
+    nxt = asyncio.create_task(turns.acquire("a"))
+    await _settle()
+    assert turns.waiting("a") == 1
     paced.cancel()
     with pytest.raises(asyncio.CancelledError):
         await paced
+    # the slot went to the waiter (released once: not freed as well)
+    await _settle()
+    assert turns.active("a") == 1 and turns.waiting("a") == 0 and moved == ["a"]
+    nxt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await nxt  # itself paced now: cancelled there, it frees the slot
     assert turns.active("a") == 0
 
 
 def test_the_server_paces_every_source_by_default() -> None:
-    from bootstrap.limits import PACE_PER_S, REGISTER_RATE_PER_S, LIST_RATE_PER_S, ServerLimits
+    from bootstrap.limits import LIST_RATE_PER_S, PACE_PER_S, REGISTER_RATE_PER_S, ServerLimits
 
     assert ServerLimits().pace_per_s == PACE_PER_S > REGISTER_RATE_PER_S + LIST_RATE_PER_S
     assert ServerLimits.unlimited().pace_per_s == 0.0
