@@ -66,6 +66,7 @@ import json
 import logging
 import math
 import re
+import select
 import signal
 import socket
 import struct
@@ -785,6 +786,18 @@ def _reset(conn: _socket.socket) -> None:
     conn.close()
 
 
+# a connection whose client has closed (or shut down its sending side) or reset it
+_HUNG_UP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the client of an accepted, unread connection has hung up already, even
+    with its request still unread in the socket (one poll(), ~1 us)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), _HUNG_UP)
+    return bool(poller.poll(0))
+
+
 class _Listener:
     """The listening sockets of an _AdmittingSite and its own accept loop.
 
@@ -864,6 +877,9 @@ class _Listener:
     def _refuse(self, conn: _socket.socket, source: str) -> None:
         """Reset a connection; it counts towards the source's kernel block."""
         _reset(conn)
+        self._count_refusal(source)
+
+    def _count_refusal(self, source: str) -> None:
         blocklist = self._blocklist
         if blocklist is not None and blocklist.refused(source, time.monotonic()):
             self._install_blocks(source)
@@ -904,6 +920,14 @@ class _Listener:
             self._admission.abandon(source)
         wait_s: float | None = 0.0
         while queue:
+            conn = queue[0][0]
+            if _hung_up(conn):
+                # its client gave up waiting (a flood's patience is short): nothing to
+                # read for anybody, and as good as a refusal for the kernel block
+                queue.popleft()
+                self._admission.abandon(source)
+                self._refuse(conn, source)
+                continue
             wait_s = self._admission.set_up_wait(source)
             if wait_s != 0.0:
                 break
@@ -1001,8 +1025,8 @@ class _Listener:
             return
         self._block_logged_at = now
         log.warning("%s went on connecting after its 429s: %d connections refused at "
-                    "accept within %g s; its connection attempts are dropped in the kernel "
-                    "for %g s", source, blocklist.after_refusals, blocklist.window_s,
+                    "accept (or dropped by it unanswered) within %g s; its connection "
+                    "attempts are dropped in the kernel for %g s", source, blocklist.after_refusals, blocklist.window_s,
                     blocklist.block_s)
 
     def _log_unlogged(self) -> None:

@@ -591,6 +591,54 @@ async def test_a_new_connection_waits_unread_while_an_address_has_requests_in_li
             w.close()
 
 
+async def test_a_waiting_connection_its_client_closed_is_dropped_unread(
+        one_turn: Srv) -> None:
+    # a flood's patience is short: a connection it gave up on while it waited is not
+    # parsed and answered for nobody when its turn comes
+    from bootstrap.limits import ADMIT_MAX_QUEUED
+    from bootstrap.server import ADMISSION_KEY, STORE_KEY, TURNS_KEY
+
+    turns = one_turn.runner.app[TURNS_KEY]
+    admission = one_turn.runner.app[ADMISSION_KEY]
+    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                                   local_addr=(FLOOD_IP, 0))
+    rest = b'ice_id": "slow-one"}'
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
+    conns: list[asyncio.StreamWriter] = []
+    try:
+        await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
+        for i in range(ADMIT_MAX_QUEUED):
+            w = await _idle_connection(one_turn.port, FLOOD_IP)
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            conns.append(w)
+            await wait_for(lambda i=i: turns.waiting(FLOOD_IP) == i + 1, 2.0,
+                           f"request {i + 1} to wait in line")
+        body = b'{"device_id": "abandoned"}'
+        gone = await _idle_connection(one_turn.port, FLOOD_IP)
+        gone.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await wait_for(lambda: len(_listener(one_turn)._deferred.get(FLOOD_IP, ())) == 1,
+                       2.0, "the connection to wait unread")
+        gone.close()  # its client gives up, its request still unread at the server
+        await asyncio.sleep(0.1)
+        writer.write(rest)  # the line moves
+        assert (await _answer(reader, 2.0)).startswith(b"HTTP/1.1 200")
+        await wait_for(lambda: FLOOD_IP not in _listener(one_turn)._deferred, 2.0,
+                       "the closed connection to leave the line")
+        for w in conns:
+            w.close()
+        await wait_for(lambda: admission.open_connections(FLOOD_IP) == 1, 5.0,
+                       "every closed connection to be given back")
+        store = one_turn.runner.app[STORE_KEY]
+        assert store.get("abandoned", now=time.time()) is None  # never handled
+        assert store.get("slow-one", now=time.time()) is not None
+    finally:
+        writer.close()
+        for w in conns:
+            w.close()
+
+
 async def test_connections_opened_at_once_are_set_up_at_a_pace_and_all_served(
         tmp_path: Path) -> None:
     # 64 connections from one address in one burst (a flood's first round, or 64 nodes
