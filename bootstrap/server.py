@@ -927,6 +927,8 @@ class _Listener:
                 queue.popleft()
                 self._admission.abandon(source)
                 self._refuse(conn, source)
+                if self._deferred.get(source) is not queue:
+                    return  # that blocked the source: its other connections are gone too
                 continue
             wait_s = self._admission.set_up_wait(source)
             if wait_s != 0.0:
@@ -941,8 +943,9 @@ class _Listener:
         timer = self._wake.pop(source, None)
         if timer is not None:
             timer.cancel()
-        for conn, _ in self._deferred.pop(source, ()):
-            _reset(conn)
+        queue = self._deferred.pop(source, None)
+        while queue:
+            _reset(queue.popleft()[0])
             self._admission.abandon(source)
 
     def _install_blocks(self, newly: str | None = None) -> None:

@@ -639,6 +639,67 @@ async def test_a_waiting_connection_its_client_closed_is_dropped_unread(
             w.close()
 
 
+async def test_waiting_connections_given_up_on_get_their_address_blocked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a flood that gives up on connection after connection while they wait is blocked
+    # as one refused at accept would be; the block drops the rest of its line at once
+    from bootstrap import sockfilter
+    from bootstrap.limits import ADMIT_MAX_QUEUED
+    from bootstrap.server import ADMISSION_KEY, TURNS_KEY
+
+    if not sockfilter.supported():
+        pytest.skip("socket filters (SO_ATTACH_FILTER) are Linux only")
+    runner, port = await start_server(
+        "127.0.0.1", 0, tmp_path / "r.sqlite3", 300.0,
+        limits=ServerLimits(concurrent_per_source=1, block_after_refusals=3, block_s=5.0))
+    srv = Srv(runner, port)
+    turns, admission = runner.app[TURNS_KEY], runner.app[ADMISSION_KEY]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                   local_addr=(FLOOD_IP, 0))
+    rest = b'ice_id": "slow-one"}'
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
+    conns: list[asyncio.StreamWriter] = []
+    try:
+        with caplog.at_level(logging.WARNING):
+            await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow turn")
+            for i in range(ADMIT_MAX_QUEUED):
+                w = await _idle_connection(port, FLOOD_IP)
+                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                conns.append(w)
+                await wait_for(lambda i=i: turns.waiting(FLOOD_IP) == i + 1, 2.0,
+                               f"request {i + 1} to wait in line")
+            gone = []
+            for _ in range(6):
+                w = await _idle_connection(port, FLOOD_IP)
+                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                gone.append(w)
+            await wait_for(lambda: len(_listener(srv)._deferred.get(FLOOD_IP, ())) == 6,
+                           2.0, "the connections to wait unread")
+            for w in gone:
+                w.close()
+            await asyncio.sleep(0.1)
+            writer.write(rest)  # the line moves: 3 given up on, and the address is blocked
+            assert (await _answer(reader, 2.0)).startswith(b"HTTP/1.1 200")
+            await wait_for(lambda: FLOOD_IP not in _listener(srv)._deferred, 2.0,
+                           "the line to be dropped")
+            assert await _dropped(port, FLOOD_IP)
+            for w in conns:
+                w.close()
+            writer.close()
+            await wait_for(lambda: admission.open_connections(FLOOD_IP) == 0, 5.0,
+                           "every connection to be given back once")
+            await asyncio.sleep(0.1)
+            assert admission.open_connections(FLOOD_IP) == 0
+        assert any("127.0.0.2 went on connecting" in r.getMessage() for r in caplog.records)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        writer.close()
+        for w in conns:
+            w.close()
+        await srv.close()
+
+
 async def test_connections_opened_at_once_are_set_up_at_a_pace_and_all_served(
         tmp_path: Path) -> None:
     # 64 connections from one address in one burst (a flood's first round, or 64 nodes
