@@ -323,7 +323,7 @@ def bootstrap(
         help="Requests of one address handled at once; more wait their turn "
              "(0 = no turns).")] = 2,
     pace_per_ip: Annotated[float, typer.Option(
-        help="Turns of one address started per second, after 16 at once: a burst is "
+        help="Turns of one address started per second, after 8 at once: a burst is "
              "spread out (0 = unpaced; --turns-per-ip 0 also turns pacing off).")] = 250.0,
     block_after: Annotated[int, typer.Option(
         help="Connections of one address refused at accept within 1 s (it ignores its "
