@@ -551,29 +551,52 @@ async def _answer(reader: asyncio.StreamReader, timeout_s: float) -> bytes:
     return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
 
 
+SLOW_REST = b'ice_id": "slow-one"}'
+
+
+async def _hold_the_only_turn(port: int, turns: Any
+                              ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A registration whose body is still coming holds FLOOD_IP's only turn (a server
+    with concurrent_per_source=1); writing SLOW_REST ends it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                   local_addr=(FLOOD_IP, 0))
+    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(SLOW_REST)))
+    try:
+        await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _fill_the_line(port: int, turns: Any, conns: list[Any]) -> None:
+    """ADMIT_MAX_QUEUED requests of FLOOD_IP waiting in line behind its turn, each seen
+    waiting before the next is sent; their (reader, writer) pairs go into ``conns``."""
+    from bootstrap.limits import ADMIT_MAX_QUEUED
+
+    for i in range(ADMIT_MAX_QUEUED):
+        r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(FLOOD_IP, 0))
+        w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        conns.append((r, w))
+        await wait_for(lambda i=i: turns.waiting(FLOOD_IP) == i + 1, 2.0,
+                       f"request {i + 1} to wait in line")
+
+
 async def test_a_new_connection_waits_unread_while_an_address_has_requests_in_line(
         one_turn: Srv) -> None:
     from bootstrap.limits import ADMIT_MAX_QUEUED
     from bootstrap.server import TURNS_KEY
 
     turns = one_turn.runner.app[TURNS_KEY]
-    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
-                                                   local_addr=(FLOOD_IP, 0))
-    # a slow body holds FLOOD_IP's only turn
-    rest = b'ice_id": "slow-one"}'
-    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
+    reader, writer = await _hold_the_only_turn(one_turn.port, turns)
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
-        for i in range(ADMIT_MAX_QUEUED + 1):
-            r, w = await asyncio.open_connection("127.0.0.1", one_turn.port,
-                                                 local_addr=(FLOOD_IP, 0))
-            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            conns.append((r, w))
-            if i < ADMIT_MAX_QUEUED:
-                await wait_for(lambda i=i: turns.waiting(FLOOD_IP) == i + 1, 2.0,
-                               f"request {i + 1} to wait in line")
+        await _fill_the_line(one_turn.port, turns, conns)
+        r, w = await asyncio.open_connection("127.0.0.1", one_turn.port,
+                                             local_addr=(FLOOD_IP, 0))
+        w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        conns.append((r, w))
         # the first ADMIT_MAX_QUEUED wait in line; the next is neither parsed nor reset
         await wait_for(lambda: len(_listener(one_turn)._deferred.get(FLOOD_IP, ())) == 1,
                        2.0, "the next connection to wait unread")
@@ -583,7 +606,7 @@ async def test_a_new_connection_waits_unread_while_an_address_has_requests_in_li
         # another address is served meanwhile
         assert (await one_turn.call(HONEST_IP, "GET", "/health"))[0] == 200
         # the line moves: every request of FLOOD_IP is answered, the waiting one too
-        writer.write(rest)
+        writer.write(SLOW_REST)
         assert (await _answer(reader, 2.0)).startswith(b"HTTP/1.1 200")
         for r, _ in conns:
             assert (await _answer(r, 2.0)).startswith(b"HTTP/1.1 200")
@@ -598,25 +621,14 @@ async def test_a_waiting_connection_its_client_closed_is_dropped_unread(
         one_turn: Srv) -> None:
     # a flood's patience is short: a connection it gave up on while it waited is not
     # parsed and answered for nobody when its turn comes
-    from bootstrap.limits import ADMIT_MAX_QUEUED
     from bootstrap.server import ADMISSION_KEY, STORE_KEY, TURNS_KEY
 
     turns = one_turn.runner.app[TURNS_KEY]
     admission = one_turn.runner.app[ADMISSION_KEY]
-    reader, writer = await asyncio.open_connection("127.0.0.1", one_turn.port,
-                                                   local_addr=(FLOOD_IP, 0))
-    rest = b'ice_id": "slow-one"}'
-    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
-    conns: list[asyncio.StreamWriter] = []
+    reader, writer = await _hold_the_only_turn(one_turn.port, turns)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow request's turn")
-        for i in range(ADMIT_MAX_QUEUED):
-            w = await _idle_connection(one_turn.port, FLOOD_IP)
-            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            conns.append(w)
-            await wait_for(lambda i=i: turns.waiting(FLOOD_IP) == i + 1, 2.0,
-                           f"request {i + 1} to wait in line")
+        await _fill_the_line(one_turn.port, turns, conns)
         body = b'{"device_id": "abandoned"}'
         gone = await _idle_connection(one_turn.port, FLOOD_IP)
         gone.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
@@ -625,11 +637,11 @@ async def test_a_waiting_connection_its_client_closed_is_dropped_unread(
                        2.0, "the connection to wait unread")
         gone.close()  # its client gives up, its request still unread at the server
         await asyncio.sleep(0.1)
-        writer.write(rest)  # the line moves
+        writer.write(SLOW_REST)  # the line moves
         assert (await _answer(reader, 2.0)).startswith(b"HTTP/1.1 200")
         await wait_for(lambda: FLOOD_IP not in _listener(one_turn)._deferred, 2.0,
                        "the closed connection to leave the line")
-        for w in conns:
+        for _, w in conns:
             w.close()
         await wait_for(lambda: admission.open_connections(FLOOD_IP) == 1, 5.0,
                        "every closed connection to be given back")
@@ -638,7 +650,7 @@ async def test_a_waiting_connection_its_client_closed_is_dropped_unread(
         assert store.get("slow-one", now=time.time()) is not None
     finally:
         writer.close()
-        for w in conns:
+        for _, w in conns:
             w.close()
 
 
@@ -647,7 +659,6 @@ async def test_waiting_connections_given_up_on_get_their_address_blocked(
     # a flood that gives up on connection after connection while they wait is blocked
     # as one refused at accept would be; the block drops the rest of its line at once
     from bootstrap import sockfilter
-    from bootstrap.limits import ADMIT_MAX_QUEUED
     from bootstrap.server import ADMISSION_KEY, TURNS_KEY
 
     if not sockfilter.supported():
@@ -657,21 +668,12 @@ async def test_waiting_connections_given_up_on_get_their_address_blocked(
         limits=ServerLimits(concurrent_per_source=1, block_after_refusals=3, block_s=5.0))
     srv = Srv(runner, port)
     turns, admission = runner.app[TURNS_KEY], runner.app[ADMISSION_KEY]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port,
-                                                   local_addr=(FLOOD_IP, 0))
-    rest = b'ice_id": "slow-one"}'
-    writer.write(b"POST /register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n{\"dev" % (5 + len(rest)))
-    conns: list[asyncio.StreamWriter] = []
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    writer: asyncio.StreamWriter | None = None
     try:
         with caplog.at_level(logging.WARNING):
-            await wait_for(lambda: turns.active(FLOOD_IP) == 1, 2.0, "the slow turn")
-            for i in range(ADMIT_MAX_QUEUED):
-                w = await _idle_connection(port, FLOOD_IP)
-                w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-                conns.append(w)
-                await wait_for(lambda i=i: turns.waiting(FLOOD_IP) == i + 1, 2.0,
-                               f"request {i + 1} to wait in line")
+            reader, writer = await _hold_the_only_turn(port, turns)
+            await _fill_the_line(port, turns, conns)
             gone = []
             for _ in range(6):
                 w = await _idle_connection(port, FLOOD_IP)
@@ -682,12 +684,12 @@ async def test_waiting_connections_given_up_on_get_their_address_blocked(
             for w in gone:
                 w.close()
             await asyncio.sleep(0.1)
-            writer.write(rest)  # the line moves: 3 given up on, and the address is blocked
+            writer.write(SLOW_REST)  # the line moves: 3 given up on, the address blocked
             assert (await _answer(reader, 2.0)).startswith(b"HTTP/1.1 200")
             await wait_for(lambda: FLOOD_IP not in _listener(srv)._deferred, 2.0,
                            "the line to be dropped")
             assert await _dropped(port, FLOOD_IP)
-            for w in conns:
+            for _, w in conns:
                 w.close()
             writer.close()
             await wait_for(lambda: admission.open_connections(FLOOD_IP) == 0, 5.0,
@@ -697,8 +699,9 @@ async def test_waiting_connections_given_up_on_get_their_address_blocked(
         assert any("127.0.0.2 went on connecting" in r.getMessage() for r in caplog.records)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
-        writer.close()
-        for w in conns:
+        if writer is not None:
+            writer.close()
+        for _, w in conns:
             w.close()
         await srv.close()
 
