@@ -236,7 +236,9 @@ class SourceTurns:
         if self._pace.enabled:
             try:
                 while (early_s := self._pace.take(source, time.monotonic())) > 0:
-                    await asyncio.sleep(early_s)
+                    # at least PACE_MIN_SLEEP_S: a remainder under uvloop's timer
+                    # resolution is not waited out in a row of near-zero sleeps
+                    await asyncio.sleep(max(early_s, PACE_MIN_SLEEP_S))
             except asyncio.CancelledError:
                 self.release(source)
                 raise
@@ -769,8 +771,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # connections accepted per readiness event of the listening socket (asyncio's own accept
 # loop takes up to the backlog at once)
 ACCEPT_BATCH = 128
-# the shortest a paced turn or a deferred connection's timer waits (uvloop runs a shorter
-# timer at once, and may wake a little early: a loop of such waits would spin)
+# the shortest a paced turn or a deferred connection's timer waits: uvloop's timers have
+# 1 ms resolution, so a shorter wait could come back at once and be tried again and again
 PACE_MIN_SLEEP_S = 0.001
 # at most one log line a second for addresses blocked in the kernel (the rest are counted)
 BLOCK_LOG_INTERVAL_S = 1.0
@@ -877,9 +879,6 @@ class _Listener:
     def _refuse(self, conn: _socket.socket, source: str) -> None:
         """Reset a connection; it counts towards the source's kernel block."""
         _reset(conn)
-        self._count_refusal(source)
-
-    def _count_refusal(self, source: str) -> None:
         blocklist = self._blocklist
         if blocklist is not None and blocklist.refused(source, time.monotonic()):
             self._install_blocks(source)
@@ -1029,8 +1028,8 @@ class _Listener:
         self._block_logged_at = now
         log.warning("%s went on connecting after its 429s: %d connections refused at "
                     "accept (or dropped by it unanswered) within %g s; its connection "
-                    "attempts are dropped in the kernel for %g s", source, blocklist.after_refusals, blocklist.window_s,
-                    blocklist.block_s)
+                    "attempts are dropped in the kernel for %g s", source,
+                    blocklist.after_refusals, blocklist.window_s, blocklist.block_s)
 
     def _log_unlogged(self) -> None:
         self._log_later = None

@@ -148,3 +148,4 @@ def test_the_server_paces_every_source_by_default() -> None:
 
     assert ServerLimits().pace_per_s == PACE_PER_S > REGISTER_RATE_PER_S + LIST_RATE_PER_S
     assert ServerLimits.unlimited().pace_per_s == 0.0
+
