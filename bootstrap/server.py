@@ -1072,14 +1072,14 @@ class _Listener:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._unblock, self._log_later, *self._wake.values()):
+        for timer in (self._unblock, self._log_later):
             if timer is not None:
                 timer.cancel()
         for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()
         for source in list(self._deferred):
-            self._drop_deferred(source)
+            self._drop_deferred(source)  # cancels its timer too (only a line has one)
         for task in self._pending:
             task.cancel()
 
